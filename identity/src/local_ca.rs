@@ -1,0 +1,312 @@
+//! A certificate authority in this process, kept in Istio's `cacerts` directory layout.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+
+use crate::certificate::WorkloadCertificate;
+use crate::provider::{CertificateProvider, IssueError, IssueFuture};
+use crate::spiffe::{Identity, TrustDomain};
+use crate::tls::crypto_provider;
+
+/// The signing certificate (the root itself, or an intermediate).
+pub const CA_CERT_FILE: &str = "ca-cert.pem";
+/// The signing key, PKCS#8.
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// The trust bundle handed to workloads.
+pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+/// The chain from the signing certificate up to the root, appended to every workload chain.
+pub const CERT_CHAIN_FILE: &str = "cert-chain.pem";
+
+const FILES: [&str; 4] = [CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE];
+
+/// Workload certificates live a day unless configured otherwise, as in Istio.
+pub const DEFAULT_WORKLOAD_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+/// Tolerates clocks that run a little behind the CA's.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Why the CA directory could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalCaError {
+    #[error("failed to read the CA directory {}", .0.display())]
+    ReadDir(PathBuf, #[source] io::Error),
+    #[error(
+        "the CA directory {} is incomplete: {missing:?} missing; it must hold all of {FILES:?}, or be empty",
+        dir.display()
+    )]
+    Incomplete { dir: PathBuf, missing: Vec<&'static str> },
+    #[error("failed to read {}", .0.display())]
+    ReadFile(PathBuf, #[source] io::Error),
+    #[error("failed to write {}", .0.display())]
+    WriteFile(PathBuf, #[source] io::Error),
+    #[error("{} holds no PEM certificate", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("{} is not a PEM certificate list", .0.display())]
+    ParseCertificates(PathBuf, #[source] rustls_pki_types::pem::Error),
+    #[error("{} is not a usable PKCS#8 CA key", .0.display())]
+    ParseKey(PathBuf, #[source] rcgen::Error),
+    #[error("{} is not a usable CA certificate", .0.display())]
+    ParseCaCert(PathBuf, #[source] rcgen::Error),
+    #[error("failed to create a self-signed root")]
+    CreateRoot(#[source] rcgen::Error),
+}
+
+/// Signs workload certificates with a CA key held in process.
+pub struct LocalCa {
+    issuer: Issuer<'static, KeyPair>,
+    /// The signing certificate and its chain up to the root.
+    chain: Vec<CertificateDer<'static>>,
+    roots: Vec<CertificateDer<'static>>,
+    workload_ttl: Duration,
+}
+
+impl LocalCa {
+    /// Loads the CA from `dir` or, when `dir` is empty or absent, creates a self-signed root for
+    /// `trust_domain` there. A directory with only some of the files is an error, never
+    /// overwritten.
+    pub fn load_or_create(dir: &Path, trust_domain: &TrustDomain) -> Result<Self, LocalCaError> {
+        let present: Vec<&str> = FILES.into_iter().filter(|f| dir.join(f).exists()).collect();
+        if present.is_empty() {
+            create_root(dir, trust_domain)?;
+        } else if present.len() < FILES.len() {
+            return Err(LocalCaError::Incomplete {
+                dir: dir.to_owned(),
+                missing: FILES.into_iter().filter(|f| !present.contains(f)).collect(),
+            });
+        }
+        Self::load(dir)
+    }
+
+    fn load(dir: &Path) -> Result<Self, LocalCaError> {
+        let key_path = dir.join(CA_KEY_FILE);
+        let key = KeyPair::from_pem(&read(&key_path)?)
+            .map_err(|e| LocalCaError::ParseKey(key_path, e))?;
+        let ca_path = dir.join(CA_CERT_FILE);
+        let issuer = Issuer::from_ca_cert_pem(&read(&ca_path)?, key)
+            .map_err(|e| LocalCaError::ParseCaCert(ca_path, e))?;
+        Ok(Self {
+            issuer,
+            chain: read_certificates(&dir.join(CERT_CHAIN_FILE))?,
+            roots: read_certificates(&dir.join(ROOT_CERT_FILE))?,
+            workload_ttl: DEFAULT_WORKLOAD_TTL,
+        })
+    }
+
+    /// Sets how long the certificates this CA issues are valid.
+    pub fn with_workload_ttl(mut self, ttl: Duration) -> Self {
+        self.workload_ttl = ttl;
+        self
+    }
+
+    /// The trust bundle: the roots that workload certificates chain to.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// Signs a certificate for `identity` over a freshly generated ECDSA P-256 key.
+    pub fn sign(&self, identity: &Identity) -> Result<WorkloadCertificate, IssueError> {
+        let sign_error = |source| IssueError::Sign {
+            identity: identity.clone(),
+            source,
+        };
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(sign_error)?;
+        let params = workload_params(identity, self.workload_ttl).map_err(sign_error)?;
+        let leaf = params.signed_by(&key, &self.issuer).map_err(sign_error)?;
+
+        let mut chain = Vec::with_capacity(1 + self.chain.len());
+        chain.push(leaf.der().clone());
+        chain.extend(self.chain.iter().cloned());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        WorkloadCertificate::new(chain, key, &self.roots, &crypto_provider()).map_err(|source| {
+            IssueError::Unusable {
+                identity: identity.clone(),
+                source,
+            }
+        })
+    }
+}
+
+impl CertificateProvider for LocalCa {
+    fn issue<'a>(&'a self, identity: &'a Identity) -> IssueFuture<'a> {
+        Box::pin(async move { self.sign(identity) })
+    }
+}
+
+impl std::fmt::Debug for LocalCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCa")
+            .field("workload_ttl", &self.workload_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An Istio-style workload certificate: empty subject, one URI SAN (critical), serverAuth and
+/// clientAuth.
+fn workload_params(identity: &Identity, ttl: Duration) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(identity.as_str().try_into()?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, ttl);
+    params.serial_number = Some(random_serial());
+    Ok(params)
+}
+
+fn create_root(dir: &Path, trust_domain: &TrustDomain) -> Result<(), LocalCaError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(LocalCaError::CreateRoot)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, trust_domain.as_str());
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "ambit root CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    set_validity(&mut params, ROOT_TTL);
+    params.serial_number = Some(random_serial());
+    let cert = params
+        .self_signed(&key)
+        .map_err(LocalCaError::CreateRoot)?;
+
+    fs::create_dir_all(dir).map_err(|e| LocalCaError::ReadDir(dir.to_owned(), e))?;
+    write(&dir.join(CA_KEY_FILE), &key.serialize_pem(), 0o600)?;
+    for file in [CA_CERT_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE] {
+        write(&dir.join(file), &cert.pem(), 0o644)?;
+    }
+    Ok(())
+}
+
+fn set_validity(params: &mut CertificateParams, ttl: Duration) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + ttl;
+}
+
+/// A positive 127-bit serial, as RFC 5280 asks (at most 20 octets, unpredictable).
+fn random_serial() -> SerialNumber {
+    let mut bytes = fastrand::u128(..).to_be_bytes();
+    bytes[0] &= 0x7f;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn read(path: &Path) -> Result<String, LocalCaError> {
+    fs::read_to_string(path).map_err(|e| LocalCaError::ReadFile(path.to_owned(), e))
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, LocalCaError> {
+    let pem = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| LocalCaError::ParseCertificates(path.to_owned(), e))?;
+    if certs.is_empty() {
+        return Err(LocalCaError::NoCertificate(path.to_owned()));
+    }
+    Ok(certs)
+}
+
+fn write(path: &Path, contents: &str, mode: u32) -> Result<(), LocalCaError> {
+    use std::io::Write;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .and_then(|mut file| file.write_all(contents.as_bytes()))
+        .map_err(|e| LocalCaError::WriteFile(path.to_owned(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trust_domain() -> TrustDomain {
+        "cluster.local".parse().unwrap()
+    }
+
+    #[test]
+    fn creates_a_root_in_an_empty_directory_and_reloads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let created = LocalCa::load_or_create(dir.path(), &trust_domain()).unwrap();
+        for file in FILES {
+            assert!(dir.path().join(file).is_file(), "{file} was not written");
+        }
+        let reloaded = LocalCa::load_or_create(dir.path(), &trust_domain()).unwrap();
+        assert_eq!(created.roots(), reloaded.roots());
+    }
+
+    #[test]
+    fn ca_key_is_private_to_the_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        LocalCa::load_or_create(dir.path(), &trust_domain()).unwrap();
+        let mode = fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn refuses_an_incomplete_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(CA_CERT_FILE), "").unwrap();
+        let err = LocalCa::load_or_create(dir.path(), &trust_domain()).unwrap_err();
+        assert!(
+            matches!(&err, LocalCaError::Incomplete { missing, .. } if missing.len() == 3),
+            "{err}"
+        );
+        assert_eq!(fs::read_to_string(dir.path().join(CA_CERT_FILE)).unwrap(), "");
+    }
+
+    #[test]
+    fn refuses_a_key_that_is_not_pem() {
+        let dir = tempfile::tempdir().unwrap();
+        LocalCa::load_or_create(dir.path(), &trust_domain()).unwrap();
+        fs::write(dir.path().join(CA_KEY_FILE), "not a key").unwrap();
+        let err = LocalCa::load_or_create(dir.path(), &trust_domain()).unwrap_err();
+        assert!(matches!(err, LocalCaError::ParseKey(..)), "{err}");
+    }
+
+    #[test]
+    fn issues_istio_shaped_workload_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::load_or_create(dir.path(), &trust_domain())
+            .unwrap()
+            .with_workload_ttl(Duration::from_secs(3600));
+        let identity: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let cert = ca.sign(&identity).unwrap();
+        assert_eq!(cert.identity(), &identity);
+        assert_eq!(cert.lifetime(), Duration::from_secs(3600) + CLOCK_SKEW);
+        assert_eq!(cert.certified_key().cert.len(), 2, "leaf and CA certificate");
+
+        let der = cert.certified_key().end_entity_cert().unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(der).unwrap();
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert!(leaf.subject_alternative_name().unwrap().unwrap().critical);
+        assert!(!leaf.is_ca());
+    }
+}
