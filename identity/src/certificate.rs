@@ -73,7 +73,8 @@ impl WorkloadCertificate {
                 .add(root.clone())
                 .map_err(CertificateError::TrustAnchor)?;
         }
-        let key = CertifiedKey::from_der(chain, key, provider).map_err(CertificateError::PrivateKey)?;
+        let key =
+            CertifiedKey::from_der(chain, key, provider).map_err(CertificateError::PrivateKey)?;
 
         Ok(Self {
             identity,
@@ -131,8 +132,14 @@ impl fmt::Debug for WorkloadCertificate {
     }
 }
 
-/// The one identity a workload certificate speaks for: its only URI SAN.
-pub(crate) fn uri_san_identity(cert: &X509Certificate<'_>) -> Result<Identity, CertificateError> {
+/// The workload identity that a DER certificate speaks for: its one URI SAN.
+pub fn certificate_identity(der: &CertificateDer<'_>) -> Result<Identity, CertificateError> {
+    let (_, parsed) =
+        X509Certificate::from_der(der).map_err(|e| CertificateError::ParseLeaf(e.to_string()))?;
+    uri_san_identity(&parsed)
+}
+
+fn uri_san_identity(cert: &X509Certificate<'_>) -> Result<Identity, CertificateError> {
     let san = cert
         .subject_alternative_name()
         .map_err(|e| CertificateError::ParseSan(e.to_string()))?;

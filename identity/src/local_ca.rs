@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -45,7 +45,10 @@ pub enum LocalCaError {
         "the CA directory {} is incomplete: {missing:?} missing; it must hold all of {FILES:?}, or be empty",
         dir.display()
     )]
-    Incomplete { dir: PathBuf, missing: Vec<&'static str> },
+    Incomplete {
+        dir: PathBuf,
+        missing: Vec<&'static str>,
+    },
     #[error("failed to read {}", .0.display())]
     ReadFile(PathBuf, #[source] io::Error),
     #[error("failed to write {}", .0.display())]
@@ -190,9 +193,7 @@ fn create_root(dir: &Path, trust_domain: &TrustDomain) -> Result<(), LocalCaErro
     ];
     set_validity(&mut params, ROOT_TTL);
     params.serial_number = Some(random_serial());
-    let cert = params
-        .self_signed(&key)
-        .map_err(LocalCaError::CreateRoot)?;
+    let cert = params.self_signed(&key).map_err(LocalCaError::CreateRoot)?;
 
     fs::create_dir_all(dir).map_err(|e| LocalCaError::ReadDir(dir.to_owned(), e))?;
     write(&dir.join(CA_KEY_FILE), &key.serialize_pem(), 0o600)?;
@@ -265,7 +266,10 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         LocalCa::load_or_create(dir.path(), &trust_domain()).unwrap();
-        let mode = fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(CA_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
@@ -278,7 +282,10 @@ mod tests {
             matches!(&err, LocalCaError::Incomplete { missing, .. } if missing.len() == 3),
             "{err}"
         );
-        assert_eq!(fs::read_to_string(dir.path().join(CA_CERT_FILE)).unwrap(), "");
+        assert_eq!(
+            fs::read_to_string(dir.path().join(CA_CERT_FILE)).unwrap(),
+            ""
+        );
     }
 
     #[test]
@@ -300,7 +307,11 @@ mod tests {
         let cert = ca.sign(&identity).unwrap();
         assert_eq!(cert.identity(), &identity);
         assert_eq!(cert.lifetime(), Duration::from_secs(3600) + CLOCK_SKEW);
-        assert_eq!(cert.certified_key().cert.len(), 2, "leaf and CA certificate");
+        assert_eq!(
+            cert.certified_key().cert.len(),
+            2,
+            "leaf and CA certificate"
+        );
 
         let der = cert.certified_key().end_entity_cert().unwrap();
         let (_, leaf) = x509_parser::parse_x509_certificate(der).unwrap();

@@ -41,5 +41,8 @@ pub enum IssueError {
         source: CertificateError,
     },
     #[error("asked for a certificate for {requested}, got one for {issued}")]
-    IdentityMismatch { requested: Identity, issued: Identity },
+    IdentityMismatch {
+        requested: Identity,
+        issued: Identity,
+    },
 }

@@ -15,10 +15,17 @@ pub enum IdentityError {
         "invalid trust domain {0:?}: expected 1 to 255 lowercase letters, digits, '.', '-' or '_'"
     )]
     InvalidTrustDomain(String),
-    #[error("{0:?} is not a workload identity: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "{0:?} is not a workload identity: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     NotWorkloadPath(String),
-    #[error("invalid {segment} {value:?} in a SPIFFE ID: expected letters, digits, '.', '-' or '_'")]
-    InvalidSegment { segment: &'static str, value: String },
+    #[error(
+        "invalid {segment} {value:?} in a SPIFFE ID: expected letters, digits, '.', '-' or '_'"
+    )]
+    InvalidSegment {
+        segment: &'static str,
+        value: String,
+    },
 }
 
 /// A SPIFFE trust domain, such as `cluster.local`.
@@ -170,7 +177,9 @@ mod tests {
 
     #[test]
     fn parses_workload_identity() {
-        let id: Identity = "spiffe://cluster.local/ns/shop/sa/checkout".parse().unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/shop/sa/checkout"
+            .parse()
+            .unwrap();
         assert_eq!(id.trust_domain().as_str(), "cluster.local");
         assert_eq!(id.namespace(), "shop");
         assert_eq!(id.service_account(), "checkout");
@@ -247,7 +256,12 @@ mod tests {
 
     #[test]
     fn error_messages_show_the_expected_form() {
-        let err = "spiffe://cluster.local/default".parse::<Identity>().unwrap_err();
-        assert!(err.to_string().contains("spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"));
+        let err = "spiffe://cluster.local/default"
+            .parse::<Identity>()
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")
+        );
     }
 }

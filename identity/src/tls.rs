@@ -4,8 +4,8 @@
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms, aws_lc_rs};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
@@ -14,10 +14,8 @@ use rustls::{
     SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use x509_parser::certificate::X509Certificate;
-use x509_parser::prelude::FromDer;
 
-use crate::certificate::{CertificateError, WorkloadCertificate, uri_san_identity};
+use crate::certificate::{CertificateError, WorkloadCertificate, certificate_identity};
 use crate::spiffe::{Identity, TrustDomain};
 
 /// The ALPN protocol HBONE negotiates.
@@ -32,7 +30,10 @@ pub enum PeerVerifyError {
     #[error("the peer certificate carries no workload identity")]
     PeerIdentity(#[source] CertificateError),
     #[error("peer identity {peer} is not in trust domain {expected}")]
-    TrustDomainMismatch { peer: Identity, expected: TrustDomain },
+    TrustDomainMismatch {
+        peer: Identity,
+        expected: TrustDomain,
+    },
     #[error("server identity {presented} is not one of the expected identities {expected:?}")]
     SanMismatch {
         presented: Identity,
@@ -123,9 +124,7 @@ fn refuse(error: PeerVerifyError) -> rustls::Error {
 }
 
 fn peer_identity(end_entity: &CertificateDer<'_>) -> Result<Identity, rustls::Error> {
-    let (_, leaf) = X509Certificate::from_der(end_entity)
-        .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
-    uri_san_identity(&leaf).map_err(|e| refuse(PeerVerifyError::PeerIdentity(e)))
+    certificate_identity(end_entity).map_err(|e| refuse(PeerVerifyError::PeerIdentity(e)))
 }
 
 /// Checks the chain (and the clientAuth EKU) with webpki, then the trust domain of the SAN.

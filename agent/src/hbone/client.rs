@@ -1,0 +1,200 @@
+//! Opening HBONE tunnels: one CONNECT stream per proxied TCP connection, over pooled mTLS.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ambit_identity::{CertificateManager, FetchError, Identity};
+use http::StatusCode;
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::headers::{self, Baggage, TraceParent};
+use super::pool::{Dialed, Pool, PoolKey, StreamClaim};
+use super::stream::{self, CopyError, H2Stream, Transferred};
+use super::{CONNECTION_WINDOW, ClientSettings, MAX_FRAME_SIZE, STREAM_WINDOW};
+
+/// One tunnel to open.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// The workload the tunnel is opened for; its certificate authenticates the client.
+    pub source: Identity,
+    /// The client's address: the tunnel's source IP, and `forwarded: for=`.
+    pub source_addr: SocketAddr,
+    /// Where the HBONE server listens: the destination pod's (or its waypoint's) port 15008.
+    pub hbone_addr: SocketAddr,
+    /// The original destination, sent as `:authority`.
+    pub authority: SocketAddr,
+    /// The identities the server may prove; any other is refused.
+    pub expected_identities: Vec<Identity>,
+    pub baggage: Option<Baggage>,
+}
+
+/// Why no tunnel was opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the request names no identity the server may prove")]
+    NoExpectedIdentity,
+    #[error("no certificate for the source workload")]
+    Certificate(#[source] FetchError),
+    #[error("failed to connect to {addr} from {source_ip}")]
+    Dial {
+        addr: SocketAddr,
+        source_ip: IpAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS handshake with {addr} failed")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("HTTP/2 handshake with {addr} failed")]
+    H2Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("failed to open a stream to {addr}")]
+    OpenStream {
+        addr: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("{addr} refused the tunnel to {authority} with status {status}")]
+    Refused {
+        addr: SocketAddr,
+        authority: SocketAddr,
+        status: StatusCode,
+    },
+}
+
+/// An open tunnel: a CONNECT stream the server answered with 200.
+#[derive(Debug)]
+pub struct Tunnel {
+    stream: H2Stream,
+    _claim: StreamClaim,
+}
+
+impl Tunnel {
+    /// Carries `tcp` through the tunnel until both sides have closed.
+    pub async fn copy_bidirectional(self, tcp: &mut TcpStream) -> Result<Transferred, CopyError> {
+        stream::copy_bidirectional(tcp, self.stream).await
+    }
+}
+
+/// Opens HBONE tunnels for the workloads whose certificates `certificates` holds.
+#[derive(Debug, Clone)]
+pub struct HboneClient {
+    certificates: Arc<CertificateManager>,
+    pool: Pool,
+}
+
+impl HboneClient {
+    pub fn new(certificates: Arc<CertificateManager>, settings: ClientSettings) -> Self {
+        Self {
+            certificates,
+            pool: Pool::new(settings),
+        }
+    }
+
+    pub async fn connect(&self, request: &ConnectRequest) -> Result<Tunnel, ConnectError> {
+        if request.expected_identities.is_empty() {
+            return Err(ConnectError::NoExpectedIdentity);
+        }
+        let mut expected = request.expected_identities.clone();
+        expected.sort();
+        expected.dedup();
+        let key = PoolKey {
+            source: request.source.clone(),
+            source_ip: request.source_addr.ip(),
+            destination: request.hbone_addr,
+            expected,
+        };
+        let claim = self.pool.checkout(&key, || self.dial(&key)).await?;
+
+        let addr = request.hbone_addr;
+        let open_error = |source| ConnectError::OpenStream { addr, source };
+        let connect = headers::connect_request(
+            request.authority,
+            request.source_addr,
+            request.baggage.as_ref(),
+            &TraceParent::random(),
+        );
+        let (response, send) = claim
+            .sender()
+            .ready()
+            .await
+            .map_err(open_error)?
+            .send_request(connect, false)
+            .map_err(open_error)?;
+        let response = response.await.map_err(open_error)?;
+        if response.status() != StatusCode::OK {
+            return Err(ConnectError::Refused {
+                addr,
+                authority: request.authority,
+                status: response.status(),
+            });
+        }
+        Ok(Tunnel {
+            stream: H2Stream {
+                send,
+                recv: response.into_body(),
+            },
+            _claim: claim,
+        })
+    }
+
+    /// Connections in the pool, for observability and tests.
+    pub fn pooled_connections(&self) -> usize {
+        self.pool.connections()
+    }
+
+    async fn dial(&self, key: &PoolKey) -> Result<Dialed, ConnectError> {
+        let addr = key.destination;
+        let certificate = self
+            .certificates
+            .fetch(&key.source)
+            .await
+            .map_err(ConnectError::Certificate)?;
+
+        let dial_error = |source| ConnectError::Dial {
+            addr,
+            source_ip: key.source_ip,
+            source,
+        };
+        let socket = match key.source_ip {
+            IpAddr::V4(_) => TcpSocket::new_v4(),
+            IpAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(dial_error)?;
+        socket
+            .bind(SocketAddr::new(key.source_ip, 0))
+            .map_err(dial_error)?;
+        let tcp = socket.connect(addr).await.map_err(dial_error)?;
+        tcp.set_nodelay(true).map_err(dial_error)?;
+
+        let tls_config = ambit_identity::client_config(&certificate, &key.expected);
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config))
+            .connect(addr.ip().into(), tcp)
+            .await
+            .map_err(|source| ConnectError::Tls { addr, source })?;
+
+        let (sender, mut connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .enable_push(false)
+            .handshake(tls)
+            .await
+            .map_err(|source| ConnectError::H2Handshake { addr, source })?;
+        let pings = connection
+            .ping_pong()
+            .unwrap_or_else(|| unreachable!("ping_pong is taken once, from a new connection"));
+        Ok(Dialed {
+            sender,
+            connection,
+            pings,
+        })
+    }
+}

@@ -1,0 +1,425 @@
+//! The CONNECT request of an HBONE stream: building it on the client, checking it on the server.
+//! Pure functions, tested without sockets.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+use http::{HeaderValue, Method, Request, StatusCode};
+
+pub(crate) const BAGGAGE: &str = "baggage";
+pub(crate) const TRACEPARENT: &str = "traceparent";
+
+/// Why the server refuses a CONNECT request before connecting anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RequestError {
+    #[error("method {0} is not CONNECT")]
+    NotConnect(Method),
+    #[error("authority {0:?} is not an ip:port")]
+    BadAuthority(String),
+    #[error("destination {destination} is not this workload ({local})")]
+    WrongDestination { destination: IpAddr, local: IpAddr },
+    #[error("destination port {0} belongs to the agent")]
+    AgentPort(u16),
+}
+
+impl RequestError {
+    /// The status the server answers with, as ztunnel does.
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            Self::NotConnect(_) | Self::BadAuthority(_) | Self::WrongDestination { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::AgentPort(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// Checks a CONNECT request that arrived on a connection to `local` and returns where it goes.
+pub(crate) fn destination<B>(
+    request: &Request<B>,
+    local: IpAddr,
+    agent_ports: &[u16],
+) -> Result<SocketAddr, RequestError> {
+    if request.method() != Method::CONNECT {
+        return Err(RequestError::NotConnect(request.method().clone()));
+    }
+    let authority = request.uri().authority().map_or("", |a| a.as_str());
+    let destination: SocketAddr = authority
+        .parse()
+        .map_err(|_| RequestError::BadAuthority(authority.to_owned()))?;
+    if destination.ip() != local {
+        return Err(RequestError::WrongDestination {
+            destination: destination.ip(),
+            local,
+        });
+    }
+    if agent_ports.contains(&destination.port()) {
+        return Err(RequestError::AgentPort(destination.port()));
+    }
+    Ok(destination)
+}
+
+/// The CONNECT request for a stream to `authority` on behalf of the client at `source`.
+pub(crate) fn connect_request(
+    authority: SocketAddr,
+    source: SocketAddr,
+    baggage: Option<&Baggage>,
+    trace: &TraceParent,
+) -> Request<()> {
+    let mut request = Request::new(());
+    *request.method_mut() = Method::CONNECT;
+    // A socket address always forms a valid authority.
+    *request.uri_mut() = http::Uri::try_from(authority.to_string())
+        .unwrap_or_else(|e| unreachable!("{authority} is a valid authority: {e}"));
+    let headers = request.headers_mut();
+    headers.insert(
+        http::header::FORWARDED,
+        header_value(&forwarded_for(source)),
+    );
+    if let Some(baggage) = baggage {
+        headers.insert(BAGGAGE, header_value(&baggage.to_string()));
+    }
+    headers.insert(TRACEPARENT, header_value(&trace.to_string()));
+    request
+}
+
+/// `for="<ip:port>"` (RFC 7239: quoted, because of the colon).
+fn forwarded_for(source: SocketAddr) -> String {
+    format!("for=\"{source}\"")
+}
+
+/// Every header value built here is visible ASCII: addresses, hex and percent-encoded text.
+fn header_value(value: &str) -> HeaderValue {
+    HeaderValue::from_str(value)
+        .unwrap_or_else(|e| unreachable!("{value:?} is a valid header value: {e}"))
+}
+
+/// The kinds of workload that W3C baggage names, as `k8s.<kind>.name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadKind {
+    Deployment,
+    DaemonSet,
+    StatefulSet,
+    Job,
+    CronJob,
+    Pod,
+}
+
+impl WorkloadKind {
+    const ALL: [Self; 6] = [
+        Self::Deployment,
+        Self::DaemonSet,
+        Self::StatefulSet,
+        Self::Job,
+        Self::CronJob,
+        Self::Pod,
+    ];
+
+    fn baggage_key(self) -> &'static str {
+        match self {
+            Self::Deployment => "k8s.deployment.name",
+            Self::DaemonSet => "k8s.daemonset.name",
+            Self::StatefulSet => "k8s.statefulset.name",
+            Self::Job => "k8s.job.name",
+            Self::CronJob => "k8s.cronjob.name",
+            Self::Pod => "k8s.pod.name",
+        }
+    }
+}
+
+/// What the client tells the server about the workload it speaks for, in the `baggage` header.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Baggage {
+    pub cluster: Option<String>,
+    pub namespace: Option<String>,
+    pub workload: Option<(WorkloadKind, String)>,
+    pub service_name: Option<String>,
+    pub service_version: Option<String>,
+}
+
+impl Baggage {
+    /// Reads the entries ambit knows and ignores the rest; malformed members are skipped, since
+    /// baggage is informational and must never fail a connection.
+    pub fn parse(header: &str) -> Self {
+        let mut baggage = Self::default();
+        for member in header.split(',') {
+            let pair = member.split(';').next().unwrap_or_default();
+            let Some((key, value)) = pair.split_once('=') else {
+                continue;
+            };
+            let Some(value) = percent_decode(value.trim()) else {
+                continue;
+            };
+            match key.trim() {
+                "k8s.cluster.name" => baggage.cluster = Some(value),
+                "k8s.namespace.name" => baggage.namespace = Some(value),
+                "service.name" => baggage.service_name = Some(value),
+                "service.version" => baggage.service_version = Some(value),
+                key => {
+                    if let Some(kind) = WorkloadKind::ALL
+                        .into_iter()
+                        .find(|k| k.baggage_key() == key)
+                    {
+                        baggage.workload = Some((kind, value));
+                    }
+                }
+            }
+        }
+        baggage
+    }
+}
+
+impl fmt::Display for Baggage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let workload = self.workload.as_ref().map(|(k, n)| (k.baggage_key(), n));
+        let members = [
+            ("k8s.cluster.name", self.cluster.as_ref()),
+            ("k8s.namespace.name", self.namespace.as_ref()),
+        ]
+        .into_iter()
+        .chain(workload.map(|(key, name)| (key, Some(name))))
+        .chain([
+            ("service.name", self.service_name.as_ref()),
+            ("service.version", self.service_version.as_ref()),
+        ]);
+        let mut separator = "";
+        for (key, value) in members {
+            if let Some(value) = value {
+                write!(f, "{separator}{key}=")?;
+                percent_encode(f, value)?;
+                separator = ",";
+            }
+        }
+        Ok(())
+    }
+}
+
+/// W3C baggage values allow visible ASCII except `"`, `,`, `;`, `\` and `%`; the rest is
+/// percent-encoded.
+fn percent_encode(f: &mut fmt::Formatter<'_>, value: &str) -> fmt::Result {
+    for byte in value.bytes() {
+        if byte.is_ascii_graphic() && !matches!(byte, b'"' | b',' | b';' | b'\\' | b'%') {
+            write!(f, "{}", byte as char)?;
+        } else {
+            write!(f, "%{byte:02X}")?;
+        }
+    }
+    Ok(())
+}
+
+fn percent_decode(value: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(value.len());
+    let mut input = value.bytes();
+    while let Some(byte) = input.next() {
+        if byte == b'%' {
+            let hex = [input.next()?, input.next()?];
+            bytes.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            bytes.push(byte);
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// A W3C `traceparent`: which trace a tunneled connection belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: u128,
+    pub parent_id: u64,
+    pub sampled: bool,
+}
+
+impl TraceParent {
+    /// A new trace, not sampled.
+    pub fn random() -> Self {
+        Self {
+            trace_id: fastrand::u128(1..),
+            parent_id: fastrand::u64(1..),
+            sampled: false,
+        }
+    }
+}
+
+impl fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id,
+            self.parent_id,
+            u8::from(self.sampled)
+        )
+    }
+}
+
+/// Why a `traceparent` header was ignored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed traceparent {0:?}")]
+pub struct TraceParentError(String);
+
+impl FromStr for TraceParent {
+    type Err = TraceParentError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || TraceParentError(s.to_owned());
+        let hex = |field: &str, len: usize| {
+            (field.len() == len && field.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| u128::from_str_radix(field, 16).ok())
+                .flatten()
+        };
+        let mut fields = s.split('-');
+        let (Some("00"), Some(trace), Some(parent), Some(flags), None) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
+            return Err(invalid());
+        };
+        let trace_id = hex(trace, 32).filter(|&id| id != 0).ok_or_else(invalid)?;
+        let parent_id = hex(parent, 16)
+            .and_then(|id| u64::try_from(id).ok())
+            .filter(|&id| id != 0)
+            .ok_or_else(invalid)?;
+        let flags = hex(flags, 2).ok_or_else(invalid)?;
+        Ok(Self {
+            trace_id,
+            parent_id,
+            sampled: flags & 1 == 1,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7));
+
+    fn request(method: Method, authority: &str) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .uri(authority)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn accepts_connect_to_this_workload() {
+        let req = request(Method::CONNECT, "10.0.0.7:8080");
+        assert_eq!(
+            destination(&req, LOCAL, &[15008]),
+            Ok("10.0.0.7:8080".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn refuses_bad_requests_with_ztunnel_statuses() {
+        let cases = [
+            (Method::GET, "10.0.0.7:8080", StatusCode::BAD_REQUEST),
+            (Method::POST, "10.0.0.7:8080", StatusCode::BAD_REQUEST),
+            (
+                Method::CONNECT,
+                "reviews.default.svc:9080",
+                StatusCode::BAD_REQUEST,
+            ),
+            (Method::CONNECT, "10.0.0.7", StatusCode::BAD_REQUEST),
+            (Method::CONNECT, "10.0.0.8:8080", StatusCode::BAD_REQUEST),
+            (Method::CONNECT, "[::1]:8080", StatusCode::BAD_REQUEST),
+            (
+                Method::CONNECT,
+                "10.0.0.7:15008",
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+        ];
+        for (method, authority, status) in cases {
+            let err = destination(&request(method.clone(), authority), LOCAL, &[15001, 15008])
+                .unwrap_err();
+            assert_eq!(err.status(), status, "{method} {authority}: {err}");
+        }
+    }
+
+    #[test]
+    fn connect_request_carries_ztunnel_headers() {
+        let trace = TraceParent::random();
+        let baggage = Baggage {
+            namespace: Some("shop".into()),
+            workload: Some((WorkloadKind::Deployment, "web".into())),
+            ..Baggage::default()
+        };
+        let req = connect_request(
+            "[fd00::7]:8080".parse().unwrap(),
+            "[fd00::1]:41000".parse().unwrap(),
+            Some(&baggage),
+            &trace,
+        );
+        assert_eq!(req.method(), Method::CONNECT);
+        assert_eq!(req.uri().authority().unwrap().as_str(), "[fd00::7]:8080");
+        let header = |name: &str| req.headers()[name].to_str().unwrap().to_owned();
+        assert_eq!(header("forwarded"), "for=\"[fd00::1]:41000\"");
+        assert_eq!(
+            header(BAGGAGE),
+            "k8s.namespace.name=shop,k8s.deployment.name=web"
+        );
+        assert_eq!(header(TRACEPARENT).parse::<TraceParent>(), Ok(trace));
+        assert_eq!(
+            destination(&req, "fd00::7".parse().unwrap(), &[]),
+            Ok("[fd00::7]:8080".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn baggage_round_trips_and_escapes() {
+        let baggage = Baggage {
+            cluster: Some("east".into()),
+            namespace: Some("shop".into()),
+            workload: Some((WorkloadKind::StatefulSet, "db".into())),
+            service_name: Some("db".into()),
+            service_version: Some("v1,beta; 100%".into()),
+        };
+        let header = baggage.to_string();
+        assert!(
+            header.contains("service.version=v1%2Cbeta%3B%20100%25"),
+            "{header}"
+        );
+        assert_eq!(Baggage::parse(&header), baggage);
+    }
+
+    #[test]
+    fn baggage_parsing_skips_what_it_does_not_understand() {
+        let parsed = Baggage::parse(
+            "k8s.namespace.name=shop;prop=1, junk, other.key=1, k8s.pod.name=%zz, service.name = web",
+        );
+        assert_eq!(
+            parsed,
+            Baggage {
+                namespace: Some("shop".into()),
+                service_name: Some("web".into()),
+                ..Baggage::default()
+            }
+        );
+    }
+
+    #[test]
+    fn traceparent_parses_the_w3c_form_only() {
+        let parsed: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap();
+        assert_eq!(parsed.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(parsed.parent_id, 0x00f067aa0ba902b7);
+        assert!(parsed.sampled);
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(bad.parse::<TraceParent>().is_err(), "{bad}");
+        }
+    }
+}

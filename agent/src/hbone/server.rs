@@ -1,0 +1,264 @@
+//! Accepting HBONE in front of one workload: mTLS, then HTTP/2, then one TCP connection to the
+//! app per CONNECT stream.
+
+use std::error::Error;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use ambit_identity::{ALPN_H2, CertificateManager, FetchError, Identity, WorkloadCertificate};
+use ambit_redirect::AGENT_POD_PORTS;
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Request, Response, StatusCode};
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+use super::headers::{self, Baggage, TraceParent};
+use super::keepalive::{self, KeepaliveError};
+use super::stream::{self, H2Stream};
+use super::{CONNECTION_WINDOW, Keepalive, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW};
+use crate::drain::DrainWatcher;
+
+/// How long the app may take to accept a connection before the stream gets a 503.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (such as running out of file descriptors) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Why an HBONE connection ended before its peer closed it.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("no certificate to serve as {identity}")]
+    Certificate {
+        identity: Identity,
+        #[source]
+        source: FetchError,
+    },
+    #[error("failed to set up the accepted connection")]
+    Socket(#[source] io::Error),
+    #[error("TLS handshake failed")]
+    Handshake(#[source] io::Error),
+    #[error("the client did not negotiate ALPN h2")]
+    Alpn,
+    #[error("HTTP/2 failed")]
+    H2(#[source] h2::Error),
+    #[error("keepalive failed")]
+    Keepalive(#[source] KeepaliveError),
+}
+
+/// The HBONE server of one workload: terminates tunnels addressed to it and connects them to
+/// the app.
+#[derive(Debug)]
+pub struct HboneServer {
+    identity: Identity,
+    certificates: Arc<CertificateManager>,
+    keepalive: Keepalive,
+    /// The TLS configuration of the current certificate, rebuilt when it is renewed.
+    tls: Mutex<Option<(Arc<WorkloadCertificate>, Arc<ServerConfig>)>>,
+}
+
+/// What a CONNECT stream's handler needs to know about its connection.
+struct Peer {
+    addr: SocketAddr,
+    identity: Option<Identity>,
+    local_ip: IpAddr,
+}
+
+impl HboneServer {
+    pub fn new(
+        identity: Identity,
+        certificates: Arc<CertificateManager>,
+        keepalive: Keepalive,
+    ) -> Self {
+        Self {
+            identity,
+            certificates,
+            keepalive,
+            tls: Mutex::default(),
+        }
+    }
+
+    /// Accepts connections on `listener` until a drain starts; connections already accepted
+    /// are asked to finish (GOAWAY) and keep their watcher until they do.
+    pub async fn serve(self, listener: TcpListener, mut drain: DrainWatcher) {
+        let server = Arc::new(self);
+        loop {
+            tokio::select! {
+                () = drain.signaled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, addr)) => {
+                        let (server, drain) = (server.clone(), drain.clone());
+                        tokio::spawn(async move {
+                            if let Err(error) = server.serve_connection(tcp, drain).await {
+                                tracing::warn!(src.addr = %addr, error = &error as &dyn Error, "HBONE connection failed");
+                            }
+                        });
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "failed to accept an HBONE connection");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn serve_connection(
+        &self,
+        tcp: TcpStream,
+        mut drain: DrainWatcher,
+    ) -> Result<(), ServerError> {
+        let local_ip = tcp.local_addr().map_err(ServerError::Socket)?.ip();
+        let addr = tcp.peer_addr().map_err(ServerError::Socket)?;
+        tcp.set_nodelay(true).map_err(ServerError::Socket)?;
+        let tls = tokio_rustls::TlsAcceptor::from(self.tls_config().await?)
+            .accept(tcp)
+            .await
+            .map_err(ServerError::Handshake)?;
+        let session = tls.get_ref().1;
+        if session.alpn_protocol() != Some(ALPN_H2) {
+            return Err(ServerError::Alpn);
+        }
+        // The verifier accepted the chain only with a workload identity in it.
+        let identity = session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| ambit_identity::certificate_identity(leaf).ok());
+        let peer = Arc::new(Peer {
+            addr,
+            identity,
+            local_ip,
+        });
+
+        let mut connection = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_concurrent_streams(SERVER_MAX_STREAMS)
+            .handshake(tls)
+            .await
+            .map_err(ServerError::H2)?;
+        let pings = connection
+            .ping_pong()
+            .unwrap_or_else(|| unreachable!("ping_pong is taken once, from a new connection"));
+        let mut keepalive = std::pin::pin!(keepalive::run(pings, self.keepalive));
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                request = connection.accept() => match request {
+                    None => return Ok(()),
+                    Some(Err(error)) => return Err(ServerError::H2(error)),
+                    Some(Ok((request, respond))) => {
+                        tokio::spawn(serve_stream(request, respond, peer.clone()));
+                    }
+                },
+                error = &mut keepalive => return Err(ServerError::Keepalive(error)),
+                () = drain.signaled(), if !draining => {
+                    connection.graceful_shutdown();
+                    draining = true;
+                }
+            }
+        }
+    }
+
+    async fn tls_config(&self) -> Result<Arc<ServerConfig>, ServerError> {
+        let certificate = self
+            .certificates
+            .fetch(&self.identity)
+            .await
+            .map_err(|source| ServerError::Certificate {
+                identity: self.identity.clone(),
+                source,
+            })?;
+        let mut cached = self.tls.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((cached_certificate, config)) = cached.as_ref()
+            && Arc::ptr_eq(cached_certificate, &certificate)
+        {
+            return Ok(config.clone());
+        }
+        let config = Arc::new(ambit_identity::server_config(&certificate));
+        *cached = Some((certificate, config.clone()));
+        Ok(config)
+    }
+}
+
+/// Validates one CONNECT, connects to the app, answers 200 and copies until both sides close.
+async fn serve_stream(
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: Arc<Peer>,
+) {
+    let src_identity = peer.identity.as_ref().map(ToString::to_string);
+    let destination = match headers::destination(&request, peer.local_ip, &AGENT_POD_PORTS) {
+        Ok(destination) => destination,
+        Err(error) => {
+            tracing::info!(src.addr = %peer.addr, src.identity = src_identity, %error, "refused CONNECT");
+            reply(&mut respond, error.status());
+            return;
+        }
+    };
+    let header = |name| request.headers().get(name).and_then(|v| v.to_str().ok());
+    let baggage = header(headers::BAGGAGE)
+        .map(Baggage::parse)
+        .unwrap_or_default();
+    let trace = header(headers::TRACEPARENT).and_then(|v| v.parse::<TraceParent>().ok());
+    let span = tracing::info_span!(
+        "inbound",
+        src.addr = %peer.addr,
+        src.identity = src_identity,
+        src.namespace = baggage.namespace,
+        dst.addr = %destination,
+        trace_id = trace.map(|t| format!("{:032x}", t.trace_id)),
+    );
+    tunnel_to_app(destination, request.into_body(), respond)
+        .instrument(span)
+        .await;
+}
+
+async fn tunnel_to_app(
+    destination: SocketAddr,
+    recv: RecvStream,
+    mut respond: SendResponse<Bytes>,
+) {
+    let connect = tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(destination));
+    let mut app = match connect.await {
+        Ok(Ok(app)) => app,
+        Ok(Err(error)) => {
+            tracing::info!(%error, "app refused the connection");
+            reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+        Err(_) => {
+            tracing::info!(timeout = ?APP_CONNECT_TIMEOUT, "app did not accept the connection in time");
+            reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(error) => {
+            tracing::debug!(%error, "client went away before the tunnel opened");
+            return;
+        }
+    };
+    match stream::copy_bidirectional(&mut app, H2Stream { send, recv }).await {
+        Ok(transferred) => tracing::debug!(
+            sent = transferred.sent,
+            received = transferred.received,
+            "tunnel closed"
+        ),
+        Err(error) => tracing::debug!(error = &error as &dyn Error, "tunnel failed"),
+    }
+}
+
+fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    if let Err(error) = respond.send_response(response, true) {
+        tracing::debug!(%error, %status, "failed to answer a refused CONNECT");
+    }
+}

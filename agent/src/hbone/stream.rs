@@ -1,0 +1,120 @@
+//! Copying between a TCP connection and an HBONE stream, with end-to-end flow control.
+//!
+//! Memory per connection stays bounded in both directions: bytes from TCP are read only once
+//! the stream has send capacity for them, and stream window is released to the peer only after
+//! the bytes were written to TCP. An idle connection holds no buffer at all: one is allocated
+//! when the socket is readable.
+
+use std::future::poll_fn;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+
+/// The first read from TCP; doubled while reads fill the buffer, for bulk transfers.
+const INITIAL_READ: usize = 16 * 1024;
+const MAX_READ: usize = 256 * 1024;
+
+/// Bytes copied in each direction over one connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// From the TCP connection into the tunnel.
+    pub sent: u64,
+    /// From the tunnel to the TCP connection.
+    pub received: u64,
+}
+
+/// Why copying stopped before both sides closed cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("failed to read from the TCP connection")]
+    ReadTcp(#[source] io::Error),
+    #[error("failed to write to the TCP connection")]
+    WriteTcp(#[source] io::Error),
+    #[error("the HBONE stream failed")]
+    Stream(#[source] h2::Error),
+    #[error("the HBONE stream closed while data was pending")]
+    StreamClosed,
+}
+
+/// Both halves of one CONNECT stream.
+#[derive(Debug)]
+pub(crate) struct H2Stream {
+    pub(crate) send: SendStream<Bytes>,
+    pub(crate) recv: RecvStream,
+}
+
+/// Copies both ways until both sides have closed, passing each half-close on.
+pub(crate) async fn copy_bidirectional(
+    tcp: &mut TcpStream,
+    stream: H2Stream,
+) -> Result<Transferred, CopyError> {
+    let (read, write) = tcp.split();
+    let (sent, received) = tokio::try_join!(
+        tcp_to_stream(read, stream.send),
+        stream_to_tcp(stream.recv, write)
+    )?;
+    Ok(Transferred { sent, received })
+}
+
+async fn tcp_to_stream(tcp: ReadHalf<'_>, mut send: SendStream<Bytes>) -> Result<u64, CopyError> {
+    let tcp = tcp.as_ref();
+    let mut read_size = INITIAL_READ;
+    let mut total = 0;
+    loop {
+        tcp.readable().await.map_err(CopyError::ReadTcp)?;
+        let mut buf = BytesMut::with_capacity(read_size);
+        match tcp.try_read_buf(&mut buf) {
+            Ok(0) => {
+                send.send_data(Bytes::new(), true)
+                    .map_err(CopyError::Stream)?;
+                return Ok(total);
+            }
+            Ok(n) => {
+                if n == read_size {
+                    read_size = (read_size * 2).min(MAX_READ);
+                }
+                total += n as u64;
+                send_all(&mut send, buf.freeze()).await?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(CopyError::ReadTcp(e)),
+        }
+    }
+}
+
+/// Sends `data` as the peer's window allows, so that h2 never buffers more than that.
+async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), CopyError> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let mut capacity = send.capacity();
+        if capacity == 0 {
+            capacity = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(capacity)) => capacity,
+                Some(Err(e)) => return Err(CopyError::Stream(e)),
+                None => return Err(CopyError::StreamClosed),
+            };
+        }
+        let chunk = data.split_to(capacity.min(data.len()));
+        send.send_data(chunk, false).map_err(CopyError::Stream)?;
+    }
+    Ok(())
+}
+
+async fn stream_to_tcp(mut recv: RecvStream, mut tcp: WriteHalf<'_>) -> Result<u64, CopyError> {
+    let mut total = 0;
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(CopyError::Stream)?;
+        tcp.write_all(&chunk).await.map_err(CopyError::WriteTcp)?;
+        total += chunk.len() as u64;
+        // Only now may the peer send more: the bytes have left this process.
+        recv.flow_control()
+            .release_capacity(chunk.len())
+            .map_err(CopyError::Stream)?;
+    }
+    tcp.shutdown().await.map_err(CopyError::WriteTcp)?;
+    Ok(total)
+}
