@@ -119,24 +119,18 @@ impl LocalCa {
 
     /// Signs a certificate for `identity` over a freshly generated ECDSA P-256 key.
     pub fn sign(&self, identity: &Identity) -> Result<WorkloadCertificate, IssueError> {
-        let sign_error = |source| IssueError::Sign {
-            identity: identity.clone(),
-            source,
-        };
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(sign_error)?;
-        let params = workload_params(identity, self.workload_ttl).map_err(sign_error)?;
-        let leaf = params.signed_by(&key, &self.issuer).map_err(sign_error)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(IssueError::Sign)?;
+        let params = workload_params(identity, self.workload_ttl).map_err(IssueError::Sign)?;
+        let leaf = params
+            .signed_by(&key, &self.issuer)
+            .map_err(IssueError::Sign)?;
 
         let mut chain = Vec::with_capacity(1 + self.chain.len());
         chain.push(leaf.der().clone());
         chain.extend(self.chain.iter().cloned());
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        WorkloadCertificate::new(chain, key, &self.roots, &crypto_provider()).map_err(|source| {
-            IssueError::Unusable {
-                identity: identity.clone(),
-                source,
-            }
-        })
+        WorkloadCertificate::new(chain, key, &self.roots, &crypto_provider())
+            .map_err(IssueError::Unusable)
     }
 }
 

@@ -190,9 +190,7 @@ async fn issue(
 ) -> Result<WorkloadCertificate, IssueError> {
     let certificate = tokio::time::timeout(ISSUE_TIMEOUT, provider.issue(identity))
         .await
-        .map_err(|_| IssueError::Timeout {
-            identity: identity.clone(),
-        })??;
+        .map_err(|_| IssueError::Timeout)??;
     if certificate.identity() != identity {
         return Err(IssueError::IdentityMismatch {
             requested: identity.clone(),

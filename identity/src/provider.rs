@@ -26,20 +26,12 @@ pub enum IssueError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("the certificate authority did not answer for {identity} in time")]
-    Timeout { identity: Identity },
-    #[error("failed to sign a certificate for {identity}")]
-    Sign {
-        identity: Identity,
-        #[source]
-        source: rcgen::Error,
-    },
-    #[error("the certificate issued for {identity} is unusable")]
-    Unusable {
-        identity: Identity,
-        #[source]
-        source: CertificateError,
-    },
+    #[error("the certificate authority did not answer in time")]
+    Timeout,
+    #[error("failed to sign a certificate")]
+    Sign(#[source] rcgen::Error),
+    #[error("the issued certificate is unusable")]
+    Unusable(#[source] CertificateError),
     #[error("asked for a certificate for {requested}, got one for {issued}")]
     IdentityMismatch {
         requested: Identity,

@@ -270,7 +270,7 @@ async fn unreachable_destinations_get_503() {
 async fn garbage_frames_end_the_connection_with_goaway() {
     let mesh = Mesh::start().await;
     let cert = mesh.pki.certificate(&mesh.client_identity);
-    let config = ambit_identity::client_config(&cert, &[mesh.server_identity.clone()]);
+    let config = ambit_identity::client_config(&cert, std::slice::from_ref(&mesh.server_identity));
     let tcp = TcpStream::connect(mesh.server_addr).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(mesh.server_addr.ip().into(), tcp)

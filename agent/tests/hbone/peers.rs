@@ -1,6 +1,11 @@
 //! The peers these tests talk to: an HBONE client and server pair, raw TLS and HTTP/2 clients
 //! that send what ambit never would, and a server that stops answering.
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "a peer that cannot be set up fails the test"
+)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,7 +182,8 @@ pub(crate) async fn server_verdict(
 /// requests the HBONE client never sends.
 pub(crate) async fn raw_h2(mesh: &Mesh) -> SendRequest<Bytes> {
     let certificate = mesh.pki.certificate(&mesh.client_identity);
-    let config = ambit_identity::client_config(&certificate, &[mesh.server_identity.clone()]);
+    let config =
+        ambit_identity::client_config(&certificate, std::slice::from_ref(&mesh.server_identity));
     let tcp = TcpStream::connect(mesh.server_addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(mesh.server_addr.ip().into(), tcp)
