@@ -1,10 +1,19 @@
-//! Getting pod traffic to the agent: pod network namespaces, the sockets the agent opens inside
-//! them, and the capture backends (eBPF, nftables) that steer a pod's TCP to those sockets.
+//! Getting pod traffic to the agent: pod network namespaces ([`Netns`], [`PodNetns`]), the
+//! sockets the agent opens inside them ([`socket`]), and the capture backends that steer a pod's
+//! TCP to those sockets ([`CaptureBackend`], [`Nftables`]), with the policy routing they rely on.
 //!
-//! For now it publishes the ports and marks that capture is built on; the capture backends
-//! follow.
+//! Everything that must happen inside a pod's namespace runs on that pod's [`PodNetns`] thread;
+//! the rest of the agent stays in the node's namespace.
+
+mod capture;
+mod netns;
+mod routing;
+pub mod socket;
 
 pub use ambit_ebpf_common::{
     AGENT_MARK, AGENT_POD_PORTS, DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_MASK,
     OUTBOUND_PORT, REPLY_MARK,
 };
+pub use capture::{CaptureBackend, CaptureError, Nftables};
+pub use netns::{Netns, NetnsError, NetnsId, PodNetns};
+pub use routing::RoutingError;

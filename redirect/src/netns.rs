@@ -1,0 +1,192 @@
+//! Network namespaces held by file descriptor, found by the IP a pod has in them, and entered on
+//! a thread of their own.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+
+use nix::sched::CloneFlags;
+use socket2::{Domain, Socket, Type};
+
+/// Where `ip netns` (and CNI plugins) keep named namespaces.
+const NAMED_NETNS_DIR: &str = "/var/run/netns";
+
+/// Why a namespace could not be found, opened or entered.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("failed to open the network namespace {}", .0.display())]
+    Open(PathBuf, #[source] io::Error),
+    #[error("failed to enter the network namespace {0}")]
+    Enter(NetnsId, #[source] nix::Error),
+    #[error("failed to start a thread for the network namespace {0}")]
+    SpawnThread(NetnsId, #[source] io::Error),
+    #[error("the thread of the network namespace {0} has stopped")]
+    ThreadGone(NetnsId),
+}
+
+/// A namespace's identity: the device and inode of its nsfs file, the same from every path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NetnsId {
+    dev: u64,
+    ino: u64,
+}
+
+impl fmt::Display for NetnsId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "net:[{}]", self.ino)
+    }
+}
+
+/// An open network namespace. Holding the descriptor keeps the namespace alive and names it
+/// unambiguously, whatever happens to the path it was opened from.
+#[derive(Debug)]
+pub struct Netns {
+    fd: OwnedFd,
+    id: NetnsId,
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> Result<Self, NetnsError> {
+        let open_error = |e| NetnsError::Open(path.to_owned(), e);
+        let file = File::open(path).map_err(open_error)?;
+        let metadata = file.metadata().map_err(open_error)?;
+        Ok(Self {
+            id: NetnsId {
+                dev: metadata.dev(),
+                ino: metadata.ino(),
+            },
+            fd: file.into(),
+        })
+    }
+
+    /// The namespace of the calling thread.
+    pub fn current() -> Result<Self, NetnsError> {
+        Self::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    pub fn id(&self) -> NetnsId {
+        self.id
+    }
+
+    /// Finds the namespace in which `ip` is a local address, among the named namespaces and
+    /// those of every process; the agent's own namespace is never a match. Blocking: it enters
+    /// each candidate on a short-lived thread.
+    pub fn find_by_ip(ip: IpAddr) -> Result<Option<Self>, NetnsError> {
+        let own = Self::current()?.id;
+        let mut seen = vec![own];
+        let mut candidates = Vec::new();
+        for path in candidate_paths() {
+            // Namespaces come and go while we look: one that vanished is not a candidate.
+            let Ok(netns) = Self::open(&path) else {
+                continue;
+            };
+            if !seen.contains(&netns.id) {
+                seen.push(netns.id);
+                candidates.push(netns);
+            }
+        }
+        thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    for netns in candidates {
+                        nix::sched::setns(netns.fd.as_fd(), CloneFlags::CLONE_NEWNET)
+                            .map_err(|e| NetnsError::Enter(netns.id, e))?;
+                        if is_local(ip) {
+                            return Ok(Some(netns));
+                        }
+                    }
+                    Ok(None)
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+fn candidate_paths() -> Vec<PathBuf> {
+    let entries = |dir: &str| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+    };
+    let named = entries(NAMED_NETNS_DIR);
+    let processes = entries("/proc")
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|path| path.join("ns/net"));
+    named.chain(processes).collect()
+}
+
+/// Whether the calling thread's namespace has `ip`: binding to it succeeds only then.
+fn is_local(ip: IpAddr) -> bool {
+    Socket::new(Domain::for_address(SocketAddr::new(ip, 0)), Type::STREAM, None)
+        .and_then(|socket| socket.bind(&SocketAddr::new(ip, 0).into()))
+        .is_ok()
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A pod's namespace with a thread that lives in it: work that must happen inside the pod
+/// (creating sockets, changing its rules) is sent there. Cloning shares the thread, which ends
+/// when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct PodNetns {
+    id: NetnsId,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl PodNetns {
+    pub fn enter(netns: Netns) -> Result<Self, NetnsError> {
+        let id = netns.id;
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (entered, outcome) = mpsc::sync_channel(1);
+        thread::Builder::new()
+            .name(format!("netns-{}", id.ino))
+            .spawn(move || {
+                let result = nix::sched::setns(netns.fd.as_fd(), CloneFlags::CLONE_NEWNET);
+                let ok = result.is_ok();
+                let _ = entered.send(result);
+                if ok {
+                    for job in queue {
+                        job();
+                    }
+                }
+            })
+            .map_err(|e| NetnsError::SpawnThread(id, e))?;
+        outcome
+            .recv()
+            .map_err(|_| NetnsError::ThreadGone(id))?
+            .map_err(|e| NetnsError::Enter(id, e))?;
+        Ok(Self { id, jobs })
+    }
+
+    pub fn id(&self) -> NetnsId {
+        self.id
+    }
+
+    /// Runs `f` inside the namespace and returns its result.
+    pub async fn run<R, F>(&self, f: F) -> Result<R, NetnsError>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let (result, outcome) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = result.send(f());
+            }))
+            .map_err(|_| NetnsError::ThreadGone(self.id))?;
+        outcome.await.map_err(|_| NetnsError::ThreadGone(self.id))
+    }
+}

@@ -1,0 +1,68 @@
+//! The sockets the agent opens inside a pod. Each is created by the calling thread, so in its
+//! namespace: call these through [`PodNetns::run`](crate::PodNetns::run).
+//!
+//! Every one of them carries [`AGENT_MARK`], which the capture rules let through untouched.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
+
+use crate::AGENT_MARK;
+
+/// Connections queued per listener before the agent accepts them.
+const BACKLOG: i32 = 1024;
+
+/// A non-blocking listener on `addr`. A `transparent` one also accepts connections that capture
+/// steered to it while addressed elsewhere.
+pub fn listener(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
+    let socket = tcp_socket(addr.ip(), transparent)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// An unconnected, non-blocking socket bound to `local`. A `transparent` one may bind an address
+/// that is not the pod's own: the client's, so that the app sees who really connected.
+pub fn connector(local: SocketAddr, transparent: bool) -> io::Result<std::net::TcpStream> {
+    let socket = tcp_socket(local.ip(), transparent)?;
+    socket.bind(&local.into())?;
+    Ok(socket.into())
+}
+
+/// Where a connection that capture redirected was originally going.
+pub fn original_destination(stream: impl std::os::fd::AsFd) -> io::Result<SocketAddr> {
+    let socket = SockRef::from(&stream);
+    let local = socket.local_addr()?;
+    let original: SockAddr = if local.is_ipv6() {
+        socket.original_dst_v6()?
+    } else {
+        socket.original_dst_v4()?
+    };
+    original
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not IP"))
+}
+
+fn tcp_socket(ip: IpAddr, transparent: bool) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(SocketAddr::new(ip, 0)), Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.set_mark(AGENT_MARK)?;
+    socket.set_tcp_nodelay(true)?;
+    if transparent {
+        match ip {
+            IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+            IpAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+        }
+    }
+    Ok(socket)
+}
+
+/// The unspecified address of `ip`'s family with `port`: what listeners bind.
+pub fn any(ip: IpAddr, port: u16) -> SocketAddr {
+    match ip {
+        IpAddr::V4(_) => SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port).into(),
+        IpAddr::V6(_) => SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, port, 0, 0).into(),
+    }
+}
