@@ -7,6 +7,8 @@ pub mod drain;
 
 mod cli;
 mod hbone;
+pub mod source;
+pub mod state;
 
 pub use cli::{Cli, Command};
 pub use hbone::{

@@ -130,9 +130,13 @@ fn candidate_paths() -> Vec<PathBuf> {
 
 /// Whether the calling thread's namespace has `ip`: binding to it succeeds only then.
 fn is_local(ip: IpAddr) -> bool {
-    Socket::new(Domain::for_address(SocketAddr::new(ip, 0)), Type::STREAM, None)
-        .and_then(|socket| socket.bind(&SocketAddr::new(ip, 0).into()))
-        .is_ok()
+    Socket::new(
+        Domain::for_address(SocketAddr::new(ip, 0)),
+        Type::STREAM,
+        None,
+    )
+    .and_then(|socket| socket.bind(&SocketAddr::new(ip, 0).into()))
+    .is_ok()
 }
 
 type Job = Box<dyn FnOnce() + Send>;

@@ -93,9 +93,18 @@ pub(crate) fn installed() -> Result<bool, RoutingError> {
 async fn find_rule(handle: &Handle) -> Result<Option<RuleMessage>, RoutingError> {
     let mut rules = handle.rule().get(rtnetlink::IpVersion::V4).execute();
     while let Some(rule) = rules.try_next().await.map_err(RoutingError::ListRules)? {
-        let ours = rule.attributes.iter().any(|a| *a == RuleAttribute::FwMark(REPLY_MARK))
-            && rule.attributes.iter().any(|a| *a == RuleAttribute::FwMask(MARK_MASK))
-            && rule.attributes.iter().any(|a| *a == RuleAttribute::Table(LOCAL_TABLE));
+        let ours = rule
+            .attributes
+            .iter()
+            .any(|a| *a == RuleAttribute::FwMark(REPLY_MARK))
+            && rule
+                .attributes
+                .iter()
+                .any(|a| *a == RuleAttribute::FwMask(MARK_MASK))
+            && rule
+                .attributes
+                .iter()
+                .any(|a| *a == RuleAttribute::Table(LOCAL_TABLE));
         if ours {
             return Ok(Some(rule));
         }
@@ -128,8 +137,7 @@ where
         .build()
         .map_err(RoutingError::Connect)?;
     runtime.block_on(async {
-        let (connection, handle, _) =
-            rtnetlink::new_connection().map_err(RoutingError::Connect)?;
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(RoutingError::Connect)?;
         let connection = tokio::spawn(connection);
         let result = work(handle).await;
         connection.abort();

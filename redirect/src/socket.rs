@@ -46,7 +46,11 @@ pub fn original_destination(stream: impl std::os::fd::AsFd) -> io::Result<Socket
 }
 
 fn tcp_socket(ip: IpAddr, transparent: bool) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(SocketAddr::new(ip, 0)), Type::STREAM, None)?;
+    let socket = Socket::new(
+        Domain::for_address(SocketAddr::new(ip, 0)),
+        Type::STREAM,
+        None,
+    )?;
     socket.set_nonblocking(true)?;
     socket.set_mark(AGENT_MARK)?;
     socket.set_tcp_nodelay(true)?;

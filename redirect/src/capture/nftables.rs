@@ -142,7 +142,9 @@ mod tests {
     #[test]
     fn enable_replaces_the_table_in_one_script() {
         let script = Nftables::replace_script(&Nftables::ruleset());
-        assert!(script.starts_with("table inet ambit {}\ndelete table inet ambit\ntable inet ambit {"));
+        assert!(
+            script.starts_with("table inet ambit {}\ndelete table inet ambit\ntable inet ambit {")
+        );
         assert_eq!(script.matches("delete table").count(), 1);
     }
 }

@@ -1,0 +1,403 @@
+//! The file source: ordinary Kubernetes objects in one multi-document YAML file, reloaded when
+//! the file changes. A file that fails to parse is reported, document and field, and the last
+//! good state stays in force.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::drain::DrainWatcher;
+use crate::state::{
+    ClusterState, Endpoint, Protocol, Service, ServicePort, TargetPort, Workload, WorkloadUid,
+};
+
+/// How often the file is checked for changes.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// The label that enrols a namespace (`ambient`) or opts a pod out (`none`).
+pub(crate) const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Why the file could not be turned into a cluster state.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("failed to read {}", .0.display())]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("document {document}: not valid YAML")]
+    Yaml {
+        document: usize,
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    #[error("document {document} ({object}): field `{field}`: {message}")]
+    Field {
+        document: usize,
+        object: String,
+        field: String,
+        message: String,
+    },
+}
+
+/// Reads cluster objects from a YAML file.
+#[derive(Debug, Clone)]
+pub struct FileSource {
+    path: PathBuf,
+}
+
+impl FileSource {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// Reads and parses the file once.
+    pub fn load(&self) -> Result<ClusterState, SourceError> {
+        let text = read(&self.path)?;
+        parse(&text)
+    }
+
+    /// Publishes a new state into `states` whenever the file changes and still parses, until a
+    /// drain starts.
+    pub async fn watch(self, states: watch::Sender<Arc<ClusterState>>, mut drain: DrainWatcher) {
+        let mut last = read(&self.path).ok();
+        loop {
+            tokio::select! {
+                () = drain.signaled() => return,
+                () = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+            let text = match read(&self.path) {
+                Ok(text) => text,
+                Err(error) => {
+                    tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        "keeping the last good state"
+                    );
+                    continue;
+                }
+            };
+            if last.as_ref() == Some(&text) {
+                continue;
+            }
+            match parse(&text) {
+                Ok(state) => {
+                    tracing::info!(path = %self.path.display(), workloads = state.workloads().len(), "configuration reloaded");
+                    states.send_replace(Arc::new(state));
+                }
+                Err(error) => tracing::error!(
+                    path = %self.path.display(),
+                    error = &error as &dyn std::error::Error,
+                    "configuration rejected, keeping the last good state"
+                ),
+            }
+            last = Some(text);
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, SourceError> {
+    std::fs::read_to_string(path).map_err(|e| SourceError::Read(path.to_owned(), e))
+}
+
+/// The objects of one file, by kind.
+#[derive(Default)]
+struct Objects {
+    namespaces: Vec<Namespace>,
+    pods: Vec<(usize, Pod)>,
+    services: Vec<(usize, K8sService)>,
+    endpoint_slices: Vec<EndpointSlice>,
+}
+
+pub(crate) fn parse(text: &str) -> Result<ClusterState, SourceError> {
+    let mut objects = Objects::default();
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let document_number = index + 1;
+        let value =
+            serde_yaml_ng::Value::deserialize(document).map_err(|source| SourceError::Yaml {
+                document: document_number,
+                source,
+            })?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default();
+        let object = describe(&value);
+        let n = document_number;
+        match kind {
+            "Namespace" => objects.namespaces.push(typed(n, &object, value)?),
+            "Pod" => objects.pods.push((n, typed(n, &object, value)?)),
+            "Service" => objects.services.push((n, typed(n, &object, value)?)),
+            "EndpointSlice" => objects.endpoint_slices.push(typed(n, &object, value)?),
+            "" => {
+                return Err(SourceError::Field {
+                    document: document_number,
+                    object,
+                    field: "kind".into(),
+                    message: "missing".into(),
+                });
+            }
+            other => tracing::debug!(kind = other, document = document_number, "ignoring object"),
+        }
+    }
+    objects.into_state()
+}
+
+fn typed<T: for<'de> Deserialize<'de>>(
+    document: usize,
+    object: &str,
+    value: serde_yaml_ng::Value,
+) -> Result<T, SourceError> {
+    serde_path_to_error::deserialize(value).map_err(|error| SourceError::Field {
+        document,
+        object: object.to_owned(),
+        field: error.path().to_string(),
+        message: error.into_inner().to_string(),
+    })
+}
+
+/// `Kind namespace/name`, as far as the document says.
+fn describe(value: &serde_yaml_ng::Value) -> String {
+    let field = |path: &[&str]| {
+        path.iter()
+            .try_fold(value, |v, key| v.get(key))
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+            .to_owned()
+    };
+    format!(
+        "{} {}/{}",
+        field(&["kind"]),
+        field(&["metadata", "namespace"]),
+        field(&["metadata", "name"])
+    )
+}
+
+impl Objects {
+    fn into_state(self) -> Result<ClusterState, SourceError> {
+        let ambient: HashMap<&str, bool> = self
+            .namespaces
+            .iter()
+            .filter_map(|ns| {
+                let labels = ns.metadata.labels.as_ref();
+                let enrolled = labels
+                    .and_then(|l| l.get(DATAPLANE_MODE))
+                    .is_some_and(|mode| mode == "ambient");
+                Some((ns.metadata.name.as_deref()?, enrolled))
+            })
+            .collect();
+        let mut workloads = Vec::new();
+        for (document, pod) in &self.pods {
+            if let Some(workload) = workload(*document, pod, &ambient)? {
+                workloads.push(workload);
+            }
+        }
+        let mut endpoints: HashMap<(String, String), Vec<Endpoint>> = HashMap::new();
+        for slice in &self.endpoint_slices {
+            let labels = slice.metadata.labels.as_ref();
+            let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+                continue;
+            };
+            let namespace = namespace(&slice.metadata.namespace);
+            endpoints
+                .entry((namespace, service.clone()))
+                .or_default()
+                .extend(slice_endpoints(slice));
+        }
+        let mut services = Vec::new();
+        for (document, service) in &self.services {
+            services.push(self::service(*document, service, &mut endpoints)?);
+        }
+        Ok(ClusterState::new(workloads, services))
+    }
+}
+
+fn namespace(namespace: &Option<String>) -> String {
+    namespace.clone().unwrap_or_else(|| "default".to_owned())
+}
+
+fn field_error(document: usize, object: String, field: &str, message: String) -> SourceError {
+    SourceError::Field {
+        document,
+        object,
+        field: field.to_owned(),
+        message,
+    }
+}
+
+/// The workload of a scheduled pod with an IP; `None` for a pod not running yet.
+fn workload(
+    document: usize,
+    pod: &Pod,
+    ambient: &HashMap<&str, bool>,
+) -> Result<Option<Workload>, SourceError> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let namespace = namespace(&pod.metadata.namespace);
+    let object = format!("Pod {namespace}/{name}");
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let (Some(node), Some(status)) = (spec.and_then(|s| s.node_name.clone()), status) else {
+        return Ok(None);
+    };
+    let mut ip_strings: Vec<(&str, &str)> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|ip| ("status.podIPs", ip.ip.as_str()))
+        .collect();
+    if ip_strings.is_empty() {
+        ip_strings.extend(status.pod_ip.as_deref().map(|ip| ("status.podIP", ip)));
+    }
+    let mut ips = Vec::new();
+    for (field, ip) in ip_strings {
+        let ip: IpAddr = ip.parse().map_err(|_| {
+            field_error(
+                document,
+                object.clone(),
+                field,
+                format!("{ip:?} is not an IP address"),
+            )
+        })?;
+        ips.push(ip);
+    }
+    if ips.is_empty() {
+        return Ok(None);
+    }
+    let labels: BTreeMap<String, String> = pod.metadata.labels.clone().unwrap_or_default();
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let opted_out = labels
+        .get(DATAPLANE_MODE)
+        .is_some_and(|mode| mode == "none");
+    let in_mesh = ambient.get(namespace.as_str()).copied().unwrap_or(false);
+    let protocol = if in_mesh && !opted_out && !host_network {
+        Protocol::Hbone
+    } else {
+        Protocol::Tcp
+    };
+    Ok(Some(Workload {
+        uid: WorkloadUid(
+            pod.metadata
+                .uid
+                .clone()
+                .unwrap_or_else(|| format!("{namespace}/{name}")),
+        ),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".to_owned()),
+        name,
+        namespace,
+        node,
+        ips,
+        labels,
+        protocol,
+    }))
+}
+
+fn slice_endpoints(slice: &EndpointSlice) -> Vec<Endpoint> {
+    let ports: BTreeMap<String, u16> = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.port?).ok()?)))
+        .collect();
+    slice
+        .endpoints
+        .iter()
+        .flat_map(|endpoint| {
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true);
+            let ports = ports.clone();
+            endpoint.addresses.iter().filter_map(move |address| {
+                Some(Endpoint {
+                    ip: address.parse().ok()?,
+                    ready,
+                    ports: ports.clone(),
+                })
+            })
+        })
+        .collect()
+}
+
+fn service(
+    document: usize,
+    service: &K8sService,
+    endpoints: &mut HashMap<(String, String), Vec<Endpoint>>,
+) -> Result<Service, SourceError> {
+    let name = service.metadata.name.clone().unwrap_or_default();
+    let namespace = namespace(&service.metadata.namespace);
+    let object = format!("Service {namespace}/{name}");
+    let spec = service.spec.clone().unwrap_or_default();
+    let mut vips = Vec::new();
+    let cluster_ips = spec.cluster_ips.unwrap_or_default();
+    let cluster_ips = if cluster_ips.is_empty() {
+        spec.cluster_ip.into_iter().collect()
+    } else {
+        cluster_ips
+    };
+    for ip in cluster_ips
+        .iter()
+        .filter(|ip| *ip != "None" && !ip.is_empty())
+    {
+        vips.push(ip.parse().map_err(|_| {
+            field_error(
+                document,
+                object.clone(),
+                "spec.clusterIP",
+                format!("{ip:?} is not an IP address"),
+            )
+        })?);
+    }
+    let mut ports = Vec::new();
+    for (index, port) in spec.ports.iter().flatten().enumerate() {
+        let number = u16::try_from(port.port).map_err(|_| {
+            field_error(
+                document,
+                object.clone(),
+                &format!("spec.ports[{index}].port"),
+                format!("{} is not a port", port.port),
+            )
+        })?;
+        let target = match &port.target_port {
+            None => TargetPort::Number(number),
+            Some(IntOrString::Int(target)) => {
+                TargetPort::Number(u16::try_from(*target).map_err(|_| {
+                    field_error(
+                        document,
+                        object.clone(),
+                        &format!("spec.ports[{index}].targetPort"),
+                        format!("{target} is not a port"),
+                    )
+                })?)
+            }
+            Some(IntOrString::String(name)) => TargetPort::Named(name.clone()),
+        };
+        ports.push(ServicePort {
+            name: port.name.clone(),
+            port: number,
+            target,
+        });
+    }
+    Ok(Service {
+        hostname: format!("{name}.{namespace}.svc.cluster.local"),
+        endpoints: endpoints
+            .remove(&(namespace.clone(), name.clone()))
+            .unwrap_or_default(),
+        name,
+        namespace,
+        vips,
+        ports,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,183 @@
+use super::*;
+use crate::state::Upstream;
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    istio.io/dataplane-mode: ambient
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: legacy
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: frontend
+  namespace: shop
+  uid: 7f1c
+  labels: {app: frontend}
+spec:
+  nodeName: node1
+  serviceAccountName: frontend
+  containers: [{name: app, image: app}]
+status:
+  podIP: 10.244.1.10
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: debug
+  namespace: shop
+  labels: {istio.io/dataplane-mode: none}
+spec:
+  nodeName: node1
+  containers: [{name: app, image: app}]
+status:
+  podIPs: [{ip: 10.244.1.11}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: legacy}
+spec:
+  nodeName: node2
+  containers: [{name: app, image: app}]
+status:
+  podIP: 10.244.2.20
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: shop}
+spec:
+  containers: [{name: app, image: app}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: frontend, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: frontend-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: frontend}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.10], conditions: {ready: true}}]
+ports: [{name: http, port: 8080}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: later, namespace: shop}
+"#;
+
+#[test]
+fn translates_pods_namespaces_and_services() {
+    let state = parse(CLUSTER).unwrap();
+    let frontend = state
+        .workload_by_ip("10.244.1.10".parse().unwrap())
+        .unwrap();
+    assert_eq!(frontend.uid, WorkloadUid("7f1c".into()));
+    assert_eq!(frontend.service_account, "frontend");
+    assert_eq!(frontend.protocol, Protocol::Hbone);
+
+    let debug = state
+        .workload_by_ip("10.244.1.11".parse().unwrap())
+        .unwrap();
+    assert_eq!(debug.protocol, Protocol::Tcp, "opted out");
+    assert_eq!(debug.service_account, "default");
+    let db = state
+        .workload_by_ip("10.244.2.20".parse().unwrap())
+        .unwrap();
+    assert_eq!(db.protocol, Protocol::Tcp, "namespace not enrolled");
+    assert_eq!(state.workloads().len(), 3, "the pending pod has no IP yet");
+
+    let enrolled: Vec<_> = state
+        .enrolled_on("node1")
+        .iter()
+        .map(|w| w.name.clone())
+        .collect();
+    assert_eq!(enrolled, ["frontend"]);
+
+    let Upstream::Hbone { authority, .. } = state.resolve("10.96.0.10:80".parse().unwrap()) else {
+        panic!("the service leads to the enrolled frontend");
+    };
+    assert_eq!(authority, "10.244.1.10:8080".parse().unwrap());
+}
+
+#[test]
+fn host_network_pods_are_never_enrolled() {
+    let text = CLUSTER.replace(
+        "  serviceAccountName: frontend\n",
+        "  serviceAccountName: frontend\n  hostNetwork: true\n",
+    );
+    let state = parse(&text).unwrap();
+    assert!(state.enrolled_on("node1").is_empty());
+}
+
+#[test]
+fn errors_name_the_document_and_the_field() {
+    let bad_ip = CLUSTER.replace("podIP: 10.244.1.10", "podIP: 10.244.1.300");
+    let err = parse(&bad_ip).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "document 3 (Pod shop/frontend): field `status.podIP`: \"10.244.1.300\" is not an IP address"
+    );
+
+    let bad_type = CLUSTER.replace(
+        "  nodeName: node1\n  serviceAccountName",
+        "  nodeName: [node1]\n  serviceAccountName",
+    );
+    let err = parse(&bad_type).unwrap_err().to_string();
+    assert!(
+        err.starts_with("document 3 (Pod shop/frontend): field `spec.nodeName`: invalid type"),
+        "{err}"
+    );
+
+    let bad_port = CLUSTER.replace("port: 80, targetPort", "port: 80000, targetPort");
+    let err = parse(&bad_port).unwrap_err().to_string();
+    assert!(
+        err.contains("(Service shop/frontend): field `spec.ports[0].port`"),
+        "{err}"
+    );
+
+    let err = parse("metadata: {name: x}\n").unwrap_err().to_string();
+    assert_eq!(err, "document 1 (? ?/x): field `kind`: missing");
+
+    let err = parse("kind: Pod\nmetadata: [\n").unwrap_err().to_string();
+    assert!(err.starts_with("document 1: not valid YAML"), "{err}");
+}
+
+#[tokio::test]
+async fn a_bad_edit_keeps_the_last_good_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.yaml");
+    std::fs::write(&path, CLUSTER).unwrap();
+    let source = FileSource::new(&path);
+    let (states, mut updates) = watch::channel(Arc::new(source.load().unwrap()));
+    let (trigger, watcher) = crate::drain::channel();
+    tokio::spawn(source.watch(states, watcher));
+
+    std::fs::write(&path, CLUSTER.replace("10.244.1.10", "not-an-ip")).unwrap();
+    tokio::time::sleep(POLL_INTERVAL * 3).await;
+    assert!(
+        !updates.has_changed().unwrap(),
+        "a broken file must not replace the state"
+    );
+
+    std::fs::write(&path, CLUSTER.replace("10.244.1.10", "10.244.1.12")).unwrap();
+    updates.changed().await.unwrap();
+    let state = updates.borrow_and_update().clone();
+    assert!(
+        state
+            .workload_by_ip("10.244.1.12".parse().unwrap())
+            .is_some()
+    );
+    trigger.drain(Duration::from_secs(1)).await;
+}

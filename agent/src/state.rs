@@ -1,0 +1,314 @@
+//! What the agent knows about the cluster: workloads and services, indexed by address, and the
+//! decisions taken from them (who is enrolled here, where a connection goes). Pure: built by a
+//! source, read by the proxies.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ambit_identity::{Identity, IdentityError, TrustDomain};
+use ambit_redirect::HBONE_PORT;
+
+/// A Kubernetes pod's UID.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadUid(pub String);
+
+impl std::fmt::Display for WorkloadUid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How a workload is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// In the mesh: through HBONE to its port 15008.
+    Hbone,
+    /// Outside the mesh: plain TCP.
+    Tcp,
+}
+
+/// A pod, as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub uid: WorkloadUid,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    pub protocol: Protocol,
+}
+
+impl Workload {
+    pub fn identity(&self, trust_domain: &TrustDomain) -> Result<Identity, IdentityError> {
+        Identity::new(trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// `namespace/name`, for logs and summaries.
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A port of a service and where it leads on the endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    /// The endpoints' port: a number, or the name of a port that each endpoint resolves.
+    pub target: TargetPort,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Named(String),
+}
+
+/// One address behind a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub ready: bool,
+    /// Port names to numbers, as the EndpointSlice lists them.
+    pub ports: BTreeMap<String, u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Where an outbound connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// Through HBONE to the workload's port 15008, asking for `authority`.
+    Hbone {
+        workload: Arc<Workload>,
+        hbone_addr: SocketAddr,
+        authority: SocketAddr,
+    },
+    /// Plain TCP to `addr`: a destination outside the mesh.
+    Passthrough { addr: SocketAddr },
+    /// A service port with no ready endpoint: the connection is refused.
+    NoEndpoint { service: String, port: u16 },
+}
+
+/// One consistent view of the cluster.
+#[derive(Debug, Default, Clone)]
+pub struct ClusterState {
+    workloads: HashMap<IpAddr, Arc<Workload>>,
+    services: HashMap<IpAddr, Arc<Service>>,
+}
+
+impl ClusterState {
+    pub fn new(
+        workloads: impl IntoIterator<Item = Workload>,
+        services: impl IntoIterator<Item = Service>,
+    ) -> Self {
+        let mut state = Self::default();
+        for workload in workloads {
+            let workload = Arc::new(workload);
+            for ip in &workload.ips {
+                state.workloads.insert(*ip, workload.clone());
+            }
+        }
+        for service in services {
+            let service = Arc::new(service);
+            for vip in &service.vips {
+                state.services.insert(*vip, service.clone());
+            }
+        }
+        state
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads.get(&ip)
+    }
+
+    /// Every workload once, in a stable order.
+    pub fn workloads(&self) -> Vec<&Arc<Workload>> {
+        let mut workloads: Vec<_> = self.workloads.values().collect();
+        workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+        workloads.dedup_by(|a, b| a.uid == b.uid);
+        workloads
+    }
+
+    /// The workloads of `node` whose traffic this node's agent captures.
+    pub fn enrolled_on(&self, node: &str) -> Vec<&Arc<Workload>> {
+        self.workloads()
+            .into_iter()
+            .filter(|w| w.node == node && w.protocol == Protocol::Hbone)
+            .collect()
+    }
+
+    /// Where a connection to `destination` goes: a service VIP is load-balanced over its ready
+    /// endpoints, a mesh workload is reached through HBONE, anything else directly.
+    pub fn resolve(&self, destination: SocketAddr) -> Upstream {
+        let Some(service) = self.services.get(&destination.ip()) else {
+            return self.to_address(destination);
+        };
+        let Some(port) = service.ports.iter().find(|p| p.port == destination.port()) else {
+            return self.to_address(destination);
+        };
+        let ready: Vec<(&Endpoint, u16)> = service
+            .endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .filter_map(|e| endpoint_port(e, port).map(|p| (e, p)))
+            .collect();
+        if ready.is_empty() {
+            return Upstream::NoEndpoint {
+                service: service.hostname.clone(),
+                port: destination.port(),
+            };
+        }
+        let (endpoint, target) = ready[fastrand::usize(..ready.len())];
+        self.to_address(SocketAddr::new(endpoint.ip, target))
+    }
+
+    fn to_address(&self, destination: SocketAddr) -> Upstream {
+        match self.workloads.get(&destination.ip()) {
+            Some(workload) if workload.protocol == Protocol::Hbone => Upstream::Hbone {
+                workload: workload.clone(),
+                hbone_addr: SocketAddr::new(destination.ip(), HBONE_PORT),
+                authority: destination,
+            },
+            _ => Upstream::Passthrough { addr: destination },
+        }
+    }
+}
+
+fn endpoint_port(endpoint: &Endpoint, port: &ServicePort) -> Option<u16> {
+    match (&port.target, &port.name) {
+        (TargetPort::Named(name), _) => endpoint.ports.get(name).copied(),
+        (TargetPort::Number(number), Some(name)) => {
+            Some(endpoint.ports.get(name).copied().unwrap_or(*number))
+        }
+        (TargetPort::Number(number), None) => Some(*number),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, ip: &str, node: &str, protocol: Protocol) -> Workload {
+        Workload {
+            uid: WorkloadUid(format!("uid-{name}")),
+            name: name.into(),
+            namespace: "shop".into(),
+            service_account: name.into(),
+            node: node.into(),
+            ips: vec![ip.parse().unwrap()],
+            labels: BTreeMap::new(),
+            protocol,
+        }
+    }
+
+    fn state() -> ClusterState {
+        let service = Service {
+            name: "backend".into(),
+            namespace: "shop".into(),
+            hostname: "backend.shop.svc.cluster.local".into(),
+            vips: vec!["10.96.0.10".parse().unwrap()],
+            ports: vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target: TargetPort::Named("http".into()),
+            }],
+            endpoints: vec![
+                Endpoint {
+                    ip: "10.244.2.10".parse().unwrap(),
+                    ready: true,
+                    ports: [("http".to_owned(), 8080)].into(),
+                },
+                Endpoint {
+                    ip: "10.244.2.11".parse().unwrap(),
+                    ready: false,
+                    ports: [("http".to_owned(), 8080)].into(),
+                },
+            ],
+        };
+        ClusterState::new(
+            [
+                workload("frontend", "10.244.1.10", "node1", Protocol::Hbone),
+                workload("backend", "10.244.2.10", "node2", Protocol::Hbone),
+                workload("legacy", "10.244.2.20", "node2", Protocol::Tcp),
+            ],
+            [service],
+        )
+    }
+
+    #[test]
+    fn mesh_workloads_are_reached_through_hbone() {
+        let Upstream::Hbone {
+            workload,
+            hbone_addr,
+            authority,
+        } = state().resolve("10.244.2.10:8080".parse().unwrap())
+        else {
+            panic!("expected HBONE");
+        };
+        assert_eq!(workload.name, "backend");
+        assert_eq!(hbone_addr, "10.244.2.10:15008".parse().unwrap());
+        assert_eq!(authority, "10.244.2.10:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn everything_else_passes_through() {
+        for destination in ["10.244.2.20:80", "192.0.2.1:443"] {
+            let destination: SocketAddr = destination.parse().unwrap();
+            assert_eq!(
+                state().resolve(destination),
+                Upstream::Passthrough { addr: destination }
+            );
+        }
+    }
+
+    #[test]
+    fn service_vips_go_to_a_ready_endpoint_on_its_target_port() {
+        for _ in 0..20 {
+            let Upstream::Hbone { authority, .. } =
+                state().resolve("10.96.0.10:80".parse().unwrap())
+            else {
+                panic!("expected HBONE");
+            };
+            assert_eq!(authority, "10.244.2.10:8080".parse().unwrap());
+        }
+    }
+
+    #[test]
+    fn a_service_without_ready_endpoints_refuses() {
+        let mut state = state();
+        let vip: IpAddr = "10.96.0.10".parse().unwrap();
+        let mut service = (*state.services[&vip]).clone();
+        service.endpoints.retain(|e| !e.ready);
+        state.services.insert(vip, Arc::new(service));
+        assert!(matches!(
+            state.resolve("10.96.0.10:80".parse().unwrap()),
+            Upstream::NoEndpoint { port: 80, .. }
+        ));
+    }
+
+    #[test]
+    fn only_mesh_workloads_of_the_node_are_enrolled() {
+        let state = state();
+        let names = |node| {
+            state
+                .enrolled_on(node)
+                .iter()
+                .map(|w| w.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names("node1"), ["frontend"]);
+        assert_eq!(names("node2"), ["backend"]);
+    }
+}
