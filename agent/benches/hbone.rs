@@ -13,9 +13,11 @@
 )]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_agent::drain;
+use ambit_agent::sockets::LocalSockets;
 use ambit_agent::{ClientSettings, ConnectRequest, HboneClient, HboneServer, Keepalive};
 use ambit_test_support::{EchoServer, TestPki};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -84,6 +86,7 @@ async fn start_tunnel(pki: &TestPki, app: SocketAddr) -> (drain::DrainTrigger, S
         server_identity.clone(),
         certificates.clone(),
         Keepalive::default(),
+        Arc::new(LocalSockets),
     );
     tokio::spawn(server.serve(hbone, watcher));
 
@@ -104,7 +107,7 @@ async fn start_tunnel(pki: &TestPki, app: SocketAddr) -> (drain::DrainTrigger, S
             };
             let client = client.clone();
             tokio::spawn(async move {
-                let tunnel = client.connect(&request).await.unwrap();
+                let tunnel = client.connect(&request, &LocalSockets).await.unwrap();
                 let _ = tunnel.copy_bidirectional(&mut tcp).await;
             });
         }

@@ -7,6 +7,7 @@ pub mod drain;
 
 mod cli;
 mod hbone;
+pub mod sockets;
 pub mod source;
 pub mod state;
 

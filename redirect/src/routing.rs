@@ -93,18 +93,13 @@ pub(crate) fn installed() -> Result<bool, RoutingError> {
 async fn find_rule(handle: &Handle) -> Result<Option<RuleMessage>, RoutingError> {
     let mut rules = handle.rule().get(rtnetlink::IpVersion::V4).execute();
     while let Some(rule) = rules.try_next().await.map_err(RoutingError::ListRules)? {
-        let ours = rule
-            .attributes
-            .iter()
-            .any(|a| *a == RuleAttribute::FwMark(REPLY_MARK))
-            && rule
-                .attributes
-                .iter()
-                .any(|a| *a == RuleAttribute::FwMask(MARK_MASK))
-            && rule
-                .attributes
-                .iter()
-                .any(|a| *a == RuleAttribute::Table(LOCAL_TABLE));
+        let ours = [
+            RuleAttribute::FwMark(REPLY_MARK),
+            RuleAttribute::FwMask(MARK_MASK),
+            RuleAttribute::Table(LOCAL_TABLE),
+        ]
+        .iter()
+        .all(|wanted| rule.attributes.contains(wanted));
         if ours {
             return Ok(Some(rule));
         }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use ambit_identity::{CertificateManager, FetchError, Identity};
 use http::StatusCode;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
+
+use crate::sockets::SocketFactory;
 
 use super::headers::{self, Baggage, TraceParent};
 use super::pool::{Dialed, Pool, PoolKey, StreamClaim};
@@ -98,7 +100,13 @@ impl HboneClient {
         }
     }
 
-    pub async fn connect(&self, request: &ConnectRequest) -> Result<Tunnel, ConnectError> {
+    /// Opens a tunnel; a new pooled connection, if one is needed, is dialed from a socket of
+    /// `sockets` (the source workload's namespace).
+    pub async fn connect(
+        &self,
+        request: &ConnectRequest,
+        sockets: &dyn SocketFactory,
+    ) -> Result<Tunnel, ConnectError> {
         if request.expected_identities.is_empty() {
             return Err(ConnectError::NoExpectedIdentity);
         }
@@ -111,7 +119,10 @@ impl HboneClient {
             destination: request.hbone_addr,
             expected,
         };
-        let claim = self.pool.checkout(&key, || self.dial(&key)).await?;
+        let claim = self
+            .pool
+            .checkout(&key, || self.dial(&key, sockets))
+            .await?;
 
         let addr = request.hbone_addr;
         let open_error = |source| ConnectError::OpenStream { addr, source };
@@ -150,7 +161,11 @@ impl HboneClient {
         self.pool.connections()
     }
 
-    async fn dial(&self, key: &PoolKey) -> Result<Dialed, ConnectError> {
+    async fn dial(
+        &self,
+        key: &PoolKey,
+        sockets: &dyn SocketFactory,
+    ) -> Result<Dialed, ConnectError> {
         let addr = key.destination;
         let certificate = self
             .certificates
@@ -163,13 +178,9 @@ impl HboneClient {
             source_ip: key.source_ip,
             source,
         };
-        let socket = match key.source_ip {
-            IpAddr::V4(_) => TcpSocket::new_v4(),
-            IpAddr::V6(_) => TcpSocket::new_v6(),
-        }
-        .map_err(dial_error)?;
-        socket
-            .bind(SocketAddr::new(key.source_ip, 0))
+        let socket = sockets
+            .connector(SocketAddr::new(key.source_ip, 0), false)
+            .await
             .map_err(dial_error)?;
         let tcp = socket.connect(addr).await.map_err(dial_error)?;
         tcp.set_nodelay(true).map_err(dial_error)?;

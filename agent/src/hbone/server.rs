@@ -22,6 +22,7 @@ use super::keepalive::{self, KeepaliveError};
 use super::stream::{self, H2Stream};
 use super::{CONNECTION_WINDOW, Keepalive, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW};
 use crate::drain::DrainWatcher;
+use crate::sockets::SocketFactory;
 
 /// How long the app may take to accept a connection before the stream gets a 503.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,6 +57,8 @@ pub struct HboneServer {
     identity: Identity,
     certificates: Arc<CertificateManager>,
     keepalive: Keepalive,
+    /// Connects to the app, from the client's address where the factory can.
+    sockets: Arc<dyn SocketFactory>,
     /// The TLS configuration of the current certificate, rebuilt when it is renewed.
     tls: Mutex<Option<(Arc<WorkloadCertificate>, Arc<ServerConfig>)>>,
 }
@@ -72,11 +75,13 @@ impl HboneServer {
         identity: Identity,
         certificates: Arc<CertificateManager>,
         keepalive: Keepalive,
+        sockets: Arc<dyn SocketFactory>,
     ) -> Self {
         Self {
             identity,
             certificates,
             keepalive,
+            sockets,
             tls: Mutex::default(),
         }
     }
@@ -152,7 +157,7 @@ impl HboneServer {
                     None => return Ok(()),
                     Some(Err(error)) => return Err(ServerError::H2(error)),
                     Some(Ok((request, respond))) => {
-                        tokio::spawn(serve_stream(request, respond, peer.clone()));
+                        tokio::spawn(serve_stream(request, respond, peer.clone(), self.sockets.clone()));
                     }
                 },
                 error = &mut keepalive => return Err(ServerError::Keepalive(error)),
@@ -190,6 +195,7 @@ async fn serve_stream(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: Arc<Peer>,
+    sockets: Arc<dyn SocketFactory>,
 ) {
     let src_identity = peer.identity.as_ref().map(ToString::to_string);
     let destination = match headers::destination(&request, peer.local_ip, &AGENT_POD_PORTS) {
@@ -213,18 +219,31 @@ async fn serve_stream(
         dst.addr = %destination,
         trace_id = trace.map(|t| format!("{:032x}", t.trace_id)),
     );
-    tunnel_to_app(destination, request.into_body(), respond)
-        .instrument(span)
-        .await;
+    let client = SocketAddr::new(peer.addr.ip(), 0);
+    tunnel_to_app(
+        client,
+        destination,
+        request.into_body(),
+        respond,
+        sockets.as_ref(),
+    )
+    .instrument(span)
+    .await;
 }
 
+/// Connects to the app as the client (the app sees the client's IP), then copies.
 async fn tunnel_to_app(
+    client: SocketAddr,
     destination: SocketAddr,
     recv: RecvStream,
     mut respond: SendResponse<Bytes>,
+    sockets: &dyn SocketFactory,
 ) {
-    let connect = tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(destination));
-    let mut app = match connect.await {
+    let connect = async {
+        let socket = sockets.connector(client, true).await?;
+        socket.connect(destination).await
+    };
+    let mut app = match tokio::time::timeout(APP_CONNECT_TIMEOUT, connect).await {
         Ok(Ok(app)) => app,
         Ok(Err(error)) => {
             tracing::info!(%error, "app refused the connection");

@@ -6,6 +6,7 @@ use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_agent::sockets::LocalSockets;
 use ambit_agent::{ClientSettings, ConnectError, Keepalive};
 use ambit_identity::PeerVerifyError;
 use ambit_test_support::{EchoServer, TestPki, refused_addr};
@@ -188,7 +189,7 @@ async fn a_client_certificate_from_another_trust_domain_is_refused() {
     let client = ambit_agent::HboneClient::new(mesh.pki.manager(), ClientSettings::default());
     let mut request = mesh.request(EchoServer::start().await.addr());
     request.source = foreign;
-    let err = client.connect(&request).await.unwrap_err();
+    let err = client.connect(&request, &LocalSockets).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -203,7 +204,11 @@ async fn a_server_with_an_unexpected_identity_is_refused() {
     let mesh = Mesh::start().await;
     let mut request = mesh.request(EchoServer::start().await.addr());
     request.expected_identities = vec![mesh.pki.identity("shop", "payments")];
-    let err = mesh.client.connect(&request).await.unwrap_err();
+    let err = mesh
+        .client
+        .connect(&request, &LocalSockets)
+        .await
+        .unwrap_err();
     let ConnectError::Tls { source, .. } = &err else {
         panic!("expected a TLS error, got {err}");
     };
@@ -249,7 +254,7 @@ async fn unreachable_destinations_get_503() {
     for destination in [refused, "127.0.0.1:15008".parse().unwrap()] {
         let err = mesh
             .client
-            .connect(&mesh.request(destination))
+            .connect(&mesh.request(destination), &LocalSockets)
             .await
             .unwrap_err();
         assert!(
@@ -306,7 +311,11 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
     let mesh = Mesh::with_pki(pki, settings).await;
     let mut request = mesh.request(frozen.addr());
     request.hbone_addr = frozen.addr();
-    let err = mesh.client.connect(&request).await.unwrap_err();
+    let err = mesh
+        .client
+        .connect(&request, &LocalSockets)
+        .await
+        .unwrap_err();
     assert!(matches!(err, ConnectError::OpenStream { .. }), "{err}");
     peers::eventually(|| mesh.client.pooled_connections() == 0).await;
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_agent::drain::{self, DrainTrigger};
+use ambit_agent::sockets::LocalSockets;
 use ambit_agent::{
     Baggage, ClientSettings, ConnectError, ConnectRequest, HboneClient, HboneServer, Keepalive,
     Tunnel, WorkloadKind,
@@ -56,6 +57,7 @@ impl Mesh {
             server_identity.clone(),
             certificates.clone(),
             Keepalive::default(),
+            Arc::new(LocalSockets),
         );
         tokio::spawn(server.serve(listener, watcher));
         Self {
@@ -87,7 +89,10 @@ impl Mesh {
     /// Opens a tunnel to `destination` and returns the app's end of it: a plain TCP socket, as
     /// an application in the client pod would hold.
     pub(crate) async fn open(&self, destination: SocketAddr) -> Result<TcpStream, ConnectError> {
-        let tunnel = self.client.connect(&self.request(destination)).await?;
+        let tunnel = self
+            .client
+            .connect(&self.request(destination), &LocalSockets)
+            .await?;
         Ok(carry(tunnel).await)
     }
 

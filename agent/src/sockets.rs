@@ -1,0 +1,57 @@
+//! Where the proxies' outgoing sockets come from: the seam between the data path and the pod
+//! network namespaces.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use ambit_redirect::PodNetns;
+use tokio::net::TcpSocket;
+
+/// The future a [`SocketFactory`] returns.
+pub type SocketFuture<'a> = Pin<Box<dyn Future<Output = io::Result<TcpSocket>> + Send + 'a>>;
+
+/// Creates the sockets a proxy connects out with, bound to `local` (port 0 for any). A
+/// `transparent` socket may bind an address that is not local, such as the original client's.
+pub trait SocketFactory: Send + Sync + fmt::Debug + 'static {
+    fn connector(&self, local: SocketAddr, transparent: bool) -> SocketFuture<'_>;
+}
+
+/// Sockets in the agent's own namespace, without marks: for tests and tools that run HBONE
+/// outside any pod. `transparent` is ignored, so `local` must be an address of this host.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalSockets;
+
+impl SocketFactory for LocalSockets {
+    fn connector(&self, local: SocketAddr, _transparent: bool) -> SocketFuture<'_> {
+        Box::pin(async move {
+            let socket = if local.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_nodelay(true)?;
+            socket.bind(local)?;
+            Ok(socket)
+        })
+    }
+}
+
+/// Sockets inside a pod's namespace, marked so that capture lets them through.
+#[derive(Debug, Clone)]
+pub struct PodSockets(pub PodNetns);
+
+impl SocketFactory for PodSockets {
+    fn connector(&self, local: SocketAddr, transparent: bool) -> SocketFuture<'_> {
+        Box::pin(async move {
+            let socket = self
+                .0
+                .run(move || ambit_redirect::socket::connector(local, transparent))
+                .await
+                .map_err(io::Error::other)??;
+            Ok(TcpSocket::from_std_stream(socket))
+        })
+    }
+}
