@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::config::{AgentArgs, AgentConfig, LogFormat};
+
 /// ambit: an ambient-mesh L4 agent for Kubernetes.
 #[derive(Debug, Parser)]
 #[command(name = "ambit", version, about)]
@@ -15,7 +17,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent.
-    Agent,
+    Agent(AgentArgs),
     /// Inspect the local agent: workloads, services, policies, certificates, connections.
     Debug,
     /// Build a small mesh of network namespaces on this machine and show it at work.
@@ -37,25 +39,54 @@ impl Cli {
                 ));
                 ExitCode::SUCCESS
             }
-            Command::Agent | Command::Debug | Command::Demo => {
-                tracing::error!(
-                    "`ambit {}` is not available in this build yet",
-                    self.command.name()
-                );
+            Command::Agent(args) => run_agent(args),
+            Command::Debug | Command::Demo => {
+                init_logging(LogFormat::Text);
+                tracing::error!("this command is not available in this build yet");
                 ExitCode::from(2)
             }
         }
     }
 }
 
-impl Command {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Agent => "agent",
-            Self::Debug => "debug",
-            Self::Demo => "demo",
-            Self::Version => "version",
+fn run_agent(args: AgentArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let config = match AgentConfig::try_from(args) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!("{error}");
+            return ExitCode::from(2);
         }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "failed to start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::app::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `AMBIT_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AMBIT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
 
@@ -68,10 +99,7 @@ fn cipher_suites() -> String {
         .join(", ")
 }
 
-#[expect(
-    clippy::print_stdout,
-    reason = "the command's output is for the terminal"
-)]
+#[expect(clippy::print_stdout, reason = "the command's output is for the terminal")]
 fn print_line(text: &str) {
     println!("{text}");
 }

@@ -4,14 +4,25 @@
 //! [`HboneServer`]), graceful shutdown ([`drain`]), and the `ambit` command line ([`Cli`]).
 
 pub mod drain;
-
-mod cli;
-mod hbone;
 pub mod sockets;
 pub mod source;
 pub mod state;
 
+mod accept;
+mod access;
+mod app;
+mod cli;
+mod config;
+mod enrolment;
+mod hbone;
+mod proxy;
+mod readiness;
+
 pub use cli::{Cli, Command};
+pub use config::{AgentArgs, AgentConfig, ConfigError, LogFormat, RedirectKind, SourceKind};
+pub use enrolment::EnrolError;
+pub use proxy::ProxyError;
+pub use readiness::READY_PATH;
 pub use hbone::{
     Baggage, ClientSettings, ConnectError, ConnectRequest, CopyError, HboneClient, HboneServer,
     Keepalive, KeepaliveError, ServerError, TraceParent, Transferred, Tunnel, WorkloadKind,

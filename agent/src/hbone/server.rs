@@ -5,7 +5,7 @@ use std::error::Error;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ambit_identity::{ALPN_H2, CertificateManager, FetchError, Identity, WorkloadCertificate};
 use ambit_redirect::AGENT_POD_PORTS;
@@ -21,13 +21,13 @@ use super::headers::{self, Baggage, TraceParent};
 use super::keepalive::{self, KeepaliveError};
 use super::stream::{self, H2Stream};
 use super::{CONNECTION_WINDOW, Keepalive, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW};
+use crate::accept::serve_listener;
+use crate::access::{AccessLog, Direction};
 use crate::drain::DrainWatcher;
 use crate::sockets::SocketFactory;
 
 /// How long the app may take to accept a connection before the stream gets a 503.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed accept (such as running out of file descriptors) before the next.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why an HBONE connection ended before its peer closed it.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +68,7 @@ struct Peer {
     addr: SocketAddr,
     identity: Option<Identity>,
     local_ip: IpAddr,
+    local_identity: Identity,
 }
 
 impl HboneServer {
@@ -88,27 +89,18 @@ impl HboneServer {
 
     /// Accepts connections on `listener` until a drain starts; connections already accepted
     /// are asked to finish (GOAWAY) and keep their watcher until they do.
-    pub async fn serve(self, listener: TcpListener, mut drain: DrainWatcher) {
+    pub async fn serve(self, listener: TcpListener, drain: DrainWatcher) {
         let server = Arc::new(self);
-        loop {
-            tokio::select! {
-                () = drain.signaled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, addr)) => {
-                        let (server, drain) = (server.clone(), drain.clone());
-                        tokio::spawn(async move {
-                            if let Err(error) = server.serve_connection(tcp, drain).await {
-                                tracing::warn!(src.addr = %addr, error = &error as &dyn Error, "HBONE connection failed");
-                            }
-                        });
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "failed to accept an HBONE connection");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    }
-                },
+        let connections = drain.clone();
+        serve_listener(listener, drain, "hbone", move |tcp, addr| {
+            let (server, drain) = (server.clone(), connections.clone());
+            async move {
+                if let Err(error) = server.serve_connection(tcp, drain).await {
+                    tracing::warn!(src.addr = %addr, error = &error as &dyn Error, "HBONE connection failed");
+                }
             }
-        }
+        })
+        .await;
     }
 
     async fn serve_connection(
@@ -118,7 +110,6 @@ impl HboneServer {
     ) -> Result<(), ServerError> {
         let local_ip = tcp.local_addr().map_err(ServerError::Socket)?.ip();
         let addr = tcp.peer_addr().map_err(ServerError::Socket)?;
-        tcp.set_nodelay(true).map_err(ServerError::Socket)?;
         let tls = tokio_rustls::TlsAcceptor::from(self.tls_config().await?)
             .accept(tcp)
             .await
@@ -136,6 +127,7 @@ impl HboneServer {
             addr,
             identity,
             local_ip,
+            local_identity: self.identity.clone(),
         });
 
         let mut connection = h2::server::Builder::new()
@@ -219,16 +211,14 @@ async fn serve_stream(
         dst.addr = %destination,
         trace_id = trace.map(|t| format!("{:032x}", t.trace_id)),
     );
+    let mut log = AccessLog::new(Direction::InboundHbone, peer.addr, destination, Instant::now());
+    log.src_identity = peer.identity.clone();
+    log.dst_identity = Some(peer.local_identity.clone());
+    log.src_workload = baggage.namespace.as_ref().zip(baggage.workload.as_ref()).map(|(ns, (_, name))| format!("{ns}/{name}"));
     let client = SocketAddr::new(peer.addr.ip(), 0);
-    tunnel_to_app(
-        client,
-        destination,
-        request.into_body(),
-        respond,
-        sockets.as_ref(),
-    )
-    .instrument(span)
-    .await;
+    tunnel_to_app(client, destination, request.into_body(), respond, sockets.as_ref(), log)
+        .instrument(span)
+        .await;
 }
 
 /// Connects to the app as the client (the app sees the client's IP), then copies.
@@ -238,6 +228,7 @@ async fn tunnel_to_app(
     recv: RecvStream,
     mut respond: SendResponse<Bytes>,
     sockets: &dyn SocketFactory,
+    log: AccessLog,
 ) {
     let connect = async {
         let socket = sockets.connector(client, true).await?;
@@ -246,33 +237,24 @@ async fn tunnel_to_app(
     let mut app = match tokio::time::timeout(APP_CONNECT_TIMEOUT, connect).await {
         Ok(Ok(app)) => app,
         Ok(Err(error)) => {
-            tracing::info!(%error, "app refused the connection");
             reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            return;
+            return log.fail(&error);
         }
         Err(_) => {
-            tracing::info!(timeout = ?APP_CONNECT_TIMEOUT, "app did not accept the connection in time");
             reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            return;
+            return log.fail(&AppTimeout(APP_CONNECT_TIMEOUT));
         }
     };
-    let _ = app.set_nodelay(true);
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
-        Err(error) => {
-            tracing::debug!(%error, "client went away before the tunnel opened");
-            return;
-        }
+        Err(error) => return log.fail(&error),
     };
-    match stream::copy_bidirectional(&mut app, H2Stream { send, recv }).await {
-        Ok(transferred) => tracing::debug!(
-            sent = transferred.sent,
-            received = transferred.received,
-            "tunnel closed"
-        ),
-        Err(error) => tracing::debug!(error = &error as &dyn Error, "tunnel failed"),
-    }
+    log.finish(stream::copy_bidirectional(&mut app, H2Stream { send, recv }).await);
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("the app did not accept the connection within {0:?}")]
+struct AppTimeout(Duration);
 
 fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let mut response = Response::new(());

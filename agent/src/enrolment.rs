@@ -1,0 +1,217 @@
+//! Keeps the node's enrolled pods captured: for each one, the agent's sockets and proxies run
+//! inside its namespace and its traffic is captured; when it leaves, both are removed.
+//!
+//! On shutdown the proxies stop but capture stays: until the next agent starts, captured
+//! traffic fails closed rather than bypassing the mesh.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_identity::{CertificateManager, Identity, IdentityError, TrustDomain};
+use ambit_redirect::{CaptureBackend, CaptureError, Netns, NetnsError, PodNetns};
+use tokio::sync::watch;
+
+use crate::drain::{self, DrainTrigger, DrainWatcher};
+use crate::hbone::HboneClient;
+use crate::proxy::{self, Pod, ProxyError};
+use crate::readiness::Readiness;
+use crate::sockets::PodSockets;
+use crate::state::{ClusterState, Protocol, Workload, WorkloadUid};
+
+/// How soon a pod that could not be enrolled is tried again.
+const RETRY_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Why one pod could not be enrolled (it is tried again).
+#[derive(Debug, thiserror::Error)]
+pub enum EnrolError {
+    #[error("the pod has no IP")]
+    NoIp,
+    #[error("no network namespace holds the pod's IP")]
+    NetnsNotFound,
+    #[error("failed to find the pod's network namespace")]
+    FindNetns(#[source] NetnsError),
+    #[error("failed to enter the pod's network namespace")]
+    EnterNetns(#[source] NetnsError),
+    #[error("the pod's service account is not a valid identity")]
+    Identity(#[source] IdentityError),
+    #[error("failed to start the pod's proxies")]
+    Proxy(#[source] ProxyError),
+    #[error("failed to capture the pod's traffic")]
+    Capture(#[source] CaptureError),
+}
+
+/// The enrolment loop of one node.
+#[derive(Debug)]
+pub(crate) struct Enrolment {
+    pub(crate) node: String,
+    pub(crate) trust_domain: TrustDomain,
+    pub(crate) capture: Arc<dyn CaptureBackend>,
+    pub(crate) certificates: Arc<CertificateManager>,
+    pub(crate) client: HboneClient,
+    pub(crate) states: watch::Receiver<Arc<ClusterState>>,
+    pub(crate) readiness: Readiness,
+}
+
+#[derive(Debug)]
+struct EnrolledPod {
+    workload: Arc<Workload>,
+    identity: Identity,
+    netns: PodNetns,
+    /// Dropping it stops the pod's proxies.
+    _proxies: DrainTrigger,
+}
+
+impl Enrolment {
+    pub(crate) async fn run(mut self, mut drain: DrainWatcher) {
+        self.remove_leftovers().await;
+        let mut pods = HashMap::new();
+        loop {
+            let pending = self.reconcile(&mut pods).await;
+            self.readiness.set(pending == 0);
+            tokio::select! {
+                () = drain.signaled() => return,
+                changed = self.states.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(RETRY_INTERVAL), if pending > 0 => {}
+            }
+        }
+    }
+
+    /// Brings the enrolled pods in line with the state; returns how many are still pending.
+    async fn reconcile(&mut self, pods: &mut HashMap<WorkloadUid, EnrolledPod>) -> usize {
+        let state = self.states.borrow_and_update().clone();
+        let desired: HashMap<&WorkloadUid, &Arc<Workload>> = state
+            .enrolled_on(&self.node)
+            .into_iter()
+            .map(|w| (&w.uid, w))
+            .collect();
+
+        let stale: Vec<WorkloadUid> = pods
+            .iter()
+            .filter(|(uid, pod)| desired.get(uid).is_none_or(|w| ***w != *pod.workload))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in stale {
+            if let Some(pod) = pods.remove(&uid) {
+                self.release(pod, pods).await;
+            }
+        }
+
+        let mut pending = 0;
+        for (uid, workload) in desired {
+            if pods.contains_key(uid) {
+                continue;
+            }
+            match self.enrol(workload.clone()).await {
+                Ok(pod) => {
+                    tracing::info!(workload.uid = %uid, pod = workload.qualified_name(), identity = %pod.identity, "pod enrolled");
+                    pods.insert(uid.clone(), pod);
+                }
+                Err(error) => {
+                    pending += 1;
+                    tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error = &error as &dyn std::error::Error, "pod not enrolled yet");
+                }
+            }
+        }
+        pending
+    }
+
+    async fn enrol(&self, workload: Arc<Workload>) -> Result<EnrolledPod, EnrolError> {
+        let ip = *workload.ips.first().ok_or(EnrolError::NoIp)?;
+        let netns = find_netns(ip).await?;
+        let netns = PodNetns::enter(netns).map_err(EnrolError::EnterNetns)?;
+        let identity = workload
+            .identity(&self.trust_domain)
+            .map_err(EnrolError::Identity)?;
+        // Ask for the certificate now, so that the first connection does not wait for the CA.
+        let certificates = self.certificates.clone();
+        let warm = identity.clone();
+        tokio::spawn(async move { certificates.fetch(&warm).await });
+
+        let (trigger, watcher) = drain::channel();
+        let pod = Pod {
+            workload: workload.clone(),
+            identity: identity.clone(),
+            ip,
+            sockets: Arc::new(PodSockets(netns.clone())),
+            state: self.states.clone(),
+            client: self.client.clone(),
+            trust_domain: self.trust_domain.clone(),
+        };
+        proxy::start(pod, &netns, self.certificates.clone(), watcher)
+            .await
+            .map_err(EnrolError::Proxy)?;
+        let capture = self.capture.clone();
+        netns
+            .run(move || capture.enable())
+            .await
+            .map_err(|e| EnrolError::Capture(CaptureError::Netns(e)))?
+            .map_err(EnrolError::Capture)?;
+        Ok(EnrolledPod {
+            workload,
+            identity,
+            netns,
+            _proxies: trigger,
+        })
+    }
+
+    /// Stops the pod's proxies and removes its capture; forgets its certificate unless another
+    /// enrolled pod has the same identity.
+    async fn release(&self, pod: EnrolledPod, remaining: &HashMap<WorkloadUid, EnrolledPod>) {
+        let EnrolledPod {
+            workload,
+            identity,
+            netns,
+            _proxies,
+        } = pod;
+        drop(_proxies);
+        let capture = self.capture.clone();
+        match netns.run(move || capture.disable()).await {
+            Ok(Ok(())) => tracing::info!(pod = workload.qualified_name(), "pod released"),
+            Ok(Err(error)) => tracing::warn!(pod = workload.qualified_name(), error = &error as &dyn std::error::Error, "failed to remove capture"),
+            Err(error) => tracing::warn!(pod = workload.qualified_name(), error = &error as &dyn std::error::Error, "failed to reach the pod to remove capture"),
+        }
+        if !remaining.values().any(|p| p.identity == identity) {
+            self.certificates.release(&identity);
+        }
+    }
+
+    /// Removes capture that an earlier agent left in pods of this node that are no longer
+    /// enrolled (opted out, or their namespace left the mesh while no agent ran).
+    async fn remove_leftovers(&self) {
+        let state = self.states.borrow().clone();
+        let not_enrolled = state
+            .workloads()
+            .into_iter()
+            .filter(|w| w.node == self.node && w.protocol == Protocol::Tcp);
+        for workload in not_enrolled {
+            let Some(ip) = workload.ips.first().copied() else {
+                continue;
+            };
+            let Ok(netns) = find_netns(ip).await else {
+                continue;
+            };
+            let Ok(netns) = PodNetns::enter(netns) else {
+                continue;
+            };
+            let capture = self.capture.clone();
+            let removed = netns
+                .run(move || match capture.is_enabled() {
+                    Ok(true) => capture.disable().map(|()| true),
+                    other => other,
+                })
+                .await;
+            if let Ok(Ok(true)) = removed {
+                tracing::info!(pod = workload.qualified_name(), "removed capture left by an earlier run");
+            }
+        }
+    }
+}
+
+async fn find_netns(ip: std::net::IpAddr) -> Result<Netns, EnrolError> {
+    tokio::task::spawn_blocking(move || Netns::find_by_ip(ip))
+        .await
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))
+        .map_err(EnrolError::FindNetns)?
+        .ok_or(EnrolError::NetnsNotFound)
+}

@@ -1,0 +1,83 @@
+//! The agent's sockets inside one enrolled pod and the proxies behind them: outbound (15001),
+//! inbound HBONE (15008) and inbound plaintext (15006).
+
+mod inbound;
+mod outbound;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ambit_identity::{CertificateManager, Identity};
+use ambit_redirect::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PodNetns, socket};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::drain::DrainWatcher;
+use crate::hbone::{HboneClient, HboneServer, Keepalive};
+use crate::sockets::PodSockets;
+use crate::state::{ClusterState, Workload};
+
+/// Why a pod's proxies could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("failed to reach the pod's network namespace")]
+    Netns(#[source] ambit_redirect::NetnsError),
+    #[error("failed to listen on port {port} in the pod")]
+    Listen {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What every proxy of one pod shares.
+#[derive(Debug, Clone)]
+pub(crate) struct Pod {
+    pub(crate) workload: Arc<Workload>,
+    pub(crate) identity: Identity,
+    pub(crate) ip: IpAddr,
+    pub(crate) sockets: Arc<PodSockets>,
+    pub(crate) state: watch::Receiver<Arc<ClusterState>>,
+    pub(crate) client: HboneClient,
+    pub(crate) trust_domain: ambit_identity::TrustDomain,
+}
+
+/// Opens the three listeners inside the pod, then runs their proxies until `drain` fires.
+pub(crate) async fn start(
+    pod: Pod,
+    netns: &PodNetns,
+    certificates: Arc<CertificateManager>,
+    drain: DrainWatcher,
+) -> Result<(), ProxyError> {
+    let outbound = listen(netns, pod.ip, OUTBOUND_PORT, false).await?;
+    let hbone = listen(netns, pod.ip, HBONE_PORT, true).await?;
+    let plaintext = listen(netns, pod.ip, INBOUND_PLAINTEXT_PORT, true).await?;
+
+    let server = HboneServer::new(
+        pod.identity.clone(),
+        certificates,
+        Keepalive::default(),
+        pod.sockets.clone(),
+    );
+    tokio::spawn(server.serve(hbone, drain.clone()));
+    tokio::spawn(inbound::serve_plaintext(pod.clone(), plaintext, drain.clone()));
+    tokio::spawn(outbound::serve(pod, outbound, drain));
+    Ok(())
+}
+
+async fn listen(
+    netns: &PodNetns,
+    ip: IpAddr,
+    port: u16,
+    transparent: bool,
+) -> Result<TcpListener, ProxyError> {
+    let listen_error = |source| ProxyError::Listen { port, source };
+    let addr: SocketAddr = socket::any(ip, port);
+    let listener = netns
+        .run(move || socket::listener(addr, transparent))
+        .await
+        .map_err(ProxyError::Netns)?
+        .map_err(listen_error)?;
+    TcpListener::from_std(listener).map_err(listen_error)
+}
+

@@ -1,0 +1,53 @@
+//! Inbound plaintext (15006): TCP that reached the pod from outside the mesh, handed here by
+//! capture with its original destination. The app sees the real client address.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use ambit_redirect::AGENT_POD_PORTS;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::Pod;
+use crate::accept::serve_listener;
+use crate::access::{AccessLog, Direction};
+use crate::drain::DrainWatcher;
+use crate::sockets::SocketFactory;
+
+pub(super) async fn serve_plaintext(pod: Pod, listener: TcpListener, drain: DrainWatcher) {
+    serve_listener(listener, drain, "inbound plaintext", move |tcp, peer| {
+        proxy(pod.clone(), tcp, peer)
+    })
+    .await;
+}
+
+async fn proxy(pod: Pod, mut tcp: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let destination = match tcp.local_addr() {
+        Ok(destination) => destination,
+        Err(error) => {
+            tracing::warn!(src.addr = %peer, %error, "no destination address; closing");
+            return;
+        }
+    };
+    let mut log = AccessLog::new(Direction::InboundPlaintext, peer, destination, started);
+    log.dst_identity = Some(pod.identity.clone());
+    log.dst_workload = Some(pod.workload.qualified_name());
+    if destination.ip() != pod.ip || AGENT_POD_PORTS.contains(&destination.port()) {
+        return log.fail(&UnexpectedDestination(destination));
+    }
+    let connected = async {
+        let socket = pod
+            .sockets
+            .connector(SocketAddr::new(peer.ip(), 0), true)
+            .await?;
+        socket.connect(destination).await
+    };
+    match connected.await {
+        Ok(mut app) => log.finish_plain(tokio::io::copy_bidirectional(&mut tcp, &mut app).await),
+        Err(error) => log.fail(&error),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is not an app port of this pod")]
+struct UnexpectedDestination(SocketAddr);
