@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use ambit_identity::Identity;
 
+use crate::error_chain::ErrorChain;
 use crate::hbone::{CopyError, Transferred};
 
 #[derive(Debug, Clone, Copy)]
@@ -88,7 +89,7 @@ impl AccessLog {
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = self.started.elapsed().as_millis() as u64,
-            error = error.map(display),
+            error = error.map(|e| display(ErrorChain(e))),
             "connection closed"
         );
     }

@@ -12,6 +12,7 @@ use ambit_identity::{CertificateManager, Identity, IdentityError, TrustDomain};
 use ambit_redirect::{CaptureBackend, CaptureError, Netns, NetnsError, PodNetns};
 use tokio::sync::watch;
 
+use crate::error_chain::ErrorChain;
 use crate::drain::{self, DrainTrigger, DrainWatcher};
 use crate::hbone::HboneClient;
 use crate::proxy::{self, Pod, ProxyError};
@@ -109,7 +110,7 @@ impl Enrolment {
                 }
                 Err(error) => {
                     pending += 1;
-                    tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error = &error as &dyn std::error::Error, "pod not enrolled yet");
+                    tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error = %ErrorChain(&error), "pod not enrolled yet");
                 }
             }
         }
@@ -168,8 +169,8 @@ impl Enrolment {
         let capture = self.capture.clone();
         match netns.run(move || capture.disable()).await {
             Ok(Ok(())) => tracing::info!(pod = workload.qualified_name(), "pod released"),
-            Ok(Err(error)) => tracing::warn!(pod = workload.qualified_name(), error = &error as &dyn std::error::Error, "failed to remove capture"),
-            Err(error) => tracing::warn!(pod = workload.qualified_name(), error = &error as &dyn std::error::Error, "failed to reach the pod to remove capture"),
+            Ok(Err(error)) => tracing::warn!(pod = workload.qualified_name(), error = %ErrorChain(&error), "failed to remove capture"),
+            Err(error) => tracing::warn!(pod = workload.qualified_name(), error = %ErrorChain(&error), "failed to reach the pod to remove capture"),
         }
         if !remaining.values().any(|p| p.identity == identity) {
             self.certificates.release(&identity);

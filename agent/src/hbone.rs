@@ -35,6 +35,8 @@ pub struct ClientSettings {
     pub max_streams_per_connection: usize,
     /// A pooled connection without streams for this long is closed.
     pub idle_timeout: Duration,
+    /// How long dialing a new connection (TCP, TLS and HTTP/2 handshakes) may take.
+    pub connect_timeout: Duration,
     pub keepalive: Keepalive,
 }
 
@@ -43,6 +45,7 @@ impl Default for ClientSettings {
         Self {
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(5 * 60),
+            connect_timeout: Duration::from_secs(10),
             keepalive: Keepalive::default(),
         }
     }

@@ -7,6 +7,7 @@ pub mod drain;
 pub mod sockets;
 pub mod source;
 pub mod state;
+pub mod topology;
 
 mod accept;
 mod access;
@@ -14,6 +15,7 @@ mod app;
 mod cli;
 mod config;
 mod enrolment;
+mod error_chain;
 mod hbone;
 mod proxy;
 mod readiness;

@@ -10,8 +10,8 @@ use std::io;
 use std::net::Ipv4Addr;
 
 use futures_util::TryStreamExt;
-use netlink_packet_route::route::RouteType;
-use netlink_packet_route::rule::{RuleAttribute, RuleMessage};
+use netlink_packet_route::route::{RouteScope, RouteType};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use crate::{MARK_MASK, REPLY_MARK};
@@ -49,6 +49,7 @@ pub(crate) fn install() -> Result<(), RoutingError> {
                 .add()
                 .v4()
                 .table_id(LOCAL_TABLE)
+                .action(RuleAction::ToTable)
                 .priority(RULE_PRIORITY)
                 .fw_mark(REPLY_MARK);
             request
@@ -111,6 +112,7 @@ fn local_route() -> netlink_packet_route::route::RouteMessage {
     RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
         .kind(RouteType::Local)
+        .scope(RouteScope::Host)
         .table_id(LOCAL_TABLE)
         .output_interface(LOOPBACK_INDEX)
         .build()

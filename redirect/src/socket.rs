@@ -1,7 +1,9 @@
 //! The sockets the agent opens inside a pod. Each is created by the calling thread, so in its
 //! namespace: call these through [`PodNetns::run`](crate::PodNetns::run).
 //!
-//! Every one of them carries [`AGENT_MARK`], which the capture rules let through untouched.
+//! The sockets that open connections carry [`AGENT_MARK`], which the capture rules let through
+//! untouched. Listeners do not: a marked listener would mark its replies to a redirected
+//! connection, and the rules would then route that connection's packets as the agent's own.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -27,6 +29,7 @@ pub fn listener(addr: SocketAddr, transparent: bool) -> io::Result<std::net::Tcp
 /// that is not the pod's own: the client's, so that the app sees who really connected.
 pub fn connector(local: SocketAddr, transparent: bool) -> io::Result<std::net::TcpStream> {
     let socket = tcp_socket(local.ip(), transparent)?;
+    socket.set_mark(AGENT_MARK)?;
     socket.bind(&local.into())?;
     Ok(socket.into())
 }
@@ -52,7 +55,6 @@ fn tcp_socket(ip: IpAddr, transparent: bool) -> io::Result<Socket> {
         None,
     )?;
     socket.set_nonblocking(true)?;
-    socket.set_mark(AGENT_MARK)?;
     socket.set_tcp_nodelay(true)?;
     if transparent {
         match ip {

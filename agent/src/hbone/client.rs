@@ -3,6 +3,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ambit_identity::{CertificateManager, FetchError, Identity};
 use http::StatusCode;
@@ -45,6 +46,8 @@ pub enum ConnectError {
         #[source]
         source: io::Error,
     },
+    #[error("connecting to {addr} took longer than {timeout:?}")]
+    DialTimeout { addr: SocketAddr, timeout: Duration },
     #[error("TLS handshake with {addr} failed")]
     Tls {
         addr: SocketAddr,
@@ -90,12 +93,14 @@ impl Tunnel {
 pub struct HboneClient {
     certificates: Arc<CertificateManager>,
     pool: Pool,
+    connect_timeout: Duration,
 }
 
 impl HboneClient {
     pub fn new(certificates: Arc<CertificateManager>, settings: ClientSettings) -> Self {
         Self {
             certificates,
+            connect_timeout: settings.connect_timeout,
             pool: Pool::new(settings),
         }
     }
@@ -119,10 +124,16 @@ impl HboneClient {
             destination: request.hbone_addr,
             expected,
         };
-        let claim = self
-            .pool
-            .checkout(&key, || self.dial(&key, sockets))
-            .await?;
+        let timeout = self.connect_timeout;
+        let dial = || async {
+            tokio::time::timeout(timeout, self.dial(&key, sockets))
+                .await
+                .map_err(|_| ConnectError::DialTimeout {
+                    addr: key.destination,
+                    timeout,
+                })?
+        };
+        let claim = self.pool.checkout(&key, dial).await?;
 
         let addr = request.hbone_addr;
         let open_error = |source| ConnectError::OpenStream { addr, source };

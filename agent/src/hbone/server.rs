@@ -1,7 +1,6 @@
 //! Accepting HBONE in front of one workload: mTLS, then HTTP/2, then one TCP connection to the
 //! app per CONNECT stream.
 
-use std::error::Error;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,6 +20,7 @@ use super::headers::{self, Baggage, TraceParent};
 use super::keepalive::{self, KeepaliveError};
 use super::stream::{self, H2Stream};
 use super::{CONNECTION_WINDOW, Keepalive, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW};
+use crate::error_chain::ErrorChain;
 use crate::accept::serve_listener;
 use crate::access::{AccessLog, Direction};
 use crate::drain::DrainWatcher;
@@ -96,7 +96,7 @@ impl HboneServer {
             let (server, drain) = (server.clone(), connections.clone());
             async move {
                 if let Err(error) = server.serve_connection(tcp, drain).await {
-                    tracing::warn!(src.addr = %addr, error = &error as &dyn Error, "HBONE connection failed");
+                    tracing::warn!(src.addr = %addr, error = %ErrorChain(&error), "HBONE connection failed");
                 }
             }
         })

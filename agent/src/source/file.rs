@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use crate::error_chain::ErrorChain;
 use crate::drain::DrainWatcher;
 use crate::state::{
     ClusterState, Endpoint, Protocol, Service, ServicePort, TargetPort, Workload, WorkloadUid,
@@ -75,7 +76,7 @@ impl FileSource {
                 Ok(text) => text,
                 Err(error) => {
                     tracing::warn!(
-                        error = &error as &dyn std::error::Error,
+                        error = %ErrorChain(&error),
                         "keeping the last good state"
                     );
                     continue;
@@ -91,7 +92,7 @@ impl FileSource {
                 }
                 Err(error) => tracing::error!(
                     path = %self.path.display(),
-                    error = &error as &dyn std::error::Error,
+                    error = %ErrorChain(&error),
                     "configuration rejected, keeping the last good state"
                 ),
             }

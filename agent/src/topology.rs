@@ -1,0 +1,290 @@
+//! A small cluster of network namespaces on one machine: an underlay with a bridge, nodes
+//! attached to it, and pods attached to their node by veth pairs with point-to-point routes, as
+//! a CNI would wire them. `ambit demo` and the integration tests build on it.
+//!
+//! Every name a topology creates carries its owner's PID and a slot number that no other live
+//! topology holds, so topologies can run side by side; everything is removed when the topology
+//! is dropped, and leftovers of a process that died are swept away by the next topology.
+
+use std::fs::File;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// Every namespace a topology creates starts with this.
+const PREFIX: &str = "ambit-lab";
+/// Where slot locks live; a lock is released by the kernel when its holder dies.
+const LOCK_DIR: &str = "/run/ambit-lab";
+const SLOTS: u8 = 250;
+
+/// Why the topology could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("failed to run {command}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{command} failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("failed to lock a topology slot in {LOCK_DIR}")]
+    Lock(#[source] io::Error),
+    #[error("all {SLOTS} topology slots are taken")]
+    NoSlot,
+}
+
+/// A node: a namespace on the underlay.
+#[derive(Debug, Clone)]
+pub struct NodeNs {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    index: u8,
+    pods: u8,
+}
+
+/// A pod: a namespace behind its node.
+#[derive(Debug, Clone)]
+pub struct PodNs {
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+impl PodNs {
+    /// The path of its namespace, for opening it.
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.netns)
+    }
+}
+
+/// The namespaces of one topology; dropping it removes them all.
+#[derive(Debug)]
+pub struct Topology {
+    id: String,
+    slot: u8,
+    underlay: String,
+    nodes: Vec<NodeNs>,
+    pods: Vec<PodNs>,
+    _slot_lock: Flock<File>,
+}
+
+impl Topology {
+    /// An underlay namespace with a bridge, and nothing on it yet.
+    pub fn new() -> Result<Self, TopologyError> {
+        sweep_leftovers();
+        let (slot, lock) = lock_slot()?;
+        let id = format!("{PREFIX}-{}-{slot}", std::process::id());
+        let underlay = format!("{id}-underlay");
+        let topology = Self {
+            slot,
+            underlay: underlay.clone(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            id,
+            _slot_lock: lock,
+        };
+        ip(&["netns", "add", &underlay])?;
+        ip_in(&underlay, &["link", "set", "lo", "up"])?;
+        ip_in(&underlay, &["link", "add", "br0", "type", "bridge"])?;
+        ip_in(&underlay, &["link", "set", "br0", "up"])?;
+        Ok(topology)
+    }
+
+    /// The namespaces' name prefix: unique to this topology.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn nodes(&self) -> &[NodeNs] {
+        &self.nodes
+    }
+
+    pub fn pods(&self) -> &[PodNs] {
+        &self.pods
+    }
+
+    /// Adds a node, routed to every other node's pods.
+    pub fn add_node(&mut self, name: &str) -> Result<NodeNs, TopologyError> {
+        let index = u8::try_from(self.nodes.len() + 1).unwrap_or(u8::MAX);
+        let node = NodeNs {
+            name: name.to_owned(),
+            netns: format!("{}-{name}", self.id),
+            ip: Ipv4Addr::new(10, self.slot, 0, index),
+            index,
+            pods: 0,
+        };
+        let underlay_end = format!("n{index}");
+        ip(&["netns", "add", &node.netns])?;
+        ip_in(&node.netns, &["link", "set", "lo", "up"])?;
+        ip(&[
+            "link", "add", &underlay_end, "netns", &self.underlay, "type", "veth", "peer", "name",
+            "eth0", "netns", &node.netns,
+        ])?;
+        ip_in(&self.underlay, &["link", "set", &underlay_end, "master", "br0", "up"])?;
+        ip_in(&node.netns, &["addr", "add", &format!("{}/24", node.ip), "dev", "eth0"])?;
+        ip_in(&node.netns, &["link", "set", "eth0", "up"])?;
+        sysctl(&node.netns, "net.ipv4.ip_forward", "1")?;
+        for other in &self.nodes {
+            ip_in(&node.netns, &["route", "add", &pod_cidr(self.slot, other.index), "via", &other.ip.to_string()])?;
+            ip_in(&other.netns, &["route", "add", &pod_cidr(self.slot, index), "via", &node.ip.to_string()])?;
+        }
+        self.nodes.push(node.clone());
+        Ok(node)
+    }
+
+    /// Adds a pod on `node`, wired like a point-to-point CNI: a /32 on the pod's `eth0`, a
+    /// default route through the node, and a host route to the pod on the node.
+    pub fn add_pod(&mut self, node: &str, namespace: &str, name: &str) -> Result<PodNs, TopologyError> {
+        let slot = self.slot;
+        let Some(host) = self.nodes.iter_mut().find(|n| n.name == node) else {
+            return Err(TopologyError::Command {
+                command: format!("add pod {namespace}/{name}"),
+                stderr: format!("no node {node}"),
+            });
+        };
+        host.pods += 1;
+        let gateway = Ipv4Addr::new(10, slot, host.index, 1);
+        let pod = PodNs {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            node: node.to_owned(),
+            netns: format!("{}-{namespace}-{name}", self.id),
+            ip: Ipv4Addr::new(10, slot, host.index, 9 + host.pods),
+        };
+        let host_end = format!("p{}", host.pods);
+        let host_netns = host.netns.clone();
+        ip(&["netns", "add", &pod.netns])?;
+        ip_in(&pod.netns, &["link", "set", "lo", "up"])?;
+        ip(&[
+            "link", "add", &host_end, "netns", &host_netns, "type", "veth", "peer", "name", "eth0",
+            "netns", &pod.netns,
+        ])?;
+        ip_in(&host_netns, &["addr", "add", &format!("{gateway}/32"), "dev", &host_end])?;
+        ip_in(&host_netns, &["link", "set", &host_end, "up"])?;
+        ip_in(&host_netns, &["route", "add", &format!("{}/32", pod.ip), "dev", &host_end])?;
+        ip_in(&pod.netns, &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
+        ip_in(&pod.netns, &["link", "set", "eth0", "up"])?;
+        ip_in(&pod.netns, &["route", "add", &gateway.to_string(), "dev", "eth0", "scope", "link"])?;
+        ip_in(&pod.netns, &["route", "add", "default", "via", &gateway.to_string(), "dev", "eth0"])?;
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// The underlay namespace, where node-to-node traffic can be observed.
+    pub fn underlay(&self) -> &str {
+        &self.underlay
+    }
+
+    /// An address in this topology's service range, for a Service VIP.
+    pub fn service_ip(&self, index: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.slot, 200, index)
+    }
+
+    /// `ip netns exec <netns> setpriv --pdeathsig KILL -- <program>`: a command that runs in
+    /// `netns` and dies with the process that started it.
+    pub fn command_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns, "setpriv", "--pdeathsig", "KILL", "--"])
+            .arg(program);
+        command
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for netns in self
+            .pods
+            .iter()
+            .map(|p| &p.netns)
+            .chain(self.nodes.iter().map(|n| &n.netns))
+            .chain([&self.underlay])
+        {
+            delete_netns(netns);
+        }
+    }
+}
+
+fn pod_cidr(slot: u8, node: u8) -> String {
+    format!("10.{slot}.{node}.0/24")
+}
+
+/// Kills what still runs in the namespace, then deletes it.
+fn delete_netns(netns: &str) {
+    if let Ok(output) = Command::new("ip").args(["netns", "pids", netns]).output() {
+        for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", netns]).output();
+}
+
+/// Deletes the namespaces of topologies whose process is gone.
+fn sweep_leftovers() {
+    let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else {
+            continue;
+        };
+        let owner = rest.split('-').next().and_then(|pid| pid.parse::<i32>().ok());
+        if let Some(pid) = owner
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            delete_netns(&name);
+        }
+    }
+}
+
+fn lock_slot() -> Result<(u8, Flock<File>), TopologyError> {
+    std::fs::create_dir_all(LOCK_DIR).map_err(TopologyError::Lock)?;
+    for slot in 1..=SLOTS {
+        let file = File::create(Path::new(LOCK_DIR).join(format!("slot-{slot}")))
+            .map_err(TopologyError::Lock)?;
+        if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            return Ok((slot, lock));
+        }
+    }
+    Err(TopologyError::NoSlot)
+}
+
+fn ip(args: &[&str]) -> Result<Output, TopologyError> {
+    run(Command::new("ip").args(args))
+}
+
+fn ip_in(netns: &str, args: &[&str]) -> Result<Output, TopologyError> {
+    run(Command::new("ip").args(["-n", netns]).args(args))
+}
+
+fn sysctl(netns: &str, key: &str, value: &str) -> Result<Output, TopologyError> {
+    run(Command::new("ip")
+        .args(["netns", "exec", netns, "sysctl", "-qw"])
+        .arg(format!("{key}={value}")))
+}
+
+fn run(command: &mut Command) -> Result<Output, TopologyError> {
+    let description = format!("{command:?}");
+    let output = command.output().map_err(|source| TopologyError::Spawn {
+        command: description.clone(),
+        source,
+    })?;
+    if output.status.success() {
+        Ok(output)
+    } else {
+        Err(TopologyError::Command {
+            command: description,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}

@@ -1,0 +1,232 @@
+//! A cluster for one test: its topology, the file its agents read, and the agents.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use ambit_agent::topology::{PodNs, Topology};
+
+use crate::agent::AgentProcess;
+use crate::pod::InPod;
+
+#[derive(Debug, Clone)]
+struct PodSpec {
+    namespace: String,
+    name: String,
+    opted_out: bool,
+}
+
+/// What a test's cluster holds, before it starts.
+#[derive(Debug, Default)]
+pub struct ClusterBuilder {
+    nodes: Vec<String>,
+    namespaces: Vec<(String, bool)>,
+    pods: Vec<(String, PodSpec)>,
+}
+
+impl ClusterBuilder {
+    pub fn node(mut self, name: &str) -> Self {
+        self.nodes.push(name.to_owned());
+        self
+    }
+
+    /// A namespace labelled `istio.io/dataplane-mode=ambient`.
+    pub fn ambient_namespace(mut self, name: &str) -> Self {
+        self.namespaces.push((name.to_owned(), true));
+        self
+    }
+
+    /// A namespace outside the mesh.
+    pub fn namespace(mut self, name: &str) -> Self {
+        self.namespaces.push((name.to_owned(), false));
+        self
+    }
+
+    pub fn pod(self, node: &str, namespace: &str, name: &str) -> Self {
+        self.with_pod(node, namespace, name, false)
+    }
+
+    /// A pod labelled `istio.io/dataplane-mode=none`.
+    pub fn opted_out_pod(self, node: &str, namespace: &str, name: &str) -> Self {
+        self.with_pod(node, namespace, name, true)
+    }
+
+    fn with_pod(mut self, node: &str, namespace: &str, name: &str, opted_out: bool) -> Self {
+        let spec = PodSpec {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            opted_out,
+        };
+        self.pods.push((node.to_owned(), spec));
+        self
+    }
+
+    /// Builds the namespaces, writes the cluster file, and starts one ready agent per node.
+    pub async fn start(self) -> Cluster {
+        crate::require_root();
+        let mut topology = Topology::new().expect("build the underlay");
+        for node in &self.nodes {
+            topology.add_node(node).expect("add a node");
+        }
+        let dir = tempfile::tempdir().expect("a directory for the cluster's files");
+        let ca_dir = dir.path().join("ca");
+        let trust_domain = "cluster.local".parse().expect("valid trust domain");
+        ambit_identity::LocalCa::load_or_create(&ca_dir, &trust_domain).expect("create the CA");
+        let mut cluster = Cluster {
+            config: dir.path().join("cluster.yaml"),
+            ca_dir,
+            dir,
+            namespaces: self.namespaces,
+            pods: Vec::new(),
+            agents: BTreeMap::new(),
+            topology,
+        };
+        for (node, spec) in self.pods {
+            cluster.add_pod(&node, spec);
+        }
+        cluster.write_config();
+        for node in self.nodes {
+            cluster.start_agent(&node).await;
+        }
+        cluster
+    }
+}
+
+/// A running cluster; dropping it stops the agents and removes every namespace.
+#[derive(Debug)]
+pub struct Cluster {
+    // Field order is drop order: agents go before the namespaces they run in.
+    agents: BTreeMap<String, AgentProcess>,
+    topology: Topology,
+    config: PathBuf,
+    ca_dir: PathBuf,
+    namespaces: Vec<(String, bool)>,
+    /// Pods with their namespaces, and whether the cluster file lists them.
+    pods: Vec<(PodSpec, PodNs, bool)>,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn pod(&self, name: &str) -> &PodNs {
+        self.pods
+            .iter()
+            .find(|(spec, _, _)| spec.name == name)
+            .map(|(_, pod, _)| pod)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    pub fn in_pod(&self, name: &str) -> InPod {
+        InPod::open(&self.pod(name).netns_path())
+    }
+
+    pub fn addr(&self, pod: &str, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.pod(pod).ip), port)
+    }
+
+    /// Creates a pod's namespace; the cluster file lists it from the next
+    /// [`write_config`](Self::write_config).
+    pub fn add_pod_namespace(&mut self, node: &str, namespace: &str, name: &str) -> PodNs {
+        self.add_pod(
+            node,
+            PodSpec {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                opted_out: false,
+            },
+        )
+    }
+
+    fn add_pod(&mut self, node: &str, spec: PodSpec) -> PodNs {
+        let pod = self
+            .topology
+            .add_pod(node, &spec.namespace, &spec.name)
+            .expect("add a pod");
+        self.pods.push((spec, pod.clone(), true));
+        pod
+    }
+
+    /// Leaves `name` out of the cluster file from the next write; its namespace stays.
+    pub fn unlist_pod(&mut self, name: &str) {
+        for (spec, _, listed) in &mut self.pods {
+            if spec.name == name {
+                *listed = false;
+            }
+        }
+    }
+
+    /// Writes the cluster file the agents read, atomically.
+    pub fn write_config(&self) {
+        let mut yaml = String::new();
+        for (name, ambient) in &self.namespaces {
+            let labels = if *ambient {
+                "\n  labels: {istio.io/dataplane-mode: ambient}"
+            } else {
+                ""
+            };
+            let _ = write!(yaml, "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n");
+        }
+        for (spec, pod, _) in self.pods.iter().filter(|(_, _, listed)| *listed) {
+            let labels = if spec.opted_out {
+                "{app: APP, istio.io/dataplane-mode: none}"
+            } else {
+                "{app: APP}"
+            }
+            .replace("APP", &spec.name);
+            let _ = write!(
+                yaml,
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  uid: {netns}\n  labels: {labels}\nspec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers: [{{name: app, image: app}}]\nstatus:\n  podIP: {ip}\n",
+                name = spec.name,
+                namespace = spec.namespace,
+                netns = pod.netns,
+                node = pod.node,
+                ip = pod.ip,
+            );
+        }
+        let staged = self.dir.path().join("cluster.yaml.new");
+        std::fs::write(&staged, yaml).expect("write the cluster file");
+        std::fs::rename(&staged, &self.config).expect("replace the cluster file");
+    }
+
+    /// Starts the agent of `node` and waits until it is ready.
+    pub async fn start_agent(&mut self, node: &str) {
+        let netns = self
+            .topology
+            .nodes()
+            .iter()
+            .find(|n| n.name == node)
+            .map(|n| n.netns.clone())
+            .unwrap_or_else(|| panic!("no node {node}"));
+        let log = self.dir.path().join(format!("agent-{node}.log"));
+        let mut agent = AgentProcess::start(node, &netns, &self.config, &self.ca_dir, log);
+        agent.wait_ready().await;
+        self.agents.insert(node.to_owned(), agent);
+    }
+
+    /// Kills the agent of `node` at once, as a crash would.
+    pub fn kill_agent(&mut self, node: &str) {
+        if let Some(agent) = self.agents.remove(node) {
+            agent.kill();
+        }
+    }
+
+    pub fn agent(&self, node: &str) -> &AgentProcess {
+        &self.agents[node]
+    }
+
+    /// All agents' logs, for a failing test's message.
+    pub fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|(node, agent)| format!("--- agent {node}\n{}", agent.log()))
+            .collect()
+    }
+}

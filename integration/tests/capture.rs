@@ -1,0 +1,262 @@
+//! In-pod capture with nftables on a two-node mesh of network namespaces, end to end.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ambit_agent::topology::Topology;
+use ambit_integration::{Cluster, read_peer_line};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const APP_PORT: u16 = 8080;
+
+/// client and server-local on node1, server on node2, all in the mesh; db outside it on node2;
+/// debug opted out on node1.
+async fn cluster() -> Cluster {
+    Cluster::builder()
+        .node("node1")
+        .node("node2")
+        .ambient_namespace("shop")
+        .namespace("legacy")
+        .pod("node1", "shop", "client")
+        .pod("node1", "shop", "local")
+        .pod("node2", "shop", "server")
+        .pod("node2", "legacy", "db")
+        .opted_out_pod("node1", "shop", "debug")
+        .start()
+        .await
+}
+
+/// Sends `payload` from `from` to the echo app of `to` and returns the client address the app
+/// saw.
+async fn round_trip(cluster: &Cluster, from: &str, to: &str, payload: &[u8]) -> String {
+    let exchange = async {
+        let mut stream = cluster.in_pod(from).connect(cluster.addr(to, APP_PORT)).await?;
+        let peer = read_peer_line(&mut stream).await?;
+        stream.write_all(payload).await?;
+        let mut echoed = vec![0; payload.len()];
+        stream.read_exact(&mut echoed).await?;
+        Ok::<_, std::io::Error>((peer, echoed))
+    };
+    match tokio::time::timeout(Duration::from_secs(20), exchange).await {
+        Ok(Ok((peer, echoed))) => {
+            assert_eq!(echoed, payload, "{from} -> {to}: echo differs");
+            peer
+        }
+        Ok(Err(error)) => panic!("{from} -> {to}: {error}\n{}", cluster.logs()),
+        Err(_) => panic!("{from} -> {to}: no answer in 20 s\n{}", cluster.logs()),
+    }
+}
+
+/// tcpdump on `interface` in `netns`, writing to a file until stopped.
+struct Capture {
+    child: Child,
+    file: tempfile::NamedTempFile,
+}
+
+impl Capture {
+    fn start(netns: &str, interface: &str) -> Self {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let child = Topology::command_in(netns, "tcpdump")
+            .args(["-i", interface, "--immediate-mode", "-U", "-n", "-Z", "root", "-w"])
+            .arg(file.path())
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump is installed");
+        // tcpdump needs a moment before it sees packets.
+        std::thread::sleep(Duration::from_millis(500));
+        Self { child, file }
+    }
+
+    /// Stops the capture and returns the packets' bytes.
+    fn stop(mut self) -> Vec<u8> {
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+        std::fs::read(self.file.path()).unwrap()
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The 15008 port in a TCP header, as either source or destination.
+fn has_hbone_packets(capture: &[u8]) -> bool {
+    contains(capture, &15008u16.to_be_bytes())
+}
+
+fn nft_tables(cluster: &Cluster, pod: &str) -> String {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &cluster.pod(pod).netns, "nft", "list", "tables"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn fwmark_rules(cluster: &Cluster, pod: &str) -> usize {
+    let output = Command::new("ip")
+        .args(["-n", &cluster.pod(pod).netns, "rule", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.contains("fwmark 0x111/0xfff lookup 100"))
+        .count()
+}
+
+fn listening_ports(cluster: &Cluster, pod: &str) -> String {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &cluster.pod(pod).netns, "ss", "-Hltn"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn marker() -> Vec<u8> {
+    format!("ambit-plaintext-marker-{:032x}", fastrand_u128()).into_bytes()
+}
+
+fn fastrand_u128() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Polls `condition` until it holds or `limit` passes; returns how long it took.
+async fn within(limit: Duration, condition: impl Fn() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if condition() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_node_traffic_is_tunneled_and_keeps_the_client_ip() {
+    let cluster = cluster().await;
+    let _server = cluster.in_pod("server").echo(APP_PORT).await;
+    let capture = Capture::start(cluster.topology().underlay(), "n1");
+
+    let payload = marker();
+    let peer = round_trip(&cluster, "client", "server", &payload).await;
+
+    let packets = capture.stop();
+    assert_eq!(peer, cluster.pod("client").ip.to_string(), "the app sees the client pod");
+    assert!(!contains(&packets, &payload), "plaintext crossed the underlay");
+    assert!(has_hbone_packets(&packets), "no HBONE on the underlay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_node_traffic_is_tunneled_too() {
+    let cluster = cluster().await;
+    let _local = cluster.in_pod("local").echo(APP_PORT).await;
+    let node1 = cluster.topology().nodes()[0].netns.clone();
+    let capture = Capture::start(&node1, "any");
+
+    let payload = marker();
+    let peer = round_trip(&cluster, "client", "local", &payload).await;
+
+    let packets = capture.stop();
+    assert_eq!(peer, cluster.pod("client").ip.to_string());
+    assert!(!contains(&packets, &payload), "plaintext between the pods");
+    assert!(has_hbone_packets(&packets));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_to_and_from_pods_outside_the_mesh_still_works() {
+    let cluster = cluster().await;
+    let _db = cluster.in_pod("db").echo(APP_PORT).await;
+    let _server = cluster.in_pod("server").echo(APP_PORT).await;
+
+    let peer = round_trip(&cluster, "client", "db", b"to legacy").await;
+    assert_eq!(peer, cluster.pod("client").ip.to_string());
+    let peer = round_trip(&cluster, "db", "server", b"from legacy").await;
+    assert_eq!(peer, cluster.pod("db").ip.to_string(), "the app sees the real client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opted_out_pod_is_left_alone() {
+    let cluster = cluster().await;
+    assert!(nft_tables(&cluster, "client").contains("table inet ambit"));
+    assert_eq!(nft_tables(&cluster, "debug"), "", "no capture in an opted-out pod");
+    assert_eq!(fwmark_rules(&cluster, "debug"), 0);
+    assert!(!listening_ports(&cluster, "debug").contains(":15001"));
+
+    let _debug = cluster.in_pod("debug").echo(APP_PORT).await;
+    let peer = round_trip(&cluster, "debug", "debug", b"self").await;
+    assert_eq!(peer, cluster.pod("debug").ip.to_string());
+    let peer = round_trip(&cluster, "client", "debug", b"plain").await;
+    assert_eq!(peer, cluster.pod("client").ip.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_are_enrolled_and_released_as_the_file_changes() {
+    let mut cluster = cluster().await;
+    cluster.add_pod_namespace("node2", "shop", "late");
+    cluster.write_config();
+    let enrolled = within(Duration::from_secs(5), || {
+        nft_tables(&cluster, "late").contains("table inet ambit")
+            && listening_ports(&cluster, "late").contains(":15008")
+    })
+    .await;
+    let enrolled = enrolled.unwrap_or_else(|| panic!("never enrolled\n{}", cluster.logs()));
+    eprintln!("enrolled {enrolled:?} after the file changed");
+
+    let _late = cluster.in_pod("late").echo(APP_PORT).await;
+    let peer = round_trip(&cluster, "client", "late", b"hello late").await;
+    assert_eq!(peer, cluster.pod("client").ip.to_string());
+
+    cluster.unlist_pod("late");
+    cluster.write_config();
+    let released = within(Duration::from_secs(5), || {
+        nft_tables(&cluster, "late").is_empty()
+            && fwmark_rules(&cluster, "late") == 0
+            && !listening_ports(&cluster, "late").contains(":150")
+    })
+    .await;
+    let released = released.unwrap_or_else(|| panic!("never released\n{}", cluster.logs()));
+    eprintln!("released {released:?} after the file changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_agent_fails_closed_and_a_new_one_resumes() {
+    let mut cluster = cluster().await;
+    let server = cluster.in_pod("server").echo(APP_PORT).await;
+    round_trip(&cluster, "client", "server", b"before").await;
+    let accepted_before = server.accepted();
+
+    cluster.kill_agent("node2");
+
+    // From a pod of the dead agent's node: nothing listens on 15001 any more.
+    let refused = cluster.in_pod("server").connect(cluster.addr("db", APP_PORT)).await;
+    assert!(refused.is_err(), "outbound from a captured pod must fail without its agent");
+
+    // Into a pod of the dead agent's node, tunneled or not: nothing reaches the app.
+    if let Ok(mut stream) = cluster.in_pod("client").connect(cluster.addr("server", APP_PORT)).await {
+        let mut buf = [0; 1];
+        let read = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await;
+        assert!(!matches!(read, Ok(Ok(1))), "data arrived from a pod whose agent is dead");
+    }
+    let plain = tokio::time::timeout(
+        Duration::from_secs(3),
+        cluster.in_pod("db").connect(cluster.addr("server", APP_PORT)),
+    )
+    .await;
+    assert!(!matches!(plain, Ok(Ok(_))), "plaintext got through to a pod whose agent is dead");
+    assert_eq!(server.accepted(), accepted_before, "the app accepted a connection without its agent");
+
+    cluster.start_agent("node2").await;
+    let peer = round_trip(&cluster, "client", "server", b"after").await;
+    assert_eq!(peer, cluster.pod("client").ip.to_string());
+    assert_eq!(nft_tables(&cluster, "server").matches("table inet ambit").count(), 1);
+    assert_eq!(fwmark_rules(&cluster, "server"), 1, "no duplicate rules after the restart");
+}
