@@ -42,7 +42,12 @@ pub(crate) struct AccessLog {
 }
 
 impl AccessLog {
-    pub(crate) fn new(direction: Direction, src: SocketAddr, dst: SocketAddr, started: Instant) -> Self {
+    pub(crate) fn new(
+        direction: Direction,
+        src: SocketAddr,
+        dst: SocketAddr,
+        started: Instant,
+    ) -> Self {
         Self {
             direction,
             src,

@@ -53,7 +53,8 @@ pub(crate) async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tokio::spawn(enrolment.run(watcher));
     tracing::info!(node = config.node, redirect = ?config.redirect, "agent started");
 
-    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     tokio::select! {
         _ = terminate.recv() => {}

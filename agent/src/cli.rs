@@ -99,7 +99,10 @@ fn cipher_suites() -> String {
         .join(", ")
 }
 
-#[expect(clippy::print_stdout, reason = "the command's output is for the terminal")]
+#[expect(
+    clippy::print_stdout,
+    reason = "the command's output is for the terminal"
+)]
 fn print_line(text: &str) {
     println!("{text}");
 }

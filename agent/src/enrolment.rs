@@ -12,8 +12,8 @@ use ambit_identity::{CertificateManager, Identity, IdentityError, TrustDomain};
 use ambit_redirect::{CaptureBackend, CaptureError, Netns, NetnsError, PodNetns};
 use tokio::sync::watch;
 
-use crate::error_chain::ErrorChain;
 use crate::drain::{self, DrainTrigger, DrainWatcher};
+use crate::error_chain::ErrorChain;
 use crate::hbone::HboneClient;
 use crate::proxy::{self, Pod, ProxyError};
 use crate::readiness::Readiness;
@@ -169,8 +169,12 @@ impl Enrolment {
         let capture = self.capture.clone();
         match netns.run(move || capture.disable()).await {
             Ok(Ok(())) => tracing::info!(pod = workload.qualified_name(), "pod released"),
-            Ok(Err(error)) => tracing::warn!(pod = workload.qualified_name(), error = %ErrorChain(&error), "failed to remove capture"),
-            Err(error) => tracing::warn!(pod = workload.qualified_name(), error = %ErrorChain(&error), "failed to reach the pod to remove capture"),
+            Ok(Err(error)) => {
+                tracing::warn!(pod = workload.qualified_name(), error = %ErrorChain(&error), "failed to remove capture")
+            }
+            Err(error) => {
+                tracing::warn!(pod = workload.qualified_name(), error = %ErrorChain(&error), "failed to reach the pod to remove capture")
+            }
         }
         if !remaining.values().any(|p| p.identity == identity) {
             self.certificates.release(&identity);
@@ -203,7 +207,10 @@ impl Enrolment {
                 })
                 .await;
             if let Ok(Ok(true)) = removed {
-                tracing::info!(pod = workload.qualified_name(), "removed capture left by an earlier run");
+                tracing::info!(
+                    pod = workload.qualified_name(),
+                    "removed capture left by an earlier run"
+                );
             }
         }
     }

@@ -60,7 +60,11 @@ pub(crate) async fn start(
         pod.sockets.clone(),
     );
     tokio::spawn(server.serve(hbone, drain.clone()));
-    tokio::spawn(inbound::serve_plaintext(pod.clone(), plaintext, drain.clone()));
+    tokio::spawn(inbound::serve_plaintext(
+        pod.clone(),
+        plaintext,
+        drain.clone(),
+    ));
     tokio::spawn(outbound::serve(pod, outbound, drain));
     Ok(())
 }
@@ -80,4 +84,3 @@ async fn listen(
         .map_err(listen_error)?;
     TcpListener::from_std(listener).map_err(listen_error)
 }
-

@@ -48,4 +48,3 @@ async fn answer(mut tcp: TcpStream, ready: bool) {
     );
     let _ = tcp.write_all(response.as_bytes()).await;
 }
-

@@ -124,16 +124,50 @@ impl Topology {
         ip(&["netns", "add", &node.netns])?;
         ip_in(&node.netns, &["link", "set", "lo", "up"])?;
         ip(&[
-            "link", "add", &underlay_end, "netns", &self.underlay, "type", "veth", "peer", "name",
-            "eth0", "netns", &node.netns,
+            "link",
+            "add",
+            &underlay_end,
+            "netns",
+            &self.underlay,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &node.netns,
         ])?;
-        ip_in(&self.underlay, &["link", "set", &underlay_end, "master", "br0", "up"])?;
-        ip_in(&node.netns, &["addr", "add", &format!("{}/24", node.ip), "dev", "eth0"])?;
+        ip_in(
+            &self.underlay,
+            &["link", "set", &underlay_end, "master", "br0", "up"],
+        )?;
+        ip_in(
+            &node.netns,
+            &["addr", "add", &format!("{}/24", node.ip), "dev", "eth0"],
+        )?;
         ip_in(&node.netns, &["link", "set", "eth0", "up"])?;
         sysctl(&node.netns, "net.ipv4.ip_forward", "1")?;
         for other in &self.nodes {
-            ip_in(&node.netns, &["route", "add", &pod_cidr(self.slot, other.index), "via", &other.ip.to_string()])?;
-            ip_in(&other.netns, &["route", "add", &pod_cidr(self.slot, index), "via", &node.ip.to_string()])?;
+            ip_in(
+                &node.netns,
+                &[
+                    "route",
+                    "add",
+                    &pod_cidr(self.slot, other.index),
+                    "via",
+                    &other.ip.to_string(),
+                ],
+            )?;
+            ip_in(
+                &other.netns,
+                &[
+                    "route",
+                    "add",
+                    &pod_cidr(self.slot, index),
+                    "via",
+                    &node.ip.to_string(),
+                ],
+            )?;
         }
         self.nodes.push(node.clone());
         Ok(node)
@@ -141,7 +175,12 @@ impl Topology {
 
     /// Adds a pod on `node`, wired like a point-to-point CNI: a /32 on the pod's `eth0`, a
     /// default route through the node, and a host route to the pod on the node.
-    pub fn add_pod(&mut self, node: &str, namespace: &str, name: &str) -> Result<PodNs, TopologyError> {
+    pub fn add_pod(
+        &mut self,
+        node: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<PodNs, TopologyError> {
         let slot = self.slot;
         let Some(host) = self.nodes.iter_mut().find(|n| n.name == node) else {
             return Err(TopologyError::Command {
@@ -163,16 +202,57 @@ impl Topology {
         ip(&["netns", "add", &pod.netns])?;
         ip_in(&pod.netns, &["link", "set", "lo", "up"])?;
         ip(&[
-            "link", "add", &host_end, "netns", &host_netns, "type", "veth", "peer", "name", "eth0",
-            "netns", &pod.netns,
+            "link",
+            "add",
+            &host_end,
+            "netns",
+            &host_netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &pod.netns,
         ])?;
-        ip_in(&host_netns, &["addr", "add", &format!("{gateway}/32"), "dev", &host_end])?;
+        ip_in(
+            &host_netns,
+            &["addr", "add", &format!("{gateway}/32"), "dev", &host_end],
+        )?;
         ip_in(&host_netns, &["link", "set", &host_end, "up"])?;
-        ip_in(&host_netns, &["route", "add", &format!("{}/32", pod.ip), "dev", &host_end])?;
-        ip_in(&pod.netns, &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
+        ip_in(
+            &host_netns,
+            &["route", "add", &format!("{}/32", pod.ip), "dev", &host_end],
+        )?;
+        ip_in(
+            &pod.netns,
+            &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"],
+        )?;
         ip_in(&pod.netns, &["link", "set", "eth0", "up"])?;
-        ip_in(&pod.netns, &["route", "add", &gateway.to_string(), "dev", "eth0", "scope", "link"])?;
-        ip_in(&pod.netns, &["route", "add", "default", "via", &gateway.to_string(), "dev", "eth0"])?;
+        ip_in(
+            &pod.netns,
+            &[
+                "route",
+                "add",
+                &gateway.to_string(),
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ],
+        )?;
+        ip_in(
+            &pod.netns,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.to_string(),
+                "dev",
+                "eth0",
+            ],
+        )?;
         self.pods.push(pod.clone());
         Ok(pod)
     }
@@ -192,7 +272,15 @@ impl Topology {
     pub fn command_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut command = Command::new("ip");
         command
-            .args(["netns", "exec", netns, "setpriv", "--pdeathsig", "KILL", "--"])
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "setpriv",
+                "--pdeathsig",
+                "KILL",
+                "--",
+            ])
             .arg(program);
         command
     }
@@ -221,7 +309,10 @@ fn delete_netns(netns: &str) {
     if let Ok(output) = Command::new("ip").args(["netns", "pids", netns]).output() {
         for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
             if let Ok(pid) = pid.parse() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }
@@ -238,7 +329,10 @@ fn sweep_leftovers() {
         let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else {
             continue;
         };
-        let owner = rest.split('-').next().and_then(|pid| pid.parse::<i32>().ok());
+        let owner = rest
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse::<i32>().ok());
         if let Some(pid) = owner
             && !Path::new(&format!("/proc/{pid}")).exists()
         {

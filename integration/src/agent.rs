@@ -27,7 +27,10 @@ impl AgentProcess {
             .arg(config)
             .arg("--ca-dir")
             .arg(ca_dir)
-            .env("AMBIT_LOG", std::env::var("AMBIT_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "AMBIT_LOG",
+                std::env::var("AMBIT_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -46,7 +49,11 @@ impl AgentProcess {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the agent of {} exited with {status}:\n{}", self.node, self.log());
+                panic!(
+                    "the agent of {} exited with {status}:\n{}",
+                    self.node,
+                    self.log()
+                );
             }
             let ready = self
                 .node_ns
@@ -57,7 +64,11 @@ impl AgentProcess {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("the agent of {} never became ready:\n{}", self.node, self.log());
+        panic!(
+            "the agent of {} never became ready:\n{}",
+            self.node,
+            self.log()
+        );
     }
 
     /// What the agent logged so far.
@@ -93,7 +104,10 @@ fn probe_ready(addr: SocketAddr) -> bool {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let request = format!("GET {} HTTP/1.1\r\nhost: localhost\r\n\r\n", ambit_agent::READY_PATH);
+    let request = format!(
+        "GET {} HTTP/1.1\r\nhost: localhost\r\n\r\n",
+        ambit_agent::READY_PATH
+    );
     if stream.write_all(request.as_bytes()).is_err() {
         return false;
     }
@@ -110,7 +124,13 @@ pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("the test's own path");
     let profile_dir = exe
         .parent()
-        .and_then(|deps| if deps.ends_with("deps") { deps.parent() } else { Some(deps) })
+        .and_then(|deps| {
+            if deps.ends_with("deps") {
+                deps.parent()
+            } else {
+                Some(deps)
+            }
+        })
         .expect("the test runs from a cargo target directory");
     let binary = profile_dir.join("ambit");
     assert!(

@@ -172,7 +172,10 @@ impl Cluster {
             } else {
                 ""
             };
-            let _ = write!(yaml, "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n");
+            let _ = write!(
+                yaml,
+                "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n"
+            );
         }
         for (spec, pod, _) in self.pods.iter().filter(|(_, _, listed)| *listed) {
             let labels = if spec.opted_out {

@@ -42,7 +42,10 @@ impl InPod {
     pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
         let socket = self
             .run(move || {
-                let socket = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))?;
+                let socket = std::net::TcpStream::connect_timeout(
+                    &addr,
+                    std::time::Duration::from_secs(10),
+                )?;
                 socket.set_nonblocking(true)?;
                 Ok::<_, io::Error>(socket)
             })
@@ -61,7 +64,11 @@ impl InPod {
                 counter.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let _ = stream.set_nodelay(true);
-                    if stream.write_all(format!("{}\n", peer.ip()).as_bytes()).await.is_err() {
+                    if stream
+                        .write_all(format!("{}\n", peer.ip()).as_bytes())
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     let mut buf = vec![0; 64 * 1024];

@@ -1,5 +1,11 @@
 //! In-pod capture with nftables on a two-node mesh of network namespaces, end to end.
 
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a helper that cannot observe the mesh fails the test"
+)]
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -30,7 +36,10 @@ async fn cluster() -> Cluster {
 /// saw.
 async fn round_trip(cluster: &Cluster, from: &str, to: &str, payload: &[u8]) -> String {
     let exchange = async {
-        let mut stream = cluster.in_pod(from).connect(cluster.addr(to, APP_PORT)).await?;
+        let mut stream = cluster
+            .in_pod(from)
+            .connect(cluster.addr(to, APP_PORT))
+            .await?;
         let peer = read_peer_line(&mut stream).await?;
         stream.write_all(payload).await?;
         let mut echoed = vec![0; payload.len()];
@@ -57,7 +66,16 @@ impl Capture {
     fn start(netns: &str, interface: &str) -> Self {
         let file = tempfile::NamedTempFile::new().unwrap();
         let child = Topology::command_in(netns, "tcpdump")
-            .args(["-i", interface, "--immediate-mode", "-U", "-n", "-Z", "root", "-w"])
+            .args([
+                "-i",
+                interface,
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-Z",
+                "root",
+                "-w",
+            ])
             .arg(file.path())
             .arg("tcp")
             .stdout(Stdio::null())
@@ -92,7 +110,14 @@ fn has_hbone_packets(capture: &[u8]) -> bool {
 
 fn nft_tables(cluster: &Cluster, pod: &str) -> String {
     let output = Command::new("ip")
-        .args(["netns", "exec", &cluster.pod(pod).netns, "nft", "list", "tables"])
+        .args([
+            "netns",
+            "exec",
+            &cluster.pod(pod).netns,
+            "nft",
+            "list",
+            "tables",
+        ])
         .output()
         .unwrap();
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -150,8 +175,15 @@ async fn cross_node_traffic_is_tunneled_and_keeps_the_client_ip() {
     let peer = round_trip(&cluster, "client", "server", &payload).await;
 
     let packets = capture.stop();
-    assert_eq!(peer, cluster.pod("client").ip.to_string(), "the app sees the client pod");
-    assert!(!contains(&packets, &payload), "plaintext crossed the underlay");
+    assert_eq!(
+        peer,
+        cluster.pod("client").ip.to_string(),
+        "the app sees the client pod"
+    );
+    assert!(
+        !contains(&packets, &payload),
+        "plaintext crossed the underlay"
+    );
     assert!(has_hbone_packets(&packets), "no HBONE on the underlay");
 }
 
@@ -180,14 +212,22 @@ async fn traffic_to_and_from_pods_outside_the_mesh_still_works() {
     let peer = round_trip(&cluster, "client", "db", b"to legacy").await;
     assert_eq!(peer, cluster.pod("client").ip.to_string());
     let peer = round_trip(&cluster, "db", "server", b"from legacy").await;
-    assert_eq!(peer, cluster.pod("db").ip.to_string(), "the app sees the real client");
+    assert_eq!(
+        peer,
+        cluster.pod("db").ip.to_string(),
+        "the app sees the real client"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_opted_out_pod_is_left_alone() {
     let cluster = cluster().await;
     assert!(nft_tables(&cluster, "client").contains("table inet ambit"));
-    assert_eq!(nft_tables(&cluster, "debug"), "", "no capture in an opted-out pod");
+    assert_eq!(
+        nft_tables(&cluster, "debug"),
+        "",
+        "no capture in an opted-out pod"
+    );
     assert_eq!(fwmark_rules(&cluster, "debug"), 0);
     assert!(!listening_ports(&cluster, "debug").contains(":15001"));
 
@@ -237,26 +277,57 @@ async fn a_dead_agent_fails_closed_and_a_new_one_resumes() {
     cluster.kill_agent("node2");
 
     // From a pod of the dead agent's node: nothing listens on 15001 any more.
-    let refused = cluster.in_pod("server").connect(cluster.addr("db", APP_PORT)).await;
-    assert!(refused.is_err(), "outbound from a captured pod must fail without its agent");
+    let refused = cluster
+        .in_pod("server")
+        .connect(cluster.addr("db", APP_PORT))
+        .await;
+    assert!(
+        refused.is_err(),
+        "outbound from a captured pod must fail without its agent"
+    );
 
     // Into a pod of the dead agent's node, tunneled or not: nothing reaches the app.
-    if let Ok(mut stream) = cluster.in_pod("client").connect(cluster.addr("server", APP_PORT)).await {
+    if let Ok(mut stream) = cluster
+        .in_pod("client")
+        .connect(cluster.addr("server", APP_PORT))
+        .await
+    {
         let mut buf = [0; 1];
         let read = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await;
-        assert!(!matches!(read, Ok(Ok(1))), "data arrived from a pod whose agent is dead");
+        assert!(
+            !matches!(read, Ok(Ok(1))),
+            "data arrived from a pod whose agent is dead"
+        );
     }
     let plain = tokio::time::timeout(
         Duration::from_secs(3),
-        cluster.in_pod("db").connect(cluster.addr("server", APP_PORT)),
+        cluster
+            .in_pod("db")
+            .connect(cluster.addr("server", APP_PORT)),
     )
     .await;
-    assert!(!matches!(plain, Ok(Ok(_))), "plaintext got through to a pod whose agent is dead");
-    assert_eq!(server.accepted(), accepted_before, "the app accepted a connection without its agent");
+    assert!(
+        !matches!(plain, Ok(Ok(_))),
+        "plaintext got through to a pod whose agent is dead"
+    );
+    assert_eq!(
+        server.accepted(),
+        accepted_before,
+        "the app accepted a connection without its agent"
+    );
 
     cluster.start_agent("node2").await;
     let peer = round_trip(&cluster, "client", "server", b"after").await;
     assert_eq!(peer, cluster.pod("client").ip.to_string());
-    assert_eq!(nft_tables(&cluster, "server").matches("table inet ambit").count(), 1);
-    assert_eq!(fwmark_rules(&cluster, "server"), 1, "no duplicate rules after the restart");
+    assert_eq!(
+        nft_tables(&cluster, "server")
+            .matches("table inet ambit")
+            .count(),
+        1
+    );
+    assert_eq!(
+        fwmark_rules(&cluster, "server"),
+        1,
+        "no duplicate rules after the restart"
+    );
 }

@@ -20,10 +20,10 @@ use super::headers::{self, Baggage, TraceParent};
 use super::keepalive::{self, KeepaliveError};
 use super::stream::{self, H2Stream};
 use super::{CONNECTION_WINDOW, Keepalive, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW};
-use crate::error_chain::ErrorChain;
 use crate::accept::serve_listener;
 use crate::access::{AccessLog, Direction};
 use crate::drain::DrainWatcher;
+use crate::error_chain::ErrorChain;
 use crate::sockets::SocketFactory;
 
 /// How long the app may take to accept a connection before the stream gets a 503.
@@ -211,14 +211,30 @@ async fn serve_stream(
         dst.addr = %destination,
         trace_id = trace.map(|t| format!("{:032x}", t.trace_id)),
     );
-    let mut log = AccessLog::new(Direction::InboundHbone, peer.addr, destination, Instant::now());
+    let mut log = AccessLog::new(
+        Direction::InboundHbone,
+        peer.addr,
+        destination,
+        Instant::now(),
+    );
     log.src_identity = peer.identity.clone();
     log.dst_identity = Some(peer.local_identity.clone());
-    log.src_workload = baggage.namespace.as_ref().zip(baggage.workload.as_ref()).map(|(ns, (_, name))| format!("{ns}/{name}"));
+    log.src_workload = baggage
+        .namespace
+        .as_ref()
+        .zip(baggage.workload.as_ref())
+        .map(|(ns, (_, name))| format!("{ns}/{name}"));
     let client = SocketAddr::new(peer.addr.ip(), 0);
-    tunnel_to_app(client, destination, request.into_body(), respond, sockets.as_ref(), log)
-        .instrument(span)
-        .await;
+    tunnel_to_app(
+        client,
+        destination,
+        request.into_body(),
+        respond,
+        sockets.as_ref(),
+        log,
+    )
+    .instrument(span)
+    .await;
 }
 
 /// Connects to the app as the client (the app sees the client's IP), then copies.

@@ -69,7 +69,9 @@ async fn proxy(pod: Pod, mut tcp: TcpStream, peer: SocketAddr) {
                 socket.connect(addr).await
             };
             match connected.await {
-                Ok(mut upstream) => log.finish_plain(tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await),
+                Ok(mut upstream) => {
+                    log.finish_plain(tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await)
+                }
                 Err(error) => log.fail(&error),
             }
         }

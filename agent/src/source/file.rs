@@ -14,8 +14,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::error_chain::ErrorChain;
 use crate::drain::DrainWatcher;
+use crate::error_chain::ErrorChain;
 use crate::state::{
     ClusterState, Endpoint, Protocol, Service, ServicePort, TargetPort, Workload, WorkloadUid,
 };
