@@ -4,10 +4,10 @@
 //! [`HboneServer`]), graceful shutdown ([`drain`]), and the `ambit` command line ([`Cli`]).
 
 pub mod drain;
+pub mod lab;
 pub mod sockets;
 pub mod source;
 pub mod state;
-pub mod topology;
 
 mod accept;
 mod access;

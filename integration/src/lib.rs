@@ -1,28 +1,23 @@
-//! Privileged end-to-end tests and benchmarks of ambit on real network namespaces: nodes and
-//! pods as namespaces joined by veth pairs ([`ambit_agent::topology`]), agents as child
-//! processes ([`AgentProcess`]), apps as sockets inside the pods ([`InPod`]), and the cluster
-//! file that ties them together ([`Cluster`]).
+//! Privileged end-to-end tests and benchmarks of ambit on real network namespaces, built with
+//! [`ambit_agent::lab`]: nodes and pods as namespaces joined by veth pairs, agents as child
+//! processes, apps as sockets inside the pods.
 //!
-//! Everything needs root; without it the harness fails with a message saying so, never passing
+//! Everything needs root; without it the tests fail with a message saying so, never passing
 //! silently.
 
-#![expect(
-    clippy::expect_used,
-    reason = "a harness that cannot build its cluster fails the test that asked for it"
-)]
+use std::path::PathBuf;
 
-mod agent;
-mod cluster;
-mod pod;
-
-pub use agent::{AgentProcess, binary};
-pub use cluster::{Cluster, ClusterBuilder};
-pub use pod::{EchoApp, InPod, read_peer_line};
-
-/// Fails the test unless it runs as root: the harness creates namespaces and loads rules.
-pub fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test builds network namespaces and nftables rules: run it as root (CI does)"
-    );
+/// The `ambit` binary built next to the running test or benchmark (`AMBIT_BIN` overrides it).
+/// Cargo builds it with the workspace's tests; on its own, `cargo build -p ambit-agent`.
+pub fn agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("AMBIT_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = match exe.parent() {
+        Some(deps) if deps.ends_with("deps") => deps.parent().unwrap_or(deps),
+        Some(dir) => dir,
+        None => exe.as_path(),
+    };
+    profile_dir.join("ambit")
 }

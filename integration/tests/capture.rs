@@ -9,8 +9,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ambit_agent::topology::Topology;
-use ambit_integration::{Cluster, read_peer_line};
+use ambit_agent::lab::topology::Topology;
+use ambit_agent::lab::{Cluster, read_peer_line};
+use ambit_integration::agent_binary;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const APP_PORT: u16 = 8080;
@@ -18,7 +19,7 @@ const APP_PORT: u16 = 8080;
 /// client and server-local on node1, server on node2, all in the mesh; db outside it on node2;
 /// debug opted out on node1.
 async fn cluster() -> Cluster {
-    Cluster::builder()
+    Cluster::builder(&agent_binary())
         .node("node1")
         .node("node2")
         .ambient_namespace("shop")
@@ -30,6 +31,7 @@ async fn cluster() -> Cluster {
         .opted_out_pod("node1", "shop", "debug")
         .start()
         .await
+        .unwrap()
 }
 
 /// Sends `payload` from `from` to the echo app of `to` and returns the client address the app
@@ -38,7 +40,8 @@ async fn round_trip(cluster: &Cluster, from: &str, to: &str, payload: &[u8]) -> 
     let exchange = async {
         let mut stream = cluster
             .in_pod(from)
-            .connect(cluster.addr(to, APP_PORT))
+            .unwrap()
+            .connect(cluster.addr(to, APP_PORT).unwrap())
             .await?;
         let peer = read_peer_line(&mut stream).await?;
         stream.write_all(payload).await?;
@@ -113,7 +116,7 @@ fn nft_tables(cluster: &Cluster, pod: &str) -> String {
         .args([
             "netns",
             "exec",
-            &cluster.pod(pod).netns,
+            &cluster.pod(pod).unwrap().netns,
             "nft",
             "list",
             "tables",
@@ -125,7 +128,7 @@ fn nft_tables(cluster: &Cluster, pod: &str) -> String {
 
 fn fwmark_rules(cluster: &Cluster, pod: &str) -> usize {
     let output = Command::new("ip")
-        .args(["-n", &cluster.pod(pod).netns, "rule", "show"])
+        .args(["-n", &cluster.pod(pod).unwrap().netns, "rule", "show"])
         .output()
         .unwrap();
     String::from_utf8_lossy(&output.stdout)
@@ -136,7 +139,13 @@ fn fwmark_rules(cluster: &Cluster, pod: &str) -> usize {
 
 fn listening_ports(cluster: &Cluster, pod: &str) -> String {
     let output = Command::new("ip")
-        .args(["netns", "exec", &cluster.pod(pod).netns, "ss", "-Hltn"])
+        .args([
+            "netns",
+            "exec",
+            &cluster.pod(pod).unwrap().netns,
+            "ss",
+            "-Hltn",
+        ])
         .output()
         .unwrap();
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -168,7 +177,12 @@ async fn within(limit: Duration, condition: impl Fn() -> bool) -> Option<Duratio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_node_traffic_is_tunneled_and_keeps_the_client_ip() {
     let cluster = cluster().await;
-    let _server = cluster.in_pod("server").echo(APP_PORT).await;
+    let _server = cluster
+        .in_pod("server")
+        .unwrap()
+        .echo(APP_PORT)
+        .await
+        .unwrap();
     let capture = Capture::start(cluster.topology().underlay(), "n1");
 
     let payload = marker();
@@ -177,7 +191,7 @@ async fn cross_node_traffic_is_tunneled_and_keeps_the_client_ip() {
     let packets = capture.stop();
     assert_eq!(
         peer,
-        cluster.pod("client").ip.to_string(),
+        cluster.pod("client").unwrap().ip.to_string(),
         "the app sees the client pod"
     );
     assert!(
@@ -190,7 +204,12 @@ async fn cross_node_traffic_is_tunneled_and_keeps_the_client_ip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_node_traffic_is_tunneled_too() {
     let cluster = cluster().await;
-    let _local = cluster.in_pod("local").echo(APP_PORT).await;
+    let _local = cluster
+        .in_pod("local")
+        .unwrap()
+        .echo(APP_PORT)
+        .await
+        .unwrap();
     let node1 = cluster.topology().nodes()[0].netns.clone();
     let capture = Capture::start(&node1, "any");
 
@@ -198,7 +217,7 @@ async fn same_node_traffic_is_tunneled_too() {
     let peer = round_trip(&cluster, "client", "local", &payload).await;
 
     let packets = capture.stop();
-    assert_eq!(peer, cluster.pod("client").ip.to_string());
+    assert_eq!(peer, cluster.pod("client").unwrap().ip.to_string());
     assert!(!contains(&packets, &payload), "plaintext between the pods");
     assert!(has_hbone_packets(&packets));
 }
@@ -206,15 +225,20 @@ async fn same_node_traffic_is_tunneled_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_to_and_from_pods_outside_the_mesh_still_works() {
     let cluster = cluster().await;
-    let _db = cluster.in_pod("db").echo(APP_PORT).await;
-    let _server = cluster.in_pod("server").echo(APP_PORT).await;
+    let _db = cluster.in_pod("db").unwrap().echo(APP_PORT).await.unwrap();
+    let _server = cluster
+        .in_pod("server")
+        .unwrap()
+        .echo(APP_PORT)
+        .await
+        .unwrap();
 
     let peer = round_trip(&cluster, "client", "db", b"to legacy").await;
-    assert_eq!(peer, cluster.pod("client").ip.to_string());
+    assert_eq!(peer, cluster.pod("client").unwrap().ip.to_string());
     let peer = round_trip(&cluster, "db", "server", b"from legacy").await;
     assert_eq!(
         peer,
-        cluster.pod("db").ip.to_string(),
+        cluster.pod("db").unwrap().ip.to_string(),
         "the app sees the real client"
     );
 }
@@ -231,18 +255,23 @@ async fn an_opted_out_pod_is_left_alone() {
     assert_eq!(fwmark_rules(&cluster, "debug"), 0);
     assert!(!listening_ports(&cluster, "debug").contains(":15001"));
 
-    let _debug = cluster.in_pod("debug").echo(APP_PORT).await;
+    let _debug = cluster
+        .in_pod("debug")
+        .unwrap()
+        .echo(APP_PORT)
+        .await
+        .unwrap();
     let peer = round_trip(&cluster, "debug", "debug", b"self").await;
-    assert_eq!(peer, cluster.pod("debug").ip.to_string());
+    assert_eq!(peer, cluster.pod("debug").unwrap().ip.to_string());
     let peer = round_trip(&cluster, "client", "debug", b"plain").await;
-    assert_eq!(peer, cluster.pod("client").ip.to_string());
+    assert_eq!(peer, cluster.pod("client").unwrap().ip.to_string());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_are_enrolled_and_released_as_the_file_changes() {
     let mut cluster = cluster().await;
-    cluster.add_pod_namespace("node2", "shop", "late");
-    cluster.write_config();
+    cluster.add_pod_namespace("node2", "shop", "late").unwrap();
+    cluster.write_config().unwrap();
     let enrolled = within(Duration::from_secs(5), || {
         nft_tables(&cluster, "late").contains("table inet ambit")
             && listening_ports(&cluster, "late").contains(":15008")
@@ -251,12 +280,17 @@ async fn pods_are_enrolled_and_released_as_the_file_changes() {
     let enrolled = enrolled.unwrap_or_else(|| panic!("never enrolled\n{}", cluster.logs()));
     eprintln!("enrolled {enrolled:?} after the file changed");
 
-    let _late = cluster.in_pod("late").echo(APP_PORT).await;
+    let _late = cluster
+        .in_pod("late")
+        .unwrap()
+        .echo(APP_PORT)
+        .await
+        .unwrap();
     let peer = round_trip(&cluster, "client", "late", b"hello late").await;
-    assert_eq!(peer, cluster.pod("client").ip.to_string());
+    assert_eq!(peer, cluster.pod("client").unwrap().ip.to_string());
 
     cluster.unlist_pod("late");
-    cluster.write_config();
+    cluster.write_config().unwrap();
     let released = within(Duration::from_secs(5), || {
         nft_tables(&cluster, "late").is_empty()
             && fwmark_rules(&cluster, "late") == 0
@@ -270,7 +304,12 @@ async fn pods_are_enrolled_and_released_as_the_file_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_agent_fails_closed_and_a_new_one_resumes() {
     let mut cluster = cluster().await;
-    let server = cluster.in_pod("server").echo(APP_PORT).await;
+    let server = cluster
+        .in_pod("server")
+        .unwrap()
+        .echo(APP_PORT)
+        .await
+        .unwrap();
     round_trip(&cluster, "client", "server", b"before").await;
     let accepted_before = server.accepted();
 
@@ -279,7 +318,8 @@ async fn a_dead_agent_fails_closed_and_a_new_one_resumes() {
     // From a pod of the dead agent's node: nothing listens on 15001 any more.
     let refused = cluster
         .in_pod("server")
-        .connect(cluster.addr("db", APP_PORT))
+        .unwrap()
+        .connect(cluster.addr("db", APP_PORT).unwrap())
         .await;
     assert!(
         refused.is_err(),
@@ -289,7 +329,8 @@ async fn a_dead_agent_fails_closed_and_a_new_one_resumes() {
     // Into a pod of the dead agent's node, tunneled or not: nothing reaches the app.
     if let Ok(mut stream) = cluster
         .in_pod("client")
-        .connect(cluster.addr("server", APP_PORT))
+        .unwrap()
+        .connect(cluster.addr("server", APP_PORT).unwrap())
         .await
     {
         let mut buf = [0; 1];
@@ -303,7 +344,8 @@ async fn a_dead_agent_fails_closed_and_a_new_one_resumes() {
         Duration::from_secs(3),
         cluster
             .in_pod("db")
-            .connect(cluster.addr("server", APP_PORT)),
+            .unwrap()
+            .connect(cluster.addr("server", APP_PORT).unwrap()),
     )
     .await;
     assert!(
@@ -316,9 +358,9 @@ async fn a_dead_agent_fails_closed_and_a_new_one_resumes() {
         "the app accepted a connection without its agent"
     );
 
-    cluster.start_agent("node2").await;
+    cluster.start_agent("node2").await.unwrap();
     let peer = round_trip(&cluster, "client", "server", b"after").await;
-    assert_eq!(peer, cluster.pod("client").ip.to_string());
+    assert_eq!(peer, cluster.pod("client").unwrap().ip.to_string());
     assert_eq!(
         nft_tables(&cluster, "server")
             .matches("table inet ambit")

@@ -1,14 +1,15 @@
-//! A cluster for one test: its topology, the file its agents read, and the agents.
+//! A cluster: its topology, the file its agents read, and the agents.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use ambit_agent::topology::{PodNs, Topology};
+use anyhow::{Context, anyhow};
 
-use crate::agent::AgentProcess;
-use crate::pod::InPod;
+use super::agent::AgentProcess;
+use super::pod::InPod;
+use super::topology::{PodNs, Topology};
 
 #[derive(Debug, Clone)]
 struct PodSpec {
@@ -17,9 +18,10 @@ struct PodSpec {
     opted_out: bool,
 }
 
-/// What a test's cluster holds, before it starts.
-#[derive(Debug, Default)]
+/// What a cluster holds, before it starts.
+#[derive(Debug)]
 pub struct ClusterBuilder {
+    agent_binary: PathBuf,
     nodes: Vec<String>,
     namespaces: Vec<(String, bool)>,
     pods: Vec<(String, PodSpec)>,
@@ -63,17 +65,20 @@ impl ClusterBuilder {
     }
 
     /// Builds the namespaces, writes the cluster file, and starts one ready agent per node.
-    pub async fn start(self) -> Cluster {
-        crate::require_root();
-        let mut topology = Topology::new().expect("build the underlay");
-        for node in &self.nodes {
-            topology.add_node(node).expect("add a node");
+    pub async fn start(self) -> anyhow::Result<Cluster> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(anyhow!("building network namespaces needs root"));
         }
-        let dir = tempfile::tempdir().expect("a directory for the cluster's files");
+        let mut topology = Topology::new()?;
+        for node in &self.nodes {
+            topology.add_node(node)?;
+        }
+        let dir = tempfile::tempdir().context("creating a directory for the cluster's files")?;
         let ca_dir = dir.path().join("ca");
-        let trust_domain = "cluster.local".parse().expect("valid trust domain");
-        ambit_identity::LocalCa::load_or_create(&ca_dir, &trust_domain).expect("create the CA");
+        let trust_domain = "cluster.local".parse()?;
+        ambit_identity::LocalCa::load_or_create(&ca_dir, &trust_domain)?;
         let mut cluster = Cluster {
+            agent_binary: self.agent_binary,
             config: dir.path().join("cluster.yaml"),
             ca_dir,
             dir,
@@ -83,13 +88,13 @@ impl ClusterBuilder {
             topology,
         };
         for (node, spec) in self.pods {
-            cluster.add_pod(&node, spec);
+            cluster.add_pod(&node, spec)?;
         }
-        cluster.write_config();
+        cluster.write_config()?;
         for node in self.nodes {
-            cluster.start_agent(&node).await;
+            cluster.start_agent(&node).await?;
         }
-        cluster
+        Ok(cluster)
     }
 }
 
@@ -99,6 +104,7 @@ pub struct Cluster {
     // Field order is drop order: agents go before the namespaces they run in.
     agents: BTreeMap<String, AgentProcess>,
     topology: Topology,
+    agent_binary: PathBuf,
     config: PathBuf,
     ca_dir: PathBuf,
     namespaces: Vec<(String, bool)>,
@@ -108,33 +114,46 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn builder() -> ClusterBuilder {
-        ClusterBuilder::default()
+    /// A cluster whose agents run `agent_binary`.
+    pub fn builder(agent_binary: &Path) -> ClusterBuilder {
+        ClusterBuilder {
+            agent_binary: agent_binary.to_owned(),
+            nodes: Vec::new(),
+            namespaces: Vec::new(),
+            pods: Vec::new(),
+        }
     }
 
     pub fn topology(&self) -> &Topology {
         &self.topology
     }
 
-    pub fn pod(&self, name: &str) -> &PodNs {
+    pub fn pod(&self, name: &str) -> anyhow::Result<&PodNs> {
         self.pods
             .iter()
             .find(|(spec, _, _)| spec.name == name)
             .map(|(_, pod, _)| pod)
-            .unwrap_or_else(|| panic!("no pod {name}"))
+            .ok_or_else(|| anyhow!("no pod {name}"))
     }
 
-    pub fn in_pod(&self, name: &str) -> InPod {
-        InPod::open(&self.pod(name).netns_path())
+    /// Opens the pod's namespace for its apps.
+    pub fn in_pod(&self, name: &str) -> anyhow::Result<InPod> {
+        Ok(InPod::open(&self.pod(name)?.netns_path())?)
     }
 
-    pub fn addr(&self, pod: &str, port: u16) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(self.pod(pod).ip), port)
+    /// `port` on the pod's IP.
+    pub fn addr(&self, pod: &str, port: u16) -> anyhow::Result<SocketAddr> {
+        Ok(SocketAddr::new(IpAddr::V4(self.pod(pod)?.ip), port))
     }
 
     /// Creates a pod's namespace; the cluster file lists it from the next
     /// [`write_config`](Self::write_config).
-    pub fn add_pod_namespace(&mut self, node: &str, namespace: &str, name: &str) -> PodNs {
+    pub fn add_pod_namespace(
+        &mut self,
+        node: &str,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<PodNs> {
         self.add_pod(
             node,
             PodSpec {
@@ -145,13 +164,10 @@ impl Cluster {
         )
     }
 
-    fn add_pod(&mut self, node: &str, spec: PodSpec) -> PodNs {
-        let pod = self
-            .topology
-            .add_pod(node, &spec.namespace, &spec.name)
-            .expect("add a pod");
+    fn add_pod(&mut self, node: &str, spec: PodSpec) -> anyhow::Result<PodNs> {
+        let pod = self.topology.add_pod(node, &spec.namespace, &spec.name)?;
         self.pods.push((spec, pod.clone(), true));
-        pod
+        Ok(pod)
     }
 
     /// Leaves `name` out of the cluster file from the next write; its namespace stays.
@@ -164,7 +180,7 @@ impl Cluster {
     }
 
     /// Writes the cluster file the agents read, atomically.
-    pub fn write_config(&self) {
+    pub fn write_config(&self) -> anyhow::Result<()> {
         let mut yaml = String::new();
         for (name, ambient) in &self.namespaces {
             let labels = if *ambient {
@@ -195,23 +211,31 @@ impl Cluster {
             );
         }
         let staged = self.dir.path().join("cluster.yaml.new");
-        std::fs::write(&staged, yaml).expect("write the cluster file");
-        std::fs::rename(&staged, &self.config).expect("replace the cluster file");
+        std::fs::write(&staged, yaml).context("writing the cluster file")?;
+        std::fs::rename(&staged, &self.config).context("replacing the cluster file")
     }
 
     /// Starts the agent of `node` and waits until it is ready.
-    pub async fn start_agent(&mut self, node: &str) {
+    pub async fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
         let netns = self
             .topology
             .nodes()
             .iter()
             .find(|n| n.name == node)
             .map(|n| n.netns.clone())
-            .unwrap_or_else(|| panic!("no node {node}"));
+            .ok_or_else(|| anyhow!("no node {node}"))?;
         let log = self.dir.path().join(format!("agent-{node}.log"));
-        let mut agent = AgentProcess::start(node, &netns, &self.config, &self.ca_dir, log);
-        agent.wait_ready().await;
+        let mut agent = AgentProcess::start(
+            &self.agent_binary,
+            node,
+            &netns,
+            &self.config,
+            &self.ca_dir,
+            log,
+        )?;
+        agent.wait_ready().await?;
         self.agents.insert(node.to_owned(), agent);
+        Ok(())
     }
 
     /// Kills the agent of `node` at once, as a crash would.
@@ -221,8 +245,8 @@ impl Cluster {
         }
     }
 
-    pub fn agent(&self, node: &str) -> &AgentProcess {
-        &self.agents[node]
+    pub fn agent(&self, node: &str) -> Option<&AgentProcess> {
+        self.agents.get(node)
     }
 
     /// All agents' logs, for a failing test's message.

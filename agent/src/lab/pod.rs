@@ -1,86 +1,92 @@
-//! Apps inside pods: sockets created in a pod's namespace, used from the test's runtime.
+//! Apps inside pods: sockets created in a pod's namespace, used from the caller's runtime.
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use ambit_redirect::{Netns, PodNetns};
+use ambit_redirect::{Netns, NetnsError, PodNetns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-/// A handle on a namespace for creating app sockets in it.
+/// How long an app waits for a connection to be accepted.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A handle on a namespace for creating app sockets in it. App sockets carry no mark: capture
+/// treats them as the pod's own traffic.
 #[derive(Debug, Clone)]
 pub struct InPod(PodNetns);
 
 impl InPod {
-    pub fn open(path: &Path) -> Self {
-        let netns = Netns::open(path).expect("open the pod's namespace");
-        Self(PodNetns::enter(netns).expect("enter the pod's namespace"))
+    pub fn open(path: &Path) -> Result<Self, NetnsError> {
+        Ok(Self(PodNetns::enter(Netns::open(path)?)?))
     }
 
     /// Runs blocking work inside the namespace.
-    pub async fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
-        self.0.run(f).await.expect("the namespace thread runs")
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> io::Result<R> {
+        self.0.run(f).await.map_err(io::Error::other)
     }
 
-    pub async fn listen(&self, port: u16) -> TcpListener {
+    pub async fn listen(&self, port: u16) -> io::Result<TcpListener> {
         let listener = self
             .run(move || {
                 let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
                 listener.set_nonblocking(true)?;
                 Ok::<_, io::Error>(listener)
             })
-            .await
-            .expect("listen in the pod");
-        TcpListener::from_std(listener).expect("register the listener")
+            .await??;
+        TcpListener::from_std(listener)
     }
 
     /// Connects from the pod, as one of its apps would.
     pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
         let socket = self
             .run(move || {
-                let socket = std::net::TcpStream::connect_timeout(
-                    &addr,
-                    std::time::Duration::from_secs(10),
-                )?;
+                let socket = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
                 socket.set_nonblocking(true)?;
+                socket.set_nodelay(true)?;
                 Ok::<_, io::Error>(socket)
             })
-            .await?;
+            .await??;
         TcpStream::from_std(socket)
     }
 
     /// A server that answers every connection with the address it sees the client at, one
     /// line, then echoes.
-    pub async fn echo(&self, port: u16) -> EchoApp {
-        let listener = self.listen(port).await;
+    pub async fn echo(&self, port: u16) -> io::Result<EchoApp> {
+        let listener = self.listen(port).await?;
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
         let task = tokio::spawn(async move {
-            while let Ok((mut stream, peer)) = listener.accept().await {
+            while let Ok((stream, peer)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let _ = stream.set_nodelay(true);
-                    if stream
-                        .write_all(format!("{}\n", peer.ip()).as_bytes())
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    let mut buf = vec![0; 64 * 1024];
-                    while let Ok(n) = stream.read(&mut buf).await {
-                        if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
+                tokio::spawn(echo(stream, peer));
             }
         });
-        EchoApp { accepted, task }
+        Ok(EchoApp { accepted, task })
+    }
+}
+
+async fn echo(mut stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    if stream
+        .write_all(format!("{}\n", peer.ip()).as_bytes())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut buf = vec![0; 64 * 1024];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
     }
 }
 
