@@ -40,9 +40,10 @@ impl Cli {
                 ExitCode::SUCCESS
             }
             Command::Agent(args) => run_agent(args),
-            Command::Debug | Command::Demo => {
+            Command::Demo => run_demo(),
+            Command::Debug => {
                 init_logging(LogFormat::Text);
-                tracing::error!("this command is not available in this build yet");
+                tracing::error!("`ambit debug` is not available in this build yet");
                 ExitCode::from(2)
             }
         }
@@ -51,13 +52,22 @@ impl Cli {
 
 fn run_agent(args: AgentArgs) -> ExitCode {
     init_logging(args.log_format);
-    let config = match AgentConfig::try_from(args) {
-        Ok(config) => config,
+    match AgentConfig::try_from(args) {
+        Ok(config) => block_on(crate::app::run(config)),
         Err(error) => {
             tracing::error!("{error}");
-            return ExitCode::from(2);
+            ExitCode::from(2)
         }
-    };
+    }
+}
+
+fn run_demo() -> ExitCode {
+    init_logging(LogFormat::Text);
+    block_on(async { crate::demo::run(&mut std::io::stdout().lock()).await })
+}
+
+/// Runs `task` on a multi-threaded runtime; an error is logged with its causes.
+fn block_on(task: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -68,7 +78,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(crate::app::run(config)) {
+    match runtime.block_on(task) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");

@@ -14,6 +14,7 @@ mod access;
 mod app;
 mod cli;
 mod config;
+mod demo;
 mod enrolment;
 mod error_chain;
 mod hbone;

@@ -24,7 +24,7 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     /// Starts `binary agent` for `node` in its namespace `netns`, reading the cluster file
-    /// `config`; its JSON log goes to `log`. `AMBIT_LOG` (default `info`) sets its log level.
+    /// `config`; its JSON log, at level `info` so that it holds the access log, goes to `log`.
     pub fn start(
         binary: &Path,
         node: &str,
@@ -40,10 +40,7 @@ impl AgentProcess {
             .arg(config)
             .arg("--ca-dir")
             .arg(ca_dir)
-            .env(
-                "AMBIT_LOG",
-                std::env::var("AMBIT_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("AMBIT_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
