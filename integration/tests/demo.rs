@@ -1,7 +1,5 @@
 //! `ambit demo`, as a user runs it.
 
-#![expect(clippy::unwrap_used, reason = "a demo that cannot run fails the test")]
-
 use std::process::{Command, Stdio};
 
 use ambit_integration::agent_binary;
