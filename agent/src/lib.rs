@@ -1,7 +1,11 @@
 //! The ambit node agent.
 //!
-//! Owns the data plane of one node: HBONE tunnels between workloads ([`HboneClient`],
-//! [`HboneServer`]), graceful shutdown ([`drain`]), and the `ambit` command line ([`Cli`]).
+//! Owns the data plane of one node. The composition root (`app`) reads the cluster
+//! ([`source`] into [`state`]), keeps the node's enrolled pods captured (`enrolment`), and runs,
+//! inside each pod, the outbound, inbound-HBONE and inbound-plaintext proxies (`proxy`) on top of
+//! HBONE ([`HboneClient`], [`HboneServer`]). Long-lived tasks stop through [`drain`]; sockets
+//! come from a [`sockets::SocketFactory`]. The `ambit` command line is [`Cli`]; `ambit demo` runs
+//! on the namespace [`lab`].
 
 pub mod drain;
 pub mod lab;

@@ -12,11 +12,12 @@
 )]
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ambit_agent::lab::{Cluster, InPod, read_peer_line};
 use ambit_integration::agent_binary;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ambit_test_support::measure::{self, Comparison};
+use tokio::net::TcpStream;
 
 const SINK_PORT: u16 = 9000;
 const ECHO_PORT: u16 = 8080;
@@ -26,7 +27,6 @@ const ROUND_TRIPS: usize = 10_000;
 const WARMUP: usize = 500;
 const NEW_CONNECTIONS: usize = 1_000;
 const HELD_CONNECTIONS: usize = 1_000;
-const MESSAGE: usize = 1024;
 
 fn main() {
     raise_fd_limit();
@@ -65,7 +65,7 @@ async fn run() {
     for server in ["server", "direct-server"] {
         let pod = cluster.in_pod(server).unwrap();
         apps.push(pod.echo(ECHO_PORT).await.unwrap());
-        start_sink(&pod).await;
+        tokio::spawn(measure::serve_sink(pod.listen(SINK_PORT).await.unwrap()));
     }
     let path = |client: &str, server: &str| Path {
         client: cluster.in_pod(client).unwrap(),
@@ -82,37 +82,27 @@ async fn run() {
     let mesh_rtt = round_trips(&mesh).await;
     let rate = (connection_rate(&direct).await, connection_rate(&mesh).await);
 
+    let mut table = Comparison::new("direct", "mesh");
+    table.row(
+        "single-stream throughput (MiB/s)",
+        throughput.0,
+        throughput.1,
+    );
+    table.row(
+        "1 KiB round trip p50 (us)",
+        measure::percentile_us(&direct_rtt, 0.5),
+        measure::percentile_us(&mesh_rtt, 0.5),
+    );
+    table.row(
+        "1 KiB round trip p99 (us)",
+        measure::percentile_us(&direct_rtt, 0.99),
+        measure::percentile_us(&mesh_rtt, 0.99),
+    );
+    table.row("new connections/s (1 KiB round trip each)", rate.0, rate.1);
     println!(
         "Pod to pod across two nodes, direct vs through the mesh (one run; ratio = mesh / direct)"
     );
-    println!(
-        "{:<44} {:>12} {:>12} {:>8}",
-        "metric", "direct", "mesh", "ratio"
-    );
-    let rows = [
-        (
-            "single-stream throughput (MiB/s)",
-            throughput.0,
-            throughput.1,
-        ),
-        (
-            "1 KiB round trip p50 (us)",
-            percentile(&direct_rtt, 0.5),
-            percentile(&mesh_rtt, 0.5),
-        ),
-        (
-            "1 KiB round trip p99 (us)",
-            percentile(&direct_rtt, 0.99),
-            percentile(&mesh_rtt, 0.99),
-        ),
-        ("new connections/s (1 KiB round trip each)", rate.0, rate.1),
-    ];
-    for (metric, direct, mesh) in rows {
-        println!(
-            "{metric:<44} {direct:>12.1} {mesh:>12.1} {:>8.2}",
-            mesh / direct
-        );
-    }
+    print!("{}", table.render());
     for (node, kib) in memory {
         println!(
             "agent {node}: {kib:.2} KiB resident per held tunneled connection ({HELD_CONNECTIONS} held)"
@@ -120,81 +110,29 @@ async fn run() {
     }
 }
 
-/// A server that reads until EOF, then answers with the byte count.
-async fn start_sink(pod: &InPod) {
-    let listener = pod.listen(SINK_PORT).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0; 256 * 1024];
-                let mut total = 0u64;
-                while let Ok(n) = tcp.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    total += n as u64;
-                }
-                let _ = tcp.write_all(&total.to_be_bytes()).await;
-            });
-        }
-    });
-}
-
 async fn throughput(path: &Path) -> f64 {
-    let chunk = vec![0x5a; 256 * 1024];
-    let mut rates = Vec::new();
+    let mut rates = Vec::with_capacity(BULK_RUNS);
     for _ in 0..BULK_RUNS {
         let mut tcp = path.client.connect(path.sink).await.unwrap();
-        let start = Instant::now();
-        let mut sent = 0;
-        while sent < BULK_BYTES {
-            tcp.write_all(&chunk).await.unwrap();
-            sent += chunk.len() as u64;
-        }
-        tcp.shutdown().await.unwrap();
-        let mut count = [0; 8];
-        tcp.read_exact(&mut count).await.unwrap();
-        assert_eq!(u64::from_be_bytes(count), sent);
-        rates.push(sent as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64());
+        rates.push(measure::bulk_send(&mut tcp, BULK_BYTES).await);
     }
-    rates.sort_by(f64::total_cmp);
-    rates[rates.len() / 2]
+    measure::median(rates)
+}
+
+/// A connection to the echo app, past its greeting line.
+async fn echo_stream(path: &Path) -> TcpStream {
+    let mut tcp = path.client.connect(path.echo).await.unwrap();
+    read_peer_line(&mut tcp).await.unwrap();
+    tcp
 }
 
 async fn round_trips(path: &Path) -> Vec<Duration> {
-    let mut tcp = path.client.connect(path.echo).await.unwrap();
-    read_peer_line(&mut tcp).await.unwrap();
-    let request = [0x42; MESSAGE];
-    let mut response = [0; MESSAGE];
-    let mut samples = Vec::with_capacity(ROUND_TRIPS);
-    for i in 0..WARMUP + ROUND_TRIPS {
-        let start = Instant::now();
-        tcp.write_all(&request).await.unwrap();
-        tcp.read_exact(&mut response).await.unwrap();
-        if i >= WARMUP {
-            samples.push(start.elapsed());
-        }
-    }
-    samples.sort();
-    samples
-}
-
-fn percentile(sorted: &[Duration], quantile: f64) -> f64 {
-    let index = ((sorted.len() - 1) as f64 * quantile).round() as usize;
-    sorted[index].as_secs_f64() * 1e6
+    let mut tcp = echo_stream(path).await;
+    measure::round_trips(&mut tcp, WARMUP, ROUND_TRIPS).await
 }
 
 async fn connection_rate(path: &Path) -> f64 {
-    let request = [0x42; MESSAGE];
-    let mut response = [0; MESSAGE];
-    let start = Instant::now();
-    for _ in 0..NEW_CONNECTIONS {
-        let mut tcp = path.client.connect(path.echo).await.unwrap();
-        read_peer_line(&mut tcp).await.unwrap();
-        tcp.write_all(&request).await.unwrap();
-        tcp.read_exact(&mut response).await.unwrap();
-    }
-    NEW_CONNECTIONS as f64 / start.elapsed().as_secs_f64()
+    measure::connection_rate(NEW_CONNECTIONS, || echo_stream(path)).await
 }
 
 /// Opens `HELD_CONNECTIONS` tunneled connections, one round trip each, and reports how much each
@@ -207,17 +145,13 @@ async fn held_connection_memory(cluster: &Cluster, mesh: &Path) -> Vec<(&'static
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // One tunnel first, so that the pooled connection and its buffers are not counted.
-    let mut warm = mesh.client.connect(mesh.echo).await.unwrap();
-    read_peer_line(&mut warm).await.unwrap();
+    let _warm = echo_stream(mesh).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before: Vec<u64> = pids.iter().map(|pid| resident_kib(*pid)).collect();
     let mut held = Vec::with_capacity(HELD_CONNECTIONS);
     for _ in 0..HELD_CONNECTIONS {
-        let mut tcp = mesh.client.connect(mesh.echo).await.unwrap();
-        read_peer_line(&mut tcp).await.unwrap();
-        tcp.write_all(&[1; MESSAGE]).await.unwrap();
-        let mut response = [0; MESSAGE];
-        tcp.read_exact(&mut response).await.unwrap();
+        let mut tcp = echo_stream(mesh).await;
+        measure::round_trips(&mut tcp, 0, 1).await;
         held.push(tcp);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;

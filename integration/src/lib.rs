@@ -1,5 +1,5 @@
 //! Privileged end-to-end tests and benchmarks of ambit on real network namespaces, built with
-//! [`ambit_agent::lab`]: nodes and pods as namespaces joined by veth pairs, agents as child
+//! `ambit_agent::lab`: nodes and pods as namespaces joined by veth pairs, agents as child
 //! processes, apps as sockets inside the pods.
 //!
 //! Everything needs root; without it the tests fail with a message saying so, never passing

@@ -1,11 +1,14 @@
-//! Fixtures for ambit's tests: a throwaway PKI built at test time ([`TestPki`]) and plain TCP
-//! peers ([`EchoServer`]). Nothing here is checked in as a blob: every key and certificate is
-//! generated when a test runs.
+//! Fixtures for ambit's tests and benchmarks: a throwaway PKI built at test time
+//! ([`TestPki`]), plain TCP peers ([`EchoServer`]), and the measurements the benchmarks share
+//! ([`measure`]). Nothing here is checked in as a blob: every key and certificate is generated
+//! when a test runs.
 
 #![expect(
     clippy::expect_used,
     reason = "a fixture that cannot be built fails the test that asked for it"
 )]
+
+pub mod measure;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

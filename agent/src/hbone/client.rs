@@ -125,8 +125,9 @@ impl HboneClient {
             expected,
         };
         let timeout = self.connect_timeout;
+        // Boxed: most tunnels reuse a pooled connection and never need the dial's large state.
         let dial = || async {
-            tokio::time::timeout(timeout, self.dial(&key, sockets))
+            tokio::time::timeout(timeout, Box::pin(self.dial(&key, sockets)))
                 .await
                 .map_err(|_| ConnectError::DialTimeout {
                     addr: key.destination,

@@ -16,7 +16,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 /// The first read from TCP; doubled while reads fill the buffer, for bulk transfers.
 const INITIAL_READ: usize = 16 * 1024;
-const MAX_READ: usize = 1024 * 1024;
+const MAX_READ: usize = 256 * 1024;
 
 /// Bytes copied in each direction over one connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

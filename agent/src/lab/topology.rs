@@ -123,20 +123,7 @@ impl Topology {
         let underlay_end = format!("n{index}");
         ip(&["netns", "add", &node.netns])?;
         ip_in(&node.netns, &["link", "set", "lo", "up"])?;
-        ip(&[
-            "link",
-            "add",
-            &underlay_end,
-            "netns",
-            &self.underlay,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &node.netns,
-        ])?;
+        veth((&underlay_end, &self.underlay), ("eth0", &node.netns))?;
         ip_in(
             &self.underlay,
             &["link", "set", &underlay_end, "master", "br0", "up"],
@@ -201,20 +188,7 @@ impl Topology {
         let host_netns = host.netns.clone();
         ip(&["netns", "add", &pod.netns])?;
         ip_in(&pod.netns, &["link", "set", "lo", "up"])?;
-        ip(&[
-            "link",
-            "add",
-            &host_end,
-            "netns",
-            &host_netns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &pod.netns,
-        ])?;
+        veth((&host_end, &host_netns), ("eth0", &pod.netns))?;
         ip_in(
             &host_netns,
             &["addr", "add", &format!("{gateway}/32"), "dev", &host_end],
@@ -351,6 +325,13 @@ fn lock_slot() -> Result<(u8, Flock<File>), TopologyError> {
         }
     }
     Err(TopologyError::NoSlot)
+}
+
+/// A veth pair with one end, named and placed, in each namespace.
+fn veth(a: (&str, &str), b: (&str, &str)) -> Result<Output, TopologyError> {
+    ip(&[
+        "link", "add", a.0, "netns", a.1, "type", "veth", "peer", "name", b.0, "netns", b.1,
+    ])
 }
 
 fn ip(args: &[&str]) -> Result<Output, TopologyError> {

@@ -55,7 +55,9 @@ async fn proxy(pod: Pod, mut tcp: TcpStream, peer: SocketAddr) {
                 expected_identities: vec![expected],
                 baggage: Some(baggage(&pod.workload)),
             };
-            match pod.client.connect(&request, pod.sockets.as_ref()).await {
+            // Boxed: the connect phase's state is large and would otherwise stay allocated in
+            // every connection's task for as long as it is copying.
+            match Box::pin(pod.client.connect(&request, pod.sockets.as_ref())).await {
                 Ok(tunnel) => log.finish(tunnel.copy_bidirectional(&mut tcp).await),
                 Err(error) => log.fail(&error),
             }

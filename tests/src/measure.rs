@@ -1,0 +1,129 @@
+//! Measurements the benchmarks share. Each works on connected streams, so that the benchmark
+//! decides the path (direct, tunneled, captured) and the same code measures every one.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The request and response size of the latency and connection-rate measurements.
+pub const MESSAGE: usize = 1024;
+
+/// Serves `listener` as a sink: reads each connection until EOF, then answers with the byte
+/// count (8 bytes, big endian).
+pub async fn serve_sink(listener: TcpListener) {
+    while let Ok((mut tcp, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut buf = vec![0; 256 * 1024];
+            let mut total = 0u64;
+            while let Ok(n) = tcp.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            let _ = tcp.write_all(&total.to_be_bytes()).await;
+        });
+    }
+}
+
+/// Sends `bytes` to a sink and waits for its count; returns MiB/s.
+pub async fn bulk_send(tcp: &mut TcpStream, bytes: u64) -> f64 {
+    let chunk = vec![0x5a; 256 * 1024];
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        tcp.write_all(&chunk).await.expect("send to the sink");
+        sent += chunk.len() as u64;
+    }
+    tcp.shutdown().await.expect("close towards the sink");
+    let mut count = [0; 8];
+    tcp.read_exact(&mut count).await.expect("the sink's count");
+    assert_eq!(u64::from_be_bytes(count), sent, "the sink got every byte");
+    sent as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64()
+}
+
+/// `MESSAGE`-byte request/response round trips with an echo server, after `warmup` unmeasured
+/// ones; sorted.
+pub async fn round_trips(tcp: &mut TcpStream, warmup: usize, count: usize) -> Vec<Duration> {
+    let request = [0x42; MESSAGE];
+    let mut response = [0; MESSAGE];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let start = Instant::now();
+        tcp.write_all(&request).await.expect("send a request");
+        tcp.read_exact(&mut response).await.expect("read the echo");
+        if i >= warmup {
+            samples.push(start.elapsed());
+        }
+    }
+    samples.sort();
+    samples
+}
+
+/// Connections per second, each: `connect` (which hands back a stream ready to echo), one
+/// round trip, close.
+pub async fn connection_rate<F, Fut>(count: usize, mut connect: F) -> f64
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = TcpStream>,
+{
+    let start = Instant::now();
+    for _ in 0..count {
+        let mut tcp = connect().await;
+        round_trips(&mut tcp, 0, 1).await;
+    }
+    count as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The value at `quantile` of sorted samples, in microseconds.
+pub fn percentile_us(sorted: &[Duration], quantile: f64) -> f64 {
+    let index = ((sorted.len().saturating_sub(1)) as f64 * quantile).round() as usize;
+    sorted
+        .get(index)
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
+}
+
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A table of measurements of a subject against its baseline, with their ratio.
+#[derive(Debug)]
+pub struct Comparison {
+    baseline: &'static str,
+    subject: &'static str,
+    rows: Vec<(String, f64, f64)>,
+}
+
+impl Comparison {
+    pub fn new(baseline: &'static str, subject: &'static str) -> Self {
+        Self {
+            baseline,
+            subject,
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, metric: &str, baseline: f64, subject: f64) {
+        self.rows.push((metric.to_owned(), baseline, subject));
+    }
+
+    /// The table, one row a metric; ratio = subject / baseline.
+    pub fn render(&self) -> String {
+        let mut table = format!(
+            "{:<44} {:>12} {:>12} {:>8}\n",
+            "metric", self.baseline, self.subject, "ratio"
+        );
+        for (metric, baseline, subject) in &self.rows {
+            let _ = writeln!(
+                table,
+                "{metric:<44} {baseline:>12.1} {subject:>12.1} {:>8.2}",
+                subject / baseline
+            );
+        }
+        table
+    }
+}
