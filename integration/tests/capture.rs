@@ -6,6 +6,7 @@
     reason = "a helper that cannot observe the mesh fails the test"
 )]
 
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -68,25 +69,21 @@ struct Capture {
 impl Capture {
     fn start(netns: &str, interface: &str) -> Self {
         let file = tempfile::NamedTempFile::new().unwrap();
-        let child = Topology::command_in(netns, "tcpdump")
-            .args([
-                "-i",
-                interface,
-                "--immediate-mode",
-                "-U",
-                "-n",
-                "-Z",
-                "root",
-                "-w",
-            ])
+        let mut child = Topology::command_in(netns, "tcpdump")
+            .args(["-i", interface, "--immediate-mode", "-U", "-n", "-Z", "root", "-w"])
             .arg(file.path())
             .arg("tcp")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("tcpdump is installed");
-        // tcpdump needs a moment before it sees packets.
-        std::thread::sleep(Duration::from_millis(500));
+        // tcpdump says so on stderr once it captures.
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let listening = stderr
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.contains("listening on"));
+        assert!(listening, "tcpdump did not start");
         Self { child, file }
     }
 
