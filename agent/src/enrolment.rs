@@ -60,7 +60,7 @@ struct EnrolledPod {
     identity: Identity,
     netns: PodNetns,
     /// Dropping it stops the pod's proxies.
-    _proxies: DrainTrigger,
+    proxies: DrainTrigger,
 }
 
 impl Enrolment {
@@ -152,7 +152,7 @@ impl Enrolment {
             workload,
             identity,
             netns,
-            _proxies: trigger,
+            proxies: trigger,
         })
     }
 
@@ -163,9 +163,9 @@ impl Enrolment {
             workload,
             identity,
             netns,
-            _proxies,
+            proxies,
         } = pod;
-        drop(_proxies);
+        drop(proxies);
         let capture = self.capture.clone();
         match netns.run(move || capture.disable()).await {
             Ok(Ok(())) => tracing::info!(pod = workload.qualified_name(), "pod released"),

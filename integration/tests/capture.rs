@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ambit_agent::lab::topology::Topology;
-use ambit_agent::lab::{Cluster, read_peer_line};
+use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
 use ambit_integration::agent_binary;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -70,7 +70,16 @@ impl Capture {
     fn start(netns: &str, interface: &str) -> Self {
         let file = tempfile::NamedTempFile::new().unwrap();
         let mut child = Topology::command_in(netns, "tcpdump")
-            .args(["-i", interface, "--immediate-mode", "-U", "-n", "-Z", "root", "-w"])
+            .args([
+                "-i",
+                interface,
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-Z",
+                "root",
+                "-w",
+            ])
             .arg(file.path())
             .arg("tcp")
             .stdout(Stdio::null())
@@ -108,44 +117,38 @@ fn has_hbone_packets(capture: &[u8]) -> bool {
     contains(capture, &15008u16.to_be_bytes())
 }
 
-fn nft_tables(cluster: &Cluster, pod: &str) -> String {
+/// What `command` prints when run in `pod`'s namespace.
+fn run_in(cluster: &Cluster, pod: &str, command: &[&str]) -> String {
     let output = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &cluster.pod(pod).unwrap().netns,
-            "nft",
-            "list",
-            "tables",
-        ])
+        .args(["netns", "exec", &cluster.pod(pod).unwrap().netns])
+        .args(command)
         .output()
         .unwrap();
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+fn nft_tables(cluster: &Cluster, pod: &str) -> String {
+    run_in(cluster, pod, &["nft", "list", "tables"])
+}
+
 fn fwmark_rules(cluster: &Cluster, pod: &str) -> usize {
-    let output = Command::new("ip")
-        .args(["-n", &cluster.pod(pod).unwrap().netns, "rule", "show"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout)
+    run_in(cluster, pod, &["ip", "rule", "show"])
         .lines()
         .filter(|l| l.contains("fwmark 0x111/0xfff lookup 100"))
         .count()
 }
 
 fn listening_ports(cluster: &Cluster, pod: &str) -> String {
-    let output = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &cluster.pod(pod).unwrap().netns,
-            "ss",
-            "-Hltn",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    run_in(cluster, pod, &["ss", "-Hltn"])
+}
+
+/// The pod's IP, as the echo app reports a client.
+fn ip(cluster: &Cluster, pod: &str) -> String {
+    cluster.pod(pod).unwrap().ip.to_string()
+}
+
+async fn echo(cluster: &Cluster, pod: &str) -> EchoApp {
+    cluster.in_pod(pod).unwrap().echo(APP_PORT).await.unwrap()
 }
 
 fn marker() -> Vec<u8> {
@@ -174,23 +177,14 @@ async fn within(limit: Duration, condition: impl Fn() -> bool) -> Option<Duratio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_node_traffic_is_tunneled_and_keeps_the_client_ip() {
     let cluster = cluster().await;
-    let _server = cluster
-        .in_pod("server")
-        .unwrap()
-        .echo(APP_PORT)
-        .await
-        .unwrap();
+    let _server = echo(&cluster, "server").await;
     let capture = Capture::start(cluster.topology().underlay(), "n1");
 
     let payload = marker();
     let peer = round_trip(&cluster, "client", "server", &payload).await;
 
     let packets = capture.stop();
-    assert_eq!(
-        peer,
-        cluster.pod("client").unwrap().ip.to_string(),
-        "the app sees the client pod"
-    );
+    assert_eq!(peer, ip(&cluster, "client"), "the app sees the client pod");
     assert!(
         !contains(&packets, &payload),
         "plaintext crossed the underlay"
@@ -201,12 +195,7 @@ async fn cross_node_traffic_is_tunneled_and_keeps_the_client_ip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_node_traffic_is_tunneled_too() {
     let cluster = cluster().await;
-    let _local = cluster
-        .in_pod("local")
-        .unwrap()
-        .echo(APP_PORT)
-        .await
-        .unwrap();
+    let _local = echo(&cluster, "local").await;
     let node1 = cluster.topology().nodes()[0].netns.clone();
     let capture = Capture::start(&node1, "any");
 
@@ -214,7 +203,7 @@ async fn same_node_traffic_is_tunneled_too() {
     let peer = round_trip(&cluster, "client", "local", &payload).await;
 
     let packets = capture.stop();
-    assert_eq!(peer, cluster.pod("client").unwrap().ip.to_string());
+    assert_eq!(peer, ip(&cluster, "client"));
     assert!(!contains(&packets, &payload), "plaintext between the pods");
     assert!(has_hbone_packets(&packets));
 }
@@ -222,22 +211,13 @@ async fn same_node_traffic_is_tunneled_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_to_and_from_pods_outside_the_mesh_still_works() {
     let cluster = cluster().await;
-    let _db = cluster.in_pod("db").unwrap().echo(APP_PORT).await.unwrap();
-    let _server = cluster
-        .in_pod("server")
-        .unwrap()
-        .echo(APP_PORT)
-        .await
-        .unwrap();
+    let _db = echo(&cluster, "db").await;
+    let _server = echo(&cluster, "server").await;
 
     let peer = round_trip(&cluster, "client", "db", b"to legacy").await;
-    assert_eq!(peer, cluster.pod("client").unwrap().ip.to_string());
+    assert_eq!(peer, ip(&cluster, "client"));
     let peer = round_trip(&cluster, "db", "server", b"from legacy").await;
-    assert_eq!(
-        peer,
-        cluster.pod("db").unwrap().ip.to_string(),
-        "the app sees the real client"
-    );
+    assert_eq!(peer, ip(&cluster, "db"), "the app sees the real client");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,16 +232,11 @@ async fn an_opted_out_pod_is_left_alone() {
     assert_eq!(fwmark_rules(&cluster, "debug"), 0);
     assert!(!listening_ports(&cluster, "debug").contains(":15001"));
 
-    let _debug = cluster
-        .in_pod("debug")
-        .unwrap()
-        .echo(APP_PORT)
-        .await
-        .unwrap();
+    let _debug = echo(&cluster, "debug").await;
     let peer = round_trip(&cluster, "debug", "debug", b"self").await;
-    assert_eq!(peer, cluster.pod("debug").unwrap().ip.to_string());
+    assert_eq!(peer, ip(&cluster, "debug"));
     let peer = round_trip(&cluster, "client", "debug", b"plain").await;
-    assert_eq!(peer, cluster.pod("client").unwrap().ip.to_string());
+    assert_eq!(peer, ip(&cluster, "client"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,14 +252,9 @@ async fn pods_are_enrolled_and_released_as_the_file_changes() {
     let enrolled = enrolled.unwrap_or_else(|| panic!("never enrolled\n{}", cluster.logs()));
     eprintln!("enrolled {enrolled:?} after the file changed");
 
-    let _late = cluster
-        .in_pod("late")
-        .unwrap()
-        .echo(APP_PORT)
-        .await
-        .unwrap();
+    let _late = echo(&cluster, "late").await;
     let peer = round_trip(&cluster, "client", "late", b"hello late").await;
-    assert_eq!(peer, cluster.pod("client").unwrap().ip.to_string());
+    assert_eq!(peer, ip(&cluster, "client"));
 
     cluster.unlist_pod("late");
     cluster.write_config().unwrap();
@@ -301,12 +271,7 @@ async fn pods_are_enrolled_and_released_as_the_file_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_agent_fails_closed_and_a_new_one_resumes() {
     let mut cluster = cluster().await;
-    let server = cluster
-        .in_pod("server")
-        .unwrap()
-        .echo(APP_PORT)
-        .await
-        .unwrap();
+    let server = echo(&cluster, "server").await;
     round_trip(&cluster, "client", "server", b"before").await;
     let accepted_before = server.accepted();
 
@@ -357,7 +322,7 @@ async fn a_dead_agent_fails_closed_and_a_new_one_resumes() {
 
     cluster.start_agent("node2").await.unwrap();
     let peer = round_trip(&cluster, "client", "server", b"after").await;
-    assert_eq!(peer, cluster.pod("client").unwrap().ip.to_string());
+    assert_eq!(peer, ip(&cluster, "client"));
     assert_eq!(
         nft_tables(&cluster, "server")
             .matches("table inet ambit")

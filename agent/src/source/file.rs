@@ -224,12 +224,30 @@ fn namespace(namespace: &Option<String>) -> String {
     namespace.clone().unwrap_or_else(|| "default".to_owned())
 }
 
-fn field_error(document: usize, object: String, field: &str, message: String) -> SourceError {
-    SourceError::Field {
-        document,
-        object,
-        field: field.to_owned(),
-        message,
+/// Where an object stands in the file, for saying what is wrong with it.
+struct Origin {
+    document: usize,
+    object: String,
+}
+
+impl Origin {
+    fn error(&self, field: &str, message: String) -> SourceError {
+        SourceError::Field {
+            document: self.document,
+            object: self.object.clone(),
+            field: field.to_owned(),
+            message,
+        }
+    }
+
+    fn ip(&self, field: &str, value: &str) -> Result<IpAddr, SourceError> {
+        value
+            .parse()
+            .map_err(|_| self.error(field, format!("{value:?} is not an IP address")))
+    }
+
+    fn port(&self, field: &str, value: i32) -> Result<u16, SourceError> {
+        u16::try_from(value).map_err(|_| self.error(field, format!("{value} is not a port")))
     }
 }
 
@@ -241,7 +259,10 @@ fn workload(
 ) -> Result<Option<Workload>, SourceError> {
     let name = pod.metadata.name.clone().unwrap_or_default();
     let namespace = namespace(&pod.metadata.namespace);
-    let object = format!("Pod {namespace}/{name}");
+    let origin = Origin {
+        document,
+        object: format!("Pod {namespace}/{name}"),
+    };
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     let (Some(node), Some(status)) = (spec.and_then(|s| s.node_name.clone()), status) else {
@@ -256,18 +277,10 @@ fn workload(
     if ip_strings.is_empty() {
         ip_strings.extend(status.pod_ip.as_deref().map(|ip| ("status.podIP", ip)));
     }
-    let mut ips = Vec::new();
-    for (field, ip) in ip_strings {
-        let ip: IpAddr = ip.parse().map_err(|_| {
-            field_error(
-                document,
-                object.clone(),
-                field,
-                format!("{ip:?} is not an IP address"),
-            )
-        })?;
-        ips.push(ip);
-    }
+    let ips = ip_strings
+        .into_iter()
+        .map(|(field, ip)| origin.ip(field, ip))
+        .collect::<Result<Vec<_>, _>>()?;
     if ips.is_empty() {
         return Ok(None);
     }
@@ -336,50 +349,28 @@ fn service(
 ) -> Result<Service, SourceError> {
     let name = service.metadata.name.clone().unwrap_or_default();
     let namespace = namespace(&service.metadata.namespace);
-    let object = format!("Service {namespace}/{name}");
-    let spec = service.spec.clone().unwrap_or_default();
-    let mut vips = Vec::new();
-    let cluster_ips = spec.cluster_ips.unwrap_or_default();
-    let cluster_ips = if cluster_ips.is_empty() {
-        spec.cluster_ip.into_iter().collect()
-    } else {
-        cluster_ips
+    let origin = Origin {
+        document,
+        object: format!("Service {namespace}/{name}"),
     };
-    for ip in cluster_ips
+    let spec = service.spec.clone().unwrap_or_default();
+    let cluster_ips = match spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips,
+        _ => spec.cluster_ip.into_iter().collect(),
+    };
+    let vips = cluster_ips
         .iter()
         .filter(|ip| *ip != "None" && !ip.is_empty())
-    {
-        vips.push(ip.parse().map_err(|_| {
-            field_error(
-                document,
-                object.clone(),
-                "spec.clusterIP",
-                format!("{ip:?} is not an IP address"),
-            )
-        })?);
-    }
+        .map(|ip| origin.ip("spec.clusterIP", ip))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut ports = Vec::new();
     for (index, port) in spec.ports.iter().flatten().enumerate() {
-        let number = u16::try_from(port.port).map_err(|_| {
-            field_error(
-                document,
-                object.clone(),
-                &format!("spec.ports[{index}].port"),
-                format!("{} is not a port", port.port),
-            )
-        })?;
+        let number = origin.port(&format!("spec.ports[{index}].port"), port.port)?;
         let target = match &port.target_port {
             None => TargetPort::Number(number),
-            Some(IntOrString::Int(target)) => {
-                TargetPort::Number(u16::try_from(*target).map_err(|_| {
-                    field_error(
-                        document,
-                        object.clone(),
-                        &format!("spec.ports[{index}].targetPort"),
-                        format!("{target} is not a port"),
-                    )
-                })?)
-            }
+            Some(IntOrString::Int(target)) => TargetPort::Number(
+                origin.port(&format!("spec.ports[{index}].targetPort"), *target)?,
+            ),
             Some(IntOrString::String(name)) => TargetPort::Named(name.clone()),
         };
         ports.push(ServicePort {
