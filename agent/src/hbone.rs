@@ -25,6 +25,9 @@ const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// Per-connection receive window, shared by all streams.
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+/// Plaintext rustls buffers before it wants a flush: large enough for a full read from TCP, so that
+/// bulk transfers are not cut into many small writes.
+const TLS_BUFFER_LIMIT: usize = 1024 * 1024;
 /// Streams one server accepts concurrently on a connection.
 const SERVER_MAX_STREAMS: u32 = 200;
 

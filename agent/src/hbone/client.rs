@@ -198,10 +198,13 @@ impl HboneClient {
         tcp.set_nodelay(true).map_err(dial_error)?;
 
         let tls_config = ambit_identity::client_config(&certificate, &key.expected);
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config))
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config))
             .connect(addr.ip().into(), tcp)
             .await
             .map_err(|source| ConnectError::Tls { addr, source })?;
+        tls.get_mut()
+            .1
+            .set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
 
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)

@@ -110,10 +110,13 @@ impl HboneServer {
     ) -> Result<(), ServerError> {
         let local_ip = tcp.local_addr().map_err(ServerError::Socket)?.ip();
         let addr = tcp.peer_addr().map_err(ServerError::Socket)?;
-        let tls = tokio_rustls::TlsAcceptor::from(self.tls_config().await?)
+        let mut tls = tokio_rustls::TlsAcceptor::from(self.tls_config().await?)
             .accept(tcp)
             .await
             .map_err(ServerError::Handshake)?;
+        tls.get_mut()
+            .1
+            .set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
         let session = tls.get_ref().1;
         if session.alpn_protocol() != Some(ALPN_H2) {
             return Err(ServerError::Alpn);
