@@ -2,6 +2,7 @@
 //! capture with its original destination. The app sees the real client address.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use ambit_redirect::AGENT_POD_PORTS;
@@ -14,13 +15,14 @@ use crate::drain::DrainWatcher;
 use crate::sockets::SocketFactory;
 
 pub(super) async fn serve_plaintext(pod: Pod, listener: TcpListener, drain: DrainWatcher) {
+    let pod = Arc::new(pod);
     serve_listener(listener, drain, "inbound plaintext", move |tcp, peer| {
         proxy(pod.clone(), tcp, peer)
     })
     .await;
 }
 
-async fn proxy(pod: Pod, mut tcp: TcpStream, peer: SocketAddr) {
+async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let destination = match tcp.local_addr() {
         Ok(destination) => destination,

@@ -2,6 +2,7 @@
 //! destinations are reached through HBONE; anything else directly, from the pod's address.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -15,13 +16,14 @@ use crate::sockets::SocketFactory;
 use crate::state::{Upstream, Workload};
 
 pub(super) async fn serve(pod: Pod, listener: TcpListener, drain: DrainWatcher) {
+    let pod = Arc::new(pod);
     serve_listener(listener, drain, "outbound", move |tcp, peer| {
         proxy(pod.clone(), tcp, peer)
     })
     .await;
 }
 
-async fn proxy(pod: Pod, mut tcp: TcpStream, peer: SocketAddr) {
+async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let destination = match ambit_redirect::socket::original_destination(&tcp) {
         Ok(destination) => destination,
