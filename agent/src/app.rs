@@ -25,7 +25,7 @@ pub(crate) async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let ca = LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)
         .with_context(|| format!("--ca-dir {}", config.ca_dir.display()))?;
     let certificates = Arc::new(CertificateManager::new(Arc::new(ca)));
-    let source = FileSource::new(&config.config_file);
+    let source = FileSource::new(&config.config_file, &config.root_namespace);
     let initial = source
         .load()
         .with_context(|| format!("--config {}", config.config_file.display()))?;

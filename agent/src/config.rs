@@ -46,6 +46,9 @@ pub struct AgentArgs {
     /// The SPIFFE trust domain of this cluster.
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// The namespace whose policies apply to the whole mesh, as Istio's root namespace.
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
     /// How pod traffic is captured.
     #[arg(long, env = "AMBIT_REDIRECT", value_enum, default_value = "nftables")]
     pub redirect: RedirectKind,
@@ -73,6 +76,7 @@ pub struct AgentConfig {
     pub config_file: PathBuf,
     pub ca_dir: PathBuf,
     pub trust_domain: TrustDomain,
+    pub root_namespace: String,
     pub redirect: RedirectKind,
     pub readiness_addr: SocketAddr,
 }
@@ -90,6 +94,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
                 .map_err(ConfigError::TrustDomain)?,
             node: args.node,
             ca_dir: args.ca_dir,
+            root_namespace: args.root_namespace,
             redirect: args.redirect,
             readiness_addr: args.readiness_addr,
         })

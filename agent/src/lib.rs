@@ -9,6 +9,7 @@
 
 pub mod drain;
 pub mod lab;
+pub mod policy;
 pub mod sockets;
 pub mod source;
 pub mod state;

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use ambit_identity::{Identity, IdentityError, TrustDomain};
 use ambit_redirect::HBONE_PORT;
 
+use crate::policy::{AuthorizationPolicies, PeerAuthentications};
+
 /// A Kubernetes pod's UID.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkloadUid(pub String);
@@ -106,6 +108,10 @@ pub enum Upstream {
 pub struct ClusterState {
     workloads: HashMap<IpAddr, Arc<Workload>>,
     services: HashMap<IpAddr, Arc<Service>>,
+    authorization: AuthorizationPolicies,
+    peer_authentication: PeerAuthentications,
+    /// Policies that did not compile, with why; each stands in as fail-closed.
+    rejected_policies: Vec<String>,
 }
 
 impl ClusterState {
@@ -127,6 +133,32 @@ impl ClusterState {
             }
         }
         state
+    }
+
+    /// The same state with these policies.
+    pub fn with_policies(
+        mut self,
+        authorization: AuthorizationPolicies,
+        peer_authentication: PeerAuthentications,
+        rejected_policies: Vec<String>,
+    ) -> Self {
+        self.authorization = authorization;
+        self.peer_authentication = peer_authentication;
+        self.rejected_policies = rejected_policies;
+        self
+    }
+
+    pub fn authorization(&self) -> &AuthorizationPolicies {
+        &self.authorization
+    }
+
+    pub fn peer_authentication(&self) -> &PeerAuthentications {
+        &self.peer_authentication
+    }
+
+    /// Why each rejected policy was rejected.
+    pub fn rejected_policies(&self) -> &[String] {
+        &self.rejected_policies
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {

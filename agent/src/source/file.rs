@@ -50,17 +50,31 @@ pub enum SourceError {
 #[derive(Debug, Clone)]
 pub struct FileSource {
     path: PathBuf,
+    root_namespace: String,
 }
 
 impl FileSource {
-    pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+    /// The file at `path`; policies in `root_namespace` apply to the whole mesh.
+    pub fn new(path: impl Into<PathBuf>, root_namespace: &str) -> Self {
+        Self {
+            path: path.into(),
+            root_namespace: root_namespace.to_owned(),
+        }
     }
 
     /// Reads and parses the file once.
     pub fn load(&self) -> Result<ClusterState, SourceError> {
         let text = read(&self.path)?;
-        parse(&text)
+        self.parse(&text)
+    }
+
+    /// Parses `text`, reporting the policies that were rejected (they stand in as fail-closed).
+    fn parse(&self, text: &str) -> Result<ClusterState, SourceError> {
+        let state = parse(text, &self.root_namespace)?;
+        for rejected in state.rejected_policies() {
+            tracing::error!(path = %self.path.display(), error = rejected, "policy rejected: enforcing it as fail-closed");
+        }
+        Ok(state)
     }
 
     /// Publishes a new state into `states` whenever the file changes and still parses, until a
@@ -85,7 +99,7 @@ impl FileSource {
             if last.as_ref() == Some(&text) {
                 continue;
             }
-            match parse(&text) {
+            match self.parse(&text) {
                 Ok(state) => {
                     tracing::info!(path = %self.path.display(), workloads = state.workloads().len(), "configuration reloaded");
                     states.send_replace(Arc::new(state));
@@ -112,9 +126,11 @@ struct Objects {
     pods: Vec<(usize, Pod)>,
     services: Vec<(usize, K8sService)>,
     endpoint_slices: Vec<EndpointSlice>,
+    /// Kept untyped: a policy that does not parse is replaced, not fatal to the file.
+    policies: Vec<(usize, String, serde_yaml_ng::Value)>,
 }
 
-pub(crate) fn parse(text: &str) -> Result<ClusterState, SourceError> {
+pub(crate) fn parse(text: &str, root_namespace: &str) -> Result<ClusterState, SourceError> {
     let mut objects = Objects::default();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let document_number = index + 1;
@@ -137,6 +153,9 @@ pub(crate) fn parse(text: &str) -> Result<ClusterState, SourceError> {
             "Pod" => objects.pods.push((n, typed(n, &object, value)?)),
             "Service" => objects.services.push((n, typed(n, &object, value)?)),
             "EndpointSlice" => objects.endpoint_slices.push(typed(n, &object, value)?),
+            "AuthorizationPolicy" | "PeerAuthentication" => {
+                objects.policies.push((n, object, value));
+            }
             "" => {
                 return Err(SourceError::Field {
                     document: document_number,
@@ -148,7 +167,7 @@ pub(crate) fn parse(text: &str) -> Result<ClusterState, SourceError> {
             other => tracing::debug!(kind = other, document = document_number, "ignoring object"),
         }
     }
-    objects.into_state()
+    objects.into_state(root_namespace)
 }
 
 fn typed<T: for<'de> Deserialize<'de>>(
@@ -182,7 +201,7 @@ fn describe(value: &serde_yaml_ng::Value) -> String {
 }
 
 impl Objects {
-    fn into_state(self) -> Result<ClusterState, SourceError> {
+    fn into_state(self, root_namespace: &str) -> Result<ClusterState, SourceError> {
         let ambient: HashMap<&str, bool> = self
             .namespaces
             .iter()
@@ -216,7 +235,12 @@ impl Objects {
         for (document, service) in &self.services {
             services.push(self::service(*document, service, &mut endpoints)?);
         }
-        Ok(ClusterState::new(workloads, services))
+        let policies = policies::compile(self.policies, root_namespace);
+        Ok(ClusterState::new(workloads, services).with_policies(
+            policies.authorization,
+            policies.peer_authentication,
+            policies.rejected,
+        ))
     }
 }
 
@@ -391,5 +415,6 @@ fn service(
     })
 }
 
+mod policies;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,8 @@
 use super::*;
 use crate::state::Upstream;
 
+const ROOT: &str = "istio-system";
+
 const CLUSTER: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -79,7 +81,7 @@ metadata: {name: later, namespace: shop}
 
 #[test]
 fn translates_pods_namespaces_and_services() {
-    let state = parse(CLUSTER).unwrap();
+    let state = parse(CLUSTER, ROOT).unwrap();
     let frontend = state
         .workload_by_ip("10.244.1.10".parse().unwrap())
         .unwrap();
@@ -117,14 +119,14 @@ fn host_network_pods_are_never_enrolled() {
         "  serviceAccountName: frontend\n",
         "  serviceAccountName: frontend\n  hostNetwork: true\n",
     );
-    let state = parse(&text).unwrap();
+    let state = parse(&text, ROOT).unwrap();
     assert!(state.enrolled_on("node1").is_empty());
 }
 
 #[test]
 fn errors_name_the_document_and_the_field() {
     let bad_ip = CLUSTER.replace("podIP: 10.244.1.10", "podIP: 10.244.1.300");
-    let err = parse(&bad_ip).unwrap_err().to_string();
+    let err = parse(&bad_ip, ROOT).unwrap_err().to_string();
     assert_eq!(
         err,
         "document 3 (Pod shop/frontend): field `status.podIP`: \"10.244.1.300\" is not an IP address"
@@ -134,23 +136,27 @@ fn errors_name_the_document_and_the_field() {
         "  nodeName: node1\n  serviceAccountName",
         "  nodeName: [node1]\n  serviceAccountName",
     );
-    let err = parse(&bad_type).unwrap_err().to_string();
+    let err = parse(&bad_type, ROOT).unwrap_err().to_string();
     assert!(
         err.starts_with("document 3 (Pod shop/frontend): field `spec.nodeName`: invalid type"),
         "{err}"
     );
 
     let bad_port = CLUSTER.replace("port: 80, targetPort", "port: 80000, targetPort");
-    let err = parse(&bad_port).unwrap_err().to_string();
+    let err = parse(&bad_port, ROOT).unwrap_err().to_string();
     assert!(
         err.contains("(Service shop/frontend): field `spec.ports[0].port`"),
         "{err}"
     );
 
-    let err = parse("metadata: {name: x}\n").unwrap_err().to_string();
+    let err = parse("metadata: {name: x}\n", ROOT)
+        .unwrap_err()
+        .to_string();
     assert_eq!(err, "document 1 (? ?/x): field `kind`: missing");
 
-    let err = parse("kind: Pod\nmetadata: [\n").unwrap_err().to_string();
+    let err = parse("kind: Pod\nmetadata: [\n", ROOT)
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("document 1: not valid YAML"), "{err}");
 }
 
@@ -159,7 +165,7 @@ async fn a_bad_edit_keeps_the_last_good_state() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cluster.yaml");
     std::fs::write(&path, CLUSTER).unwrap();
-    let source = FileSource::new(&path);
+    let source = FileSource::new(&path, ROOT);
     let (states, mut updates) = watch::channel(Arc::new(source.load().unwrap()));
     let (trigger, watcher) = crate::drain::channel();
     tokio::spawn(source.watch(states, watcher));
@@ -180,4 +186,33 @@ async fn a_bad_edit_keeps_the_last_good_state() {
             .is_some()
     );
     trigger.drain(Duration::from_secs(1)).await;
+}
+
+#[test]
+fn a_bad_policy_is_replaced_by_a_denial_and_the_rest_keeps_working() {
+    let text = format!(
+        "{CLUSTER}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: typo, namespace: legacy}}\nspec:\n  selector: {{matchLabels: {{app: db}}}}\n  rules: [{{from: [{{source: {{principal: [x]}}}}]}}]\n"
+    );
+    let state = parse(&text, ROOT).unwrap();
+    assert_eq!(state.workloads().len(), 3);
+    let rejected = state.rejected_policies();
+    assert_eq!(rejected.len(), 1);
+    assert!(
+        rejected[0].starts_with("document 10 (AuthorizationPolicy legacy/typo): field `spec.rules[0].from[0].source.principal`: unknown field `principal`"),
+        "{rejected:?}"
+    );
+    let db = state
+        .workload_by_ip("10.244.2.20".parse().unwrap())
+        .unwrap();
+    let connection = crate::policy::Connection {
+        source_ip: "10.244.1.10".parse().unwrap(),
+        source_identity: None,
+        destination_ip: "10.244.2.20".parse().unwrap(),
+        destination_port: 5432,
+        destination_namespace: &db.namespace,
+        destination_labels: &[("app".to_owned(), "db".to_owned())].into(),
+    };
+    let decision = state.authorization().decide(&connection);
+    assert!(!decision.allowed, "the stand-in denies the policy's scope");
+    assert_eq!(decision.policy.unwrap().to_string(), "legacy/typo");
 }

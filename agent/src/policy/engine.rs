@@ -1,0 +1,427 @@
+//! The compiled policies and their evaluation for one connection, with Istio's semantics at L4.
+//! Evaluation borrows everything it compares and allocates nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+
+use ambit_identity::Identity;
+
+/// `namespace/name` of a policy object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PolicyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Which workloads a policy applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every workload of the namespace (of the mesh, for the root namespace).
+    Namespace,
+    /// Workloads with these labels, in the namespace (anywhere, for the root namespace).
+    Selector(BTreeMap<String, String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+    /// Logged and counted when it matches; never decides.
+    Audit,
+}
+
+/// A string as AuthorizationPolicy matches it: exact, `prefix*`, `*suffix`, or `*` (present).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Any,
+}
+
+impl StringMatch {
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            Self::Exact(exact) => value == exact,
+            Self::Prefix(prefix) => value.starts_with(prefix.as_str()),
+            Self::Suffix(suffix) => value.ends_with(suffix.as_str()),
+            Self::Any => !value.is_empty(),
+        }
+    }
+}
+
+/// An address block, `ip/prefix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub network: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.network, ip) {
+            (IpAddr::V4(network), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(network) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(network), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(network) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A field and its negation: `None` means the field is not set and constrains nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field<T> {
+    pub values: Option<Vec<T>>,
+    pub not_values: Option<Vec<T>>,
+}
+
+impl<T> Default for Field<T> {
+    fn default() -> Self {
+        Self {
+            values: None,
+            not_values: None,
+        }
+    }
+}
+
+impl<T> Field<T> {
+    /// Both halves hold: some value matches (if set), no negated value matches (if set).
+    fn matches(&self, matches: impl Fn(&T) -> bool) -> bool {
+        self.values.as_ref().is_none_or(|v| v.iter().any(&matches))
+            && self
+                .not_values
+                .as_ref()
+                .is_none_or(|v| !v.iter().any(&matches))
+    }
+}
+
+/// `from.source`: all set fields must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Source {
+    pub principals: Field<StringMatch>,
+    pub namespaces: Field<StringMatch>,
+    pub ip_blocks: Field<Cidr>,
+    pub remote_ip_blocks: Field<Cidr>,
+}
+
+/// `to.operation` at L4: its ports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Operation {
+    pub ports: Field<u16>,
+}
+
+/// A `when` condition on an L4 attribute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    SourceIp(Field<Cidr>),
+    RemoteIp(Field<Cidr>),
+    SourceNamespace(Field<StringMatch>),
+    SourcePrincipal(Field<StringMatch>),
+    DestinationIp(Field<Cidr>),
+    DestinationPort(Field<u16>),
+}
+
+/// One rule: any `from`, any `to`, every `when`. A rule with L7 attributes cannot be decided at
+/// L4: it never matches in an ALLOW policy and always matches in a DENY policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rule {
+    pub from: Vec<Source>,
+    pub to: Vec<Operation>,
+    pub when: Vec<Condition>,
+    pub uses_l7: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizationPolicy {
+    pub name: PolicyName,
+    pub scope: Scope,
+    pub action: Action,
+    /// `istio.io/dry-run: "true"`: evaluated and logged, never enforced.
+    pub dry_run: bool,
+    pub rules: Vec<Rule>,
+}
+
+/// What a connection looks like to authorization.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection<'a> {
+    pub source_ip: IpAddr,
+    /// `None` for plaintext: principals and namespaces cannot match.
+    pub source_identity: Option<&'a Identity>,
+    pub destination_ip: IpAddr,
+    pub destination_port: u16,
+    pub destination_namespace: &'a str,
+    pub destination_labels: &'a BTreeMap<String, String>,
+}
+
+impl Connection<'_> {
+    /// The principal as Istio writes it: the SPIFFE ID without `spiffe://`.
+    fn principal(&self) -> Option<&str> {
+        self.source_identity
+            .map(|id| id.as_str().trim_start_matches("spiffe://"))
+    }
+
+    fn source_namespace(&self) -> Option<&str> {
+        self.source_identity.map(Identity::namespace)
+    }
+}
+
+/// The outcome for one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision<'a> {
+    pub allowed: bool,
+    /// The policy that decided: the DENY that matched, or the ALLOW that matched. `None` when no
+    /// ALLOW policy applies (allowed) or none of those that apply matched (denied).
+    pub policy: Option<&'a PolicyName>,
+    /// An AUDIT policy that matched.
+    pub audit: Option<&'a PolicyName>,
+    /// A dry-run policy that would have denied the connection.
+    pub dry_run_deny: Option<&'a PolicyName>,
+}
+
+/// Every AuthorizationPolicy of the cluster, by namespace.
+#[derive(Debug, Clone, Default)]
+pub struct AuthorizationPolicies {
+    root_namespace: String,
+    by_namespace: HashMap<String, Vec<AuthorizationPolicy>>,
+}
+
+impl AuthorizationPolicies {
+    pub fn new(
+        root_namespace: &str,
+        policies: impl IntoIterator<Item = AuthorizationPolicy>,
+    ) -> Self {
+        let mut by_namespace: HashMap<String, Vec<AuthorizationPolicy>> = HashMap::new();
+        for policy in policies {
+            by_namespace
+                .entry(policy.name.namespace.clone())
+                .or_default()
+                .push(policy);
+        }
+        for policies in by_namespace.values_mut() {
+            policies.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Self {
+            root_namespace: root_namespace.to_owned(),
+            by_namespace,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_namespace.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Decides `connection`: a matching DENY denies; else, with no ALLOW policy applying, allow;
+    /// else allow only if an ALLOW policy matches.
+    pub fn decide<'a>(&'a self, connection: &Connection<'_>) -> Decision<'a> {
+        let mut decision = Decision {
+            allowed: true,
+            policy: None,
+            audit: None,
+            dry_run_deny: None,
+        };
+        for policy in self
+            .applicable(connection)
+            .filter(|p| p.action == Action::Deny)
+        {
+            if policy.matches(connection) {
+                if policy.dry_run {
+                    decision.dry_run_deny.get_or_insert(&policy.name);
+                } else {
+                    decision.allowed = false;
+                    decision.policy = Some(&policy.name);
+                    return decision;
+                }
+            }
+        }
+        decision.audit = self
+            .applicable(connection)
+            .find(|p| p.action == Action::Audit && p.matches(connection))
+            .map(|p| &p.name);
+        let mut allows = self
+            .applicable(connection)
+            .filter(|p| p.action == Action::Allow && !p.dry_run)
+            .peekable();
+        if allows.peek().is_some() {
+            decision.policy = allows.find(|p| p.matches(connection)).map(|p| &p.name);
+            decision.allowed = decision.policy.is_some();
+        }
+        if decision.allowed && decision.dry_run_deny.is_none() {
+            decision.dry_run_deny = self.dry_run_allow_denial(connection);
+        }
+        decision
+    }
+
+    /// A dry-run ALLOW policy applies but none matches: enforcing it would deny.
+    fn dry_run_allow_denial<'a>(&'a self, connection: &Connection<'_>) -> Option<&'a PolicyName> {
+        let mut dry = self
+            .applicable(connection)
+            .filter(|p| p.action == Action::Allow && p.dry_run);
+        let first = dry.next()?;
+        (!first.matches(connection) && !dry.any(|p| p.matches(connection))).then_some(&first.name)
+    }
+
+    /// The policies of the root namespace and of the destination's namespace that select it.
+    fn applicable<'s>(
+        &'s self,
+        connection: &Connection<'_>,
+    ) -> impl Iterator<Item = &'s AuthorizationPolicy> {
+        let root = self.by_namespace.get(&self.root_namespace);
+        let local = (connection.destination_namespace != self.root_namespace)
+            .then(|| self.by_namespace.get(connection.destination_namespace))
+            .flatten();
+        root.into_iter()
+            .chain(local)
+            .flatten()
+            .filter(|policy| match &policy.scope {
+                Scope::Namespace => true,
+                Scope::Selector(labels) => labels
+                    .iter()
+                    .all(|(k, v)| connection.destination_labels.get(k) == Some(v)),
+            })
+    }
+}
+
+impl AuthorizationPolicy {
+    fn matches(&self, connection: &Connection<'_>) -> bool {
+        self.rules
+            .iter()
+            .any(|rule| rule.matches(connection, self.action))
+    }
+}
+
+impl Rule {
+    fn matches(&self, connection: &Connection<'_>, action: Action) -> bool {
+        if self.uses_l7 {
+            return action == Action::Deny;
+        }
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(connection)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(connection)))
+            && self.when.iter().all(|c| c.matches(connection))
+    }
+}
+
+/// Principal and namespace fields need a source identity: without one, a positive field never
+/// matches and a negated one always holds.
+fn identity_field(field: &Field<StringMatch>, value: Option<&str>) -> bool {
+    match value {
+        Some(value) => field.matches(|m| m.matches(value)),
+        None => field.values.is_none(),
+    }
+}
+
+impl Source {
+    fn matches(&self, connection: &Connection<'_>) -> bool {
+        identity_field(&self.principals, connection.principal())
+            && identity_field(&self.namespaces, connection.source_namespace())
+            && self.ip_blocks.matches(|c| c.contains(connection.source_ip))
+            && self
+                .remote_ip_blocks
+                .matches(|c| c.contains(connection.source_ip))
+    }
+}
+
+impl Operation {
+    fn matches(&self, connection: &Connection<'_>) -> bool {
+        self.ports.matches(|p| *p == connection.destination_port)
+    }
+}
+
+impl Condition {
+    fn matches(&self, connection: &Connection<'_>) -> bool {
+        match self {
+            Self::SourceIp(field) | Self::RemoteIp(field) => {
+                field.matches(|c| c.contains(connection.source_ip))
+            }
+            Self::DestinationIp(field) => field.matches(|c| c.contains(connection.destination_ip)),
+            Self::DestinationPort(field) => field.matches(|p| *p == connection.destination_port),
+            Self::SourceNamespace(field) => identity_field(field, connection.source_namespace()),
+            Self::SourcePrincipal(field) => identity_field(field, connection.principal()),
+        }
+    }
+}
+
+/// PeerAuthentication's mTLS modes; `Unset` inherits from the wider scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MtlsMode {
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAuthentication {
+    pub name: PolicyName,
+    pub scope: Scope,
+    pub mode: MtlsMode,
+    /// Per-port modes; Istio honours them only on workload-scoped policies.
+    pub ports: BTreeMap<u16, MtlsMode>,
+}
+
+/// Every PeerAuthentication of the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct PeerAuthentications {
+    root_namespace: String,
+    policies: Vec<PeerAuthentication>,
+}
+
+impl PeerAuthentications {
+    pub fn new(root_namespace: &str, mut policies: Vec<PeerAuthentication>) -> Self {
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
+        Self {
+            root_namespace: root_namespace.to_owned(),
+            policies,
+        }
+    }
+
+    /// Whether plaintext to `port` of a workload in `namespace` with `labels` is refused: the
+    /// most specific mode that is set wins (workload port, workload, namespace, mesh); the
+    /// default is PERMISSIVE.
+    pub fn mode(&self, namespace: &str, labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
+        let selects = |p: &&PeerAuthentication| match &p.scope {
+            Scope::Selector(selector) => {
+                p.name.namespace == namespace
+                    && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+            }
+            Scope::Namespace => false,
+        };
+        let namespace_wide = |ns: &str| {
+            self.policies
+                .iter()
+                .find(|p| p.scope == Scope::Namespace && p.name.namespace == ns)
+                .map(|p| p.mode)
+        };
+        let workload = self.policies.iter().find(selects);
+        let candidates = [
+            workload.and_then(|p| p.ports.get(&port).copied()),
+            workload.map(|p| p.mode),
+            namespace_wide(namespace),
+            namespace_wide(&self.root_namespace),
+        ];
+        candidates
+            .into_iter()
+            .flatten()
+            .find(|mode| *mode != MtlsMode::Unset)
+            .unwrap_or(MtlsMode::Permissive)
+    }
+}
