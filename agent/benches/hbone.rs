@@ -15,6 +15,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ambit_agent::authorize::AllowAll;
 use ambit_agent::drain;
 use ambit_agent::sockets::LocalSockets;
 use ambit_agent::{ClientSettings, ConnectRequest, HboneClient, HboneServer, Keepalive};
@@ -89,6 +90,7 @@ async fn start_tunnel(pki: &TestPki, app: SocketAddr) -> (drain::DrainTrigger, S
         certificates.clone(),
         Keepalive::default(),
         Arc::new(LocalSockets),
+        Arc::new(AllowAll),
     );
     tokio::spawn(server.serve(hbone, watcher));
 

@@ -63,25 +63,63 @@ impl AccessLog {
     /// Logs a tunneled connection that ran its course.
     pub(crate) fn finish(self, copied: Result<Transferred, CopyError>) {
         match copied {
-            Ok(transferred) => self.emit(transferred.sent, transferred.received, None),
-            Err(error) => self.emit(0, 0, Some(&error)),
+            Ok(transferred) => self.emit(transferred.sent, transferred.received, Outcome::Closed),
+            Err(error) => self.emit(0, 0, Outcome::Failed(&error)),
         }
     }
 
     /// Logs a plain TCP connection that ran its course.
     pub(crate) fn finish_plain(self, copied: io::Result<(u64, u64)>) {
         match copied {
-            Ok((sent, received)) => self.emit(sent, received, None),
-            Err(error) => self.emit(0, 0, Some(&error)),
+            Ok((sent, received)) => self.emit(sent, received, Outcome::Closed),
+            Err(error) => self.emit(0, 0, Outcome::Failed(&error)),
         }
     }
 
     /// Logs a connection that never got through.
     pub(crate) fn fail(self, error: &dyn Error) {
-        self.emit(0, 0, Some(error));
+        self.emit(0, 0, Outcome::Failed(error));
     }
 
-    fn emit(&self, sent: u64, received: u64, error: Option<&dyn Error>) {
+    /// Logs a connection that authorization refused, naming the deciding policy if one did.
+    pub(crate) fn deny(self, policy: Option<&str>) {
+        self.emit(
+            0,
+            0,
+            Outcome::Denied {
+                policy,
+                reason: "denied by authorization policy",
+            },
+        );
+    }
+
+    /// Logs a connection refused because its destination requires mTLS.
+    pub(crate) fn deny_plaintext(self, policy: &str) {
+        let reason = "plaintext refused: PeerAuthentication is STRICT";
+        self.emit(
+            0,
+            0,
+            Outcome::Denied {
+                policy: Some(policy),
+                reason,
+            },
+        );
+    }
+
+    /// Logs a connection closed because a policy change now denies it.
+    pub(crate) fn revoke(self, policy: Option<&str>) {
+        let reason = "closed: a policy change denies it";
+        self.emit(0, 0, Outcome::Denied { policy, reason });
+    }
+
+    fn emit(&self, sent: u64, received: u64, outcome: Outcome<'_>) {
+        let (error, response_flags, policy) = match &outcome {
+            Outcome::Closed => (None, None, None),
+            Outcome::Failed(error) => (Some(ErrorChain(*error).to_string()), None, None),
+            Outcome::Denied { policy, reason } => {
+                (Some((*reason).to_owned()), Some("DENY"), *policy)
+            }
+        };
         tracing::info!(
             target: "access",
             direction = self.direction.as_str(),
@@ -94,8 +132,20 @@ impl AccessLog {
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = self.started.elapsed().as_millis() as u64,
-            error = error.map(|e| display(ErrorChain(e))),
+            response_flags,
+            policy,
+            error,
             "connection closed"
         );
     }
+}
+
+/// How a connection ended.
+enum Outcome<'a> {
+    Closed,
+    Failed(&'a dyn Error),
+    Denied {
+        policy: Option<&'a str>,
+        reason: &'a str,
+    },
 }

@@ -7,6 +7,7 @@
 //! come from a [`sockets::SocketFactory`]. The `ambit` command line is [`Cli`]; `ambit demo` runs
 //! on the namespace [`lab`].
 
+pub mod authorize;
 pub mod drain;
 pub mod lab;
 pub mod policy;

@@ -12,6 +12,7 @@ use ambit_redirect::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PodNetns
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::authorize::WorkloadAuthorizer;
 use crate::drain::DrainWatcher;
 use crate::hbone::{HboneClient, HboneServer, Keepalive};
 use crate::sockets::PodSockets;
@@ -53,15 +54,21 @@ pub(crate) async fn start(
     let hbone = listen(netns, pod.ip, HBONE_PORT, true).await?;
     let plaintext = listen(netns, pod.ip, INBOUND_PLAINTEXT_PORT, true).await?;
 
+    let authorizer = Arc::new(WorkloadAuthorizer {
+        workload: pod.workload.clone(),
+        state: pod.state.clone(),
+    });
     let server = HboneServer::new(
         pod.identity.clone(),
         certificates,
         Keepalive::default(),
         pod.sockets.clone(),
+        authorizer.clone(),
     );
     tokio::spawn(server.serve(hbone, drain.clone()));
     tokio::spawn(inbound::serve_plaintext(
         pod.clone(),
+        authorizer,
         plaintext,
         drain.clone(),
     ));

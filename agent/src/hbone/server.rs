@@ -22,6 +22,7 @@ use super::stream::{self, H2Stream};
 use super::{CONNECTION_WINDOW, Keepalive, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW};
 use crate::accept::serve_listener;
 use crate::access::{AccessLog, Direction};
+use crate::authorize::{Authorizer, InboundRequest, RevokedFuture, Verdict};
 use crate::drain::DrainWatcher;
 use crate::error_chain::ErrorChain;
 use crate::sockets::SocketFactory;
@@ -59,6 +60,8 @@ pub struct HboneServer {
     keepalive: Keepalive,
     /// Connects to the app, from the client's address where the factory can.
     sockets: Arc<dyn SocketFactory>,
+    /// Decides which streams may reach the app, and closes those a policy change denies.
+    authorizer: Arc<dyn Authorizer>,
     /// The TLS configuration of the current certificate, rebuilt when it is renewed.
     tls: Mutex<Option<(Arc<WorkloadCertificate>, Arc<ServerConfig>)>>,
 }
@@ -77,12 +80,14 @@ impl HboneServer {
         certificates: Arc<CertificateManager>,
         keepalive: Keepalive,
         sockets: Arc<dyn SocketFactory>,
+        authorizer: Arc<dyn Authorizer>,
     ) -> Self {
         Self {
             identity,
             certificates,
             keepalive,
             sockets,
+            authorizer,
             tls: Mutex::default(),
         }
     }
@@ -104,7 +109,7 @@ impl HboneServer {
     }
 
     async fn serve_connection(
-        &self,
+        self: Arc<Self>,
         tcp: TcpStream,
         mut drain: DrainWatcher,
     ) -> Result<(), ServerError> {
@@ -152,7 +157,7 @@ impl HboneServer {
                     None => return Ok(()),
                     Some(Err(error)) => return Err(ServerError::H2(error)),
                     Some(Ok((request, respond))) => {
-                        tokio::spawn(serve_stream(request, respond, peer.clone(), self.sockets.clone()));
+                        tokio::spawn(serve_stream(request, respond, peer.clone(), self.clone()));
                     }
                 },
                 error = &mut keepalive => return Err(ServerError::Keepalive(error)),
@@ -190,7 +195,7 @@ async fn serve_stream(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: Arc<Peer>,
-    sockets: Arc<dyn SocketFactory>,
+    server: Arc<HboneServer>,
 ) {
     let src_identity = peer.identity.as_ref().map(ToString::to_string);
     let destination = match headers::destination(&request, peer.local_ip, &AGENT_POD_PORTS) {
@@ -228,30 +233,45 @@ async fn serve_stream(
         .zip(baggage.workload.as_ref())
         .map(|(ns, (_, name))| format!("{ns}/{name}"));
     let client = SocketAddr::new(peer.addr.ip(), 0);
-    tunnel_to_app(
+    let inbound = InboundRequest {
+        source_ip: peer.addr.ip(),
+        source_identity: peer.identity.clone(),
+        destination,
+    };
+    if let Verdict::Deny { policy } = server.authorizer.authorize(&inbound) {
+        reply(&mut respond, StatusCode::UNAUTHORIZED);
+        return log.deny(policy.as_deref());
+    }
+    let revoked = server.authorizer.revoked(inbound);
+    let app = App {
         client,
         destination,
-        request.into_body(),
-        respond,
-        sockets.as_ref(),
-        log,
-    )
-    .instrument(span)
-    .await;
+        sockets: server.sockets.as_ref(),
+    };
+    tunnel_to_app(app, request.into_body(), respond, log, revoked)
+        .instrument(span)
+        .await;
 }
 
-/// Connects to the app as the client (the app sees the client's IP), then copies.
-async fn tunnel_to_app(
+/// Where a tunnel ends: the app, reached from the client's address.
+struct App<'a> {
     client: SocketAddr,
     destination: SocketAddr,
+    sockets: &'a dyn SocketFactory,
+}
+
+/// Connects to the app as the client (the app sees the client's IP), then copies until both
+/// sides close or a policy change revokes the connection.
+async fn tunnel_to_app(
+    target: App<'_>,
     recv: RecvStream,
     mut respond: SendResponse<Bytes>,
-    sockets: &dyn SocketFactory,
     log: AccessLog,
+    revoked: RevokedFuture,
 ) {
     let connect = async {
-        let socket = sockets.connector(client, true).await?;
-        socket.connect(destination).await
+        let socket = target.sockets.connector(target.client, true).await?;
+        socket.connect(target.destination).await
     };
     let mut app = match tokio::time::timeout(APP_CONNECT_TIMEOUT, connect).await {
         Ok(Ok(app)) => app,
@@ -268,7 +288,10 @@ async fn tunnel_to_app(
         Ok(send) => send,
         Err(error) => return log.fail(&error),
     };
-    log.finish(stream::copy_bidirectional(&mut app, H2Stream { send, recv }).await);
+    tokio::select! {
+        copied = stream::copy_bidirectional(&mut app, H2Stream { send, recv }) => log.finish(copied),
+        Verdict::Deny { policy } = revoked => log.revoke(policy.as_deref()),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,7 @@
 //! Inbound plaintext (15006): TCP that reached the pod from outside the mesh, handed here by
-//! capture with its original destination. The app sees the real client address.
+//! capture with its original destination. PeerAuthentication decides whether plaintext is
+//! accepted at all (STRICT refuses it); authorization sees no identity. The app sees the real
+//! client address.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,18 +13,30 @@ use tokio::net::{TcpListener, TcpStream};
 use super::Pod;
 use crate::accept::serve_listener;
 use crate::access::{AccessLog, Direction};
+use crate::authorize::{Authorizer, InboundRequest, Verdict, WorkloadAuthorizer};
 use crate::drain::DrainWatcher;
+use crate::policy::MtlsMode;
 use crate::sockets::SocketFactory;
 
-pub(super) async fn serve_plaintext(pod: Pod, listener: TcpListener, drain: DrainWatcher) {
+pub(super) async fn serve_plaintext(
+    pod: Pod,
+    authorizer: Arc<WorkloadAuthorizer>,
+    listener: TcpListener,
+    drain: DrainWatcher,
+) {
     let pod = Arc::new(pod);
     serve_listener(listener, drain, "inbound plaintext", move |tcp, peer| {
-        proxy(pod.clone(), tcp, peer)
+        proxy(pod.clone(), authorizer.clone(), tcp, peer)
     })
     .await;
 }
 
-async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
+async fn proxy(
+    pod: Arc<Pod>,
+    authorizer: Arc<WorkloadAuthorizer>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let destination = match tcp.local_addr() {
         Ok(destination) => destination,
@@ -37,6 +51,24 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
     if destination.ip() != pod.ip || AGENT_POD_PORTS.contains(&destination.port()) {
         return log.fail(&UnexpectedDestination(destination));
     }
+    let workload = &pod.workload;
+    let mode = pod.state.borrow().peer_authentication().mode(
+        &workload.namespace,
+        &workload.labels,
+        destination.port(),
+    );
+    if mode == MtlsMode::Strict {
+        return log.deny_plaintext("PeerAuthentication");
+    }
+    let request = InboundRequest {
+        source_ip: peer.ip(),
+        source_identity: None,
+        destination,
+    };
+    if let Verdict::Deny { policy } = authorizer.authorize(&request) {
+        return log.deny(policy.as_deref());
+    }
+    let revoked = authorizer.revoked(request);
     let connected = async {
         let socket = pod
             .sockets
@@ -44,9 +76,13 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
             .await?;
         socket.connect(destination).await
     };
-    match connected.await {
-        Ok(mut app) => log.finish_plain(tokio::io::copy_bidirectional(&mut tcp, &mut app).await),
-        Err(error) => log.fail(&error),
+    let mut app = match connected.await {
+        Ok(app) => app,
+        Err(error) => return log.fail(&error),
+    };
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut tcp, &mut app) => log.finish_plain(copied),
+        Verdict::Deny { policy } = revoked => log.revoke(policy.as_deref()),
     }
 }
 

@@ -6,6 +6,7 @@ use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_agent::authorize::{Authorizer, InboundRequest, RevokedFuture, Verdict};
 use ambit_agent::sockets::LocalSockets;
 use ambit_agent::{ClientSettings, ConnectError, Keepalive};
 use ambit_identity::PeerVerifyError;
@@ -318,4 +319,44 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
         .unwrap_err();
     assert!(matches!(err, ConnectError::OpenStream { .. }), "{err}");
     peers::eventually(|| mesh.client.pooled_connections() == 0).await;
+}
+
+/// Denies everything, as a policy would.
+#[derive(Debug)]
+struct DenyAll;
+
+impl Authorizer for DenyAll {
+    fn authorize(&self, _: &InboundRequest) -> Verdict {
+        Verdict::Deny {
+            policy: Some("shop/deny-all".into()),
+        }
+    }
+
+    fn revoked(&self, _: InboundRequest) -> RevokedFuture {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test]
+async fn a_denied_stream_gets_401_and_never_reaches_the_app() {
+    let pki = TestPki::new("cluster.local");
+    let mesh = Mesh::with_authorizer(pki, ClientSettings::default(), Arc::new(DenyAll)).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = mesh
+        .client
+        .connect(&mesh.request(listener.local_addr().unwrap()), &LocalSockets)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConnectError::Refused {
+                status: StatusCode::UNAUTHORIZED,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "the app was reached");
 }

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_agent::authorize::{AllowAll, Authorizer};
 use ambit_agent::drain::{self, DrainTrigger};
 use ambit_agent::sockets::LocalSockets;
 use ambit_agent::{
@@ -48,6 +49,14 @@ impl Mesh {
     }
 
     pub(crate) async fn with_pki(pki: TestPki, settings: ClientSettings) -> Self {
+        Self::with_authorizer(pki, settings, Arc::new(AllowAll)).await
+    }
+
+    pub(crate) async fn with_authorizer(
+        pki: TestPki,
+        settings: ClientSettings,
+        authorizer: Arc<dyn Authorizer>,
+    ) -> Self {
         let certificates = pki.manager();
         let server_identity = pki.identity("shop", "backend");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -58,6 +67,7 @@ impl Mesh {
             certificates.clone(),
             Keepalive::default(),
             Arc::new(LocalSockets),
+            authorizer,
         );
         tokio::spawn(server.serve(listener, watcher));
         Self {
