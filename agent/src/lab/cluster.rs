@@ -84,6 +84,7 @@ impl ClusterBuilder {
             dir,
             namespaces: self.namespaces,
             pods: Vec::new(),
+            extra: String::new(),
             agents: BTreeMap::new(),
             topology,
         };
@@ -110,6 +111,8 @@ pub struct Cluster {
     namespaces: Vec<(String, bool)>,
     /// Pods with their namespaces, and whether the cluster file lists them.
     pods: Vec<(PodSpec, PodNs, bool)>,
+    /// More objects for the cluster file (policies), as YAML documents.
+    extra: String,
     dir: tempfile::TempDir,
 }
 
@@ -179,6 +182,12 @@ impl Cluster {
         }
     }
 
+    /// Adds `yaml` (AuthorizationPolicies, PeerAuthentications, ...) to the cluster file from the
+    /// next [`write_config`](Self::write_config) on, in place of what was set before.
+    pub fn set_extra_objects(&mut self, yaml: &str) {
+        self.extra = yaml.to_owned();
+    }
+
     /// Writes the cluster file the agents read, atomically.
     pub fn write_config(&self) -> anyhow::Result<()> {
         let mut yaml = String::new();
@@ -210,6 +219,7 @@ impl Cluster {
                 ip = pod.ip,
             );
         }
+        yaml.push_str(&self.extra);
         let staged = self.dir.path().join("cluster.yaml.new");
         std::fs::write(&staged, yaml).context("writing the cluster file")?;
         std::fs::rename(&staged, &self.config).context("replacing the cluster file")

@@ -1,0 +1,211 @@
+//! AuthorizationPolicy and PeerAuthentication enforced end to end on the namespace mesh.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a helper that cannot observe the mesh fails the test"
+)]
+
+use std::time::Duration;
+
+use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
+use ambit_integration::agent_binary;
+use tokio::io::AsyncReadExt;
+
+const APP_PORT: u16 = 8080;
+const METRICS_PORT: u16 = 9090;
+
+/// client (shop) and admin (ops) in the mesh on node1; server (shop) on node2; outsider
+/// (legacy, not in the mesh) on node2. The server listens on both app ports.
+async fn cluster(policies: &str) -> (Cluster, Vec<EchoApp>) {
+    let mut cluster = Cluster::builder(&agent_binary())
+        .node("node1")
+        .node("node2")
+        .ambient_namespace("shop")
+        .ambient_namespace("ops")
+        .namespace("legacy")
+        .pod("node1", "shop", "client")
+        .pod("node1", "ops", "admin")
+        .pod("node2", "shop", "server")
+        .pod("node2", "legacy", "outsider")
+        .start()
+        .await
+        .unwrap();
+    if !policies.is_empty() {
+        set_policies(&mut cluster, policies).await;
+    }
+    let server = cluster.in_pod("server").unwrap();
+    let apps = vec![
+        server.echo(APP_PORT).await.unwrap(),
+        server.echo(METRICS_PORT).await.unwrap(),
+    ];
+    (cluster, apps)
+}
+
+/// Replaces the cluster's policies and gives the agents time to load them.
+async fn set_policies(cluster: &mut Cluster, policies: &str) {
+    cluster.set_extra_objects(policies);
+    cluster.write_config().unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+}
+
+/// Whether `from` gets through to the server's app on `port`: the app greets every client.
+async fn reaches(cluster: &Cluster, from: &str, port: u16) -> bool {
+    let attempt = async {
+        let mut stream = cluster
+            .in_pod(from)
+            .unwrap()
+            .connect(cluster.addr("server", port).unwrap())
+            .await?;
+        read_peer_line(&mut stream).await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), attempt).await,
+        Ok(Ok(_))
+    )
+}
+
+const ALLOW_CLIENT: &str = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: server}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_by_principal_and_nobody_else() {
+    let (cluster, _apps) = cluster(ALLOW_CLIENT).await;
+    assert!(
+        reaches(&cluster, "client", APP_PORT).await,
+        "{}",
+        cluster.logs()
+    );
+    assert!(!reaches(&cluster, "admin", APP_PORT).await);
+    assert!(
+        !reaches(&cluster, "outsider", APP_PORT).await,
+        "plaintext has no principal"
+    );
+    let logs = cluster.logs();
+    assert!(
+        logs.contains(r#""response_flags":"DENY""#) && logs.contains(r#""dst.addr":"#),
+        "the denial is in the access log:\n{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_by_namespace() {
+    let (cluster, _apps) = cluster(
+        "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-ops, namespace: istio-system}
+spec:
+  action: DENY
+  rules: [{from: [{source: {namespaces: [ops]}}]}]
+",
+    )
+    .await;
+    assert!(!reaches(&cluster, "admin", APP_PORT).await);
+    assert!(
+        reaches(&cluster, "client", APP_PORT).await,
+        "{}",
+        cluster.logs()
+    );
+    assert!(cluster.logs().contains(r#""policy":"istio-system/no-ops""#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_by_port() {
+    let (cluster, _apps) = cluster(
+        "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-metrics, namespace: shop}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {ports: ['9090']}}]}]
+",
+    )
+    .await;
+    assert!(!reaches(&cluster, "client", METRICS_PORT).await);
+    assert!(
+        reaches(&cluster, "client", APP_PORT).await,
+        "{}",
+        cluster.logs()
+    );
+}
+
+const STRICT_SHOP: &str = "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec:
+  mtls: {mode: STRICT}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_refuses_plaintext_from_outside_the_mesh() {
+    let (cluster, _apps) = cluster(STRICT_SHOP).await;
+    assert!(!reaches(&cluster, "outsider", APP_PORT).await);
+    assert!(
+        reaches(&cluster, "client", APP_PORT).await,
+        "{}",
+        cluster.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permissive_port_under_a_strict_workload() {
+    let (cluster, _apps) = cluster(
+        "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: server, namespace: shop}
+spec:
+  selector: {matchLabels: {app: server}}
+  mtls: {mode: STRICT}
+  portLevelMtls: {9090: {mode: PERMISSIVE}}
+",
+    )
+    .await;
+    assert!(
+        reaches(&cluster, "outsider", METRICS_PORT).await,
+        "{}",
+        cluster.logs()
+    );
+    assert!(!reaches(&cluster, "outsider", APP_PORT).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_added_at_runtime_closes_an_open_connection() {
+    let (mut cluster, _apps) = cluster("").await;
+    let mut open = cluster
+        .in_pod("client")
+        .unwrap()
+        .connect(cluster.addr("server", APP_PORT).unwrap())
+        .await
+        .unwrap();
+    read_peer_line(&mut open).await.unwrap();
+
+    set_policies(
+        &mut cluster,
+        "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: lockdown, namespace: shop}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
+",
+    )
+    .await;
+    let mut buf = [0; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the connection stayed open: {closed:?}\n{}",
+        cluster.logs()
+    );
+    assert!(!reaches(&cluster, "client", APP_PORT).await);
+}
