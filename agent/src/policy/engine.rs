@@ -231,53 +231,60 @@ impl AuthorizationPolicies {
     }
 
     /// Decides `connection`: a matching DENY denies; else, with no ALLOW policy applying, allow;
-    /// else allow only if an ALLOW policy matches.
+    /// else allow only if an ALLOW policy matches. One pass over the applicable policies.
     pub fn decide<'a>(&'a self, connection: &Connection<'_>) -> Decision<'a> {
-        let mut decision = Decision {
-            allowed: true,
-            policy: None,
-            audit: None,
-            dry_run_deny: None,
-        };
-        for policy in self
-            .applicable(connection)
-            .filter(|p| p.action == Action::Deny)
-        {
-            if policy.matches(connection) {
-                if policy.dry_run {
-                    decision.dry_run_deny.get_or_insert(&policy.name);
-                } else {
-                    decision.allowed = false;
-                    decision.policy = Some(&policy.name);
-                    return decision;
+        let mut allow_applies = false;
+        let mut allowed_by = None;
+        let mut audit = None;
+        let mut dry_run_deny = None;
+        let mut dry_run_allow: Option<(&PolicyName, bool)> = None;
+        for policy in self.applicable(connection) {
+            match (policy.action, policy.dry_run) {
+                (Action::Deny, false) => {
+                    if policy.matches(connection) {
+                        return Decision {
+                            allowed: false,
+                            policy: Some(&policy.name),
+                            audit,
+                            dry_run_deny,
+                        };
+                    }
+                }
+                (Action::Deny, true) => {
+                    if dry_run_deny.is_none() && policy.matches(connection) {
+                        dry_run_deny = Some(&policy.name);
+                    }
+                }
+                (Action::Audit, _) => {
+                    if audit.is_none() && policy.matches(connection) {
+                        audit = Some(&policy.name);
+                    }
+                }
+                (Action::Allow, false) => {
+                    allow_applies = true;
+                    if allowed_by.is_none() && policy.matches(connection) {
+                        allowed_by = Some(&policy.name);
+                    }
+                }
+                (Action::Allow, true) => {
+                    let (_, matched) = dry_run_allow.get_or_insert((&policy.name, false));
+                    if !*matched {
+                        *matched = policy.matches(connection);
+                    }
                 }
             }
         }
-        decision.audit = self
-            .applicable(connection)
-            .find(|p| p.action == Action::Audit && p.matches(connection))
-            .map(|p| &p.name);
-        let mut allows = self
-            .applicable(connection)
-            .filter(|p| p.action == Action::Allow && !p.dry_run)
-            .peekable();
-        if allows.peek().is_some() {
-            decision.policy = allows.find(|p| p.matches(connection)).map(|p| &p.name);
-            decision.allowed = decision.policy.is_some();
+        let allowed = !allow_applies || allowed_by.is_some();
+        if allowed && dry_run_deny.is_none() {
+            // A dry-run ALLOW applies but none matched: enforcing it would deny.
+            dry_run_deny = dry_run_allow.and_then(|(name, matched)| (!matched).then_some(name));
         }
-        if decision.allowed && decision.dry_run_deny.is_none() {
-            decision.dry_run_deny = self.dry_run_allow_denial(connection);
+        Decision {
+            allowed,
+            policy: allowed_by,
+            audit,
+            dry_run_deny,
         }
-        decision
-    }
-
-    /// A dry-run ALLOW policy applies but none matches: enforcing it would deny.
-    fn dry_run_allow_denial<'a>(&'a self, connection: &Connection<'_>) -> Option<&'a PolicyName> {
-        let mut dry = self
-            .applicable(connection)
-            .filter(|p| p.action == Action::Allow && p.dry_run);
-        let first = dry.next()?;
-        (!first.matches(connection) && !dry.any(|p| p.matches(connection))).then_some(&first.name)
     }
 
     /// The policies of the root namespace and of the destination's namespace that select it.
