@@ -16,12 +16,33 @@ const APP_PORT: u16 = 8080;
 /// The agents log a connection when it closes; this leaves them time to write it.
 const LOG_SETTLE: Duration = Duration::from_millis(300);
 
+/// Only the frontend may reach the backend.
+const POLICY: &str = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: backend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: backend}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]}]
+";
+/// How long the agents take to notice a change of the cluster file.
+const RELOAD: Duration = Duration::from_millis(600);
+
 /// (from, to, what it shows)
-const FLOWS: [(&str, &str, &str); 4] = [
-    ("frontend", "backend", "mesh to mesh, across nodes"),
+const FLOWS: [(&str, &str, &str); 5] = [
+    (
+        "frontend",
+        "backend",
+        "mesh to mesh, across nodes, allowed by shop/backend",
+    ),
     ("frontend", "cart", "mesh to mesh, same node"),
+    (
+        "cart",
+        "backend",
+        "mesh to mesh, not allowed by shop/backend",
+    ),
     ("frontend", "billing", "mesh to a pod outside the mesh"),
-    ("billing", "backend", "outside the mesh into the mesh"),
+    ("billing", "cart", "outside the mesh into the mesh"),
 ];
 
 pub(crate) async fn run(out: &mut impl Write) -> anyhow::Result<()> {
@@ -30,7 +51,7 @@ pub(crate) async fn run(out: &mut impl Write) -> anyhow::Result<()> {
         out,
         "Building a mesh: 2 nodes, namespace `shop` in ambient mode, `legacy` outside it"
     )?;
-    let cluster = Cluster::builder(&binary)
+    let mut cluster = Cluster::builder(&binary)
         .node("node1")
         .node("node2")
         .ambient_namespace("shop")
@@ -47,7 +68,14 @@ pub(crate) async fn run(out: &mut impl Write) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "Agents running and ready on node1 and node2 (nftables capture)\n"
+        "Agents running and ready on node1 and node2 (nftables capture)"
+    )?;
+    cluster.set_extra_objects(POLICY);
+    cluster.write_config()?;
+    tokio::time::sleep(RELOAD).await;
+    writeln!(
+        out,
+        "Policy shop/backend: only shop/frontend may connect to the backend\n"
     )?;
 
     let mut apps: Vec<EchoApp> = Vec::new();
@@ -67,6 +95,7 @@ pub(crate) async fn run(out: &mut impl Write) -> anyhow::Result<()> {
         let path = describe_path(&access, source.into(), cluster.addr(to, APP_PORT)?);
         let result = match result {
             Ok(seen) => format!("ok, app saw {seen}"),
+            Err(_) if path.summary.starts_with("DENIED") => "closed, the app never saw it".into(),
             Err(error) => format!("failed: {error:#}"),
         };
         writeln!(
@@ -140,23 +169,33 @@ fn describe_path(access: &[Value], source: IpAddr, destination: SocketAddr) -> P
     let text = |record: &Value, field: &str| record[field].as_str().unwrap_or("-").to_owned();
     let mut details = Vec::new();
     for record in &records {
+        let outcome = match record["response_flags"].as_str() {
+            Some(flags) => format!("{flags} {}", text(record, "policy")),
+            None => format!(
+                "{} bytes out, {} bytes back",
+                record["bytes_sent"], record["bytes_received"]
+            ),
+        };
         details.push(format!(
-            "{:<17} {} -> {}  ({} bytes out, {} bytes back)",
+            "{:<17} {} -> {}  ({outcome})",
             text(record, "direction"),
             text(record, "src.identity"),
             text(record, "dst.identity"),
-            record["bytes_sent"],
-            record["bytes_received"],
         ));
     }
+    let denied = records
+        .iter()
+        .find(|r| r["response_flags"] == "DENY")
+        .map(|r| match r["policy"].as_str() {
+            Some(policy) => format!("DENIED by {policy}"),
+            None => "DENIED: no ALLOW policy matched".to_owned(),
+        });
     let summary = match (find("outbound"), find("inbound"), find("inbound_plaintext")) {
-        (Some(_), Some(_), _) => "HBONE: mTLS between the two agents",
-        (Some(_), None, _) => "plain TCP: the destination is not in the mesh",
-        (None, _, Some(_)) => "plain TCP into the mesh (no source identity)",
-        _ => "not seen by any agent",
+        _ if denied.is_some() => denied.unwrap_or_default(),
+        (Some(_), Some(_), _) => "HBONE: mTLS between the two agents".to_owned(),
+        (Some(_), None, _) => "plain TCP: the destination is not in the mesh".to_owned(),
+        (None, _, Some(_)) => "plain TCP into the mesh (no source identity)".to_owned(),
+        _ => "not seen by any agent".to_owned(),
     };
-    Path {
-        summary: summary.to_owned(),
-        details,
-    }
+    Path { summary, details }
 }

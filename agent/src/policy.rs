@@ -1,7 +1,7 @@
 //! L4 authorization with Istio's semantics: AuthorizationPolicy (who may connect to which port
 //! of which workload) and PeerAuthentication (whether a workload accepts plaintext).
 //!
-//! The users' objects ([`model`]) are compiled ([`compile`]) into an engine evaluated for every
+//! The users' objects (`model`) are compiled (`compile`) into an engine evaluated for every
 //! connection ([`AuthorizationPolicies::decide`], [`PeerAuthentications::mode`]).
 
 pub(crate) mod compile;

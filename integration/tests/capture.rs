@@ -230,7 +230,12 @@ async fn an_opted_out_pod_is_left_alone() {
         "no capture in an opted-out pod"
     );
     assert_eq!(fwmark_rules(&cluster, "debug"), 0);
-    assert!(!listening_ports(&cluster, "debug").contains(":15001"));
+    let listening = run_in(&cluster, "debug", &["ss", "-Hltnp"]);
+    assert!(
+        !listening.contains(":15001"),
+        "{listening}\n{}",
+        cluster.logs()
+    );
 
     let _debug = echo(&cluster, "debug").await;
     let peer = round_trip(&cluster, "debug", "debug", b"self").await;

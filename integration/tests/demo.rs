@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use ambit_integration::agent_binary;
 
 #[test]
-fn the_demo_shows_tunneled_and_plain_flows_and_cleans_up() {
+fn the_demo_shows_tunneled_plain_and_denied_flows_and_cleans_up() {
     assert!(
         nix::unistd::geteuid().is_root(),
         "the demo builds network namespaces: run as root"
@@ -41,7 +41,7 @@ fn the_demo_shows_tunneled_and_plain_flows_and_cleans_up() {
         "{stdout}"
     );
     assert!(
-        flow("billing -> backend").contains("plain TCP into the mesh"),
+        flow("billing -> cart").contains("plain TCP into the mesh"),
         "{stdout}"
     );
     assert!(stdout.contains(
