@@ -33,6 +33,7 @@ fn main() {
         destination_port: 8080,
         destination_namespace: "shop",
         destination_labels: &labels,
+        destination_services: &[],
     };
     let baseline = per_decision_ns(&AuthorizationPolicies::new("istio-system", []), &connection);
     println!(

@@ -73,6 +73,7 @@ impl WorkloadAuthorizer {
             destination_port: request.destination.port(),
             destination_namespace: &self.workload.namespace,
             destination_labels: &self.workload.labels,
+            destination_services: state.services_of(request.destination.ip()),
         };
         let decision = state.authorization().decide(&connection);
         report(&decision, request);

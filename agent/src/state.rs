@@ -108,6 +108,8 @@ pub enum Upstream {
 pub struct ClusterState {
     workloads: HashMap<IpAddr, Arc<Workload>>,
     services: HashMap<IpAddr, Arc<Service>>,
+    /// For each endpoint IP, the Services of its own namespace it backs.
+    services_of: HashMap<IpAddr, Vec<String>>,
     authorization: AuthorizationPolicies,
     peer_authentication: PeerAuthentications,
     /// Policies that did not compile, with why; each stands in as fail-closed.
@@ -131,8 +133,26 @@ impl ClusterState {
             for vip in &service.vips {
                 state.services.insert(*vip, service.clone());
             }
+            for endpoint in &service.endpoints {
+                let same_namespace = state
+                    .workloads
+                    .get(&endpoint.ip)
+                    .is_some_and(|w| w.namespace == service.namespace);
+                if same_namespace {
+                    state
+                        .services_of
+                        .entry(endpoint.ip)
+                        .or_default()
+                        .push(service.name.clone());
+                }
+            }
         }
         state
+    }
+
+    /// The names of the Services (of its own namespace) that the workload at `ip` backs.
+    pub fn services_of(&self, ip: IpAddr) -> &[String] {
+        self.services_of.get(&ip).map_or(&[], Vec::as_slice)
     }
 
     /// The same state with these policies.
@@ -328,6 +348,16 @@ mod tests {
             state.resolve("10.96.0.10:80".parse().unwrap()),
             Upstream::NoEndpoint { port: 80, .. }
         ));
+    }
+
+    #[test]
+    fn endpoints_know_their_services() {
+        let state = state();
+        assert_eq!(
+            state.services_of("10.244.2.10".parse().unwrap()),
+            ["backend"]
+        );
+        assert!(state.services_of("10.244.1.10".parse().unwrap()).is_empty());
     }
 
     #[test]

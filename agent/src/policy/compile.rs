@@ -53,18 +53,22 @@ pub(crate) fn authorization_policy(
     policy: &model::AuthorizationPolicy,
 ) -> Result<AuthorizationPolicy, CompileError> {
     let spec = &policy.spec;
-    if spec.target_ref.is_some() || spec.target_refs.is_some() {
-        if spec.selector.is_some() {
-            return Err(error(
-                "spec.targetRefs",
-                "cannot be combined with spec.selector",
-            ));
-        }
+    let name = name_of(&policy.metadata);
+    let targets: Vec<&model::PolicyTargetReference> = spec
+        .target_ref
+        .iter()
+        .chain(spec.target_refs.iter().flatten())
+        .collect();
+    let scope = if targets.is_empty() {
+        scope(spec.selector.as_ref())
+    } else if spec.selector.is_some() {
         return Err(error(
             "spec.targetRefs",
-            "targets are for waypoints; ambit enforces at the destination workload, use spec.selector",
+            "cannot be combined with spec.selector",
         ));
-    }
+    } else {
+        Scope::Services(service_targets(&name.namespace, &targets)?)
+    };
     let action = match spec.action.unwrap_or(model::Action::Allow) {
         model::Action::Allow => Action::Allow,
         model::Action::Deny => Action::Deny,
@@ -96,12 +100,47 @@ pub(crate) fn authorization_policy(
         .and_then(|a| a.get(DRY_RUN_ANNOTATION))
         .is_some_and(|v| v == "true");
     Ok(AuthorizationPolicy {
-        name: name_of(&policy.metadata),
-        scope: scope(spec.selector.as_ref()),
+        name,
+        scope,
         action,
         dry_run,
         rules,
     })
+}
+
+/// The Services a policy targets. At L4, ambit applies such a policy at the Services' endpoints;
+/// other targets (Gateways, ServiceEntries) need a waypoint.
+fn service_targets(
+    namespace: &str,
+    targets: &[&model::PolicyTargetReference],
+) -> Result<Vec<String>, CompileError> {
+    targets
+        .iter()
+        .enumerate()
+        .map(|(index, target)| {
+            let at = format!("spec.targetRefs[{index}]");
+            if !target.group.is_empty() || target.kind != "Service" {
+                return Err(error(
+                    format!("{at}.kind"),
+                    format!(
+                        "{:?} needs a waypoint; only core Services are enforced at L4",
+                        target.kind
+                    ),
+                ));
+            }
+            if target
+                .namespace
+                .as_deref()
+                .is_some_and(|ns| ns != namespace)
+            {
+                return Err(error(
+                    format!("{at}.namespace"),
+                    "must be the policy's own namespace",
+                ));
+            }
+            Ok(target.name.clone())
+        })
+        .collect()
 }
 
 /// The stand-in for a policy that failed to compile: denies everything in its scope.

@@ -27,6 +27,8 @@ pub enum Scope {
     Namespace,
     /// Workloads with these labels, in the namespace (anywhere, for the root namespace).
     Selector(BTreeMap<String, String>),
+    /// Workloads that are endpoints of these Services of the namespace (`targetRefs`).
+    Services(Vec<String>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +169,8 @@ pub struct Connection<'a> {
     pub destination_port: u16,
     pub destination_namespace: &'a str,
     pub destination_labels: &'a BTreeMap<String, String>,
+    /// The Services (of its namespace) the destination is an endpoint of.
+    pub destination_services: &'a [String],
 }
 
 impl Connection<'_> {
@@ -304,6 +308,9 @@ impl AuthorizationPolicies {
                 Scope::Selector(labels) => labels
                     .iter()
                     .all(|(k, v)| connection.destination_labels.get(k) == Some(v)),
+                Scope::Services(names) => names
+                    .iter()
+                    .any(|name| connection.destination_services.contains(name)),
             })
     }
 }
@@ -410,7 +417,7 @@ impl PeerAuthentications {
                 p.name.namespace == namespace
                     && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
             }
-            Scope::Namespace => false,
+            Scope::Namespace | Scope::Services(_) => false,
         };
         let namespace_wide = |ns: &str| {
             self.policies

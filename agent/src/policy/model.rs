@@ -22,9 +22,8 @@ pub(crate) struct AuthorizationPolicy {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct AuthorizationPolicySpec {
     pub(crate) selector: Option<WorkloadSelector>,
-    /// Targets (Services, Gateways) are enforced by waypoints; their content is not read.
-    pub(crate) target_ref: Option<IgnoredAny>,
-    pub(crate) target_refs: Option<IgnoredAny>,
+    pub(crate) target_ref: Option<PolicyTargetReference>,
+    pub(crate) target_refs: Option<Vec<PolicyTargetReference>>,
     pub(crate) action: Option<Action>,
     /// CUSTOM's external authorizer; not read, as CUSTOM is refused.
     pub(crate) provider: Option<IgnoredAny>,
@@ -36,6 +35,16 @@ pub(crate) struct AuthorizationPolicySpec {
 pub(crate) struct WorkloadSelector {
     #[serde(default)]
     pub(crate) match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct PolicyTargetReference {
+    #[serde(default)]
+    pub(crate) group: String,
+    pub(crate) kind: String,
+    pub(crate) name: String,
+    pub(crate) namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -79,6 +79,7 @@ fn decide(
         destination_port: port,
         destination_namespace: "shop",
         destination_labels: &labels,
+        destination_services: &["web".to_owned()],
     };
     let decision = policies.decide(&connection);
     (
@@ -781,6 +782,36 @@ fn cases() -> Vec<Case> {
             8080,
             (false, Some("shop/l7")),
         ),
+        // targetRefs to a Service: enforced at its endpoints
+        c(
+            "targetRefs to a Service the destination backs",
+            policy!(
+                "shop",
+                "t",
+                "  targetRefs: [{kind: Service, group: '', name: web}]\n  rules: [{from: [{source: {namespaces: [ops]}}]}]"
+            ),
+            FRONTEND,
+            8080,
+            (false, None),
+        ),
+        c(
+            "targetRefs to a Service the destination backs allows",
+            policy!(
+                "shop",
+                "t",
+                "  targetRefs: [{kind: Service, group: '', name: web}]\n  rules: [{from: [{source: {namespaces: [ops]}}]}]"
+            ),
+            ADMIN,
+            8080,
+            (true, Some("shop/t")),
+        ),
+        c(
+            "targetRefs to another Service does not apply",
+            policy!("shop", "t", "  targetRefs: [{kind: Service, name: db}]"),
+            FRONTEND,
+            8080,
+            (true, None),
+        ),
         // Dry run
         c(
             "a dry-run DENY does not deny",
@@ -973,6 +1004,18 @@ fn bad_policies_are_refused_with_their_field() {
             .starts_with("field `spec.rules[0].to[0].operation.ports[0]`")
     );
     assert!(compile_error("  action: CUSTOM").starts_with("field `spec.action`"));
+    assert!(
+        compile_error(
+            "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]"
+        )
+        .starts_with("field `spec.targetRefs[0].kind`")
+    );
+    assert!(
+        compile_error(
+            "  selector: {matchLabels: {app: web}}\n  targetRefs: [{kind: Service, name: web}]"
+        )
+        .starts_with("field `spec.targetRefs`")
+    );
 
     let unknown: Result<model::AuthorizationPolicy, _> = serde_yaml_ng::from_str(
         "metadata: {name: bad}\nspec:\n  rules: [{from: [{source: {principal: [x]}}]}]\n",

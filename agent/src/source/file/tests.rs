@@ -211,6 +211,7 @@ fn a_bad_policy_is_replaced_by_a_denial_and_the_rest_keeps_working() {
         destination_port: 5432,
         destination_namespace: &db.namespace,
         destination_labels: &[("app".to_owned(), "db".to_owned())].into(),
+        destination_services: &[],
     };
     let decision = state.authorization().decide(&connection);
     assert!(!decision.allowed, "the stand-in denies the policy's scope");
