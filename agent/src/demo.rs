@@ -89,10 +89,25 @@ pub(crate) async fn run(out: &mut impl Write) -> anyhow::Result<()> {
     tokio::time::sleep(LOG_SETTLE).await;
     let access = access_logs(&cluster);
 
+    report(out, &cluster, &results, &access)?;
+    writeln!(out, "\nRemoving the mesh's namespaces")?;
+    drop(apps);
+    drop(cluster);
+    writeln!(out, "Done")?;
+    Ok(())
+}
+
+/// One block per flow: its path through the mesh, what happened, and the agents' records.
+fn report(
+    out: &mut impl Write,
+    cluster: &Cluster,
+    results: &[anyhow::Result<String>],
+    access: &[Value],
+) -> anyhow::Result<()> {
     writeln!(out, "{:<34} {:<48} RESULT", "FLOW", "PATH")?;
-    for ((from, to, what), result) in FLOWS.iter().zip(&results) {
+    for ((from, to, what), result) in FLOWS.iter().zip(results) {
         let source = cluster.pod(from)?.ip;
-        let path = describe_path(&access, source.into(), cluster.addr(to, APP_PORT)?);
+        let path = describe_path(access, source.into(), cluster.addr(to, APP_PORT)?);
         let result = match result {
             Ok(seen) => format!("ok, app saw {seen}"),
             Err(_) if path.summary.starts_with("DENIED") => "closed, the app never saw it".into(),
@@ -109,10 +124,6 @@ pub(crate) async fn run(out: &mut impl Write) -> anyhow::Result<()> {
             writeln!(out, "  {line}")?;
         }
     }
-    writeln!(out, "\nRemoving the mesh's namespaces")?;
-    drop(apps);
-    drop(cluster);
-    writeln!(out, "Done")?;
     Ok(())
 }
 

@@ -163,40 +163,15 @@ fn compile_rule(at: &str, rule: &model::Rule) -> Result<Rule, CompileError> {
     let mut uses_l7 = false;
     let mut from = Vec::new();
     for (index, entry) in rule.from.iter().flatten().enumerate() {
-        let at = format!("{at}.from[{index}].source");
         let source = &entry.source;
         uses_l7 |= source.request_principals.is_some() || source.not_request_principals.is_some();
-        if source.service_accounts.is_some() || source.not_service_accounts.is_some() {
-            return Err(error(
-                format!("{at}.serviceAccounts"),
-                "not supported; use principals",
-            ));
-        }
-        from.push(Source {
-            principals: strings(
-                &at,
-                "principals",
-                &source.principals,
-                &source.not_principals,
-            )?,
-            namespaces: strings(
-                &at,
-                "namespaces",
-                &source.namespaces,
-                &source.not_namespaces,
-            )?,
-            ip_blocks: cidrs(&at, "ipBlocks", &source.ip_blocks, &source.not_ip_blocks)?,
-            remote_ip_blocks: cidrs(
-                &at,
-                "remoteIpBlocks",
-                &source.remote_ip_blocks,
-                &source.not_remote_ip_blocks,
-            )?,
-        });
+        from.push(compile_source(
+            &format!("{at}.from[{index}].source"),
+            source,
+        )?);
     }
     let mut to = Vec::new();
     for (index, entry) in rule.to.iter().flatten().enumerate() {
-        let at = format!("{at}.to[{index}].operation");
         let operation = &entry.operation;
         uses_l7 |= [
             &operation.hosts,
@@ -208,6 +183,7 @@ fn compile_rule(at: &str, rule: &model::Rule) -> Result<Rule, CompileError> {
         ]
         .iter()
         .any(|field| field.is_some());
+        let at = format!("{at}.to[{index}].operation");
         to.push(Operation {
             ports: ports(&at, &operation.ports, &operation.not_ports)?,
         });
@@ -224,6 +200,27 @@ fn compile_rule(at: &str, rule: &model::Rule) -> Result<Rule, CompileError> {
         to,
         when,
         uses_l7,
+    })
+}
+
+/// The L4 fields of a `from.source`; request principals are L7 and handled by the caller.
+fn compile_source(at: &str, source: &model::Source) -> Result<Source, CompileError> {
+    if source.service_accounts.is_some() || source.not_service_accounts.is_some() {
+        return Err(error(
+            format!("{at}.serviceAccounts"),
+            "not supported; use principals",
+        ));
+    }
+    Ok(Source {
+        principals: strings(at, "principals", &source.principals, &source.not_principals)?,
+        namespaces: strings(at, "namespaces", &source.namespaces, &source.not_namespaces)?,
+        ip_blocks: cidrs(at, "ipBlocks", &source.ip_blocks, &source.not_ip_blocks)?,
+        remote_ip_blocks: cidrs(
+            at,
+            "remoteIpBlocks",
+            &source.remote_ip_blocks,
+            &source.not_remote_ip_blocks,
+        )?,
     })
 }
 
