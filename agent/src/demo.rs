@@ -25,8 +25,6 @@ spec:
   selector: {matchLabels: {app: backend}}
   rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]}]
 ";
-/// How long the agents take to notice a change of the cluster file.
-const RELOAD: Duration = Duration::from_millis(600);
 
 /// (from, to, what it shows)
 const FLOWS: [(&str, &str, &str); 5] = [
@@ -71,8 +69,7 @@ pub(crate) async fn run(out: &mut impl Write) -> anyhow::Result<()> {
         "Agents running and ready on node1 and node2 (nftables capture)"
     )?;
     cluster.set_extra_objects(POLICY);
-    cluster.write_config()?;
-    tokio::time::sleep(RELOAD).await;
+    cluster.apply().await?;
     writeln!(
         out,
         "Policy shop/backend: only shop/frontend may connect to the backend\n"

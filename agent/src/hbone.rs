@@ -14,7 +14,7 @@ mod stream;
 
 use std::time::Duration;
 
-pub use client::{ConnectError, ConnectRequest, HboneClient, Tunnel};
+pub use client::{ConnectError, ConnectRequest, DialStage, HboneClient, Tunnel};
 pub use headers::{Baggage, TraceParent, WorkloadKind};
 pub use keepalive::KeepaliveError;
 pub use server::{HboneServer, ServerError};

@@ -31,8 +31,9 @@ pub use cli::{Cli, Command};
 pub use config::{AgentArgs, AgentConfig, ConfigError, LogFormat, RedirectKind, SourceKind};
 pub use enrolment::EnrolError;
 pub use hbone::{
-    Baggage, ClientSettings, ConnectError, ConnectRequest, CopyError, HboneClient, HboneServer,
-    Keepalive, KeepaliveError, ServerError, TraceParent, Transferred, Tunnel, WorkloadKind,
+    Baggage, ClientSettings, ConnectError, ConnectRequest, CopyError, DialStage, HboneClient,
+    HboneServer, Keepalive, KeepaliveError, ServerError, TraceParent, Transferred, Tunnel,
+    WorkloadKind,
 };
 pub use proxy::ProxyError;
 pub use readiness::READY_PATH;

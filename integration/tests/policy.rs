@@ -17,7 +17,7 @@ const METRICS_PORT: u16 = 9090;
 /// client (shop) and admin (ops) in the mesh on node1; server (shop) on node2; outsider
 /// (legacy, not in the mesh) on node2. The server listens on both app ports.
 async fn cluster(policies: &str) -> (Cluster, Vec<EchoApp>) {
-    let mut cluster = Cluster::builder(&agent_binary())
+    let cluster = Cluster::builder(&agent_binary())
         .node("node1")
         .node("node2")
         .ambient_namespace("shop")
@@ -27,12 +27,10 @@ async fn cluster(policies: &str) -> (Cluster, Vec<EchoApp>) {
         .pod("node1", "ops", "admin")
         .pod("node2", "shop", "server")
         .pod("node2", "legacy", "outsider")
+        .objects(policies)
         .start()
         .await
         .unwrap();
-    if !policies.is_empty() {
-        set_policies(&mut cluster, policies).await;
-    }
     let server = cluster.in_pod("server").unwrap();
     let apps = vec![
         server.echo(APP_PORT).await.unwrap(),
@@ -41,11 +39,10 @@ async fn cluster(policies: &str) -> (Cluster, Vec<EchoApp>) {
     (cluster, apps)
 }
 
-/// Replaces the cluster's policies and gives the agents time to load them.
+/// Replaces the cluster's policies and waits until every agent has loaded them.
 async fn set_policies(cluster: &mut Cluster, policies: &str) {
     cluster.set_extra_objects(policies);
-    cluster.write_config().unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    cluster.apply().await.unwrap();
 }
 
 /// Whether `from` gets through to the server's app on `port`: the app greets every client.

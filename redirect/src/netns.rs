@@ -74,23 +74,34 @@ impl Netns {
         self.id
     }
 
-    /// Finds the namespace in which `ip` is a local address, among the named namespaces and
-    /// those of every process; the agent's own namespace is never a match. Blocking: it enters
-    /// each candidate on a short-lived thread.
+    /// Finds the namespace in which `ip` is a local address: first among the named namespaces
+    /// (where CNI plugins and `ip netns` pin pod namespaces), then among those of every process.
+    /// The agent's own namespace is never a match. Blocking: it enters each candidate on a
+    /// short-lived thread.
     pub fn find_by_ip(ip: IpAddr) -> Result<Option<Self>, NetnsError> {
         let own = Self::current()?.id;
         let mut seen = vec![own];
-        let mut candidates = Vec::new();
-        for path in candidate_paths() {
-            // Namespaces come and go while we look: one that vanished is not a candidate.
-            let Ok(netns) = Self::open(&path) else {
-                continue;
-            };
-            if !seen.contains(&netns.id) {
-                seen.push(netns.id);
-                candidates.push(netns);
+        for paths in [named_paths(), process_paths()] {
+            let mut candidates = Vec::new();
+            for path in paths {
+                // Namespaces come and go while we look: one that vanished is not a candidate.
+                let Ok(netns) = Self::open(&path) else {
+                    continue;
+                };
+                if !seen.contains(&netns.id) {
+                    seen.push(netns.id);
+                    candidates.push(netns);
+                }
+            }
+            if let Some(found) = Self::holding(ip, candidates)? {
+                return Ok(Some(found));
             }
         }
+        Ok(None)
+    }
+
+    /// The first of `candidates` in which `ip` is local.
+    fn holding(ip: IpAddr, candidates: Vec<Self>) -> Result<Option<Self>, NetnsError> {
         thread::scope(|scope| {
             scope
                 .spawn(|| {
@@ -109,23 +120,28 @@ impl Netns {
     }
 }
 
-fn candidate_paths() -> Vec<PathBuf> {
-    let entries = |dir: &str| {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|entry| entry.path())
-    };
-    let named = entries(NAMED_NETNS_DIR);
-    let processes = entries("/proc")
+fn entries(dir: &str) -> impl Iterator<Item = PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+}
+
+fn named_paths() -> Vec<PathBuf> {
+    entries(NAMED_NETNS_DIR).collect()
+}
+
+/// The namespaces of running processes: a fallback for runtimes that do not pin namespaces.
+fn process_paths() -> Vec<PathBuf> {
+    entries("/proc")
         .filter(|path| {
             path.file_name()
                 .and_then(|name| name.to_str())
                 .is_some_and(|name| name.bytes().all(|b| b.is_ascii_digit()))
         })
-        .map(|path| path.join("ns/net"));
-    named.chain(processes).collect()
+        .map(|path| path.join("ns/net"))
+        .collect()
 }
 
 /// Whether the calling thread's namespace has `ip`: binding to it succeeds only then.

@@ -46,8 +46,12 @@ pub enum ConnectError {
         #[source]
         source: io::Error,
     },
-    #[error("connecting to {addr} took longer than {timeout:?}")]
-    DialTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("connecting to {addr} took longer than {timeout:?} (stuck at {stage})")]
+    DialTimeout {
+        addr: SocketAddr,
+        stage: DialStage,
+        timeout: Duration,
+    },
     #[error("TLS handshake with {addr} failed")]
     Tls {
         addr: SocketAddr,
@@ -72,6 +76,28 @@ pub enum ConnectError {
         authority: SocketAddr,
         status: StatusCode,
     },
+}
+
+/// The steps of dialing a pooled connection, for saying which one took too long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialStage {
+    Certificate,
+    Socket,
+    TcpConnect,
+    TlsHandshake,
+    Http2Handshake,
+}
+
+impl std::fmt::Display for DialStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Certificate => "the certificate",
+            Self::Socket => "creating the socket",
+            Self::TcpConnect => "the TCP handshake",
+            Self::TlsHandshake => "the TLS handshake",
+            Self::Http2Handshake => "the HTTP/2 handshake",
+        })
+    }
 }
 
 /// An open tunnel: a CONNECT stream the server answered with 200.
@@ -124,17 +150,11 @@ impl HboneClient {
             destination: request.hbone_addr,
             expected,
         };
-        let timeout = self.connect_timeout;
         // Boxed: most tunnels reuse a pooled connection and never need the dial's large state.
-        let dial = || async {
-            tokio::time::timeout(timeout, Box::pin(self.dial(&key, sockets)))
-                .await
-                .map_err(|_| ConnectError::DialTimeout {
-                    addr: key.destination,
-                    timeout,
-                })?
-        };
-        let claim = self.pool.checkout(&key, dial).await?;
+        let claim = self
+            .pool
+            .checkout(&key, || Box::pin(self.dial(&key, sockets)))
+            .await?;
 
         let addr = request.hbone_addr;
         let open_error = |source| ConnectError::OpenStream { addr, source };
@@ -179,10 +199,14 @@ impl HboneClient {
         sockets: &dyn SocketFactory,
     ) -> Result<Dialed, ConnectError> {
         let addr = key.destination;
-        let certificate = self
-            .certificates
-            .fetch(&key.source)
-            .await
+        let deadline = Deadline {
+            at: tokio::time::Instant::now() + self.connect_timeout,
+            timeout: self.connect_timeout,
+            addr,
+        };
+        let certificate = deadline
+            .run(DialStage::Certificate, self.certificates.fetch(&key.source))
+            .await?
             .map_err(ConnectError::Certificate)?;
 
         let dial_error = |source| ConnectError::Dial {
@@ -190,29 +214,41 @@ impl HboneClient {
             source_ip: key.source_ip,
             source,
         };
-        let socket = sockets
-            .connector(SocketAddr::new(key.source_ip, 0), false)
-            .await
+        let socket = deadline
+            .run(
+                DialStage::Socket,
+                sockets.connector(SocketAddr::new(key.source_ip, 0), false),
+            )
+            .await?
             .map_err(dial_error)?;
-        let tcp = socket.connect(addr).await.map_err(dial_error)?;
+        let tcp = deadline
+            .run(DialStage::TcpConnect, socket.connect(addr))
+            .await?
+            .map_err(dial_error)?;
         tcp.set_nodelay(true).map_err(dial_error)?;
 
         let tls_config = ambit_identity::client_config(&certificate, &key.expected);
-        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config))
-            .connect(addr.ip().into(), tcp)
-            .await
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config));
+        let mut tls = deadline
+            .run(
+                DialStage::TlsHandshake,
+                connector.connect(addr.ip().into(), tcp),
+            )
+            .await?
             .map_err(|source| ConnectError::Tls { addr, source })?;
         tls.get_mut()
             .1
             .set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
 
-        let (sender, mut connection) = h2::client::Builder::new()
+        let handshake = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
             .enable_push(false)
-            .handshake(tls)
-            .await
+            .handshake(tls);
+        let (sender, mut connection) = deadline
+            .run(DialStage::Http2Handshake, handshake)
+            .await?
             .map_err(|source| ConnectError::H2Handshake { addr, source })?;
         let pings = connection
             .ping_pong()
@@ -222,5 +258,28 @@ impl HboneClient {
             connection,
             pings,
         })
+    }
+}
+
+/// The deadline of one dial, shared by its steps.
+struct Deadline {
+    at: tokio::time::Instant,
+    timeout: Duration,
+    addr: SocketAddr,
+}
+
+impl Deadline {
+    async fn run<T>(
+        &self,
+        stage: DialStage,
+        step: impl Future<Output = T>,
+    ) -> Result<T, ConnectError> {
+        tokio::time::timeout_at(self.at, step)
+            .await
+            .map_err(|_| ConnectError::DialTimeout {
+                addr: self.addr,
+                stage,
+                timeout: self.timeout,
+            })
     }
 }

@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, anyhow};
 
 use super::agent::AgentProcess;
+
+/// What an agent logs when it has loaded a changed cluster file.
+const RELOADED: &str = "configuration reloaded";
+const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 use super::pod::InPod;
 use super::topology::{PodNs, Topology};
 
@@ -25,6 +29,7 @@ pub struct ClusterBuilder {
     nodes: Vec<String>,
     namespaces: Vec<(String, bool)>,
     pods: Vec<(String, PodSpec)>,
+    objects: String,
 }
 
 impl ClusterBuilder {
@@ -42,6 +47,12 @@ impl ClusterBuilder {
     /// A namespace outside the mesh.
     pub fn namespace(mut self, name: &str) -> Self {
         self.namespaces.push((name.to_owned(), false));
+        self
+    }
+
+    /// More objects for the cluster file from the start (policies), as YAML documents.
+    pub fn objects(mut self, yaml: &str) -> Self {
+        self.objects = yaml.to_owned();
         self
     }
 
@@ -84,7 +95,7 @@ impl ClusterBuilder {
             dir,
             namespaces: self.namespaces,
             pods: Vec::new(),
-            extra: String::new(),
+            extra: self.objects,
             agents: BTreeMap::new(),
             topology,
         };
@@ -124,6 +135,7 @@ impl Cluster {
             nodes: Vec::new(),
             namespaces: Vec::new(),
             pods: Vec::new(),
+            objects: String::new(),
         }
     }
 
@@ -223,6 +235,29 @@ impl Cluster {
         let staged = self.dir.path().join("cluster.yaml.new");
         std::fs::write(&staged, yaml).context("writing the cluster file")?;
         std::fs::rename(&staged, &self.config).context("replacing the cluster file")
+    }
+
+    /// Writes the cluster file and waits until every agent has loaded it.
+    pub async fn apply(&self) -> anyhow::Result<()> {
+        let reloads = |agent: &AgentProcess| agent.log().matches(RELOADED).count();
+        let before: Vec<usize> = self.agents.values().map(reloads).collect();
+        self.write_config()?;
+        let deadline = tokio::time::Instant::now() + RELOAD_TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
+            let loaded = self
+                .agents
+                .values()
+                .zip(&before)
+                .all(|(agent, before)| reloads(agent) > *before);
+            if loaded {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Err(anyhow!(
+            "the agents did not reload the cluster file:\n{}",
+            self.logs()
+        ))
     }
 
     /// Starts the agent of `node` and waits until it is ready.

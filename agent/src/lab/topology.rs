@@ -317,7 +317,11 @@ fn sweep_leftovers() {
 
 fn lock_slot() -> Result<(u8, Flock<File>), TopologyError> {
     std::fs::create_dir_all(LOCK_DIR).map_err(TopologyError::Lock)?;
-    for slot in 1..=SLOTS {
+    // Start at a slot of our own, so that a slot just released (whose namespaces may still be
+    // held by exiting processes) is not the first one taken again.
+    let start = std::process::id() % u32::from(SLOTS);
+    for offset in 0..u32::from(SLOTS) {
+        let slot = u8::try_from((start + offset) % u32::from(SLOTS) + 1).unwrap_or(1);
         let file = File::create(Path::new(LOCK_DIR).join(format!("slot-{slot}")))
             .map_err(TopologyError::Lock)?;
         if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
