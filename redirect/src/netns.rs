@@ -4,7 +4,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -12,7 +12,6 @@ use std::sync::mpsc;
 use std::thread;
 
 use nix::sched::CloneFlags;
-use socket2::{Domain, Socket, Type};
 
 /// Where `ip netns` (and CNI plugins) keep named namespaces.
 const NAMED_NETNS_DIR: &str = "/var/run/netns";
@@ -144,15 +143,21 @@ fn process_paths() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Whether the calling thread's namespace has `ip`: binding to it succeeds only then.
+/// Whether an interface of the calling thread's namespace has `ip`. (Binding to `ip` is no test:
+/// in a namespace whose loopback is down, as while it is being set up, any address binds.)
 fn is_local(ip: IpAddr) -> bool {
-    Socket::new(
-        Domain::for_address(SocketAddr::new(ip, 0)),
-        Type::STREAM,
-        None,
-    )
-    .and_then(|socket| socket.bind(&SocketAddr::new(ip, 0).into()))
-    .is_ok()
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
+        return false;
+    };
+    addresses
+        .filter_map(|interface| interface.address)
+        .filter_map(|address| {
+            address
+                .as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .any(|local| local == ip)
 }
 
 type Job = Box<dyn FnOnce() + Send>;

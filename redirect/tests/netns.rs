@@ -1,0 +1,75 @@
+//! Finding a pod's namespace by its IP, on real namespaces (needs root).
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::Command;
+
+use ambit_redirect::Netns;
+
+/// Named namespaces that are deleted when dropped, even when the test fails.
+struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    fn add(&mut self, name: String) -> &str {
+        run(&["netns", "add", &name]);
+        self.0.push(name);
+        self.0.last().map_or("", String::as_str)
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+fn run(args: &[&str]) {
+    match Command::new("ip").args(args).status() {
+        Ok(status) => assert!(status.success(), "ip {args:?} failed"),
+        Err(error) => panic!("cannot run ip: {error}"),
+    }
+}
+
+#[test]
+fn finds_the_namespace_that_holds_the_ip_and_not_one_being_set_up() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test creates network namespaces: run it as root (CI does)"
+    );
+    let pid = std::process::id();
+    let ip: IpAddr = format!("10.251.{}.{}", pid % 250, pid % 200 + 2)
+        .parse()
+        .unwrap();
+    let mut namespaces = Namespaces(Vec::new());
+    // A namespace whose loopback is still down accepts a bind to any address: it must not match.
+    let fresh = namespaces.add(format!("ambit-test-{pid}-fresh")).to_owned();
+    let pod = namespaces.add(format!("ambit-test-{pid}-pod")).to_owned();
+    let peer = namespaces.add(format!("ambit-test-{pid}-peer")).to_owned();
+    run(&[
+        "link", "add", "eth0", "netns", &pod, "type", "veth", "peer", "name", "eth0", "netns",
+        &peer,
+    ]);
+    run(&[
+        "-n",
+        &pod,
+        "addr",
+        "add",
+        &format!("{ip}/32"),
+        "dev",
+        "eth0",
+    ]);
+    run(&["-n", &pod, "link", "set", "eth0", "up"]);
+
+    let found = Netns::find_by_ip(ip)
+        .unwrap()
+        .expect("the pod's namespace holds the IP");
+    let expected = Netns::open(&Path::new("/var/run/netns").join(&pod)).unwrap();
+    let fresh = Netns::open(&Path::new("/var/run/netns").join(&fresh)).unwrap();
+    assert_eq!(found.id(), expected.id());
+    assert_ne!(found.id(), fresh.id());
+
+    let nowhere: IpAddr = "10.252.0.1".parse().unwrap();
+    assert!(Netns::find_by_ip(nowhere).unwrap().is_none());
+}
