@@ -93,17 +93,11 @@ impl AccessLog {
         );
     }
 
-    /// Logs a connection refused because its destination requires mTLS.
-    pub(crate) fn deny_plaintext(self, policy: &str) {
+    /// Logs a connection refused because its destination requires mTLS, naming the
+    /// PeerAuthentication that says so.
+    pub(crate) fn deny_plaintext(self, policy: Option<&str>) {
         let reason = "plaintext refused: PeerAuthentication is STRICT";
-        self.emit(
-            0,
-            0,
-            Outcome::Denied {
-                policy: Some(policy),
-                reason,
-            },
-        );
+        self.emit(0, 0, Outcome::Denied { policy, reason });
     }
 
     /// Logs a connection closed because a policy change now denies it.

@@ -412,6 +412,16 @@ impl PeerAuthentications {
     /// most specific mode that is set wins (workload port, workload, namespace, mesh); the
     /// default is PERMISSIVE.
     pub fn mode(&self, namespace: &str, labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
+        self.decide(namespace, labels, port).0
+    }
+
+    /// The mode, with the policy that set it (`None` for the default).
+    pub fn decide(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        port: u16,
+    ) -> (MtlsMode, Option<&PolicyName>) {
         let selects = |p: &&PeerAuthentication| match &p.scope {
             Scope::Selector(selector) => {
                 p.name.namespace == namespace
@@ -423,19 +433,21 @@ impl PeerAuthentications {
             self.policies
                 .iter()
                 .find(|p| p.scope == Scope::Namespace && p.name.namespace == ns)
-                .map(|p| p.mode)
+                .map(|p| (p.mode, &p.name))
         };
         let workload = self.policies.iter().find(selects);
         let candidates = [
-            workload.and_then(|p| p.ports.get(&port).copied()),
-            workload.map(|p| p.mode),
+            workload.and_then(|p| p.ports.get(&port).map(|mode| (*mode, &p.name))),
+            workload.map(|p| (p.mode, &p.name)),
             namespace_wide(namespace),
             namespace_wide(&self.root_namespace),
         ];
         candidates
             .into_iter()
             .flatten()
-            .find(|mode| *mode != MtlsMode::Unset)
-            .unwrap_or(MtlsMode::Permissive)
+            .find(|(mode, _)| *mode != MtlsMode::Unset)
+            .map_or((MtlsMode::Permissive, None), |(mode, name)| {
+                (mode, Some(name))
+            })
     }
 }

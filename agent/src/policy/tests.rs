@@ -972,6 +972,21 @@ fn peer_authentication_conformance() {
         let policies = peer_authentications(&yaml);
         assert_eq!(policies.mode("shop", &labels(), port), expected, "{name}");
     }
+
+    let deciding = |yaml: &str, port| {
+        let policies = peer_authentications(yaml);
+        let (_, policy) = policies.decide("shop", &labels(), port);
+        policy.map(ToString::to_string)
+    };
+    assert_eq!(deciding("", 8080), None, "the default has no policy");
+    assert_eq!(
+        deciding(&format!("{mesh_strict}{workload_strict}"), 9090).as_deref(),
+        Some("shop/web")
+    );
+    assert_eq!(
+        deciding(mesh_strict, 8080).as_deref(),
+        Some("istio-system/default")
+    );
 }
 
 #[test]

@@ -51,14 +51,20 @@ async fn proxy(
     if destination.ip() != pod.ip || AGENT_POD_PORTS.contains(&destination.port()) {
         return log.fail(&UnexpectedDestination(destination));
     }
-    let workload = &pod.workload;
-    let mode = pod.state.borrow().peer_authentication().mode(
-        &workload.namespace,
-        &workload.labels,
-        destination.port(),
-    );
-    if mode == MtlsMode::Strict {
-        return log.deny_plaintext("PeerAuthentication");
+    let strict_by = {
+        let state = pod.state.borrow();
+        let workload = &pod.workload;
+        match state.peer_authentication().decide(
+            &workload.namespace,
+            &workload.labels,
+            destination.port(),
+        ) {
+            (MtlsMode::Strict, policy) => Some(policy.map(ToString::to_string)),
+            _ => None,
+        }
+    };
+    if let Some(policy) = strict_by {
+        return log.deny_plaintext(policy.as_deref());
     }
     let request = InboundRequest {
         source_ip: peer.ip(),
