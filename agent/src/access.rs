@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use ambit_identity::Identity;
 
+use crate::authorize::DenyReason;
 use crate::error_chain::ErrorChain;
 use crate::hbone::{CopyError, Transferred};
 
@@ -82,21 +83,8 @@ impl AccessLog {
     }
 
     /// Logs a connection that authorization refused, naming the deciding policy if one did.
-    pub(crate) fn deny(self, policy: Option<&str>) {
-        self.emit(
-            0,
-            0,
-            Outcome::Denied {
-                policy,
-                reason: "denied by authorization policy",
-            },
-        );
-    }
-
-    /// Logs a connection refused because its destination requires mTLS, naming the
-    /// PeerAuthentication that says so.
-    pub(crate) fn deny_plaintext(self, policy: Option<&str>) {
-        let reason = "plaintext refused: PeerAuthentication is STRICT";
+    pub(crate) fn deny(self, policy: Option<&str>, reason: DenyReason) {
+        let reason = reason.as_str();
         self.emit(0, 0, Outcome::Denied { policy, reason });
     }
 

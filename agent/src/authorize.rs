@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ambit_identity::Identity;
 use tokio::sync::watch;
 
-use crate::policy::{Connection, Decision};
+use crate::policy::{Connection, Decision, MtlsMode};
 use crate::state::{ClusterState, Workload};
 
 /// An inbound connection, as authorization sees it.
@@ -25,11 +25,30 @@ pub struct InboundRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
-    /// Denied by the named policy (`namespace/name`), or because ALLOW policies apply and none
-    /// matched (`None`).
+    /// Denied by the named policy (`namespace/name`); `None` when ALLOW policies apply and none
+    /// matched.
     Deny {
         policy: Option<String>,
+        reason: DenyReason,
     },
+}
+
+/// Why a connection was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// By AuthorizationPolicy.
+    Authorization,
+    /// Plaintext to a port that PeerAuthentication makes STRICT.
+    MtlsRequired,
+}
+
+impl DenyReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Authorization => "denied by authorization policy",
+            Self::MtlsRequired => "plaintext refused: PeerAuthentication is STRICT",
+        }
+    }
 }
 
 /// The future [`Authorizer::revoked`] returns.
@@ -65,7 +84,21 @@ pub(crate) struct WorkloadAuthorizer {
 }
 
 impl WorkloadAuthorizer {
+    /// PeerAuthentication first (plaintext only), then AuthorizationPolicy.
     fn decide(&self, state: &ClusterState, request: &InboundRequest) -> Verdict {
+        if request.source_identity.is_none() {
+            let (mode, policy) = state.peer_authentication().decide(
+                &self.workload.namespace,
+                &self.workload.labels,
+                request.destination.port(),
+            );
+            if mode == MtlsMode::Strict {
+                return Verdict::Deny {
+                    policy: policy.map(ToString::to_string),
+                    reason: DenyReason::MtlsRequired,
+                };
+            }
+        }
         let connection = Connection {
             source_ip: request.source_ip,
             source_identity: request.source_identity.as_ref(),
@@ -82,6 +115,7 @@ impl WorkloadAuthorizer {
         } else {
             Verdict::Deny {
                 policy: decision.policy.map(ToString::to_string),
+                reason: DenyReason::Authorization,
             }
         }
     }

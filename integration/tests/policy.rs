@@ -206,3 +206,24 @@ spec:
     );
     assert!(!reaches(&cluster, "client", APP_PORT).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_strict_at_runtime_closes_open_plaintext_connections() {
+    let (mut cluster, _apps) = cluster("").await;
+    let mut open = cluster
+        .in_pod("outsider")
+        .unwrap()
+        .connect(cluster.addr("server", APP_PORT).unwrap())
+        .await
+        .unwrap();
+    read_peer_line(&mut open).await.unwrap();
+
+    set_policies(&mut cluster, STRICT_SHOP).await;
+    let mut buf = [0; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the plaintext connection stayed open: {closed:?}\n{}",
+        cluster.logs()
+    );
+}

@@ -238,9 +238,9 @@ async fn serve_stream(
         source_identity: peer.identity.clone(),
         destination,
     };
-    if let Verdict::Deny { policy } = server.authorizer.authorize(&inbound) {
+    if let Verdict::Deny { policy, reason } = server.authorizer.authorize(&inbound) {
         reply(&mut respond, StatusCode::UNAUTHORIZED);
-        return log.deny(policy.as_deref());
+        return log.deny(policy.as_deref(), reason);
     }
     let revoked = server.authorizer.revoked(inbound);
     let app = App {
@@ -290,7 +290,7 @@ async fn tunnel_to_app(
     };
     tokio::select! {
         copied = stream::copy_bidirectional(&mut app, H2Stream { send, recv }) => log.finish(copied),
-        Verdict::Deny { policy } = revoked => log.revoke(policy.as_deref()),
+        Verdict::Deny { policy, .. } = revoked => log.revoke(policy.as_deref()),
     }
 }
 

@@ -1,7 +1,6 @@
 //! Inbound plaintext (15006): TCP that reached the pod from outside the mesh, handed here by
-//! capture with its original destination. PeerAuthentication decides whether plaintext is
-//! accepted at all (STRICT refuses it); authorization sees no identity. The app sees the real
-//! client address.
+//! capture with its original destination. The authorizer refuses it where PeerAuthentication is
+//! STRICT, and otherwise decides without an identity. The app sees the real client address.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +14,6 @@ use crate::accept::serve_listener;
 use crate::access::{AccessLog, Direction};
 use crate::authorize::{Authorizer, InboundRequest, Verdict, WorkloadAuthorizer};
 use crate::drain::DrainWatcher;
-use crate::policy::MtlsMode;
 use crate::sockets::SocketFactory;
 
 pub(super) async fn serve_plaintext(
@@ -51,28 +49,13 @@ async fn proxy(
     if destination.ip() != pod.ip || AGENT_POD_PORTS.contains(&destination.port()) {
         return log.fail(&UnexpectedDestination(destination));
     }
-    let strict_by = {
-        let state = pod.state.borrow();
-        let workload = &pod.workload;
-        match state.peer_authentication().decide(
-            &workload.namespace,
-            &workload.labels,
-            destination.port(),
-        ) {
-            (MtlsMode::Strict, policy) => Some(policy.map(ToString::to_string)),
-            _ => None,
-        }
-    };
-    if let Some(policy) = strict_by {
-        return log.deny_plaintext(policy.as_deref());
-    }
     let request = InboundRequest {
         source_ip: peer.ip(),
         source_identity: None,
         destination,
     };
-    if let Verdict::Deny { policy } = authorizer.authorize(&request) {
-        return log.deny(policy.as_deref());
+    if let Verdict::Deny { policy, reason } = authorizer.authorize(&request) {
+        return log.deny(policy.as_deref(), reason);
     }
     let revoked = authorizer.revoked(request);
     let connected = async {
@@ -88,7 +71,7 @@ async fn proxy(
     };
     tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut tcp, &mut app) => log.finish_plain(copied),
-        Verdict::Deny { policy } = revoked => log.revoke(policy.as_deref()),
+        Verdict::Deny { policy, .. } = revoked => log.revoke(policy.as_deref()),
     }
 }
 

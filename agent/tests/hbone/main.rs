@@ -6,7 +6,7 @@ use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_agent::authorize::{Authorizer, InboundRequest, RevokedFuture, Verdict};
+use ambit_agent::authorize::{Authorizer, DenyReason, InboundRequest, RevokedFuture, Verdict};
 use ambit_agent::sockets::LocalSockets;
 use ambit_agent::{ClientSettings, ConnectError, Keepalive};
 use ambit_identity::PeerVerifyError;
@@ -329,6 +329,7 @@ impl Authorizer for DenyAll {
     fn authorize(&self, _: &InboundRequest) -> Verdict {
         Verdict::Deny {
             policy: Some("shop/deny-all".into()),
+            reason: DenyReason::Authorization,
         }
     }
 
