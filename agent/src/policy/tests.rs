@@ -43,17 +43,28 @@ struct Case {
     expect: (bool, Option<&'static str>),
 }
 
-/// Compiles a multi-document YAML of AuthorizationPolicies.
-fn policies(yaml: &str) -> Result<AuthorizationPolicies, CompileError> {
+/// Parses the documents of `yaml` as `M` and compiles each with `compile`.
+fn compile_all<M, T>(
+    yaml: &str,
+    compile: impl Fn(&M) -> Result<T, CompileError>,
+) -> Result<Vec<T>, CompileError>
+where
+    M: for<'de> Deserialize<'de>,
+{
     let mut compiled = Vec::new();
     for document in serde_yaml_ng::Deserializer::from_str(yaml) {
         let value = serde_yaml_ng::Value::deserialize(document).unwrap();
-        if value.is_null() {
-            continue;
+        if !value.is_null() {
+            compiled.push(compile(&serde_yaml_ng::from_value(value).unwrap())?);
         }
-        let policy: model::AuthorizationPolicy = serde_yaml_ng::from_value(value).unwrap();
-        compiled.push(compile::authorization_policy(&policy)?);
     }
+    Ok(compiled)
+}
+
+/// Compiles a multi-document YAML of AuthorizationPolicies.
+fn policies(yaml: &str) -> Result<AuthorizationPolicies, CompileError> {
+    let compiled =
+        compile_all::<model::AuthorizationPolicy, _>(yaml, compile::authorization_policy)?;
     Ok(AuthorizationPolicies::new(ROOT, compiled))
 }
 
@@ -89,10 +100,13 @@ fn decide(
     )
 }
 
-macro_rules! policy {
-    ($ns:literal, $name:literal, $spec:literal) => {
+/// One YAML document of `kind` `namespace/name` with `spec` (indented two spaces).
+macro_rules! object {
+    ($kind:literal, $ns:literal, $name:literal, $spec:literal) => {
         concat!(
-            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ",
+            "---\napiVersion: security.istio.io/v1\nkind: ",
+            $kind,
+            "\nmetadata: {name: ",
             $name,
             ", namespace: ",
             $ns,
@@ -100,6 +114,12 @@ macro_rules! policy {
             $spec,
             "\n"
         )
+    };
+}
+
+macro_rules! policy {
+    ($ns:literal, $name:literal, $spec:literal) => {
+        object!("AuthorizationPolicy", $ns, $name, $spec)
     };
 }
 
@@ -867,29 +887,13 @@ fn audit_and_dry_run_are_reported() {
 }
 
 fn peer_authentications(yaml: &str) -> PeerAuthentications {
-    let mut compiled = Vec::new();
-    for document in serde_yaml_ng::Deserializer::from_str(yaml) {
-        let value = serde_yaml_ng::Value::deserialize(document).unwrap();
-        if value.is_null() {
-            continue;
-        }
-        let policy: model::PeerAuthentication = serde_yaml_ng::from_value(value).unwrap();
-        compiled.push(compile::peer_authentication(&policy).unwrap());
-    }
-    PeerAuthentications::new(ROOT, compiled)
+    let compiled = compile_all::<model::PeerAuthentication, _>(yaml, compile::peer_authentication);
+    PeerAuthentications::new(ROOT, compiled.unwrap())
 }
 
 macro_rules! peer {
     ($ns:literal, $name:literal, $spec:literal) => {
-        concat!(
-            "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ",
-            $name,
-            ", namespace: ",
-            $ns,
-            "}\nspec:\n",
-            $spec,
-            "\n"
-        )
+        object!("PeerAuthentication", $ns, $name, $spec)
     };
 }
 
