@@ -10,6 +10,7 @@ use std::time::Duration;
 use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
 use ambit_integration::agent_binary;
 use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 const APP_PORT: u16 = 8080;
 const METRICS_PORT: u16 = 9090;
@@ -174,17 +175,33 @@ spec:
     assert!(!reaches(&cluster, "outsider", APP_PORT).await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_policy_added_at_runtime_closes_an_open_connection() {
-    let (mut cluster, _apps) = cluster("").await;
+/// A connection from `from` to the server's app, past the app's greeting.
+async fn open_connection(cluster: &Cluster, from: &str) -> TcpStream {
     let mut open = cluster
-        .in_pod("client")
+        .in_pod(from)
         .unwrap()
         .connect(cluster.addr("server", APP_PORT).unwrap())
         .await
         .unwrap();
     read_peer_line(&mut open).await.unwrap();
+    open
+}
 
+/// Fails unless `open` is closed within five seconds.
+async fn assert_closed(cluster: &Cluster, mut open: TcpStream) {
+    let mut buf = [0; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the connection stayed open: {closed:?}\n{}",
+        cluster.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_added_at_runtime_closes_an_open_connection() {
+    let (mut cluster, _apps) = cluster("").await;
+    let open = open_connection(&cluster, "client").await;
     set_policies(
         &mut cluster,
         "---
@@ -197,33 +214,14 @@ spec:
 ",
     )
     .await;
-    let mut buf = [0; 16];
-    let closed = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buf)).await;
-    assert!(
-        matches!(closed, Ok(Ok(0) | Err(_))),
-        "the connection stayed open: {closed:?}\n{}",
-        cluster.logs()
-    );
+    assert_closed(&cluster, open).await;
     assert!(!reaches(&cluster, "client", APP_PORT).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turning_strict_at_runtime_closes_open_plaintext_connections() {
     let (mut cluster, _apps) = cluster("").await;
-    let mut open = cluster
-        .in_pod("outsider")
-        .unwrap()
-        .connect(cluster.addr("server", APP_PORT).unwrap())
-        .await
-        .unwrap();
-    read_peer_line(&mut open).await.unwrap();
-
+    let open = open_connection(&cluster, "outsider").await;
     set_policies(&mut cluster, STRICT_SHOP).await;
-    let mut buf = [0; 16];
-    let closed = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buf)).await;
-    assert!(
-        matches!(closed, Ok(Ok(0) | Err(_))),
-        "the plaintext connection stayed open: {closed:?}\n{}",
-        cluster.logs()
-    );
+    assert_closed(&cluster, open).await;
 }
