@@ -2,7 +2,7 @@
 //! of which workload) and PeerAuthentication (whether a workload accepts plaintext).
 //!
 //! The users' objects (`model`) are compiled (`compile`) into an engine evaluated for every
-//! connection ([`AuthorizationPolicies::decide`], [`PeerAuthentications::mode`]).
+//! connection ([`AuthorizationPolicies::decide`], [`PeerAuthentications::decide`]).
 
 pub(crate) mod compile;
 mod engine;

@@ -71,7 +71,6 @@ struct Peer {
     addr: SocketAddr,
     identity: Option<Identity>,
     local_ip: IpAddr,
-    local_identity: Identity,
 }
 
 impl HboneServer {
@@ -135,7 +134,6 @@ impl HboneServer {
             addr,
             identity,
             local_ip,
-            local_identity: self.identity.clone(),
         });
 
         let mut connection = h2::server::Builder::new()
@@ -226,7 +224,7 @@ async fn serve_stream(
         Instant::now(),
     );
     log.src_identity = peer.identity.clone();
-    log.dst_identity = Some(peer.local_identity.clone());
+    log.dst_identity = Some(server.identity.clone());
     log.src_workload = baggage
         .namespace
         .as_ref()

@@ -97,11 +97,6 @@ impl Topology {
         Ok(topology)
     }
 
-    /// The namespaces' name prefix: unique to this topology.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     pub fn nodes(&self) -> &[NodeNs] {
         &self.nodes
     }
@@ -234,11 +229,6 @@ impl Topology {
     /// The underlay namespace, where node-to-node traffic can be observed.
     pub fn underlay(&self) -> &str {
         &self.underlay
-    }
-
-    /// An address in this topology's service range, for a Service VIP.
-    pub fn service_ip(&self, index: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, self.slot, 200, index)
     }
 
     /// `ip netns exec <netns> setpriv --pdeathsig KILL -- <program>`: a command that runs in

@@ -226,14 +226,6 @@ impl AuthorizationPolicies {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.by_namespace.values().map(Vec::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Decides `connection`: a matching DENY denies; else, with no ALLOW policy applying, allow;
     /// else allow only if an ALLOW policy matches. One pass over the applicable policies.
     pub fn decide<'a>(&'a self, connection: &Connection<'_>) -> Decision<'a> {
@@ -408,14 +400,9 @@ impl PeerAuthentications {
         }
     }
 
-    /// Whether plaintext to `port` of a workload in `namespace` with `labels` is refused: the
-    /// most specific mode that is set wins (workload port, workload, namespace, mesh); the
-    /// default is PERMISSIVE.
-    pub fn mode(&self, namespace: &str, labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
-        self.decide(namespace, labels, port).0
-    }
-
-    /// The mode, with the policy that set it (`None` for the default).
+    /// The mTLS mode of `port` of a workload in `namespace` with `labels`, with the policy that
+    /// set it: the most specific mode that is set wins (workload port, workload, namespace,
+    /// mesh); the default is PERMISSIVE (no policy).
     pub fn decide(
         &self,
         namespace: &str,

@@ -974,7 +974,11 @@ fn peer_authentication_conformance() {
     ];
     for (name, yaml, port, expected) in cases {
         let policies = peer_authentications(&yaml);
-        assert_eq!(policies.mode("shop", &labels(), port), expected, "{name}");
+        assert_eq!(
+            policies.decide("shop", &labels(), port).0,
+            expected,
+            "{name}"
+        );
     }
 
     let deciding = |yaml: &str, port| {
