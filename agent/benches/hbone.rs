@@ -18,6 +18,7 @@ use std::sync::Arc;
 use ambit_agent::authorize::AllowAll;
 use ambit_agent::drain;
 use ambit_agent::sockets::LocalSockets;
+use ambit_agent::telemetry::Meter;
 use ambit_agent::{ClientSettings, ConnectRequest, HboneClient, HboneServer, Keepalive};
 use ambit_test_support::measure::{self, Comparison};
 use ambit_test_support::{EchoServer, TestPki};
@@ -91,6 +92,7 @@ async fn start_tunnel(pki: &TestPki, app: SocketAddr) -> (drain::DrainTrigger, S
         Keepalive::default(),
         Arc::new(LocalSockets),
         Arc::new(AllowAll),
+        Arc::default(),
     );
     tokio::spawn(server.serve(hbone, watcher));
 
@@ -112,7 +114,7 @@ async fn start_tunnel(pki: &TestPki, app: SocketAddr) -> (drain::DrainTrigger, S
             let client = client.clone();
             tokio::spawn(async move {
                 let tunnel = client.connect(&request, &LocalSockets).await.unwrap();
-                let _ = tunnel.copy_bidirectional(&mut tcp).await;
+                let _ = tunnel.copy_bidirectional(&mut tcp, &Meter::default()).await;
             });
         }
     });

@@ -1,5 +1,6 @@
 //! The composition root: builds the agent from its configuration and runs it until a signal.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,18 +11,23 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+use crate::admin::views::EffectiveConfig;
+use crate::admin::{AdminApi, MetricsEndpoint};
 use crate::config::{AgentConfig, RedirectKind};
 use crate::drain;
-use crate::enrolment::Enrolment;
+use crate::enrolment::{CaptureStatus, Enrolment};
 use crate::hbone::{ClientSettings, HboneClient};
+use crate::http_server;
+use crate::logging::LogLevel;
 use crate::readiness::Readiness;
 use crate::source::FileSource;
+use crate::telemetry::{Metrics, Telemetry};
 
 /// How long connections get to finish once the agent is asked to stop.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Runs the node agent until SIGTERM or SIGINT.
-pub(crate) async fn run(config: AgentConfig) -> anyhow::Result<()> {
+pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Result<()> {
     let ca = LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)
         .with_context(|| format!("--ca-dir {}", config.ca_dir.display()))?;
     let certificates = Arc::new(CertificateManager::new(Arc::new(ca)));
@@ -32,23 +38,57 @@ pub(crate) async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let capture: Arc<dyn CaptureBackend> = match config.redirect {
         RedirectKind::Nftables => Arc::new(Nftables),
     };
-    let readiness_listener = TcpListener::bind(config.readiness_addr)
-        .await
-        .with_context(|| format!("--readiness-addr {}", config.readiness_addr))?;
+    let readiness_listener = bind("--readiness-addr", config.readiness_addr).await?;
+    let metrics_listener = bind("--metrics-addr", config.metrics_addr).await?;
+    let admin_listener = bind("--admin-addr", config.admin_addr).await?;
+
+    let client = HboneClient::new(certificates.clone(), ClientSettings::default());
+    let mut metrics = Metrics::new();
+    metrics.register_node(certificates.clone(), client.clone());
+    let telemetry = Arc::new(Telemetry::new(metrics, config.baseline_learn));
 
     let (trigger, watcher) = drain::channel();
     let (states, states_rx) = watch::channel(Arc::new(initial));
+    let (capture_status, capture_status_rx) = watch::channel(CaptureStatus::new());
     tokio::spawn(source.watch(states, watcher.clone()));
     let readiness = Readiness::default();
-    tokio::spawn(readiness.clone().serve(readiness_listener, watcher.clone()));
+    tokio::spawn(http_server::serve(
+        readiness_listener,
+        watcher.clone(),
+        "readiness",
+        readiness.clone(),
+    ));
+    tokio::spawn(http_server::serve(
+        metrics_listener,
+        watcher.clone(),
+        "metrics",
+        MetricsEndpoint(telemetry.clone()),
+    ));
+    let admin = AdminApi {
+        config: effective_config(&config),
+        trust_domain: config.trust_domain.clone(),
+        states: states_rx.clone(),
+        capture: capture_status_rx,
+        certificates: certificates.clone(),
+        telemetry: telemetry.clone(),
+        log_level,
+    };
+    tokio::spawn(http_server::serve(
+        admin_listener,
+        watcher.clone(),
+        "admin",
+        admin,
+    ));
     let enrolment = Enrolment {
         node: config.node.clone(),
         trust_domain: config.trust_domain.clone(),
         capture,
-        client: HboneClient::new(certificates.clone(), ClientSettings::default()),
+        client,
         certificates,
         states: states_rx,
         readiness,
+        telemetry,
+        status: capture_status,
     };
     tokio::spawn(enrolment.run(watcher));
     tracing::info!(node = config.node, redirect = ?config.redirect, "agent started");
@@ -65,4 +105,26 @@ pub(crate) async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tracing::warn!(deadline = ?DRAIN_DEADLINE, "connections still open at the drain deadline");
     }
     Ok(())
+}
+
+async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{flag} {addr}"))
+}
+
+fn effective_config(config: &AgentConfig) -> EffectiveConfig {
+    EffectiveConfig {
+        node: config.node.clone(),
+        config_file: config.config_file.display().to_string(),
+        ca_dir: config.ca_dir.display().to_string(),
+        trust_domain: config.trust_domain.to_string(),
+        root_namespace: config.root_namespace.clone(),
+        redirect: format!("{:?}", config.redirect).to_lowercase(),
+        readiness_addr: config.readiness_addr,
+        metrics_addr: config.metrics_addr,
+        admin_addr: config.admin_addr,
+        baseline_learn_seconds: config.baseline_learn.as_secs(),
+        log_format: format!("{:?}", config.log_format).to_lowercase(),
+    }
 }

@@ -10,7 +10,8 @@ use ambit_identity::Identity;
 use tokio::sync::watch;
 
 use crate::policy::{Connection, Decision, MtlsMode};
-use crate::state::{ClusterState, Workload};
+use crate::state::{ClusterState, Service, Workload};
+use crate::telemetry::Telemetry;
 
 /// An inbound connection, as authorization sees it.
 #[derive(Debug, Clone)]
@@ -54,12 +55,26 @@ impl DenyReason {
 /// The future [`Authorizer::revoked`] returns.
 pub type RevokedFuture = Pin<Box<dyn Future<Output = Verdict> + Send>>;
 
-/// Decides who may connect to a workload, and notices when a policy change takes that back.
+/// The workloads at both ends of an inbound connection and the Service it is reported under,
+/// as far as they are known: what telemetry labels the connection with.
+#[derive(Debug, Clone, Default)]
+pub struct Peers {
+    pub source: Option<Arc<Workload>>,
+    pub destination: Option<Arc<Workload>>,
+    pub service: Option<Arc<Service>>,
+}
+
+/// Decides who may connect to a workload, notices when a policy change takes that back, and
+/// says who the peers are.
 pub trait Authorizer: Send + Sync + fmt::Debug + 'static {
     fn authorize(&self, request: &InboundRequest) -> Verdict;
 
     /// Resolves, with the denial, once the policies no longer allow `request`.
     fn revoked(&self, request: InboundRequest) -> RevokedFuture;
+
+    /// The workloads behind `request`. A source workload is named only when its identity is
+    /// the one the connection proved (or, for plaintext, by its IP).
+    fn peers(&self, request: &InboundRequest) -> Peers;
 }
 
 /// Allows everything: for HBONE outside any pod, such as tests and benchmarks.
@@ -74,6 +89,27 @@ impl Authorizer for AllowAll {
     fn revoked(&self, _: InboundRequest) -> RevokedFuture {
         Box::pin(std::future::pending())
     }
+
+    fn peers(&self, _: &InboundRequest) -> Peers {
+        Peers::default()
+    }
+}
+
+/// `request` to `workload`, as the policy engine sees it.
+pub(crate) fn connection<'a>(
+    state: &'a ClusterState,
+    workload: &'a Workload,
+    request: &'a InboundRequest,
+) -> Connection<'a> {
+    Connection {
+        source_ip: request.source_ip,
+        source_identity: request.source_identity.as_ref(),
+        destination_ip: request.destination.ip(),
+        destination_port: request.destination.port(),
+        destination_namespace: &workload.namespace,
+        destination_labels: &workload.labels,
+        destination_services: state.services_of(request.destination.ip()),
+    }
 }
 
 /// The policies of the cluster, applied to one workload.
@@ -81,49 +117,77 @@ impl Authorizer for AllowAll {
 pub(crate) struct WorkloadAuthorizer {
     pub(crate) workload: Arc<Workload>,
     pub(crate) state: watch::Receiver<Arc<ClusterState>>,
+    pub(crate) telemetry: Arc<Telemetry>,
 }
 
 impl WorkloadAuthorizer {
-    /// PeerAuthentication first (plaintext only), then AuthorizationPolicy.
-    fn decide(&self, state: &ClusterState, request: &InboundRequest) -> Verdict {
-        if request.source_identity.is_none() {
-            let (mode, policy) = state.peer_authentication().decide(
-                &self.workload.namespace,
-                &self.workload.labels,
-                request.destination.port(),
-            );
-            if mode == MtlsMode::Strict {
-                return Verdict::Deny {
-                    policy: policy.map(ToString::to_string),
-                    reason: DenyReason::MtlsRequired,
-                };
-            }
+    /// Decides `request` against `state`. A decision that is `recorded` is counted, and logged
+    /// when an AUDIT or dry-run policy matched; re-checks after a policy change are not.
+    fn decide(&self, state: &ClusterState, request: &InboundRequest, recorded: bool) -> Verdict {
+        let (verdict, decision) = evaluate(state, &self.workload, request);
+        if recorded && let Some(decision) = decision {
+            self.report(&decision, request);
         }
-        let connection = Connection {
-            source_ip: request.source_ip,
-            source_identity: request.source_identity.as_ref(),
-            destination_ip: request.destination.ip(),
-            destination_port: request.destination.port(),
-            destination_namespace: &self.workload.namespace,
-            destination_labels: &self.workload.labels,
-            destination_services: state.services_of(request.destination.ip()),
-        };
-        let decision = state.authorization().decide(&connection);
-        report(&decision, request);
-        if decision.allowed {
-            Verdict::Allow
-        } else {
-            Verdict::Deny {
-                policy: decision.policy.map(ToString::to_string),
-                reason: DenyReason::Authorization,
-            }
+        verdict
+    }
+
+    /// Logs and counts what AUDIT and dry-run policies saw.
+    fn report(&self, decision: &Decision<'_>, request: &InboundRequest) {
+        let metrics = &self.telemetry.metrics;
+        if let Some(policy) = decision.audit {
+            metrics.decided("audit");
+            tracing::info!(target: "audit", %policy, src.addr = %request.source_ip, dst.addr = %request.destination, "AUDIT policy matched");
+        }
+        if let Some(policy) = decision.dry_run_deny {
+            metrics.decided("dry_run_deny");
+            tracing::info!(%policy, src.addr = %request.source_ip, dst.addr = %request.destination, "dry-run policy would deny");
         }
     }
 }
 
+/// PeerAuthentication first (plaintext only), then AuthorizationPolicy: the verdict on
+/// `request` to `workload`, with the AuthorizationPolicy decision when one was taken.
+pub(crate) fn evaluate<'s>(
+    state: &'s ClusterState,
+    workload: &Workload,
+    request: &InboundRequest,
+) -> (Verdict, Option<Decision<'s>>) {
+    if request.source_identity.is_none() {
+        let port = request.destination.port();
+        let (mode, policy) =
+            state
+                .peer_authentication()
+                .decide(&workload.namespace, &workload.labels, port);
+        if mode == MtlsMode::Strict {
+            let verdict = Verdict::Deny {
+                policy: policy.map(ToString::to_string),
+                reason: DenyReason::MtlsRequired,
+            };
+            return (verdict, None);
+        }
+    }
+    let decision = state
+        .authorization()
+        .decide(&connection(state, workload, request));
+    let verdict = if decision.allowed {
+        Verdict::Allow
+    } else {
+        Verdict::Deny {
+            policy: decision.policy.map(ToString::to_string),
+            reason: DenyReason::Authorization,
+        }
+    };
+    (verdict, Some(decision))
+}
+
 impl Authorizer for WorkloadAuthorizer {
     fn authorize(&self, request: &InboundRequest) -> Verdict {
-        self.decide(&self.state.borrow(), request)
+        let verdict = self.decide(&self.state.borrow(), request, true);
+        self.telemetry.metrics.decided(match verdict {
+            Verdict::Allow => "allow",
+            Verdict::Deny { .. } => "deny",
+        });
+        verdict
     }
 
     fn revoked(&self, request: InboundRequest) -> RevokedFuture {
@@ -134,20 +198,30 @@ impl Authorizer for WorkloadAuthorizer {
                     return std::future::pending().await;
                 }
                 let current = state.borrow_and_update().clone();
-                if let denied @ Verdict::Deny { .. } = authorizer.decide(&current, &request) {
+                if let denied @ Verdict::Deny { .. } = authorizer.decide(&current, &request, false)
+                {
+                    authorizer.telemetry.metrics.decided("revoke");
                     return denied;
                 }
             }
         })
     }
-}
 
-/// Logs what AUDIT and dry-run policies saw.
-fn report(decision: &Decision<'_>, request: &InboundRequest) {
-    if let Some(policy) = decision.audit {
-        tracing::info!(target: "audit", %policy, src.addr = %request.source_ip, dst.addr = %request.destination, "AUDIT policy matched");
-    }
-    if let Some(policy) = decision.dry_run_deny {
-        tracing::info!(%policy, src.addr = %request.source_ip, dst.addr = %request.destination, "dry-run policy would deny");
+    fn peers(&self, request: &InboundRequest) -> Peers {
+        let state = self.state.borrow();
+        let source = state
+            .workload_by_ip(request.source_ip)
+            .filter(|source| match &request.source_identity {
+                Some(proved) => source
+                    .identity(proved.trust_domain())
+                    .is_ok_and(|expected| expected == *proved),
+                None => true,
+            })
+            .cloned();
+        Peers {
+            source,
+            destination: Some(self.workload.clone()),
+            service: state.destination_service(request.destination).cloned(),
+        }
     }
 }

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{AgentArgs, AgentConfig, LogFormat};
+use crate::debug::DebugArgs;
+use crate::logging;
 
 /// ambit: an ambient-mesh L4 agent for Kubernetes.
 #[derive(Debug, Parser)]
@@ -19,7 +21,7 @@ pub enum Command {
     /// Run the node agent.
     Agent(AgentArgs),
     /// Inspect the local agent: workloads, services, policies, certificates, connections.
-    Debug,
+    Debug(DebugArgs),
     /// Build a small mesh of network namespaces on this machine and show it at work.
     Demo,
     /// Print the version and the cryptography provider.
@@ -41,19 +43,15 @@ impl Cli {
             }
             Command::Agent(args) => run_agent(args),
             Command::Demo => run_demo(),
-            Command::Debug => {
-                init_logging(LogFormat::Text);
-                tracing::error!("`ambit debug` is not available in this build yet");
-                ExitCode::from(2)
-            }
+            Command::Debug(args) => args.run(),
         }
     }
 }
 
 fn run_agent(args: AgentArgs) -> ExitCode {
-    init_logging(args.log_format);
+    let log_level = logging::init(args.log_format);
     match AgentConfig::try_from(args) {
-        Ok(config) => block_on(crate::app::run(config)),
+        Ok(config) => block_on(crate::app::run(config, log_level)),
         Err(error) => {
             tracing::error!("{error}");
             ExitCode::from(2)
@@ -62,7 +60,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
 }
 
 fn run_demo() -> ExitCode {
-    init_logging(LogFormat::Text);
+    logging::init(LogFormat::Text);
     block_on(async { crate::demo::run(&mut std::io::stdout().lock()).await })
 }
 
@@ -84,19 +82,6 @@ fn block_on(task: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
             tracing::error!("{error:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Logs to stderr, filtered by `AMBIT_LOG` (default `info`).
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AMBIT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ambit_identity::{IdentityError, TrustDomain};
 use clap::{Args, ValueEnum};
@@ -55,6 +56,16 @@ pub struct AgentArgs {
     /// Where readiness (`/healthz/ready`) is served.
     #[arg(long, env = "AMBIT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+    /// Where Prometheus metrics (`/metrics`, `/stats/prometheus`) are served.
+    #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Where the admin API is served; it answers loopback clients only, whatever the address.
+    #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// How long the traffic baseline learns before it reports edges it never saw (`30s`, `10m`,
+    /// `24h`, `7d`).
+    #[arg(long, env = "AMBIT_BASELINE_LEARN", default_value = "24h", value_parser = parse_duration)]
+    pub baseline_learn: Duration,
     /// Log lines as text or as JSON objects.
     #[arg(long, env = "AMBIT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -79,6 +90,10 @@ pub struct AgentConfig {
     pub root_namespace: String,
     pub redirect: RedirectKind,
     pub readiness_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub baseline_learn: Duration,
+    pub log_format: LogFormat,
 }
 
 impl TryFrom<AgentArgs> for AgentConfig {
@@ -97,6 +112,44 @@ impl TryFrom<AgentArgs> for AgentConfig {
             root_namespace: args.root_namespace,
             redirect: args.redirect,
             readiness_addr: args.readiness_addr,
+            metrics_addr: args.metrics_addr,
+            admin_addr: args.admin_addr,
+            baseline_learn: args.baseline_learn,
+            log_format: args.log_format,
         })
+    }
+}
+
+/// A whole number with its unit: `s`, `m`, `h` or `d`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let invalid = || format!("{text:?} is not a duration such as 30s, 10m, 24h or 7d");
+    let split = text.len().saturating_sub(1);
+    let (number, unit) = (text.get(..split).ok_or_else(invalid)?, &text[split..]);
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 60 * 60,
+        "d" => 24 * 60 * 60,
+        _ => return Err(invalid()),
+    };
+    number
+        .checked_mul(unit)
+        .map(Duration::from_secs)
+        .ok_or_else(invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_have_a_unit() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        for bad in ["", "s", "10", "1.5h", "-1m", "10w"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 }

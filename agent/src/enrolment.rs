@@ -4,7 +4,7 @@
 //! On shutdown the proxies stop but capture stays: until the next agent starts, captured
 //! traffic fails closed rather than bypassing the mesh.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use crate::proxy::{self, Pod, ProxyError};
 use crate::readiness::Readiness;
 use crate::sockets::PodSockets;
 use crate::state::{ClusterState, Protocol, Workload, WorkloadUid};
+use crate::telemetry::Telemetry;
 
 /// How soon a pod that could not be enrolled is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_millis(250);
@@ -42,6 +43,31 @@ pub enum EnrolError {
     Capture(#[source] CaptureError),
 }
 
+impl EnrolError {
+    /// The step that failed, as `ambit_capture_failures_total` labels it; `None` for a pod
+    /// that is still starting (no IP or no namespace yet).
+    fn stage(&self) -> Option<&'static str> {
+        match self {
+            Self::NoIp | Self::NetnsNotFound => None,
+            Self::FindNetns(_) | Self::EnterNetns(_) => Some("netns"),
+            Self::Identity(_) => Some("identity"),
+            Self::Proxy(_) => Some("proxy"),
+            Self::Capture(_) => Some("capture"),
+        }
+    }
+}
+
+/// Where each of the node's enrolled pods stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Capture {
+    Captured,
+    /// Not captured yet, with the error of the latest attempt.
+    Pending(String),
+}
+
+/// The capture status of the node's enrolled pods, by UID.
+pub(crate) type CaptureStatus = BTreeMap<WorkloadUid, Capture>;
+
 /// The enrolment loop of one node.
 #[derive(Debug)]
 pub(crate) struct Enrolment {
@@ -52,6 +78,8 @@ pub(crate) struct Enrolment {
     pub(crate) client: HboneClient,
     pub(crate) states: watch::Receiver<Arc<ClusterState>>,
     pub(crate) readiness: Readiness,
+    pub(crate) telemetry: Arc<Telemetry>,
+    pub(crate) status: watch::Sender<CaptureStatus>,
 }
 
 #[derive(Debug)]
@@ -68,8 +96,12 @@ impl Enrolment {
         self.remove_leftovers().await;
         let mut pods = HashMap::new();
         loop {
-            let pending = self.reconcile(&mut pods).await;
+            let status = self.reconcile(&mut pods).await;
+            let pending = status.len() - pods.len();
             self.readiness.set(pending == 0);
+            let enrolled = i64::try_from(pods.len()).unwrap_or(i64::MAX);
+            self.telemetry.metrics.enrolled_pods.set(enrolled);
+            self.status.send_replace(status);
             tokio::select! {
                 () = drain.signaled() => return,
                 changed = self.states.changed() => if changed.is_err() { return },
@@ -78,8 +110,8 @@ impl Enrolment {
         }
     }
 
-    /// Brings the enrolled pods in line with the state; returns how many are still pending.
-    async fn reconcile(&mut self, pods: &mut HashMap<WorkloadUid, EnrolledPod>) -> usize {
+    /// Brings the enrolled pods in line with the state; returns where each pod stands.
+    async fn reconcile(&mut self, pods: &mut HashMap<WorkloadUid, EnrolledPod>) -> CaptureStatus {
         let state = self.states.borrow_and_update().clone();
         let desired: HashMap<&WorkloadUid, &Arc<Workload>> = state
             .enrolled_on(&self.node)
@@ -98,23 +130,29 @@ impl Enrolment {
             }
         }
 
-        let mut pending = 0;
+        let mut status = CaptureStatus::new();
         for (uid, workload) in desired {
             if pods.contains_key(uid) {
+                status.insert(uid.clone(), Capture::Captured);
                 continue;
             }
             match self.enrol(workload.clone()).await {
                 Ok(pod) => {
                     tracing::info!(workload.uid = %uid, pod = workload.qualified_name(), identity = %pod.identity, "pod enrolled");
                     pods.insert(uid.clone(), pod);
+                    status.insert(uid.clone(), Capture::Captured);
                 }
                 Err(error) => {
-                    pending += 1;
-                    tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error = %ErrorChain(&error), "pod not enrolled yet");
+                    if let Some(stage) = error.stage() {
+                        self.telemetry.metrics.capture_failed(stage);
+                    }
+                    let error = ErrorChain(&error).to_string();
+                    tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error, "pod not enrolled yet");
+                    status.insert(uid.clone(), Capture::Pending(error));
                 }
             }
         }
-        pending
+        status
     }
 
     async fn enrol(&self, workload: Arc<Workload>) -> Result<EnrolledPod, EnrolError> {
@@ -138,6 +176,7 @@ impl Enrolment {
             state: self.states.clone(),
             client: self.client.clone(),
             trust_domain: self.trust_domain.clone(),
+            telemetry: self.telemetry.clone(),
         };
         proxy::start(pod, &netns, self.certificates.clone(), watcher)
             .await
@@ -170,9 +209,11 @@ impl Enrolment {
         match netns.run(move || capture.disable()).await {
             Ok(Ok(())) => tracing::info!(pod = workload.qualified_name(), "pod released"),
             Ok(Err(error)) => {
+                self.telemetry.metrics.capture_failed("release");
                 tracing::warn!(pod = workload.qualified_name(), error = %ErrorChain(&error), "failed to remove capture")
             }
             Err(error) => {
+                self.telemetry.metrics.capture_failed("release");
                 tracing::warn!(pod = workload.qualified_name(), error = %ErrorChain(&error), "failed to reach the pod to remove capture")
             }
         }

@@ -7,6 +7,7 @@
 //! come from a [`sockets::SocketFactory`]. The `ambit` command line is [`Cli`]; `ambit demo` runs
 //! on the namespace [`lab`].
 
+pub mod admin;
 pub mod authorize;
 pub mod drain;
 pub mod lab;
@@ -14,21 +15,26 @@ pub mod policy;
 pub mod sockets;
 pub mod source;
 pub mod state;
+pub mod telemetry;
 
 mod accept;
 mod access;
 mod app;
 mod cli;
 mod config;
+mod debug;
 mod demo;
 mod enrolment;
 mod error_chain;
 mod hbone;
+mod http_server;
+mod logging;
 mod proxy;
 mod readiness;
 
 pub use cli::{Cli, Command};
 pub use config::{AgentArgs, AgentConfig, ConfigError, LogFormat, RedirectKind, SourceKind};
+pub use debug::DebugArgs;
 pub use enrolment::EnrolError;
 pub use hbone::{
     Baggage, ClientSettings, ConnectError, ConnectRequest, CopyError, DialStage, HboneClient,

@@ -17,6 +17,7 @@ use crate::drain::DrainWatcher;
 use crate::hbone::{HboneClient, HboneServer, Keepalive};
 use crate::sockets::PodSockets;
 use crate::state::{ClusterState, Workload};
+use crate::telemetry::Telemetry;
 
 /// Why a pod's proxies could not start.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,7 @@ pub(crate) struct Pod {
     pub(crate) state: watch::Receiver<Arc<ClusterState>>,
     pub(crate) client: HboneClient,
     pub(crate) trust_domain: ambit_identity::TrustDomain,
+    pub(crate) telemetry: Arc<Telemetry>,
 }
 
 /// Opens the three listeners inside the pod, then runs their proxies until `drain` fires.
@@ -57,6 +59,7 @@ pub(crate) async fn start(
     let authorizer = Arc::new(WorkloadAuthorizer {
         workload: pod.workload.clone(),
         state: pod.state.clone(),
+        telemetry: pod.telemetry.clone(),
     });
     let server = HboneServer::new(
         pod.identity.clone(),
@@ -64,6 +67,7 @@ pub(crate) async fn start(
         Keepalive::default(),
         pod.sockets.clone(),
         authorizer.clone(),
+        pod.telemetry.clone(),
     );
     tokio::spawn(server.serve(hbone, drain.clone()));
     tokio::spawn(inbound::serve_plaintext(

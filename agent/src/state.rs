@@ -34,7 +34,11 @@ pub enum Protocol {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
     pub uid: WorkloadUid,
+    /// The pod's name.
     pub name: String,
+    /// The name of what runs the pod (its Deployment, StatefulSet, ...), or the pod's name: what
+    /// metrics call the workload, so that a rollout does not create new series.
+    pub workload_name: String,
     pub namespace: String,
     pub service_account: String,
     pub node: String,
@@ -46,6 +50,30 @@ pub struct Workload {
 impl Workload {
     pub fn identity(&self, trust_domain: &TrustDomain) -> Result<Identity, IdentityError> {
         Identity::new(trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// The service the workload is part of, as Istio names it for telemetry.
+    pub fn canonical_service(&self) -> &str {
+        [
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ]
+        .iter()
+        .find_map(|label| self.labels.get(*label))
+        .unwrap_or(&self.workload_name)
+    }
+
+    /// The version of the workload's service, as Istio names it for telemetry.
+    pub fn canonical_revision(&self) -> &str {
+        [
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ]
+        .iter()
+        .find_map(|label| self.labels.get(*label))
+        .map_or("latest", String::as_str)
     }
 
     /// `namespace/name`, for logs and summaries.
@@ -110,6 +138,8 @@ pub struct ClusterState {
     services: HashMap<IpAddr, Arc<Service>>,
     /// For each endpoint IP, the Services of its own namespace it backs.
     services_of: HashMap<IpAddr, Vec<String>>,
+    /// For each endpoint IP, every Service it backs.
+    endpoint_services: HashMap<IpAddr, Vec<Arc<Service>>>,
     authorization: AuthorizationPolicies,
     peer_authentication: PeerAuthentications,
     /// Policies that did not compile, with why; each stands in as fail-closed.
@@ -134,6 +164,11 @@ impl ClusterState {
                 state.services.insert(*vip, service.clone());
             }
             for endpoint in &service.endpoints {
+                state
+                    .endpoint_services
+                    .entry(endpoint.ip)
+                    .or_default()
+                    .push(service.clone());
                 let same_namespace = state
                     .workloads
                     .get(&endpoint.ip)
@@ -153,6 +188,23 @@ impl ClusterState {
     /// The names of the Services (of its own namespace) that the workload at `ip` backs.
     pub fn services_of(&self, ip: IpAddr) -> &[String] {
         self.services_of.get(&ip).map_or(&[], Vec::as_slice)
+    }
+
+    /// The Service a connection to `destination` is reported under: the one whose VIP and
+    /// port it addressed, else the first one the destination is an endpoint of.
+    pub fn destination_service(&self, destination: SocketAddr) -> Option<&Arc<Service>> {
+        self.services
+            .get(&destination.ip())
+            .filter(|s| s.ports.iter().any(|p| p.port == destination.port()))
+            .or_else(|| self.endpoint_services.get(&destination.ip())?.first())
+    }
+
+    /// Every Service once, sorted by namespace and name.
+    pub fn services(&self) -> Vec<&Arc<Service>> {
+        let mut services: Vec<_> = self.services.values().collect();
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        services.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        services
     }
 
     /// The same state with these policies.
@@ -256,6 +308,7 @@ mod tests {
         Workload {
             uid: WorkloadUid(format!("uid-{name}")),
             name: name.into(),
+            workload_name: name.into(),
             namespace: "shop".into(),
             service_account: name.into(),
             node: node.into(),

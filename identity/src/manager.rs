@@ -38,6 +38,16 @@ pub enum FetchError {
     Released { identity: Identity },
 }
 
+/// The certificate held for one identity.
+#[derive(Debug, Clone)]
+pub struct CertificateStatus {
+    pub identity: Identity,
+    /// `None` until the first one is issued, and once it expired.
+    pub certificate: Option<Arc<WorkloadCertificate>>,
+    /// Why the latest request failed, if it did.
+    pub error: Option<Arc<IssueError>>,
+}
+
 /// Obtains, caches and renews workload certificates from a [`CertificateProvider`].
 pub struct CertificateManager {
     provider: Arc<dyn CertificateProvider>,
@@ -113,6 +123,29 @@ impl CertificateManager {
     /// The identities whose certificates are kept renewed.
     pub fn identities(&self) -> Vec<Identity> {
         self.lock().keys().cloned().collect()
+    }
+
+    /// What is held for each identity, sorted by identity: the current certificate (until it
+    /// expires) and the last renewal error.
+    pub fn status(&self) -> Vec<CertificateStatus> {
+        let mut status: Vec<CertificateStatus> = self
+            .lock()
+            .iter()
+            .map(|(identity, entry)| {
+                let state = entry.state.borrow();
+                CertificateStatus {
+                    identity: identity.clone(),
+                    certificate: state
+                        .current
+                        .as_ref()
+                        .filter(|current| Instant::now() < current.expires_at)
+                        .map(|current| current.certificate.clone()),
+                    error: state.last_error.clone(),
+                }
+            })
+            .collect();
+        status.sort_by(|a, b| a.identity.cmp(&b.identity));
+        status
     }
 
     fn subscribe(&self, identity: &Identity) -> watch::Receiver<State> {

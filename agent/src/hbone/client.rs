@@ -10,6 +10,7 @@ use http::StatusCode;
 use tokio::net::TcpStream;
 
 use crate::sockets::SocketFactory;
+use crate::telemetry::Meter;
 
 use super::headers::{self, Baggage, TraceParent};
 use super::pool::{Dialed, Pool, PoolKey, StreamClaim};
@@ -108,9 +109,14 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Carries `tcp` through the tunnel until both sides have closed.
-    pub async fn copy_bidirectional(self, tcp: &mut TcpStream) -> Result<Transferred, CopyError> {
-        stream::copy_bidirectional(tcp, self.stream).await
+    /// Carries `tcp` through the tunnel until both sides have closed, counting the bytes with
+    /// `meter`.
+    pub async fn copy_bidirectional(
+        self,
+        tcp: &mut TcpStream,
+        meter: &Meter,
+    ) -> Result<Transferred, CopyError> {
+        stream::copy_bidirectional(tcp, self.stream, meter).await
     }
 }
 
@@ -191,6 +197,11 @@ impl HboneClient {
     /// Connections in the pool, for observability and tests.
     pub fn pooled_connections(&self) -> usize {
         self.pool.connections()
+    }
+
+    /// Streams open on the pooled connections.
+    pub fn pooled_streams(&self) -> usize {
+        self.pool.streams()
     }
 
     async fn dial(

@@ -130,6 +130,15 @@ impl Pool {
         self.lock().values().map(|k| k.connections.len()).sum()
     }
 
+    /// Streams open on the pooled connections.
+    pub(crate) fn streams(&self) -> usize {
+        self.lock()
+            .values()
+            .flat_map(|k| &k.connections)
+            .map(|c| *c.streams.borrow())
+            .sum()
+    }
+
     fn claim(&self, key: &PoolKey) -> Option<StreamClaim> {
         let keys = self.lock();
         keys.get(key)?

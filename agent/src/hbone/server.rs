@@ -4,7 +4,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ambit_identity::{ALPN_H2, CertificateManager, FetchError, Identity, WorkloadCertificate};
 use ambit_redirect::AGENT_POD_PORTS;
@@ -21,11 +21,12 @@ use super::keepalive::{self, KeepaliveError};
 use super::stream::{self, H2Stream};
 use super::{CONNECTION_WINDOW, Keepalive, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW};
 use crate::accept::serve_listener;
-use crate::access::{AccessLog, Direction};
+use crate::access::ConnectionRecord;
 use crate::authorize::{Authorizer, InboundRequest, RevokedFuture, Verdict};
 use crate::drain::DrainWatcher;
 use crate::error_chain::ErrorChain;
 use crate::sockets::SocketFactory;
+use crate::telemetry::{Direction, Endpoints, Reporter, Telemetry, TrafficLabels};
 
 /// How long the app may take to accept a connection before the stream gets a 503.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,6 +63,7 @@ pub struct HboneServer {
     sockets: Arc<dyn SocketFactory>,
     /// Decides which streams may reach the app, and closes those a policy change denies.
     authorizer: Arc<dyn Authorizer>,
+    telemetry: Arc<Telemetry>,
     /// The TLS configuration of the current certificate, rebuilt when it is renewed.
     tls: Mutex<Option<(Arc<WorkloadCertificate>, Arc<ServerConfig>)>>,
 }
@@ -80,6 +82,7 @@ impl HboneServer {
         keepalive: Keepalive,
         sockets: Arc<dyn SocketFactory>,
         authorizer: Arc<dyn Authorizer>,
+        telemetry: Arc<Telemetry>,
     ) -> Self {
         Self {
             identity,
@@ -87,6 +90,7 @@ impl HboneServer {
             keepalive,
             sockets,
             authorizer,
+            telemetry,
             tls: Mutex::default(),
         }
     }
@@ -217,36 +221,52 @@ async fn serve_stream(
         dst.addr = %destination,
         trace_id = trace.map(|t| format!("{:032x}", t.trace_id)),
     );
-    let mut log = AccessLog::new(
-        Direction::InboundHbone,
-        peer.addr,
-        destination,
-        Instant::now(),
-    );
-    log.src_identity = peer.identity.clone();
-    log.dst_identity = Some(server.identity.clone());
-    log.src_workload = baggage
-        .namespace
-        .as_ref()
-        .zip(baggage.workload.as_ref())
-        .map(|(ns, (_, name))| format!("{ns}/{name}"));
-    let client = SocketAddr::new(peer.addr.ip(), 0);
     let inbound = InboundRequest {
         source_ip: peer.addr.ip(),
         source_identity: peer.identity.clone(),
         destination,
     };
+    let peers = server.authorizer.peers(&inbound);
+    let labels = TrafficLabels::new(
+        Reporter::Destination,
+        (peers.source.as_deref(), peer.identity.as_ref()),
+        (peers.destination.as_deref(), Some(&server.identity)),
+        peers.service.as_deref(),
+    );
+    let endpoints = Endpoints {
+        direction: Direction::Inbound,
+        src: peer.addr,
+        dst: destination,
+        src_identity: peer.identity.clone(),
+        dst_identity: Some(server.identity.clone()),
+        // The source's own claim (baggage) only when the cluster does not know it.
+        src_workload: peers
+            .source
+            .as_ref()
+            .map(|w| w.qualified_name())
+            .or_else(|| {
+                let (namespace, (_, name)) =
+                    baggage.namespace.as_ref().zip(baggage.workload.as_ref())?;
+                Some(format!("{namespace}/{name}"))
+            }),
+        dst_workload: peers.destination.as_ref().map(|w| w.qualified_name()),
+    };
+    let record = ConnectionRecord::open(&server.telemetry, endpoints, labels);
     if let Verdict::Deny { policy, reason } = server.authorizer.authorize(&inbound) {
         reply(&mut respond, StatusCode::UNAUTHORIZED);
-        return log.deny(policy.as_deref(), reason);
+        return record.deny(policy.as_deref(), reason);
+    }
+    if let (Some(source), Some(workload)) = (&peer.identity, &peers.destination) {
+        let baseline = &server.telemetry.baseline;
+        baseline.observe(source, workload, &server.identity, destination.port());
     }
     let revoked = server.authorizer.revoked(inbound);
     let app = App {
-        client,
+        client: SocketAddr::new(peer.addr.ip(), 0),
         destination,
         sockets: server.sockets.as_ref(),
     };
-    tunnel_to_app(app, request.into_body(), respond, log, revoked)
+    tunnel_to_app(app, request.into_body(), respond, record, revoked)
         .instrument(span)
         .await;
 }
@@ -264,7 +284,7 @@ async fn tunnel_to_app(
     target: App<'_>,
     recv: RecvStream,
     mut respond: SendResponse<Bytes>,
-    log: AccessLog,
+    mut record: ConnectionRecord,
     revoked: RevokedFuture,
 ) {
     let connect = async {
@@ -275,20 +295,25 @@ async fn tunnel_to_app(
         Ok(Ok(app)) => app,
         Ok(Err(error)) => {
             reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            return log.fail(&error);
+            return record.fail(error);
         }
         Err(_) => {
             reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            return log.fail(&AppTimeout(APP_CONNECT_TIMEOUT));
+            return record.fail(AppTimeout(APP_CONNECT_TIMEOUT));
         }
     };
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
-        Err(error) => return log.fail(&error),
+        Err(error) => return record.fail(error),
     };
-    tokio::select! {
-        copied = stream::copy_bidirectional(&mut app, H2Stream { send, recv }) => log.finish(copied),
-        Verdict::Deny { policy, .. } = revoked => log.revoke(policy.as_deref()),
+    let meter = record.establish(Reporter::Destination);
+    let copied = tokio::select! {
+        copied = stream::copy_bidirectional(&mut app, H2Stream { send, recv }, meter) => Ok(copied),
+        Verdict::Deny { policy, .. } = revoked => Err(policy),
+    };
+    match copied {
+        Ok(copied) => record.finish(copied),
+        Err(policy) => record.revoke(policy.as_deref()),
     }
 }
 

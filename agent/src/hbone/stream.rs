@@ -14,6 +14,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
+use crate::telemetry::Meter;
+
 /// The first read from TCP; doubled while reads fill the buffer, for bulk transfers.
 const INITIAL_READ: usize = 16 * 1024;
 const MAX_READ: usize = 256 * 1024;
@@ -47,20 +49,26 @@ pub(crate) struct H2Stream {
     pub(crate) recv: RecvStream,
 }
 
-/// Copies both ways until both sides have closed, passing each half-close on.
+/// Copies both ways until both sides have closed, passing each half-close on; `meter` counts
+/// the bytes as they go (sent: from `tcp`).
 pub(crate) async fn copy_bidirectional(
     tcp: &mut TcpStream,
     stream: H2Stream,
+    meter: &Meter,
 ) -> Result<Transferred, CopyError> {
     let (read, write) = tcp.split();
     let (sent, received) = tokio::try_join!(
-        tcp_to_stream(read, stream.send),
-        stream_to_tcp(stream.recv, write)
+        tcp_to_stream(read, stream.send, meter),
+        stream_to_tcp(stream.recv, write, meter)
     )?;
     Ok(Transferred { sent, received })
 }
 
-async fn tcp_to_stream(tcp: ReadHalf<'_>, mut send: SendStream<Bytes>) -> Result<u64, CopyError> {
+async fn tcp_to_stream(
+    tcp: ReadHalf<'_>,
+    mut send: SendStream<Bytes>,
+    meter: &Meter,
+) -> Result<u64, CopyError> {
     let tcp = tcp.as_ref();
     let mut read_size = INITIAL_READ;
     let mut total = 0;
@@ -79,6 +87,7 @@ async fn tcp_to_stream(tcp: ReadHalf<'_>, mut send: SendStream<Bytes>) -> Result
                 }
                 total += n as u64;
                 send_all(&mut send, buf.freeze()).await?;
+                meter.sent(n);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(CopyError::ReadTcp(e)),
@@ -104,12 +113,17 @@ async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), C
     Ok(())
 }
 
-async fn stream_to_tcp(mut recv: RecvStream, mut tcp: WriteHalf<'_>) -> Result<u64, CopyError> {
+async fn stream_to_tcp(
+    mut recv: RecvStream,
+    mut tcp: WriteHalf<'_>,
+    meter: &Meter,
+) -> Result<u64, CopyError> {
     let mut total = 0;
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(CopyError::Stream)?;
         tcp.write_all(&chunk).await.map_err(CopyError::WriteTcp)?;
         total += chunk.len() as u64;
+        meter.received(chunk.len());
         // Only now may the peer send more: the bytes have left this process.
         recv.flow_control()
             .release_capacity(chunk.len())

@@ -10,6 +10,9 @@ use anyhow::{Context, bail};
 use super::pod::InPod;
 use super::topology::Topology;
 
+const READINESS_PORT: u16 = 15021;
+const METRICS_PORT: u16 = 15020;
+
 /// How long an agent may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -20,17 +23,21 @@ pub struct AgentProcess {
     child: Child,
     log: PathBuf,
     node_ns: InPod,
+    netns: String,
+    binary: PathBuf,
 }
 
 impl AgentProcess {
     /// Starts `binary agent` for `node` in its namespace `netns`, reading the cluster file
-    /// `config`; its JSON log, at level `info` so that it holds the access log, goes to `log`.
+    /// `config`, with `extra_args`; its JSON log, at level `info` so that it holds the access
+    /// log, goes to `log`.
     pub fn start(
         binary: &Path,
         node: &str,
         netns: &str,
         config: &Path,
         ca_dir: &Path,
+        extra_args: &[String],
         log: PathBuf,
     ) -> anyhow::Result<Self> {
         let log_file =
@@ -40,6 +47,7 @@ impl AgentProcess {
             .arg(config)
             .arg("--ca-dir")
             .arg(ca_dir)
+            .args(extra_args)
             .env("AMBIT_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -50,6 +58,8 @@ impl AgentProcess {
             child,
             log,
             node_ns: InPod::open(&Path::new("/var/run/netns").join(netns))?,
+            netns: netns.to_owned(),
+            binary: binary.to_owned(),
         })
     }
 
@@ -64,8 +74,8 @@ impl AgentProcess {
                     self.log()
                 );
             }
-            let probe = || probe_ready(SocketAddr::from(([127, 0, 0, 1], 15021)));
-            if self.node_ns.run(probe).await? {
+            let ready = self.get(READINESS_PORT, crate::READY_PATH).await?;
+            if ready.is_some_and(|(status, _)| status == 200) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -75,6 +85,31 @@ impl AgentProcess {
             self.node,
             self.log()
         )
+    }
+
+    /// `GET path` on the agent's `port` on the node's loopback: the status and body, or `None`
+    /// when nothing answers.
+    pub async fn get(&self, port: u16, path: &str) -> anyhow::Result<Option<(u16, String)>> {
+        let path = path.to_owned();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        Ok(self.node_ns.run(move || http_get(addr, &path)).await?)
+    }
+
+    /// The text of the agent's `/metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        match self.get(METRICS_PORT, "/metrics").await? {
+            Some((200, body)) => Ok(body),
+            other => bail!("the agent of {} served no metrics: {other:?}", self.node),
+        }
+    }
+
+    /// Runs `ambit debug ARGS` in the node's namespace, as an operator on the node would.
+    pub fn debug(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Topology::command_in(&self.netns, &self.binary)
+            .arg("debug")
+            .args(args)
+            .output()
+            .with_context(|| format!("running ambit debug {}", args.join(" ")))
     }
 
     /// What the agent logged so far.
@@ -103,21 +138,17 @@ impl Drop for AgentProcess {
     }
 }
 
-fn probe_ready(addr: SocketAddr) -> bool {
+/// One HTTP/1.1 request that asks the server to close, so that the body ends with the stream.
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
-    else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let request = format!(
-        "GET {} HTTP/1.1\r\nhost: localhost\r\n\r\n",
-        crate::READY_PATH
-    );
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
     let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200")
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
 }

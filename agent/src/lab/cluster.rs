@@ -30,9 +30,16 @@ pub struct ClusterBuilder {
     namespaces: Vec<(String, bool)>,
     pods: Vec<(String, PodSpec)>,
     objects: String,
+    agent_args: Vec<String>,
 }
 
 impl ClusterBuilder {
+    /// More flags for every agent, such as `--baseline-learn 2s`.
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
     pub fn node(mut self, name: &str) -> Self {
         self.nodes.push(name.to_owned());
         self
@@ -96,6 +103,7 @@ impl ClusterBuilder {
             namespaces: self.namespaces,
             pods: Vec::new(),
             extra: self.objects,
+            agent_args: self.agent_args,
             agents: BTreeMap::new(),
             topology,
         };
@@ -124,6 +132,7 @@ pub struct Cluster {
     pods: Vec<(PodSpec, PodNs, bool)>,
     /// More objects for the cluster file (policies), as YAML documents.
     extra: String,
+    agent_args: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -136,6 +145,7 @@ impl Cluster {
             namespaces: Vec::new(),
             pods: Vec::new(),
             objects: String::new(),
+            agent_args: Vec::new(),
         }
     }
 
@@ -276,6 +286,7 @@ impl Cluster {
             &netns,
             &self.config,
             &self.ca_dir,
+            &self.agent_args,
             log,
         )?;
         agent.wait_ready().await?;

@@ -283,6 +283,28 @@ impl AuthorizationPolicies {
         }
     }
 
+    pub fn root_namespace(&self) -> &str {
+        &self.root_namespace
+    }
+
+    /// Every policy that applies to `connection`'s destination, with whether it matches: why
+    /// [`decide`](Self::decide) decided as it did.
+    pub fn explain<'a>(
+        &'a self,
+        connection: &Connection<'_>,
+    ) -> Vec<(&'a AuthorizationPolicy, bool)> {
+        self.applicable(connection)
+            .map(|policy| (policy, policy.matches(connection)))
+            .collect()
+    }
+
+    /// Every policy, sorted by namespace and name.
+    pub fn iter(&self) -> impl Iterator<Item = &AuthorizationPolicy> {
+        let mut policies: Vec<_> = self.by_namespace.values().flatten().collect();
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
+        policies.into_iter()
+    }
+
     /// The policies of the root namespace and of the destination's namespace that select it.
     fn applicable<'s>(
         &'s self,
@@ -398,6 +420,15 @@ impl PeerAuthentications {
             root_namespace: root_namespace.to_owned(),
             policies,
         }
+    }
+
+    pub fn root_namespace(&self) -> &str {
+        &self.root_namespace
+    }
+
+    /// Every policy, sorted by namespace and name.
+    pub fn iter(&self) -> impl Iterator<Item = &PeerAuthentication> {
+        self.policies.iter()
     }
 
     /// The mTLS mode of `port` of a workload in `namespace` with `labels`, with the policy that

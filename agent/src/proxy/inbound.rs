@@ -4,17 +4,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use ambit_redirect::AGENT_POD_PORTS;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Pod;
 use crate::accept::serve_listener;
-use crate::access::{AccessLog, Direction};
+use crate::access::ConnectionRecord;
 use crate::authorize::{Authorizer, InboundRequest, Verdict, WorkloadAuthorizer};
 use crate::drain::DrainWatcher;
 use crate::sockets::SocketFactory;
+use crate::telemetry::{Direction, Endpoints, Metered, Reporter, TrafficLabels};
 
 pub(super) async fn serve_plaintext(
     pod: Pod,
@@ -35,7 +35,6 @@ async fn proxy(
     mut tcp: TcpStream,
     peer: SocketAddr,
 ) {
-    let started = Instant::now();
     let destination = match tcp.local_addr() {
         Ok(destination) => destination,
         Err(error) => {
@@ -43,19 +42,33 @@ async fn proxy(
             return;
         }
     };
-    let mut log = AccessLog::new(Direction::InboundPlaintext, peer, destination, started);
-    log.dst_identity = Some(pod.identity.clone());
-    log.dst_workload = Some(pod.workload.qualified_name());
-    if destination.ip() != pod.ip || AGENT_POD_PORTS.contains(&destination.port()) {
-        return log.fail(&UnexpectedDestination(destination));
-    }
     let request = InboundRequest {
         source_ip: peer.ip(),
         source_identity: None,
         destination,
     };
+    let peers = authorizer.peers(&request);
+    let labels = TrafficLabels::new(
+        Reporter::Destination,
+        (peers.source.as_deref(), None),
+        (Some(&pod.workload), None),
+        peers.service.as_deref(),
+    );
+    let endpoints = Endpoints {
+        direction: Direction::InboundPlaintext,
+        src: peer,
+        dst: destination,
+        src_identity: None,
+        dst_identity: Some(pod.identity.clone()),
+        src_workload: peers.source.as_ref().map(|w| w.qualified_name()),
+        dst_workload: Some(pod.workload.qualified_name()),
+    };
+    let mut record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
+    if destination.ip() != pod.ip || AGENT_POD_PORTS.contains(&destination.port()) {
+        return record.fail(UnexpectedDestination(destination));
+    }
     if let Verdict::Deny { policy, reason } = authorizer.authorize(&request) {
-        return log.deny(policy.as_deref(), reason);
+        return record.deny(policy.as_deref(), reason);
     }
     let revoked = authorizer.revoked(request);
     let connected = async {
@@ -67,11 +80,20 @@ async fn proxy(
     };
     let mut app = match connected.await {
         Ok(app) => app,
-        Err(error) => return log.fail(&error),
+        Err(error) => return record.fail(error),
     };
-    tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut tcp, &mut app) => log.finish_plain(copied),
-        Verdict::Deny { policy, .. } = revoked => log.revoke(policy.as_deref()),
+    let meter = record.establish(Reporter::Destination);
+    let mut client = Metered {
+        inner: &mut tcp,
+        meter,
+    };
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut app) => Ok(copied),
+        Verdict::Deny { policy, .. } = revoked => Err(policy),
+    };
+    match copied {
+        Ok(copied) => record.finish(copied),
+        Err(policy) => record.revoke(policy.as_deref()),
     }
 }
 

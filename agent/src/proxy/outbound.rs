@@ -3,17 +3,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Pod;
 use crate::accept::serve_listener;
-use crate::access::{AccessLog, Direction};
+use crate::access::ConnectionRecord;
 use crate::drain::DrainWatcher;
 use crate::hbone::{Baggage, ConnectRequest, WorkloadKind};
 use crate::sockets::SocketFactory;
 use crate::state::{Upstream, Workload};
+use crate::telemetry::{Direction, Endpoints, Metered, Reporter, TrafficLabels};
 
 pub(super) async fn serve(pod: Pod, listener: TcpListener, drain: DrainWatcher) {
     let pod = Arc::new(pod);
@@ -24,7 +24,6 @@ pub(super) async fn serve(pod: Pod, listener: TcpListener, drain: DrainWatcher) 
 }
 
 async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
-    let started = Instant::now();
     let destination = match ambit_redirect::socket::original_destination(&tcp) {
         Ok(destination) => destination,
         Err(error) => {
@@ -32,36 +31,72 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let mut log = AccessLog::new(Direction::Outbound, peer, destination, started);
-    log.src_identity = Some(pod.identity.clone());
-    log.src_workload = Some(pod.workload.qualified_name());
+    let (upstream, workload, service) = {
+        let state = pod.state.borrow();
+        (
+            state.resolve(destination),
+            state.workload_by_ip(destination.ip()).cloned(),
+            state.destination_service(destination).cloned(),
+        )
+    };
+    // A tunnel proves both identities; anything else is plaintext, with no principal.
+    let expected = match &upstream {
+        Upstream::Hbone { workload, .. } => workload.identity(&pod.trust_domain).map(Some),
+        Upstream::Passthrough { .. } | Upstream::NoEndpoint { .. } => Ok(None),
+    };
+    let principals = match &expected {
+        Ok(Some(expected)) => (Some(&pod.identity), Some(expected)),
+        _ => (None, None),
+    };
+    // Through a service, the endpoint chosen is the destination workload.
+    let workload = match &upstream {
+        Upstream::Hbone { workload, .. } => Some(workload.clone()),
+        _ => workload,
+    };
+    let labels = TrafficLabels::new(
+        Reporter::Source,
+        (Some(&pod.workload), principals.0),
+        (workload.as_deref(), principals.1),
+        service.as_deref(),
+    );
+    let endpoints = Endpoints {
+        direction: Direction::Outbound,
+        src: peer,
+        dst: destination,
+        src_identity: Some(pod.identity.clone()),
+        dst_identity: principals.1.cloned(),
+        src_workload: Some(pod.workload.qualified_name()),
+        dst_workload: workload.as_ref().map(|w| w.qualified_name()),
+    };
+    let mut record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
+    let expected = match expected {
+        Ok(expected) => expected,
+        Err(error) => return record.fail(error),
+    };
 
-    let upstream = pod.state.borrow().resolve(destination);
     match upstream {
         Upstream::Hbone {
-            workload,
             hbone_addr,
             authority,
+            ..
         } => {
-            log.dst_workload = Some(workload.qualified_name());
-            let expected = match workload.identity(&pod.trust_domain) {
-                Ok(identity) => identity,
-                Err(error) => return log.fail(&error),
-            };
-            log.dst_identity = Some(expected.clone());
             let request = ConnectRequest {
                 source: pod.identity.clone(),
                 source_addr: peer,
                 hbone_addr,
                 authority,
-                expected_identities: vec![expected],
+                expected_identities: expected.into_iter().collect(),
                 baggage: Some(baggage(&pod.workload)),
             };
             // Boxed: the connect phase's state is large and would otherwise stay allocated in
             // every connection's task for as long as it is copying.
             match Box::pin(pod.client.connect(&request, pod.sockets.as_ref())).await {
-                Ok(tunnel) => log.finish(tunnel.copy_bidirectional(&mut tcp).await),
-                Err(error) => log.fail(&error),
+                Ok(tunnel) => {
+                    let meter = record.establish(Reporter::Source);
+                    let copied = tunnel.copy_bidirectional(&mut tcp, meter).await;
+                    record.finish(copied);
+                }
+                Err(error) => record.fail(error),
             }
         }
         Upstream::Passthrough { addr } => {
@@ -74,14 +109,18 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
             };
             match connected.await {
                 Ok(mut upstream) => {
-                    log.finish_plain(tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await)
+                    let meter = record.establish(Reporter::Source);
+                    let mut client = Metered {
+                        inner: &mut tcp,
+                        meter,
+                    };
+                    let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    record.finish(copied);
                 }
-                Err(error) => log.fail(&error),
+                Err(error) => record.fail(error),
             }
         }
-        Upstream::NoEndpoint { service, port } => {
-            log.fail(&NoEndpoint { service, port });
-        }
+        Upstream::NoEndpoint { service, port } => record.fail(NoEndpoint { service, port }),
     }
 }
 
@@ -94,15 +133,10 @@ struct NoEndpoint {
 
 /// What the destination learns about the source workload.
 fn baggage(workload: &Workload) -> Baggage {
-    let service = ["app.kubernetes.io/name", "app"]
-        .iter()
-        .find_map(|label| workload.labels.get(*label))
-        .cloned()
-        .unwrap_or_else(|| workload.name.clone());
     Baggage {
         namespace: Some(workload.namespace.clone()),
         workload: Some((WorkloadKind::Pod, workload.name.clone())),
-        service_name: Some(service),
+        service_name: Some(workload.canonical_service().to_owned()),
         ..Baggage::default()
     }
 }

@@ -329,6 +329,7 @@ fn workload(
         service_account: spec
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".to_owned()),
+        workload_name: workload_name(pod, &labels).unwrap_or_else(|| name.clone()),
         name,
         namespace,
         node,
@@ -336,6 +337,23 @@ fn workload(
         labels,
         protocol,
     }))
+}
+
+/// The name of the pod's controller, as Istio derives it: a ReplicaSet's name without its
+/// `pod-template-hash` suffix (its Deployment), any other controller's name as it is.
+fn workload_name(pod: &Pod, labels: &BTreeMap<String, String>) -> Option<String> {
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|owner| owner.controller == Some(true))?;
+    let deployment = (owner.kind == "ReplicaSet")
+        .then(|| labels.get("pod-template-hash"))
+        .flatten()
+        .and_then(|hash| owner.name.strip_suffix(hash.as_str()))
+        .and_then(|name| name.strip_suffix('-'));
+    Some(deployment.unwrap_or(&owner.name).to_owned())
 }
 
 fn slice_endpoints(slice: &EndpointSlice) -> Vec<Endpoint> {

@@ -6,7 +6,9 @@ use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_agent::authorize::{Authorizer, DenyReason, InboundRequest, RevokedFuture, Verdict};
+use ambit_agent::authorize::{
+    Authorizer, DenyReason, InboundRequest, Peers, RevokedFuture, Verdict,
+};
 use ambit_agent::sockets::LocalSockets;
 use ambit_agent::{ClientSettings, ConnectError, Keepalive};
 use ambit_identity::PeerVerifyError;
@@ -335,6 +337,10 @@ impl Authorizer for DenyAll {
 
     fn revoked(&self, _: InboundRequest) -> RevokedFuture {
         Box::pin(std::future::pending())
+    }
+
+    fn peers(&self, _: &InboundRequest) -> Peers {
+        Peers::default()
     }
 }
 

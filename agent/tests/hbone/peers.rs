@@ -13,6 +13,7 @@ use std::time::Duration;
 use ambit_agent::authorize::{AllowAll, Authorizer};
 use ambit_agent::drain::{self, DrainTrigger};
 use ambit_agent::sockets::LocalSockets;
+use ambit_agent::telemetry::Meter;
 use ambit_agent::{
     Baggage, ClientSettings, ConnectError, ConnectRequest, HboneClient, HboneServer, Keepalive,
     Tunnel, WorkloadKind,
@@ -68,6 +69,7 @@ impl Mesh {
             Keepalive::default(),
             Arc::new(LocalSockets),
             authorizer,
+            Arc::default(),
         );
         tokio::spawn(server.serve(listener, watcher));
         Self {
@@ -125,7 +127,9 @@ async fn carry(tunnel: Tunnel) -> TcpStream {
         .unwrap();
     let (mut agent_side, _) = listener.accept().await.unwrap();
     tokio::spawn(async move {
-        let _ = tunnel.copy_bidirectional(&mut agent_side).await;
+        let _ = tunnel
+            .copy_bidirectional(&mut agent_side, &Meter::default())
+            .await;
     });
     app
 }

@@ -114,6 +114,35 @@ fn translates_pods_namespaces_and_services() {
 }
 
 #[test]
+fn workloads_are_named_after_their_controller() {
+    let owned = |kind: &str, owner: &str| {
+        CLUSTER.replace(
+            "  uid: 7f1c\n",
+            &format!(
+                "  uid: 7f1c\n  labels: {{app: frontend, pod-template-hash: 5d8f9c}}\n  ownerReferences: [{{apiVersion: apps/v1, kind: {kind}, name: {owner}, uid: o1, controller: true}}]\n"
+            ),
+        ).replace("  labels: {app: frontend}\n", "")
+    };
+    let name = |text: &str| {
+        let state = parse(text, ROOT).unwrap();
+        let frontend = state
+            .workload_by_ip("10.244.1.10".parse().unwrap())
+            .unwrap();
+        (frontend.name.clone(), frontend.workload_name.clone())
+    };
+    assert_eq!(name(CLUSTER), ("frontend".into(), "frontend".into()));
+    assert_eq!(
+        name(&owned("ReplicaSet", "frontend-5d8f9c")),
+        ("frontend".into(), "frontend".into()),
+        "a Deployment's pod is named after the Deployment"
+    );
+    assert_eq!(
+        name(&owned("StatefulSet", "store")),
+        ("frontend".into(), "store".into())
+    );
+}
+
+#[test]
 fn host_network_pods_are_never_enrolled() {
     let text = CLUSTER.replace(
         "  serviceAccountName: frontend\n",

@@ -1,0 +1,157 @@
+//! What the admin API answers, as JSON: the agent serializes these and `ambit debug` reads them.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::telemetry::{ConnectionView, Direction, Edge};
+
+/// A workload the agent knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadView {
+    pub namespace: String,
+    pub name: String,
+    /// Its controller's name, as metrics call it.
+    pub workload: String,
+    pub identity: Option<String>,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    /// `HBONE` (in the mesh) or `TCP`.
+    pub protocol: String,
+    pub labels: BTreeMap<String, String>,
+    /// For the pods this agent enrols: `captured`, or `pending: <why>`.
+    pub capture: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub namespace: String,
+    pub name: String,
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    /// `port -> target`, e.g. `80 -> http`.
+    pub ports: Vec<String>,
+    pub endpoints: Vec<EndpointView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointView {
+    pub ip: IpAddr,
+    pub ready: bool,
+}
+
+/// The policies in force, and those that were rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoliciesView {
+    pub policies: Vec<PolicyView>,
+    /// Why each rejected policy was rejected; each is enforced as fail-closed.
+    pub rejected: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyView {
+    /// `AuthorizationPolicy` or `PeerAuthentication`.
+    pub kind: String,
+    /// `namespace/name`.
+    pub name: String,
+    /// What it applies to: `namespace`, `mesh`, `selector app=x`, `services a,b`.
+    pub scope: String,
+    /// ALLOW, DENY or AUDIT; for PeerAuthentication, its mTLS mode.
+    pub action: String,
+    pub dry_run: bool,
+    pub rules: usize,
+}
+
+/// A certificate the agent holds for one identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateView {
+    pub identity: String,
+    pub serial: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub not_before: Option<u64>,
+    pub not_after: Option<u64>,
+    /// Until `not_after`, at the time of the request.
+    pub seconds_left: Option<u64>,
+    /// Why the latest renewal failed, if it did.
+    pub error: Option<String>,
+}
+
+/// The answer to `check`: what would happen to a connection, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckView {
+    pub source: PeerView,
+    pub destination: PeerView,
+    pub port: u16,
+    /// `mutual_tls` (the source is in the mesh) or `plaintext`.
+    pub transport: String,
+    /// For plaintext: the PeerAuthentication mode of the port, and the policy that set it.
+    pub peer_authentication: Option<ModeView>,
+    /// Every AuthorizationPolicy that applies to the destination.
+    pub policies: Vec<PolicyMatch>,
+    pub allowed: bool,
+    /// The policy that decided, if one did.
+    pub decided_by: Option<String>,
+    /// In words.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerView {
+    pub ip: Option<IpAddr>,
+    pub identity: Option<String>,
+    /// `namespace/pod`.
+    pub workload: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeView {
+    pub mode: String,
+    pub policy: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyMatch {
+    pub policy: String,
+    pub action: String,
+    pub dry_run: bool,
+    pub matched: bool,
+}
+
+/// The log filter, as `/logging` reads and sets it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggingView {
+    pub level: String,
+}
+
+/// An error, with the HTTP status it came with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorView {
+    pub error: String,
+}
+
+/// Everything the agent works from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigDump {
+    pub config: EffectiveConfig,
+    pub workloads: Vec<WorkloadView>,
+    pub services: Vec<ServiceView>,
+    pub policies: PoliciesView,
+    pub certificates: Vec<CertificateView>,
+}
+
+/// The configuration the agent runs with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EffectiveConfig {
+    pub node: String,
+    pub config_file: String,
+    pub ca_dir: String,
+    pub trust_domain: String,
+    pub root_namespace: String,
+    pub redirect: String,
+    pub readiness_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub baseline_learn_seconds: u64,
+    pub log_format: String,
+}

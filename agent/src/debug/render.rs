@@ -1,0 +1,273 @@
+//! How `ambit debug` shows each view: aligned tables for people, JSON for scripts.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::admin::views::{
+    CertificateView, CheckView, ConnectionView, Edge, PeerView, PoliciesView, ServiceView,
+    WorkloadView,
+};
+
+/// `view` as pretty JSON, or as `table` renders it.
+pub(super) fn output<T: Serialize>(view: &T, json: bool, table: impl Fn(&T) -> String) -> String {
+    if json {
+        serde_json::to_string_pretty(view).map_or_else(|e| e.to_string(), |text| text + "\n")
+    } else {
+        table(view)
+    }
+}
+
+/// Columns padded to their widest cell.
+struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(headers: &[&str]) -> Self {
+        Self {
+            rows: vec![headers.iter().map(|h| (*h).to_owned()).collect()],
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn render(&self) -> String {
+        let columns = self.rows[0].len();
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .map(|r| r[c].chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut text = String::new();
+        for row in &self.rows {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(cell, width)| format!("{cell:<width$}"))
+                .collect();
+            text.push_str(cells.join("  ").trim_end());
+            text.push('\n');
+        }
+        text
+    }
+}
+
+fn or_dash(value: Option<&str>) -> String {
+    value.unwrap_or("-").to_owned()
+}
+
+fn join<T: ToString>(values: &[T]) -> String {
+    let values: Vec<String> = values.iter().map(ToString::to_string).collect();
+    if values.is_empty() {
+        "-".to_owned()
+    } else {
+        values.join(",")
+    }
+}
+
+/// `2026-11-23T17:43:27Z`.
+fn timestamp(unix: u64) -> String {
+    let format = time::format_description::well_known::Rfc3339;
+    i64::try_from(unix)
+        .ok()
+        .and_then(|secs| time::OffsetDateTime::from_unix_timestamp(secs).ok())
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// `3d4h`, `4h12m`, `12m5s`, `5s`.
+fn span(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{s}s"),
+        (0, _, _) => format!("{h}h{m}m"),
+        _ => format!("{d}d{h}h"),
+    }
+}
+
+fn age(unix: u64) -> String {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH + Duration::from_secs(unix))
+        .unwrap_or_default();
+    span(since)
+}
+
+pub(super) fn workloads(workloads: &Vec<WorkloadView>) -> String {
+    let mut table = Table::new(&[
+        "NAMESPACE",
+        "NAME",
+        "IP",
+        "NODE",
+        "PROTOCOL",
+        "IDENTITY",
+        "CAPTURE",
+    ]);
+    for w in workloads {
+        table.row(vec![
+            w.namespace.clone(),
+            w.name.clone(),
+            join(&w.ips),
+            w.node.clone(),
+            w.protocol.clone(),
+            or_dash(w.identity.as_deref()),
+            or_dash(w.capture.as_deref()),
+        ]);
+    }
+    table.render()
+}
+
+pub(super) fn services(services: &Vec<ServiceView>) -> String {
+    let mut table = Table::new(&["NAMESPACE", "NAME", "VIPS", "PORTS", "ENDPOINTS"]);
+    for s in services {
+        let ready = s.endpoints.iter().filter(|e| e.ready).count();
+        table.row(vec![
+            s.namespace.clone(),
+            s.name.clone(),
+            join(&s.vips),
+            join(&s.ports),
+            format!("{ready}/{} ready", s.endpoints.len()),
+        ]);
+    }
+    table.render()
+}
+
+pub(super) fn policies(view: &PoliciesView) -> String {
+    let mut table = Table::new(&["KIND", "NAME", "SCOPE", "ACTION", "DRY-RUN", "RULES"]);
+    for p in &view.policies {
+        table.row(vec![
+            p.kind.clone(),
+            p.name.clone(),
+            p.scope.clone(),
+            p.action.clone(),
+            yes_no(p.dry_run),
+            p.rules.to_string(),
+        ]);
+    }
+    let mut text = table.render();
+    for rejected in &view.rejected {
+        text.push_str(&format!("rejected (enforced as deny): {rejected}\n"));
+    }
+    text
+}
+
+pub(super) fn certs(certs: &Vec<CertificateView>) -> String {
+    let mut table = Table::new(&["IDENTITY", "SERIAL", "NOT-AFTER", "TIME-LEFT", "ERROR"]);
+    for c in certs {
+        table.row(vec![
+            c.identity.clone(),
+            or_dash(c.serial.as_deref()),
+            c.not_after.map_or_else(|| "-".to_owned(), timestamp),
+            c.seconds_left
+                .map_or_else(|| "-".to_owned(), |s| span(Duration::from_secs(s))),
+            or_dash(c.error.as_deref()),
+        ]);
+    }
+    table.render()
+}
+
+pub(super) fn connections(connections: &Vec<ConnectionView>) -> String {
+    let mut table = Table::new(&[
+        "DIRECTION",
+        "SRC",
+        "DST",
+        "SRC-IDENTITY",
+        "DST-IDENTITY",
+        "SENT",
+        "RECEIVED",
+        "AGE",
+    ]);
+    for c in connections {
+        table.row(vec![
+            format!("{:?}", c.direction).to_lowercase(),
+            c.src.to_string(),
+            c.dst.to_string(),
+            or_dash(c.src_identity.as_deref()),
+            or_dash(c.dst_identity.as_deref()),
+            c.bytes_sent.to_string(),
+            c.bytes_received.to_string(),
+            age(c.opened_at),
+        ]);
+    }
+    table.render()
+}
+
+pub(super) fn edges(edges: &Vec<Edge>) -> String {
+    let mut table = Table::new(&[
+        "SOURCE",
+        "DESTINATION",
+        "WORKLOAD",
+        "PORT",
+        "CONNECTIONS",
+        "FIRST-SEEN",
+        "LAST-SEEN",
+    ]);
+    for e in edges {
+        table.row(vec![
+            e.source_identity.clone(),
+            e.destination_identity.clone(),
+            format!("{}/{}", e.destination_namespace, e.destination_workload),
+            e.port.to_string(),
+            e.connections.to_string(),
+            timestamp(e.first_seen),
+            timestamp(e.last_seen),
+        ]);
+    }
+    table.render()
+}
+
+pub(super) fn check(view: &CheckView) -> String {
+    let peer = |peer: &PeerView| {
+        let mut about = vec![];
+        about.extend(peer.ip.map(|ip| ip.to_string()));
+        about.extend(peer.identity.clone());
+        format!(
+            "{} ({})",
+            or_dash(peer.workload.as_deref()),
+            about.join(", ")
+        )
+    };
+    let mut text = format!(
+        "from:  {} over {}\nto:    {} port {}\n",
+        peer(&view.source),
+        view.transport,
+        peer(&view.destination),
+        view.port
+    );
+    if let Some(mode) = &view.peer_authentication {
+        text.push_str(&format!(
+            "PeerAuthentication: {} ({})\n",
+            mode.mode,
+            mode.policy.as_deref().unwrap_or("default")
+        ));
+    }
+    if view.policies.is_empty() {
+        text.push_str("AuthorizationPolicies: none applies\n");
+    } else {
+        let mut table = Table::new(&["POLICY", "ACTION", "DRY-RUN", "MATCHED"]);
+        for p in &view.policies {
+            table.row(vec![
+                p.policy.clone(),
+                p.action.clone(),
+                yes_no(p.dry_run),
+                yes_no(p.matched),
+            ]);
+        }
+        text.push_str(&table.render());
+    }
+    let verdict = if view.allowed { "ALLOW" } else { "DENY" };
+    text.push_str(&format!("result: {verdict}: {}\n", view.reason));
+    text
+}
+
+fn yes_no(value: bool) -> String {
+    if value { "yes" } else { "no" }.to_owned()
+}

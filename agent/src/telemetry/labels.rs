@@ -1,0 +1,142 @@
+//! The labels of Istio's TCP metrics, derived from the workloads at both ends.
+
+use ambit_identity::Identity;
+use prometheus_client::encoding::EncodeLabelSet;
+
+use crate::state::{Service, Workload};
+
+/// What Istio writes for a label it cannot know.
+const UNKNOWN: &str = "unknown";
+
+/// Which end of the connection reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+/// Istio's `response_flags`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResponseFlags {
+    None,
+    /// Denied by policy.
+    Deny,
+    /// The upstream could not be reached.
+    Connect,
+}
+
+impl Reporter {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Destination => "destination",
+        }
+    }
+}
+
+impl ResponseFlags {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "-",
+            Self::Deny => "DENY",
+            Self::Connect => "CONNECT",
+        }
+    }
+}
+
+/// The label set of `istio_tcp_*`. No addresses or ports: cardinality follows the workloads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TrafficLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_canonical_service: String,
+    source_canonical_revision: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_app: String,
+    source_version: String,
+    destination_service: String,
+    destination_service_namespace: String,
+    destination_service_name: String,
+    destination_workload: String,
+    destination_canonical_service: String,
+    destination_canonical_revision: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_app: String,
+    destination_version: String,
+    request_protocol: &'static str,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+}
+
+/// A workload's labels for one end, or `unknown` everywhere.
+struct End {
+    workload: String,
+    canonical_service: String,
+    canonical_revision: String,
+    namespace: String,
+    principal: String,
+}
+
+impl End {
+    fn new(workload: Option<&Workload>, principal: Option<&Identity>) -> Self {
+        let known = |value: Option<&str>| value.unwrap_or(UNKNOWN).to_owned();
+        Self {
+            workload: known(workload.map(|w| w.workload_name.as_str())),
+            canonical_service: known(workload.map(Workload::canonical_service)),
+            canonical_revision: known(workload.map(Workload::canonical_revision)),
+            namespace: known(workload.map(|w| w.namespace.as_str())),
+            principal: known(principal.map(Identity::as_str)),
+        }
+    }
+}
+
+impl TrafficLabels {
+    /// The labels of a connection between `source` and `destination`, with the identities each
+    /// end proved (`None` for plaintext) and the service the client addressed, if any.
+    pub fn new(
+        reporter: Reporter,
+        source: (Option<&Workload>, Option<&Identity>),
+        destination: (Option<&Workload>, Option<&Identity>),
+        service: Option<&Service>,
+    ) -> Self {
+        let mutual_tls = source.1.is_some() && destination.1.is_some();
+        let (src, dst) = (
+            End::new(source.0, source.1),
+            End::new(destination.0, destination.1),
+        );
+        let service_field = |field: fn(&Service) -> &str| {
+            service.map_or_else(|| UNKNOWN.to_owned(), |s| field(s).to_owned())
+        };
+        Self {
+            reporter: reporter.as_str(),
+            source_app: src.canonical_service.clone(),
+            source_version: src.canonical_revision.clone(),
+            source_workload: src.workload,
+            source_canonical_service: src.canonical_service,
+            source_canonical_revision: src.canonical_revision,
+            source_workload_namespace: src.namespace,
+            source_principal: src.principal,
+            destination_service: service_field(|s| &s.hostname),
+            destination_service_namespace: service_field(|s| &s.namespace),
+            destination_service_name: service_field(|s| &s.name),
+            destination_app: dst.canonical_service.clone(),
+            destination_version: dst.canonical_revision.clone(),
+            destination_workload: dst.workload,
+            destination_canonical_service: dst.canonical_service,
+            destination_canonical_revision: dst.canonical_revision,
+            destination_workload_namespace: dst.namespace,
+            destination_principal: dst.principal,
+            request_protocol: "tcp",
+            response_flags: ResponseFlags::None.as_str(),
+            // Plaintext is `unknown` to Istio.
+            connection_security_policy: if mutual_tls { "mutual_tls" } else { "unknown" },
+        }
+    }
+
+    pub(crate) fn with_flags(mut self, flags: ResponseFlags) -> Self {
+        self.response_flags = flags.as_str();
+        self
+    }
+}

@@ -1,0 +1,232 @@
+//! The agent's Prometheus metrics: Istio's TCP metrics, with Istio's names and labels, so that
+//! existing dashboards and Kiali read them unchanged, and ambit's own under `ambit_`.
+
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use ambit_identity::CertificateManager;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+
+use super::labels::TrafficLabels;
+use crate::hbone::HboneClient;
+
+/// Every metric the agent exports, and the registry that encodes them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub(crate) traffic: TrafficMetrics,
+    /// Pods of this node whose traffic is captured.
+    pub(crate) enrolled_pods: Gauge,
+    pub(crate) capture_failures: Family<StageLabel, Counter>,
+    pub(crate) policy_decisions: Family<DecisionLabel, Counter>,
+    pub(crate) new_edges: Counter,
+}
+
+/// Istio's TCP metrics, reported by both ends of a connection.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TrafficMetrics {
+    pub(crate) opened: Family<TrafficLabels, Counter>,
+    pub(crate) closed: Family<TrafficLabels, Counter>,
+    pub(crate) failed: Family<TrafficLabels, Counter>,
+    /// Bytes from the server back to the client (Istio: "sent during response").
+    pub(crate) sent: Family<TrafficLabels, Counter>,
+    /// Bytes from the client to the server (Istio: "received during request").
+    pub(crate) received: Family<TrafficLabels, Counter>,
+}
+
+/// Where enrolling a pod failed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct StageLabel {
+    pub(crate) stage: &'static str,
+}
+
+/// What authorization decided.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct DecisionLabel {
+    pub(crate) decision: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    crypto_provider: &'static str,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let traffic = TrafficMetrics::default();
+        let istio = registry.sub_registry_with_prefix("istio");
+        istio.register(
+            "tcp_connections_opened",
+            "TCP connections opened",
+            traffic.opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "TCP connections closed",
+            traffic.closed.clone(),
+        );
+        istio.register(
+            "tcp_connections_failed",
+            "TCP connections that were never established: denied (DENY) or the upstream was unreachable (CONNECT)",
+            traffic.failed.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "Bytes sent from the server to the client",
+            traffic.sent.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "Bytes received from the client by the server",
+            traffic.received.clone(),
+        );
+
+        let metrics = Self {
+            traffic,
+            enrolled_pods: Gauge::default(),
+            capture_failures: Family::default(),
+            policy_decisions: Family::default(),
+            new_edges: Counter::default(),
+            registry: Registry::default(),
+        };
+        let ambit = registry.sub_registry_with_prefix("ambit");
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                crypto_provider: ambit_identity::CRYPTO_PROVIDER_NAME,
+            })
+            .set(1);
+        ambit.register(
+            "build_info",
+            "The agent's version and crypto provider",
+            build,
+        );
+        ambit.register(
+            "enrolled_pods",
+            "Pods of this node whose traffic is captured",
+            metrics.enrolled_pods.clone(),
+        );
+        ambit.register(
+            "capture_failures",
+            "Failed attempts to enrol or release a pod, by stage",
+            metrics.capture_failures.clone(),
+        );
+        ambit.register(
+            "policy_decisions",
+            "Authorization decisions on inbound connections",
+            metrics.policy_decisions.clone(),
+        );
+        ambit.register(
+            "new_edges",
+            "Connections on an edge (source identity, destination identity and port) first seen after the baseline's learning period",
+            metrics.new_edges.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Reports the expiry of every certificate `certificates` keeps renewed, and the
+    /// connections and streams of `client`'s pool, read at each scrape.
+    pub fn register_node(&mut self, certificates: Arc<CertificateManager>, client: HboneClient) {
+        let ambit = self.registry.sub_registry_with_prefix("ambit");
+        ambit.register_collector(Box::new(CertificateExpiry(certificates)));
+        ambit.register_collector(Box::new(PoolUsage(client)));
+    }
+
+    /// The exposition text of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(64 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Counts a failed enrolment or release step.
+    pub(crate) fn capture_failed(&self, stage: &'static str) {
+        self.capture_failures
+            .get_or_create(&StageLabel { stage })
+            .inc();
+    }
+
+    pub(crate) fn decided(&self, decision: &'static str) {
+        self.policy_decisions
+            .get_or_create(&DecisionLabel { decision })
+            .inc();
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct IdentityLabel {
+    identity: String,
+}
+
+/// `ambit_certificate_expiry_timestamp_seconds`, read from the certificate manager at scrape.
+#[derive(Debug)]
+struct CertificateExpiry(Arc<CertificateManager>);
+
+impl Collector for CertificateExpiry {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut metric = encoder.encode_descriptor(
+            "certificate_expiry_timestamp_seconds",
+            "When each workload certificate this node holds expires (Unix time)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for status in self.0.status() {
+            let Some(certificate) = status.certificate else {
+                continue;
+            };
+            let not_after = certificate
+                .not_after()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            ConstGauge::new(not_after).encode(metric.encode_family(&IdentityLabel {
+                identity: certificate.identity().to_string(),
+            })?)?;
+        }
+        Ok(())
+    }
+}
+
+/// `ambit_hbone_pool_connections` and `ambit_hbone_pool_streams`, read from the pool at scrape.
+#[derive(Debug)]
+struct PoolUsage(HboneClient);
+
+impl Collector for PoolUsage {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let usage = [
+            (
+                "hbone_pool_connections",
+                "Outbound HBONE connections open in the pool",
+                self.0.pooled_connections(),
+            ),
+            (
+                "hbone_pool_streams",
+                "CONNECT streams open on pooled HBONE connections",
+                self.0.pooled_streams(),
+            ),
+        ];
+        for (name, help, value) in usage {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+        }
+        Ok(())
+    }
+}
