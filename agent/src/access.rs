@@ -87,6 +87,12 @@ impl ConnectionRecord {
         self.finish(Err::<(), _>(error));
     }
 
+    /// Logs a connection that the destination's authorization refused (`DENY`).
+    pub(crate) fn fail_denied(self, error: impl Error) {
+        let error = ErrorChain(&error).to_string();
+        self.close(Some(ResponseFlags::Deny), None, Some(error));
+    }
+
     /// Logs a connection that authorization refused, naming the deciding policy if one did.
     pub(crate) fn deny(self, policy: Option<&str>, reason: DenyReason) {
         let reason = reason.as_str().to_owned();

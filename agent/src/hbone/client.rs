@@ -79,6 +79,13 @@ pub enum ConnectError {
     },
 }
 
+impl ConnectError {
+    /// Whether the destination's policy refused the tunnel (401).
+    pub fn is_denied(&self) -> bool {
+        matches!(self, Self::Refused { status, .. } if *status == StatusCode::UNAUTHORIZED)
+    }
+}
+
 /// The steps of dialing a pooled connection, for saying which one took too long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DialStage {

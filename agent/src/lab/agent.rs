@@ -90,8 +90,17 @@ impl AgentProcess {
     /// `GET path` on the agent's `port` on the node's loopback: the status and body, or `None`
     /// when nothing answers.
     pub async fn get(&self, port: u16, path: &str) -> anyhow::Result<Option<(u16, String)>> {
+        self.get_from(SocketAddr::from(([127, 0, 0, 1], port)), path)
+            .await
+    }
+
+    /// `GET path` on `addr`, from the agent's node.
+    pub async fn get_from(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+    ) -> anyhow::Result<Option<(u16, String)>> {
         let path = path.to_owned();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         Ok(self.node_ns.run(move || http_get(addr, &path)).await?)
     }
 

@@ -96,6 +96,7 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
                     let copied = tunnel.copy_bidirectional(&mut tcp, meter).await;
                     record.finish(copied);
                 }
+                Err(error) if error.is_denied() => record.fail_denied(error),
                 Err(error) => record.fail(error),
             }
         }
