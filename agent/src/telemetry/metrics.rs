@@ -158,6 +158,11 @@ impl Metrics {
         text
     }
 
+    /// Counts a connection opened, under `labels`.
+    pub fn opened(&self, labels: &TrafficLabels) {
+        self.traffic.opened.get_or_create(labels).inc();
+    }
+
     /// Counts a failed enrolment or release step.
     pub(crate) fn capture_failed(&self, stage: &'static str) {
         self.capture_failures
