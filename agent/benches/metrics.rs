@@ -93,14 +93,21 @@ async fn main() {
             .filter(|l| !l.starts_with('#'))
             .count()
     };
-    println!("CPU per /metrics scrape ({SCRAPES} scrapes each, one thread; goal: busy p99 < 10 ms)");
+    println!(
+        "CPU per /metrics scrape ({SCRAPES} scrapes each, one thread; goal: busy p99 < 10 ms)"
+    );
     println!(
         "{:<34} {:>10} {:>12} {:>10} {:>10}",
         "node", "series", "bytes", "p50 ms", "p99 ms"
     );
     for (name, metrics, times, size) in [
         ("2 pods, 20 Istio series", &small, &small_times, small_size),
-        ("200 pods, 2,000 Istio series", &busy, &busy_times, busy_size),
+        (
+            "200 pods, 2,000 Istio series",
+            &busy,
+            &busy_times,
+            busy_size,
+        ),
     ] {
         println!(
             "{name:<34} {:>10} {size:>12} {:>10.2} {:>10.2}",

@@ -87,6 +87,8 @@ pub(crate) async fn run(out: &mut impl Write) -> anyhow::Result<()> {
     let access = access_logs(&cluster);
 
     report(out, &cluster, &results, &access)?;
+    show_metrics(out, &cluster).await?;
+    show_check(out, &cluster)?;
     writeln!(out, "\nRemoving the mesh's namespaces")?;
     drop(apps);
     drop(cluster);
@@ -121,6 +123,58 @@ fn report(
             writeln!(out, "  {line}")?;
         }
     }
+    Ok(())
+}
+
+/// node2's view of the traffic into its pods, from Istio's metrics as Prometheus scrapes them.
+async fn show_metrics(out: &mut impl Write, cluster: &Cluster) -> anyhow::Result<()> {
+    let node2 = cluster.agent("node2").context("node2 has no agent")?;
+    let metrics = node2.metrics().await?;
+    writeln!(
+        out,
+        "\nMetrics of node2 (:15020/metrics), connections into its pods (reporter=destination):"
+    )?;
+    writeln!(
+        out,
+        "  {:<26} {:<24} {:<12} {:<14} COUNT",
+        "METRIC", "SOURCE -> DESTINATION", "FLAGS", "SECURITY"
+    )?;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("istio_tcp_connections_") && l.contains("reporter=\"destination\"")
+    }) {
+        let label = |name: &str| {
+            line.split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or("?")
+                .to_owned()
+        };
+        let (series, count) = line.rsplit_once(' ').unwrap_or((line, "?"));
+        let metric = series.split('{').next().unwrap_or(series);
+        writeln!(
+            out,
+            "  {:<26} {:<24} {:<12} {:<14} {count}",
+            metric.trim_start_matches("istio_tcp_"),
+            format!(
+                "{} -> {}",
+                label("source_workload"),
+                label("destination_workload")
+            ),
+            label("response_flags"),
+            label("connection_security_policy"),
+        )?;
+    }
+    Ok(())
+}
+
+/// `ambit debug check` on node2: why cart may not reach the backend.
+fn show_check(out: &mut impl Write, cluster: &Cluster) -> anyhow::Result<()> {
+    let node2 = cluster.agent("node2").context("node2 has no agent")?;
+    let args = ["check", "--from", "shop/cart", "--to", "shop/backend:8080"];
+    let output = node2.debug(&args)?;
+    writeln!(out, "\n$ ambit debug {}  (on node2)", args.join(" "))?;
+    out.write_all(&output.stdout)?;
+    out.write_all(&output.stderr)?;
     Ok(())
 }
 

@@ -27,3 +27,83 @@ fn unknown_subcommands_fail_with_usage() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("Usage:"));
 }
+
+/// Runs a failing `ambit debug` and returns its exit code and its one line on stderr.
+fn debug_failure(args: &[&str]) -> (i32, String) {
+    let mut all = vec!["debug"];
+    all.extend(args);
+    let output = ambit(&all).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(output.stdout.is_empty());
+    (output.status.code().unwrap(), stderr)
+}
+
+#[test]
+fn debug_without_an_agent_says_so_in_one_line() {
+    let (code, stderr) = debug_failure(&["certs", "--admin", "127.0.0.1:1"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.starts_with("error: no ambit agent answers at 127.0.0.1:1 ("),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn debug_refuses_bad_input_before_asking() {
+    let (code, stderr) = debug_failure(&["workloads", "--admin", "localhost"]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        stderr,
+        "error: --admin \"localhost\" is not an address such as 127.0.0.1:15000\n"
+    );
+    // No agent listens there: a malformed --to is refused before any connection.
+    let (code, stderr) = debug_failure(&[
+        "check",
+        "--from",
+        "a",
+        "--to",
+        "b:http",
+        "--admin",
+        "127.0.0.1:1",
+    ]);
+    assert_eq!(code, 2);
+    assert_eq!(stderr, "error: \"b:http\" is not <pod|ip>:<port>\n");
+}
+
+#[test]
+fn suggest_policy_reads_saved_edges() {
+    let dir = tempfile::tempdir().unwrap();
+    let edges = dir.path().join("edges.json");
+    std::fs::write(
+        &edges,
+        r#"[{"source_identity":"spiffe://cluster.local/ns/shop/sa/frontend",
+             "destination_identity":"spiffe://cluster.local/ns/shop/sa/backend",
+             "destination_namespace":"shop","destination_workload":"backend",
+             "destination_selector":{"app":"backend"},"port":8080,
+             "first_seen":0,"last_seen":0,"connections":3}]"#,
+    )
+    .unwrap();
+    let output = ambit(&[
+        "debug",
+        "suggest-policy",
+        "--edges",
+        edges.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(output.status.success());
+    let yaml = String::from_utf8(output.stdout).unwrap();
+    assert!(yaml.contains("name: \"allow-observed-backend\""), "{yaml}");
+    assert!(
+        yaml.contains("principals: [\"cluster.local/ns/shop/sa/frontend\"]"),
+        "{yaml}"
+    );
+
+    std::fs::write(&edges, "not json").unwrap();
+    let (code, stderr) = debug_failure(&["suggest-policy", "--edges", edges.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("not the JSON of `ambit debug edges -o json`"),
+        "{stderr}"
+    );
+}

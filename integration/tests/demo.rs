@@ -48,6 +48,15 @@ fn the_demo_shows_tunneled_plain_and_denied_flows_and_cleans_up() {
         "spiffe://cluster.local/ns/shop/sa/frontend -> spiffe://cluster.local/ns/shop/sa/backend"
     ));
 
+    assert!(
+        stdout.contains("connections_opened_total") && stdout.contains("cart -> backend"),
+        "the demo shows the metrics:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("result: DENY: denied: ALLOW policies apply and none matches"),
+        "the demo explains the denial:\n{stdout}"
+    );
+
     let leftovers = std::fs::read_dir("/var/run/netns")
         .into_iter()
         .flatten()

@@ -195,6 +195,33 @@ fn failure(cluster: &Cluster, node: &str, args: &[&str]) -> (i32, String) {
     (output.status.code().unwrap(), stderr)
 }
 
+/// Every `istio_*` and `ambit_*` metric the Grafana dashboard queries.
+fn dashboard_metrics() -> Vec<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../daemonset/grafana-dashboard.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut metrics: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().unwrap())
+        .flat_map(|target| {
+            let expr = target["expr"].as_str().unwrap();
+            expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|word| word.starts_with("istio_") || word.starts_with("ambit_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    metrics.sort();
+    metrics.dedup();
+    assert!(metrics.len() >= 10, "{metrics:?}");
+    metrics
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_reporters_export_the_traffic_and_the_debug_cli_explains_it() {
     // The admin API bound to every address still answers loopback clients only.
@@ -315,6 +342,30 @@ async fn both_reporters_export_the_traffic_and_the_debug_cli_explains_it() {
     }
     let node1 = agent(&cluster, "node1").metrics().await.unwrap();
     assert!(node1.contains("ambit_enrolled_pods 2\n"), "{node1}");
+    // The dashboard and the agents speak of the metrics docs/metrics.md describes.
+    let documented =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+            .unwrap();
+    for metric in dashboard_metrics() {
+        assert!(
+            documented.contains(&format!("`{metric}`")),
+            "the dashboard queries {metric}, which is not documented"
+        );
+    }
+    for exported in [&node1, &agent(&cluster, "node2").metrics().await.unwrap()] {
+        for family in exported.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let (name, kind) = family.split_once(' ').unwrap();
+            let name = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            assert!(
+                documented.contains(&format!("`{name}`")),
+                "{name} is exported but not documented"
+            );
+        }
+    }
     let node2 = agent(&cluster, "node2").metrics().await.unwrap();
     assert!(node2.contains("ambit_enrolled_pods 1\n"), "{node2}");
     assert!(
