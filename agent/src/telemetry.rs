@@ -1,6 +1,6 @@
 //! What the agent tells about the traffic it carries: Istio's metrics and ambit's own
 //! ([`Metrics`]), the connections open right now, and the baseline of edges seen so far. The
-//! proxies account for each connection through [`ConnectionRecord`](crate::access).
+//! proxies account for each connection through a connection record (`access`).
 
 mod baseline;
 mod connections;

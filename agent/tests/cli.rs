@@ -1,5 +1,10 @@
 //! The `ambit` binary as a user runs it.
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "a helper that cannot run the binary fails the test"
+)]
+
 use std::process::Command;
 
 fn ambit(args: &[&str]) -> std::io::Result<std::process::Output> {
