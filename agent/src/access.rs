@@ -2,6 +2,9 @@
 //! closes, listed among the open connections while it lasts, and logged once, at close (tracing
 //! target `access`): who talked to whom, through which path, how many bytes each way, for how
 //! long, and why it failed if it did.
+//!
+//! A connection is first a [`ConnectionRecord`]: refused or failing now, it was never established
+//! and counts as failed. Once it carries bytes it is an [`Established`] connection.
 
 use std::error::Error;
 use std::sync::Arc;
@@ -11,24 +14,24 @@ use prometheus_client::metrics::counter::Counter;
 use crate::authorize::DenyReason;
 use crate::error_chain::ErrorChain;
 use crate::telemetry::{
-    Endpoints, Listed, Meter, Reporter, ResponseFlags, Telemetry, TrafficLabels,
+    Direction, Endpoints, Listed, Meter, Reporter, ResponseFlags, Telemetry, TrafficLabels,
 };
 
-/// One connection, from the moment its destination is known until it is logged.
+/// A connection whose destination is known and that carries no bytes yet.
 #[derive(Debug)]
 pub(crate) struct ConnectionRecord {
     telemetry: Arc<Telemetry>,
     listed: Listed,
-    phase: Phase,
+    /// Boxed: the labels are large, and freed once the connection is established.
+    labels: Box<TrafficLabels>,
 }
 
+/// A connection carrying bytes; it holds the counters its labels selected, not the labels.
 #[derive(Debug)]
-enum Phase {
-    /// Not yet carrying bytes: a failure now means the connection was never established.
-    /// Boxed: the labels are large and freed once the connection is established.
-    Opening(Box<TrafficLabels>),
-    /// Carrying bytes; the labels are no longer held, only the counters they select.
-    Established { meter: Meter, closed: Counter },
+pub(crate) struct Established {
+    listed: Listed,
+    meter: Meter,
+    closed: Counter,
 }
 
 impl ConnectionRecord {
@@ -38,107 +41,113 @@ impl ConnectionRecord {
         endpoints: Endpoints,
         labels: TrafficLabels,
     ) -> Self {
-        telemetry
-            .metrics
-            .traffic
-            .opened
-            .get_or_create(&labels)
-            .inc();
+        telemetry.metrics.opened(&labels);
         Self {
             listed: telemetry.connections.open(endpoints),
             telemetry: telemetry.clone(),
-            phase: Phase::Opening(Box::new(labels)),
+            labels: Box::new(labels),
         }
     }
 
-    /// The connection is established: its bytes are counted from now on by the returned meter.
-    pub(crate) fn establish(&mut self, reporter: Reporter) -> &Meter {
-        if let Phase::Opening(labels) = &self.phase {
-            let traffic = &self.telemetry.metrics.traffic;
-            let client_bytes = traffic.received.get_or_create(labels).clone();
-            let server_bytes = traffic.sent.get_or_create(labels).clone();
-            // The metrics count from the client's side, the meter from the local pod's.
-            let (sent, received) = match reporter {
-                Reporter::Source => (client_bytes, server_bytes),
-                Reporter::Destination => (server_bytes, client_bytes),
-            };
-            self.phase = Phase::Established {
-                meter: Meter::new(self.listed.connection.clone(), sent, received),
-                closed: traffic.closed.get_or_create(labels).clone(),
-            };
-        }
-        match &self.phase {
-            Phase::Established { meter, .. } => meter,
-            Phase::Opening(_) => unreachable!("established just above"),
+    /// The connection carries bytes from now on.
+    pub(crate) fn establish(self) -> Established {
+        let traffic = &self.telemetry.metrics.traffic;
+        let client_bytes = traffic.received.get_or_create(&self.labels).clone();
+        let server_bytes = traffic.sent.get_or_create(&self.labels).clone();
+        // The metrics count from the client's side, the meter from the local pod's.
+        let (sent, received) = match self.listed.connection.endpoints.direction.reporter() {
+            Reporter::Source => (client_bytes, server_bytes),
+            Reporter::Destination => (server_bytes, client_bytes),
+        };
+        Established {
+            meter: Meter::new(self.listed.connection.clone(), sent, received),
+            closed: traffic.closed.get_or_create(&self.labels).clone(),
+            listed: self.listed,
         }
     }
 
-    /// Logs the connection's end; an error before it was established counts it as failed
-    /// (`CONNECT`).
-    pub(crate) fn finish<T, E: Error>(self, result: Result<T, E>) {
-        let opening = matches!(self.phase, Phase::Opening(_));
-        let flags = (opening && result.is_err()).then_some(ResponseFlags::Connect);
-        let error = result.err().map(|e| ErrorChain(&e).to_string());
-        self.close(flags, None, error);
-    }
-
-    /// Logs a connection that could not be established (`CONNECT`), or broke.
+    /// The connection could not be established (`CONNECT`).
     pub(crate) fn fail(self, error: impl Error) {
-        self.finish(Err::<(), _>(error));
+        let error = ErrorChain(&error).to_string();
+        self.refuse(ResponseFlags::Connect, None, error);
     }
 
-    /// Logs a connection that the destination's authorization refused (`DENY`).
+    /// The destination's authorization refused the tunnel (`DENY`).
     pub(crate) fn fail_denied(self, error: impl Error) {
         let error = ErrorChain(&error).to_string();
-        self.close(Some(ResponseFlags::Deny), None, Some(error));
+        self.refuse(ResponseFlags::Deny, None, error);
     }
 
-    /// Logs a connection that authorization refused, naming the deciding policy if one did.
+    /// Authorization refused the connection, by the named policy if one decided.
     pub(crate) fn deny(self, policy: Option<&str>, reason: DenyReason) {
-        let reason = reason.as_str().to_owned();
-        self.close(Some(ResponseFlags::Deny), policy, Some(reason));
+        self.refuse(ResponseFlags::Deny, policy, reason.as_str().to_owned());
     }
 
-    /// Logs a connection closed because a policy change now denies it.
-    pub(crate) fn revoke(self, policy: Option<&str>) {
-        let reason = "closed: a policy change denies it".to_owned();
-        self.close(Some(ResponseFlags::Deny), policy, Some(reason));
-    }
-
-    /// Counts the close, and the failure of a connection that was never established, then logs.
-    fn close(self, flags: Option<ResponseFlags>, policy: Option<&str>, error: Option<String>) {
+    fn refuse(self, flags: ResponseFlags, policy: Option<&str>, error: String) {
         let traffic = &self.telemetry.metrics.traffic;
-        match &self.phase {
-            Phase::Opening(labels) => {
-                let labels = (**labels)
-                    .clone()
-                    .with_flags(flags.unwrap_or(ResponseFlags::Connect));
-                traffic.closed.get_or_create(&labels).inc();
-                traffic.failed.get_or_create(&labels).inc();
-            }
-            Phase::Established { closed, .. } => {
-                closed.inc();
-            }
-        }
-        let connection = &self.listed.connection;
-        let endpoints = &connection.endpoints;
-        let (sent, received) = connection.bytes();
-        tracing::info!(
-            target: "access",
-            direction = endpoints.direction.as_str(),
-            src.addr = %endpoints.src,
-            dst.addr = %endpoints.dst,
-            src.identity = endpoints.src_identity.as_ref().map(tracing::field::display),
-            dst.identity = endpoints.dst_identity.as_ref().map(tracing::field::display),
-            src.workload = endpoints.src_workload.as_deref(),
-            dst.workload = endpoints.dst_workload.as_deref(),
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms = connection.started.elapsed().as_millis() as u64,
-            response_flags = flags.map(ResponseFlags::as_str),
+        let labels = self.labels.with_flags(flags);
+        traffic.closed.get_or_create(&labels).inc();
+        traffic.failed.get_or_create(&labels).inc();
+        log(&self.listed, Some(flags), policy, Some(error));
+    }
+}
+
+impl Established {
+    /// Counts the bytes as they are copied.
+    pub(crate) fn meter(&self) -> &Meter {
+        &self.meter
+    }
+
+    /// The connection ended: both sides closed, or copying failed.
+    pub(crate) fn finish<T, E: Error>(self, result: Result<T, E>) {
+        self.closed.inc();
+        let error = result.err().map(|e| ErrorChain(&e).to_string());
+        log(&self.listed, None, None, error);
+    }
+
+    /// A policy change now denies the connection; it is closed.
+    pub(crate) fn revoke(self, policy: Option<&str>) {
+        self.closed.inc();
+        let reason = "closed: a policy change denies it".to_owned();
+        log(
+            &self.listed,
+            Some(ResponseFlags::Deny),
             policy,
-            error,
-            "connection closed"
+            Some(reason),
         );
     }
+}
+
+impl Direction {
+    /// Which end reports a connection this proxy carries.
+    fn reporter(self) -> Reporter {
+        match self {
+            Self::Outbound => Reporter::Source,
+            Self::Inbound | Self::InboundPlaintext => Reporter::Destination,
+        }
+    }
+}
+
+/// The access-log line of a connection that ended.
+fn log(listed: &Listed, flags: Option<ResponseFlags>, policy: Option<&str>, error: Option<String>) {
+    let connection = &listed.connection;
+    let endpoints = &connection.endpoints;
+    let (sent, received) = connection.bytes();
+    tracing::info!(
+        target: "access",
+        direction = endpoints.direction.as_str(),
+        src.addr = %endpoints.src,
+        dst.addr = %endpoints.dst,
+        src.identity = endpoints.src_identity.as_ref().map(tracing::field::display),
+        dst.identity = endpoints.dst_identity.as_ref().map(tracing::field::display),
+        src.workload = endpoints.src_workload.as_deref(),
+        dst.workload = endpoints.dst_workload.as_deref(),
+        bytes_sent = sent,
+        bytes_received = received,
+        duration_ms = connection.started.elapsed().as_millis() as u64,
+        response_flags = flags.map(ResponseFlags::as_str),
+        policy,
+        error,
+        "connection closed"
+    );
 }

@@ -125,17 +125,13 @@ pub(crate) fn run(
             matched,
         })
         .collect();
-    let (verdict, _) = authorize::evaluate(state, &destination, &request);
+    let (verdict, decision) = authorize::evaluate(state, &destination, &request);
     (view.allowed, view.decided_by, view.reason) = match verdict {
-        Verdict::Allow => match view
-            .policies
-            .iter()
-            .find(|p| p.matched && p.action == "ALLOW" && !p.dry_run)
-        {
-            Some(allow) => (
+        Verdict::Allow => match decision.and_then(|d| d.policy) {
+            Some(policy) => (
                 true,
-                Some(allow.policy.clone()),
-                format!("allowed by ALLOW policy {}", allow.policy),
+                Some(policy.to_string()),
+                format!("allowed by ALLOW policy {policy}"),
             ),
             None => (
                 true,
@@ -217,5 +213,115 @@ fn pod(state: &ClusterState, name: &str) -> Result<Arc<Workload>, CheckError> {
             let names: Vec<String> = several.iter().map(|w| w.qualified_name()).collect();
             Err(CheckError::Ambiguous(name.to_owned(), names.join(", ")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::file::parse;
+
+    const CLUSTER: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {nodeName: node1, serviceAccountName: web, containers: [{name: app, image: app}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec: {nodeName: node2, serviceAccountName: db, containers: [{name: app, image: app}]}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: legacy}
+spec: {nodeName: node2, containers: [{name: app, image: app}]}
+status: {podIP: 10.0.0.3}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}], to: [{operation: {ports: ['5432']}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+";
+
+    fn check(from: &str, to: &str) -> Result<CheckView, CheckError> {
+        let state = parse(CLUSTER, "istio-system").unwrap();
+        let query = query::encode(&[("from", from), ("to", to)]);
+        run(&state, &"cluster.local".parse().unwrap(), &query)
+    }
+
+    #[test]
+    fn a_matching_deny_policy_is_named() {
+        let view = check("shop/web", "shop/db:5432").unwrap();
+        assert!(!view.allowed);
+        assert_eq!(view.decided_by.as_deref(), Some("shop/no-web"));
+        assert_eq!(view.reason, "denied by DENY policy shop/no-web");
+        assert!(view.policies[0].matched);
+
+        let other_port = check("spiffe://cluster.local/ns/shop/sa/web", "10.0.0.2:80").unwrap();
+        assert!(other_port.allowed);
+        assert_eq!(
+            other_port.reason,
+            "allowed: no ALLOW policy applies and no DENY policy matches"
+        );
+    }
+
+    #[test]
+    fn plaintext_meets_peer_authentication_first() {
+        let view = check("legacy/db", "web:8080").unwrap();
+        assert_eq!(view.transport, "plaintext");
+        let mode = view.peer_authentication.unwrap();
+        assert_eq!(
+            (mode.mode.as_str(), mode.policy.as_deref()),
+            ("STRICT", Some("shop/strict"))
+        );
+        assert_eq!(
+            view.reason,
+            "denied: plaintext, and PeerAuthentication shop/strict makes port 8080 STRICT"
+        );
+    }
+
+    #[test]
+    fn a_destination_outside_the_mesh_has_no_policy() {
+        let view = check("web", "legacy/db:5432").unwrap();
+        assert!(view.allowed && view.policies.is_empty());
+    }
+
+    #[test]
+    fn names_must_lead_to_one_pod() {
+        let error = |from, to| check(from, to).unwrap_err().to_string();
+        assert_eq!(error("nobody", "web:80"), "no pod named \"nobody\"");
+        assert_eq!(
+            error("db", "web:80"),
+            "\"db\" names several pods (legacy/db, shop/db): give namespace/name"
+        );
+        assert_eq!(
+            error("web", "10.9.9.9:80"),
+            "no workload has the IP 10.9.9.9"
+        );
+        assert_eq!(error("web", "web"), "\"web\" is not <pod|ip>:<port>");
+        assert_eq!(error("web", ":80"), "\":80\" is not <pod|ip>:<port>");
+        assert!(
+            error("spiffe://x/y", "web:80")
+                .starts_with("\"spiffe://x/y\" is not a SPIFFE identity")
+        );
     }
 }

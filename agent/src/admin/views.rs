@@ -124,7 +124,7 @@ pub struct LoggingView {
     pub level: String,
 }
 
-/// An error, with the HTTP status it came with.
+/// What the admin API answers, with a 4xx status, to a request it cannot serve.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorView {
     pub error: String,

@@ -284,7 +284,7 @@ async fn tunnel_to_app(
     target: App<'_>,
     recv: RecvStream,
     mut respond: SendResponse<Bytes>,
-    mut record: ConnectionRecord,
+    record: ConnectionRecord,
     revoked: RevokedFuture,
 ) {
     let connect = async {
@@ -306,14 +306,15 @@ async fn tunnel_to_app(
         Ok(send) => send,
         Err(error) => return record.fail(error),
     };
-    let meter = record.establish(Reporter::Destination);
+    let connection = record.establish();
+    let stream = H2Stream { send, recv };
     let copied = tokio::select! {
-        copied = stream::copy_bidirectional(&mut app, H2Stream { send, recv }, meter) => Ok(copied),
+        copied = stream::copy_bidirectional(&mut app, stream, connection.meter()) => Ok(copied),
         Verdict::Deny { policy, .. } = revoked => Err(policy),
     };
     match copied {
-        Ok(copied) => record.finish(copied),
-        Err(policy) => record.revoke(policy.as_deref()),
+        Ok(copied) => connection.finish(copied),
+        Err(policy) => connection.revoke(policy.as_deref()),
     }
 }
 

@@ -63,7 +63,7 @@ async fn proxy(
         src_workload: peers.source.as_ref().map(|w| w.qualified_name()),
         dst_workload: Some(pod.workload.qualified_name()),
     };
-    let mut record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
+    let record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
     if destination.ip() != pod.ip || AGENT_POD_PORTS.contains(&destination.port()) {
         return record.fail(UnexpectedDestination(destination));
     }
@@ -82,18 +82,18 @@ async fn proxy(
         Ok(app) => app,
         Err(error) => return record.fail(error),
     };
-    let meter = record.establish(Reporter::Destination);
+    let connection = record.establish();
     let mut client = Metered {
         inner: &mut tcp,
-        meter,
+        meter: connection.meter(),
     };
     let copied = tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut client, &mut app) => Ok(copied),
         Verdict::Deny { policy, .. } = revoked => Err(policy),
     };
     match copied {
-        Ok(copied) => record.finish(copied),
-        Err(policy) => record.revoke(policy.as_deref()),
+        Ok(copied) => connection.finish(copied),
+        Err(policy) => connection.revoke(policy.as_deref()),
     }
 }
 

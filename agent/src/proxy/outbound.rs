@@ -68,7 +68,7 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
         src_workload: Some(pod.workload.qualified_name()),
         dst_workload: workload.as_ref().map(|w| w.qualified_name()),
     };
-    let mut record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
+    let record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
     let expected = match expected {
         Ok(expected) => expected,
         Err(error) => return record.fail(error),
@@ -92,9 +92,11 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
             // every connection's task for as long as it is copying.
             match Box::pin(pod.client.connect(&request, pod.sockets.as_ref())).await {
                 Ok(tunnel) => {
-                    let meter = record.establish(Reporter::Source);
-                    let copied = tunnel.copy_bidirectional(&mut tcp, meter).await;
-                    record.finish(copied);
+                    let connection = record.establish();
+                    let copied = tunnel
+                        .copy_bidirectional(&mut tcp, connection.meter())
+                        .await;
+                    connection.finish(copied);
                 }
                 Err(error) if error.is_denied() => record.fail_denied(error),
                 Err(error) => record.fail(error),
@@ -110,13 +112,13 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
             };
             match connected.await {
                 Ok(mut upstream) => {
-                    let meter = record.establish(Reporter::Source);
+                    let connection = record.establish();
                     let mut client = Metered {
                         inner: &mut tcp,
-                        meter,
+                        meter: connection.meter(),
                     };
                     let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                    record.finish(copied);
+                    connection.finish(copied);
                 }
                 Err(error) => record.fail(error),
             }

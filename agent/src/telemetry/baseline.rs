@@ -167,3 +167,67 @@ pub struct Edge {
     pub last_seen: u64,
     pub connections: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Protocol, WorkloadUid};
+
+    fn backend() -> Workload {
+        Workload {
+            uid: WorkloadUid("u1".into()),
+            name: "backend-5d8f9c-abcde".into(),
+            workload_name: "backend".into(),
+            namespace: "shop".into(),
+            service_account: "backend".into(),
+            node: "node1".into(),
+            ips: vec!["10.0.0.2".parse().unwrap()],
+            labels: [("app", "backend"), ("pod-template-hash", "5d8f9c")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+            protocol: Protocol::Hbone,
+        }
+    }
+
+    fn identity(account: &str) -> Identity {
+        format!("spiffe://cluster.local/ns/shop/sa/{account}")
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn edges_first_seen_after_learning_are_counted_once() {
+        let new_edges = Counter::default();
+        let baseline = Baseline::new(Duration::ZERO, new_edges.clone());
+        let (frontend, jobs, server) =
+            (identity("frontend"), identity("jobs"), identity("backend"));
+        baseline.observe(&frontend, &backend(), &server, 8080);
+        baseline.observe(&frontend, &backend(), &server, 8080);
+        baseline.observe(&jobs, &backend(), &server, 8080);
+        assert_eq!(new_edges.get(), 2);
+
+        let edges = baseline.edges();
+        assert_eq!(edges.len(), 2);
+        assert_eq!(edges[0].source_identity, frontend.as_str());
+        assert_eq!(edges[0].connections, 2);
+        assert_eq!(
+            edges[0].destination_selector,
+            [("app".to_owned(), "backend".to_owned())].into(),
+            "labels of one pod or revision never select"
+        );
+    }
+
+    #[test]
+    fn nothing_is_new_while_learning() {
+        let new_edges = Counter::default();
+        let baseline = Baseline::new(Duration::from_secs(3600), new_edges.clone());
+        baseline.observe(
+            &identity("frontend"),
+            &backend(),
+            &identity("backend"),
+            8080,
+        );
+        assert_eq!(new_edges.get(), 0);
+        assert_eq!(baseline.edges().len(), 1);
+    }
+}

@@ -135,8 +135,11 @@ impl TrafficLabels {
         }
     }
 
-    pub(crate) fn with_flags(mut self, flags: ResponseFlags) -> Self {
-        self.response_flags = flags.as_str();
-        self
+    /// The same labels with `flags`.
+    pub(crate) fn with_flags(&self, flags: ResponseFlags) -> Self {
+        Self {
+            response_flags: flags.as_str(),
+            ..self.clone()
+        }
     }
 }

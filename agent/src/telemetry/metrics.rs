@@ -66,9 +66,16 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::default();
-        let traffic = TrafficMetrics::default();
-        let istio = registry.sub_registry_with_prefix("istio");
+        let mut metrics = Self {
+            registry: Registry::default(),
+            traffic: TrafficMetrics::default(),
+            enrolled_pods: Gauge::default(),
+            capture_failures: Family::default(),
+            policy_decisions: Family::default(),
+            new_edges: Counter::default(),
+        };
+        let traffic = &metrics.traffic;
+        let istio = metrics.registry.sub_registry_with_prefix("istio");
         istio.register(
             "tcp_connections_opened",
             "TCP connections opened",
@@ -95,15 +102,7 @@ impl Metrics {
             traffic.received.clone(),
         );
 
-        let metrics = Self {
-            traffic,
-            enrolled_pods: Gauge::default(),
-            capture_failures: Family::default(),
-            policy_decisions: Family::default(),
-            new_edges: Counter::default(),
-            registry: Registry::default(),
-        };
-        let ambit = registry.sub_registry_with_prefix("ambit");
+        let ambit = metrics.registry.sub_registry_with_prefix("ambit");
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -136,10 +135,7 @@ impl Metrics {
             "Connections on an edge (source identity, destination identity and port) first seen after the baseline's learning period",
             metrics.new_edges.clone(),
         );
-        Self {
-            registry,
-            ..metrics
-        }
+        metrics
     }
 
     /// Reports the expiry of every certificate `certificates` keeps renewed, and the
