@@ -7,6 +7,8 @@
 
 use std::path::PathBuf;
 
+use ambit_agent::lab::{Cluster, ClusterBuilder};
+
 /// The `ambit` binary built next to the running test or benchmark (`AMBIT_BIN` overrides it).
 /// Cargo builds it with the workspace's tests; on its own, `cargo build -p ambit-agent`.
 pub fn agent_binary() -> PathBuf {
@@ -20,4 +22,19 @@ pub fn agent_binary() -> PathBuf {
         None => exe.as_path(),
     };
     profile_dir.join("ambit")
+}
+
+/// Two teams on two nodes: `client` (namespace `shop`) and `admin` (`ops`) in the mesh on node1,
+/// `server` (`shop`) in the mesh on node2, and `outsider` (`legacy`, outside the mesh) on node2.
+pub fn two_teams() -> ClusterBuilder {
+    Cluster::builder(&agent_binary())
+        .node("node1")
+        .node("node2")
+        .ambient_namespace("shop")
+        .ambient_namespace("ops")
+        .namespace("legacy")
+        .pod("node1", "shop", "client")
+        .pod("node1", "ops", "admin")
+        .pod("node2", "shop", "server")
+        .pod("node2", "legacy", "outsider")
 }

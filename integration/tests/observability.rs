@@ -17,7 +17,7 @@ use ambit_agent::admin::views::{
     ServiceView, WorkloadView,
 };
 use ambit_agent::lab::{AgentProcess, Cluster, EchoApp, read_peer_line};
-use ambit_integration::agent_binary;
+use ambit_integration::two_teams;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,23 +35,10 @@ spec:
   rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
 ";
 
-/// client (shop) and admin (ops) in the mesh on node1; server (shop, behind Service `server`)
-/// on node2; outsider outside the mesh on node2. The server echoes on two ports.
+/// [`two_teams`] with `policies` and the Service `server` in front of the server, which echoes
+/// on two ports.
 async fn cluster(agent_args: &[&str], policies: &str) -> (Cluster, Vec<EchoApp>) {
-    let mut cluster = Cluster::builder(&agent_binary())
-        .node("node1")
-        .node("node2")
-        .ambient_namespace("shop")
-        .ambient_namespace("ops")
-        .namespace("legacy")
-        .pod("node1", "shop", "client")
-        .pod("node1", "ops", "admin")
-        .pod("node2", "shop", "server")
-        .pod("node2", "legacy", "outsider")
-        .agent_args(agent_args)
-        .start()
-        .await
-        .unwrap();
+    let mut cluster = two_teams().agent_args(agent_args).start().await.unwrap();
     let server_ip = cluster.addr("server", APP_PORT).unwrap().ip();
     cluster.set_extra_objects(&format!(
         "{policies}---
@@ -255,78 +242,24 @@ async fn both_reporters_export_the_traffic_and_the_debug_cli_explains_it() {
     // The server sends its greeting (the client's IP and a newline) and the echo.
     let from_server = PAYLOAD + client_ip.len() + 1;
     for (node, reporter) in [("node1", "source"), ("node2", "destination")] {
-        let expected = [
+        let expected: Vec<String> = [
+            ("connections_opened", &client, "-", 1),
+            ("connections_closed", &client, "-", 1),
+            ("received_bytes", &client, "-", PAYLOAD),
+            ("sent_bytes", &client, "-", from_server),
+            ("connections_opened", &admin, "-", 1),
+            ("connections_closed", &admin, "DENY", 1),
+            ("connections_failed", &admin, "DENY", 1),
+        ]
+        .iter()
+        .map(|(metric, source, flags, value)| {
+            let metric = format!("istio_tcp_{metric}_total");
             format!(
-                "{} 1",
-                series(
-                    "istio_tcp_connections_opened_total",
-                    reporter,
-                    &client,
-                    &server,
-                    "-"
-                )
-            ),
-            format!(
-                "{} 1",
-                series(
-                    "istio_tcp_connections_closed_total",
-                    reporter,
-                    &client,
-                    &server,
-                    "-"
-                )
-            ),
-            format!(
-                "{} {PAYLOAD}",
-                series(
-                    "istio_tcp_received_bytes_total",
-                    reporter,
-                    &client,
-                    &server,
-                    "-"
-                )
-            ),
-            format!(
-                "{} {from_server}",
-                series(
-                    "istio_tcp_sent_bytes_total",
-                    reporter,
-                    &client,
-                    &server,
-                    "-"
-                )
-            ),
-            format!(
-                "{} 1",
-                series(
-                    "istio_tcp_connections_opened_total",
-                    reporter,
-                    &admin,
-                    &server,
-                    "-"
-                )
-            ),
-            format!(
-                "{} 1",
-                series(
-                    "istio_tcp_connections_closed_total",
-                    reporter,
-                    &admin,
-                    &server,
-                    "DENY"
-                )
-            ),
-            format!(
-                "{} 1",
-                series(
-                    "istio_tcp_connections_failed_total",
-                    reporter,
-                    &admin,
-                    &server,
-                    "DENY"
-                )
-            ),
-        ];
+                "{} {value}",
+                series(&metric, reporter, source, &server, flags)
+            )
+        })
+        .collect();
         let metrics = metrics_with(agent(&cluster, node), &expected).await;
         assert!(
             !metrics.contains(

@@ -8,30 +8,16 @@
 use std::time::Duration;
 
 use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
-use ambit_integration::agent_binary;
+use ambit_integration::two_teams;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 const APP_PORT: u16 = 8080;
 const METRICS_PORT: u16 = 9090;
 
-/// client (shop) and admin (ops) in the mesh on node1; server (shop) on node2; outsider
-/// (legacy, not in the mesh) on node2. The server listens on both app ports.
+/// [`two_teams`] with `policies`; the server listens on both app ports.
 async fn cluster(policies: &str) -> (Cluster, Vec<EchoApp>) {
-    let cluster = Cluster::builder(&agent_binary())
-        .node("node1")
-        .node("node2")
-        .ambient_namespace("shop")
-        .ambient_namespace("ops")
-        .namespace("legacy")
-        .pod("node1", "shop", "client")
-        .pod("node1", "ops", "admin")
-        .pod("node2", "shop", "server")
-        .pod("node2", "legacy", "outsider")
-        .objects(policies)
-        .start()
-        .await
-        .unwrap();
+    let cluster = two_teams().objects(policies).start().await.unwrap();
     let server = cluster.in_pod("server").unwrap();
     let apps = vec![
         server.echo(APP_PORT).await.unwrap(),
