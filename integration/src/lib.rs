@@ -38,3 +38,13 @@ pub fn two_teams() -> ClusterBuilder {
         .pod("node2", "shop", "server")
         .pod("node2", "legacy", "outsider")
 }
+
+/// In [`two_teams`]: only `client` may connect to `server`.
+pub const ALLOW_CLIENT: &str = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: server}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
+";

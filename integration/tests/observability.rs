@@ -17,7 +17,7 @@ use ambit_agent::admin::views::{
     ServiceView, WorkloadView,
 };
 use ambit_agent::lab::{AgentProcess, Cluster, EchoApp, read_peer_line};
-use ambit_integration::two_teams;
+use ambit_integration::{ALLOW_CLIENT, two_teams};
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,15 +25,6 @@ use tokio::net::TcpStream;
 const APP_PORT: u16 = 8080;
 const OTHER_PORT: u16 = 9090;
 const PAYLOAD: usize = 1000;
-
-const ALLOW_CLIENT: &str = "---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-client, namespace: shop}
-spec:
-  selector: {matchLabels: {app: server}}
-  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
-";
 
 /// [`two_teams`] with `policies` and the Service `server` in front of the server, which echoes
 /// on two ports.

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
-use ambit_integration::two_teams;
+use ambit_integration::{ALLOW_CLIENT, two_teams};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -47,15 +47,6 @@ async fn reaches(cluster: &Cluster, from: &str, port: u16) -> bool {
         Ok(Ok(_))
     )
 }
-
-const ALLOW_CLIENT: &str = "---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-client, namespace: shop}
-spec:
-  selector: {matchLabels: {app: server}}
-  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
-";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_by_principal_and_nobody_else() {
