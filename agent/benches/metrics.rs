@@ -11,12 +11,14 @@
 )]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_agent::state::{Protocol, Workload, WorkloadUid};
 use ambit_agent::telemetry::{Metrics, Reporter, TrafficLabels};
 use ambit_agent::{ClientSettings, HboneClient};
 use ambit_identity::Identity;
+use ambit_redirect::Nftables;
 use ambit_test_support::TestPki;
 use ambit_test_support::measure::percentile_us;
 use nix::time::{ClockId, clock_gettime};
@@ -61,7 +63,7 @@ async fn node(pki: &TestPki, pods: usize, sources: usize) -> Metrics {
         }
     }
     let client = HboneClient::new(certificates.clone(), ClientSettings::default());
-    metrics.register_node(certificates, client);
+    metrics.register_node(certificates, client, Arc::new(Nftables));
     metrics
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_identity::{CertificateManager, LocalCa};
-use ambit_redirect::{CaptureBackend, Nftables};
+use ambit_redirect::{CaptureBackend, Ebpf, Nftables};
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -35,16 +35,14 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
     let initial = source
         .load()
         .with_context(|| format!("--config {}", config.config_file.display()))?;
-    let capture: Arc<dyn CaptureBackend> = match config.redirect {
-        RedirectKind::Nftables => Arc::new(Nftables),
-    };
+    let capture = capture_backend(config.redirect)?;
     let readiness_listener = bind("--readiness-addr", config.readiness_addr).await?;
     let metrics_listener = bind("--metrics-addr", config.metrics_addr).await?;
     let admin_listener = bind("--admin-addr", config.admin_addr).await?;
 
     let client = HboneClient::new(certificates.clone(), ClientSettings::default());
     let mut metrics = Metrics::new();
-    metrics.register_node(certificates.clone(), client.clone());
+    metrics.register_node(certificates.clone(), client.clone(), capture.clone());
     let telemetry = Arc::new(Telemetry::new(metrics, config.baseline_learn));
 
     let (trigger, watcher) = drain::channel();
@@ -105,6 +103,22 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
         tracing::warn!(deadline = ?DRAIN_DEADLINE, "connections still open at the drain deadline");
     }
     Ok(())
+}
+
+/// The capture backend `--redirect` asks for: eBPF must work when asked for by name; `auto`
+/// falls back to nftables, saying why.
+fn capture_backend(redirect: RedirectKind) -> anyhow::Result<Arc<dyn CaptureBackend>> {
+    Ok(match redirect {
+        RedirectKind::Nftables => Arc::new(Nftables),
+        RedirectKind::Ebpf => Arc::new(Ebpf::new().context("--redirect ebpf")?),
+        RedirectKind::Auto => match Ebpf::new() {
+            Ok(ebpf) => Arc::new(ebpf),
+            Err(unavailable) => {
+                tracing::warn!(reason = %unavailable, "eBPF capture unavailable; capturing with nftables");
+                Arc::new(Nftables)
+            }
+        },
+    })
 }
 
 async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {

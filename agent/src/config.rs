@@ -17,8 +17,12 @@ pub enum SourceKind {
 /// How pod traffic is captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RedirectKind {
+    /// eBPF programs in each pod's namespace (tc ingress and sk_lookup) and policy routing.
+    Ebpf,
     /// One nftables table per pod network namespace (TPROXY and REDIRECT).
     Nftables,
+    /// eBPF where this kernel and these privileges allow it, else nftables.
+    Auto,
 }
 
 /// How log lines are written.
@@ -51,7 +55,7 @@ pub struct AgentArgs {
     #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = "istio-system")]
     pub root_namespace: String,
     /// How pod traffic is captured.
-    #[arg(long, env = "AMBIT_REDIRECT", value_enum, default_value = "nftables")]
+    #[arg(long, env = "AMBIT_REDIRECT", value_enum, default_value = "ebpf")]
     pub redirect: RedirectKind,
     /// Where readiness (`/healthz/ready`) is served.
     #[arg(long, env = "AMBIT_READINESS_ADDR", default_value = "0.0.0.0:15021")]

@@ -178,12 +178,12 @@ impl Enrolment {
             trust_domain: self.trust_domain.clone(),
             telemetry: self.telemetry.clone(),
         };
-        proxy::start(pod, &netns, self.certificates.clone(), watcher)
+        let target = proxy::start(pod, &netns, self.certificates.clone(), watcher)
             .await
             .map_err(EnrolError::Proxy)?;
         let capture = self.capture.clone();
         netns
-            .run(move || capture.enable())
+            .run(move || capture.enable(&target))
             .await
             .map_err(|e| EnrolError::Capture(CaptureError::Netns(e)))?
             .map_err(EnrolError::Capture)?;

@@ -5,10 +5,13 @@ mod inbound;
 mod outbound;
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use ambit_identity::{CertificateManager, Identity};
-use ambit_redirect::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PodNetns, socket};
+use ambit_redirect::{
+    CaptureTarget, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PodNetns, socket,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -46,15 +49,29 @@ pub(crate) struct Pod {
 }
 
 /// Opens the three listeners inside the pod, then runs their proxies until `drain` fires.
+/// Returns what capture steers to: the listeners (duplicated descriptors).
 pub(crate) async fn start(
     pod: Pod,
     netns: &PodNetns,
     certificates: Arc<CertificateManager>,
     drain: DrainWatcher,
-) -> Result<(), ProxyError> {
-    let outbound = listen(netns, pod.ip, OUTBOUND_PORT, false).await?;
-    let hbone = listen(netns, pod.ip, HBONE_PORT, true).await?;
-    let plaintext = listen(netns, pod.ip, INBOUND_PLAINTEXT_PORT, true).await?;
+) -> Result<CaptureTarget, ProxyError> {
+    // Transparent, as capture hands them connections addressed to other addresses.
+    let outbound = listen(netns, pod.ip, OUTBOUND_PORT).await?;
+    let hbone = listen(netns, pod.ip, HBONE_PORT).await?;
+    let plaintext = listen(netns, pod.ip, INBOUND_PLAINTEXT_PORT).await?;
+    let duplicate = |listener: &TcpListener, port| {
+        listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| ProxyError::Listen { port, source })
+    };
+    let target = CaptureTarget {
+        pod_ip: pod.ip,
+        outbound: duplicate(&outbound, OUTBOUND_PORT)?,
+        inbound_plaintext: duplicate(&plaintext, INBOUND_PLAINTEXT_PORT)?,
+        hbone: duplicate(&hbone, HBONE_PORT)?,
+    };
 
     let authorizer = Arc::new(WorkloadAuthorizer {
         workload: pod.workload.clone(),
@@ -77,19 +94,14 @@ pub(crate) async fn start(
         drain.clone(),
     ));
     tokio::spawn(outbound::serve(pod, outbound, drain));
-    Ok(())
+    Ok(target)
 }
 
-async fn listen(
-    netns: &PodNetns,
-    ip: IpAddr,
-    port: u16,
-    transparent: bool,
-) -> Result<TcpListener, ProxyError> {
+async fn listen(netns: &PodNetns, ip: IpAddr, port: u16) -> Result<TcpListener, ProxyError> {
     let listen_error = |source| ProxyError::Listen { port, source };
     let addr: SocketAddr = socket::any(ip, port);
     let listener = netns
-        .run(move || socket::listener(addr, transparent))
+        .run(move || socket::listener(addr, true))
         .await
         .map_err(ProxyError::Netns)?
         .map_err(listen_error)?;

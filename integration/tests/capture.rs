@@ -1,4 +1,5 @@
-//! In-pod capture with nftables on a two-node mesh of network namespaces, end to end.
+//! In-pod capture on a two-node mesh of network namespaces, end to end, with each backend:
+//! every test runs once as `ebpf::<test>` and once as `nftables::<test>`.
 
 #![expect(
     clippy::unwrap_used,
@@ -19,8 +20,9 @@ const APP_PORT: u16 = 8080;
 
 /// client and server-local on node1, server on node2, all in the mesh; db outside it on node2;
 /// debug opted out on node1.
-async fn cluster() -> Cluster {
+async fn cluster(backend: Backend) -> Cluster {
     Cluster::builder(&agent_binary())
+        .agent_args(&["--redirect", backend.flag()])
         .node("node1")
         .node("node2")
         .ambient_namespace("shop")
@@ -127,15 +129,81 @@ fn run_in(cluster: &Cluster, pod: &str, command: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// A capture backend, and what it leaves in a captured pod's namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Ebpf,
+    Nftables,
+}
+
+impl Backend {
+    fn flag(self) -> &'static str {
+        match self {
+            Self::Ebpf => "ebpf",
+            Self::Nftables => "nftables",
+        }
+    }
+
+    /// How many copies of this backend's capture `pod` holds: its table or its filter, and its
+    /// routing rule.
+    fn captures(self, cluster: &Cluster, pod: &str) -> (usize, usize) {
+        let (capture, rule) = match self {
+            Self::Nftables => (
+                nft_tables(cluster, pod).matches("table inet ambit").count(),
+                "fwmark 0x111/0xfff lookup 100",
+            ),
+            Self::Ebpf => (
+                run_in(
+                    cluster,
+                    pod,
+                    &["tc", "filter", "show", "dev", "eth0", "ingress"],
+                )
+                .lines()
+                .filter(|l| l.contains("ambit_inbound"))
+                .count(),
+                "ipproto tcp lookup 100",
+            ),
+        };
+        let rules = ip_rules(cluster, pod).matches(rule).count();
+        (capture, rules)
+    }
+}
+
+/// Whether anything of either backend is left in `pod`: a table, a filter, a rule of ambit's.
+fn traces(cluster: &Cluster, pod: &str) -> Vec<String> {
+    let mut traces: Vec<String> = nft_tables(cluster, pod)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let filters = run_in(
+        cluster,
+        pod,
+        &["tc", "filter", "show", "dev", "eth0", "ingress"],
+    );
+    traces.extend(
+        filters
+            .lines()
+            .filter(|l| l.contains("ambit"))
+            .map(str::to_owned),
+    );
+    let rules = ip_rules(cluster, pod);
+    // ambit's rules have the priorities 32760 to 32764.
+    let ours = |line: &&str| {
+        line.split_once(':')
+            .and_then(|(priority, _)| priority.parse::<u32>().ok())
+            .is_some_and(|priority| (32760..=32764).contains(&priority))
+    };
+    traces.extend(rules.lines().filter(ours).map(str::to_owned));
+    traces
+}
+
 fn nft_tables(cluster: &Cluster, pod: &str) -> String {
     run_in(cluster, pod, &["nft", "list", "tables"])
 }
 
-fn fwmark_rules(cluster: &Cluster, pod: &str) -> usize {
-    run_in(cluster, pod, &["ip", "rule", "show"])
-        .lines()
-        .filter(|l| l.contains("fwmark 0x111/0xfff lookup 100"))
-        .count()
+fn ip_rules(cluster: &Cluster, pod: &str) -> String {
+    let v4 = run_in(cluster, pod, &["ip", "rule", "show"]);
+    v4 + &run_in(cluster, pod, &["ip", "-6", "rule", "show"])
 }
 
 fn listening_ports(cluster: &Cluster, pod: &str) -> String {
@@ -174,9 +242,8 @@ async fn within(limit: Duration, condition: impl Fn() -> bool) -> Option<Duratio
     None
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cross_node_traffic_is_tunneled_and_keeps_the_client_ip() {
-    let cluster = cluster().await;
+async fn cross_node_traffic_is_tunneled_and_keeps_the_client_ip(backend: Backend) {
+    let cluster = cluster(backend).await;
     let _server = echo(&cluster, "server").await;
     let capture = Capture::start(cluster.topology().underlay(), "n1");
 
@@ -192,9 +259,8 @@ async fn cross_node_traffic_is_tunneled_and_keeps_the_client_ip() {
     assert!(has_hbone_packets(&packets), "no HBONE on the underlay");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn same_node_traffic_is_tunneled_too() {
-    let cluster = cluster().await;
+async fn same_node_traffic_is_tunneled_too(backend: Backend) {
+    let cluster = cluster(backend).await;
     let _local = echo(&cluster, "local").await;
     let node1 = cluster.topology().nodes()[0].netns.clone();
     let capture = Capture::start(&node1, "any");
@@ -208,9 +274,8 @@ async fn same_node_traffic_is_tunneled_too() {
     assert!(has_hbone_packets(&packets));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traffic_to_and_from_pods_outside_the_mesh_still_works() {
-    let cluster = cluster().await;
+async fn traffic_to_and_from_pods_outside_the_mesh_still_works(backend: Backend) {
+    let cluster = cluster(backend).await;
     let _db = echo(&cluster, "db").await;
     let _server = echo(&cluster, "server").await;
 
@@ -220,16 +285,14 @@ async fn traffic_to_and_from_pods_outside_the_mesh_still_works() {
     assert_eq!(peer, ip(&cluster, "db"), "the app sees the real client");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_opted_out_pod_is_left_alone() {
-    let cluster = cluster().await;
-    assert!(nft_tables(&cluster, "client").contains("table inet ambit"));
+async fn an_opted_out_pod_is_left_alone(backend: Backend) {
+    let cluster = cluster(backend).await;
+    assert_eq!(backend.captures(&cluster, "client"), (1, 1));
     assert_eq!(
-        nft_tables(&cluster, "debug"),
-        "",
+        traces(&cluster, "debug"),
+        Vec::<String>::new(),
         "no capture in an opted-out pod"
     );
-    assert_eq!(fwmark_rules(&cluster, "debug"), 0);
     let listening = run_in(&cluster, "debug", &["ss", "-Hltnp"]);
     assert!(
         !listening.contains(":15001"),
@@ -244,18 +307,16 @@ async fn an_opted_out_pod_is_left_alone() {
     assert_eq!(peer, ip(&cluster, "client"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pods_are_enrolled_and_released_as_the_file_changes() {
-    let mut cluster = cluster().await;
+async fn pods_are_enrolled_and_released_as_the_file_changes(backend: Backend) {
+    let mut cluster = cluster(backend).await;
     cluster.add_pod_namespace("node2", "shop", "late").unwrap();
     cluster.write_config().unwrap();
     let enrolled = within(Duration::from_secs(5), || {
-        nft_tables(&cluster, "late").contains("table inet ambit")
+        backend.captures(&cluster, "late") == (1, 1)
             && listening_ports(&cluster, "late").contains(":15008")
     })
     .await;
-    let enrolled = enrolled.unwrap_or_else(|| panic!("never enrolled\n{}", cluster.logs()));
-    eprintln!("enrolled {enrolled:?} after the file changed");
+    assert!(enrolled.is_some(), "never enrolled\n{}", cluster.logs());
 
     let _late = echo(&cluster, "late").await;
     let peer = round_trip(&cluster, "client", "late", b"hello late").await;
@@ -264,18 +325,14 @@ async fn pods_are_enrolled_and_released_as_the_file_changes() {
     cluster.unlist_pod("late");
     cluster.write_config().unwrap();
     let released = within(Duration::from_secs(5), || {
-        nft_tables(&cluster, "late").is_empty()
-            && fwmark_rules(&cluster, "late") == 0
-            && !listening_ports(&cluster, "late").contains(":150")
+        traces(&cluster, "late").is_empty() && !listening_ports(&cluster, "late").contains(":150")
     })
     .await;
-    let released = released.unwrap_or_else(|| panic!("never released\n{}", cluster.logs()));
-    eprintln!("released {released:?} after the file changed");
+    assert!(released.is_some(), "never released\n{}", cluster.logs());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_agent_fails_closed_and_a_new_one_resumes() {
-    let mut cluster = cluster().await;
+async fn a_dead_agent_fails_closed_and_a_new_one_resumes(backend: Backend) {
+    let mut cluster = cluster(backend).await;
     let server = echo(&cluster, "server").await;
     round_trip(&cluster, "client", "server", b"before").await;
     let accepted_before = server.accepted();
@@ -329,14 +386,50 @@ async fn a_dead_agent_fails_closed_and_a_new_one_resumes() {
     let peer = round_trip(&cluster, "client", "server", b"after").await;
     assert_eq!(peer, ip(&cluster, "client"));
     assert_eq!(
-        nft_tables(&cluster, "server")
-            .matches("table inet ambit")
-            .count(),
-        1
-    );
-    assert_eq!(
-        fwmark_rules(&cluster, "server"),
-        1,
-        "no duplicate rules after the restart"
+        backend.captures(&cluster, "server"),
+        (1, 1),
+        "no duplicate capture after the restart"
     );
 }
+
+/// With eBPF capture a pod's namespace holds no nftables (or iptables-nft) rule at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_capture_leaves_no_netfilter_rule() {
+    let cluster = cluster(Backend::Ebpf).await;
+    for pod in ["client", "local", "server"] {
+        assert_eq!(Backend::Ebpf.captures(&cluster, pod), (1, 1));
+        let ruleset = run_in(&cluster, pod, &["nft", "list", "ruleset"]);
+        assert_eq!(ruleset, "", "{pod} has netfilter rules");
+    }
+}
+
+/// Runs each test with each backend.
+macro_rules! with_each_backend {
+    ($($test:ident),* $(,)?) => {
+        mod ebpf {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Ebpf).await;
+                }
+            )*
+        }
+        mod nftables {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Nftables).await;
+                }
+            )*
+        }
+    };
+}
+
+with_each_backend!(
+    cross_node_traffic_is_tunneled_and_keeps_the_client_ip,
+    same_node_traffic_is_tunneled_too,
+    traffic_to_and_from_pods_outside_the_mesh_still_works,
+    an_opted_out_pod_is_left_alone,
+    pods_are_enrolled_and_released_as_the_file_changes,
+    a_dead_agent_fails_closed_and_a_new_one_resumes,
+);

@@ -1,6 +1,6 @@
 //! Getting pod traffic to the agent: pod network namespaces ([`Netns`], [`PodNetns`]), the
 //! sockets the agent opens inside them ([`socket`]), and the capture backends that steer a pod's
-//! TCP to those sockets ([`CaptureBackend`], [`Nftables`]), with the policy routing they rely on.
+//! TCP to those sockets ([`CaptureBackend`]: [`Ebpf`], [`Nftables`]), with the policy routing they rely on.
 //!
 //! Everything that must happen inside a pod's namespace runs on that pod's [`PodNetns`] thread;
 //! the rest of the agent stays in the node's namespace.
@@ -11,9 +11,11 @@ mod routing;
 pub mod socket;
 
 pub use ambit_ebpf_common::{
-    AGENT_MARK, AGENT_POD_PORTS, DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_MASK,
-    OUTBOUND_PORT, REPLY_MARK,
+    AGENT_MARK, AGENT_POD_PORTS, DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
+    KUBELET_PROBE_SOURCE, MARK_MASK, OUTBOUND_PORT, REPLY_MARK,
 };
-pub use capture::{CaptureBackend, CaptureError, Nftables};
+pub use capture::{
+    CaptureBackend, CaptureCounters, CaptureError, CaptureTarget, Ebpf, EbpfUnavailable, Nftables,
+};
 pub use netns::{Netns, NetnsError, NetnsId, PodNetns};
 pub use routing::RoutingError;

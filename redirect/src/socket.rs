@@ -8,7 +8,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
-use socket2::{Domain, SockAddr, SockRef, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::AGENT_MARK;
 
@@ -34,18 +34,28 @@ pub fn connector(local: SocketAddr, transparent: bool) -> io::Result<std::net::T
     Ok(socket.into())
 }
 
-/// Where a connection that capture redirected was originally going.
+/// Where a connection that capture steered to the agent was originally going. NAT (nftables'
+/// REDIRECT) records it in conntrack; a socket assigned without NAT (eBPF) has it as its own
+/// local address.
 pub fn original_destination(stream: impl std::os::fd::AsFd) -> io::Result<SocketAddr> {
     let socket = SockRef::from(&stream);
-    let local = socket.local_addr()?;
-    let original: SockAddr = if local.is_ipv6() {
-        socket.original_dst_v6()?
-    } else {
-        socket.original_dst_v4()?
-    };
-    original
+    let local = socket
+        .local_addr()?
         .as_socket()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not IP"))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "local address is not IP"))?;
+    let original = if local.is_ipv6() {
+        socket.original_dst_v6()
+    } else {
+        socket.original_dst_v4()
+    };
+    match original {
+        Ok(original) => original.as_socket().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "original destination is not IP")
+        }),
+        // No conntrack entry: the connection was not translated.
+        Err(error) if error.raw_os_error() == Some(nix::libc::ENOENT) => Ok(local),
+        Err(error) => Err(error),
+    }
 }
 
 fn tcp_socket(ip: IpAddr, transparent: bool) -> io::Result<Socket> {

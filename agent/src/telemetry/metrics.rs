@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use ambit_identity::CertificateManager;
+use ambit_redirect::CaptureBackend;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
@@ -138,12 +140,19 @@ impl Metrics {
         metrics
     }
 
-    /// Reports the expiry of every certificate `certificates` keeps renewed, and the
-    /// connections and streams of `client`'s pool, read at each scrape.
-    pub fn register_node(&mut self, certificates: Arc<CertificateManager>, client: HboneClient) {
+    /// Reports the expiry of every certificate `certificates` keeps renewed, the connections
+    /// and streams of `client`'s pool, and what `capture`'s kernel programs counted, read at
+    /// each scrape.
+    pub fn register_node(
+        &mut self,
+        certificates: Arc<CertificateManager>,
+        client: HboneClient,
+        capture: Arc<dyn CaptureBackend>,
+    ) {
         let ambit = self.registry.sub_registry_with_prefix("ambit");
         ambit.register_collector(Box::new(CertificateExpiry(certificates)));
         ambit.register_collector(Box::new(PoolUsage(client)));
+        ambit.register_collector(Box::new(CaptureCounts(capture)));
     }
 
     /// The exposition text of every metric.
@@ -227,6 +236,41 @@ impl Collector for PoolUsage {
         for (name, help, value) in usage {
             let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
             gauge.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CaptureLabels {
+    direction: &'static str,
+    outcome: &'static str,
+}
+
+/// `ambit_capture_connections_total`, from the capture backend's kernel programs at scrape;
+/// absent for a backend without programs.
+#[derive(Debug)]
+struct CaptureCounts(Arc<dyn CaptureBackend>);
+
+impl Collector for CaptureCounts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(counters) = self.0.counters() else {
+            return Ok(());
+        };
+        let mut metric = encoder.encode_descriptor(
+            "capture_connections",
+            "New connections the eBPF capture programs handed to the agent (steered) or refused for want of its listener (dropped)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (direction, outcome, value) in [
+            ("inbound", "steered", counters.inbound_steered),
+            ("inbound", "dropped", counters.inbound_dropped),
+            ("outbound", "steered", counters.outbound_steered),
+            ("outbound", "dropped", counters.outbound_dropped),
+        ] {
+            let labels = CaptureLabels { direction, outcome };
+            ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
         }
         Ok(())
     }

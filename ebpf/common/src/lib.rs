@@ -22,3 +22,42 @@ pub const AGENT_MARK: u32 = 0x539;
 pub const MARK_MASK: u32 = 0xfff;
 /// fwmark/connmark routing replies to spoofed-source connections back to the agent.
 pub const REPLY_MARK: u32 = 0x111;
+
+/// Where the agent's listeners sit in the eBPF programs' socket map, by index.
+pub mod listener {
+    /// 15001: connections the pod's apps open.
+    pub const OUTBOUND: u32 = 0;
+    /// 15006: plaintext into the pod.
+    pub const INBOUND_PLAINTEXT: u32 = 1;
+    /// 15008: HBONE into the pod.
+    pub const HBONE: u32 = 2;
+    /// Entries in the map.
+    pub const COUNT: u32 = 3;
+}
+
+/// The eBPF programs' counters, by index in their per-CPU array.
+pub mod counter {
+    /// New inbound connections handed to the agent's listeners.
+    pub const INBOUND_STEERED: u32 = 0;
+    /// New inbound connections dropped because no listener was there (the agent is down).
+    pub const INBOUND_DROPPED: u32 = 1;
+    /// New outbound connections handed to the outbound listener.
+    pub const OUTBOUND_STEERED: u32 = 2;
+    /// New outbound connections refused because no listener was there.
+    pub const OUTBOUND_DROPPED: u32 = 3;
+    /// Entries in the array.
+    pub const COUNT: u32 = 4;
+}
+
+/// Kubernetes nodes send kubelet's probes from this address; capture leaves them alone.
+pub const KUBELET_PROBE_SOURCE: [u8; 4] = [169, 254, 7, 127];
+
+/// The names the agent finds the programs, maps and globals by.
+pub mod names {
+    pub const INBOUND_PROGRAM: &str = "ambit_inbound";
+    pub const OUTBOUND_PROGRAM: &str = "ambit_outbound";
+    pub const LISTENERS_MAP: &str = "AMBIT_LISTENERS";
+    pub const COUNTERS_MAP: &str = "AMBIT_COUNTERS";
+    /// The pod's IPv4 address, as the kernel stores it (network order in memory).
+    pub const POD_IP_GLOBAL: &str = "AMBIT_POD_IP";
+}

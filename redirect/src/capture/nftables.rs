@@ -11,17 +11,18 @@
 //! - Kubelet probes (from 169.254.7.127) and loopback traffic are left alone.
 
 use std::io::Write;
+use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-use super::{CaptureBackend, CaptureError};
+use super::{CaptureBackend, CaptureError, CaptureTarget};
+use crate::routing::{self, Steering};
 use crate::{
-    AGENT_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK_MASK, OUTBOUND_PORT, REPLY_MARK, routing,
+    AGENT_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, KUBELET_PROBE_SOURCE, MARK_MASK, OUTBOUND_PORT,
+    REPLY_MARK,
 };
 
 /// The table ambit owns in each pod's namespace.
 const TABLE: &str = "ambit";
-/// Kubernetes nodes send kubelet's probes from this address.
-const KUBELET_PROBE_SOURCE: &str = "169.254.7.127";
 
 /// The nftables capture backend. Needs the `nft` binary.
 #[derive(Debug, Default, Clone, Copy)]
@@ -30,6 +31,7 @@ pub struct Nftables;
 impl Nftables {
     /// The whole table, as `nft -f` reads it.
     pub fn ruleset() -> String {
+        let kubelet = Ipv4Addr::from(KUBELET_PROBE_SOURCE);
         let keep = !MARK_MASK;
         let reply = format!("meta mark set meta mark & {keep:#010x} | {REPLY_MARK:#010x}");
         let agent = format!("meta mark & {MARK_MASK:#010x} == {AGENT_MARK:#010x}");
@@ -40,7 +42,7 @@ impl Nftables {
     type filter hook prerouting priority mangle; policy accept;
     {agent} ct mark set ct mark & {keep:#010x} | {REPLY_MARK:#010x}
     iifname "lo" accept
-    meta l4proto tcp ip saddr {KUBELET_PROBE_SOURCE} accept
+    meta l4proto tcp ip saddr {kubelet} accept
     meta l4proto tcp ct state established,related accept
     meta l4proto tcp tcp dport {HBONE_PORT} {not_agent} meta nfproto ipv4 {reply} tproxy ip to :{HBONE_PORT} accept
     meta l4proto tcp {not_agent} meta nfproto ipv4 {reply} tproxy ip to :{INBOUND_PLAINTEXT_PORT} accept
@@ -54,7 +56,7 @@ impl Nftables {
     type nat hook output priority -100; policy accept;
     meta l4proto tcp {agent} accept
     meta l4proto tcp meta mark & {MARK_MASK:#010x} == {REPLY_MARK:#010x} accept
-    meta l4proto tcp ip daddr {KUBELET_PROBE_SOURCE} accept
+    meta l4proto tcp ip daddr {kubelet} accept
     oifname "lo" accept
     meta l4proto tcp redirect to :{OUTBOUND_PORT}
   }}
@@ -71,25 +73,37 @@ impl Nftables {
 }
 
 impl CaptureBackend for Nftables {
-    fn enable(&self) -> Result<(), CaptureError> {
-        routing::install().map_err(CaptureError::Routing)?;
+    fn enable(&self, _: &CaptureTarget) -> Result<(), CaptureError> {
+        super::ebpf::detach_filters()?;
+        routing::install(Steering::Marked).map_err(CaptureError::Routing)?;
         nft(&Self::replace_script(&Self::ruleset()))
     }
 
     fn disable(&self) -> Result<(), CaptureError> {
-        nft(&Self::replace_script(""))?;
-        routing::remove().map_err(CaptureError::Routing)
+        super::remove_all()
     }
+}
 
-    fn is_enabled(&self) -> Result<bool, CaptureError> {
-        let listed = Command::new("nft")
-            .args(["list", "table", "inet", TABLE])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map_err(CaptureError::RunNft)?;
-        Ok(listed.success() && routing::installed().map_err(CaptureError::Routing)?)
+/// Whether the calling thread's namespace has ambit's table; `false` without `nft`.
+pub(super) fn table_exists() -> Result<bool, CaptureError> {
+    let listed = Command::new("nft")
+        .args(["list", "table", "inet", TABLE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    match listed {
+        Ok(status) => Ok(status.success()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(CaptureError::RunNft(error)),
     }
+}
+
+/// Deletes ambit's table, if there is one.
+pub(super) fn remove_table() -> Result<(), CaptureError> {
+    if table_exists()? {
+        nft(&Nftables::replace_script(""))?;
+    }
+    Ok(())
 }
 
 /// Runs `nft -f -` with `script` in the calling thread's namespace.
