@@ -50,11 +50,11 @@ async fn run() {
     let (_drain, tunnel_to_echo) = start_tunnel(&pki, echo.addr()).await;
     let (_drain_sink, tunnel_to_sink) = start_tunnel(&pki, sink_addr).await;
 
-    let mut table = Comparison::new("direct", "hbone");
+    let mut table = Comparison::new("direct", &["hbone"]);
     table.row(
         "bulk throughput (MiB/s)",
         throughput(sink_addr).await,
-        throughput(tunnel_to_sink).await,
+        &[throughput(tunnel_to_sink).await],
     );
     let direct = round_trips(echo.addr()).await;
     let tunnel = round_trips(tunnel_to_echo).await;
@@ -65,13 +65,13 @@ async fn run() {
         table.row(
             metric,
             measure::percentile_us(&direct, quantile),
-            measure::percentile_us(&tunnel, quantile),
+            &[measure::percentile_us(&tunnel, quantile)],
         );
     }
     table.row(
         "new connections/s (1 KiB round trip each)",
         connection_rate(echo.addr()).await,
-        connection_rate(tunnel_to_echo).await,
+        &[connection_rate(tunnel_to_echo).await],
     );
     println!("HBONE over loopback vs direct TCP (one run; ratio = hbone / direct)");
     print!("{}", table.render());

@@ -136,11 +136,11 @@ impl Enrolment {
                 status.insert(uid.clone(), Capture::Captured);
                 continue;
             }
-            match self.enrol(workload.clone()).await {
+            let capture = match self.enrol(workload.clone()).await {
                 Ok(pod) => {
                     tracing::info!(workload.uid = %uid, pod = workload.qualified_name(), identity = %pod.identity, "pod enrolled");
                     pods.insert(uid.clone(), pod);
-                    status.insert(uid.clone(), Capture::Captured);
+                    Capture::Captured
                 }
                 Err(error) => {
                     if let Some(stage) = error.stage() {
@@ -148,9 +148,14 @@ impl Enrolment {
                     }
                     let error = ErrorChain(&error).to_string();
                     tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error, "pod not enrolled yet");
-                    status.insert(uid.clone(), Capture::Pending(error));
+                    Capture::Pending(error)
                 }
-            }
+            };
+            // Shown at once, not when the whole batch is done: enrolling many pods takes a while.
+            self.status.send_modify(|published| {
+                published.insert(uid.clone(), capture.clone());
+            });
+            status.insert(uid.clone(), capture);
         }
         status
     }

@@ -1,6 +1,8 @@
-//! Pod-to-pod TCP across two nodes of a namespace mesh: directly, between two pods outside the
-//! mesh, and through the mesh (capture, HBONE between the agents, capture), on the same path in
-//! one run. Needs root and a release build of the agent:
+//! Pod-to-pod TCP across two nodes of a namespace mesh, with each capture backend: directly,
+//! between two pods outside the mesh, and through the mesh (capture, HBONE between the agents,
+//! capture), on the same path in one run; then the time from a pod appearing in the cluster
+//! file to its capture being active, for 50 pods at once. Needs root and a release build of the
+//! agent:
 //!
 //! `cargo build --release -p ambit-agent && cargo bench -p ambit-integration --bench mesh`
 
@@ -12,7 +14,7 @@
 )]
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ambit_agent::lab::{Cluster, InPod, read_peer_line};
 use ambit_integration::agent_binary;
@@ -27,6 +29,8 @@ const ROUND_TRIPS: usize = 10_000;
 const WARMUP: usize = 500;
 const NEW_CONNECTIONS: usize = 1_000;
 const HELD_CONNECTIONS: usize = 1_000;
+/// Pods listed at once for the enrolment measurement.
+const BURST: usize = 50;
 
 fn main() {
     raise_fd_limit();
@@ -43,13 +47,89 @@ struct Path {
     echo: SocketAddr,
 }
 
+/// What one backend's cluster measured.
+struct Measured {
+    /// The direct path, in the same cluster.
+    direct: Numbers,
+    mesh: Numbers,
+    /// KiB per held tunneled connection, by node.
+    memory: Vec<(&'static str, f64)>,
+    /// From the file listing them to capture active, per pod, sorted.
+    enrolment: Vec<Duration>,
+}
+
+struct Numbers {
+    throughput: f64,
+    round_trips: Vec<Duration>,
+    connection_rate: f64,
+}
+
 async fn run() {
     let binary = agent_binary();
     assert!(
         binary.exists(),
         "build the agent first: cargo build --release -p ambit-agent"
     );
-    let cluster = Cluster::builder(&binary)
+    let backends = ["nftables", "ebpf"];
+    let mut measured = Vec::new();
+    for backend in backends {
+        measured.push(measure_backend(&binary, backend).await);
+    }
+
+    // Each backend against the direct path of its own run, averaged over the runs.
+    let runs = measured.len() as f64;
+    let direct =
+        |value: fn(&Numbers) -> f64| measured.iter().map(|m| value(&m.direct)).sum::<f64>() / runs;
+    let mesh =
+        |value: fn(&Numbers) -> f64| measured.iter().map(|m| value(&m.mesh)).collect::<Vec<_>>();
+    let p50 = |n: &Numbers| measure::percentile_us(&n.round_trips, 0.5);
+    let p99 = |n: &Numbers| measure::percentile_us(&n.round_trips, 0.99);
+    let mut table = Comparison::new("direct", &backends);
+    table.row(
+        "single-stream throughput (MiB/s)",
+        direct(|n| n.throughput),
+        &mesh(|n| n.throughput),
+    );
+    table.row("1 KiB round trip p50 (us)", direct(p50), &mesh(p50));
+    table.row("1 KiB round trip p99 (us)", direct(p99), &mesh(p99));
+    table.row(
+        "new connections/s (1 KiB round trip each)",
+        direct(|n| n.connection_rate),
+        &mesh(|n| n.connection_rate),
+    );
+    println!(
+        "Pod to pod across two nodes, direct vs through the mesh with each capture backend \
+         (one run; ratio = backend / direct)"
+    );
+    print!("{}", table.render());
+    println!("\nResident memory per held tunneled connection ({HELD_CONNECTIONS} held)");
+    for (backend, run) in backends.iter().zip(&measured) {
+        for (node, kib) in &run.memory {
+            println!("  {backend:<9} agent {node}: {kib:.2} KiB");
+        }
+    }
+    println!(
+        "\nEnrolment of {BURST} pods listed at once, from the file change to capture active \
+         (the file is polled every 200 ms)"
+    );
+    println!(
+        "  {:<9} {:>10} {:>10} {:>10}",
+        "backend", "p50 ms", "max ms", "pods/s"
+    );
+    for (backend, run) in backends.iter().zip(&measured) {
+        let last = run.enrolment.last().copied().unwrap_or_default();
+        println!(
+            "  {backend:<9} {:>10.0} {:>10.0} {:>10.1}",
+            measure::percentile_us(&run.enrolment, 0.5) / 1000.0,
+            last.as_secs_f64() * 1000.0,
+            BURST as f64 / last.as_secs_f64(),
+        );
+    }
+}
+
+/// Everything, in a cluster whose agents capture with `backend`.
+async fn measure_backend(binary: &std::path::Path, backend: &str) -> Measured {
+    let mut cluster = Cluster::builder(binary)
         .node("node1")
         .node("node2")
         .ambient_namespace("shop")
@@ -58,6 +138,7 @@ async fn run() {
         .pod("node2", "shop", "server")
         .pod("node1", "plain", "direct-client")
         .pod("node2", "plain", "direct-server")
+        .agent_args(&["--redirect", backend])
         .start()
         .await
         .unwrap();
@@ -77,37 +158,54 @@ async fn run() {
 
     // Memory first: allocations of the other measurements would still be resident.
     let memory = held_connection_memory(&cluster, &mesh).await;
-    let throughput = (throughput(&direct).await, throughput(&mesh).await);
-    let direct_rtt = round_trips(&direct).await;
-    let mesh_rtt = round_trips(&mesh).await;
-    let rate = (connection_rate(&direct).await, connection_rate(&mesh).await);
-
-    let mut table = Comparison::new("direct", "mesh");
-    table.row(
-        "single-stream throughput (MiB/s)",
-        throughput.0,
-        throughput.1,
-    );
-    table.row(
-        "1 KiB round trip p50 (us)",
-        measure::percentile_us(&direct_rtt, 0.5),
-        measure::percentile_us(&mesh_rtt, 0.5),
-    );
-    table.row(
-        "1 KiB round trip p99 (us)",
-        measure::percentile_us(&direct_rtt, 0.99),
-        measure::percentile_us(&mesh_rtt, 0.99),
-    );
-    table.row("new connections/s (1 KiB round trip each)", rate.0, rate.1);
-    println!(
-        "Pod to pod across two nodes, direct vs through the mesh (one run; ratio = mesh / direct)"
-    );
-    print!("{}", table.render());
-    for (node, kib) in memory {
-        println!(
-            "agent {node}: {kib:.2} KiB resident per held tunneled connection ({HELD_CONNECTIONS} held)"
-        );
+    let direct = numbers(&direct).await;
+    let mesh = numbers(&mesh).await;
+    let enrolment = enrolment(&mut cluster).await;
+    Measured {
+        direct,
+        mesh,
+        memory,
+        enrolment,
     }
+}
+
+async fn numbers(path: &Path) -> Numbers {
+    Numbers {
+        throughput: throughput(path).await,
+        round_trips: round_trips(path).await,
+        connection_rate: connection_rate(path).await,
+    }
+}
+
+/// Lists `BURST` new pods of node1 in the cluster file at once and returns, for each, how long
+/// until node1's agent reported it captured.
+async fn enrolment(cluster: &mut Cluster) -> Vec<Duration> {
+    let names: Vec<String> = (0..BURST).map(|i| format!("burst-{i}")).collect();
+    for name in &names {
+        cluster.add_pod_namespace("node1", "shop", name).unwrap();
+    }
+    cluster.write_config().unwrap();
+    let listed = Instant::now();
+    let agent = cluster.agent("node1").unwrap();
+    let mut captured: Vec<Option<Duration>> = vec![None; BURST];
+    while captured.iter().any(Option::is_none) {
+        assert!(
+            listed.elapsed() < Duration::from_secs(60),
+            "the pods were never all captured"
+        );
+        let (_, body) = agent.get(15000, "/debug/workloads").await.unwrap().unwrap();
+        let workloads: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        for workload in workloads.iter().filter(|w| w["capture"] == "captured") {
+            let index = names.iter().position(|n| workload["name"] == n.as_str());
+            if let Some(slot) = index.and_then(|i| captured.get_mut(i)) {
+                slot.get_or_insert(listed.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut times: Vec<Duration> = captured.into_iter().flatten().collect();
+    times.sort();
+    times
 }
 
 async fn throughput(path: &Path) -> f64 {

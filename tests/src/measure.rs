@@ -90,39 +90,53 @@ pub fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// A table of measurements of a subject against its baseline, with their ratio.
+/// A table of measurements of subjects against a baseline, each with its ratio to it.
 #[derive(Debug)]
 pub struct Comparison {
     baseline: &'static str,
-    subject: &'static str,
-    rows: Vec<(String, f64, f64)>,
+    subjects: Vec<&'static str>,
+    rows: Vec<(String, f64, Vec<f64>)>,
 }
 
 impl Comparison {
-    pub fn new(baseline: &'static str, subject: &'static str) -> Self {
+    pub fn new(baseline: &'static str, subjects: &[&'static str]) -> Self {
         Self {
             baseline,
-            subject,
+            subjects: subjects.to_vec(),
             rows: Vec::new(),
         }
     }
 
-    pub fn row(&mut self, metric: &str, baseline: f64, subject: f64) {
-        self.rows.push((metric.to_owned(), baseline, subject));
+    /// One metric: the baseline's value and each subject's, in the order of `new`.
+    pub fn row(&mut self, metric: &str, baseline: f64, subjects: &[f64]) {
+        assert_eq!(
+            subjects.len(),
+            self.subjects.len(),
+            "a value for each subject"
+        );
+        self.rows
+            .push((metric.to_owned(), baseline, subjects.to_vec()));
     }
 
-    /// The table, one row a metric; ratio = subject / baseline.
+    /// The table, one row a metric; each ratio is subject / baseline.
     pub fn render(&self) -> String {
-        let mut table = format!(
-            "{:<44} {:>12} {:>12} {:>8}\n",
-            "metric", self.baseline, self.subject, "ratio"
-        );
-        for (metric, baseline, subject) in &self.rows {
-            let _ = writeln!(
-                table,
-                "{metric:<44} {baseline:>12.1} {subject:>12.1} {:>8.2}",
-                subject / baseline
-            );
+        let mut table = format!("{:<44} {:>12}", "metric", self.baseline);
+        for subject in &self.subjects {
+            let _ = write!(table, " {subject:>12}");
+        }
+        for subject in &self.subjects {
+            let _ = write!(table, " {:>10}", format!("{subject}/b"));
+        }
+        table.push('\n');
+        for (metric, baseline, subjects) in &self.rows {
+            let _ = write!(table, "{metric:<44} {baseline:>12.1}");
+            for subject in subjects {
+                let _ = write!(table, " {subject:>12.1}");
+            }
+            for subject in subjects {
+                let _ = write!(table, " {:>10.2}", subject / baseline);
+            }
+            table.push('\n');
         }
         table
     }
