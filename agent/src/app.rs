@@ -36,6 +36,7 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
         .load()
         .with_context(|| format!("--config {}", config.config_file.display()))?;
     let capture = capture_backend(config.redirect)?;
+    let capture_name = capture.name();
     let readiness_listener = bind("--readiness-addr", config.readiness_addr).await?;
     let metrics_listener = bind("--metrics-addr", config.metrics_addr).await?;
     let admin_listener = bind("--admin-addr", config.admin_addr).await?;
@@ -63,7 +64,7 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
         MetricsEndpoint(telemetry.clone()),
     ));
     let admin = AdminApi {
-        config: effective_config(&config),
+        config: effective_config(&config, capture_name),
         trust_domain: config.trust_domain.clone(),
         states: states_rx.clone(),
         capture: capture_status_rx,
@@ -89,7 +90,7 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
         status: capture_status,
     };
     tokio::spawn(enrolment.run(watcher));
-    tracing::info!(node = config.node, redirect = ?config.redirect, "agent started");
+    tracing::info!(node = config.node, capture = capture_name, "agent started");
 
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -127,7 +128,7 @@ async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("{flag} {addr}"))
 }
 
-fn effective_config(config: &AgentConfig) -> EffectiveConfig {
+fn effective_config(config: &AgentConfig, capture: &str) -> EffectiveConfig {
     EffectiveConfig {
         node: config.node.clone(),
         config_file: config.config_file.display().to_string(),
@@ -135,6 +136,7 @@ fn effective_config(config: &AgentConfig) -> EffectiveConfig {
         trust_domain: config.trust_domain.to_string(),
         root_namespace: config.root_namespace.clone(),
         redirect: format!("{:?}", config.redirect).to_lowercase(),
+        capture: capture.to_owned(),
         readiness_addr: config.readiness_addr,
         metrics_addr: config.metrics_addr,
         admin_addr: config.admin_addr,

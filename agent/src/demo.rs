@@ -64,9 +64,18 @@ pub(crate) async fn run(out: &mut impl Write) -> anyhow::Result<()> {
         let name = format!("{}/{}", pod.namespace, pod.name);
         writeln!(out, "  {:<8} {name:<16} {}", pod.node, pod.ip)?;
     }
+    let capture = cluster
+        .agent("node1")
+        .and_then(|agent| {
+            agent.log().lines().find_map(|line| {
+                let record: Value = serde_json::from_str(line).ok()?;
+                Some(record["capture"].as_str()?.to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
     writeln!(
         out,
-        "Agents running and ready on node1 and node2 (nftables capture)"
+        "Agents running and ready on node1 and node2 ({capture} capture)"
     )?;
     cluster.set_extra_objects(POLICY);
     cluster.apply().await?;

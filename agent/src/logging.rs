@@ -1,5 +1,7 @@
 //! The agent's log output, and its level changed at runtime through the admin API.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, fmt, reload};
@@ -26,7 +28,10 @@ pub(crate) enum LogLevelError {
 pub(crate) fn init(format: LogFormat) -> LogLevel {
     let filter = EnvFilter::try_from_env(FILTER_ENV).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let text = (format == LogFormat::Text).then(|| fmt::layer().with_writer(std::io::stderr));
+    // Colours only for a terminal: log collectors store escape codes as they are.
+    let colour = std::io::stderr().is_terminal();
+    let text = (format == LogFormat::Text)
+        .then(|| fmt::layer().with_ansi(colour).with_writer(std::io::stderr));
     let json = (format == LogFormat::Json).then(|| {
         fmt::layer()
             .json()

@@ -31,6 +31,7 @@ fn the_demo_shows_tunneled_plain_and_denied_flows_and_cleans_up() {
             .unwrap_or_else(|| panic!("no {name} in\n{stdout}"))
             .to_owned()
     };
+    assert!(stdout.contains("(ebpf capture)"), "{stdout}");
     assert!(
         flow("frontend -> backend").contains("HBONE: mTLS"),
         "{stdout}"

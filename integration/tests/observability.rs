@@ -336,6 +336,7 @@ async fn both_reporters_export_the_traffic_and_the_debug_cli_explains_it() {
     assert_eq!(status, 200, "{body}");
     let dump: ConfigDump = serde_json::from_str(&body).unwrap();
     assert_eq!(dump.config.node, "node2");
+    assert_eq!(dump.config.capture, "ebpf");
     assert_eq!(
         dump.config.admin_addr,
         "0.0.0.0:15000".parse::<SocketAddr>().unwrap()

@@ -63,6 +63,9 @@ pub struct CaptureCounters {
 /// pod's namespace (on its [`PodNetns`](crate::PodNetns) thread), are idempotent, and replace
 /// whatever an earlier run of the agent left behind, with either backend.
 pub trait CaptureBackend: Send + Sync + std::fmt::Debug + 'static {
+    /// `ebpf` or `nftables`, as `--redirect` names it.
+    fn name(&self) -> &'static str;
+
     /// Starts capturing: from now on the pod's TCP goes to the agent's sockets, or nowhere.
     fn enable(&self, target: &CaptureTarget) -> Result<(), CaptureError>;
 

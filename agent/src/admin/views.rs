@@ -148,7 +148,10 @@ pub struct EffectiveConfig {
     pub ca_dir: String,
     pub trust_domain: String,
     pub root_namespace: String,
+    /// `--redirect` as given: `ebpf`, `nftables` or `auto`.
     pub redirect: String,
+    /// The capture backend in use.
+    pub capture: String,
     pub readiness_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub admin_addr: SocketAddr,

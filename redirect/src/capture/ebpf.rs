@@ -73,6 +73,10 @@ impl Ebpf {
 }
 
 impl CaptureBackend for Ebpf {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
     fn enable(&self, target: &CaptureTarget) -> Result<(), CaptureError> {
         let IpAddr::V4(pod_ip) = target.pod_ip else {
             return Err(CaptureError::Ipv6Pod(target.pod_ip));

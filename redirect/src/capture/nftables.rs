@@ -73,6 +73,10 @@ impl Nftables {
 }
 
 impl CaptureBackend for Nftables {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
     fn enable(&self, _: &CaptureTarget) -> Result<(), CaptureError> {
         super::ebpf::detach_filters()?;
         routing::install(Steering::Marked).map_err(CaptureError::Routing)?;
