@@ -52,7 +52,8 @@ pub mod counter {
 /// Kubernetes nodes send kubelet's probes from this address; capture leaves them alone.
 pub const KUBELET_PROBE_SOURCE: [u8; 4] = [169, 254, 7, 127];
 
-/// The names the agent finds the programs, maps and globals by.
+/// The names the agent finds the programs, maps and globals by: the programs' functions and
+/// statics carry exactly these names.
 pub mod names {
     pub const INBOUND_PROGRAM: &str = "ambit_inbound";
     pub const OUTBOUND_PROGRAM: &str = "ambit_outbound";

@@ -18,7 +18,6 @@ use aya::maps::{MapData, PerCpuArray, SockMap};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, SkLookup, TcAttachType};
 use aya::{EbpfLoader, include_bytes_aligned};
-
 use socket2::SockRef;
 
 use super::{CaptureBackend, CaptureCounters, CaptureError, CaptureTarget};
@@ -69,6 +68,12 @@ impl Ebpf {
 
     fn pods(&self) -> MutexGuard<'_, HashMap<NetnsId, aya::Ebpf>> {
         self.pods.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps what a pod's programs counted once they are gone.
+    fn retire(&self, programs: &aya::Ebpf) {
+        let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        add(&mut retired, counted(programs));
     }
 }
 
@@ -137,13 +142,6 @@ impl CaptureBackend for Ebpf {
             add(&mut total, counted(programs));
         }
         Some(total)
-    }
-}
-
-impl Ebpf {
-    fn retire(&self, programs: &aya::Ebpf) {
-        let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
-        add(&mut retired, counted(programs));
     }
 }
 
