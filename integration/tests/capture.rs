@@ -392,6 +392,51 @@ async fn a_dead_agent_fails_closed_and_a_new_one_resumes(backend: Backend) {
     );
 }
 
+/// A pod that left the mesh while its node had no agent is released by the next agent.
+async fn capture_left_behind_is_removed_at_start(backend: Backend) {
+    let mut cluster = cluster(backend).await;
+    assert_eq!(backend.captures(&cluster, "server"), (1, 1));
+    cluster.kill_agent("node2");
+    cluster.opt_out_pod("server");
+    // node1 learns that the server left the mesh; node2 has no agent to tell.
+    cluster.apply().await.unwrap();
+    cluster.start_agent("node2").await.unwrap();
+    assert_eq!(
+        traces(&cluster, "server"),
+        Vec::<String>::new(),
+        "{}",
+        cluster.logs()
+    );
+    let _server = echo(&cluster, "server").await;
+    let peer = round_trip(&cluster, "client", "server", b"plain again").await;
+    assert_eq!(peer, ip(&cluster, "client"));
+}
+
+/// An agent restarted with the other backend replaces the first one's capture: each pod ends up
+/// with exactly one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_backends_leaves_one_capture() {
+    let mut cluster = cluster(Backend::Nftables).await;
+    let _server = echo(&cluster, "server").await;
+    for (from, to) in [
+        (Backend::Nftables, Backend::Ebpf),
+        (Backend::Ebpf, Backend::Nftables),
+    ] {
+        assert_eq!(from.captures(&cluster, "server"), (1, 1));
+        cluster.kill_agent("node2");
+        cluster.set_agent_args(&["--redirect", to.flag()]);
+        cluster.start_agent("node2").await.unwrap();
+        assert_eq!(to.captures(&cluster, "server"), (1, 1));
+        assert_eq!(
+            from.captures(&cluster, "server"),
+            (0, 0),
+            "{from:?} left behind"
+        );
+        let peer = round_trip(&cluster, "client", "server", b"switched").await;
+        assert_eq!(peer, ip(&cluster, "client"));
+    }
+}
+
 /// With eBPF capture a pod's namespace holds no nftables (or iptables-nft) rule at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_capture_leaves_no_netfilter_rule() {
@@ -432,4 +477,5 @@ with_each_backend!(
     an_opted_out_pod_is_left_alone,
     pods_are_enrolled_and_released_as_the_file_changes,
     a_dead_agent_fails_closed_and_a_new_one_resumes,
+    capture_left_behind_is_removed_at_start,
 );

@@ -204,6 +204,20 @@ impl Cluster {
         }
     }
 
+    /// The flags of agents started from now on, in place of the builder's.
+    pub fn set_agent_args(&mut self, args: &[&str]) {
+        self.agent_args = args.iter().map(|a| (*a).to_owned()).collect();
+    }
+
+    /// Labels `name` `istio.io/dataplane-mode=none` from the next write.
+    pub fn opt_out_pod(&mut self, name: &str) {
+        for (spec, _, _) in &mut self.pods {
+            if spec.name == name {
+                spec.opted_out = true;
+            }
+        }
+    }
+
     /// Adds `yaml` (AuthorizationPolicies, PeerAuthentications, ...) to the cluster file from the
     /// next [`write_config`](Self::write_config) on, in place of what was set before.
     pub fn set_extra_objects(&mut self, yaml: &str) {
