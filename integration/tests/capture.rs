@@ -194,6 +194,8 @@ fn traces(cluster: &Cluster, pod: &str) -> Vec<String> {
             .is_some_and(|priority| (32760..=32764).contains(&priority))
     };
     traces.extend(rules.lines().filter(ours).map(str::to_owned));
+    let table = run_in(cluster, pod, &["ip", "route", "show", "table", "100"]);
+    traces.extend(table.lines().map(str::to_owned));
     traces
 }
 

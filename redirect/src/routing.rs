@@ -26,7 +26,7 @@ use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 use crate::{AGENT_MARK, KUBELET_PROBE_SOURCE, MARK_MASK, REPLY_MARK};
 
 /// The routing table that delivers everything locally.
-pub(crate) const LOCAL_TABLE: u32 = 100;
+const LOCAL_TABLE: u32 = 100;
 /// The main table's id.
 const MAIN_TABLE: u32 = 254;
 /// The loopback interface has this index in every namespace.
