@@ -187,7 +187,7 @@ pub(super) fn connections(connections: &Vec<ConnectionView>) -> String {
     ]);
     for c in connections {
         table.row(vec![
-            format!("{:?}", c.direction).to_lowercase(),
+            c.direction.as_str().to_owned(),
             c.src.to_string(),
             c.dst.to_string(),
             or_dash(c.src_identity.as_deref()),
@@ -270,4 +270,43 @@ pub(super) fn check(view: &CheckView) -> String {
 
 fn yes_no(value: bool) -> String {
     if value { "yes" } else { "no" }.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::views::Direction;
+
+    #[test]
+    fn columns_are_aligned_and_directions_named_as_in_the_access_log() {
+        let connection = ConnectionView {
+            direction: Direction::InboundPlaintext,
+            src: "10.0.0.1:40000".parse().unwrap(),
+            dst: "10.0.0.2:8080".parse().unwrap(),
+            src_identity: None,
+            dst_identity: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
+            src_workload: None,
+            dst_workload: Some("shop/web".into()),
+            opened_at: 0,
+            bytes_sent: 12,
+            bytes_received: 3456,
+        };
+        let table = connections(&vec![connection]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[1].starts_with("inbound_plaintext  10.0.0.1:40000"),
+            "{table}"
+        );
+        let column = |line: &str| line.find("10.0.0.2:8080").or_else(|| line.find("DST"));
+        assert_eq!(column(lines[0]), column(lines[1]), "{table}");
+    }
+
+    #[test]
+    fn spans_read_at_a_glance() {
+        assert_eq!(span(Duration::from_secs(5)), "5s");
+        assert_eq!(span(Duration::from_secs(125)), "2m5s");
+        assert_eq!(span(Duration::from_secs(3 * 3600 + 120)), "3h2m");
+        assert_eq!(span(Duration::from_secs(2 * 86_400 + 3600)), "2d1h");
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00Z");
+    }
 }
