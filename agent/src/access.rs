@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 
-use crate::authorize::DenyReason;
+use crate::authorize::{DenyReason, RevokedFuture, Verdict};
 use crate::error_chain::ErrorChain;
 use crate::telemetry::{
     Direction, Endpoints, Listed, Meter, Reporter, ResponseFlags, Telemetry, TrafficLabels,
@@ -98,6 +98,23 @@ impl Established {
         &self.meter
     }
 
+    /// Copies with `copy` until both sides close or `revoked` says a policy change now denies
+    /// the connection, then logs how it ended.
+    pub(crate) async fn carry_until_revoked<T, E: Error>(
+        self,
+        copy: impl AsyncFnOnce(&Meter) -> Result<T, E>,
+        revoked: RevokedFuture,
+    ) {
+        let copied = tokio::select! {
+            copied = copy(&self.meter) => Ok(copied),
+            Verdict::Deny { policy, .. } = revoked => Err(policy),
+        };
+        match copied {
+            Ok(copied) => self.finish(copied),
+            Err(policy) => self.revoke(policy.as_deref()),
+        }
+    }
+
     /// The connection ended: both sides closed, or copying failed.
     pub(crate) fn finish<T, E: Error>(self, result: Result<T, E>) {
         self.closed.inc();
@@ -106,7 +123,7 @@ impl Established {
     }
 
     /// A policy change now denies the connection; it is closed.
-    pub(crate) fn revoke(self, policy: Option<&str>) {
+    fn revoke(self, policy: Option<&str>) {
         self.closed.inc();
         let reason = "closed: a policy change denies it".to_owned();
         log(

@@ -96,12 +96,11 @@ impl Enrolment {
         self.remove_leftovers().await;
         let mut pods = HashMap::new();
         loop {
-            let status = self.reconcile(&mut pods).await;
-            let pending = status.len() - pods.len();
+            self.reconcile(&mut pods).await;
+            let pending = self.status.borrow().len() - pods.len();
             self.readiness.set(pending == 0);
             let enrolled = i64::try_from(pods.len()).unwrap_or(i64::MAX);
             self.telemetry.metrics.enrolled_pods.set(enrolled);
-            self.status.send_replace(status);
             tokio::select! {
                 () = drain.signaled() => return,
                 changed = self.states.changed() => if changed.is_err() { return },
@@ -110,8 +109,9 @@ impl Enrolment {
         }
     }
 
-    /// Brings the enrolled pods in line with the state; returns where each pod stands.
-    async fn reconcile(&mut self, pods: &mut HashMap<WorkloadUid, EnrolledPod>) -> CaptureStatus {
+    /// Brings the enrolled pods in line with the state, publishing where each pod stands as it
+    /// goes: enrolling many pods takes a while.
+    async fn reconcile(&mut self, pods: &mut HashMap<WorkloadUid, EnrolledPod>) {
         let state = self.states.borrow_and_update().clone();
         let desired: HashMap<&WorkloadUid, &Arc<Workload>> = state
             .enrolled_on(&self.node)
@@ -130,10 +130,11 @@ impl Enrolment {
             }
         }
 
-        let mut status = CaptureStatus::new();
+        self.status
+            .send_modify(|status| status.retain(|uid, _| desired.contains_key(uid)));
         for (uid, workload) in desired {
             if pods.contains_key(uid) {
-                status.insert(uid.clone(), Capture::Captured);
+                self.publish(uid, Capture::Captured);
                 continue;
             }
             let capture = match self.enrol(workload.clone()).await {
@@ -151,13 +152,14 @@ impl Enrolment {
                     Capture::Pending(error)
                 }
             };
-            // Shown at once, not when the whole batch is done: enrolling many pods takes a while.
-            self.status.send_modify(|published| {
-                published.insert(uid.clone(), capture.clone());
-            });
-            status.insert(uid.clone(), capture);
+            self.publish(uid, capture);
         }
-        status
+    }
+
+    fn publish(&self, uid: &WorkloadUid, capture: Capture) {
+        self.status.send_modify(|status| {
+            status.insert(uid.clone(), capture);
+        });
     }
 
     async fn enrol(&self, workload: Arc<Workload>) -> Result<EnrolledPod, EnrolError> {

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 
 use ambit_redirect::PodNetns;
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// The future a [`SocketFactory`] returns.
 pub type SocketFuture<'a> = Pin<Box<dyn Future<Output = io::Result<TcpSocket>> + Send + 'a>>;
@@ -17,6 +17,20 @@ pub type SocketFuture<'a> = Pin<Box<dyn Future<Output = io::Result<TcpSocket>> +
 /// `transparent` socket may bind an address that is not local, such as the original client's.
 pub trait SocketFactory: Send + Sync + fmt::Debug + 'static {
     fn connector(&self, local: SocketAddr, transparent: bool) -> SocketFuture<'_>;
+}
+
+/// Connects to `destination` from a socket of `sockets` bound to `local`.
+pub(crate) async fn connect(
+    sockets: &dyn SocketFactory,
+    local: SocketAddr,
+    transparent: bool,
+    destination: SocketAddr,
+) -> io::Result<TcpStream> {
+    sockets
+        .connector(local, transparent)
+        .await?
+        .connect(destination)
+        .await
 }
 
 /// Sockets in the agent's own namespace, without marks: for tests and tools that run HBONE

@@ -25,8 +25,8 @@ use crate::access::ConnectionRecord;
 use crate::authorize::{Authorizer, InboundRequest, RevokedFuture, Verdict};
 use crate::drain::DrainWatcher;
 use crate::error_chain::ErrorChain;
-use crate::sockets::SocketFactory;
-use crate::telemetry::{Direction, Endpoints, Reporter, Telemetry, TrafficLabels};
+use crate::sockets::{self, SocketFactory};
+use crate::telemetry::{Direction, Endpoints, Meter, Reporter, Telemetry, TrafficLabels};
 
 /// How long the app may take to accept a connection before the stream gets a 503.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -287,10 +287,7 @@ async fn tunnel_to_app(
     record: ConnectionRecord,
     revoked: RevokedFuture,
 ) {
-    let connect = async {
-        let socket = target.sockets.connector(target.client, true).await?;
-        socket.connect(target.destination).await
-    };
+    let connect = sockets::connect(target.sockets, target.client, true, target.destination);
     let mut app = match tokio::time::timeout(APP_CONNECT_TIMEOUT, connect).await {
         Ok(Ok(app)) => app,
         Ok(Err(error)) => {
@@ -306,16 +303,9 @@ async fn tunnel_to_app(
         Ok(send) => send,
         Err(error) => return record.fail(error),
     };
-    let connection = record.establish();
     let stream = H2Stream { send, recv };
-    let copied = tokio::select! {
-        copied = stream::copy_bidirectional(&mut app, stream, connection.meter()) => Ok(copied),
-        Verdict::Deny { policy, .. } = revoked => Err(policy),
-    };
-    match copied {
-        Ok(copied) => connection.finish(copied),
-        Err(policy) => connection.revoke(policy.as_deref()),
-    }
+    let copy = async |meter: &Meter| stream::copy_bidirectional(&mut app, stream, meter).await;
+    record.establish().carry_until_revoked(copy, revoked).await;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -13,8 +13,8 @@ use crate::accept::serve_listener;
 use crate::access::ConnectionRecord;
 use crate::authorize::{Authorizer, InboundRequest, Verdict, WorkloadAuthorizer};
 use crate::drain::DrainWatcher;
-use crate::sockets::SocketFactory;
-use crate::telemetry::{Direction, Endpoints, Metered, Reporter, TrafficLabels};
+use crate::sockets;
+use crate::telemetry::{Direction, Endpoints, Meter, Metered, Reporter, TrafficLabels};
 
 pub(super) async fn serve_plaintext(
     pod: Pod,
@@ -71,30 +71,19 @@ async fn proxy(
         return record.deny(policy.as_deref(), reason);
     }
     let revoked = authorizer.revoked(request);
-    let connected = async {
-        let socket = pod
-            .sockets
-            .connector(SocketAddr::new(peer.ip(), 0), true)
-            .await?;
-        socket.connect(destination).await
-    };
-    let mut app = match connected.await {
+    let client = SocketAddr::new(peer.ip(), 0);
+    let mut app = match sockets::connect(pod.sockets.as_ref(), client, true, destination).await {
         Ok(app) => app,
         Err(error) => return record.fail(error),
     };
-    let connection = record.establish();
-    let mut client = Metered {
-        inner: &mut tcp,
-        meter: connection.meter(),
+    let copy = async |meter: &Meter| {
+        let mut client = Metered {
+            inner: &mut tcp,
+            meter,
+        };
+        tokio::io::copy_bidirectional(&mut client, &mut app).await
     };
-    let copied = tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut app) => Ok(copied),
-        Verdict::Deny { policy, .. } = revoked => Err(policy),
-    };
-    match copied {
-        Ok(copied) => connection.finish(copied),
-        Err(policy) => connection.revoke(policy.as_deref()),
-    }
+    record.establish().carry_until_revoked(copy, revoked).await;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@ use crate::accept::serve_listener;
 use crate::access::ConnectionRecord;
 use crate::drain::DrainWatcher;
 use crate::hbone::{Baggage, ConnectRequest, WorkloadKind};
-use crate::sockets::SocketFactory;
+use crate::sockets;
 use crate::state::{Upstream, Workload};
 use crate::telemetry::{Direction, Endpoints, Metered, Reporter, TrafficLabels};
 
@@ -103,14 +103,8 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
             }
         }
         Upstream::Passthrough { addr } => {
-            let connected = async {
-                let socket = pod
-                    .sockets
-                    .connector(SocketAddr::new(peer.ip(), 0), false)
-                    .await?;
-                socket.connect(addr).await
-            };
-            match connected.await {
+            let local = SocketAddr::new(peer.ip(), 0);
+            match sockets::connect(pod.sockets.as_ref(), local, false, addr).await {
                 Ok(mut upstream) => {
                     let connection = record.establish();
                     let mut client = Metered {
