@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::admin::views::EffectiveConfig;
 use crate::admin::{AdminApi, MetricsEndpoint};
+use crate::admission::Admission;
 use crate::config::{AgentConfig, RedirectKind};
 use crate::drain;
 use crate::enrolment::{CaptureStatus, Enrolment};
@@ -23,11 +24,12 @@ use crate::readiness::Readiness;
 use crate::source::FileSource;
 use crate::telemetry::{Metrics, Telemetry};
 
-/// How long connections get to finish once the agent is asked to stop.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// How long the HTTP servers get to answer what they are serving once the data plane drained.
+const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
-/// Runs the node agent until SIGTERM or SIGINT.
+/// Runs the node agent until SIGTERM or SIGINT, then drains it.
 pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Result<()> {
+    raise_file_limit();
     let ca = LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)
         .with_context(|| format!("--ca-dir {}", config.ca_dir.display()))?;
     let certificates = Arc::new(CertificateManager::new(Arc::new(ca)));
@@ -44,22 +46,29 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
     let client = HboneClient::new(certificates.clone(), ClientSettings::default());
     let mut metrics = Metrics::new();
     metrics.register_node(certificates.clone(), client.clone(), capture.clone());
+    let admission = Arc::new(Admission::new(
+        config.pending_limits,
+        metrics.ambit_registry(),
+    ));
     let telemetry = Arc::new(Telemetry::new(metrics, config.baseline_learn));
 
+    // The data plane drains first; the HTTP servers keep answering meanwhile (readiness says
+    // "not ready", metrics are scraped) and stop after it.
     let (trigger, watcher) = drain::channel();
+    let (http_trigger, http_watcher) = drain::channel();
     let (states, states_rx) = watch::channel(Arc::new(initial));
     let (capture_status, capture_status_rx) = watch::channel(CaptureStatus::new());
     tokio::spawn(source.watch(states, watcher.clone()));
     let readiness = Readiness::default();
     tokio::spawn(http_server::serve(
         readiness_listener,
-        watcher.clone(),
+        http_watcher.clone(),
         "readiness",
         readiness.clone(),
     ));
     tokio::spawn(http_server::serve(
         metrics_listener,
-        watcher.clone(),
+        http_watcher.clone(),
         "metrics",
         MetricsEndpoint(telemetry.clone()),
     ));
@@ -74,7 +83,7 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
     };
     tokio::spawn(http_server::serve(
         admin_listener,
-        watcher.clone(),
+        http_watcher,
         "admin",
         admin,
     ));
@@ -85,8 +94,9 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
         client,
         certificates,
         states: states_rx,
-        readiness,
+        readiness: readiness.clone(),
         telemetry,
+        admission,
         status: capture_status,
     };
     tokio::spawn(enrolment.run(watcher));
@@ -95,15 +105,46 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut stop = async || {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    };
+    stop().await;
+    readiness.drain();
+    let deadline = config.drain_timeout;
+    tracing::info!(
+        ?deadline,
+        "draining: no new connections; open ones may finish"
+    );
     tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+        drained = tokio::time::timeout(deadline, trigger.drain()) => match drained {
+            Ok(()) => tracing::info!("drained"),
+            Err(_) => tracing::warn!(?deadline, "connections still open at the drain deadline; closing them"),
+        },
+        () = stop() => tracing::warn!("asked again to stop; closing the open connections"),
     }
-    tracing::info!("draining");
-    if !trigger.drain(DRAIN_DEADLINE).await {
-        tracing::warn!(deadline = ?DRAIN_DEADLINE, "connections still open at the drain deadline");
-    }
+    let _ = tokio::time::timeout(HTTP_SHUTDOWN_GRACE, http_trigger.drain()).await;
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: every proxied connection holds one
+/// or two descriptors.
+fn raise_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard
+                && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+            {
+                tracing::warn!(soft, hard, %error, "failed to raise the open-file limit");
+                return;
+            }
+            tracing::info!(was = soft, now = hard, hard, "open-file limit");
+        }
+        Err(error) => tracing::warn!(%error, "failed to read the open-file limit"),
+    }
 }
 
 /// The capture backend `--redirect` asks for: eBPF must work when asked for by name; `auto`
@@ -142,5 +183,9 @@ fn effective_config(config: &AgentConfig, capture: &str) -> EffectiveConfig {
         admin_addr: config.admin_addr,
         baseline_learn_seconds: config.baseline_learn.as_secs(),
         log_format: format!("{:?}", config.log_format).to_lowercase(),
+        drain_timeout_seconds: config.drain_timeout.as_secs(),
+        handshake_timeout_seconds: config.pending_limits.handshake_timeout.as_secs(),
+        max_pending_connections: config.pending_limits.node,
+        max_pending_per_source: config.pending_limits.per_source,
     }
 }

@@ -10,7 +10,7 @@ use ambit_identity::Identity;
 use tokio::sync::watch;
 
 use crate::policy::{Connection, Decision, MtlsMode};
-use crate::state::{ClusterState, Service, Workload};
+use crate::state::{ClusterState, LocalWorkload, Service, Workload};
 use crate::telemetry::Telemetry;
 
 /// An inbound connection, as authorization sees it.
@@ -41,6 +41,8 @@ pub enum DenyReason {
     Authorization,
     /// Plaintext to a port that PeerAuthentication makes STRICT.
     MtlsRequired,
+    /// The destination pod has left the cluster's state: nothing is known to allow.
+    UnknownDestination,
 }
 
 impl DenyReason {
@@ -48,6 +50,7 @@ impl DenyReason {
         match self {
             Self::Authorization => "denied by authorization policy",
             Self::MtlsRequired => "plaintext refused: PeerAuthentication is STRICT",
+            Self::UnknownDestination => "the destination pod is no longer in the cluster",
         }
     }
 }
@@ -112,10 +115,11 @@ pub(crate) fn connection<'a>(
     }
 }
 
-/// The policies of the cluster, applied to one workload.
+/// The policies of the cluster, applied to one workload as the cluster describes it at each
+/// decision.
 #[derive(Debug, Clone)]
 pub(crate) struct WorkloadAuthorizer {
-    pub(crate) workload: Arc<Workload>,
+    pub(crate) workload: LocalWorkload,
     pub(crate) state: watch::Receiver<Arc<ClusterState>>,
     pub(crate) telemetry: Arc<Telemetry>,
 }
@@ -124,7 +128,13 @@ impl WorkloadAuthorizer {
     /// Decides `request` against `state`. A decision that is `recorded` is counted, and logged
     /// when an AUDIT or dry-run policy matched; re-checks after a policy change are not.
     fn decide(&self, state: &ClusterState, request: &InboundRequest, recorded: bool) -> Verdict {
-        let (verdict, decision) = evaluate(state, &self.workload, request);
+        let Some(workload) = self.workload.current(state) else {
+            return Verdict::Deny {
+                policy: None,
+                reason: DenyReason::UnknownDestination,
+            };
+        };
+        let (verdict, decision) = evaluate(state, workload, request);
         if recorded && let Some(decision) = decision {
             self.report(&decision, request);
         }
@@ -220,7 +230,7 @@ impl Authorizer for WorkloadAuthorizer {
             .cloned();
         Peers {
             source,
-            destination: Some(self.workload.clone()),
+            destination: self.workload.current(&state).cloned(),
             service: state.destination_service(request.destination).cloned(),
         }
     }

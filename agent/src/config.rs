@@ -7,6 +7,8 @@ use std::time::Duration;
 use ambit_identity::{IdentityError, TrustDomain};
 use clap::{Args, ValueEnum};
 
+use crate::admission::PendingLimits;
+
 /// Where the agent learns about the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SourceKind {
@@ -73,6 +75,20 @@ pub struct AgentArgs {
     /// Log lines as text or as JSON objects.
     #[arg(long, env = "AMBIT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// On SIGTERM, how long connections get to finish before the agent exits (a second SIGTERM
+    /// ends the wait at once).
+    #[arg(long, env = "AMBIT_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// How long a client of port 15008 may take for the TLS and HTTP/2 handshakes.
+    #[arg(long, env = "AMBIT_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Connections accepted in the node's pods that are not established yet (handshaking on
+    /// 15008, connecting on 15006 and 15001); past this, new ones are reset at once.
+    #[arg(long, env = "AMBIT_MAX_PENDING_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_connections: u32,
+    /// The share of those one source IP may hold.
+    #[arg(long, env = "AMBIT_MAX_PENDING_PER_SOURCE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_per_source: u32,
 }
 
 /// Why the flags do not make a configuration.
@@ -98,6 +114,8 @@ pub struct AgentConfig {
     pub admin_addr: SocketAddr,
     pub baseline_learn: Duration,
     pub log_format: LogFormat,
+    pub drain_timeout: Duration,
+    pub pending_limits: PendingLimits,
 }
 
 impl TryFrom<AgentArgs> for AgentConfig {
@@ -120,6 +138,12 @@ impl TryFrom<AgentArgs> for AgentConfig {
             admin_addr: args.admin_addr,
             baseline_learn: args.baseline_learn,
             log_format: args.log_format,
+            drain_timeout: args.drain_timeout,
+            pending_limits: PendingLimits {
+                node: args.max_pending_connections as usize,
+                per_source: args.max_pending_per_source as usize,
+                handshake_timeout: args.handshake_timeout,
+            },
         })
     }
 }

@@ -1,7 +1,7 @@
-//! Graceful shutdown: every long-lived task holds a [`DrainWatcher`]; the [`DrainTrigger`] tells
-//! them to wind down and waits, for a bounded time, until all of them have let go.
-
-use std::time::Duration;
+//! Graceful shutdown: every long-lived task, and every connection a proxy carries, holds a
+//! [`DrainWatcher`]; the [`DrainTrigger`] tells them to wind down and waits until all of them
+//! have let go. Drains nest: a pod's proxies have a trigger of their own, and the task that
+//! drains them holds the agent's watcher meanwhile.
 
 use tokio::sync::watch;
 
@@ -16,13 +16,11 @@ pub fn channel() -> (DrainTrigger, DrainWatcher) {
 pub struct DrainTrigger(watch::Sender<bool>);
 
 impl DrainTrigger {
-    /// Signals every watcher and waits until all are dropped or `deadline` passes; tells whether
-    /// everything finished in time.
-    pub async fn drain(self, deadline: Duration) -> bool {
+    /// Signals every watcher and resolves once all of them are dropped; callers bound the wait
+    /// with their own deadline.
+    pub async fn drain(self) {
         self.0.send_replace(true);
-        tokio::time::timeout(deadline, self.0.closed())
-            .await
-            .is_ok()
+        self.0.closed().await;
     }
 }
 
@@ -39,22 +37,23 @@ impl DrainWatcher {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn drain_waits_for_watchers_until_the_deadline() {
+    async fn drain_waits_for_every_watcher() {
         let (trigger, watcher) = channel();
         let mut quick = watcher.clone();
         tokio::spawn(async move { quick.signaled().await });
         let stuck = watcher;
-        assert!(
-            !trigger.drain(Duration::from_secs(5)).await,
-            "a watcher is still held"
-        );
+        let drained = tokio::time::timeout(Duration::from_secs(5), trigger.drain()).await;
+        assert!(drained.is_err(), "a watcher is still held");
         drop(stuck);
 
         let (trigger, mut watcher) = channel();
         tokio::spawn(async move { watcher.signaled().await });
-        assert!(trigger.drain(Duration::from_secs(5)).await);
+        let drained = tokio::time::timeout(Duration::from_secs(5), trigger.drain()).await;
+        assert!(drained.is_ok());
     }
 }

@@ -1,10 +1,13 @@
 //! Keeps the node's enrolled pods captured: for each one, the agent's sockets and proxies run
 //! inside its namespace and its traffic is captured; when it leaves, both are removed.
 //!
-//! On shutdown the proxies stop but capture stays: until the next agent starts, captured
-//! traffic fails closed rather than bypassing the mesh.
+//! A pod is captured from its enrolment until it leaves the mesh, without a gap: changes to its
+//! labels or service account reach the proxies through the state, and a new address is captured
+//! before the old capture goes. On shutdown the proxies stop accepting and drain, but capture
+//! stays: until the next agent starts, captured traffic fails closed rather than bypassing the
+//! mesh.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,13 +15,14 @@ use ambit_identity::{CertificateManager, Identity, IdentityError, TrustDomain};
 use ambit_redirect::{CaptureBackend, CaptureError, Netns, NetnsError, PodNetns};
 use tokio::sync::watch;
 
+use crate::admission::Admission;
 use crate::drain::{self, DrainTrigger, DrainWatcher};
 use crate::error_chain::ErrorChain;
 use crate::hbone::HboneClient;
 use crate::proxy::{self, Pod, ProxyError};
 use crate::readiness::Readiness;
 use crate::sockets::PodSockets;
-use crate::state::{ClusterState, Protocol, Workload, WorkloadUid};
+use crate::state::{ClusterState, LocalWorkload, Protocol, Workload, WorkloadUid};
 use crate::telemetry::Telemetry;
 
 /// How soon a pod that could not be enrolled is tried again.
@@ -79,19 +83,24 @@ pub(crate) struct Enrolment {
     pub(crate) states: watch::Receiver<Arc<ClusterState>>,
     pub(crate) readiness: Readiness,
     pub(crate) telemetry: Arc<Telemetry>,
+    pub(crate) admission: Arc<Admission>,
     pub(crate) status: watch::Sender<CaptureStatus>,
 }
 
 #[derive(Debug)]
 struct EnrolledPod {
-    workload: Arc<Workload>,
-    identity: Identity,
+    workload: LocalWorkload,
+    /// What the pod's proxies serve and connect as; follows its service account.
+    identity: watch::Sender<Identity>,
     netns: PodNetns,
     /// Dropping it stops the pod's proxies.
     proxies: DrainTrigger,
 }
 
 impl Enrolment {
+    /// Keeps the node's pods captured until a drain starts. Then the proxies stop accepting
+    /// and the connections they carry are waited for (this task holds the agent's drain
+    /// watcher meanwhile); capture stays, so that new connections fail closed.
     pub(crate) async fn run(mut self, mut drain: DrainWatcher) {
         self.remove_leftovers().await;
         let mut pods = HashMap::new();
@@ -102,15 +111,22 @@ impl Enrolment {
             let enrolled = i64::try_from(pods.len()).unwrap_or(i64::MAX);
             self.telemetry.metrics.enrolled_pods.set(enrolled);
             tokio::select! {
-                () = drain.signaled() => return,
-                changed = self.states.changed() => if changed.is_err() { return },
+                () = drain.signaled() => break,
+                changed = self.states.changed() => if changed.is_err() { break },
                 () = tokio::time::sleep(RETRY_INTERVAL), if pending > 0 => {}
             }
         }
+        let mut draining = tokio::task::JoinSet::new();
+        for pod in pods.into_values() {
+            draining.spawn(pod.proxies.drain());
+        }
+        draining.join_all().await;
     }
 
     /// Brings the enrolled pods in line with the state, publishing where each pod stands as it
-    /// goes: enrolling many pods takes a while.
+    /// goes: enrolling many pods takes a while. A pod stays captured through any change that
+    /// keeps its address; one whose address changed is captured anew before the old capture is
+    /// removed, and keeps the old one if that fails.
     async fn reconcile(&mut self, pods: &mut HashMap<WorkloadUid, EnrolledPod>) {
         let state = self.states.borrow_and_update().clone();
         let desired: HashMap<&WorkloadUid, &Arc<Workload>> = state
@@ -119,28 +135,35 @@ impl Enrolment {
             .map(|w| (&w.uid, w))
             .collect();
 
-        let stale: Vec<WorkloadUid> = pods
-            .iter()
-            .filter(|(uid, pod)| desired.get(uid).is_none_or(|w| ***w != *pod.workload))
-            .map(|(uid, _)| uid.clone())
+        let left: Vec<WorkloadUid> = pods
+            .keys()
+            .filter(|uid| !desired.contains_key(uid))
+            .cloned()
             .collect();
-        for uid in stale {
+        for uid in left {
             if let Some(pod) = pods.remove(&uid) {
-                self.release(pod, pods).await;
+                self.release(pod).await;
             }
         }
 
         self.status
             .send_modify(|status| status.retain(|uid, _| desired.contains_key(uid)));
         for (uid, workload) in desired {
-            if pods.contains_key(uid) {
+            let enrolled = pods.get(uid);
+            let captured = enrolled.is_some();
+            if let Some(pod) = enrolled
+                && workload.ips.first() == Some(&pod.workload.ip)
+            {
+                self.follow_identity(pod, workload);
                 self.publish(uid, Capture::Captured);
                 continue;
             }
             let capture = match self.enrol(workload.clone()).await {
                 Ok(pod) => {
-                    tracing::info!(workload.uid = %uid, pod = workload.qualified_name(), identity = %pod.identity, "pod enrolled");
-                    pods.insert(uid.clone(), pod);
+                    tracing::info!(workload.uid = %uid, pod = workload.qualified_name(), identity = %*pod.identity.borrow(), "pod enrolled");
+                    if let Some(replaced) = pods.insert(uid.clone(), pod) {
+                        self.retire(replaced, &pods[uid]).await;
+                    }
                     Capture::Captured
                 }
                 Err(error) => {
@@ -148,18 +171,51 @@ impl Enrolment {
                         self.telemetry.metrics.capture_failed(stage);
                     }
                     let error = ErrorChain(&error).to_string();
-                    tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error, "pod not enrolled yet");
-                    Capture::Pending(error)
+                    if captured {
+                        tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error, "pod not captured at its new address; its capture at the old one stays");
+                        Capture::Captured
+                    } else {
+                        tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error, "pod not enrolled yet");
+                        Capture::Pending(error)
+                    }
                 }
             };
             self.publish(uid, capture);
         }
+        self.release_unused_certificates(pods);
     }
 
     fn publish(&self, uid: &WorkloadUid, capture: Capture) {
         self.status.send_modify(|status| {
             status.insert(uid.clone(), capture);
         });
+    }
+
+    /// Points the pod's proxies at its identity, if its service account changed.
+    fn follow_identity(&self, pod: &EnrolledPod, workload: &Workload) {
+        let identity = match workload.identity(&self.trust_domain) {
+            Ok(identity) => identity,
+            Err(error) => {
+                // The proxies keep the last valid identity; the pod stays captured.
+                tracing::warn!(pod = workload.qualified_name(), error = %ErrorChain(&error), "the pod's service account is not a valid identity");
+                return;
+            }
+        };
+        let changed = pod.identity.send_if_modified(|current| {
+            let changed = *current != identity;
+            *current = identity.clone();
+            changed
+        });
+        if changed {
+            tracing::info!(pod = workload.qualified_name(), %identity, "pod identity changed");
+            self.warm_certificate(identity);
+        }
+    }
+
+    /// Asks for the certificate now, so that the first connection does not wait for the CA.
+    fn warm_certificate(&self, identity: Identity) {
+        let certificates = self.certificates.clone();
+        tokio::spawn(async move { certificates.fetch(&identity).await });
     }
 
     async fn enrol(&self, workload: Arc<Workload>) -> Result<EnrolledPod, EnrolError> {
@@ -169,21 +225,23 @@ impl Enrolment {
         let identity = workload
             .identity(&self.trust_domain)
             .map_err(EnrolError::Identity)?;
-        // Ask for the certificate now, so that the first connection does not wait for the CA.
-        let certificates = self.certificates.clone();
-        let warm = identity.clone();
-        tokio::spawn(async move { certificates.fetch(&warm).await });
+        self.warm_certificate(identity.clone());
 
+        let (identity, identity_updates) = watch::channel(identity);
         let (trigger, watcher) = drain::channel();
-        let pod = Pod {
-            workload: workload.clone(),
-            identity: identity.clone(),
+        let local = LocalWorkload {
+            uid: workload.uid.clone(),
             ip,
+        };
+        let pod = Pod {
+            workload: local.clone(),
+            identity: identity_updates,
             sockets: Arc::new(PodSockets(netns.clone())),
             state: self.states.clone(),
             client: self.client.clone(),
             trust_domain: self.trust_domain.clone(),
             telemetry: self.telemetry.clone(),
+            admission: self.admission.clone(),
         };
         let target = proxy::start(pod, &netns, self.certificates.clone(), watcher)
             .await
@@ -195,37 +253,56 @@ impl Enrolment {
             .map_err(|e| EnrolError::Capture(CaptureError::Netns(e)))?
             .map_err(EnrolError::Capture)?;
         Ok(EnrolledPod {
-            workload,
+            workload: local,
             identity,
             netns,
             proxies: trigger,
         })
     }
 
-    /// Stops the pod's proxies and removes its capture; forgets its certificate unless another
-    /// enrolled pod has the same identity.
-    async fn release(&self, pod: EnrolledPod, remaining: &HashMap<WorkloadUid, EnrolledPod>) {
+    /// Stops the proxies of a pod captured anew at another address; its old capture is removed
+    /// unless the new one is in the same namespace (where it has replaced it already).
+    async fn retire(&self, replaced: EnrolledPod, current: &EnrolledPod) {
+        if replaced.netns.id() == current.netns.id() {
+            drop(replaced.proxies);
+        } else {
+            self.release(replaced).await;
+        }
+    }
+
+    /// Stops the pod's proxies and removes its capture.
+    async fn release(&self, pod: EnrolledPod) {
         let EnrolledPod {
             workload,
-            identity,
             netns,
             proxies,
+            ..
         } = pod;
         drop(proxies);
         let capture = self.capture.clone();
         match netns.run(move || capture.disable()).await {
-            Ok(Ok(())) => tracing::info!(pod = workload.qualified_name(), "pod released"),
+            Ok(Ok(())) => tracing::info!(workload.uid = %workload.uid, "pod released"),
             Ok(Err(error)) => {
                 self.telemetry.metrics.capture_failed("release");
-                tracing::warn!(pod = workload.qualified_name(), error = %ErrorChain(&error), "failed to remove capture")
+                tracing::warn!(workload.uid = %workload.uid, error = %ErrorChain(&error), "failed to remove capture")
             }
             Err(error) => {
                 self.telemetry.metrics.capture_failed("release");
-                tracing::warn!(pod = workload.qualified_name(), error = %ErrorChain(&error), "failed to reach the pod to remove capture")
+                tracing::warn!(workload.uid = %workload.uid, error = %ErrorChain(&error), "failed to reach the pod to remove capture")
             }
         }
-        if !remaining.values().any(|p| p.identity == identity) {
-            self.certificates.release(&identity);
+    }
+
+    /// Stops renewing the certificates of identities that no enrolled pod has any more.
+    fn release_unused_certificates(&self, pods: &HashMap<WorkloadUid, EnrolledPod>) {
+        let in_use: HashSet<Identity> = pods
+            .values()
+            .map(|pod| pod.identity.borrow().clone())
+            .collect();
+        for identity in self.certificates.identities() {
+            if !in_use.contains(&identity) {
+                self.certificates.release(&identity);
+            }
         }
     }
 

@@ -19,6 +19,7 @@ pub mod telemetry;
 
 mod accept;
 mod access;
+mod admission;
 mod app;
 mod cli;
 mod config;
@@ -32,6 +33,7 @@ mod logging;
 mod proxy;
 mod readiness;
 
+pub use admission::PendingLimits;
 pub use cli::{Cli, Command};
 pub use config::{AgentArgs, AgentConfig, ConfigError, LogFormat, RedirectKind, SourceKind};
 pub use debug::DebugArgs;

@@ -8,18 +8,19 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use ambit_identity::{CertificateManager, Identity};
+use ambit_identity::{CertificateManager, Identity, TrustDomain};
 use ambit_redirect::{
     CaptureTarget, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PodNetns, socket,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admission::Admission;
 use crate::authorize::WorkloadAuthorizer;
 use crate::drain::DrainWatcher;
 use crate::hbone::{HboneClient, HboneServer, Keepalive};
 use crate::sockets::PodSockets;
-use crate::state::{ClusterState, Workload};
+use crate::state::{ClusterState, LocalWorkload, Workload};
 use crate::telemetry::Telemetry;
 
 /// Why a pod's proxies could not start.
@@ -38,14 +39,24 @@ pub enum ProxyError {
 /// What every proxy of one pod shares.
 #[derive(Debug, Clone)]
 pub(crate) struct Pod {
-    pub(crate) workload: Arc<Workload>,
-    pub(crate) identity: Identity,
-    pub(crate) ip: IpAddr,
+    pub(crate) workload: LocalWorkload,
+    /// The pod's identity, updated when its service account changes.
+    pub(crate) identity: watch::Receiver<Identity>,
     pub(crate) sockets: Arc<PodSockets>,
     pub(crate) state: watch::Receiver<Arc<ClusterState>>,
     pub(crate) client: HboneClient,
-    pub(crate) trust_domain: ambit_identity::TrustDomain,
+    pub(crate) trust_domain: TrustDomain,
     pub(crate) telemetry: Arc<Telemetry>,
+    pub(crate) admission: Arc<Admission>,
+}
+
+impl Pod {
+    /// The pod as the cluster describes it now, and its identity; `None` once it has left the
+    /// cluster (it is being released), when its connections are refused.
+    fn current(&self) -> Option<(Arc<Workload>, Identity)> {
+        let workload = self.workload.current(&self.state.borrow())?.clone();
+        Some((workload, self.identity.borrow().clone()))
+    }
 }
 
 /// Opens the three listeners inside the pod, then runs their proxies until `drain` fires.
@@ -57,9 +68,10 @@ pub(crate) async fn start(
     drain: DrainWatcher,
 ) -> Result<CaptureTarget, ProxyError> {
     // Transparent, as capture hands them connections addressed to other addresses.
-    let outbound = listen(netns, pod.ip, OUTBOUND_PORT).await?;
-    let hbone = listen(netns, pod.ip, HBONE_PORT).await?;
-    let plaintext = listen(netns, pod.ip, INBOUND_PLAINTEXT_PORT).await?;
+    let ip = pod.workload.ip;
+    let outbound = listen(netns, ip, OUTBOUND_PORT).await?;
+    let hbone = listen(netns, ip, HBONE_PORT).await?;
+    let plaintext = listen(netns, ip, INBOUND_PLAINTEXT_PORT).await?;
     let duplicate = |listener: &TcpListener, port| {
         listener
             .as_fd()
@@ -67,7 +79,7 @@ pub(crate) async fn start(
             .map_err(|source| ProxyError::Listen { port, source })
     };
     let target = CaptureTarget {
-        pod_ip: pod.ip,
+        pod_ip: ip,
         outbound: duplicate(&outbound, OUTBOUND_PORT)?,
         inbound_plaintext: duplicate(&plaintext, INBOUND_PLAINTEXT_PORT)?,
         hbone: duplicate(&hbone, HBONE_PORT)?,
@@ -79,13 +91,15 @@ pub(crate) async fn start(
         telemetry: pod.telemetry.clone(),
     });
     let server = HboneServer::new(
-        pod.identity.clone(),
+        pod.identity.borrow().clone(),
         certificates,
         Keepalive::default(),
         pod.sockets.clone(),
         authorizer.clone(),
         pod.telemetry.clone(),
-    );
+    )
+    .following_identity(pod.identity.clone())
+    .admission(pod.admission.clone());
     tokio::spawn(server.serve(hbone, drain.clone()));
     tokio::spawn(inbound::serve_plaintext(
         pod.clone(),

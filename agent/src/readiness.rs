@@ -1,5 +1,5 @@
 //! `GET /healthz/ready` on :15021: ready once the source has synced and every enrolled pod is
-//! captured.
+//! captured, and not ready from the moment the agent starts draining.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,20 +15,30 @@ pub const READY_PATH: &str = "/healthz/ready";
 
 /// Whether the agent is ready; shared by what decides it and what reports it.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Readiness(Arc<AtomicBool>);
+pub(crate) struct Readiness {
+    captured: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
+}
 
 impl Readiness {
-    pub(crate) fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+    /// Whether every enrolled pod is captured.
+    pub(crate) fn set(&self, captured: bool) {
+        self.captured.store(captured, Ordering::Relaxed);
+    }
+
+    /// Not ready from now on, whatever `set` says.
+    pub(crate) fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    fn ready(&self) -> bool {
+        self.captured.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
     }
 }
 
 impl Handler for Readiness {
     async fn handle(&self, request: Request<Incoming>, _: SocketAddr) -> Response<Body> {
-        match (
-            request.uri().path() == READY_PATH,
-            self.0.load(Ordering::Relaxed),
-        ) {
+        match (request.uri().path() == READY_PATH, self.ready()) {
             (true, true) => text(StatusCode::OK, "ready\n"),
             (true, false) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
             (false, _) => text(StatusCode::NOT_FOUND, "not found\n"),

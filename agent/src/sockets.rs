@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::time::Duration;
 
 use ambit_redirect::PodNetns;
 use tokio::net::{TcpSocket, TcpStream};
@@ -19,18 +20,32 @@ pub trait SocketFactory: Send + Sync + fmt::Debug + 'static {
     fn connector(&self, local: SocketAddr, transparent: bool) -> SocketFuture<'_>;
 }
 
-/// Connects to `destination` from a socket of `sockets` bound to `local`.
+/// How long a proxy waits for an app or an upstream outside the mesh to accept a connection.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to `destination` from a socket of `sockets` bound to `local`, within
+/// [`CONNECT_TIMEOUT`].
 pub(crate) async fn connect(
     sockets: &dyn SocketFactory,
     local: SocketAddr,
     transparent: bool,
     destination: SocketAddr,
 ) -> io::Result<TcpStream> {
-    sockets
-        .connector(local, transparent)
-        .await?
-        .connect(destination)
+    let connect = async {
+        sockets
+            .connector(local, transparent)
+            .await?
+            .connect(destination)
+            .await
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{destination} did not accept the connection within {CONNECT_TIMEOUT:?}"),
+            ))
+        })
 }
 
 /// Sockets in the agent's own namespace, without marks: for tests and tools that run HBONE

@@ -82,6 +82,22 @@ impl Workload {
     }
 }
 
+/// One of this node's enrolled pods, as its proxies refer to it. What the cluster says about
+/// it (labels, service account) is read from the state at each decision: those can change while
+/// the pod stays captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalWorkload {
+    pub uid: WorkloadUid,
+    pub ip: IpAddr,
+}
+
+impl LocalWorkload {
+    /// The pod as `state` describes it; `None` once it left the state (it is being released).
+    pub fn current<'s>(&self, state: &'s ClusterState) -> Option<&'s Arc<Workload>> {
+        state.workload_by_ip(self.ip).filter(|w| w.uid == self.uid)
+    }
+}
+
 /// A port of a service and where it leads on the endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {

@@ -1,18 +1,28 @@
 //! The programs themselves; see the crate's documentation.
 
 use core::ffi::c_void;
+use core::mem::MaybeUninit;
 
 use ambit_ebpf_common::{KUBELET_PROBE_SOURCE, counter, listener};
+use aya_ebpf::bindings::bpf_hdr_start_off::BPF_HDR_START_NET;
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT, sk_action};
-use aya_ebpf::helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release};
+use aya_ebpf::helpers::{
+    bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skb_load_bytes_relative,
+};
 use aya_ebpf::macros::{classifier, map, sk_lookup};
 use aya_ebpf::maps::{PerCpuArray, SockMap};
 use aya_ebpf::programs::{SkLookupContext, TcContext};
 
-const ETH_HEADER: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const IPV4_HEADER: usize = 20;
+const IP_MORE_FRAGMENTS: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 const IPPROTO_TCP: u8 = 6;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DESTINATION: u8 = 60;
 const AF_INET: u32 = 2;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -32,54 +42,93 @@ static AMBIT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter:
 
 #[classifier]
 fn ambit_inbound(ctx: TcContext) -> i32 {
-    match inbound(&ctx) {
-        Ok(action) => action,
-        // A packet too short to parse is not a connection to steer.
-        Err(()) => TC_ACT_OK,
+    // By the packet's protocol, not an Ethernet header: interfaces without one (tunnels, L3
+    // devices) start at the network header.
+    match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => ipv4(&ctx),
+        ETH_P_IPV6 => ipv6(&ctx),
+        _ => TC_ACT_OK,
     }
 }
 
-fn inbound(ctx: &TcContext) -> Result<i32, ()> {
-    let ether_type = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
-    if ether_type == ETH_P_IPV6 {
-        let next_header = ctx.load::<u8>(ETH_HEADER + 6).map_err(|_| ())?;
-        return Ok(if next_header == IPPROTO_TCP {
-            TC_ACT_SHOT
-        } else {
-            TC_ACT_OK
-        });
+/// Steers a new TCP connection to the pod to the agent. TCP to the pod that cannot be
+/// classified (a fragment, whose reassembly would bypass this program, or a malformed header)
+/// is dropped: capture fails closed.
+fn ipv4(ctx: &TcContext) -> i32 {
+    let Ok(header) = load::<[u8; IPV4_HEADER]>(ctx, 0) else {
+        // Too short to be addressed to anyone.
+        return TC_ACT_SHOT;
+    };
+    let destination = u32::from_ne_bytes([header[16], header[17], header[18], header[19]]);
+    let source = [header[12], header[13], header[14], header[15]];
+    if header[9] != IPPROTO_TCP || destination != pod_ip() || source == KUBELET_PROBE_SOURCE {
+        return TC_ACT_OK;
     }
-    if ether_type != ETH_P_IP {
-        return Ok(TC_ACT_OK);
+    let header_length = usize::from(header[0] & 0x0f) * 4;
+    let fragment = u16::from_be_bytes([header[6], header[7]]) & (IP_MORE_FRAGMENTS | IP_OFFSET);
+    if header_length < IPV4_HEADER || fragment != 0 {
+        return unclassified();
     }
-    let version_ihl = ctx.load::<u8>(ETH_HEADER).map_err(|_| ())?;
-    let protocol = ctx.load::<u8>(ETH_HEADER + 9).map_err(|_| ())?;
-    let source = ctx.load::<u32>(ETH_HEADER + 12).map_err(|_| ())?;
-    let destination = ctx.load::<u32>(ETH_HEADER + 16).map_err(|_| ())?;
-    if protocol != IPPROTO_TCP
-        || destination != pod_ip()
-        || source == u32::from_ne_bytes(KUBELET_PROBE_SOURCE)
-    {
-        return Ok(TC_ACT_OK);
-    }
-    let tcp = ETH_HEADER + usize::from(version_ihl & 0x0f) * 4;
-    let port = u16::from_be(ctx.load::<u16>(tcp + 2).map_err(|_| ())?);
-    let flags = ctx.load::<u8>(tcp + 13).map_err(|_| ())?;
+    let (Ok(port), Ok(flags)) = (
+        load::<u16>(ctx, header_length + 2),
+        load::<u8>(ctx, header_length + 13),
+    ) else {
+        return unclassified();
+    };
     // Only a new connection is steered; the rest of it finds its socket by its addresses.
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        return Ok(TC_ACT_OK);
+        return TC_ACT_OK;
     }
-    let index = if port == HBONE_PORT {
+    let index = if u16::from_be(port) == HBONE_PORT {
         listener::HBONE
     } else {
         listener::INBOUND_PLAINTEXT
     };
     if assign(ctx.skb.skb.cast(), index) {
         count(counter::INBOUND_STEERED);
-        Ok(TC_ACT_OK)
+        TC_ACT_OK
     } else {
         count(counter::INBOUND_DROPPED);
-        Ok(TC_ACT_SHOT)
+        TC_ACT_SHOT
+    }
+}
+
+/// Pods are captured over IPv4 only: IPv6 TCP, and what could hide it (extension headers,
+/// fragments), is dropped; ICMPv6 and the rest pass.
+fn ipv6(ctx: &TcContext) -> i32 {
+    match load::<u8>(ctx, 6) {
+        Ok(IPPROTO_TCP | IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_DESTINATION) => {
+            TC_ACT_SHOT
+        }
+        Ok(_) => TC_ACT_OK,
+        Err(_) => TC_ACT_SHOT,
+    }
+}
+
+fn unclassified() -> i32 {
+    count(counter::INBOUND_UNCLASSIFIED);
+    TC_ACT_SHOT
+}
+
+/// Reads a `T` at `offset` from the start of the network header.
+fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
+    let mut value = MaybeUninit::<T>::uninit();
+    // SAFETY: the helper writes at most `size_of::<T>()` bytes into `value`, and returns 0
+    // only when it wrote all of them.
+    let loaded = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.skb.skb.cast(),
+            offset as u32,
+            value.as_mut_ptr().cast(),
+            size_of::<T>() as u32,
+            BPF_HDR_START_NET,
+        )
+    };
+    if loaded == 0 {
+        // SAFETY: fully written, above; `T` is plain bytes.
+        Ok(unsafe { value.assume_init() })
+    } else {
+        Err(())
     }
 }
 

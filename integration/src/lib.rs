@@ -5,8 +5,12 @@
 //! Everything needs root; without it the tests fail with a message saying so, never passing
 //! silently.
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
+use ambit_agent::lab::topology::Topology;
 use ambit_agent::lab::{Cluster, ClusterBuilder};
 
 /// The `ambit` binary built next to the running test or benchmark (`AMBIT_BIN` overrides it).
@@ -48,3 +52,98 @@ spec:
   selector: {matchLabels: {app: server}}
   rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
 ";
+
+/// A capture backend, as `--redirect` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Ebpf,
+    Nftables,
+}
+
+impl Backend {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Ebpf => "ebpf",
+            Self::Nftables => "nftables",
+        }
+    }
+}
+
+/// Runs each listed test, an `async fn(Backend)` of the calling module, once with each
+/// backend: as `ebpf::<test>` and `nftables::<test>`.
+#[macro_export]
+macro_rules! with_each_backend {
+    ($($test:ident),* $(,)?) => {
+        mod ebpf {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test($crate::Backend::Ebpf).await;
+                }
+            )*
+        }
+        mod nftables {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test($crate::Backend::Nftables).await;
+                }
+            )*
+        }
+    };
+}
+
+/// tcpdump on `interface` in `netns`, writing what `filter` selects to a file until stopped.
+#[derive(Debug)]
+pub struct PacketCapture {
+    child: Child,
+    file: tempfile::NamedTempFile,
+}
+
+impl PacketCapture {
+    /// Starts tcpdump and waits until it captures; panics when it cannot.
+    pub fn start(netns: &str, interface: &str, filter: &str) -> Self {
+        let file = tempfile::NamedTempFile::new().expect("a temporary file for the capture");
+        let mut child = Topology::command_in(netns, "tcpdump")
+            .args([
+                "-i",
+                interface,
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-Z",
+                "root",
+                "-w",
+            ])
+            .arg(file.path())
+            .arg(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump is installed");
+        // tcpdump says so on stderr once it captures.
+        let stderr = BufReader::new(child.stderr.take().expect("piped"));
+        let listening = stderr
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.contains("listening on"));
+        assert!(listening, "tcpdump did not start");
+        Self { child, file }
+    }
+
+    /// Stops the capture and returns the packets' bytes (pcap; 24 bytes when it holds none).
+    pub fn stop(mut self) -> Vec<u8> {
+        std::thread::sleep(Duration::from_millis(200));
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let _ = self.child.wait();
+        std::fs::read(self.file.path()).expect("tcpdump's capture file")
+    }
+}
+
+impl Drop for PacketCapture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -7,13 +7,11 @@
     reason = "a helper that cannot observe the mesh fails the test"
 )]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ambit_agent::lab::topology::Topology;
 use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
-use ambit_integration::agent_binary;
+use ambit_integration::{Backend, PacketCapture, agent_binary, with_each_backend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const APP_PORT: u16 = 8080;
@@ -62,54 +60,6 @@ async fn round_trip(cluster: &Cluster, from: &str, to: &str, payload: &[u8]) -> 
     }
 }
 
-/// tcpdump on `interface` in `netns`, writing to a file until stopped.
-struct Capture {
-    child: Child,
-    file: tempfile::NamedTempFile,
-}
-
-impl Capture {
-    fn start(netns: &str, interface: &str) -> Self {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        let mut child = Topology::command_in(netns, "tcpdump")
-            .args([
-                "-i",
-                interface,
-                "--immediate-mode",
-                "-U",
-                "-n",
-                "-Z",
-                "root",
-                "-w",
-            ])
-            .arg(file.path())
-            .arg("tcp")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tcpdump is installed");
-        // tcpdump says so on stderr once it captures.
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let listening = stderr
-            .lines()
-            .map_while(Result::ok)
-            .any(|line| line.contains("listening on"));
-        assert!(listening, "tcpdump did not start");
-        Self { child, file }
-    }
-
-    /// Stops the capture and returns the packets' bytes.
-    fn stop(mut self) -> Vec<u8> {
-        std::thread::sleep(Duration::from_millis(200));
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.child.wait();
-        std::fs::read(self.file.path()).unwrap()
-    }
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -129,44 +79,28 @@ fn run_in(cluster: &Cluster, pod: &str, command: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// A capture backend, and what it leaves in a captured pod's namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Ebpf,
-    Nftables,
-}
-
-impl Backend {
-    fn flag(self) -> &'static str {
-        match self {
-            Self::Ebpf => "ebpf",
-            Self::Nftables => "nftables",
-        }
-    }
-
-    /// How many copies of this backend's capture `pod` holds: its table or its filter, and its
-    /// routing rule.
-    fn captures(self, cluster: &Cluster, pod: &str) -> (usize, usize) {
-        let (capture, rule) = match self {
-            Self::Nftables => (
-                nft_tables(cluster, pod).matches("table inet ambit").count(),
-                "fwmark 0x111/0xfff lookup 100",
-            ),
-            Self::Ebpf => (
-                run_in(
-                    cluster,
-                    pod,
-                    &["tc", "filter", "show", "dev", "eth0", "ingress"],
-                )
-                .lines()
-                .filter(|l| l.contains("ambit_inbound"))
-                .count(),
-                "ipproto tcp lookup 100",
-            ),
-        };
-        let rules = ip_rules(cluster, pod).matches(rule).count();
-        (capture, rules)
-    }
+/// How many copies of `backend`'s capture `pod` holds: its table or its filter, and its routing
+/// rule.
+fn captures(backend: Backend, cluster: &Cluster, pod: &str) -> (usize, usize) {
+    let (capture, rule) = match backend {
+        Backend::Nftables => (
+            nft_tables(cluster, pod).matches("table inet ambit").count(),
+            "fwmark 0x111/0xfff lookup 100",
+        ),
+        Backend::Ebpf => (
+            run_in(
+                cluster,
+                pod,
+                &["tc", "filter", "show", "dev", "eth0", "ingress"],
+            )
+            .lines()
+            .filter(|l| l.contains("ambit_inbound"))
+            .count(),
+            "ipproto tcp lookup 100",
+        ),
+    };
+    let rules = ip_rules(cluster, pod).matches(rule).count();
+    (capture, rules)
 }
 
 /// Whether anything of either backend is left in `pod`: a table, a filter, a rule of ambit's.
@@ -247,7 +181,7 @@ async fn within(limit: Duration, condition: impl Fn() -> bool) -> Option<Duratio
 async fn cross_node_traffic_is_tunneled_and_keeps_the_client_ip(backend: Backend) {
     let cluster = cluster(backend).await;
     let _server = echo(&cluster, "server").await;
-    let capture = Capture::start(cluster.topology().underlay(), "n1");
+    let capture = PacketCapture::start(cluster.topology().underlay(), "n1", "tcp");
 
     let payload = marker();
     let peer = round_trip(&cluster, "client", "server", &payload).await;
@@ -265,7 +199,7 @@ async fn same_node_traffic_is_tunneled_too(backend: Backend) {
     let cluster = cluster(backend).await;
     let _local = echo(&cluster, "local").await;
     let node1 = cluster.topology().nodes()[0].netns.clone();
-    let capture = Capture::start(&node1, "any");
+    let capture = PacketCapture::start(&node1, "any", "tcp");
 
     let payload = marker();
     let peer = round_trip(&cluster, "client", "local", &payload).await;
@@ -289,7 +223,7 @@ async fn traffic_to_and_from_pods_outside_the_mesh_still_works(backend: Backend)
 
 async fn an_opted_out_pod_is_left_alone(backend: Backend) {
     let cluster = cluster(backend).await;
-    assert_eq!(backend.captures(&cluster, "client"), (1, 1));
+    assert_eq!(captures(backend, &cluster, "client"), (1, 1));
     assert_eq!(
         traces(&cluster, "debug"),
         Vec::<String>::new(),
@@ -314,7 +248,7 @@ async fn pods_are_enrolled_and_released_as_the_file_changes(backend: Backend) {
     cluster.add_pod_namespace("node2", "shop", "late").unwrap();
     cluster.write_config().unwrap();
     let enrolled = within(Duration::from_secs(5), || {
-        backend.captures(&cluster, "late") == (1, 1)
+        captures(backend, &cluster, "late") == (1, 1)
             && listening_ports(&cluster, "late").contains(":15008")
     })
     .await;
@@ -388,7 +322,7 @@ async fn a_dead_agent_fails_closed_and_a_new_one_resumes(backend: Backend) {
     let peer = round_trip(&cluster, "client", "server", b"after").await;
     assert_eq!(peer, ip(&cluster, "client"));
     assert_eq!(
-        backend.captures(&cluster, "server"),
+        captures(backend, &cluster, "server"),
         (1, 1),
         "no duplicate capture after the restart"
     );
@@ -397,7 +331,7 @@ async fn a_dead_agent_fails_closed_and_a_new_one_resumes(backend: Backend) {
 /// A pod that left the mesh while its node had no agent is released by the next agent.
 async fn capture_left_behind_is_removed_at_start(backend: Backend) {
     let mut cluster = cluster(backend).await;
-    assert_eq!(backend.captures(&cluster, "server"), (1, 1));
+    assert_eq!(captures(backend, &cluster, "server"), (1, 1));
     cluster.kill_agent("node2");
     cluster.opt_out_pod("server");
     // node1 learns that the server left the mesh; node2 has no agent to tell.
@@ -424,13 +358,13 @@ async fn switching_backends_leaves_one_capture() {
         (Backend::Nftables, Backend::Ebpf),
         (Backend::Ebpf, Backend::Nftables),
     ] {
-        assert_eq!(from.captures(&cluster, "server"), (1, 1));
+        assert_eq!(captures(from, &cluster, "server"), (1, 1));
         cluster.kill_agent("node2");
         cluster.set_agent_args(&["--redirect", to.flag()]);
         cluster.start_agent("node2").await.unwrap();
-        assert_eq!(to.captures(&cluster, "server"), (1, 1));
+        assert_eq!(captures(to, &cluster, "server"), (1, 1));
         assert_eq!(
-            from.captures(&cluster, "server"),
+            captures(from, &cluster, "server"),
             (0, 0),
             "{from:?} left behind"
         );
@@ -444,32 +378,10 @@ async fn switching_backends_leaves_one_capture() {
 async fn ebpf_capture_leaves_no_netfilter_rule() {
     let cluster = cluster(Backend::Ebpf).await;
     for pod in ["client", "local", "server"] {
-        assert_eq!(Backend::Ebpf.captures(&cluster, pod), (1, 1));
+        assert_eq!(captures(Backend::Ebpf, &cluster, pod), (1, 1));
         let ruleset = run_in(&cluster, pod, &["nft", "list", "ruleset"]);
         assert_eq!(ruleset, "", "{pod} has netfilter rules");
     }
-}
-
-/// Runs each test with each backend.
-macro_rules! with_each_backend {
-    ($($test:ident),* $(,)?) => {
-        mod ebpf {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Backend::Ebpf).await;
-                }
-            )*
-        }
-        mod nftables {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Backend::Nftables).await;
-                }
-            )*
-        }
-    };
 }
 
 with_each_backend!(

@@ -53,6 +53,9 @@ pub struct CaptureCounters {
     pub inbound_steered: u64,
     /// New inbound connections dropped for want of a listener.
     pub inbound_dropped: u64,
+    /// TCP packets to the pod dropped because they could not be classified (IPv4 fragments,
+    /// malformed headers).
+    pub inbound_unclassified: u64,
     /// New outbound connections handed to the agent.
     pub outbound_steered: u64,
     /// New outbound connections refused for want of a listener.

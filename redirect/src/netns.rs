@@ -202,6 +202,10 @@ impl PodNetns {
         Ok(Self { id, jobs })
     }
 
+    pub fn id(&self) -> NetnsId {
+        self.id
+    }
+
     /// Runs `f` inside the namespace and returns its result.
     pub async fn run<R, F>(&self, f: F) -> Result<R, NetnsError>
     where

@@ -151,7 +151,7 @@ pub(crate) fn run(
         }
         Verdict::Deny {
             policy: Some(policy),
-            reason: DenyReason::Authorization,
+            reason: DenyReason::Authorization | DenyReason::UnknownDestination,
         } => {
             let reason = format!("denied by DENY policy {policy}");
             (false, Some(policy), reason)

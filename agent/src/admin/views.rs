@@ -157,4 +157,8 @@ pub struct EffectiveConfig {
     pub admin_addr: SocketAddr,
     pub baseline_learn_seconds: u64,
     pub log_format: String,
+    pub drain_timeout_seconds: u64,
+    pub handshake_timeout_seconds: u64,
+    pub max_pending_connections: usize,
+    pub max_pending_per_source: usize,
 }

@@ -14,6 +14,7 @@ use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::headers::{self, Baggage, TraceParent};
@@ -22,14 +23,12 @@ use super::stream::{self, H2Stream};
 use super::{CONNECTION_WINDOW, Keepalive, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW};
 use crate::accept::serve_listener;
 use crate::access::ConnectionRecord;
+use crate::admission::{Admission, HandshakeFailure, Listener, Pending, PendingLimits};
 use crate::authorize::{Authorizer, InboundRequest, RevokedFuture, Verdict};
 use crate::drain::DrainWatcher;
 use crate::error_chain::ErrorChain;
 use crate::sockets::{self, SocketFactory};
 use crate::telemetry::{Direction, Endpoints, Meter, Reporter, Telemetry, TrafficLabels};
-
-/// How long the app may take to accept a connection before the stream gets a 503.
-const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why an HBONE connection ended before its peer closed it.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +43,8 @@ pub enum ServerError {
     Socket(#[source] io::Error),
     #[error("TLS handshake failed")]
     Handshake(#[source] io::Error),
+    #[error("the TLS and HTTP/2 handshakes took longer than {0:?}")]
+    HandshakeTimeout(Duration),
     #[error("the client did not negotiate ALPN h2")]
     Alpn,
     #[error("HTTP/2 failed")]
@@ -56,7 +57,8 @@ pub enum ServerError {
 /// the app.
 #[derive(Debug)]
 pub struct HboneServer {
-    identity: Identity,
+    /// The workload's identity; it changes with the workload's service account.
+    identity: watch::Receiver<Identity>,
     certificates: Arc<CertificateManager>,
     keepalive: Keepalive,
     /// Connects to the app, from the client's address where the factory can.
@@ -64,15 +66,21 @@ pub struct HboneServer {
     /// Decides which streams may reach the app, and closes those a policy change denies.
     authorizer: Arc<dyn Authorizer>,
     telemetry: Arc<Telemetry>,
+    /// Bounds connections whose handshakes are not done yet.
+    admission: Arc<Admission>,
     /// The TLS configuration of the current certificate, rebuilt when it is renewed.
     tls: Mutex<Option<(Arc<WorkloadCertificate>, Arc<ServerConfig>)>>,
 }
+
+type H2Connection = h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>;
 
 /// What a CONNECT stream's handler needs to know about its connection.
 struct Peer {
     addr: SocketAddr,
     identity: Option<Identity>,
     local_ip: IpAddr,
+    /// What the server proved to the peer.
+    server_identity: Identity,
 }
 
 impl HboneServer {
@@ -85,14 +93,27 @@ impl HboneServer {
         telemetry: Arc<Telemetry>,
     ) -> Self {
         Self {
-            identity,
+            identity: watch::channel(identity).1,
             certificates,
             keepalive,
             sockets,
             authorizer,
             telemetry,
+            admission: Arc::new(Admission::unregistered(PendingLimits::default())),
             tls: Mutex::default(),
         }
+    }
+
+    /// Serves as the identity `identity` holds at each new connection.
+    pub(crate) fn following_identity(mut self, identity: watch::Receiver<Identity>) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    /// Admits connections, and bounds their handshakes, with the node's `admission`.
+    pub(crate) fn admission(mut self, admission: Arc<Admission>) -> Self {
+        self.admission = admission;
+        self
     }
 
     /// Accepts connections on `listener` until a drain starts; connections already accepted
@@ -103,7 +124,24 @@ impl HboneServer {
         serve_listener(listener, drain, "hbone", move |tcp, addr| {
             let (server, drain) = (server.clone(), connections.clone());
             async move {
-                if let Err(error) = server.serve_connection(tcp, drain).await {
+                let Some(pending) = server.admission.admit(Listener::Hbone, &tcp, addr) else {
+                    return;
+                };
+                let handshake_timeout = server.admission.limits().handshake_timeout;
+                let handshake = server.clone().handshake(tcp, pending);
+                let (connection, peer) =
+                    match tokio::time::timeout(handshake_timeout, handshake).await {
+                        Ok(Ok(established)) => established,
+                        Ok(Err(error)) => {
+                            let error = ErrorChain(&error);
+                            return server.admission.handshake_failed(HandshakeFailure::Error, addr, &error);
+                        }
+                        Err(_) => {
+                            let error = ServerError::HandshakeTimeout(handshake_timeout);
+                            return server.admission.handshake_failed(HandshakeFailure::Timeout, addr, &error);
+                        }
+                    };
+                if let Err(error) = server.serve_connection(connection, peer, drain).await {
                     tracing::warn!(src.addr = %addr, error = %ErrorChain(&error), "HBONE connection failed");
                 }
             }
@@ -111,14 +149,17 @@ impl HboneServer {
         .await;
     }
 
-    async fn serve_connection(
+    /// TLS, then HTTP/2, within the pending slot the connection holds until both are done.
+    async fn handshake(
         self: Arc<Self>,
         tcp: TcpStream,
-        mut drain: DrainWatcher,
-    ) -> Result<(), ServerError> {
+        _pending: Pending,
+    ) -> Result<(H2Connection, Arc<Peer>), ServerError> {
         let local_ip = tcp.local_addr().map_err(ServerError::Socket)?.ip();
         let addr = tcp.peer_addr().map_err(ServerError::Socket)?;
-        let mut tls = tokio_rustls::TlsAcceptor::from(self.tls_config().await?)
+        let server_identity = self.identity.borrow().clone();
+        let tls_config = self.tls_config(&server_identity).await?;
+        let mut tls = tokio_rustls::TlsAcceptor::from(tls_config)
             .accept(tcp)
             .await
             .map_err(ServerError::Handshake)?;
@@ -138,9 +179,9 @@ impl HboneServer {
             addr,
             identity,
             local_ip,
+            server_identity,
         });
-
-        let mut connection = h2::server::Builder::new()
+        let connection = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
@@ -148,6 +189,17 @@ impl HboneServer {
             .handshake(tls)
             .await
             .map_err(ServerError::H2)?;
+        Ok((connection, peer))
+    }
+
+    /// Serves the CONNECT streams of an established connection until it closes; a drain
+    /// sends GOAWAY and waits for the open streams to finish.
+    async fn serve_connection(
+        self: Arc<Self>,
+        mut connection: H2Connection,
+        peer: Arc<Peer>,
+        mut drain: DrainWatcher,
+    ) -> Result<(), ServerError> {
         let pings = connection
             .ping_pong()
             .unwrap_or_else(|| unreachable!("ping_pong is taken once, from a new connection"));
@@ -171,15 +223,15 @@ impl HboneServer {
         }
     }
 
-    async fn tls_config(&self) -> Result<Arc<ServerConfig>, ServerError> {
-        let certificate = self
-            .certificates
-            .fetch(&self.identity)
-            .await
-            .map_err(|source| ServerError::Certificate {
-                identity: self.identity.clone(),
-                source,
-            })?;
+    async fn tls_config(&self, identity: &Identity) -> Result<Arc<ServerConfig>, ServerError> {
+        let certificate =
+            self.certificates
+                .fetch(identity)
+                .await
+                .map_err(|source| ServerError::Certificate {
+                    identity: identity.clone(),
+                    source,
+                })?;
         let mut cached = self.tls.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((cached_certificate, config)) = cached.as_ref()
             && Arc::ptr_eq(cached_certificate, &certificate)
@@ -230,7 +282,7 @@ async fn serve_stream(
     let labels = TrafficLabels::new(
         Reporter::Destination,
         (peers.source.as_deref(), peer.identity.as_ref()),
-        (peers.destination.as_deref(), Some(&server.identity)),
+        (peers.destination.as_deref(), Some(&peer.server_identity)),
         peers.service.as_deref(),
     );
     let endpoints = Endpoints {
@@ -238,7 +290,7 @@ async fn serve_stream(
         src: peer.addr,
         dst: destination,
         src_identity: peer.identity.clone(),
-        dst_identity: Some(server.identity.clone()),
+        dst_identity: Some(peer.server_identity.clone()),
         // The source's own claim (baggage) only when the cluster does not know it.
         src_workload: peers
             .source
@@ -258,7 +310,7 @@ async fn serve_stream(
     }
     if let (Some(source), Some(workload)) = (&peer.identity, &peers.destination) {
         let baseline = &server.telemetry.baseline;
-        baseline.observe(source, workload, &server.identity, destination.port());
+        baseline.observe(source, workload, &peer.server_identity, destination.port());
     }
     let revoked = server.authorizer.revoked(inbound);
     let app = App {
@@ -288,15 +340,11 @@ async fn tunnel_to_app(
     revoked: RevokedFuture,
 ) {
     let connect = sockets::connect(target.sockets, target.client, true, target.destination);
-    let mut app = match tokio::time::timeout(APP_CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(app)) => app,
-        Ok(Err(error)) => {
+    let mut app = match connect.await {
+        Ok(app) => app,
+        Err(error) => {
             reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             return record.fail(error);
-        }
-        Err(_) => {
-            reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            return record.fail(AppTimeout(APP_CONNECT_TIMEOUT));
         }
     };
     let send = match respond.send_response(Response::new(()), false) {
@@ -307,10 +355,6 @@ async fn tunnel_to_app(
     let copy = async |meter: &Meter| stream::copy_bidirectional(&mut app, stream, meter).await;
     record.establish().carry_until_revoked(copy, revoked).await;
 }
-
-#[derive(Debug, thiserror::Error)]
-#[error("the app did not accept the connection within {0:?}")]
-struct AppTimeout(Duration);
 
 fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let mut response = Response::new(());

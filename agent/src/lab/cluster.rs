@@ -20,6 +20,8 @@ struct PodSpec {
     namespace: String,
     name: String,
     opted_out: bool,
+    /// Labels besides `app` and the opt-out.
+    labels: BTreeMap<String, String>,
 }
 
 /// What a cluster holds, before it starts.
@@ -77,6 +79,7 @@ impl ClusterBuilder {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             opted_out,
+            labels: BTreeMap::new(),
         };
         self.pods.push((node.to_owned(), spec));
         self
@@ -185,6 +188,7 @@ impl Cluster {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
                 opted_out: false,
+                labels: BTreeMap::new(),
             },
         )
     }
@@ -218,6 +222,15 @@ impl Cluster {
         }
     }
 
+    /// Labels `name` `key=value` from the next write.
+    pub fn set_pod_label(&mut self, name: &str, key: &str, value: &str) {
+        for (spec, _, _) in &mut self.pods {
+            if spec.name == name {
+                spec.labels.insert(key.to_owned(), value.to_owned());
+            }
+        }
+    }
+
     /// Adds `yaml` (AuthorizationPolicies, PeerAuthentications, ...) to the cluster file from the
     /// next [`write_config`](Self::write_config) on, in place of what was set before.
     pub fn set_extra_objects(&mut self, yaml: &str) {
@@ -239,12 +252,14 @@ impl Cluster {
             );
         }
         for (spec, pod, _) in self.pods.iter().filter(|(_, _, listed)| *listed) {
-            let labels = if spec.opted_out {
-                "{app: APP, istio.io/dataplane-mode: none}"
-            } else {
-                "{app: APP}"
+            let mut labels = format!("{{app: {}", spec.name);
+            if spec.opted_out {
+                labels.push_str(", istio.io/dataplane-mode: none");
             }
-            .replace("APP", &spec.name);
+            for (key, value) in &spec.labels {
+                let _ = write!(labels, ", {key}: {value:?}");
+            }
+            labels.push('}');
             let _ = write!(
                 yaml,
                 "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  uid: {netns}\n  labels: {labels}\nspec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers: [{{name: app, image: app}}]\nstatus:\n  podIP: {ip}\n",
@@ -317,6 +332,10 @@ impl Cluster {
 
     pub fn agent(&self, node: &str) -> Option<&AgentProcess> {
         self.agents.get(node)
+    }
+
+    pub fn agent_mut(&mut self, node: &str) -> Option<&mut AgentProcess> {
+        self.agents.get_mut(node)
     }
 
     /// All agents' logs, for a failing test's message.

@@ -1,10 +1,10 @@
 //! Apps inside pods: sockets created in a pod's namespace, used from the caller's runtime.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use ambit_redirect::{Netns, NetnsError, PodNetns};
@@ -61,11 +61,11 @@ impl InPod {
     /// line, then echoes.
     pub async fn echo(&self, port: u16) -> io::Result<EchoApp> {
         let listener = self.listen(port).await?;
-        let accepted = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(Mutex::new(HashMap::new()));
         let counter = accepted.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, peer)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
+                *lock(&counter).entry(peer.ip()).or_default() += 1;
                 tokio::spawn(echo(stream, peer));
             }
         });
@@ -93,15 +93,25 @@ async fn echo(mut stream: TcpStream, peer: SocketAddr) {
 /// The server [`InPod::echo`] starts; stops when dropped.
 #[derive(Debug)]
 pub struct EchoApp {
-    accepted: Arc<AtomicUsize>,
+    /// Connections accepted, by client IP.
+    accepted: Arc<Mutex<HashMap<IpAddr, usize>>>,
     task: JoinHandle<()>,
 }
 
 impl EchoApp {
     /// Connections the app has accepted.
     pub fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
+        lock(&self.accepted).values().sum()
     }
+
+    /// Connections the app has accepted from `client`.
+    pub fn accepted_from(&self, client: IpAddr) -> usize {
+        lock(&self.accepted).get(&client).copied().unwrap_or(0)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Drop for EchoApp {

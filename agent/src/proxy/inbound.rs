@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::Pod;
 use crate::accept::serve_listener;
 use crate::access::ConnectionRecord;
+use crate::admission::Listener;
 use crate::authorize::{Authorizer, InboundRequest, Verdict, WorkloadAuthorizer};
 use crate::drain::DrainWatcher;
 use crate::sockets;
@@ -35,6 +36,9 @@ async fn proxy(
     mut tcp: TcpStream,
     peer: SocketAddr,
 ) {
+    let Some(pending) = pod.admission.admit(Listener::InboundPlaintext, &tcp, peer) else {
+        return;
+    };
     let destination = match tcp.local_addr() {
         Ok(destination) => destination,
         Err(error) => {
@@ -47,11 +51,15 @@ async fn proxy(
         source_identity: None,
         destination,
     };
+    let Some((workload, identity)) = pod.current() else {
+        tracing::info!(src.addr = %peer, dst.addr = %destination, "the pod is leaving the mesh; closing");
+        return;
+    };
     let peers = authorizer.peers(&request);
     let labels = TrafficLabels::new(
         Reporter::Destination,
         (peers.source.as_deref(), None),
-        (Some(&pod.workload), None),
+        (Some(&workload), None),
         peers.service.as_deref(),
     );
     let endpoints = Endpoints {
@@ -59,12 +67,12 @@ async fn proxy(
         src: peer,
         dst: destination,
         src_identity: None,
-        dst_identity: Some(pod.identity.clone()),
+        dst_identity: Some(identity),
         src_workload: peers.source.as_ref().map(|w| w.qualified_name()),
-        dst_workload: Some(pod.workload.qualified_name()),
+        dst_workload: Some(workload.qualified_name()),
     };
     let record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
-    if destination.ip() != pod.ip || AGENT_POD_PORTS.contains(&destination.port()) {
+    if destination.ip() != pod.workload.ip || AGENT_POD_PORTS.contains(&destination.port()) {
         return record.fail(UnexpectedDestination(destination));
     }
     if let Verdict::Deny { policy, reason } = authorizer.authorize(&request) {
@@ -76,6 +84,7 @@ async fn proxy(
         Ok(app) => app,
         Err(error) => return record.fail(error),
     };
+    drop(pending);
     let copy = async |meter: &Meter| {
         let mut client = Metered {
             inner: &mut tcp,

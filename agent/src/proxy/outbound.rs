@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::Pod;
 use crate::accept::serve_listener;
 use crate::access::ConnectionRecord;
+use crate::admission::Listener;
 use crate::drain::DrainWatcher;
 use crate::hbone::{Baggage, ConnectRequest, WorkloadKind};
 use crate::sockets;
@@ -24,12 +25,19 @@ pub(super) async fn serve(pod: Pod, listener: TcpListener, drain: DrainWatcher) 
 }
 
 async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
+    let Some(pending) = pod.admission.admit(Listener::Outbound, &tcp, peer) else {
+        return;
+    };
     let destination = match ambit_redirect::socket::original_destination(&tcp) {
         Ok(destination) => destination,
         Err(error) => {
             tracing::warn!(src.addr = %peer, %error, "no original destination; closing");
             return;
         }
+    };
+    let Some((source, identity)) = pod.current() else {
+        tracing::info!(src.addr = %peer, dst.addr = %destination, "the pod is leaving the mesh; closing");
+        return;
     };
     let (upstream, workload, service) = {
         let state = pod.state.borrow();
@@ -45,7 +53,7 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
         Upstream::Passthrough { .. } | Upstream::NoEndpoint { .. } => Ok(None),
     };
     let principals = match &expected {
-        Ok(Some(expected)) => (Some(&pod.identity), Some(expected)),
+        Ok(Some(expected)) => (Some(&identity), Some(expected)),
         _ => (None, None),
     };
     // Through a service, the endpoint chosen is the destination workload.
@@ -55,7 +63,7 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
     };
     let labels = TrafficLabels::new(
         Reporter::Source,
-        (Some(&pod.workload), principals.0),
+        (Some(&source), principals.0),
         (workload.as_deref(), principals.1),
         service.as_deref(),
     );
@@ -63,9 +71,9 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
         direction: Direction::Outbound,
         src: peer,
         dst: destination,
-        src_identity: Some(pod.identity.clone()),
+        src_identity: Some(identity.clone()),
         dst_identity: principals.1.cloned(),
-        src_workload: Some(pod.workload.qualified_name()),
+        src_workload: Some(source.qualified_name()),
         dst_workload: workload.as_ref().map(|w| w.qualified_name()),
     };
     let record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
@@ -81,17 +89,18 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
             ..
         } => {
             let request = ConnectRequest {
-                source: pod.identity.clone(),
+                source: identity,
                 source_addr: peer,
                 hbone_addr,
                 authority,
                 expected_identities: expected.into_iter().collect(),
-                baggage: Some(baggage(&pod.workload)),
+                baggage: Some(baggage(&source)),
             };
             // Boxed: the connect phase's state is large and would otherwise stay allocated in
             // every connection's task for as long as it is copying.
             match Box::pin(pod.client.connect(&request, pod.sockets.as_ref())).await {
                 Ok(tunnel) => {
+                    drop(pending);
                     let connection = record.establish();
                     let copied = tunnel
                         .copy_bidirectional(&mut tcp, connection.meter())
@@ -106,6 +115,7 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
             let local = SocketAddr::new(peer.ip(), 0);
             match sockets::connect(pod.sockets.as_ref(), local, false, addr).await {
                 Ok(mut upstream) => {
+                    drop(pending);
                     let connection = record.establish();
                     let mut client = Metered {
                         inner: &mut tcp,

@@ -155,6 +155,11 @@ impl Metrics {
         ambit.register_collector(Box::new(CaptureCounts(capture)));
     }
 
+    /// Where a module registers metrics of its own, under ambit's prefix.
+    pub(crate) fn ambit_registry(&mut self) -> &mut Registry {
+        self.registry.sub_registry_with_prefix("ambit")
+    }
+
     /// The exposition text of every metric.
     pub fn encode(&self) -> String {
         let mut text = String::with_capacity(64 * 1024);
@@ -259,7 +264,7 @@ impl Collector for CaptureCounts {
         };
         let mut metric = encoder.encode_descriptor(
             "capture_connections",
-            "New connections the eBPF capture programs handed to the agent (steered) or refused for want of its listener (dropped)",
+            "New connections the eBPF capture programs handed to the agent (steered) or refused for want of its listener (dropped); TCP packets to a pod they dropped because they could not classify them (unclassified: IPv4 fragments, malformed headers)",
             None,
             MetricType::Counter,
         )?;
@@ -268,6 +273,7 @@ impl Collector for CaptureCounts {
             ("inbound", "dropped", counters.inbound_dropped),
             ("outbound", "steered", counters.outbound_steered),
             ("outbound", "dropped", counters.outbound_dropped),
+            ("inbound", "unclassified", counters.inbound_unclassified),
         ] {
             let labels = CaptureLabels { direction, outcome };
             ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;

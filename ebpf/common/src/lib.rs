@@ -45,8 +45,11 @@ pub mod counter {
     pub const OUTBOUND_STEERED: u32 = 2;
     /// New outbound connections refused because no listener was there.
     pub const OUTBOUND_DROPPED: u32 = 3;
+    /// TCP packets to the pod dropped because they cannot be classified: IPv4 fragments,
+    /// malformed or truncated headers.
+    pub const INBOUND_UNCLASSIFIED: u32 = 4;
     /// Entries in the array.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Kubernetes nodes send kubelet's probes from this address; capture leaves them alone.

@@ -294,6 +294,7 @@ fn counted(programs: &aya::Ebpf) -> CaptureCounters {
         inbound_dropped: read(counter::INBOUND_DROPPED),
         outbound_steered: read(counter::OUTBOUND_STEERED),
         outbound_dropped: read(counter::OUTBOUND_DROPPED),
+        inbound_unclassified: read(counter::INBOUND_UNCLASSIFIED),
     }
 }
 
@@ -302,6 +303,7 @@ fn add(total: &mut CaptureCounters, more: CaptureCounters) {
     total.inbound_dropped += more.inbound_dropped;
     total.outbound_steered += more.outbound_steered;
     total.outbound_dropped += more.outbound_dropped;
+    total.inbound_unclassified += more.inbound_unclassified;
 }
 
 fn ebpf_error(what: &str, error: impl std::error::Error) -> CaptureError {
