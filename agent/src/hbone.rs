@@ -30,6 +30,9 @@ const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 const TLS_BUFFER_LIMIT: usize = 1024 * 1024;
 /// Streams one server accepts concurrently on a connection.
 const SERVER_MAX_STREAMS: u32 = 200;
+/// The largest header list (decoded, as HTTP/2 counts it) either side accepts: a CONNECT needs
+/// well under 1 KiB, so this only stops a peer from making us buffer and decode megabytes.
+const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 
 /// How the client side of HBONE uses its pooled connections.
 #[derive(Debug, Clone)]
@@ -40,6 +43,13 @@ pub struct ClientSettings {
     pub idle_timeout: Duration,
     /// How long dialing a new connection (TCP, TLS and HTTP/2 handshakes) may take.
     pub connect_timeout: Duration,
+    /// How long the server may take to answer a CONNECT once it is sent; it answers only after
+    /// the app accepted the connection, so this bounds that too.
+    pub response_timeout: Duration,
+    /// A pooled connection takes no new stream once it is this old; its open streams finish,
+    /// then it closes. It never outlives either certificate that authenticated it, whatever
+    /// this says.
+    pub max_connection_age: Duration,
     pub keepalive: Keepalive,
 }
 
@@ -49,6 +59,8 @@ impl Default for ClientSettings {
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(5 * 60),
             connect_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(15),
+            max_connection_age: Duration::from_secs(60 * 60),
             keepalive: Keepalive::default(),
         }
     }

@@ -139,6 +139,13 @@ pub fn certificate_identity(der: &CertificateDer<'_>) -> Result<Identity, Certif
     uri_san_identity(&parsed)
 }
 
+/// When a DER certificate stops being valid: how long a connection it authenticated may live.
+pub fn certificate_not_after(der: &CertificateDer<'_>) -> Result<SystemTime, CertificateError> {
+    let (_, parsed) =
+        X509Certificate::from_der(der).map_err(|e| CertificateError::ParseLeaf(e.to_string()))?;
+    Ok(unix_time(parsed.validity().not_after.timestamp()))
+}
+
 fn uri_san_identity(cert: &X509Certificate<'_>) -> Result<Identity, CertificateError> {
     let san = cert
         .subject_alternative_name()

@@ -13,7 +13,9 @@ mod provider;
 mod spiffe;
 mod tls;
 
-pub use certificate::{CertificateError, WorkloadCertificate, certificate_identity};
+pub use certificate::{
+    CertificateError, WorkloadCertificate, certificate_identity, certificate_not_after,
+};
 pub use local_ca::{
     CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, DEFAULT_WORKLOAD_TTL, LocalCa, LocalCaError,
     ROOT_CERT_FILE,

@@ -256,6 +256,19 @@ mod tests {
     }
 
     #[test]
+    fn a_presented_certificate_tells_when_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::load_or_create(dir.path(), &trust_domain()).unwrap();
+        let identity = Identity::new(&trust_domain(), "shop", "web").unwrap();
+        let certificate = ca.sign(&identity).unwrap();
+        let leaf = &certificate.certified_key().cert[0];
+        assert_eq!(
+            crate::certificate_not_after(leaf).unwrap(),
+            certificate.not_after()
+        );
+    }
+
+    #[test]
     fn ca_key_is_private_to_the_owner() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();

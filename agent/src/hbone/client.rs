@@ -3,11 +3,13 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use ambit_identity::{CertificateManager, FetchError, Identity};
+use ambit_identity::{CertificateError, CertificateManager, FetchError, Identity};
+use bytes::Bytes;
 use http::StatusCode;
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use crate::sockets::SocketFactory;
 use crate::telemetry::Meter;
@@ -15,7 +17,9 @@ use crate::telemetry::Meter;
 use super::headers::{self, Baggage, TraceParent};
 use super::pool::{Dialed, Pool, PoolKey, StreamClaim};
 use super::stream::{self, CopyError, H2Stream, Transferred};
-use super::{CONNECTION_WINDOW, ClientSettings, MAX_FRAME_SIZE, STREAM_WINDOW};
+use super::{
+    CONNECTION_WINDOW, ClientSettings, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, STREAM_WINDOW,
+};
 
 /// One tunnel to open.
 #[derive(Debug, Clone)]
@@ -70,6 +74,26 @@ pub enum ConnectError {
         addr: SocketAddr,
         #[source]
         source: h2::Error,
+    },
+    #[error("{addr} did not answer the tunnel to {authority} within {timeout:?}")]
+    ResponseTimeout {
+        addr: SocketAddr,
+        authority: SocketAddr,
+        timeout: Duration,
+    },
+    #[error("failed to read the expiry of the certificate {addr} presented")]
+    PeerCertificate {
+        addr: SocketAddr,
+        #[source]
+        source: CertificateError,
+    },
+    /// The dial this request waited for failed. Every caller that waited gets this, and so
+    /// does the caller that dialed once anyone waited; alone, it gets the error itself.
+    #[error("the shared dial to {addr} failed")]
+    SharedDial {
+        addr: SocketAddr,
+        #[source]
+        source: Arc<ConnectError>,
     },
     #[error("{addr} refused the tunnel to {authority} with status {status}")]
     Refused {
@@ -133,6 +157,7 @@ pub struct HboneClient {
     certificates: Arc<CertificateManager>,
     pool: Pool,
     connect_timeout: Duration,
+    response_timeout: Duration,
 }
 
 impl HboneClient {
@@ -140,6 +165,7 @@ impl HboneClient {
         Self {
             certificates,
             connect_timeout: settings.connect_timeout,
+            response_timeout: settings.response_timeout,
             pool: Pool::new(settings),
         }
     }
@@ -163,34 +189,66 @@ impl HboneClient {
             destination: request.hbone_addr,
             expected,
         };
-        // Boxed: most tunnels reuse a pooled connection and never need the dial's large state.
-        let claim = self
-            .pool
-            .checkout(&key, || Box::pin(self.dial(&key, sockets)))
-            .await?;
+        // A stream refused by a connection that looked usable (a GOAWAY raced the claim, or
+        // REFUSED_STREAM) was never processed, so it is tried once more, on a connection
+        // dialed if need be.
+        let mut retried = false;
+        loop {
+            // Boxed: most tunnels reuse a pooled connection and never need the dial's large
+            // state.
+            let claim = self
+                .pool
+                .checkout(&key, || Box::pin(self.dial(&key, sockets)))
+                .await?;
+            match self.open_stream(request, claim).await {
+                Ok(tunnel) => return Ok(tunnel),
+                Err(Refusal::Unprocessed(error)) if !retried => {
+                    tracing::debug!(dst.addr = %key.destination, error = %error, "retrying a stream on another HBONE connection");
+                    retried = true;
+                }
+                Err(Refusal::Unprocessed(error) | Refusal::Failed(error)) => return Err(error),
+            }
+        }
+    }
 
-        let addr = request.hbone_addr;
-        let open_error = |source| ConnectError::OpenStream { addr, source };
+    /// Sends the CONNECT on the claimed connection and waits, up to the response timeout, for
+    /// the answer. A connection that refuses the stream is retired.
+    async fn open_stream(
+        &self,
+        request: &ConnectRequest,
+        claim: StreamClaim,
+    ) -> Result<Tunnel, Refusal> {
+        let (addr, authority) = (request.hbone_addr, request.authority);
         let connect = headers::connect_request(
-            request.authority,
+            authority,
             request.source_addr,
             request.baggage.as_ref(),
             &TraceParent::random(),
         );
-        let (response, send) = claim
-            .sender()
-            .ready()
+        let opened = tokio::time::timeout(self.response_timeout, send_connect(&claim, connect))
             .await
-            .map_err(open_error)?
-            .send_request(connect, false)
-            .map_err(open_error)?;
-        let response = response.await.map_err(open_error)?;
+            .map_err(|_| {
+                Refusal::Failed(ConnectError::ResponseTimeout {
+                    addr,
+                    authority,
+                    timeout: self.response_timeout,
+                })
+            })?;
+        let (response, send) = opened.map_err(|(source, unprocessed)| {
+            let error = ConnectError::OpenStream { addr, source };
+            if unprocessed {
+                claim.retire();
+                Refusal::Unprocessed(error)
+            } else {
+                Refusal::Failed(error)
+            }
+        })?;
         if response.status() != StatusCode::OK {
-            return Err(ConnectError::Refused {
+            return Err(Refusal::Failed(ConnectError::Refused {
                 addr,
-                authority: request.authority,
+                authority,
                 status: response.status(),
-            });
+            }));
         }
         Ok(Tunnel {
             stream: H2Stream {
@@ -206,9 +264,15 @@ impl HboneClient {
         self.pool.connections()
     }
 
-    /// Streams open on the pooled connections.
+    /// Streams open, also on connections that left the pool (GOAWAY, too old) and only
+    /// finish the streams they carry.
     pub fn pooled_streams(&self) -> usize {
         self.pool.streams()
+    }
+
+    /// Pool keys (who calls whom) with a pooled connection or a dial in flight.
+    pub fn pool_keys(&self) -> usize {
+        self.pool.keys()
     }
 
     async fn dial(
@@ -257,26 +321,91 @@ impl HboneClient {
         tls.get_mut()
             .1
             .set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
+        let certificates_expire = certificate.not_after().min(
+            peer_not_after(&tls)
+                .map_err(|source| ConnectError::PeerCertificate { addr, source })?,
+        );
 
-        let handshake = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME_SIZE)
-            .enable_push(false)
-            .handshake(tls);
-        let (sender, mut connection) = deadline
-            .run(DialStage::Http2Handshake, handshake)
-            .await?
-            .map_err(|source| ConnectError::H2Handshake { addr, source })?;
-        let pings = connection
-            .ping_pong()
-            .unwrap_or_else(|| unreachable!("ping_pong is taken once, from a new connection"));
-        Ok(Dialed {
-            sender,
-            connection,
-            pings,
-        })
+        http2_handshake(tls, &deadline, certificates_expire).await
     }
+}
+
+/// Starts HTTP/2 on a dialed TLS connection, with HBONE's settings.
+async fn http2_handshake(
+    tls: TlsStream<TcpStream>,
+    deadline: &Deadline,
+    certificates_expire: SystemTime,
+) -> Result<Dialed, ConnectError> {
+    let handshake = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .enable_push(false)
+        .handshake(tls);
+    let addr = deadline.addr;
+    let (sender, mut connection) = deadline
+        .run(DialStage::Http2Handshake, handshake)
+        .await?
+        .map_err(|source| ConnectError::H2Handshake { addr, source })?;
+    let pings = connection
+        .ping_pong()
+        .unwrap_or_else(|| unreachable!("ping_pong is taken once, from a new connection"));
+    Ok(Dialed {
+        sender,
+        connection,
+        pings,
+        certificates_expire,
+    })
+}
+
+/// Why a CONNECT got no tunnel.
+enum Refusal {
+    /// The server never processed the stream (GOAWAY, refused stream, connection gone): safe
+    /// to send again elsewhere.
+    Unprocessed(ConnectError),
+    Failed(ConnectError),
+}
+
+/// Opens the stream and waits for the response head. The error says whether the server never
+/// processed the stream.
+async fn send_connect(
+    claim: &StreamClaim,
+    connect: http::Request<()>,
+) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), (h2::Error, bool)> {
+    // Errors before anything is sent are the connection's (GOAWAY received, closed), except
+    // for a request h2 refuses to encode, which no other connection would take either.
+    let unsent = |error: h2::Error| {
+        let unprocessed = error.is_go_away() || error.is_io();
+        (error, unprocessed)
+    };
+    let (response, send) = claim
+        .sender()
+        .ready()
+        .await
+        .map_err(unsent)?
+        .send_request(connect, false)
+        .map_err(unsent)?;
+    let response = response.await.map_err(|error| {
+        // A stream above a graceful GOAWAY's last stream id, or refused, was not processed.
+        let unprocessed = error.reason() == Some(h2::Reason::REFUSED_STREAM)
+            || (error.is_go_away()
+                && error.is_remote()
+                && error.reason() == Some(h2::Reason::NO_ERROR));
+        (error, unprocessed)
+    })?;
+    Ok((response, send))
+}
+
+/// When the certificate the server presented stops being valid.
+fn peer_not_after(tls: &TlsStream<TcpStream>) -> Result<SystemTime, CertificateError> {
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or(CertificateError::EmptyChain)?;
+    ambit_identity::certificate_not_after(leaf)
 }
 
 /// The deadline of one dial, shared by its steps.

@@ -10,6 +10,11 @@ use http::{HeaderValue, Method, Request, StatusCode};
 pub(crate) const BAGGAGE: &str = "baggage";
 pub(crate) const TRACEPARENT: &str = "traceparent";
 
+/// The longest `baggage` header read, as W3C baggage limits it; a longer one is ignored whole.
+const MAX_BAGGAGE_LEN: usize = 8192;
+/// The length of a version 00 `traceparent`; anything else is malformed.
+const TRACEPARENT_LEN: usize = 55;
+
 /// Why the server refuses a CONNECT request before connecting anywhere.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum RequestError {
@@ -140,9 +145,13 @@ pub struct Baggage {
 
 impl Baggage {
     /// Reads the entries ambit knows and ignores the rest; malformed members are skipped, since
-    /// baggage is informational and must never fail a connection.
+    /// baggage is informational and must never fail a connection. A header longer than W3C
+    /// allows (8192 bytes) is ignored.
     pub fn parse(header: &str) -> Self {
         let mut baggage = Self::default();
+        if header.len() > MAX_BAGGAGE_LEN {
+            return baggage;
+        }
         for member in header.split(',') {
             let pair = member.split(';').next().unwrap_or_default();
             let Some((key, value)) = pair.split_once('=') else {
@@ -253,7 +262,7 @@ impl fmt::Display for TraceParent {
     }
 }
 
-/// Why a `traceparent` header was ignored.
+/// Why a `traceparent` header was ignored; holds at most the first bytes of it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed traceparent {0:?}")]
 pub struct TraceParentError(String);
@@ -262,7 +271,11 @@ impl FromStr for TraceParent {
     type Err = TraceParentError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let invalid = || TraceParentError(s.to_owned());
+        // A peer may send anything up to the header list limit: keep no more than a valid one.
+        let invalid = || TraceParentError(s.chars().take(TRACEPARENT_LEN).collect());
+        if s.len() != TRACEPARENT_LEN {
+            return Err(invalid());
+        }
         let hex = |field: &str, len: usize| {
             (field.len() == len && field.bytes().all(|b| b.is_ascii_hexdigit()))
                 .then(|| u128::from_str_radix(field, 16).ok())
@@ -400,6 +413,25 @@ mod tests {
                 ..Baggage::default()
             }
         );
+    }
+
+    #[test]
+    fn oversized_informational_headers_are_ignored() {
+        let namespace = "k8s.namespace.name=shop";
+        let padded = format!("{namespace},{}", "x".repeat(MAX_BAGGAGE_LEN));
+        assert_eq!(Baggage::parse(&padded), Baggage::default());
+        let at_limit = format!(
+            "{namespace},{}",
+            "x".repeat(MAX_BAGGAGE_LEN - namespace.len() - 1)
+        );
+        assert_eq!(Baggage::parse(&at_limit).namespace.as_deref(), Some("shop"));
+
+        let huge = format!(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01{}",
+            "0".repeat(64 * 1024)
+        );
+        let TraceParentError(kept) = huge.parse::<TraceParent>().unwrap_err();
+        assert_eq!(kept.len(), TRACEPARENT_LEN);
     }
 
     #[test]

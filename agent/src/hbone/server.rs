@@ -186,6 +186,7 @@ impl HboneServer {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
             .max_concurrent_streams(SERVER_MAX_STREAMS)
+            .max_header_list_size(super::MAX_HEADER_LIST_SIZE)
             .handshake(tls)
             .await
             .map_err(ServerError::H2)?;

@@ -1,6 +1,7 @@
 //! HBONE over loopback with real certificates, real TLS and real sockets.
 
 mod peers;
+mod pool;
 
 use std::error::Error as _;
 use std::sync::Arc;

@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ambit_agent::authorize::{AllowAll, Authorizer};
@@ -18,16 +19,19 @@ use ambit_agent::{
     Baggage, ClientSettings, ConnectError, ConnectRequest, HboneClient, HboneServer, Keepalive,
     Tunnel, WorkloadKind,
 };
-use ambit_identity::{Identity, WorkloadCertificate};
+use ambit_identity::{CertificateManager, Identity, WorkloadCertificate};
 use ambit_test_support::{EchoServer, TestPki};
 use bytes::Bytes;
+use h2::RecvStream;
 use h2::client::SendRequest;
+use h2::server::SendResponse;
 use http::{Method, Request, StatusCode};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{AlertDescription, ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// An HBONE server for `shop/backend` on loopback and a client acting for `shop/frontend`.
@@ -120,7 +124,7 @@ impl Mesh {
 }
 
 /// Copies a loopback socket pair through `tunnel` and hands back the app side.
-async fn carry(tunnel: Tunnel) -> TcpStream {
+pub(crate) async fn carry(tunnel: Tunnel) -> TcpStream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = TcpStream::connect(listener.local_addr().unwrap())
         .await
@@ -245,6 +249,182 @@ pub(crate) fn h2_frame_types(mut bytes: &[u8]) -> Vec<u8> {
         bytes = &bytes[(9 + length).min(bytes.len())..];
     }
     types
+}
+
+/// What an [`H2Server`] does with the CONNECT streams it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// 200, then echoes the stream's bytes.
+    Echo,
+    /// Never answers; holds the stream open.
+    Silent,
+    /// Resets every stream with REFUSED_STREAM on the first `n` connections; echoes on later
+    /// ones.
+    RefuseOnFirst(usize),
+}
+
+/// An HTTP/2 server with a valid HBONE certificate that answers CONNECTs as told, counts the
+/// connections it accepted and still has open, and sends GOAWAY on demand.
+pub(crate) struct H2Server {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    /// Bumped to make the open connections say GOAWAY.
+    goaway: watch::Sender<u64>,
+    task: JoinHandle<()>,
+}
+
+impl H2Server {
+    /// Serves as `identity`, with a certificate fetched from `certificates` for each
+    /// connection.
+    pub(crate) async fn start(
+        certificates: Arc<CertificateManager>,
+        identity: Identity,
+        answer: Answer,
+    ) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, open) = (Arc::<AtomicUsize>::default(), Arc::<AtomicUsize>::default());
+        let goaway = watch::Sender::new(0);
+        let (counted, opened, shutdown) = (accepted.clone(), open.clone(), goaway.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let index = counted.fetch_add(1, Ordering::SeqCst);
+                let certificate = certificates.fetch(&identity).await.unwrap();
+                let answer = match answer {
+                    Answer::RefuseOnFirst(n) if index >= n => Answer::Echo,
+                    answer => answer,
+                };
+                let (opened, shutdown) = (opened.clone(), shutdown.subscribe());
+                opened.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    serve_h2(tcp, &certificate, answer, shutdown).await;
+                    opened.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            open,
+            goaway,
+            task,
+        }
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub(crate) fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections still open.
+    pub(crate) fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Starts a graceful shutdown (GOAWAY) of every connection open now; later ones are
+    /// served normally.
+    pub(crate) fn goaway(&self) {
+        self.goaway.send_modify(|generation| *generation += 1);
+    }
+}
+
+impl Drop for H2Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_h2(
+    tcp: TcpStream,
+    certificate: &WorkloadCertificate,
+    answer: Answer,
+    mut goaway: watch::Receiver<u64>,
+) {
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(Arc::new(ambit_identity::server_config(certificate)));
+    let Ok(tls) = acceptor.accept(tcp).await else {
+        return;
+    };
+    let Ok(mut connection) = h2::server::handshake(tls).await else {
+        return;
+    };
+    let mut silent = Vec::new();
+    loop {
+        tokio::select! {
+            request = connection.accept() => match request {
+                Some(Ok((request, mut respond))) => match answer {
+                    Answer::Echo => {
+                        tokio::spawn(echo(request.into_body(), respond));
+                    }
+                    Answer::Silent => silent.push((request, respond)),
+                    Answer::RefuseOnFirst(_) => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                },
+                _ => return,
+            },
+            Ok(()) = goaway.changed() => connection.graceful_shutdown(),
+        }
+    }
+}
+
+/// Answers 200, then sends back every byte received.
+async fn echo(mut recv: RecvStream, mut respond: SendResponse<Bytes>) {
+    let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
+        return;
+    };
+    while let Some(Ok(chunk)) = recv.data().await {
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        if send.send_data(chunk, false).is_err() {
+            return;
+        }
+    }
+    let _ = send.send_data(Bytes::new(), true);
+}
+
+/// A TCP listener that accepts connections, counts them and never says a word.
+pub(crate) struct MuteListener {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl MuteListener {
+    pub(crate) async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::<AtomicUsize>::default();
+        let counted = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                held.push(tcp);
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub(crate) fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for MuteListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Completes the TLS handshake as an HBONE server, then never reads or writes again.

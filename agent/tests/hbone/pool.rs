@@ -1,0 +1,211 @@
+//! The client's connection pool against peers that misbehave: GOAWAY, refused streams, dials
+//! that never finish, servers that never answer, connections that grew too old.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a helper whose peer misbehaves unexpectedly fails the test"
+)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_agent::sockets::LocalSockets;
+use ambit_agent::{ClientSettings, ConnectError, DialStage};
+use ambit_test_support::TestPki;
+use http::{Method, Request, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::peers::{self, Answer, H2Server, Mesh, MuteListener};
+
+/// Opens a tunnel through the HBONE server at `hbone` and returns the app's end of it.
+async fn open_via(mesh: &Mesh, hbone: SocketAddr) -> Result<TcpStream, ConnectError> {
+    let mut request = mesh.request(hbone);
+    request.hbone_addr = hbone;
+    let tunnel = mesh.client.connect(&request, &LocalSockets).await?;
+    Ok(peers::carry(tunnel).await)
+}
+
+async fn assert_echoes(app: &mut TcpStream) {
+    app.write_all(b"ping").await.unwrap();
+    let mut reply = [0; 4];
+    app.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply, b"ping");
+}
+
+async fn h2_server(mesh: &Mesh, answer: Answer) -> H2Server {
+    H2Server::start(mesh.pki.manager(), mesh.server_identity.clone(), answer).await
+}
+
+#[tokio::test]
+async fn a_connection_that_said_goaway_takes_no_new_stream() {
+    let mesh = Mesh::start().await;
+    let server = h2_server(&mesh, Answer::Echo).await;
+    let mut held = open_via(&mesh, server.addr()).await.unwrap();
+    assert_echoes(&mut held).await;
+
+    server.goaway();
+    // The echo comes back on the connection after its GOAWAY.
+    assert_echoes(&mut held).await;
+    let mut fresh = open_via(&mesh, server.addr()).await.unwrap();
+    assert_echoes(&mut fresh).await;
+    assert_eq!(server.accepted(), 2);
+    assert_eq!(mesh.client.pooled_connections(), 1);
+    assert_eq!(mesh.client.pooled_streams(), 2);
+
+    // The stream opened before the GOAWAY finishes; then its connection closes.
+    assert_echoes(&mut held).await;
+    drop(held);
+    peers::eventually(|| server.open() == 1).await;
+    assert_eq!(mesh.client.pooled_streams(), 1);
+}
+
+#[tokio::test]
+async fn a_refused_stream_is_retried_once_on_a_new_connection() {
+    let mesh = Mesh::start().await;
+    let server = h2_server(&mesh, Answer::RefuseOnFirst(1)).await;
+    let mut app = open_via(&mesh, server.addr()).await.unwrap();
+    assert_echoes(&mut app).await;
+    assert_eq!(server.accepted(), 2);
+    assert_eq!(mesh.client.pooled_connections(), 1);
+
+    let refusing = h2_server(&mesh, Answer::RefuseOnFirst(usize::MAX)).await;
+    let err = open_via(&mesh, refusing.addr()).await.unwrap_err();
+    assert!(
+        matches!(&err, ConnectError::OpenStream { source, .. } if source.reason() == Some(h2::Reason::REFUSED_STREAM)),
+        "{err}"
+    );
+    assert_eq!(refusing.accepted(), 2, "one attempt and one retry");
+}
+
+#[tokio::test]
+async fn a_failed_dial_fails_everyone_waiting_for_it() {
+    let settings = ClientSettings {
+        connect_timeout: Duration::from_millis(500),
+        ..ClientSettings::default()
+    };
+    let mesh = Arc::new(Mesh::start_with(settings).await);
+    // Accepts TCP and never speaks TLS: the dial is stuck in the TLS handshake.
+    let mute = MuteListener::start().await;
+    let opens: Vec<_> = (0..8)
+        .map(|_| {
+            let (mesh, addr) = (mesh.clone(), mute.addr());
+            tokio::spawn(async move { open_via(&mesh, addr).await.map(drop) })
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for open in opens {
+        let result = tokio::time::timeout(Duration::from_secs(10), open).await;
+        errors.push(result.unwrap().unwrap().unwrap_err());
+    }
+    let shared: Vec<_> = errors
+        .iter()
+        .map(|err| match err {
+            ConnectError::SharedDial { source, .. } => source.clone(),
+            other => panic!("expected the shared dial's error, got {other}"),
+        })
+        .collect();
+    assert!(
+        matches!(
+            *shared[0],
+            ConnectError::DialTimeout {
+                stage: DialStage::TlsHandshake,
+                ..
+            }
+        ),
+        "{}",
+        shared[0]
+    );
+    assert!(shared.iter().all(|s| Arc::ptr_eq(s, &shared[0])));
+    assert_eq!(mute.accepted(), 1);
+    assert_eq!(mesh.client.pool_keys(), 0);
+
+    // A caller after the failure dials afresh, and alone gets the error itself.
+    let err = open_via(&mesh, mute.addr()).await.unwrap_err();
+    assert!(matches!(err, ConnectError::DialTimeout { .. }), "{err}");
+    assert_eq!(mute.accepted(), 2);
+    assert_eq!(mesh.client.pool_keys(), 0);
+}
+
+#[tokio::test]
+async fn a_connect_without_answer_fails_at_the_response_deadline() {
+    let timeout = Duration::from_millis(300);
+    let settings = ClientSettings {
+        response_timeout: timeout,
+        ..ClientSettings::default()
+    };
+    let mesh = Mesh::start_with(settings).await;
+    let server = h2_server(&mesh, Answer::Silent).await;
+    let open = open_via(&mesh, server.addr());
+    let err = tokio::time::timeout(Duration::from_secs(10), open)
+        .await
+        .expect("the open gave up")
+        .unwrap_err();
+    assert!(
+        matches!(err, ConnectError::ResponseTimeout { timeout: t, .. } if t == timeout),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_old_connection_takes_no_new_stream_but_finishes_its_own() {
+    let settings = ClientSettings {
+        max_connection_age: Duration::from_millis(300),
+        ..ClientSettings::default()
+    };
+    let mesh = Mesh::start_with(settings).await;
+    let server = h2_server(&mesh, Answer::Echo).await;
+    let mut held = open_via(&mesh, server.addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let mut fresh = open_via(&mesh, server.addr()).await.unwrap();
+    assert_echoes(&mut fresh).await;
+    assert_eq!(server.accepted(), 2);
+    assert_eq!(mesh.client.pooled_connections(), 1);
+    assert_echoes(&mut held).await;
+    drop(held);
+    peers::eventually(|| server.open() == 1).await;
+}
+
+#[tokio::test]
+async fn a_connection_does_not_outlive_its_certificates() {
+    let pki = TestPki::with_ttl("cluster.local", Duration::from_secs(3));
+    let mesh = Mesh::with_pki(pki, ClientSettings::default()).await;
+    let server = h2_server(&mesh, Answer::Echo).await;
+    let mut held = open_via(&mesh, server.addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+
+    let mut fresh = open_via(&mesh, server.addr()).await.unwrap();
+    assert_echoes(&mut fresh).await;
+    assert_eq!(server.accepted(), 2);
+    assert_echoes(&mut held).await;
+}
+
+#[tokio::test]
+async fn an_oversized_header_list_is_refused_before_the_app() {
+    let mesh = Mesh::start().await;
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h2 = peers::raw_h2(&mesh).await;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(app.local_addr().unwrap().to_string())
+        .header("x-padding", "x".repeat(100 * 1024))
+        .body(())
+        .unwrap();
+    let (response, _send) = h2
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    // One HEADERS frame (the server allows 1 MiB frames): h2 answers 431 for that stream.
+    let response = response.await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    let accepted = tokio::time::timeout(Duration::from_millis(200), app.accept()).await;
+    assert!(accepted.is_err(), "the app was reached");
+    mesh.assert_still_serving().await;
+}
