@@ -21,7 +21,7 @@ use crate::http_server;
 use crate::logging::LogLevel;
 use crate::readiness::Readiness;
 use crate::source::FileSource;
-use crate::telemetry::{Metrics, Telemetry};
+use crate::telemetry::{self, Metrics, Telemetry};
 
 /// How long connections get to finish once the agent is asked to stop.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
@@ -51,6 +51,12 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
     let (capture_status, capture_status_rx) = watch::channel(CaptureStatus::new());
     tokio::spawn(source.watch(states, watcher.clone()));
     let readiness = Readiness::default();
+    tokio::spawn(telemetry::remove_departed(
+        telemetry.clone(),
+        states_rx.clone(),
+        config.metrics_series_grace,
+        watcher.clone(),
+    ));
     tokio::spawn(http_server::serve(
         readiness_listener,
         watcher.clone(),
@@ -142,5 +148,6 @@ fn effective_config(config: &AgentConfig, capture: &str) -> EffectiveConfig {
         admin_addr: config.admin_addr,
         baseline_learn_seconds: config.baseline_learn.as_secs(),
         log_format: format!("{:?}", config.log_format).to_lowercase(),
+        metrics_series_grace_seconds: config.metrics_series_grace.as_secs(),
     }
 }

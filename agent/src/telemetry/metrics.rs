@@ -2,7 +2,7 @@
 //! existing dashboards and Kiali read them unchanged, and ambit's own under `ambit_`.
 
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use ambit_identity::CertificateManager;
 use ambit_redirect::CaptureBackend;
@@ -15,7 +15,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
-use super::labels::TrafficLabels;
+use super::labels::{ResponseFlags, TrafficLabels};
+use super::series::{SeriesIndex, Workloads};
 use crate::hbone::HboneClient;
 
 /// Every metric the agent exports, and the registry that encodes them.
@@ -24,6 +25,8 @@ pub struct Metrics {
     registry: Registry,
     pub(crate) traffic: TrafficMetrics,
     /// Pods of this node whose traffic is captured.
+    /// The label sets of `traffic`'s series, for removing those of workloads that left.
+    series: SeriesIndex,
     pub(crate) enrolled_pods: Gauge,
     pub(crate) capture_failures: Family<StageLabel, Counter>,
     pub(crate) policy_decisions: Family<DecisionLabel, Counter>,
@@ -43,6 +46,20 @@ pub(crate) struct TrafficMetrics {
 }
 
 /// Where enrolling a pod failed.
+impl TrafficMetrics {
+    /// Removes the series of `labels` from every family, with each response flag.
+    pub(crate) fn remove(&self, labels: &TrafficLabels) {
+        for family in [&self.opened, &self.closed, &self.sent, &self.received] {
+            family.remove(labels);
+        }
+        for flags in [ResponseFlags::Deny, ResponseFlags::Connect] {
+            let refused = labels.with_flags(flags);
+            self.closed.remove(&refused);
+            self.failed.remove(&refused);
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct StageLabel {
     pub(crate) stage: &'static str,
@@ -72,6 +89,7 @@ impl Metrics {
             registry: Registry::default(),
             traffic: TrafficMetrics::default(),
             enrolled_pods: Gauge::default(),
+            series: SeriesIndex::default(),
             capture_failures: Family::default(),
             policy_decisions: Family::default(),
             new_edges: Counter::default(),
@@ -163,9 +181,23 @@ impl Metrics {
         text
     }
 
-    /// Counts a connection opened, under `labels`.
-    pub fn opened(&self, labels: &TrafficLabels) {
-        self.traffic.opened.get_or_create(labels).inc();
+    /// Counts a connection opened, under `labels`. The connection holds the returned labels
+    /// while it is open: its series stay as long as they are held.
+    pub fn opened(&self, labels: TrafficLabels) -> Arc<TrafficLabels> {
+        let labels = self.series.intern(labels);
+        self.traffic.opened.get_or_create(&labels).inc();
+        labels
+    }
+
+    /// Removes the Istio series that no open connection holds and that name a workload missing
+    /// from `present` for `grace` (as of `now`); tells how many label sets went.
+    pub(crate) fn sweep_series(
+        &self,
+        present: &Workloads,
+        now: tokio::time::Instant,
+        grace: Duration,
+    ) -> usize {
+        self.series.sweep(&self.traffic, present, now, grace)
     }
 
     /// Counts a failed enrolment or release step.
