@@ -18,7 +18,7 @@ use crate::drain;
 use crate::enrolment::{CaptureStatus, Enrolment};
 use crate::hbone::{ClientSettings, HboneClient};
 use crate::http_server;
-use crate::logging::LogLevel;
+use crate::logging::Logging;
 use crate::readiness::Readiness;
 use crate::source::FileSource;
 use crate::telemetry::{self, Metrics, Telemetry};
@@ -27,7 +27,7 @@ use crate::telemetry::{self, Metrics, Telemetry};
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Runs the node agent until SIGTERM or SIGINT.
-pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Result<()> {
+pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result<()> {
     let ca = LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)
         .with_context(|| format!("--ca-dir {}", config.ca_dir.display()))?;
     let certificates = Arc::new(CertificateManager::new(Arc::new(ca)));
@@ -44,19 +44,20 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
     let client = HboneClient::new(certificates.clone(), ClientSettings::default());
     let mut metrics = Metrics::new();
     metrics.register_node(certificates.clone(), client.clone(), capture.clone());
+    metrics.register_logging(logging.dropped);
     let telemetry = Arc::new(Telemetry::new(metrics, config.baseline_learn));
 
     let (trigger, watcher) = drain::channel();
     let (states, states_rx) = watch::channel(Arc::new(initial));
     let (capture_status, capture_status_rx) = watch::channel(CaptureStatus::new());
     tokio::spawn(source.watch(states, watcher.clone()));
-    let readiness = Readiness::default();
     tokio::spawn(telemetry::remove_departed(
         telemetry.clone(),
         states_rx.clone(),
         config.metrics_series_grace,
         watcher.clone(),
     ));
+    let readiness = Readiness::default();
     tokio::spawn(http_server::serve(
         readiness_listener,
         watcher.clone(),
@@ -76,7 +77,7 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
         capture: capture_status_rx,
         certificates: certificates.clone(),
         telemetry: telemetry.clone(),
-        log_level,
+        log_level: logging.level,
     };
     tokio::spawn(http_server::serve(
         admin_listener,
@@ -147,7 +148,7 @@ fn effective_config(config: &AgentConfig, capture: &str) -> EffectiveConfig {
         metrics_addr: config.metrics_addr,
         admin_addr: config.admin_addr,
         baseline_learn_seconds: config.baseline_learn.as_secs(),
-        log_format: format!("{:?}", config.log_format).to_lowercase(),
         metrics_series_grace_seconds: config.metrics_series_grace.as_secs(),
+        log_format: format!("{:?}", config.log_format).to_lowercase(),
     }
 }

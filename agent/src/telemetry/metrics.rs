@@ -18,15 +18,16 @@ use prometheus_client::registry::Registry;
 use super::labels::{ResponseFlags, TrafficLabels};
 use super::series::{SeriesIndex, Workloads};
 use crate::hbone::HboneClient;
+use crate::logging::DroppedLines;
 
 /// Every metric the agent exports, and the registry that encodes them.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     pub(crate) traffic: TrafficMetrics,
-    /// Pods of this node whose traffic is captured.
     /// The label sets of `traffic`'s series, for removing those of workloads that left.
     series: SeriesIndex,
+    /// Pods of this node whose traffic is captured.
     pub(crate) enrolled_pods: Gauge,
     pub(crate) capture_failures: Family<StageLabel, Counter>,
     pub(crate) policy_decisions: Family<DecisionLabel, Counter>,
@@ -45,7 +46,6 @@ pub(crate) struct TrafficMetrics {
     pub(crate) received: Family<TrafficLabels, Counter>,
 }
 
-/// Where enrolling a pod failed.
 impl TrafficMetrics {
     /// Removes the series of `labels` from every family, with each response flag.
     pub(crate) fn remove(&self, labels: &TrafficLabels) {
@@ -60,6 +60,7 @@ impl TrafficMetrics {
     }
 }
 
+/// Where enrolling a pod failed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct StageLabel {
     pub(crate) stage: &'static str,
@@ -88,8 +89,8 @@ impl Metrics {
         let mut metrics = Self {
             registry: Registry::default(),
             traffic: TrafficMetrics::default(),
-            enrolled_pods: Gauge::default(),
             series: SeriesIndex::default(),
+            enrolled_pods: Gauge::default(),
             capture_failures: Family::default(),
             policy_decisions: Family::default(),
             new_edges: Counter::default(),
@@ -171,6 +172,12 @@ impl Metrics {
         ambit.register_collector(Box::new(CertificateExpiry(certificates)));
         ambit.register_collector(Box::new(PoolUsage(client)));
         ambit.register_collector(Box::new(CaptureCounts(capture)));
+    }
+
+    /// Reports the log lines dropped because stderr did not keep up, read at each scrape.
+    pub(crate) fn register_logging(&mut self, dropped: DroppedLines) {
+        let ambit = self.registry.sub_registry_with_prefix("ambit");
+        ambit.register_collector(Box::new(LogLinesDropped(dropped)));
     }
 
     /// The exposition text of every metric.
@@ -270,6 +277,22 @@ impl Collector for PoolUsage {
             gauge.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
         }
         Ok(())
+    }
+}
+
+/// `ambit_log_lines_dropped_total`, read from the log writer's queue at scrape.
+#[derive(Debug)]
+struct LogLinesDropped(DroppedLines);
+
+impl Collector for LogLinesDropped {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counter = ConstCounter::new(self.0.count());
+        counter.encode(encoder.encode_descriptor(
+            "log_lines_dropped",
+            "Log lines dropped because stderr did not take them as fast as they came",
+            None,
+            MetricType::Counter,
+        )?)
     }
 }
 
