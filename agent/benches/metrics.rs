@@ -59,7 +59,7 @@ async fn node(pki: &TestPki, pods: usize, sources: usize) -> Metrics {
                 (Some(&destination), Some(&identity)),
                 None,
             );
-            metrics.opened(&labels);
+            metrics.opened(labels);
         }
     }
     let client = HboneClient::new(certificates.clone(), ClientSettings::default());

@@ -22,16 +22,18 @@ use crate::telemetry::{
 pub(crate) struct ConnectionRecord {
     telemetry: Arc<Telemetry>,
     listed: Listed,
-    /// Boxed: the labels are large, and freed once the connection is established.
-    labels: Box<TrafficLabels>,
+    /// Shared by every connection under the same labels.
+    labels: Arc<TrafficLabels>,
 }
 
-/// A connection carrying bytes; it holds the counters its labels selected, not the labels.
+/// A connection carrying bytes; it holds the counters its labels selected.
 #[derive(Debug)]
 pub(crate) struct Established {
     listed: Listed,
     meter: Meter,
     closed: Counter,
+    /// Held, not read: its series are not removed while the connection is open.
+    _labels: Arc<TrafficLabels>,
 }
 
 impl ConnectionRecord {
@@ -41,11 +43,10 @@ impl ConnectionRecord {
         endpoints: Endpoints,
         labels: TrafficLabels,
     ) -> Self {
-        telemetry.metrics.opened(&labels);
         Self {
+            labels: telemetry.metrics.opened(labels),
             listed: telemetry.connections.open(endpoints),
             telemetry: telemetry.clone(),
-            labels: Box::new(labels),
         }
     }
 
@@ -63,6 +64,7 @@ impl ConnectionRecord {
             meter: Meter::new(self.listed.connection.clone(), sent, received),
             closed: traffic.closed.get_or_create(&self.labels).clone(),
             listed: self.listed,
+            _labels: self.labels,
         }
     }
 

@@ -19,16 +19,16 @@ use crate::drain;
 use crate::enrolment::{CaptureStatus, Enrolment};
 use crate::hbone::{ClientSettings, HboneClient};
 use crate::http_server;
-use crate::logging::LogLevel;
+use crate::logging::Logging;
 use crate::readiness::Readiness;
 use crate::source::FileSource;
-use crate::telemetry::{Metrics, Telemetry};
+use crate::telemetry::{self, Metrics, Telemetry};
 
 /// How long the HTTP servers get to answer what they are serving once the data plane drained.
 const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs the node agent until SIGTERM or SIGINT, then drains it.
-pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Result<()> {
+pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result<()> {
     raise_file_limit();
     let ca = LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)
         .with_context(|| format!("--ca-dir {}", config.ca_dir.display()))?;
@@ -50,6 +50,7 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
         config.pending_limits,
         metrics.ambit_registry(),
     ));
+    metrics.register_logging(logging.dropped);
     let telemetry = Arc::new(Telemetry::new(metrics, config.baseline_learn));
 
     // The data plane drains first; the HTTP servers keep answering meanwhile (readiness says
@@ -59,6 +60,12 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
     let (states, states_rx) = watch::channel(Arc::new(initial));
     let (capture_status, capture_status_rx) = watch::channel(CaptureStatus::new());
     tokio::spawn(source.watch(states, watcher.clone()));
+    tokio::spawn(telemetry::remove_departed(
+        telemetry.clone(),
+        states_rx.clone(),
+        config.metrics_series_grace,
+        watcher.clone(),
+    ));
     let readiness = Readiness::default();
     tokio::spawn(http_server::serve(
         readiness_listener,
@@ -79,7 +86,7 @@ pub(crate) async fn run(config: AgentConfig, log_level: LogLevel) -> anyhow::Res
         capture: capture_status_rx,
         certificates: certificates.clone(),
         telemetry: telemetry.clone(),
-        log_level,
+        log_level: logging.level,
     };
     tokio::spawn(http_server::serve(
         admin_listener,
@@ -182,6 +189,7 @@ fn effective_config(config: &AgentConfig, capture: &str) -> EffectiveConfig {
         metrics_addr: config.metrics_addr,
         admin_addr: config.admin_addr,
         baseline_learn_seconds: config.baseline_learn.as_secs(),
+        metrics_series_grace_seconds: config.metrics_series_grace.as_secs(),
         log_format: format!("{:?}", config.log_format).to_lowercase(),
         drain_timeout_seconds: config.drain_timeout.as_secs(),
         handshake_timeout_seconds: config.pending_limits.handshake_timeout.as_secs(),

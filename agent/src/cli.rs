@@ -49,9 +49,10 @@ impl Cli {
 }
 
 fn run_agent(args: AgentArgs) -> ExitCode {
-    let log_level = logging::init(args.log_format);
+    // Writes out the queued log lines when the agent returns.
+    let (logging, _flush) = logging::init(args.log_format);
     match AgentConfig::try_from(args) {
-        Ok(config) => block_on(crate::app::run(config, log_level)),
+        Ok(config) => block_on(crate::app::run(config, logging)),
         Err(error) => {
             tracing::error!("{error}");
             ExitCode::from(2)
@@ -60,7 +61,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
 }
 
 fn run_demo() -> ExitCode {
-    logging::init(LogFormat::Text);
+    let (_, _flush) = logging::init(LogFormat::Text);
     block_on(async { crate::demo::run(&mut std::io::stdout().lock()).await })
 }
 

@@ -72,6 +72,11 @@ pub struct AgentArgs {
     /// `24h`, `7d`).
     #[arg(long, env = "AMBIT_BASELINE_LEARN", default_value = "24h", value_parser = parse_duration)]
     pub baseline_learn: Duration,
+    /// How long a workload must have been gone from the cluster before its Istio metric series
+    /// are removed (`30s`, `5m`, `1h`); a connection still open keeps its series until it
+    /// closes.
+    #[arg(long, env = "AMBIT_METRICS_SERIES_GRACE", default_value = "5m", value_parser = parse_duration)]
+    pub metrics_series_grace: Duration,
     /// Log lines as text or as JSON objects.
     #[arg(long, env = "AMBIT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -113,6 +118,7 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub baseline_learn: Duration,
+    pub metrics_series_grace: Duration,
     pub log_format: LogFormat,
     pub drain_timeout: Duration,
     pub pending_limits: PendingLimits,
@@ -137,6 +143,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             metrics_addr: args.metrics_addr,
             admin_addr: args.admin_addr,
             baseline_learn: args.baseline_learn,
+            metrics_series_grace: args.metrics_series_grace,
             log_format: args.log_format,
             drain_timeout: args.drain_timeout,
             pending_limits: PendingLimits {

@@ -6,6 +6,7 @@ mod baseline;
 mod connections;
 mod labels;
 mod metrics;
+mod series;
 mod suggest;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ pub use connections::{ConnectionView, Direction, Meter};
 pub(crate) use connections::{Connections, Endpoints, Listed, Metered};
 pub use labels::{Reporter, ResponseFlags, TrafficLabels};
 pub use metrics::Metrics;
+pub(crate) use series::remove_departed;
 pub use suggest::suggest_policies;
 
 /// The telemetry of one agent, shared by all its proxies.

@@ -156,6 +156,7 @@ pub struct EffectiveConfig {
     pub metrics_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub baseline_learn_seconds: u64,
+    pub metrics_series_grace_seconds: u64,
     pub log_format: String,
     pub drain_timeout_seconds: u64,
     pub handshake_timeout_seconds: u64,

@@ -142,4 +142,20 @@ impl TrafficLabels {
             ..self.clone()
         }
     }
+
+    /// The workloads the source and destination labels name, as (namespace, workload name);
+    /// `None` for an end that is `unknown`.
+    pub(crate) fn workloads(&self) -> [Option<(&str, &str)>; 2] {
+        [
+            (&self.source_workload_namespace, &self.source_workload),
+            (
+                &self.destination_workload_namespace,
+                &self.destination_workload,
+            ),
+        ]
+        .map(|(namespace, workload)| {
+            (namespace != UNKNOWN || workload != UNKNOWN)
+                .then_some((namespace.as_str(), workload.as_str()))
+        })
+    }
 }

@@ -2,7 +2,7 @@
 //! existing dashboards and Kiali read them unchanged, and ambit's own under `ambit_`.
 
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use ambit_identity::CertificateManager;
 use ambit_redirect::CaptureBackend;
@@ -15,14 +15,18 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
-use super::labels::TrafficLabels;
+use super::labels::{ResponseFlags, TrafficLabels};
+use super::series::{SeriesIndex, Workloads};
 use crate::hbone::HboneClient;
+use crate::logging::DroppedLines;
 
 /// Every metric the agent exports, and the registry that encodes them.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     pub(crate) traffic: TrafficMetrics,
+    /// The label sets of `traffic`'s series, for removing those of workloads that left.
+    series: SeriesIndex,
     /// Pods of this node whose traffic is captured.
     pub(crate) enrolled_pods: Gauge,
     pub(crate) capture_failures: Family<StageLabel, Counter>,
@@ -40,6 +44,20 @@ pub(crate) struct TrafficMetrics {
     pub(crate) sent: Family<TrafficLabels, Counter>,
     /// Bytes from the client to the server (Istio: "received during request").
     pub(crate) received: Family<TrafficLabels, Counter>,
+}
+
+impl TrafficMetrics {
+    /// Removes the series of `labels` from every family, with each response flag.
+    pub(crate) fn remove(&self, labels: &TrafficLabels) {
+        for family in [&self.opened, &self.closed, &self.sent, &self.received] {
+            family.remove(labels);
+        }
+        for flags in [ResponseFlags::Deny, ResponseFlags::Connect] {
+            let refused = labels.with_flags(flags);
+            self.closed.remove(&refused);
+            self.failed.remove(&refused);
+        }
+    }
 }
 
 /// Where enrolling a pod failed.
@@ -71,6 +89,7 @@ impl Metrics {
         let mut metrics = Self {
             registry: Registry::default(),
             traffic: TrafficMetrics::default(),
+            series: SeriesIndex::default(),
             enrolled_pods: Gauge::default(),
             capture_failures: Family::default(),
             policy_decisions: Family::default(),
@@ -160,6 +179,12 @@ impl Metrics {
         self.registry.sub_registry_with_prefix("ambit")
     }
 
+    /// Reports the log lines dropped because stderr did not keep up, read at each scrape.
+    pub(crate) fn register_logging(&mut self, dropped: DroppedLines) {
+        let ambit = self.registry.sub_registry_with_prefix("ambit");
+        ambit.register_collector(Box::new(LogLinesDropped(dropped)));
+    }
+
     /// The exposition text of every metric.
     pub fn encode(&self) -> String {
         let mut text = String::with_capacity(64 * 1024);
@@ -168,9 +193,23 @@ impl Metrics {
         text
     }
 
-    /// Counts a connection opened, under `labels`.
-    pub fn opened(&self, labels: &TrafficLabels) {
-        self.traffic.opened.get_or_create(labels).inc();
+    /// Counts a connection opened, under `labels`. The connection holds the returned labels
+    /// while it is open: its series stay as long as they are held.
+    pub fn opened(&self, labels: TrafficLabels) -> Arc<TrafficLabels> {
+        let labels = self.series.intern(labels);
+        self.traffic.opened.get_or_create(&labels).inc();
+        labels
+    }
+
+    /// Removes the Istio series that no open connection holds and that name a workload missing
+    /// from `present` for `grace` (as of `now`); tells how many label sets went.
+    pub(crate) fn sweep_series(
+        &self,
+        present: &Workloads,
+        now: tokio::time::Instant,
+        grace: Duration,
+    ) -> usize {
+        self.series.sweep(&self.traffic, present, now, grace)
     }
 
     /// Counts a failed enrolment or release step.
@@ -243,6 +282,22 @@ impl Collector for PoolUsage {
             gauge.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
         }
         Ok(())
+    }
+}
+
+/// `ambit_log_lines_dropped_total`, read from the log writer's queue at scrape.
+#[derive(Debug)]
+struct LogLinesDropped(DroppedLines);
+
+impl Collector for LogLinesDropped {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counter = ConstCounter::new(self.0.count());
+        counter.encode(encoder.encode_descriptor(
+            "log_lines_dropped",
+            "Log lines dropped because stderr did not take them as fast as they came",
+            None,
+            MetricType::Counter,
+        )?)
     }
 }
 
