@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Inspect the local agent: workloads, services, policies, certificates, connections.
     Debug(DebugArgs),
     /// Build a small mesh of network namespaces on this machine and show it at work.
@@ -41,7 +41,7 @@ impl Cli {
                 ));
                 ExitCode::SUCCESS
             }
-            Command::Agent(args) => run_agent(args),
+            Command::Agent(args) => run_agent(*args),
             Command::Demo => run_demo(),
             Command::Debug(args) => args.run(),
         }

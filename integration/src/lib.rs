@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use ambit_agent::lab::topology::Topology;
 use ambit_agent::lab::{Cluster, ClusterBuilder};
+use anyhow::Context;
 
 /// The `ambit` binary built next to the running test or benchmark (`AMBIT_BIN` overrides it).
 /// Cargo builds it with the workspace's tests; on its own, `cargo build -p ambit-agent`.
@@ -101,9 +102,9 @@ pub struct PacketCapture {
 }
 
 impl PacketCapture {
-    /// Starts tcpdump and waits until it captures; panics when it cannot.
-    pub fn start(netns: &str, interface: &str, filter: &str) -> Self {
-        let file = tempfile::NamedTempFile::new().expect("a temporary file for the capture");
+    /// Starts tcpdump and waits until it captures.
+    pub fn start(netns: &str, interface: &str, filter: &str) -> anyhow::Result<Self> {
+        let file = tempfile::NamedTempFile::new().context("a temporary file for the capture")?;
         let mut child = Topology::command_in(netns, "tcpdump")
             .args([
                 "-i",
@@ -120,24 +121,24 @@ impl PacketCapture {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("tcpdump is installed");
+            .context("starting tcpdump")?;
         // tcpdump says so on stderr once it captures.
-        let stderr = BufReader::new(child.stderr.take().expect("piped"));
+        let stderr = BufReader::new(child.stderr.take().context("tcpdump's stderr")?);
         let listening = stderr
             .lines()
             .map_while(Result::ok)
             .any(|line| line.contains("listening on"));
-        assert!(listening, "tcpdump did not start");
-        Self { child, file }
+        anyhow::ensure!(listening, "tcpdump did not start");
+        Ok(Self { child, file })
     }
 
     /// Stops the capture and returns the packets' bytes (pcap; 24 bytes when it holds none).
-    pub fn stop(mut self) -> Vec<u8> {
+    pub fn stop(mut self) -> anyhow::Result<Vec<u8>> {
         std::thread::sleep(Duration::from_millis(200));
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
         let _ = self.child.wait();
-        std::fs::read(self.file.path()).expect("tcpdump's capture file")
+        std::fs::read(self.file.path()).context("reading tcpdump's capture")
     }
 }
 

@@ -3,7 +3,6 @@
 
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     reason = "a helper that cannot observe the mesh fails the test"
 )]
 
@@ -181,12 +180,12 @@ async fn within(limit: Duration, condition: impl Fn() -> bool) -> Option<Duratio
 async fn cross_node_traffic_is_tunneled_and_keeps_the_client_ip(backend: Backend) {
     let cluster = cluster(backend).await;
     let _server = echo(&cluster, "server").await;
-    let capture = PacketCapture::start(cluster.topology().underlay(), "n1", "tcp");
+    let capture = PacketCapture::start(cluster.topology().underlay(), "n1", "tcp").unwrap();
 
     let payload = marker();
     let peer = round_trip(&cluster, "client", "server", &payload).await;
 
-    let packets = capture.stop();
+    let packets = capture.stop().unwrap();
     assert_eq!(peer, ip(&cluster, "client"), "the app sees the client pod");
     assert!(
         !contains(&packets, &payload),
@@ -199,12 +198,12 @@ async fn same_node_traffic_is_tunneled_too(backend: Backend) {
     let cluster = cluster(backend).await;
     let _local = echo(&cluster, "local").await;
     let node1 = cluster.topology().nodes()[0].netns.clone();
-    let capture = PacketCapture::start(&node1, "any", "tcp");
+    let capture = PacketCapture::start(&node1, "any", "tcp").unwrap();
 
     let payload = marker();
     let peer = round_trip(&cluster, "client", "local", &payload).await;
 
-    let packets = capture.stop();
+    let packets = capture.stop().unwrap();
     assert_eq!(peer, ip(&cluster, "client"));
     assert!(!contains(&packets, &payload), "plaintext between the pods");
     assert!(has_hbone_packets(&packets));

@@ -348,13 +348,14 @@ async fn a_syn_in_fragments_never_reaches_the_app(backend: Backend) {
             &cluster.pod(to).unwrap().netns,
             "lo",
             &format!("tcp src port {APP_PORT} and tcp[tcpflags] & tcp-syn != 0"),
-        );
+        )
+        .unwrap();
         let handshake = outsider
             .run(move || fragments::connect(from, target))
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let answered_on_loopback = app_answers.stop().len() > PCAP_HEADER;
+        let answered_on_loopback = app_answers.stop().unwrap().len() > PCAP_HEADER;
         let accepted = app.accepted_from(from);
         if reachable {
             assert_eq!(
