@@ -21,6 +21,7 @@ use crate::hbone::{ClientSettings, HboneClient};
 use crate::http_server;
 use crate::logging::Logging;
 use crate::readiness::Readiness;
+use crate::revocation::Revocations;
 use crate::source::FileSource;
 use crate::telemetry::{self, Metrics, Telemetry};
 
@@ -66,6 +67,9 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         config.metrics_series_grace,
         watcher.clone(),
     ));
+    // Ends with the source, which stops when the drain starts.
+    let revocations = Arc::new(Revocations::default());
+    tokio::spawn(revocations.clone().run(states_rx.clone()));
     let readiness = Readiness::default();
     tokio::spawn(http_server::serve(
         readiness_listener,
@@ -104,6 +108,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         readiness: readiness.clone(),
         telemetry,
         admission,
+        revocations,
         status: capture_status,
     };
     tokio::spawn(enrolment.run(watcher));

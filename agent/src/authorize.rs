@@ -10,6 +10,7 @@ use ambit_identity::Identity;
 use tokio::sync::watch;
 
 use crate::policy::{Connection, Decision, MtlsMode};
+use crate::revocation::Revocations;
 use crate::state::{ClusterState, LocalWorkload, Service, Workload};
 use crate::telemetry::Telemetry;
 
@@ -119,15 +120,28 @@ pub(crate) fn connection<'a>(
 /// decision.
 #[derive(Debug, Clone)]
 pub(crate) struct WorkloadAuthorizer {
-    pub(crate) workload: LocalWorkload,
+    pub(crate) policy: WorkloadPolicy,
     pub(crate) state: watch::Receiver<Arc<ClusterState>>,
+    /// Where allowed connections wait to be revoked by a policy change.
+    pub(crate) revocations: Arc<Revocations>,
+}
+
+/// The decisions on connections to one workload, against a given state.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkloadPolicy {
+    pub(crate) workload: LocalWorkload,
     pub(crate) telemetry: Arc<Telemetry>,
 }
 
-impl WorkloadAuthorizer {
+impl WorkloadPolicy {
     /// Decides `request` against `state`. A decision that is `recorded` is counted, and logged
     /// when an AUDIT or dry-run policy matched; re-checks after a policy change are not.
-    fn decide(&self, state: &ClusterState, request: &InboundRequest, recorded: bool) -> Verdict {
+    pub(crate) fn decide(
+        &self,
+        state: &ClusterState,
+        request: &InboundRequest,
+        recorded: bool,
+    ) -> Verdict {
         let Some(workload) = self.workload.current(state) else {
             return Verdict::Deny {
                 policy: None,
@@ -152,6 +166,11 @@ impl WorkloadAuthorizer {
             metrics.decided("dry_run_deny");
             tracing::info!(%policy, src.addr = %request.source_ip, dst.addr = %request.destination, "dry-run policy would deny");
         }
+    }
+
+    /// Counts an open connection closed because a policy change denies it.
+    pub(crate) fn revoked(&self) {
+        self.telemetry.metrics.decided("revoke");
     }
 }
 
@@ -192,8 +211,8 @@ pub(crate) fn evaluate<'s>(
 
 impl Authorizer for WorkloadAuthorizer {
     fn authorize(&self, request: &InboundRequest) -> Verdict {
-        let verdict = self.decide(&self.state.borrow(), request, true);
-        self.telemetry.metrics.decided(match verdict {
+        let verdict = self.policy.decide(&self.state.borrow(), request, true);
+        self.policy.telemetry.metrics.decided(match verdict {
             Verdict::Allow => "allow",
             Verdict::Deny { .. } => "deny",
         });
@@ -201,20 +220,7 @@ impl Authorizer for WorkloadAuthorizer {
     }
 
     fn revoked(&self, request: InboundRequest) -> RevokedFuture {
-        let (authorizer, mut state) = (self.clone(), self.state.clone());
-        Box::pin(async move {
-            loop {
-                if state.changed().await.is_err() {
-                    return std::future::pending().await;
-                }
-                let current = state.borrow_and_update().clone();
-                if let denied @ Verdict::Deny { .. } = authorizer.decide(&current, &request, false)
-                {
-                    authorizer.telemetry.metrics.decided("revoke");
-                    return denied;
-                }
-            }
-        })
+        self.revocations.watch(self.policy.clone(), request)
     }
 
     fn peers(&self, request: &InboundRequest) -> Peers {
@@ -230,7 +236,7 @@ impl Authorizer for WorkloadAuthorizer {
             .cloned();
         Peers {
             source,
-            destination: self.workload.current(&state).cloned(),
+            destination: self.policy.workload.current(&state).cloned(),
             service: state.destination_service(request.destination).cloned(),
         }
     }

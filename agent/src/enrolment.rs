@@ -21,6 +21,7 @@ use crate::error_chain::ErrorChain;
 use crate::hbone::HboneClient;
 use crate::proxy::{self, Pod, ProxyError};
 use crate::readiness::Readiness;
+use crate::revocation::Revocations;
 use crate::sockets::PodSockets;
 use crate::state::{ClusterState, LocalWorkload, Protocol, Workload, WorkloadUid};
 use crate::telemetry::Telemetry;
@@ -84,6 +85,7 @@ pub(crate) struct Enrolment {
     pub(crate) readiness: Readiness,
     pub(crate) telemetry: Arc<Telemetry>,
     pub(crate) admission: Arc<Admission>,
+    pub(crate) revocations: Arc<Revocations>,
     pub(crate) status: watch::Sender<CaptureStatus>,
 }
 
@@ -242,6 +244,7 @@ impl Enrolment {
             trust_domain: self.trust_domain.clone(),
             telemetry: self.telemetry.clone(),
             admission: self.admission.clone(),
+            revocations: self.revocations.clone(),
         };
         let target = proxy::start(pod, &netns, self.certificates.clone(), watcher)
             .await

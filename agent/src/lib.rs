@@ -32,6 +32,7 @@ mod http_server;
 mod logging;
 mod proxy;
 mod readiness;
+mod revocation;
 
 pub use admission::PendingLimits;
 pub use cli::{Cli, Command};

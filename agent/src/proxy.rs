@@ -16,9 +16,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admission::Admission;
-use crate::authorize::WorkloadAuthorizer;
+use crate::authorize::{WorkloadAuthorizer, WorkloadPolicy};
 use crate::drain::DrainWatcher;
 use crate::hbone::{HboneClient, HboneServer, Keepalive};
+use crate::revocation::Revocations;
 use crate::sockets::PodSockets;
 use crate::state::{ClusterState, LocalWorkload, Workload};
 use crate::telemetry::Telemetry;
@@ -48,6 +49,7 @@ pub(crate) struct Pod {
     pub(crate) trust_domain: TrustDomain,
     pub(crate) telemetry: Arc<Telemetry>,
     pub(crate) admission: Arc<Admission>,
+    pub(crate) revocations: Arc<Revocations>,
 }
 
 impl Pod {
@@ -86,9 +88,12 @@ pub(crate) async fn start(
     };
 
     let authorizer = Arc::new(WorkloadAuthorizer {
-        workload: pod.workload.clone(),
+        policy: WorkloadPolicy {
+            workload: pod.workload.clone(),
+            telemetry: pod.telemetry.clone(),
+        },
         state: pod.state.clone(),
-        telemetry: pod.telemetry.clone(),
+        revocations: pod.revocations.clone(),
     });
     let server = HboneServer::new(
         pod.identity.borrow().clone(),
