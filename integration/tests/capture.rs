@@ -257,6 +257,10 @@ async fn pods_are_enrolled_and_released_as_the_file_changes(backend: Backend) {
     let peer = round_trip(&cluster, "client", "late", b"hello late").await;
     assert_eq!(peer, ip(&cluster, "client"));
 
+    let agent = cluster.agent("node2").unwrap();
+    let certificate = "identity=\"spiffe://cluster.local/ns/shop/sa/late\"";
+    assert!(agent.metrics().await.unwrap().contains(certificate));
+
     cluster.unlist_pod("late");
     cluster.write_config().unwrap();
     let released = within(Duration::from_secs(5), || {
@@ -264,6 +268,11 @@ async fn pods_are_enrolled_and_released_as_the_file_changes(backend: Backend) {
     })
     .await;
     assert!(released.is_some(), "never released\n{}", cluster.logs());
+    let metrics = cluster.agent("node2").unwrap().metrics().await.unwrap();
+    assert!(
+        !metrics.contains(certificate),
+        "the certificate of a released pod is still renewed\n{metrics}"
+    );
 }
 
 async fn a_dead_agent_fails_closed_and_a_new_one_resumes(backend: Backend) {
