@@ -15,6 +15,8 @@ mod stream;
 use std::time::Duration;
 
 pub use client::{ConnectError, ConnectRequest, DialStage, HboneClient, Tunnel};
+#[cfg(fuzzing)]
+pub(crate) use headers::{BAGGAGE, TRACEPARENT, connect_request, destination};
 pub use headers::{Baggage, TraceParent, WorkloadKind};
 pub use keepalive::KeepaliveError;
 pub use server::{HboneServer, ServerError};

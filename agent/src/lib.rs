@@ -27,6 +27,9 @@ mod debug;
 mod demo;
 mod enrolment;
 mod error_chain;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod hbone;
 mod http_server;
 mod logging;
