@@ -6,14 +6,24 @@
     reason = "a helper that cannot observe the mesh fails the test"
 )]
 
+use std::net::IpAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
+use ambit_agent::lab::{Cluster, EchoApp, InPod, read_peer_line};
 use ambit_integration::{Backend, PacketCapture, agent_binary, with_each_backend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const APP_PORT: u16 = 8080;
+/// The size of a pcap file that holds no packet.
+const PCAP_HEADER: usize = 24;
+
+const STRICT: &str = "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+";
 
 /// client and server-local on node1, server on node2, all in the mesh; db outside it on node2;
 /// debug opted out on node1.
@@ -145,6 +155,23 @@ fn listening_ports(cluster: &Cluster, pod: &str) -> String {
     run_in(cluster, pod, &["ss", "-Hltn"])
 }
 
+/// How many of the agent's threads watch a pod's links (eBPF: one per captured pod).
+fn link_watchers(cluster: &Cluster, node: &str) -> usize {
+    let pid = cluster.agent(node).unwrap().pid();
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|name| {
+                // `links-<namespace inode>`
+                name.trim_end()
+                    .strip_prefix("links-")
+                    .is_some_and(|inode| inode.bytes().all(|b| b.is_ascii_digit()))
+            })
+        })
+        .count()
+}
+
 /// The pod's IP, as the echo app reports a client.
 fn ip(cluster: &Cluster, pod: &str) -> String {
     cluster.pod(pod).unwrap().ip.to_string()
@@ -252,6 +279,12 @@ async fn pods_are_enrolled_and_released_as_the_file_changes(backend: Backend) {
     })
     .await;
     assert!(enrolled.is_some(), "never enrolled\n{}", cluster.logs());
+    // node2's captured pods: server and late.
+    let watchers = match backend {
+        Backend::Ebpf => (2, 1),
+        Backend::Nftables => (0, 0),
+    };
+    assert_eq!(link_watchers(&cluster, "node2"), watchers.0);
 
     let _late = echo(&cluster, "late").await;
     let peer = round_trip(&cluster, "client", "late", b"hello late").await;
@@ -272,6 +305,14 @@ async fn pods_are_enrolled_and_released_as_the_file_changes(backend: Backend) {
     assert!(
         !metrics.contains(certificate),
         "the certificate of a released pod is still renewed\n{metrics}"
+    );
+    let stopped = within(Duration::from_secs(2), || {
+        link_watchers(&cluster, "node2") == watchers.1
+    })
+    .await;
+    assert!(
+        stopped.is_some(),
+        "the released pod's link watcher still runs"
     );
 }
 
@@ -356,6 +397,64 @@ async fn capture_left_behind_is_removed_at_start(backend: Backend) {
     assert_eq!(peer, ip(&cluster, "client"));
 }
 
+/// An interface added to a captured pod (a secondary network) is captured like its first one:
+/// under STRICT, a plaintext SYN that arrives by it is answered by the agent, which closes the
+/// connection, and never reaches the app. Uncaptured, the SYN would reach the app (nftables
+/// without its table) or be dropped by the reverse-path check (eBPF without the program and
+/// `accept_local` on the interface): either way the agent would not answer.
+async fn an_interface_added_later_is_captured(backend: Backend) {
+    let cluster = Cluster::builder(&agent_binary())
+        .agent_args(&["--redirect", backend.flag()])
+        .node("node1")
+        .ambient_namespace("shop")
+        .pod("node1", "shop", "server")
+        .objects(STRICT)
+        .start()
+        .await
+        .unwrap();
+    let server = echo(&cluster, "server").await;
+    let side = cluster.topology().attach_side_network("server").unwrap();
+    let client = InPod::open(&side.netns_path()).unwrap();
+    // Where the app's own answer to a SYN would show under eBPF capture, which routes a reply
+    // from the app's socket back into the pod: the handshake never completes, and the app
+    // never accepts. (The agent answers for the app with the same ports, but by the interface.)
+    let pod_netns = &cluster.pod("server").unwrap().netns;
+    let app_answers = PacketCapture::start(
+        pod_netns,
+        "lo",
+        &format!("tcp src port {APP_PORT} and tcp[tcpflags] & tcp-syn != 0"),
+    )
+    .unwrap();
+
+    // One attempt: a SYN that came before capture reached the interface is sent again.
+    let target = cluster.addr("server", APP_PORT).unwrap();
+    let answered = match tokio::time::timeout(Duration::from_secs(5), client.connect(target)).await
+    {
+        Ok(Ok(mut stream)) => {
+            Some(tokio::time::timeout(Duration::from_secs(2), read_peer_line(&mut stream)).await)
+        }
+        Ok(Err(_)) | Err(_) => None,
+    };
+
+    let app_answered = app_answers.stop().unwrap().len() > PCAP_HEADER;
+    assert_eq!(
+        (server.accepted_from(IpAddr::V4(side.ip)), app_answered),
+        (0, false),
+        "plaintext by the new interface reached the app of a STRICT pod\n{}",
+        cluster.logs()
+    );
+    let Some(greeting) = answered else {
+        panic!(
+            "nothing answered a SYN that came by the new interface: it is not captured\n{}",
+            cluster.logs()
+        );
+    };
+    assert!(
+        !matches!(greeting, Ok(Ok(_))),
+        "the app greeted a plaintext client: {greeting:?}"
+    );
+}
+
 /// An agent restarted with the other backend replaces the first one's capture: each pod ends up
 /// with exactly one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -400,4 +499,5 @@ with_each_backend!(
     pods_are_enrolled_and_released_as_the_file_changes,
     a_dead_agent_fails_closed_and_a_new_one_resumes,
     capture_left_behind_is_removed_at_start,
+    an_interface_added_later_is_captured,
 );

@@ -29,6 +29,10 @@ pub enum CaptureError {
     Netns(#[source] NetnsError),
     #[error("eBPF capture failed: {0}")]
     Ebpf(String),
+    #[error("failed to subscribe to the pod's link notifications")]
+    SubscribeToLinks(#[source] nix::Error),
+    #[error("failed to start watching the pod's links")]
+    StartLinkWatcher(#[source] std::io::Error),
     #[error("eBPF capture supports IPv4 pods only, not {0}")]
     Ipv6Pod(IpAddr),
 }

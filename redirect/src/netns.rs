@@ -36,6 +36,13 @@ pub struct NetnsId {
     ino: u64,
 }
 
+impl NetnsId {
+    /// The inode of the namespace's nsfs file, as `ip netns identify` and `/proc/*/ns` show it.
+    pub(crate) fn inode(self) -> u64 {
+        self.ino
+    }
+}
+
 impl fmt::Display for NetnsId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "net:[{}]", self.ino)

@@ -64,6 +64,32 @@ impl PodNs {
     }
 }
 
+/// A namespace joined to a pod by an interface added to the pod after it started, as a
+/// secondary network (Multus) would add one. Dropping it removes the namespace, and with it
+/// both ends of the link.
+#[derive(Debug)]
+pub struct SideNetwork {
+    /// Named after the pod's namespace, so that a topology sweeps it up if its owner dies.
+    pub netns: String,
+    /// The namespace's address, reached from the pod through `interface`.
+    pub ip: Ipv4Addr,
+    /// The pod's new interface.
+    pub interface: String,
+}
+
+impl SideNetwork {
+    /// The path of its namespace, for opening it.
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.netns)
+    }
+}
+
+impl Drop for SideNetwork {
+    fn drop(&mut self) {
+        delete_netns(&self.netns);
+    }
+}
+
 /// The namespaces of one topology; dropping it removes them all.
 #[derive(Debug)]
 pub struct Topology {
@@ -224,6 +250,44 @@ impl Topology {
         )?;
         self.pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// Adds an interface, `net1`, to the running `pod`, joined to a new namespace: each side has
+    /// a host route to the other's address through the new link. Creates the link down, then
+    /// brings it up.
+    pub fn attach_side_network(&self, pod: &str) -> Result<SideNetwork, TopologyError> {
+        let Some((index, pod)) = self.pods.iter().enumerate().find(|(_, p)| p.name == pod) else {
+            return Err(TopologyError::Command {
+                command: "attach a side network".to_owned(),
+                stderr: format!("no pod {pod}"),
+            });
+        };
+        let netns = format!("{}-side", pod.netns);
+        ip(&["netns", "add", &netns])?;
+        // From here on, an error drops `side`, which deletes the namespace.
+        let side = SideNetwork {
+            netns,
+            ip: Ipv4Addr::new(
+                10,
+                self.slot,
+                200,
+                u8::try_from(index + 1).unwrap_or(u8::MAX),
+            ),
+            interface: "net1".to_owned(),
+        };
+        ip_in(&side.netns, &["link", "set", "lo", "up"])?;
+        veth(("eth0", &side.netns), (&side.interface, &pod.netns))?;
+        let side_address = format!("{}/32", side.ip);
+        let pod_address = format!("{}/32", pod.ip);
+        ip_in(&side.netns, &["addr", "add", &side_address, "dev", "eth0"])?;
+        ip_in(&side.netns, &["link", "set", "eth0", "up"])?;
+        ip_in(&side.netns, &["route", "add", &pod_address, "dev", "eth0"])?;
+        ip_in(&pod.netns, &["link", "set", &side.interface, "up"])?;
+        ip_in(
+            &pod.netns,
+            &["route", "add", &side_address, "dev", &side.interface],
+        )?;
+        Ok(side)
     }
 
     /// The underlay namespace, where node-to-node traffic can be observed.

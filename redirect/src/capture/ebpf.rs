@@ -7,11 +7,17 @@
 //! the agent), so new inbound connections are dropped. The sk_lookup link goes away with the
 //! agent, and the routing, which stays, then delivers outbound connections to no socket: they are
 //! refused. The next agent replaces the filter's program atomically and attaches a new link.
+//!
+//! While a pod is captured, a [`links::Watcher`] attaches the inbound program to every
+//! interface added to it.
 
-use std::collections::HashMap;
+mod links;
+
+use std::collections::{HashMap, HashSet};
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ambit_ebpf_common::{counter, listener, names};
 use aya::maps::{MapData, PerCpuArray, SockMap};
@@ -46,13 +52,30 @@ pub enum EbpfUnavailable {
     Load(String),
 }
 
+/// The captured pods, shared with their link watchers.
+type Pods = Arc<Mutex<HashMap<NetnsId, PodCapture>>>;
+
+/// Numbers each capture, so that a link watcher acts only for the capture it was started with.
+static GENERATIONS: AtomicU64 = AtomicU64::new(0);
+
 /// The eBPF capture backend.
 #[derive(Debug, Default)]
 pub struct Ebpf {
-    /// The programs of each captured pod; dropping them detaches the sk_lookup link.
-    pods: Mutex<HashMap<NetnsId, aya::Ebpf>>,
+    pods: Pods,
     /// What the programs of released pods counted.
     retired: Mutex<CaptureCounters>,
+}
+
+/// One pod's capture.
+#[derive(Debug)]
+struct PodCapture {
+    /// Dropping them detaches the sk_lookup link.
+    programs: aya::Ebpf,
+    /// The indexes of the interfaces the inbound program is attached to.
+    interfaces: HashSet<u32>,
+    generation: u64,
+    /// Captures the interfaces added later; stops when dropped.
+    _links: links::Watcher,
 }
 
 impl Ebpf {
@@ -66,8 +89,8 @@ impl Ebpf {
         Ok(Self::default())
     }
 
-    fn pods(&self) -> MutexGuard<'_, HashMap<NetnsId, aya::Ebpf>> {
-        self.pods.lock().unwrap_or_else(PoisonError::into_inner)
+    fn pods(&self) -> MutexGuard<'_, HashMap<NetnsId, PodCapture>> {
+        lock(&self.pods)
     }
 
     /// Keeps what a pod's programs counted once they are gone.
@@ -108,41 +131,95 @@ impl CaptureBackend for Ebpf {
         }
         super::nftables::remove_table()?;
         routing::install(Steering::AllTcp { pod_ip }).map_err(CaptureError::Routing)?;
-        let interfaces = interfaces()?;
-        for interface in &interfaces {
-            // The reverse-path check would otherwise drop inbound packets: with all TCP routed
-            // locally, their source looks local.
-            set_accept_local(interface, true)?;
-        }
         let outbound: &mut SkLookup = program(&mut programs, names::OUTBOUND_PROGRAM)?;
         outbound
             .attach(&netns)
             .map_err(|e| ebpf_error("attaching the outbound program", e))?;
-        let inbound: &mut SchedClassifier = program(&mut programs, names::INBOUND_PROGRAM)?;
-        for interface in &interfaces {
-            attach_inbound(inbound, interface)?;
-        }
-        if let Some(replaced) = self.pods().insert(netns.id(), programs) {
-            self.retire(&replaced);
+
+        // Subscribed before the interfaces are listed, the watcher hears of any added since.
+        let subscription = links::Subscription::new()?;
+        let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
+        let watcher =
+            links::Watcher::start(subscription, self.pods.clone(), netns.id(), generation)?;
+        let mut capture = PodCapture {
+            programs,
+            interfaces: HashSet::new(),
+            generation,
+            _links: watcher,
+        };
+        // Under the lock, so that the watcher of a capture this one replaces cannot attach its
+        // program in between.
+        let mut pods = self.pods();
+        capture.capture_interfaces()?;
+        if let Some(replaced) = pods.insert(netns.id(), capture) {
+            self.retire(&replaced.programs);
         }
         Ok(())
     }
 
     fn disable(&self) -> Result<(), CaptureError> {
         let netns = Netns::current().map_err(CaptureError::Netns)?;
-        if let Some(programs) = self.pods().remove(&netns.id()) {
-            self.retire(&programs);
+        if let Some(capture) = self.pods().remove(&netns.id()) {
+            self.retire(&capture.programs);
         }
         super::remove_all()
     }
 
     fn counters(&self) -> Option<CaptureCounters> {
         let mut total = *self.retired.lock().unwrap_or_else(PoisonError::into_inner);
-        for programs in self.pods().values() {
-            add(&mut total, counted(programs));
+        for capture in self.pods().values() {
+            add(&mut total, counted(&capture.programs));
         }
         Some(total)
     }
+}
+
+impl PodCapture {
+    /// Captures every interface of the calling thread's namespace but loopback.
+    fn capture_interfaces(&mut self) -> Result<(), CaptureError> {
+        let inbound: &mut SchedClassifier = program(&mut self.programs, names::INBOUND_PROGRAM)?;
+        for interface in interfaces()? {
+            capture_interface(inbound, &interface.name)?;
+            self.interfaces.insert(interface.index);
+        }
+        Ok(())
+    }
+
+    /// After a change of links: captures the interfaces again, logging those that are new. An
+    /// interface that cannot be captured is tried again at the next change.
+    fn capture_new_interfaces(&mut self, netns: NetnsId) {
+        let (inbound, current) = match (
+            program::<SchedClassifier>(&mut self.programs, names::INBOUND_PROGRAM),
+            interfaces(),
+        ) {
+            (Ok(inbound), Ok(current)) => (inbound, current),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(%netns, error = %chain(&error), "failed to capture the pod's new interfaces");
+                return;
+            }
+        };
+        self.interfaces
+            .retain(|index| current.iter().any(|interface| interface.index == *index));
+        for interface in current {
+            // Where the program is attached already, it is replaced in place: an interface
+            // removed and added again under the same index is captured too.
+            match capture_interface(inbound, &interface.name) {
+                Ok(()) => {
+                    if self.interfaces.insert(interface.index) {
+                        tracing::info!(%netns, interface = %interface.name, "captured a new interface of the pod");
+                    }
+                }
+                Err(error) => {
+                    self.interfaces.remove(&interface.index);
+                    tracing::warn!(%netns, interface = %interface.name, error = %chain(&error), "failed to capture a new interface of the pod");
+                }
+            }
+        }
+    }
+}
+
+fn lock(pods: &Pods) -> MutexGuard<'_, HashMap<NetnsId, PodCapture>> {
+    pods.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Why the programs could not be loaded.
@@ -178,6 +255,15 @@ fn load(pod_ip: Ipv4Addr) -> Result<aya::Ebpf, LoadError> {
         .load()
         .map_err(|e| kernel(names::OUTBOUND_PROGRAM, &e))?;
     Ok(programs)
+}
+
+/// Steers the new inbound connections that arrive by `interface` to the agent.
+fn capture_interface(program: &mut SchedClassifier, interface: &str) -> Result<(), CaptureError> {
+    attach_inbound(program, interface)?;
+    // The reverse-path check would otherwise drop inbound packets: with all TCP routed locally,
+    // their source looks local. Set after the program is attached: until then the check drops
+    // the pod's inbound TCP, which is closed rather than open.
+    set_accept_local(interface, true)
 }
 
 /// Attaches the inbound program to `interface`'s ingress, replacing the one an earlier agent
@@ -225,9 +311,9 @@ fn attach_inbound(program: &mut SchedClassifier, interface: &str) -> Result<(), 
 /// Detaches ambit's filter from every interface of the calling thread's namespace and restores
 /// the reverse-path check.
 pub(super) fn detach_filters() -> Result<(), CaptureError> {
-    for interface in interfaces()? {
-        match tc::qdisc_detach_program(&interface, TcAttachType::Ingress, names::INBOUND_PROGRAM) {
-            Ok(()) => set_accept_local(&interface, false)?,
+    for Interface { name, .. } in interfaces()? {
+        match tc::qdisc_detach_program(&name, TcAttachType::Ingress, names::INBOUND_PROGRAM) {
+            Ok(()) => set_accept_local(&name, false)?,
             Err(tc::TcError::IoError(error)) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(error) => return Err(ebpf_error("detaching the inbound program", error)),
         }
@@ -235,14 +321,22 @@ pub(super) fn detach_filters() -> Result<(), CaptureError> {
     Ok(())
 }
 
+struct Interface {
+    index: u32,
+    name: String,
+}
+
 /// The namespace's interfaces, but loopback.
-fn interfaces() -> Result<Vec<String>, CaptureError> {
+fn interfaces() -> Result<Vec<Interface>, CaptureError> {
     let interfaces =
         nix::net::if_::if_nameindex().map_err(|e| ebpf_error("listing the pod's interfaces", e))?;
     Ok(interfaces
         .iter()
-        .map(|interface| interface.name().to_string_lossy().into_owned())
-        .filter(|name| name != "lo")
+        .map(|interface| Interface {
+            index: interface.index(),
+            name: interface.name().to_string_lossy().into_owned(),
+        })
+        .filter(|interface| interface.name != "lo")
         .collect())
 }
 
