@@ -13,15 +13,18 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const ACCEPT_ERROR_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Accepts on `listener` until a drain starts, handing each connection to `handle` on a task of
-/// its own. Each task holds the drain watcher until it ends, so that a drain waits for the
-/// connections already accepted; the listener itself closes as soon as the drain starts.
+/// its own, with a drain watcher that the handler keeps until the connection ends: a drain waits
+/// for the connections already accepted, while the listener itself closes as soon as it starts.
+///
+/// The handler takes the watcher rather than being wrapped in a future that holds it: an async
+/// block that awaits a future it captured stores that future twice, doubling every task.
 pub(crate) async fn serve_listener<F, Fut>(
     listener: TcpListener,
     mut drain: DrainWatcher,
     name: &'static str,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr, DrainWatcher) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut last_error: Option<Instant> = None;
@@ -32,11 +35,7 @@ pub(crate) async fn serve_listener<F, Fut>(
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
-                    let (connection, held) = (handle(tcp, peer), drain.clone());
-                    tokio::spawn(async move {
-                        connection.await;
-                        drop(held);
-                    });
+                    tokio::spawn(handle(tcp, peer, drain.clone()));
                 }
                 Err(error) => {
                     if last_error.is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_INTERVAL) {

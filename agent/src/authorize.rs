@@ -120,7 +120,8 @@ pub(crate) fn connection<'a>(
 /// decision.
 #[derive(Debug, Clone)]
 pub(crate) struct WorkloadAuthorizer {
-    pub(crate) policy: WorkloadPolicy,
+    /// Shared with the connections it watches for revocation.
+    pub(crate) policy: Arc<WorkloadPolicy>,
     pub(crate) state: watch::Receiver<Arc<ClusterState>>,
     /// Where allowed connections wait to be revoked by a policy change.
     pub(crate) revocations: Arc<Revocations>,

@@ -39,9 +39,11 @@ pub(crate) async fn serve<H: Handler>(
     handler: H,
 ) {
     let handler = Arc::new(handler);
-    serve_listener(listener, drain, name, move |tcp, client| {
+    serve_listener(listener, drain, name, move |tcp, client, held| {
         let handler = handler.clone();
         async move {
+            // Until the connection ends, so that a drain waits for it.
+            let _held = held;
             let service = service_fn(move |request| {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler.handle(request, client).await) }

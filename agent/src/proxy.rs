@@ -88,10 +88,10 @@ pub(crate) async fn start(
     };
 
     let authorizer = Arc::new(WorkloadAuthorizer {
-        policy: WorkloadPolicy {
+        policy: Arc::new(WorkloadPolicy {
             workload: pod.workload.clone(),
             telemetry: pod.telemetry.clone(),
-        },
+        }),
         state: pod.state.clone(),
         revocations: pod.revocations.clone(),
     });

@@ -23,7 +23,7 @@ pub(crate) struct Revocations {
 
 #[derive(Debug)]
 struct Watched {
-    policy: WorkloadPolicy,
+    policy: Arc<WorkloadPolicy>,
     request: InboundRequest,
     revoke: oneshot::Sender<Verdict>,
 }
@@ -38,7 +38,7 @@ impl Revocations {
     /// Resolves, with the denial, once `policy` no longer allows `request`.
     pub(crate) fn watch(
         self: &Arc<Self>,
-        policy: WorkloadPolicy,
+        policy: Arc<WorkloadPolicy>,
         request: InboundRequest,
     ) -> RevokedFuture {
         let (revoke, revoked) = oneshot::channel();

@@ -120,33 +120,38 @@ impl HboneServer {
     /// are asked to finish (GOAWAY) and keep their watcher until they do.
     pub async fn serve(self, listener: TcpListener, drain: DrainWatcher) {
         let server = Arc::new(self);
-        let connections = drain.clone();
-        serve_listener(listener, drain, "hbone", move |tcp, addr| {
-            let (server, drain) = (server.clone(), connections.clone());
-            async move {
-                let Some(pending) = server.admission.admit(Listener::Hbone, &tcp, addr) else {
-                    return;
-                };
-                let handshake_timeout = server.admission.limits().handshake_timeout;
-                let handshake = server.clone().handshake(tcp, pending);
-                let (connection, peer) =
-                    match tokio::time::timeout(handshake_timeout, handshake).await {
-                        Ok(Ok(established)) => established,
-                        Ok(Err(error)) => {
-                            let error = ErrorChain(&error);
-                            return server.admission.handshake_failed(HandshakeFailure::Error, addr, &error);
-                        }
-                        Err(_) => {
-                            let error = ServerError::HandshakeTimeout(handshake_timeout);
-                            return server.admission.handshake_failed(HandshakeFailure::Timeout, addr, &error);
-                        }
-                    };
-                if let Err(error) = server.serve_connection(connection, peer, drain).await {
-                    tracing::warn!(src.addr = %addr, error = %ErrorChain(&error), "HBONE connection failed");
-                }
-            }
+        serve_listener(listener, drain, "hbone", move |tcp, addr, drain| {
+            server.clone().serve_tcp(tcp, addr, drain)
         })
         .await;
+    }
+
+    /// Admits one accepted connection, shakes hands within the handshake timeout, then serves
+    /// its streams.
+    async fn serve_tcp(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: DrainWatcher) {
+        let Some(pending) = self.admission.admit(Listener::Hbone, &tcp, addr) else {
+            return;
+        };
+        let timeout = self.admission.limits().handshake_timeout;
+        let handshake = self.clone().handshake(tcp, pending);
+        let (connection, peer) = match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok(established)) => established,
+            Ok(Err(error)) => {
+                let error = ErrorChain(&error);
+                return self
+                    .admission
+                    .handshake_failed(HandshakeFailure::Error, addr, &error);
+            }
+            Err(_) => {
+                let error = ServerError::HandshakeTimeout(timeout);
+                return self
+                    .admission
+                    .handshake_failed(HandshakeFailure::Timeout, addr, &error);
+            }
+        };
+        if let Err(error) = self.serve_connection(connection, peer, drain).await {
+            tracing::warn!(src.addr = %addr, error = %ErrorChain(&error), "HBONE connection failed");
+        }
     }
 
     /// TLS, then HTTP/2, within the pending slot the connection holds until both are done.

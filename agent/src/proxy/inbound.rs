@@ -24,9 +24,12 @@ pub(super) async fn serve_plaintext(
     drain: DrainWatcher,
 ) {
     let pod = Arc::new(pod);
-    serve_listener(listener, drain, "inbound plaintext", move |tcp, peer| {
-        proxy(pod.clone(), authorizer.clone(), tcp, peer)
-    })
+    serve_listener(
+        listener,
+        drain,
+        "inbound plaintext",
+        move |tcp, peer, held| proxy(pod.clone(), authorizer.clone(), tcp, peer, held),
+    )
     .await;
 }
 
@@ -35,6 +38,7 @@ async fn proxy(
     authorizer: Arc<WorkloadAuthorizer>,
     mut tcp: TcpStream,
     peer: SocketAddr,
+    _held: DrainWatcher,
 ) {
     let Some(pending) = pod.admission.admit(Listener::InboundPlaintext, &tcp, peer) else {
         return;

@@ -18,13 +18,14 @@ use crate::telemetry::{Direction, Endpoints, Metered, Reporter, TrafficLabels};
 
 pub(super) async fn serve(pod: Pod, listener: TcpListener, drain: DrainWatcher) {
     let pod = Arc::new(pod);
-    serve_listener(listener, drain, "outbound", move |tcp, peer| {
-        proxy(pod.clone(), tcp, peer)
+    serve_listener(listener, drain, "outbound", move |tcp, peer, held| {
+        proxy(pod.clone(), tcp, peer, held)
     })
     .await;
 }
 
-async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
+/// Carries one connection; `_held` keeps a drain waiting until it ends.
+async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: DrainWatcher) {
     let Some(pending) = pod.admission.admit(Listener::Outbound, &tcp, peer) else {
         return;
     };

@@ -39,14 +39,14 @@ fn state(extra: &str) -> Arc<ClusterState> {
     Arc::new(parse(&format!("{CLUSTER}{extra}"), "istio-system").unwrap())
 }
 
-fn db_policy() -> WorkloadPolicy {
-    WorkloadPolicy {
+fn db_policy() -> Arc<WorkloadPolicy> {
+    Arc::new(WorkloadPolicy {
         workload: LocalWorkload {
             uid: WorkloadUid("db-uid".into()),
             ip: "10.0.0.2".parse().unwrap(),
         },
         telemetry: Arc::new(Telemetry::default()),
-    }
+    })
 }
 
 fn from_web() -> InboundRequest {
