@@ -221,7 +221,8 @@ impl Authorizer for WorkloadAuthorizer {
     }
 
     fn revoked(&self, request: InboundRequest) -> RevokedFuture {
-        self.revocations.watch(self.policy.clone(), request)
+        self.revocations
+            .watch(self.policy.clone(), request, &self.state)
     }
 
     fn peers(&self, request: &InboundRequest) -> Peers {

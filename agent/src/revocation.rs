@@ -35,26 +35,34 @@ struct Registration {
 }
 
 impl Revocations {
-    /// Resolves, with the denial, once `policy` no longer allows `request`.
+    /// Resolves, with the denial, once `policy` no longer allows `request`. `states` is where
+    /// the connection was authorized: a change published since then, which the re-deciding task
+    /// may have handled before this registration, is checked here.
     pub(crate) fn watch(
         self: &Arc<Self>,
         policy: Arc<WorkloadPolicy>,
         request: InboundRequest,
+        states: &watch::Receiver<Arc<ClusterState>>,
     ) -> RevokedFuture {
         let (revoke, revoked) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(
-            id,
-            Watched {
-                policy,
-                request,
-                revoke,
-            },
-        );
+        let watched = Watched {
+            policy: policy.clone(),
+            request: request.clone(),
+            revoke,
+        };
+        self.lock().insert(id, watched);
         let registration = Registration {
             revocations: self.clone(),
             id,
         };
+        // Registered first, decided second: any later change reaches the task.
+        let current = states.borrow().clone();
+        if let denied @ Verdict::Deny { .. } = policy.decide(&current, &request, false) {
+            policy.revoked();
+            drop(registration);
+            return Box::pin(std::future::ready(denied));
+        }
         Box::pin(async move {
             let _registration = registration;
             match revoked.await {

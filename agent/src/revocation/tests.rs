@@ -74,13 +74,14 @@ async fn only_connections_a_change_denies_are_revoked() {
     let revocations = Arc::new(Revocations::default());
     let (states, receiver) = watch::channel(state(""));
     tokio::spawn(revocations.clone().run(receiver));
-    let mut revoked = revocations.watch(db_policy(), from_web());
+    let mut revoked = revocations.watch(db_policy(), from_web(), &states.subscribe());
     let mut other = revocations.watch(
         db_policy(),
         InboundRequest {
             source_ip: "10.0.0.9".parse().unwrap(),
             ..from_web()
         },
+        &states.subscribe(),
     );
 
     // A change that keeps the connection allowed does not touch it.
@@ -123,7 +124,7 @@ async fn a_destination_that_left_the_cluster_is_revoked() {
     let revocations = Arc::new(Revocations::default());
     let (states, receiver) = watch::channel(state(""));
     tokio::spawn(revocations.clone().run(receiver));
-    let revoked = revocations.watch(db_policy(), from_web());
+    let revoked = revocations.watch(db_policy(), from_web(), &states.subscribe());
     let without_db = CLUSTER.replace("uid: db-uid", "uid: db-replaced");
     states.send_replace(Arc::new(parse(&without_db, "istio-system").unwrap()));
     let verdict = tokio::time::timeout(Duration::from_secs(5), revoked)
@@ -136,4 +137,18 @@ async fn a_destination_that_left_the_cluster_is_revoked() {
             ..
         }
     ));
+}
+
+#[tokio::test]
+async fn a_change_before_the_registration_is_not_missed() {
+    let revocations = Arc::new(Revocations::default());
+    // Authorized against the first state; the denying one is published, and handled, before
+    // the connection registers.
+    let (states, _receiver) = watch::channel(state(DENY_WEB));
+    let revoked = revocations.watch(db_policy(), from_web(), &states.subscribe());
+    let verdict = tokio::time::timeout(Duration::from_secs(5), revoked)
+        .await
+        .expect("revoked at once");
+    assert!(matches!(verdict, Verdict::Deny { .. }));
+    assert!(revocations.lock().is_empty());
 }
