@@ -99,7 +99,12 @@ impl FileSource {
             if last.as_ref() == Some(&text) {
                 continue;
             }
-            match self.parse(&text) {
+            // Parsing and compiling a large file takes a while: off the proxies' threads.
+            let (source, parsing) = (self.clone(), text.clone());
+            let parsed = tokio::task::spawn_blocking(move || source.parse(&parsing))
+                .await
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
+            match parsed {
                 Ok(state) => {
                     tracing::info!(path = %self.path.display(), workloads = state.workloads().len(), "configuration reloaded");
                     states.send_replace(Arc::new(state));
