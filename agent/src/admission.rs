@@ -1,7 +1,9 @@
 //! Bounds the work anyone can make the agent do before a connection is established: the TLS
 //! and HTTP/2 handshakes on 15008, connecting to the app on 15006, reaching the upstream on
 //! 15001. Such connections hold a [`Pending`] slot, counted node-wide and per source IP; past
-//! either limit a new connection is reset at once, and counted, instead of queueing.
+//! either limit a new connection is reset at once, and counted, instead of queueing. Inbound
+//! (15006, 15008) and outbound (15001) connections have budgets of their own, so that a flood
+//! from outside cannot stop the pods' own connections, nor a pod's slow upstreams its inbound.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,7 +21,7 @@ use tokio::net::TcpStream;
 /// How often, at most, failed handshakes are summed up in a warning.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The limits on connections not established yet.
+/// The limits on connections not established yet, in each direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingLimits {
     /// On the whole node.
@@ -49,6 +51,14 @@ pub(crate) enum Listener {
 }
 
 impl Listener {
+    /// Which budget the listener's connections count against.
+    fn budget(self) -> usize {
+        match self {
+            Self::InboundPlaintext | Self::Hbone => 0,
+            Self::Outbound => 1,
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Self::Outbound => "outbound",
@@ -74,7 +84,8 @@ struct HandshakeLabels {
 /// The node's pending connections; shared by every pod's listeners.
 pub(crate) struct Admission {
     limits: PendingLimits,
-    pending: Mutex<PendingCount>,
+    /// Inbound, outbound.
+    budgets: [Mutex<PendingCount>; 2],
     pending_gauge: Gauge,
     refused: Family<RefusedLabels, Counter>,
     handshake_failures: Family<HandshakeLabels, Counter>,
@@ -97,6 +108,7 @@ struct Summary {
 /// A connection not established yet; gives its slot back when dropped.
 pub(crate) struct Pending {
     admission: Arc<Admission>,
+    listener: Listener,
     source: IpAddr,
 }
 
@@ -133,7 +145,7 @@ impl Admission {
     pub(crate) fn unregistered(limits: PendingLimits) -> Self {
         Self {
             limits,
-            pending: Mutex::default(),
+            budgets: Default::default(),
             pending_gauge: Gauge::default(),
             refused: Family::default(),
             handshake_failures: Family::default(),
@@ -158,7 +170,7 @@ impl Admission {
     ) -> Option<Pending> {
         let source = peer.ip();
         let refused = {
-            let mut pending = lock(&self.pending);
+            let mut pending = lock(&self.budgets[listener.budget()]);
             let from_source = pending.by_source.get(&source).copied().unwrap_or(0);
             if pending.total >= self.limits.node {
                 Some("node_limit")
@@ -184,6 +196,7 @@ impl Admission {
         self.pending_gauge.inc();
         Some(Pending {
             admission: self.clone(),
+            listener,
             source,
         })
     }
@@ -216,8 +229,9 @@ impl Admission {
         }
     }
 
-    fn release(&self, source: IpAddr) {
-        let mut pending = lock(&self.pending);
+    fn release(&self, listener: Listener, source: IpAddr) {
+        let mut pending = lock(&self.budgets[listener.budget()]);
+        // Every `Pending` was counted in its budget once, and is released once.
         pending.total -= 1;
         if let Some(count) = pending.by_source.get_mut(&source) {
             *count -= 1;
@@ -233,14 +247,15 @@ impl fmt::Debug for Admission {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Admission")
             .field("limits", &self.limits)
-            .field("pending", &lock(&self.pending).total)
+            .field("inbound", &lock(&self.budgets[0]).total)
+            .field("outbound", &lock(&self.budgets[1]).total)
             .finish_non_exhaustive()
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        self.admission.release(self.source);
+        self.admission.release(self.listener, self.source);
     }
 }
 
@@ -269,7 +284,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn limits_hold_per_source_and_per_node_and_slots_come_back() {
+    async fn limits_hold_per_source_and_per_node_in_each_direction_and_slots_come_back() {
         let limits = PendingLimits {
             node: 3,
             per_source: 2,
@@ -281,30 +296,26 @@ mod tests {
         let third: SocketAddr = "192.0.2.2:1000".parse().unwrap();
 
         let first = admission.admit(Listener::Hbone, &tcp, peer).unwrap();
-        let _second = admission.admit(Listener::Hbone, &tcp, peer).unwrap();
-        assert!(
-            admission.admit(Listener::Hbone, &tcp, peer).is_none(),
-            "source full"
-        );
-        let _from_other = admission.admit(Listener::Outbound, &tcp, other).unwrap();
-        assert!(
-            admission.admit(Listener::Hbone, &tcp, third).is_none(),
-            "node full"
-        );
+        let _second = admission
+            .admit(Listener::InboundPlaintext, &tcp, peer)
+            .unwrap();
+        let source_full = admission.admit(Listener::Hbone, &tcp, peer);
+        assert!(source_full.is_none(), "source full");
+        let _from_other = admission.admit(Listener::Hbone, &tcp, other).unwrap();
+        let node_full = admission.admit(Listener::Hbone, &tcp, third);
+        assert!(node_full.is_none(), "node full");
+        // Outbound connections have a budget of their own.
+        let _outbound = admission.admit(Listener::Outbound, &tcp, third).unwrap();
+        let _outbound_too = admission.admit(Listener::Outbound, &tcp, peer).unwrap();
 
         drop(first);
         let _third = admission.admit(Listener::Hbone, &tcp, third).unwrap();
-        assert_eq!(
-            admission
-                .refused
-                .get_or_create(&RefusedLabels {
-                    listener: "hbone",
-                    reason: "source_limit"
-                })
-                .get(),
-            1
-        );
-        assert_eq!(admission.pending_gauge.get(), 3);
+        let refused = RefusedLabels {
+            listener: "hbone",
+            reason: "source_limit",
+        };
+        assert_eq!(admission.refused.get_or_create(&refused).get(), 1);
+        assert_eq!(admission.pending_gauge.get(), 5);
     }
 
     #[tokio::test]
@@ -312,7 +323,10 @@ mod tests {
         let admission = Arc::new(Admission::unregistered(PendingLimits::default()));
         let (tcp, peer) = connection().await;
         drop(admission.admit(Listener::InboundPlaintext, &tcp, peer));
-        let pending = lock(&admission.pending);
-        assert_eq!((pending.total, pending.by_source.len()), (0, 0));
+        drop(admission.admit(Listener::Outbound, &tcp, peer));
+        for budget in &admission.budgets {
+            let pending = lock(budget);
+            assert_eq!((pending.total, pending.by_source.len()), (0, 0));
+        }
     }
 }

@@ -25,8 +25,8 @@ use crate::revocation::Revocations;
 use crate::source::FileSource;
 use crate::telemetry::{self, Metrics, Telemetry};
 
-/// How long the HTTP servers get to answer what they are serving once the data plane drained.
-const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// How long the control plane gets to finish what it is doing once the data plane drained.
+const CONTROL_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs the node agent until SIGTERM or SIGINT, then drains it.
 pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result<()> {
@@ -54,32 +54,33 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     metrics.register_logging(logging.dropped);
     let telemetry = Arc::new(Telemetry::new(metrics, config.baseline_learn));
 
-    // The data plane drains first; the HTTP servers keep answering meanwhile (readiness says
-    // "not ready", metrics are scraped) and stop after it.
+    // The data plane drains first. The control plane keeps working meanwhile and stops after
+    // it: the source and revocation, so that a policy change still closes draining connections
+    // it denies, and the HTTP servers (readiness says "not ready", metrics are scraped).
     let (trigger, watcher) = drain::channel();
-    let (http_trigger, http_watcher) = drain::channel();
+    let (control_trigger, control) = drain::channel();
     let (states, states_rx) = watch::channel(Arc::new(initial));
     let (capture_status, capture_status_rx) = watch::channel(CaptureStatus::new());
-    tokio::spawn(source.watch(states, watcher.clone()));
+    tokio::spawn(source.watch(states, control.clone()));
     tokio::spawn(telemetry::remove_departed(
         telemetry.clone(),
         states_rx.clone(),
         config.metrics_series_grace,
-        watcher.clone(),
+        control.clone(),
     ));
-    // Ends with the source, which stops when the drain starts.
+    // Ends with the source.
     let revocations = Arc::new(Revocations::default());
     tokio::spawn(revocations.clone().run(states_rx.clone()));
     let readiness = Readiness::default();
     tokio::spawn(http_server::serve(
         readiness_listener,
-        http_watcher.clone(),
+        control.clone(),
         "readiness",
         readiness.clone(),
     ));
     tokio::spawn(http_server::serve(
         metrics_listener,
-        http_watcher.clone(),
+        control.clone(),
         "metrics",
         MetricsEndpoint(telemetry.clone()),
     ));
@@ -92,12 +93,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         telemetry: telemetry.clone(),
         log_level: logging.level,
     };
-    tokio::spawn(http_server::serve(
-        admin_listener,
-        http_watcher,
-        "admin",
-        admin,
-    ));
+    tokio::spawn(http_server::serve(admin_listener, control, "admin", admin));
     let enrolment = Enrolment {
         node: config.node.clone(),
         trust_domain: config.trust_domain.clone(),
@@ -137,7 +133,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         },
         () = stop() => tracing::warn!("asked again to stop; closing the open connections"),
     }
-    let _ = tokio::time::timeout(HTTP_SHUTDOWN_GRACE, http_trigger.drain()).await;
+    let _ = tokio::time::timeout(CONTROL_SHUTDOWN_GRACE, control_trigger.drain()).await;
     Ok(())
 }
 

@@ -87,8 +87,9 @@ pub struct AgentArgs {
     /// How long a client of port 15008 may take for the TLS and HTTP/2 handshakes.
     #[arg(long, env = "AMBIT_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
-    /// Connections accepted in the node's pods that are not established yet (handshaking on
-    /// 15008, connecting on 15006 and 15001); past this, new ones are reset at once.
+    /// Connections accepted in the node's pods that are not established yet, inbound (handshaking
+    /// on 15008, connecting on 15006) and, separately, outbound (connecting on 15001); past this,
+    /// new ones are reset at once.
     #[arg(long, env = "AMBIT_MAX_PENDING_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_pending_connections: u32,
     /// The share of those one source IP may hold.

@@ -92,8 +92,9 @@ pub(crate) struct Enrolment {
 #[derive(Debug)]
 struct EnrolledPod {
     workload: LocalWorkload,
-    /// What the pod's proxies serve and connect as; follows its service account.
-    identity: watch::Sender<Identity>,
+    /// What the pod's proxies serve and connect as; follows its service account, `None` while
+    /// that makes no valid identity.
+    identity: watch::Sender<Option<Identity>>,
     netns: PodNetns,
     /// Dropping it stops the pod's proxies.
     proxies: DrainTrigger,
@@ -107,8 +108,18 @@ impl Enrolment {
         self.remove_leftovers().await;
         let mut pods = HashMap::new();
         loop {
-            self.reconcile(&mut pods).await;
-            let pending = self.status.borrow().len() - pods.len();
+            // A drain need not wait for a long pass: a pod enrolled halfway keeps its capture,
+            // which fails closed, and the next agent enrols it.
+            tokio::select! {
+                () = drain.signaled() => break,
+                () = self.reconcile(&mut pods) => {}
+            }
+            let pending = self
+                .status
+                .borrow()
+                .values()
+                .filter(|capture| matches!(capture, Capture::Pending(_)))
+                .count();
             self.readiness.set(pending == 0);
             let enrolled = i64::try_from(pods.len()).unwrap_or(i64::MAX);
             self.telemetry.metrics.enrolled_pods.set(enrolled);
@@ -126,9 +137,7 @@ impl Enrolment {
     }
 
     /// Brings the enrolled pods in line with the state, publishing where each pod stands as it
-    /// goes: enrolling many pods takes a while. A pod stays captured through any change that
-    /// keeps its address; one whose address changed is captured anew before the old capture is
-    /// removed, and keeps the old one if that fails.
+    /// goes: enrolling many pods takes a while.
     async fn reconcile(&mut self, pods: &mut HashMap<WorkloadUid, EnrolledPod>) {
         let state = self.states.borrow_and_update().clone();
         let desired: HashMap<&WorkloadUid, &Arc<Workload>> = state
@@ -151,40 +160,60 @@ impl Enrolment {
         self.status
             .send_modify(|status| status.retain(|uid, _| desired.contains_key(uid)));
         for (uid, workload) in desired {
-            let enrolled = pods.get(uid);
-            let captured = enrolled.is_some();
-            if let Some(pod) = enrolled
-                && workload.ips.first() == Some(&pod.workload.ip)
-            {
-                self.follow_identity(pod, workload);
-                self.publish(uid, Capture::Captured);
-                continue;
-            }
-            let capture = match self.enrol(workload.clone()).await {
-                Ok(pod) => {
-                    tracing::info!(workload.uid = %uid, pod = workload.qualified_name(), identity = %*pod.identity.borrow(), "pod enrolled");
-                    if let Some(replaced) = pods.insert(uid.clone(), pod) {
-                        self.retire(replaced, &pods[uid]).await;
-                    }
-                    Capture::Captured
-                }
-                Err(error) => {
-                    if let Some(stage) = error.stage() {
-                        self.telemetry.metrics.capture_failed(stage);
-                    }
-                    let error = ErrorChain(&error).to_string();
-                    if captured {
-                        tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error, "pod not captured at its new address; its capture at the old one stays");
-                        Capture::Captured
-                    } else {
-                        tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error, "pod not enrolled yet");
-                        Capture::Pending(error)
-                    }
-                }
-            };
+            let capture = self.reconcile_pod(workload, pods).await;
             self.publish(uid, capture);
         }
         self.release_unused_certificates(pods);
+    }
+
+    /// Brings one pod in line with `workload`. A pod stays captured through any change that
+    /// keeps its address. One at a new address in another namespace is captured anew before the
+    /// old capture is removed, and keeps the old one if that fails; in the same namespace its
+    /// old proxies, which hold the pod's ports, stop first, and capture without them fails closed
+    /// until the new ones are in.
+    async fn reconcile_pod(
+        &self,
+        workload: &Arc<Workload>,
+        pods: &mut HashMap<WorkloadUid, EnrolledPod>,
+    ) -> Capture {
+        let uid = &workload.uid;
+        let ip = workload.ips.first();
+        if let Some(pod) = pods.get(uid) {
+            if ip == Some(&pod.workload.ip) {
+                return self.follow_identity(pod, workload);
+            }
+            if let Some(ip) = ip
+                && find_netns(*ip)
+                    .await
+                    .is_ok_and(|n| n.id() == pod.netns.id())
+                && let Some(pod) = pods.remove(uid)
+            {
+                drop(pod.proxies);
+            }
+        }
+        match self.enrol(workload.clone()).await {
+            Ok(pod) => {
+                let identity = pod.identity.borrow().clone();
+                tracing::info!(workload.uid = %uid, pod = workload.qualified_name(), identity = ?identity.map(|i| i.to_string()), "pod enrolled");
+                if let Some(replaced) = pods.insert(uid.clone(), pod) {
+                    self.release(replaced).await;
+                }
+                Capture::Captured
+            }
+            Err(error) => {
+                if let Some(stage) = error.stage() {
+                    self.telemetry.metrics.capture_failed(stage);
+                }
+                let error = ErrorChain(&error).to_string();
+                if pods.contains_key(uid) {
+                    tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error, "pod not captured at its new address; its capture at the old one stays");
+                    Capture::Captured
+                } else {
+                    tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error, "pod not enrolled yet");
+                    Capture::Pending(error)
+                }
+            }
+        }
     }
 
     fn publish(&self, uid: &WorkloadUid, capture: Capture) {
@@ -193,25 +222,36 @@ impl Enrolment {
         });
     }
 
-    /// Points the pod's proxies at its identity, if its service account changed.
-    fn follow_identity(&self, pod: &EnrolledPod, workload: &Workload) {
-        let identity = match workload.identity(&self.trust_domain) {
-            Ok(identity) => identity,
+    /// Points the pod's proxies at its identity, if its service account changed. A service
+    /// account that makes no valid identity leaves the pod captured with proxies that refuse
+    /// every connection: it fails closed rather than keep acting as its previous identity.
+    fn follow_identity(&self, pod: &EnrolledPod, workload: &Workload) -> Capture {
+        let identity = workload.identity(&self.trust_domain);
+        let capture = match &identity {
+            Ok(_) => Capture::Captured,
             Err(error) => {
-                // The proxies keep the last valid identity; the pod stays captured.
-                tracing::warn!(pod = workload.qualified_name(), error = %ErrorChain(&error), "the pod's service account is not a valid identity");
-                return;
+                let error = EnrolError::Identity(error.clone());
+                self.telemetry.metrics.capture_failed("identity");
+                let error = ErrorChain(&error).to_string();
+                tracing::warn!(
+                    pod = workload.qualified_name(),
+                    error,
+                    "refusing the pod's connections"
+                );
+                Capture::Pending(error)
             }
         };
+        let identity = identity.ok();
         let changed = pod.identity.send_if_modified(|current| {
             let changed = *current != identity;
-            *current = identity.clone();
+            current.clone_from(&identity);
             changed
         });
-        if changed {
+        if changed && let Some(identity) = identity {
             tracing::info!(pod = workload.qualified_name(), %identity, "pod identity changed");
             self.warm_certificate(identity);
         }
+        capture
     }
 
     /// Asks for the certificate now, so that the first connection does not wait for the CA.
@@ -229,7 +269,7 @@ impl Enrolment {
             .map_err(EnrolError::Identity)?;
         self.warm_certificate(identity.clone());
 
-        let (identity, identity_updates) = watch::channel(identity);
+        let (identity, identity_updates) = watch::channel(Some(identity));
         let (trigger, watcher) = drain::channel();
         let local = LocalWorkload {
             uid: workload.uid.clone(),
@@ -263,16 +303,6 @@ impl Enrolment {
         })
     }
 
-    /// Stops the proxies of a pod captured anew at another address; its old capture is removed
-    /// unless the new one is in the same namespace (where it has replaced it already).
-    async fn retire(&self, replaced: EnrolledPod, current: &EnrolledPod) {
-        if replaced.netns.id() == current.netns.id() {
-            drop(replaced.proxies);
-        } else {
-            self.release(replaced).await;
-        }
-    }
-
     /// Stops the pod's proxies and removes its capture.
     async fn release(&self, pod: EnrolledPod) {
         let EnrolledPod {
@@ -300,7 +330,7 @@ impl Enrolment {
     fn release_unused_certificates(&self, pods: &HashMap<WorkloadUid, EnrolledPod>) {
         let in_use: HashSet<Identity> = pods
             .values()
-            .map(|pod| pod.identity.borrow().clone())
+            .filter_map(|pod| pod.identity.borrow().clone())
             .collect();
         for identity in self.certificates.identities() {
             if !in_use.contains(&identity) {

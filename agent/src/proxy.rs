@@ -27,6 +27,8 @@ use crate::telemetry::Telemetry;
 /// Why a pod's proxies could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    #[error("the pod has no valid identity")]
+    NoIdentity,
     #[error("failed to reach the pod's network namespace")]
     Netns(#[source] ambit_redirect::NetnsError),
     #[error("failed to listen on port {port} in the pod")]
@@ -41,8 +43,9 @@ pub enum ProxyError {
 #[derive(Debug, Clone)]
 pub(crate) struct Pod {
     pub(crate) workload: LocalWorkload,
-    /// The pod's identity, updated when its service account changes.
-    pub(crate) identity: watch::Receiver<Identity>,
+    /// The pod's identity, updated when its service account changes; `None` while that makes no
+    /// valid identity, when the pod's connections are refused.
+    pub(crate) identity: watch::Receiver<Option<Identity>>,
     pub(crate) sockets: Arc<PodSockets>,
     pub(crate) state: watch::Receiver<Arc<ClusterState>>,
     pub(crate) client: HboneClient,
@@ -54,10 +57,12 @@ pub(crate) struct Pod {
 
 impl Pod {
     /// The pod as the cluster describes it now, and its identity; `None` once it has left the
-    /// cluster (it is being released), when its connections are refused.
+    /// cluster (it is being released) or while it has no valid identity: its connections are
+    /// refused then.
     fn current(&self) -> Option<(Arc<Workload>, Identity)> {
+        let identity = self.identity.borrow().clone()?;
         let workload = self.workload.current(&self.state.borrow())?.clone();
-        Some((workload, self.identity.borrow().clone()))
+        Some((workload, identity))
     }
 }
 
@@ -95,8 +100,13 @@ pub(crate) async fn start(
         state: pod.state.clone(),
         revocations: pod.revocations.clone(),
     });
+    let identity = pod
+        .identity
+        .borrow()
+        .clone()
+        .ok_or(ProxyError::NoIdentity)?;
     let server = HboneServer::new(
-        pod.identity.borrow().clone(),
+        identity,
         certificates,
         Keepalive::default(),
         pod.sockets.clone(),

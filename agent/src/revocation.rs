@@ -24,7 +24,7 @@ pub(crate) struct Revocations {
 #[derive(Debug)]
 struct Watched {
     policy: Arc<WorkloadPolicy>,
-    request: InboundRequest,
+    request: Arc<InboundRequest>,
     revoke: oneshot::Sender<Verdict>,
 }
 
@@ -46,6 +46,7 @@ impl Revocations {
     ) -> RevokedFuture {
         let (revoke, revoked) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = Arc::new(request);
         let watched = Watched {
             policy: policy.clone(),
             request: request.clone(),
@@ -82,20 +83,28 @@ impl Revocations {
         }
     }
 
-    /// Revokes every watched connection that `state` denies.
+    /// Revokes every watched connection that `state` denies. Decided outside the lock, so that
+    /// connections opening and closing meanwhile do not wait for the whole pass.
     fn revoke_denied(&self, state: &ClusterState) {
-        let mut watched = self.lock();
-        let denied: Vec<(u64, Verdict)> = watched
+        let watched: Vec<_> = self
+            .lock()
             .iter()
-            .filter_map(|(id, w)| match w.policy.decide(state, &w.request, false) {
-                Verdict::Allow => None,
-                denied @ Verdict::Deny { .. } => Some((*id, denied)),
-            })
+            .map(|(id, w)| (*id, w.policy.clone(), w.request.clone()))
             .collect();
+        let denied: Vec<(u64, Verdict)> = watched
+            .into_iter()
+            .filter_map(
+                |(id, policy, request)| match policy.decide(state, &request, false) {
+                    Verdict::Allow => None,
+                    denied @ Verdict::Deny { .. } => Some((id, denied)),
+                },
+            )
+            .collect();
+        let mut watched = self.lock();
         for (id, verdict) in denied {
+            // Gone if the connection ended meanwhile.
             if let Some(connection) = watched.remove(&id) {
                 connection.policy.revoked();
-                // The connection may be ending on its own right now.
                 let _ = connection.revoke.send(verdict);
             }
         }

@@ -51,17 +51,17 @@ fn ambit_inbound(ctx: TcContext) -> i32 {
     }
 }
 
-/// Steers a new TCP connection to the pod to the agent. TCP to the pod that cannot be
-/// classified (a fragment, whose reassembly would bypass this program, or a malformed header)
-/// is dropped: capture fails closed.
+/// Steers a new TCP connection into the pod to the agent, whichever of the pod's addresses it
+/// is for (the agent refuses those not for its main one). TCP that cannot be classified (a
+/// fragment, whose reassembly would bypass this program, or a malformed header) is dropped:
+/// capture fails closed.
 fn ipv4(ctx: &TcContext) -> i32 {
     let Ok(header) = load::<[u8; IPV4_HEADER]>(ctx, 0) else {
         // Too short to be addressed to anyone.
         return TC_ACT_SHOT;
     };
-    let destination = u32::from_ne_bytes([header[16], header[17], header[18], header[19]]);
     let source = [header[12], header[13], header[14], header[15]];
-    if header[9] != IPPROTO_TCP || destination != pod_ip() || source == KUBELET_PROBE_SOURCE {
+    if header[9] != IPPROTO_TCP || source == KUBELET_PROBE_SOURCE {
         return TC_ACT_OK;
     }
     let header_length = usize::from(header[0] & 0x0f) * 4;

@@ -83,7 +83,11 @@ fn server(request: &Request<()>) -> (Baggage, Option<TraceParent>) {
     for value in request.headers().get_all(BAGGAGE) {
         if let Ok(value) = std::str::from_utf8(value.as_bytes()) {
             let parsed = Baggage::parse(value);
-            assert_eq!(Baggage::parse(&parsed.to_string()), parsed);
+            let written = parsed.to_string();
+            // Percent-encoding can grow a value past the length a reader accepts (8192 bytes).
+            if written.len() <= 8192 {
+                assert_eq!(Baggage::parse(&written), parsed);
+            }
         }
     }
     for value in request.headers().get_all(TRACEPARENT) {

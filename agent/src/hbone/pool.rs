@@ -414,8 +414,11 @@ impl Drop for DialTicket {
 
 impl PooledConnection {
     fn claim(self: &Arc<Self>) -> Option<StreamClaim> {
+        // The server may allow fewer streams than we would open: past its limit a stream would
+        // wait for one to finish instead of going on another connection.
+        let max_streams = self.max_streams.min(self.sender.current_max_send_streams());
         let claimed = self.streams.send_if_modified(|open| {
-            let room = *open < self.max_streams;
+            let room = *open < max_streams;
             if room {
                 *open += 1;
             }

@@ -33,6 +33,8 @@ use crate::telemetry::{Direction, Endpoints, Meter, Reporter, Telemetry, Traffic
 /// Why an HBONE connection ended before its peer closed it.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("the workload has no valid identity to serve as")]
+    NoIdentity,
     #[error("no certificate to serve as {identity}")]
     Certificate {
         identity: Identity,
@@ -57,8 +59,9 @@ pub enum ServerError {
 /// the app.
 #[derive(Debug)]
 pub struct HboneServer {
-    /// The workload's identity; it changes with the workload's service account.
-    identity: watch::Receiver<Identity>,
+    /// The workload's identity; it changes with the workload's service account, and is `None`
+    /// while that makes no valid identity (connections are refused then).
+    identity: watch::Receiver<Option<Identity>>,
     certificates: Arc<CertificateManager>,
     keepalive: Keepalive,
     /// Connects to the app, from the client's address where the factory can.
@@ -93,7 +96,7 @@ impl HboneServer {
         telemetry: Arc<Telemetry>,
     ) -> Self {
         Self {
-            identity: watch::channel(identity).1,
+            identity: watch::channel(Some(identity)).1,
             certificates,
             keepalive,
             sockets,
@@ -105,7 +108,10 @@ impl HboneServer {
     }
 
     /// Serves as the identity `identity` holds at each new connection.
-    pub(crate) fn following_identity(mut self, identity: watch::Receiver<Identity>) -> Self {
+    pub(crate) fn following_identity(
+        mut self,
+        identity: watch::Receiver<Option<Identity>>,
+    ) -> Self {
         self.identity = identity;
         self
     }
@@ -162,7 +168,11 @@ impl HboneServer {
     ) -> Result<(H2Connection, Arc<Peer>), ServerError> {
         let local_ip = tcp.local_addr().map_err(ServerError::Socket)?.ip();
         let addr = tcp.peer_addr().map_err(ServerError::Socket)?;
-        let server_identity = self.identity.borrow().clone();
+        let server_identity = self
+            .identity
+            .borrow()
+            .clone()
+            .ok_or(ServerError::NoIdentity)?;
         let tls_config = self.tls_config(&server_identity).await?;
         let mut tls = tokio_rustls::TlsAcceptor::from(tls_config)
             .accept(tcp)

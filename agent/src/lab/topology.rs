@@ -73,6 +73,8 @@ pub struct SideNetwork {
     pub netns: String,
     /// The namespace's address, reached from the pod through `interface`.
     pub ip: Ipv4Addr,
+    /// An address of the pod's own on `interface`, besides its main one.
+    pub pod_ip: Ipv4Addr,
     /// The pod's new interface.
     pub interface: String,
 }
@@ -252,9 +254,9 @@ impl Topology {
         Ok(pod)
     }
 
-    /// Adds an interface, `net1`, to the running `pod`, joined to a new namespace: each side has
-    /// a host route to the other's address through the new link. Creates the link down, then
-    /// brings it up.
+    /// Adds an interface, `net1`, to the running `pod`, joined to a new namespace, with a second
+    /// address of the pod's on it: each side has host routes to the other's addresses through
+    /// the new link. Creates the link down, then brings it up.
     pub fn attach_side_network(&self, pod: &str) -> Result<SideNetwork, TopologyError> {
         let Some((index, pod)) = self.pods.iter().enumerate().find(|(_, p)| p.name == pod) else {
             return Err(TopologyError::Command {
@@ -263,25 +265,29 @@ impl Topology {
             });
         };
         let netns = format!("{}-side", pod.netns);
+        let host = u8::try_from(index + 1).unwrap_or(u8::MAX);
         ip(&["netns", "add", &netns])?;
         // From here on, an error drops `side`, which deletes the namespace.
         let side = SideNetwork {
             netns,
-            ip: Ipv4Addr::new(
-                10,
-                self.slot,
-                200,
-                u8::try_from(index + 1).unwrap_or(u8::MAX),
-            ),
+            ip: Ipv4Addr::new(10, self.slot, 200, host),
+            pod_ip: Ipv4Addr::new(10, self.slot, 201, host),
             interface: "net1".to_owned(),
         };
         ip_in(&side.netns, &["link", "set", "lo", "up"])?;
         veth(("eth0", &side.netns), (&side.interface, &pod.netns))?;
         let side_address = format!("{}/32", side.ip);
-        let pod_address = format!("{}/32", pod.ip);
         ip_in(&side.netns, &["addr", "add", &side_address, "dev", "eth0"])?;
         ip_in(&side.netns, &["link", "set", "eth0", "up"])?;
-        ip_in(&side.netns, &["route", "add", &pod_address, "dev", "eth0"])?;
+        for pod_address in [pod.ip, side.pod_ip] {
+            let pod_address = format!("{pod_address}/32");
+            ip_in(&side.netns, &["route", "add", &pod_address, "dev", "eth0"])?;
+        }
+        let second_address = format!("{}/32", side.pod_ip);
+        ip_in(
+            &pod.netns,
+            &["addr", "add", &second_address, "dev", &side.interface],
+        )?;
         ip_in(&pod.netns, &["link", "set", &side.interface, "up"])?;
         ip_in(
             &pod.netns,

@@ -251,6 +251,9 @@ pub(crate) fn h2_frame_types(mut bytes: &[u8]) -> Vec<u8> {
     types
 }
 
+/// Streams an [`H2Server`] allows on one connection: fewer than the client would open.
+pub(crate) const H2_SERVER_MAX_STREAMS: u32 = 3;
+
 /// What an [`H2Server`] does with the CONNECT streams it accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Answer {
@@ -350,7 +353,10 @@ async fn serve_h2(
     let Ok(tls) = acceptor.accept(tcp).await else {
         return;
     };
-    let Ok(mut connection) = h2::server::handshake(tls).await else {
+    let handshake = h2::server::Builder::new()
+        .max_concurrent_streams(H2_SERVER_MAX_STREAMS)
+        .handshake(tls);
+    let Ok(mut connection) = handshake.await else {
         return;
     };
     let mut silent = Vec::new();

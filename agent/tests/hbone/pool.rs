@@ -17,7 +17,7 @@ use http::{Method, Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::peers::{self, Answer, H2Server, Mesh, MuteListener};
+use crate::peers::{self, Answer, H2_SERVER_MAX_STREAMS, H2Server, Mesh, MuteListener};
 
 /// Opens a tunnel through the HBONE server at `hbone` and returns the app's end of it.
 async fn open_via(mesh: &Mesh, hbone: SocketAddr) -> Result<TcpStream, ConnectError> {
@@ -59,6 +59,22 @@ async fn a_connection_that_said_goaway_takes_no_new_stream() {
     drop(held);
     peers::eventually(|| server.open() == 1).await;
     assert_eq!(mesh.client.pooled_streams(), 1);
+}
+
+#[tokio::test]
+async fn a_server_allowing_fewer_streams_gets_another_connection_at_its_limit() {
+    let mesh = Mesh::start().await;
+    let server = h2_server(&mesh, Answer::Echo).await;
+    let mut held = Vec::new();
+    for _ in 0..=H2_SERVER_MAX_STREAMS {
+        let mut app = open_via(&mesh, server.addr()).await.unwrap();
+        // Answered at once: no stream waits for a slot on a full connection.
+        tokio::time::timeout(Duration::from_secs(5), assert_echoes(&mut app))
+            .await
+            .unwrap();
+        held.push(app);
+    }
+    assert_eq!(server.accepted(), 2);
 }
 
 #[tokio::test]
