@@ -15,7 +15,7 @@ use crate::admin::views::EffectiveConfig;
 use crate::admin::{AdminApi, MetricsEndpoint};
 use crate::admission::Admission;
 use crate::config::{AgentConfig, RedirectKind};
-use crate::drain;
+use crate::drain::{self, DrainTrigger, DrainWatcher};
 use crate::enrolment::{CaptureStatus, Enrolment};
 use crate::hbone::{ClientSettings, HboneClient};
 use crate::http_server;
@@ -72,18 +72,6 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     let revocations = Arc::new(Revocations::default());
     tokio::spawn(revocations.clone().run(states_rx.clone()));
     let readiness = Readiness::default();
-    tokio::spawn(http_server::serve(
-        readiness_listener,
-        control.clone(),
-        "readiness",
-        readiness.clone(),
-    ));
-    tokio::spawn(http_server::serve(
-        metrics_listener,
-        control.clone(),
-        "metrics",
-        MetricsEndpoint(telemetry.clone()),
-    ));
     let admin = AdminApi {
         config: effective_config(&config, capture_name),
         trust_domain: config.trust_domain.clone(),
@@ -93,7 +81,12 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         telemetry: telemetry.clone(),
         log_level: logging.level,
     };
-    tokio::spawn(http_server::serve(admin_listener, control, "admin", admin));
+    let servers = HttpServers {
+        readiness: (readiness_listener, readiness.clone()),
+        metrics: (metrics_listener, MetricsEndpoint(telemetry.clone())),
+        admin: (admin_listener, admin),
+    };
+    servers.spawn(control);
     let enrolment = Enrolment {
         node: config.node.clone(),
         trust_domain: config.trust_domain.clone(),
@@ -110,6 +103,17 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     tokio::spawn(enrolment.run(watcher));
     tracing::info!(node = config.node, capture = capture_name, "agent started");
 
+    shut_down(config.drain_timeout, &readiness, trigger, control_trigger).await
+}
+
+/// Waits for SIGTERM or SIGINT, then drains: readiness off, the data plane's connections given
+/// `deadline` to finish (a second signal cuts that short), then the control plane stopped.
+async fn shut_down(
+    deadline: Duration,
+    readiness: &Readiness,
+    data_plane: DrainTrigger,
+    control_plane: DrainTrigger,
+) -> anyhow::Result<()> {
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -121,20 +125,47 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     };
     stop().await;
     readiness.drain();
-    let deadline = config.drain_timeout;
     tracing::info!(
         ?deadline,
         "draining: no new connections; open ones may finish"
     );
     tokio::select! {
-        drained = tokio::time::timeout(deadline, trigger.drain()) => match drained {
+        drained = tokio::time::timeout(deadline, data_plane.drain()) => match drained {
             Ok(()) => tracing::info!("drained"),
             Err(_) => tracing::warn!(?deadline, "connections still open at the drain deadline; closing them"),
         },
         () = stop() => tracing::warn!("asked again to stop; closing the open connections"),
     }
-    let _ = tokio::time::timeout(CONTROL_SHUTDOWN_GRACE, control_trigger.drain()).await;
+    let _ = tokio::time::timeout(CONTROL_SHUTDOWN_GRACE, control_plane.drain()).await;
     Ok(())
+}
+
+/// The agent's HTTP servers, each with its listener.
+struct HttpServers {
+    readiness: (TcpListener, Readiness),
+    metrics: (TcpListener, MetricsEndpoint),
+    admin: (TcpListener, AdminApi),
+}
+
+impl HttpServers {
+    fn spawn(self, control: DrainWatcher) {
+        let (listener, readiness) = self.readiness;
+        tokio::spawn(http_server::serve(
+            listener,
+            control.clone(),
+            "readiness",
+            readiness,
+        ));
+        let (listener, metrics) = self.metrics;
+        tokio::spawn(http_server::serve(
+            listener,
+            control.clone(),
+            "metrics",
+            metrics,
+        ));
+        let (listener, admin) = self.admin;
+        tokio::spawn(http_server::serve(listener, control, "admin", admin));
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit: every proxied connection holds one

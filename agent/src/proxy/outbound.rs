@@ -4,12 +4,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ambit_identity::{Identity, IdentityError};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Pod;
 use crate::accept::serve_listener;
 use crate::access::ConnectionRecord;
-use crate::admission::Listener;
+use crate::admission::{Listener, Pending};
 use crate::drain::DrainWatcher;
 use crate::hbone::{Baggage, ConnectRequest, WorkloadKind};
 use crate::sockets;
@@ -40,49 +41,11 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
         tracing::info!(src.addr = %peer, dst.addr = %destination, "the pod is leaving the mesh; closing");
         return;
     };
-    let (upstream, workload, service) = {
-        let state = pod.state.borrow();
-        (
-            state.resolve(destination),
-            state.workload_by_ip(destination.ip()).cloned(),
-            state.destination_service(destination).cloned(),
-        )
-    };
-    // A tunnel proves both identities; anything else is plaintext, with no principal.
-    let expected = match &upstream {
-        Upstream::Hbone { workload, .. } => workload.identity(&pod.trust_domain).map(Some),
-        Upstream::Passthrough { .. } | Upstream::NoEndpoint { .. } => Ok(None),
-    };
-    let principals = match &expected {
-        Ok(Some(expected)) => (Some(&identity), Some(expected)),
-        _ => (None, None),
-    };
-    // Through a service, the endpoint chosen is the destination workload.
-    let workload = match &upstream {
-        Upstream::Hbone { workload, .. } => Some(workload.clone()),
-        _ => workload,
-    };
-    let labels = TrafficLabels::new(
-        Reporter::Source,
-        (Some(&source), principals.0),
-        (workload.as_deref(), principals.1),
-        service.as_deref(),
-    );
-    let endpoints = Endpoints {
-        direction: Direction::Outbound,
-        src: peer,
-        dst: destination,
-        src_identity: Some(identity.clone()),
-        dst_identity: principals.1.cloned(),
-        src_workload: Some(source.qualified_name()),
-        dst_workload: workload.as_ref().map(|w| w.qualified_name()),
-    };
-    let record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
+    let (upstream, record, expected) = route(&pod, &source, &identity, peer, destination);
     let expected = match expected {
         Ok(expected) => expected,
         Err(error) => return record.fail(error),
     };
-
     match upstream {
         Upstream::Hbone {
             hbone_addr,
@@ -97,38 +60,113 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
                 expected_identities: expected.into_iter().collect(),
                 baggage: Some(baggage(&source)),
             };
-            // Boxed: the connect phase's state is large and would otherwise stay allocated in
-            // every connection's task for as long as it is copying.
-            match Box::pin(pod.client.connect(&request, pod.sockets.as_ref())).await {
-                Ok(tunnel) => {
-                    drop(pending);
-                    let connection = record.establish();
-                    let copied = tunnel
-                        .copy_bidirectional(&mut tcp, connection.meter())
-                        .await;
-                    connection.finish(copied);
-                }
-                Err(error) if error.is_denied() => record.fail_denied(error),
-                Err(error) => record.fail(error),
-            }
+            tunnel(&pod, &mut tcp, &request, record, pending).await;
         }
         Upstream::Passthrough { addr } => {
-            let local = SocketAddr::new(peer.ip(), 0);
-            match sockets::connect(pod.sockets.as_ref(), local, false, addr).await {
-                Ok(mut upstream) => {
-                    drop(pending);
-                    let connection = record.establish();
-                    let mut client = Metered {
-                        inner: &mut tcp,
-                        meter: connection.meter(),
-                    };
-                    let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                    connection.finish(copied);
-                }
-                Err(error) => record.fail(error),
-            }
+            passthrough(&pod, &mut tcp, peer, addr, record, pending).await;
         }
         Upstream::NoEndpoint { service, port } => record.fail(NoEndpoint { service, port }),
+    }
+}
+
+/// Where a connection from `source` to `destination` goes, its record labelled with both ends,
+/// and the identity the destination must prove (none outside the mesh).
+fn route(
+    pod: &Pod,
+    source: &Arc<Workload>,
+    identity: &Identity,
+    peer: SocketAddr,
+    destination: SocketAddr,
+) -> (
+    Upstream,
+    ConnectionRecord,
+    Result<Option<Identity>, IdentityError>,
+) {
+    let (upstream, workload, service) = {
+        let state = pod.state.borrow();
+        (
+            state.resolve(destination),
+            state.workload_by_ip(destination.ip()).cloned(),
+            state.destination_service(destination).cloned(),
+        )
+    };
+    // A tunnel proves both identities; anything else is plaintext, with no principal.
+    let expected = match &upstream {
+        Upstream::Hbone { workload, .. } => workload.identity(&pod.trust_domain).map(Some),
+        Upstream::Passthrough { .. } | Upstream::NoEndpoint { .. } => Ok(None),
+    };
+    let principals = match &expected {
+        Ok(Some(expected)) => (Some(identity), Some(expected)),
+        _ => (None, None),
+    };
+    // Through a service, the endpoint chosen is the destination workload.
+    let workload = match &upstream {
+        Upstream::Hbone { workload, .. } => Some(workload.clone()),
+        _ => workload,
+    };
+    let labels = TrafficLabels::new(
+        Reporter::Source,
+        (Some(source), principals.0),
+        (workload.as_deref(), principals.1),
+        service.as_deref(),
+    );
+    let endpoints = Endpoints {
+        direction: Direction::Outbound,
+        src: peer,
+        dst: destination,
+        src_identity: Some(identity.clone()),
+        dst_identity: principals.1.cloned(),
+        src_workload: Some(source.qualified_name()),
+        dst_workload: workload.as_ref().map(|w| w.qualified_name()),
+    };
+    let record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
+    (upstream, record, expected)
+}
+
+/// Through HBONE; the connection stops pending once the tunnel is open.
+async fn tunnel(
+    pod: &Pod,
+    tcp: &mut TcpStream,
+    request: &ConnectRequest,
+    record: ConnectionRecord,
+    pending: Pending,
+) {
+    // Boxed: the connect phase's state is large and would otherwise stay allocated in every
+    // connection's task for as long as it is copying.
+    match Box::pin(pod.client.connect(request, pod.sockets.as_ref())).await {
+        Ok(tunnel) => {
+            drop(pending);
+            let connection = record.establish();
+            let copied = tunnel.copy_bidirectional(tcp, connection.meter()).await;
+            connection.finish(copied);
+        }
+        Err(error) if error.is_denied() => record.fail_denied(error),
+        Err(error) => record.fail(error),
+    }
+}
+
+/// Directly to `addr`, outside the mesh, from the pod's address.
+async fn passthrough(
+    pod: &Pod,
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    addr: SocketAddr,
+    record: ConnectionRecord,
+    pending: Pending,
+) {
+    let local = SocketAddr::new(peer.ip(), 0);
+    match sockets::connect(pod.sockets.as_ref(), local, false, addr).await {
+        Ok(mut upstream) => {
+            drop(pending);
+            let connection = record.establish();
+            let mut client = Metered {
+                inner: tcp,
+                meter: connection.meter(),
+            };
+            let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            connection.finish(copied);
+        }
+        Err(error) => record.fail(error),
     }
 }
 
