@@ -5,9 +5,13 @@ use core::mem::MaybeUninit;
 
 use ambit_ebpf_common::{KUBELET_PROBE_SOURCE, counter, listener};
 use aya_ebpf::bindings::bpf_hdr_start_off::BPF_HDR_START_NET;
-use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT, sk_action};
+use aya_ebpf::bindings::{
+    BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple,
+    bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, sk_action,
+};
 use aya_ebpf::helpers::{
     bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skb_load_bytes_relative,
+    bpf_skc_lookup_tcp,
 };
 use aya_ebpf::macros::{classifier, map, sk_lookup};
 use aya_ebpf::maps::{PerCpuArray, SockMap};
@@ -26,6 +30,7 @@ const IPV6_DESTINATION: u8 = 60;
 const AF_INET: u32 = 2;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+const TCP_RST: u8 = 0x04;
 const HBONE_PORT: u16 = ambit_ebpf_common::HBONE_PORT;
 
 /// The pod's IPv4 address as the kernel stores it; set by the agent when it loads the programs.
@@ -69,17 +74,24 @@ fn ipv4(ctx: &TcContext) -> i32 {
     if header_length < IPV4_HEADER || fragment != 0 {
         return unclassified();
     }
-    let (Ok(port), Ok(flags)) = (
-        load::<u16>(ctx, header_length + 2),
+    let (Ok(ports), Ok(flags)) = (
+        load::<[u8; 4]>(ctx, header_length),
         load::<u8>(ctx, header_length + 13),
     ) else {
         return unclassified();
     };
-    // Only a new connection is steered; the rest of it finds its socket by its addresses.
-    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    // A new connection is steered; the rest of one finds its socket by its addresses. An ACK
+    // that only a listener would take completes a handshake without the agent (SYN cookies,
+    // which are valid at any listener of the pod): it goes to the agent too.
+    let steer = match flags & (TCP_SYN | TCP_ACK | TCP_RST) {
+        TCP_SYN => true,
+        TCP_ACK => only_a_listener_takes(ctx, &header, ports),
+        _ => false,
+    };
+    if !steer {
         return TC_ACT_OK;
     }
-    let index = if u16::from_be(port) == HBONE_PORT {
+    let index = if u16::from_be_bytes([ports[2], ports[3]]) == HBONE_PORT {
         listener::HBONE
     } else {
         listener::INBOUND_PLAINTEXT
@@ -91,6 +103,40 @@ fn ipv4(ctx: &TcContext) -> i32 {
         count(counter::INBOUND_DROPPED);
         TC_ACT_SHOT
     }
+}
+
+/// Whether the socket the kernel would hand this packet to is a listener: no connection of
+/// the pod has its addresses.
+fn only_a_listener_takes(ctx: &TcContext, header: &[u8; IPV4_HEADER], ports: [u8; 4]) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: u32::from_ne_bytes([header[12], header[13], header[14], header[15]]),
+                daddr: u32::from_ne_bytes([header[16], header[17], header[18], header[19]]),
+                sport: u16::from_ne_bytes([ports[0], ports[1]]),
+                dport: u16::from_ne_bytes([ports[2], ports[3]]),
+            },
+        },
+    };
+    let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    // SAFETY: `tuple` is an IPv4 tuple of `size` bytes; a socket found is released below.
+    let socket = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.skb.skb.cast(),
+            &mut tuple,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if socket.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null socket from the lookup, readable until released.
+    let listening = unsafe { (*socket).state } == BPF_TCP_LISTEN;
+    // SAFETY: `socket` came from the lookup above and is released once.
+    unsafe { bpf_sk_release(socket.cast()) };
+    listening
 }
 
 /// Pods are captured over IPv4 only: IPv6 TCP, and what could hide it (extension headers,

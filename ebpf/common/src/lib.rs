@@ -22,6 +22,8 @@ pub const AGENT_MARK: u32 = 0x539;
 pub const MARK_MASK: u32 = 0xfff;
 /// fwmark/connmark routing replies to spoofed-source connections back to the agent.
 pub const REPLY_MARK: u32 = 0x111;
+/// connmark of the inbound flows that nftables capture hands to the agent.
+pub const CAPTURED_MARK: u32 = 0x222;
 
 /// Where the agent's listeners sit in the eBPF programs' socket map, by index.
 pub mod listener {

@@ -1,6 +1,7 @@
-//! A TCP handshake made by hand with a raw socket, its SYN split into two IPv4 fragments so
-//! that the TCP flags are only in the second: what a classifier that reads one packet at a time
-//! cannot see.
+//! TCP handshakes made by hand with a raw socket: a SYN split into two IPv4 fragments so that
+//! the TCP flags are only in the second (what a classifier that reads one packet at a time cannot
+//! see), and a handshake whose final ACK finds a socket by itself (what a classifier that steers
+//! only SYNs does not see).
 
 use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -33,9 +34,16 @@ pub(crate) fn drop_resets(netns: &str) {
     );
 }
 
-/// Sends a SYN from `source` to `target` in two fragments and, if a SYN-ACK comes back,
-/// completes the handshake; tells whether it did. Runs in the client's namespace.
-pub(crate) fn connect(source: IpAddr, target: SocketAddr) -> io::Result<bool> {
+/// How the SYN of a hand-made handshake is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Syn {
+    Whole,
+    InFragments,
+}
+
+/// Sends a SYN from `source` to `target` and, if a SYN-ACK comes back, completes the handshake;
+/// tells whether it did. Runs in the client's namespace.
+pub(crate) fn connect(source: IpAddr, target: SocketAddr, sent: Syn) -> io::Result<bool> {
     let (IpAddr::V4(source), SocketAddr::V4(target)) = (source, target) else {
         return Err(io::Error::other("IPv4 only"));
     };
@@ -49,8 +57,15 @@ pub(crate) fn connect(source: IpAddr, target: SocketAddr) -> io::Result<bool> {
     let isn = pid.wrapping_mul(2_654_435_761);
 
     let syn = tcp_segment(local, target, (isn, 0), SYN);
-    socket.send_to(&ipv4(local, target, id, MORE_FRAGMENTS, &syn[..8]), &to)?;
-    socket.send_to(&ipv4(local, target, id, 1, &syn[8..]), &to)?;
+    match sent {
+        Syn::Whole => {
+            socket.send_to(&ipv4(local, target, id, 0, &syn), &to)?;
+        }
+        Syn::InFragments => {
+            socket.send_to(&ipv4(local, target, id, MORE_FRAGMENTS, &syn[..8]), &to)?;
+            socket.send_to(&ipv4(local, target, id, 1, &syn[8..]), &to)?;
+        }
+    }
     let Some(their_isn) = syn_ack(&socket, local, target)? else {
         return Ok(false);
     };

@@ -11,12 +11,15 @@
 
 mod fragments;
 
+use fragments::Syn;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ambit_agent::READY_PATH;
+use ambit_agent::lab::topology::Topology;
 use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
 use ambit_integration::{Backend, PacketCapture, agent_binary, with_each_backend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,6 +28,8 @@ use tokio::net::TcpStream;
 const APP_PORT: u16 = 8080;
 const HBONE_PORT: u16 = 15008;
 const READINESS_PORT: u16 = 15021;
+/// Where kubelet's probes come from, as nodes SNAT them.
+const KUBELET_PROBE_SOURCE: [u8; 4] = [169, 254, 7, 127];
 /// The size of a pcap file that holds no packet.
 const PCAP_HEADER: usize = 24;
 
@@ -351,7 +356,7 @@ async fn a_syn_in_fragments_never_reaches_the_app(backend: Backend) {
         )
         .unwrap();
         let handshake = outsider
-            .run(move || fragments::connect(from, target))
+            .run(move || fragments::connect(from, target, Syn::InFragments))
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -374,9 +379,49 @@ async fn a_syn_in_fragments_never_reaches_the_app(backend: Backend) {
     }
 }
 
+/// With SYN cookies, an ACK carries the whole handshake: one that answers the agent's SYN-ACK
+/// reaches no socket of the agent's, and must not be taken by the app's listener instead (the
+/// cookie is valid for any listener of the pod). The pod is made to always send cookies, as a
+/// SYN flood would.
+async fn a_syn_cookie_answer_never_reaches_the_app(backend: Backend) {
+    let cluster = cluster(backend, &[]).await;
+    let server = echo(&cluster, "server").await;
+    let server_netns = &cluster.pod("server").unwrap().netns;
+    let sysctl = Topology::command_in(server_netns, "sysctl")
+        .args(["-qw", "net.ipv4.tcp_syncookies=2"])
+        .status()
+        .unwrap();
+    assert!(sysctl.success());
+    fragments::drop_resets(&cluster.pod("outsider").unwrap().netns);
+
+    let from = ip(&cluster, "outsider");
+    let target = cluster.addr("server", APP_PORT).unwrap();
+    let outsider = cluster.in_pod("outsider").unwrap();
+    // A SYN as from kubelet, which capture lets through to the app: its listener now answers
+    // with a cookie too, and so takes cookies (a listener that sent none refuses them).
+    let kubelet = IpAddr::from(KUBELET_PROBE_SOURCE);
+    let _ = outsider
+        .run(move || fragments::connect(kubelet, target, Syn::Whole))
+        .await
+        .unwrap();
+    let handshake = outsider
+        .run(move || fragments::connect(from, target, Syn::Whole))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(handshake.unwrap(), "the SYN was not answered");
+    assert_eq!(
+        server.accepted_from(from),
+        0,
+        "a SYN cookie took a plaintext client past the agent to a STRICT pod's app\n{}",
+        cluster.logs()
+    );
+}
+
 with_each_backend!(
     relabelling_a_pod_never_opens_it,
     idle_connections_to_hbone_do_not_take_the_node_down,
     a_held_connection_survives_sigterm_until_the_drain_deadline,
     a_syn_in_fragments_never_reaches_the_app,
+    a_syn_cookie_answer_never_reaches_the_app,
 );

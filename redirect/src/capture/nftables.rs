@@ -17,8 +17,8 @@ use std::process::{Command, Stdio};
 use super::{CaptureBackend, CaptureError, CaptureTarget};
 use crate::routing::{self, Steering};
 use crate::{
-    AGENT_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, KUBELET_PROBE_SOURCE, MARK_MASK, OUTBOUND_PORT,
-    REPLY_MARK,
+    AGENT_MARK, CAPTURED_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, KUBELET_PROBE_SOURCE, MARK_MASK,
+    OUTBOUND_PORT, REPLY_MARK,
 };
 
 /// The table ambit owns in each pod's namespace.
@@ -36,6 +36,12 @@ impl Nftables {
         let reply = format!("meta mark set meta mark & {keep:#010x} | {REPLY_MARK:#010x}");
         let agent = format!("meta mark & {MARK_MASK:#010x} == {AGENT_MARK:#010x}");
         let not_agent = format!("meta mark & {MARK_MASK:#010x} != {AGENT_MARK:#010x}");
+        // Flows that capture handed to the agent go back through TPROXY, which finds their
+        // socket, rather than taking the shortcut of established flows: a packet of such a flow
+        // with no socket of the agent's (the ACK of a SYN-cookie handshake the agent answered)
+        // would otherwise reach an app's listener.
+        let captured = format!("ct mark set ct mark & {keep:#010x} | {CAPTURED_MARK:#010x}");
+        let not_captured = format!("ct mark & {MARK_MASK:#010x} != {CAPTURED_MARK:#010x}");
         format!(
             r#"table inet {TABLE} {{
   chain prerouting {{
@@ -43,9 +49,9 @@ impl Nftables {
     {agent} ct mark set ct mark & {keep:#010x} | {REPLY_MARK:#010x}
     iifname "lo" accept
     meta l4proto tcp ip saddr {kubelet} accept
-    meta l4proto tcp ct state established,related accept
-    meta l4proto tcp tcp dport {HBONE_PORT} {not_agent} meta nfproto ipv4 {reply} tproxy ip to :{HBONE_PORT} accept
-    meta l4proto tcp {not_agent} meta nfproto ipv4 {reply} tproxy ip to :{INBOUND_PLAINTEXT_PORT} accept
+    meta l4proto tcp ct state established,related {not_captured} accept
+    meta l4proto tcp tcp dport {HBONE_PORT} {not_agent} meta nfproto ipv4 {reply} {captured} tproxy ip to :{HBONE_PORT} accept
+    meta l4proto tcp {not_agent} meta nfproto ipv4 {reply} {captured} tproxy ip to :{INBOUND_PLAINTEXT_PORT} accept
     meta l4proto tcp {not_agent} drop
   }}
   chain output_route {{
