@@ -65,6 +65,9 @@ fn run_demo() -> ExitCode {
     block_on(async { crate::demo::run(&mut std::io::stdout().lock()).await })
 }
 
+/// How long the runtime waits for blocking work once the command is done.
+const RUNTIME_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs `task` on a multi-threaded runtime; an error is logged with its causes.
 fn block_on(task: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -77,13 +80,17 @@ fn block_on(task: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(task) {
+    let code = match runtime.block_on(task) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Blocking work still running (a stuck namespace lookup) must not hold the exit past the
+    // drain deadline.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    code
 }
 
 fn cipher_suites() -> String {
