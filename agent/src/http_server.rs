@@ -39,20 +39,27 @@ pub(crate) async fn serve<H: Handler>(
     handler: H,
 ) {
     let handler = Arc::new(handler);
-    serve_listener(listener, drain, name, move |tcp, client, held| {
+    serve_listener(listener, drain, name, move |tcp, client, mut held| {
         let handler = handler.clone();
         async move {
-            // Until the connection ends, so that a drain waits for it.
-            let _held = held;
+            // `held` until the connection ends, so that a drain waits for it; a drain also asks
+            // it to finish after the request in flight.
             let service = service_fn(move |request| {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler.handle(request, client).await) }
             });
-            let served = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+                .serve_connection(TokioIo::new(tcp), service);
+            let mut connection = std::pin::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = held.signaled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
             if let Err(error) = served {
                 tracing::debug!(server = name, %client, %error, "HTTP connection failed");
             }
