@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
@@ -220,6 +220,18 @@ impl Cluster {
                 spec.opted_out = true;
             }
         }
+    }
+
+    /// Moves `name` to a new address in the same network namespace: the cluster file lists it
+    /// there from the next write. Returns the address.
+    pub fn readdress_pod(&mut self, name: &str) -> anyhow::Result<Ipv4Addr> {
+        let address = self.topology.add_pod_address(name)?;
+        for (spec, pod, _) in &mut self.pods {
+            if spec.name == name {
+                pod.ip = address;
+            }
+        }
+        Ok(address)
     }
 
     /// Labels `name` `key=value` from the next write.

@@ -296,6 +296,43 @@ impl Topology {
         Ok(side)
     }
 
+    /// Gives `pod` a second address on its interface, routed to it by its node, as a pod whose
+    /// address changed while its network namespace stayed; returns the address.
+    pub fn add_pod_address(&self, pod: &str) -> Result<Ipv4Addr, TopologyError> {
+        let not_found = |what: &str| TopologyError::Command {
+            command: "add a pod address".to_owned(),
+            stderr: format!("no {what} {pod}"),
+        };
+        let (index, pod) = self
+            .pods
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.name == pod)
+            .ok_or_else(|| not_found("pod"))?;
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.name == pod.node)
+            .ok_or_else(|| not_found("node of pod"))?;
+        let host = u8::try_from(128 + index).unwrap_or(u8::MAX);
+        let address = Ipv4Addr::new(10, self.slot, node.index, host);
+        // The node reaches the new address by the same link as the pod's first one.
+        let route = ip_in(
+            &node.netns,
+            &["-o", "route", "show", &format!("{}/32", pod.ip)],
+        )?;
+        let route = String::from_utf8_lossy(&route.stdout);
+        let link = route
+            .split_whitespace()
+            .skip_while(|word| *word != "dev")
+            .nth(1)
+            .ok_or_else(|| not_found("route to pod"))?;
+        let prefix = format!("{address}/32");
+        ip_in(&pod.netns, &["addr", "add", &prefix, "dev", "eth0"])?;
+        ip_in(&node.netns, &["route", "add", &prefix, "dev", link])?;
+        Ok(address)
+    }
+
     /// The underlay namespace, where node-to-node traffic can be observed.
     pub fn underlay(&self) -> &str {
         &self.underlay
