@@ -77,18 +77,31 @@ impl Revocations {
     /// Re-decides the watched connections at each change of the state, until the state's
     /// sender is gone (the source stopped).
     pub(crate) async fn run(self: Arc<Self>, mut states: watch::Receiver<Arc<ClusterState>>) {
+        // Unknown at first: the states before the first change are not all known here.
+        let mut previous: Option<Arc<ClusterState>> = None;
         while states.changed().await.is_ok() {
             let state = states.borrow_and_update().clone();
-            self.revoke_denied(&state);
+            self.revoke_denied(previous.as_deref(), &state);
+            previous = Some(state);
         }
     }
 
-    /// Revokes every watched connection that `state` denies. Decided outside the lock, so that
-    /// connections opening and closing meanwhile do not wait for the whole pass.
-    fn revoke_denied(&self, state: &ClusterState) {
+    /// Revokes every watched connection that `state` denies. Only connections whose decision
+    /// could differ from the one taken under `previous` are decided again: all of them when a
+    /// policy changed (or `previous` is unknown), else those whose destination changed. Decided
+    /// outside the lock, so that connections opening and closing meanwhile do not wait for the
+    /// whole pass.
+    fn revoke_denied(&self, previous: Option<&ClusterState>, state: &ClusterState) {
+        let policies_changed = previous.is_none_or(|previous| {
+            previous.authorization() != state.authorization()
+                || previous.peer_authentication() != state.peer_authentication()
+        });
         let watched: Vec<_> = self
             .lock()
             .iter()
+            .filter(|(_, w)| {
+                policies_changed || previous.is_some_and(|p| destination_changed(p, state, w))
+            })
             .map(|(id, w)| (*id, w.policy.clone(), w.request.clone()))
             .collect();
         let denied: Vec<(u64, Verdict)> = watched
@@ -114,6 +127,15 @@ impl Revocations {
         // Updates are single inserts and removals: a poisoned map is still consistent.
         self.watched.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Whether what a decision on `watched` reads of the destination changed between the two states:
+/// its workload (namespace, labels) or the Services its address backs.
+fn destination_changed(previous: &ClusterState, state: &ClusterState, watched: &Watched) -> bool {
+    let workload = &watched.policy.workload;
+    let address = watched.request.destination.ip();
+    workload.current(previous) != workload.current(state)
+        || previous.services_of(address) != state.services_of(address)
 }
 
 impl Drop for Registration {

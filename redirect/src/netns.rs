@@ -105,26 +105,23 @@ impl Netns {
                     candidates.push(netns);
                 }
             }
-            if let Some(found) = Self::holding(ip, candidates)? {
+            if let Some(found) = Self::holding(ip, candidates) {
                 return Ok(Some(found));
             }
         }
         Ok(None)
     }
 
-    /// The first of `candidates` in which `ip` is local.
-    fn holding(ip: IpAddr, candidates: Vec<Self>) -> Result<Option<Self>, NetnsError> {
+    /// The first of `candidates` in which `ip` is local. A candidate that cannot be entered is
+    /// passed over: a file of `ip netns add` is not a namespace until its bind mount is in.
+    fn holding(ip: IpAddr, candidates: Vec<Self>) -> Option<Self> {
         thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    for netns in candidates {
-                        nix::sched::setns(netns.fd.as_fd(), CloneFlags::CLONE_NEWNET)
-                            .map_err(|e| NetnsError::Enter(netns.id, e))?;
-                        if is_local(ip) {
-                            return Ok(Some(netns));
-                        }
-                    }
-                    Ok(None)
+                    candidates.into_iter().find(|netns| {
+                        nix::sched::setns(netns.fd.as_fd(), CloneFlags::CLONE_NEWNET).is_ok()
+                            && is_local(ip)
+                    })
                 })
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))

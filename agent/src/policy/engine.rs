@@ -199,7 +199,7 @@ pub struct Decision<'a> {
 }
 
 /// Every AuthorizationPolicy of the cluster, by namespace.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuthorizationPolicies {
     root_namespace: String,
     by_namespace: HashMap<String, Vec<AuthorizationPolicy>>,
@@ -407,7 +407,7 @@ pub struct PeerAuthentication {
 }
 
 /// Every PeerAuthentication of the cluster.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerAuthentications {
     root_namespace: String,
     policies: Vec<PeerAuthentication>,

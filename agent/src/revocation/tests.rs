@@ -152,3 +152,41 @@ async fn a_change_before_the_registration_is_not_missed() {
     assert!(matches!(verdict, Verdict::Deny { .. }));
     assert!(revocations.lock().is_empty());
 }
+
+#[tokio::test]
+async fn a_label_change_that_a_policy_selects_revokes() {
+    let revocations = Arc::new(Revocations::default());
+    let deny_locked = "
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: locked, namespace: shop}
+spec:
+  selector: {matchLabels: {locked: 'yes'}}
+  action: DENY
+  rules: [{}]
+";
+    let (states, receiver) = watch::channel(state(deny_locked));
+    tokio::spawn(revocations.clone().run(receiver));
+    let mut revoked = revocations.watch(db_policy(), from_web(), &states.subscribe());
+    // A change elsewhere first, so that the next one is told apart from it.
+    let elsewhere = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: more}\n";
+    states.send_replace(state(&format!("{deny_locked}{elsewhere}")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(resolved(&mut revoked), None);
+
+    // Same policies; the destination's labels now match the DENY.
+    let locked = CLUSTER.replace("{app: db}", "{app: db, locked: 'yes'}");
+    let text = format!("{locked}{deny_locked}");
+    states.send_replace(Arc::new(parse(&text, "istio-system").unwrap()));
+    let verdict = tokio::time::timeout(Duration::from_secs(5), revoked)
+        .await
+        .expect("revoked");
+    assert!(matches!(
+        verdict,
+        Verdict::Deny {
+            policy: Some(_),
+            ..
+        }
+    ));
+}
