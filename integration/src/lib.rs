@@ -54,6 +54,14 @@ spec:
   rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
 ";
 
+/// PeerAuthentication STRICT for the namespace `shop`: plaintext into its pods is refused.
+pub const STRICT_SHOP: &str = "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+";
+
 /// A capture backend, as `--redirect` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -132,7 +140,14 @@ impl PacketCapture {
         Ok(Self { child, file })
     }
 
-    /// Stops the capture and returns the packets' bytes (pcap; 24 bytes when it holds none).
+    /// Stops the capture and tells whether it caught any packet.
+    pub fn caught_any(self) -> anyhow::Result<bool> {
+        /// A pcap file that holds no packet is its header alone.
+        const PCAP_HEADER: usize = 24;
+        Ok(self.stop()?.len() > PCAP_HEADER)
+    }
+
+    /// Stops the capture and returns the packets' bytes (pcap).
     pub fn stop(mut self) -> anyhow::Result<Vec<u8>> {
         std::thread::sleep(Duration::from_millis(200));
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);

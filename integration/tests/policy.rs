@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
-use ambit_integration::{ALLOW_CLIENT, two_teams};
+use ambit_integration::{ALLOW_CLIENT, STRICT_SHOP, two_teams};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -110,14 +110,6 @@ spec:
         cluster.logs()
     );
 }
-
-const STRICT_SHOP: &str = "---
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: shop}
-spec:
-  mtls: {mode: STRICT}
-";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_refuses_plaintext_from_outside_the_mesh() {
