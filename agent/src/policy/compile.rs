@@ -378,7 +378,8 @@ pub(crate) fn peer_authentication(
             ));
         }
         for (port, mtls) in port_level {
-            let port = u16::try_from(*port)
+            let port = port
+                .parse::<u16>()
                 .ok()
                 .filter(|p| *p != 0)
                 .ok_or_else(|| error(format!("spec.portLevelMtls.{port}"), "not a port"))?;

@@ -131,7 +131,8 @@ pub(crate) struct PeerAuthentication {
 pub(crate) struct PeerAuthenticationSpec {
     pub(crate) selector: Option<WorkloadSelector>,
     pub(crate) mtls: Option<Mtls>,
-    pub(crate) port_level_mtls: Option<BTreeMap<u32, Mtls>>,
+    /// By port number; keys are strings in JSON, as the API server serves them.
+    pub(crate) port_level_mtls: Option<BTreeMap<String, Mtls>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

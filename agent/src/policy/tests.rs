@@ -43,7 +43,8 @@ struct Case {
     expect: (bool, Option<&'static str>),
 }
 
-/// Parses the documents of `yaml` as `M` and compiles each with `compile`.
+/// Parses the documents of `yaml` as `M`, through JSON as the sources do, and compiles each with
+/// `compile`.
 fn compile_all<M, T>(
     yaml: &str,
     compile: impl Fn(&M) -> Result<T, CompileError>,
@@ -53,9 +54,9 @@ where
 {
     let mut compiled = Vec::new();
     for document in serde_yaml_ng::Deserializer::from_str(yaml) {
-        let value = serde_yaml_ng::Value::deserialize(document).unwrap();
+        let value = serde_json::Value::deserialize(document).unwrap();
         if !value.is_null() {
-            compiled.push(compile(&serde_yaml_ng::from_value(value).unwrap())?);
+            compiled.push(compile(&serde_json::from_value(value).unwrap())?);
         }
     }
     Ok(compiled)
@@ -904,7 +905,7 @@ fn peer_authentication_conformance() {
     let workload_strict = peer!(
         "shop",
         "web",
-        "  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n  portLevelMtls: {9090: {mode: PERMISSIVE}}"
+        "  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n  portLevelMtls: {'9090': {mode: PERMISSIVE}}"
     );
     let cases: Vec<(&str, String, u16, MtlsMode)> = vec![
         (
@@ -1051,7 +1052,7 @@ fn bad_policies_are_refused_with_their_field() {
     );
 
     let peer: model::PeerAuthentication = serde_yaml_ng::from_str(
-        "metadata: {name: bad, namespace: shop}\nspec:\n  portLevelMtls: {80: {mode: STRICT}}\n",
+        "metadata: {name: bad, namespace: shop}\nspec:\n  portLevelMtls: {'80': {mode: STRICT}}\n",
     )
     .unwrap();
     assert!(
@@ -1060,6 +1061,17 @@ fn bad_policies_are_refused_with_their_field() {
             .to_string()
             .starts_with("field `spec.portLevelMtls`")
     );
+    for port in ["http", "0", "65536", "-1"] {
+        let peer: model::PeerAuthentication = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "bad", "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "portLevelMtls": {port: {"mode": "STRICT"}}},
+        }))
+        .unwrap();
+        assert_eq!(
+            compile::peer_authentication(&peer).unwrap_err().to_string(),
+            format!("field `spec.portLevelMtls.{port}`: not a port")
+        );
+    }
 }
 
 #[test]

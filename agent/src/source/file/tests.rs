@@ -1,5 +1,5 @@
 use super::*;
-use crate::state::Upstream;
+use crate::state::{Protocol, Upstream, WorkloadUid};
 
 const ROOT: &str = "istio-system";
 
@@ -245,4 +245,39 @@ fn a_bad_policy_is_replaced_by_a_denial_and_the_rest_keeps_working() {
     let decision = state.authorization().decide(&connection);
     assert!(!decision.allowed, "the stand-in denies the policy's scope");
     assert_eq!(decision.policy.unwrap().to_string(), "legacy/typo");
+}
+
+#[test]
+fn objects_read_as_the_api_server_serves_them() {
+    // Port keys as JSON strings, and a field from a newer Kubernetes on a core object.
+    let text = format!(
+        "{CLUSTER}---\n{}\n---\n{}\n",
+        r#"{"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {"app": "frontend"}}, "mtls": {"mode": "STRICT"},
+                     "portLevelMtls": {"9090": {"mode": "PERMISSIVE"}}}}"#,
+        r#"{"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "new", "namespace": "shop", "uid": "9a9a"},
+            "spec": {"nodeName": "node1", "containers": [{"name": "app"}], "fieldOfTomorrow": 1},
+            "status": {"podIP": "10.244.1.30", "anotherNewField": {"x": 1}}}"#,
+    );
+    let state = parse(&text, ROOT).unwrap();
+    assert!(
+        state.rejected_policies().is_empty(),
+        "{:?}",
+        state.rejected_policies()
+    );
+    let frontend = state
+        .workload_by_ip("10.244.1.10".parse().unwrap())
+        .unwrap()
+        .clone();
+    let peers = state.peer_authentication();
+    let mode = |port| peers.decide(&frontend.namespace, &frontend.labels, port).0;
+    assert_eq!(mode(9090), crate::policy::MtlsMode::Permissive);
+    assert_eq!(mode(8080), crate::policy::MtlsMode::Strict);
+    assert!(
+        state
+            .workload_by_ip("10.244.1.30".parse().unwrap())
+            .is_some()
+    );
 }
