@@ -144,6 +144,8 @@ impl AdminApi {
                 capture: capture.get(&w.uid).map(|c| match c {
                     Capture::Captured => "captured".to_owned(),
                     Capture::Pending(why) => format!("pending: {why}"),
+                    Capture::Failed(why) => format!("failed: {why}"),
+                    Capture::Refused(why) => format!("refused: {why}"),
                 }),
             })
             .collect()

@@ -1,28 +1,30 @@
 //! The composition root: builds the agent from its configuration and runs it until a signal.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_identity::{CertificateManager, LocalCa};
-use ambit_redirect::{CaptureBackend, Ebpf, Nftables};
+use ambit_redirect::{CaptureBackend, Ebpf, HostProc, Nftables};
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::admin::views::EffectiveConfig;
 use crate::admin::{AdminApi, MetricsEndpoint};
 use crate::admission::Admission;
-use crate::config::{AgentConfig, RedirectKind};
+use crate::config::{AgentConfig, RedirectKind, SourceConfig};
 use crate::drain::{self, DrainTrigger, DrainWatcher};
-use crate::enrolment::{CaptureStatus, Enrolment};
+use crate::enrolment::{CaptureStatus, Discovery, Enrolment};
 use crate::hbone::{ClientSettings, HboneClient};
 use crate::http_server;
 use crate::logging::Logging;
 use crate::readiness::Readiness;
 use crate::revocation::Revocations;
-use crate::source::FileSource;
+use crate::source::{FileSource, KubernetesSource, Source};
+use crate::state::ClusterState;
 use crate::telemetry::{self, Metrics, Telemetry};
 
 /// How long the control plane gets to finish what it is doing once the data plane drained.
@@ -31,13 +33,11 @@ const CONTROL_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Runs the node agent until SIGTERM or SIGINT, then drains it.
 pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result<()> {
     raise_file_limit();
+    let mut stop = StopSignals::install()?;
     let ca = LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)
         .with_context(|| format!("--ca-dir {}", config.ca_dir.display()))?;
     let certificates = Arc::new(CertificateManager::new(Arc::new(ca)));
-    let source = FileSource::new(&config.config_file, &config.root_namespace);
-    let initial = source
-        .load()
-        .with_context(|| format!("--config {}", config.config_file.display()))?;
+    let (source, discovery) = open_source(&config).await?;
     let capture = capture_backend(config.redirect)?;
     let capture_name = capture.name();
     let readiness_listener = bind("--readiness-addr", config.readiness_addr).await?;
@@ -59,18 +59,11 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     // it denies, and the HTTP servers (readiness says "not ready", metrics are scraped).
     let (trigger, watcher) = drain::channel();
     let (control_trigger, control) = drain::channel();
-    let (states, states_rx) = watch::channel(Arc::new(initial));
+    let (states, states_rx) = watch::channel(Arc::new(ClusterState::default()));
     let (capture_status, capture_status_rx) = watch::channel(CaptureStatus::new());
-    tokio::spawn(source.watch(states, control.clone()));
-    tokio::spawn(telemetry::remove_departed(
-        telemetry.clone(),
-        states_rx.clone(),
-        config.metrics_series_grace,
-        control.clone(),
-    ));
-    // Ends with the source.
-    let revocations = Arc::new(Revocations::default());
-    tokio::spawn(revocations.clone().run(states_rx.clone()));
+    // Made before the source runs, so that its first state counts as a change.
+    let mut first_state = states_rx.clone();
+    tokio::spawn(source.run(states, capture_status_rx.clone(), control.clone()));
     let readiness = Readiness::default();
     let admin = AdminApi {
         config: effective_config(&config, capture_name),
@@ -86,11 +79,31 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         metrics: (metrics_listener, MetricsEndpoint(telemetry.clone())),
         admin: (admin_listener, admin),
     };
-    servers.spawn(control);
+    servers.spawn(control.clone());
+
+    // Nothing is enrolled, and readiness stays off, until the source has the whole cluster: a
+    // state without its policies would let through what they deny.
+    tokio::select! {
+        changed = first_state.changed() => changed.context("the source stopped before it read the cluster")?,
+        () = stop.received() => {
+            tracing::info!("stopped before the source read the cluster");
+            return Ok(());
+        }
+    }
+    tokio::spawn(telemetry::remove_departed(
+        telemetry.clone(),
+        states_rx.clone(),
+        config.metrics_series_grace,
+        control,
+    ));
+    // Ends with the source.
+    let revocations = Arc::new(Revocations::default());
+    tokio::spawn(revocations.clone().run(states_rx.clone()));
     let enrolment = Enrolment {
         node: config.node.clone(),
         trust_domain: config.trust_domain.clone(),
         capture,
+        discovery,
         client,
         certificates,
         states: states_rx,
@@ -103,27 +116,76 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     tokio::spawn(enrolment.run(watcher));
     tracing::info!(node = config.node, capture = capture_name, "agent started");
 
-    shut_down(config.drain_timeout, &readiness, trigger, control_trigger).await
+    shut_down(
+        config.drain_timeout,
+        &mut stop,
+        &readiness,
+        trigger,
+        control_trigger,
+    )
+    .await
+}
+
+/// The source `--source` names, and how pods' namespaces are found with it: by their processes
+/// in a cluster, by their address in the file source's lab (its pods have no processes).
+async fn open_source(config: &AgentConfig) -> anyhow::Result<(Source, Discovery)> {
+    Ok(match &config.source {
+        SourceConfig::File(path) => {
+            let source = FileSource::new(path, &config.root_namespace);
+            let initial = source
+                .load()
+                .with_context(|| format!("--config {}", path.display()))?;
+            (Source::File(source, initial), Discovery::ByAddress)
+        }
+        SourceConfig::Kubernetes {
+            kubeconfig,
+            host_proc,
+        } => {
+            let source = KubernetesSource::connect(
+                kubeconfig.as_deref(),
+                &config.node,
+                &config.root_namespace,
+            )
+            .await
+            .context("--source kubernetes")?;
+            let discovery = Discovery::ByProcess(HostProc::new(host_proc));
+            (Source::Kubernetes(source), discovery)
+        }
+    })
+}
+
+/// SIGTERM and SIGINT, installed once, before anything is worth stopping cleanly.
+struct StopSignals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn received(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
 }
 
 /// Waits for SIGTERM or SIGINT, then drains: readiness off, the data plane's connections given
 /// `deadline` to finish (a second signal cuts that short), then the control plane stopped.
 async fn shut_down(
     deadline: Duration,
+    stop: &mut StopSignals,
     readiness: &Readiness,
     data_plane: DrainTrigger,
     control_plane: DrainTrigger,
 ) -> anyhow::Result<()> {
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut stop = async || {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
-        }
-    };
-    stop().await;
+    stop.received().await;
     readiness.drain();
     tracing::info!(
         ?deadline,
@@ -134,7 +196,7 @@ async fn shut_down(
             Ok(()) => tracing::info!("drained"),
             Err(_) => tracing::warn!(?deadline, "connections still open at the drain deadline; closing them"),
         },
-        () = stop() => tracing::warn!("asked again to stop; closing the open connections"),
+        () = stop.received() => tracing::warn!("asked again to stop; closing the open connections"),
     }
     let _ = tokio::time::timeout(CONTROL_SHUTDOWN_GRACE, control_plane.drain()).await;
     Ok(())
@@ -209,9 +271,20 @@ async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 fn effective_config(config: &AgentConfig, capture: &str) -> EffectiveConfig {
+    let (source, config_file, kubeconfig, host_proc) = match &config.source {
+        SourceConfig::File(path) => ("file", Some(path), None, None),
+        SourceConfig::Kubernetes {
+            kubeconfig,
+            host_proc,
+        } => ("kubernetes", None, kubeconfig.as_ref(), Some(host_proc)),
+    };
+    let display = |path: &PathBuf| path.display().to_string();
     EffectiveConfig {
         node: config.node.clone(),
-        config_file: config.config_file.display().to_string(),
+        source: source.to_owned(),
+        config_file: config_file.map(display),
+        kubeconfig: kubeconfig.map(display),
+        host_proc: host_proc.map(display),
         ca_dir: config.ca_dir.display().to_string(),
         trust_domain: config.trust_domain.to_string(),
         root_namespace: config.root_namespace.clone(),

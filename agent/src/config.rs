@@ -14,6 +14,8 @@ use crate::admission::PendingLimits;
 pub enum SourceKind {
     /// A multi-document YAML file of Kubernetes objects (`--config`), reloaded on change.
     File,
+    /// The cluster's API server (`--kubeconfig`, or the pod's service account in a cluster).
+    Kubernetes,
 }
 
 /// How pod traffic is captured.
@@ -46,6 +48,14 @@ pub struct AgentArgs {
     /// The YAML file the `file` source reads.
     #[arg(long, env = "AMBIT_CONFIG")]
     pub config: Option<PathBuf>,
+    /// The kubeconfig of the `kubernetes` source; in a pod, the service account's in-cluster
+    /// configuration is used when it is absent.
+    #[arg(long, env = "AMBIT_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The host's `/proc`, where the `kubernetes` source finds each pod's network namespace
+    /// through the pod's processes (mounted read-only in the DaemonSet).
+    #[arg(long, env = "AMBIT_HOST_PROC", default_value = "/proc")]
+    pub host_proc: PathBuf,
     /// The local CA's directory, in Istio's `cacerts` layout; a self-signed root is created in
     /// it when it is empty.
     #[arg(long, env = "AMBIT_CA_DIR")]
@@ -102,15 +112,27 @@ pub struct AgentArgs {
 pub enum ConfigError {
     #[error("--source file needs --config FILE")]
     MissingConfigFile,
+    #[error("--{0} belongs to --source {1}")]
+    WrongSource(&'static str, &'static str),
     #[error("--trust-domain: {0}")]
     TrustDomain(#[source] IdentityError),
+}
+
+/// Where the agent learns about the cluster, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceConfig {
+    File(PathBuf),
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        host_proc: PathBuf,
+    },
 }
 
 /// The agent's checked configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node: String,
-    pub config_file: PathBuf,
+    pub source: SourceConfig,
     pub ca_dir: PathBuf,
     pub trust_domain: TrustDomain,
     pub root_namespace: String,
@@ -129,9 +151,25 @@ impl TryFrom<AgentArgs> for AgentConfig {
     type Error = ConfigError;
 
     fn try_from(args: AgentArgs) -> Result<Self, Self::Error> {
-        let SourceKind::File = args.source;
+        let source = match args.source {
+            SourceKind::File => {
+                if args.kubeconfig.is_some() {
+                    return Err(ConfigError::WrongSource("kubeconfig", "kubernetes"));
+                }
+                SourceConfig::File(args.config.ok_or(ConfigError::MissingConfigFile)?)
+            }
+            SourceKind::Kubernetes => {
+                if args.config.is_some() {
+                    return Err(ConfigError::WrongSource("config", "file"));
+                }
+                SourceConfig::Kubernetes {
+                    kubeconfig: args.kubeconfig,
+                    host_proc: args.host_proc,
+                }
+            }
+        };
         Ok(Self {
-            config_file: args.config.ok_or(ConfigError::MissingConfigFile)?,
+            source,
             trust_domain: args
                 .trust_domain
                 .parse()

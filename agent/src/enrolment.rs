@@ -8,11 +8,14 @@
 //! mesh.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_identity::{CertificateManager, Identity, IdentityError, TrustDomain};
-use ambit_redirect::{CaptureBackend, CaptureError, Netns, NetnsError, PodNetns};
+use ambit_redirect::{
+    CaptureBackend, CaptureError, HostProc, Netns, NetnsError, PodNetns, PodNetnsError,
+};
 use tokio::sync::watch;
 
 use crate::admission::Admission;
@@ -38,6 +41,12 @@ pub enum EnrolError {
     NetnsNotFound,
     #[error("failed to find the pod's network namespace")]
     FindNetns(#[source] NetnsError),
+    #[error("no process of the pod runs yet")]
+    NoProcess,
+    #[error("refusing to guess the pod's network namespace")]
+    Refused(#[source] PodNetnsError),
+    #[error("failed to look for the pod's processes")]
+    FindProcess(#[source] PodNetnsError),
     #[error("failed to enter the pod's network namespace")]
     EnterNetns(#[source] NetnsError),
     #[error("the pod's service account is not a valid identity")]
@@ -53,11 +62,23 @@ impl EnrolError {
     /// that is still starting (no IP or no namespace yet).
     fn stage(&self) -> Option<&'static str> {
         match self {
-            Self::NoIp | Self::NetnsNotFound => None,
-            Self::FindNetns(_) | Self::EnterNetns(_) => Some("netns"),
+            Self::NoIp | Self::NetnsNotFound | Self::NoProcess => None,
+            Self::FindNetns(_) | Self::EnterNetns(_) | Self::Refused(_) | Self::FindProcess(_) => {
+                Some("netns")
+            }
             Self::Identity(_) => Some("identity"),
             Self::Proxy(_) => Some("proxy"),
             Self::Capture(_) => Some("capture"),
+        }
+    }
+
+    /// Where the pod stands when enrolling it failed with this error.
+    fn capture(&self) -> Capture {
+        let error = ErrorChain(self).to_string();
+        match self {
+            Self::Refused(_) => Capture::Refused(error),
+            _ if self.stage().is_some() => Capture::Failed(error),
+            _ => Capture::Pending(error),
         }
     }
 }
@@ -66,8 +87,56 @@ impl EnrolError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Capture {
     Captured,
-    /// Not captured yet, with the error of the latest attempt.
+    /// Not captured yet: the pod is still starting (no IP, no process).
     Pending(String),
+    /// Not captured: a step failed, with the error of the latest attempt.
+    Failed(String),
+    /// Not captured: what the node shows contradicts what the cluster says of the pod (several
+    /// namespaces claim it, or its namespace lacks its IP); never guessed, tried again.
+    Refused(String),
+}
+
+/// How a pod's network namespace is found.
+#[derive(Debug, Clone)]
+pub(crate) enum Discovery {
+    /// The namespace that holds the pod's IP: for the file source's lab, whose pods have no
+    /// processes. Any namespace can claim any IP, so a cluster never uses it.
+    ByAddress,
+    /// The namespace of the pod's processes, found by the pod's UID in their cgroups and
+    /// confirmed by its IPs.
+    ByProcess(HostProc),
+}
+
+impl Discovery {
+    async fn find(&self, workload: &Workload) -> Result<Netns, EnrolError> {
+        let (discovery, uid, ips) = (self.clone(), workload.uid.clone(), workload.ips.clone());
+        tokio::task::spawn_blocking(move || discovery.find_blocking(&uid, &ips))
+            .await
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))
+    }
+
+    fn find_blocking(&self, uid: &WorkloadUid, ips: &[IpAddr]) -> Result<Netns, EnrolError> {
+        match self {
+            Self::ByAddress => {
+                let ip = *ips.first().ok_or(EnrolError::NoIp)?;
+                Netns::find_by_ip(ip)
+                    .map_err(EnrolError::FindNetns)?
+                    .ok_or(EnrolError::NetnsNotFound)
+            }
+            Self::ByProcess(host_proc) => {
+                host_proc
+                    .find_pod_netns(&uid.0, ips)
+                    .map_err(|error| match error {
+                        PodNetnsError::NoProcess => EnrolError::NoProcess,
+                        PodNetnsError::NoAddress => EnrolError::NoIp,
+                        PodNetnsError::Ambiguous { .. }
+                        | PodNetnsError::HostNamespace(_)
+                        | PodNetnsError::AddressMismatch { .. } => EnrolError::Refused(error),
+                        error => EnrolError::FindProcess(error),
+                    })
+            }
+        }
+    }
 }
 
 /// The capture status of the node's enrolled pods, by UID.
@@ -79,6 +148,7 @@ pub(crate) struct Enrolment {
     pub(crate) node: String,
     pub(crate) trust_domain: TrustDomain,
     pub(crate) capture: Arc<dyn CaptureBackend>,
+    pub(crate) discovery: Discovery,
     pub(crate) certificates: Arc<CertificateManager>,
     pub(crate) client: HboneClient,
     pub(crate) states: watch::Receiver<Arc<ClusterState>>,
@@ -114,13 +184,19 @@ impl Enrolment {
                 () = drain.signaled() => break,
                 () = self.reconcile(&mut pods) => {}
             }
-            let pending = self
-                .status
-                .borrow()
-                .values()
-                .filter(|capture| matches!(capture, Capture::Pending(_)))
-                .count();
+            let (pending, refused) = {
+                let status = self.status.borrow();
+                let count = |f: fn(&Capture) -> bool| status.values().filter(|c| f(c)).count();
+                // A refused pod is that pod's problem, reported on it: it does not hold back
+                // the agent's readiness, which one pod could otherwise hold back at will.
+                (
+                    count(|c| matches!(c, Capture::Pending(_) | Capture::Failed(_))),
+                    count(|c| matches!(c, Capture::Refused(_))),
+                )
+            };
             self.readiness.set(pending == 0);
+            let refused = i64::try_from(refused).unwrap_or(i64::MAX);
+            self.telemetry.metrics.refused_pods.set(refused);
             let enrolled = i64::try_from(pods.len()).unwrap_or(i64::MAX);
             self.telemetry.metrics.enrolled_pods.set(enrolled);
             tokio::select! {
@@ -182,8 +258,10 @@ impl Enrolment {
             if ip == Some(&pod.workload.ip) {
                 return self.follow_identity(pod, workload);
             }
-            if let Some(ip) = ip
-                && find_netns(*ip)
+            if ip.is_some()
+                && self
+                    .discovery
+                    .find(workload)
                     .await
                     .is_ok_and(|n| n.id() == pod.netns.id())
                 && let Some(pod) = pods.remove(uid)
@@ -204,13 +282,14 @@ impl Enrolment {
                 if let Some(stage) = error.stage() {
                     self.telemetry.metrics.capture_failed(stage);
                 }
+                let capture = error.capture();
                 let error = ErrorChain(&error).to_string();
                 if pods.contains_key(uid) {
                     tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error, "pod not captured at its new address; its capture at the old one stays");
                     Capture::Captured
                 } else {
                     tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error, "pod not enrolled yet");
-                    Capture::Pending(error)
+                    capture
                 }
             }
         }
@@ -232,13 +311,12 @@ impl Enrolment {
             Err(error) => {
                 let error = EnrolError::Identity(error.clone());
                 self.telemetry.metrics.capture_failed("identity");
-                let error = ErrorChain(&error).to_string();
                 tracing::warn!(
                     pod = workload.qualified_name(),
-                    error,
+                    error = %ErrorChain(&error),
                     "refusing the pod's connections"
                 );
-                Capture::Pending(error)
+                error.capture()
             }
         };
         let identity = identity.ok();
@@ -262,7 +340,7 @@ impl Enrolment {
 
     async fn enrol(&self, workload: Arc<Workload>) -> Result<EnrolledPod, EnrolError> {
         let ip = *workload.ips.first().ok_or(EnrolError::NoIp)?;
-        let netns = find_netns(ip).await?;
+        let netns = self.discovery.find(&workload).await?;
         let netns = PodNetns::enter(netns).map_err(EnrolError::EnterNetns)?;
         let identity = workload
             .identity(&self.trust_domain)
@@ -348,10 +426,7 @@ impl Enrolment {
             .into_iter()
             .filter(|w| w.node == self.node && w.protocol == Protocol::Tcp);
         for workload in not_enrolled {
-            let Some(ip) = workload.ips.first().copied() else {
-                continue;
-            };
-            let Ok(netns) = find_netns(ip).await else {
+            let Ok(netns) = self.discovery.find(workload).await else {
                 continue;
             };
             let Ok(netns) = PodNetns::enter(netns) else {
@@ -372,12 +447,4 @@ impl Enrolment {
             }
         }
     }
-}
-
-async fn find_netns(ip: std::net::IpAddr) -> Result<Netns, EnrolError> {
-    tokio::task::spawn_blocking(move || Netns::find_by_ip(ip))
-        .await
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))
-        .map_err(EnrolError::FindNetns)?
-        .ok_or(EnrolError::NetnsNotFound)
 }

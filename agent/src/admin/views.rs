@@ -20,7 +20,8 @@ pub struct WorkloadView {
     /// `HBONE` (in the mesh) or `TCP`.
     pub protocol: String,
     pub labels: BTreeMap<String, String>,
-    /// For the pods this agent enrols: `captured`, or `pending: <why>`.
+    /// For the pods this agent enrols: `captured`, or `pending: <why>` (starting), `failed: <why>`
+    /// or `refused: <why>` (the node contradicts the cluster about the pod).
     pub capture: Option<String>,
 }
 
@@ -144,7 +145,14 @@ pub struct ConfigDump {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EffectiveConfig {
     pub node: String,
-    pub config_file: String,
+    /// `file` or `kubernetes`.
+    pub source: String,
+    /// The file source's cluster file.
+    pub config_file: Option<String>,
+    /// The kubernetes source's kubeconfig; `None` in a cluster (in-cluster configuration).
+    pub kubeconfig: Option<String>,
+    /// Where the kubernetes source finds pods' processes.
+    pub host_proc: Option<String>,
     pub ca_dir: String,
     pub trust_domain: String,
     pub root_namespace: String,

@@ -29,6 +29,8 @@ pub struct Metrics {
     series: SeriesIndex,
     /// Pods of this node whose traffic is captured.
     pub(crate) enrolled_pods: Gauge,
+    /// Pods of this node refused capture: the node contradicts what the cluster says of them.
+    pub(crate) refused_pods: Gauge,
     pub(crate) capture_failures: Family<StageLabel, Counter>,
     pub(crate) policy_decisions: Family<DecisionLabel, Counter>,
     pub(crate) new_edges: Counter,
@@ -91,6 +93,7 @@ impl Metrics {
             traffic: TrafficMetrics::default(),
             series: SeriesIndex::default(),
             enrolled_pods: Gauge::default(),
+            refused_pods: Gauge::default(),
             capture_failures: Family::default(),
             policy_decisions: Family::default(),
             new_edges: Counter::default(),
@@ -140,6 +143,11 @@ impl Metrics {
             "enrolled_pods",
             "Pods of this node whose traffic is captured",
             metrics.enrolled_pods.clone(),
+        );
+        ambit.register(
+            "refused_pods",
+            "Pods of this node left uncaptured because their network namespace is ambiguous or lacks their IP",
+            metrics.refused_pods.clone(),
         );
         ambit.register(
             "capture_failures",

@@ -1,0 +1,442 @@
+//! The Kubernetes source: reflectors on the API server's Namespaces, Pods, Services,
+//! EndpointSlices and Istio policies, turned into a cluster state by the same translation as the
+//! file source.
+//!
+//! Nothing is published before every kind has been listed once: a state without the policies
+//! would allow what they deny. After that, the last good view stays whatever the API server
+//! does (restarts, relists, `410 Gone`): a relist replaces a kind's objects only once it is
+//! complete, and an API server that went away releases nothing.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Config};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, watch};
+
+use super::translate::{Objects, Origin, Sourced};
+use crate::drain::DrainWatcher;
+use crate::enrolment::CaptureStatus;
+use crate::error_chain::ErrorChain;
+use crate::state::ClusterState;
+
+pub(crate) mod status;
+mod trim;
+
+/// How long a burst of changes is gathered into one new state.
+const SETTLE: Duration = Duration::from_millis(50);
+/// What the source logs each time it publishes a state.
+pub const STATE_UPDATED: &str = "cluster state updated";
+
+/// Why the source could not reach the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    #[error("failed to read the kubeconfig {0}")]
+    Kubeconfig(String, #[source] kube::config::KubeconfigError),
+    #[error("not running in a cluster, and no --kubeconfig given")]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("failed to build the API client")]
+    Client(#[source] kube::Error),
+}
+
+/// The cluster as the API server describes it.
+pub struct KubernetesSource {
+    client: Client,
+    node: String,
+    root_namespace: String,
+}
+
+impl std::fmt::Debug for KubernetesSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubernetesSource")
+            .field("node", &self.node)
+            .field("root_namespace", &self.root_namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubernetesSource {
+    /// A source reading the cluster of `kubeconfig`, or of the service account the agent runs
+    /// as when there is none.
+    pub async fn connect(
+        kubeconfig: Option<&Path>,
+        node: &str,
+        root_namespace: &str,
+    ) -> Result<Self, KubernetesError> {
+        let config = match kubeconfig {
+            Some(path) => {
+                let kubeconfig = Kubeconfig::read_from(path)
+                    .map_err(|e| KubernetesError::Kubeconfig(path.display().to_string(), e))?;
+                Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                    .await
+                    .map_err(|e| KubernetesError::Kubeconfig(path.display().to_string(), e))?
+            }
+            None => Config::incluster().map_err(KubernetesError::InCluster)?,
+        };
+        Ok(Self {
+            client: Client::try_from(config).map_err(KubernetesError::Client)?,
+            node: node.to_owned(),
+            root_namespace: root_namespace.to_owned(),
+        })
+    }
+
+    /// Watches the cluster and publishes a state into `states` once every kind is listed, then
+    /// at every change, until a drain starts. Writes what the agent did with the node's pods
+    /// (`capture`) back to them.
+    pub(crate) async fn run(
+        self,
+        states: watch::Sender<Arc<ClusterState>>,
+        capture: watch::Receiver<CaptureStatus>,
+        mut drain: DrainWatcher,
+    ) {
+        let progress = Arc::new(Progress::default());
+        let reflectors = Reflectors::start(&self.client, &progress);
+        tokio::spawn(status::Writer::new(self.client.clone(), &self.node).run(
+            reflectors.pods.clone(),
+            states.subscribe(),
+            capture,
+            drain.clone(),
+        ));
+        let mut published = Published::default();
+        loop {
+            tokio::select! {
+                () = drain.signaled() => break,
+                () = progress.changed.notified() => {}
+            }
+            // Let a burst of events (a relist, a rollout) settle into one state.
+            tokio::time::sleep(SETTLE).await;
+            let waiting = progress.waiting_for();
+            if !waiting.is_empty() {
+                tracing::info!(waiting_for = ?waiting, "waiting for the API server's initial lists");
+                continue;
+            }
+            let version = progress.take_version();
+            let objects = reflectors.objects();
+            let root_namespace = self.root_namespace.clone();
+            let translated =
+                tokio::task::spawn_blocking(move || objects.translate(&root_namespace))
+                    .await
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
+            published.report(&translated.errors, translated.state.rejected_policies());
+            let workloads = translated.state.workloads().len();
+            states.send_replace(Arc::new(translated.state));
+            tracing::info!(resource_version = version, workloads, "{STATE_UPDATED}");
+        }
+        reflectors.abort();
+    }
+}
+
+/// The kinds the source watches. Istio's policies are optional: without their CRDs there are
+/// none, and the source tries again until the CRDs exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
+    AuthorizationPolicy,
+    PeerAuthentication,
+}
+
+impl Kind {
+    const ALL: [Kind; 6] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
+    ];
+
+    fn is_istio_policy(self) -> bool {
+        matches!(self, Kind::AuthorizationPolicy | Kind::PeerAuthentication)
+    }
+}
+
+/// What the reflectors tell the publisher: which kinds are listed, and that something changed.
+#[derive(Debug, Default)]
+struct Progress {
+    listed: Mutex<BTreeSet<Kind>>,
+    /// The resource version of the latest change seen, for logs and tests.
+    version: Mutex<Option<String>>,
+    changed: Notify,
+}
+
+impl Progress {
+    fn listed(&self, kind: Kind) {
+        self.listed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(kind);
+        self.changed.notify_one();
+    }
+
+    fn changed(&self, version: Option<&String>) {
+        if let Some(version) = version {
+            *self.version.lock().unwrap_or_else(PoisonError::into_inner) = Some(version.clone());
+        }
+        self.changed.notify_one();
+    }
+
+    fn waiting_for(&self) -> Vec<Kind> {
+        let listed = self.listed.lock().unwrap_or_else(PoisonError::into_inner);
+        Kind::ALL
+            .into_iter()
+            .filter(|kind| !listed.contains(kind))
+            .collect()
+    }
+
+    fn take_version(&self) -> Option<String> {
+        self.version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The stores of every kind, each filled by its own task.
+struct Reflectors {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+    authorization_policies: Store<DynamicObject>,
+    peer_authentications: Store<DynamicObject>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Reflectors {
+    fn start(client: &Client, progress: &Arc<Progress>) -> Self {
+        let mut tasks = Vec::new();
+        let mut spawn = |task| tasks.push(tokio::spawn(task));
+        let namespaces = typed(
+            client,
+            Kind::Namespace,
+            trim::namespace,
+            progress,
+            &mut spawn,
+        );
+        let pods = typed(client, Kind::Pod, trim::pod, progress, &mut spawn);
+        let services = typed(client, Kind::Service, trim::service, progress, &mut spawn);
+        let endpoint_slices = typed(
+            client,
+            Kind::EndpointSlice,
+            trim::endpoint_slice,
+            progress,
+            &mut spawn,
+        );
+        let authorization_policies = istio(
+            client,
+            Kind::AuthorizationPolicy,
+            ("AuthorizationPolicy", "authorizationpolicies"),
+            progress,
+            &mut spawn,
+        );
+        let peer_authentications = istio(
+            client,
+            Kind::PeerAuthentication,
+            ("PeerAuthentication", "peerauthentications"),
+            progress,
+            &mut spawn,
+        );
+        Self {
+            namespaces,
+            pods,
+            services,
+            endpoint_slices,
+            authorization_policies,
+            peer_authentications,
+            tasks,
+        }
+    }
+
+    /// A snapshot of every store.
+    fn objects(&self) -> Objects {
+        // Policies go through JSON, as the file's do, so that they parse the same way.
+        let json = |policy: Arc<DynamicObject>| {
+            from_api(Arc::new(
+                serde_json::to_value(&*policy).unwrap_or(serde_json::Value::Null),
+            ))
+        };
+        Objects {
+            namespaces: self.namespaces.state(),
+            pods: self.pods.state().into_iter().map(from_api).collect(),
+            services: self.services.state().into_iter().map(from_api).collect(),
+            endpoint_slices: self.endpoint_slices.state(),
+            authorization_policies: self
+                .authorization_policies
+                .state()
+                .into_iter()
+                .map(json)
+                .collect(),
+            peer_authentications: self
+                .peer_authentications
+                .state()
+                .into_iter()
+                .map(json)
+                .collect(),
+        }
+    }
+
+    fn abort(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+type Task = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A store of one of Kubernetes' own kinds, with the task that fills it.
+fn typed<K>(
+    client: &Client,
+    kind: Kind,
+    trim: fn(&mut K),
+    progress: &Arc<Progress>,
+    spawn: &mut impl FnMut(Task),
+) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    spawn(Box::pin(reflect(
+        Api::all(client.clone()),
+        writer,
+        trim,
+        kind,
+        progress.clone(),
+    )));
+    store
+}
+
+/// A store of one of Istio's `security.istio.io/v1` kinds, with the task that fills it.
+fn istio(
+    client: &Client,
+    kind: Kind,
+    (name, plural): (&str, &str),
+    progress: &Arc<Progress>,
+    spawn: &mut impl FnMut(Task),
+) -> Store<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("security.istio.io", "v1", name);
+    let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
+    let writer = reflector::store::Writer::new(resource.clone());
+    let store = writer.as_reader();
+    spawn(Box::pin(reflect(
+        Api::all_with(client.clone(), &resource),
+        writer,
+        trim::policy,
+        kind,
+        progress.clone(),
+    )));
+    store
+}
+
+fn from_api<T>(object: Arc<T>) -> Sourced<T> {
+    Sourced {
+        origin: Origin::Api,
+        object,
+    }
+}
+
+/// Keeps `writer`'s store in line with the API server, trimming each object to what the model
+/// needs. A relist replaces the store only when complete, so the last good view stays meanwhile.
+async fn reflect<K>(
+    api: Api<K>,
+    mut writer: reflector::store::Writer<K>,
+    trim: fn(&mut K),
+    kind: Kind,
+    progress: Arc<Progress>,
+) where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash,
+{
+    let mut events = std::pin::pin!(watcher(api).default_backoff());
+    let mut absent = false;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) => {
+                let event = event.modify(trim);
+                writer.apply_watcher_event(&event);
+                match &event {
+                    Event::InitDone => {
+                        if absent {
+                            tracing::info!(?kind, "the kind is served now");
+                            absent = false;
+                        }
+                        progress.listed(kind);
+                        progress.changed(None);
+                    }
+                    Event::Apply(object) | Event::Delete(object) => {
+                        progress.changed(object.meta().resource_version.as_ref());
+                    }
+                    Event::Init | Event::InitApply(_) => {}
+                }
+            }
+            Err(error) if kind.is_istio_policy() && is_not_found(&error) => {
+                // No CRD, so no policies of this kind: nothing to wait for.
+                if !absent {
+                    tracing::warn!(
+                        ?kind,
+                        "the API server does not serve this kind (are Istio's CRDs installed?); watching for it"
+                    );
+                    absent = true;
+                }
+                progress.listed(kind);
+            }
+            Err(error) => {
+                tracing::warn!(?kind, error = %ErrorChain(&error), "watching the API server; keeping the last good state");
+            }
+        }
+    }
+}
+
+fn watcher<K>(api: Api<K>) -> impl futures_util::Stream<Item = watcher::Result<Event<K>>>
+where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher::watcher(api, watcher::Config::default())
+}
+
+fn is_not_found(error: &watcher::Error) -> bool {
+    matches!(
+        error,
+        watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.code == 404
+    )
+}
+
+/// What the last published state said was wrong, so that each problem is logged once.
+#[derive(Debug, Default)]
+struct Published {
+    errors: Vec<String>,
+    rejected: Vec<String>,
+}
+
+impl Published {
+    fn report(&mut self, errors: &[super::ObjectError], rejected: &[String]) {
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        for error in errors.iter().filter(|e| !self.errors.contains(e)) {
+            tracing::error!(error, "object left out of the cluster state");
+        }
+        for error in rejected.iter().filter(|e| !self.rejected.contains(e)) {
+            tracing::error!(error, "policy rejected: enforcing it as fail-closed");
+        }
+        self.errors = errors;
+        self.rejected = rejected.to_vec();
+    }
+}
