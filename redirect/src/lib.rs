@@ -1,6 +1,7 @@
-//! Getting pod traffic to the agent: pod network namespaces ([`Netns`], [`PodNetns`]), the
-//! sockets the agent opens inside them ([`socket`]), and the capture backends that steer a pod's
-//! TCP to those sockets ([`CaptureBackend`]: [`Ebpf`], [`Nftables`]), with the policy routing they rely on.
+//! Getting pod traffic to the agent: pod network namespaces ([`Netns`], [`PodNetns`], found
+//! through a pod's processes with [`HostProc`]), the sockets the agent opens inside them
+//! ([`socket`]), and the capture backends that steer a pod's TCP to those sockets
+//! ([`CaptureBackend`]: [`Ebpf`], [`Nftables`]), with the policy routing they rely on.
 //!
 //! Everything that must happen inside a pod's namespace runs on that pod's [`PodNetns`] thread;
 //! the rest of the agent stays in the node's namespace.
@@ -17,5 +18,5 @@ pub use ambit_ebpf_common::{
 pub use capture::{
     CaptureBackend, CaptureCounters, CaptureError, CaptureTarget, Ebpf, EbpfUnavailable, Nftables,
 };
-pub use netns::{Netns, NetnsError, NetnsId, PodNetns};
+pub use netns::{HostProc, Netns, NetnsError, NetnsId, PodNetns, PodNetnsError};
 pub use routing::RoutingError;

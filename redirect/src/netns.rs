@@ -1,5 +1,8 @@
-//! Network namespaces held by file descriptor, found by the IP a pod has in them, and entered on
-//! a thread of their own.
+//! Network namespaces held by file descriptor, found through a pod's processes ([`HostProc`])
+//! or by the IP a pod has in them, and entered on a thread of their own.
+
+mod host_proc;
+mod pod_cgroup;
 
 use std::fmt;
 use std::fs::File;
@@ -12,6 +15,8 @@ use std::sync::mpsc;
 use std::thread;
 
 use nix::sched::CloneFlags;
+
+pub use host_proc::{HostProc, PodNetnsError};
 
 /// Where `ip netns` (and CNI plugins) keep named namespaces.
 const NAMED_NETNS_DIR: &str = "/var/run/netns";

@@ -1,0 +1,205 @@
+//! Finding a Kubernetes pod's network namespace through its processes: the namespace of the
+//! processes kubelet placed in the pod's cgroup, confirmed by the pod's addresses.
+//!
+//! An address proves nothing on its own: any pod can add another pod's IP to its interface.
+//! Only kubelet (and the runtime it drives) puts processes in a pod's cgroup.
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::net::IpAddr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use nix::sched::CloneFlags;
+
+use super::pod_cgroup::{MAX_UID_LEN, PodUid};
+use super::{Netns, NetnsError, NetnsId, is_local};
+
+/// Why a pod's network namespace was not found. Only [`NoProcess`](Self::NoProcess) is
+/// expected in normal operation; every other refusal means something is wrong with the pod or
+/// the node.
+#[derive(Debug, thiserror::Error)]
+pub enum PodNetnsError {
+    #[error("invalid pod uid {0:?}: expected up to {MAX_UID_LEN} hexadecimal digits and dashes")]
+    InvalidUid(String),
+    #[error("the pod has no address to confirm its network namespace with")]
+    NoAddress,
+    /// No process of the pod runs (yet): its sandbox has not started, or it has ended.
+    #[error("no process of the pod is running")]
+    NoProcess,
+    #[error(
+        "the pod's processes are in {} network namespaces ({}): refusing to choose one",
+        .namespaces.len(),
+        Listed(.namespaces)
+    )]
+    Ambiguous { namespaces: Vec<NetnsId> },
+    /// The pod runs in the agent's own namespace: a host-network pod, never captured.
+    #[error("the pod's processes are in the agent's own network namespace {0}")]
+    HostNamespace(NetnsId),
+    #[error("the pod's address {ip} is not in the network namespace {netns} of its processes")]
+    AddressMismatch { netns: NetnsId, ip: IpAddr },
+    #[error("failed to list the processes in {}", .path.display())]
+    ListProcesses {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to read {}", .path.display())]
+    ReadCgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to open the network namespace of a process of the pod")]
+    OpenNetns(#[source] NetnsError),
+    #[error("failed to open the agent's own network namespace")]
+    OpenOwnNetns(#[source] NetnsError),
+    #[error("failed to check the pod's addresses in the network namespace of its processes")]
+    CheckAddresses(#[source] NetnsError),
+}
+
+/// The `/proc` of the node's PID namespace, where kubelet's pods run: `/proc` for an agent on
+/// the host's PID namespace, or wherever the node's `/proc` is mounted for one that is not.
+#[derive(Debug, Clone)]
+pub struct HostProc(PathBuf);
+
+impl HostProc {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self(path.into())
+    }
+
+    /// The network namespace of the pod `pod_uid`: the one namespace its processes share,
+    /// provided it holds every one of `pod_ips` and is not the agent's own.
+    ///
+    /// Blocking: reads the cgroup file of every process, then looks at the namespace's
+    /// addresses from a short-lived thread inside it. Call it through `spawn_blocking`.
+    pub fn find_pod_netns(
+        &self,
+        pod_uid: &str,
+        pod_ips: &[IpAddr],
+    ) -> Result<Netns, PodNetnsError> {
+        let uid =
+            PodUid::parse(pod_uid).ok_or_else(|| PodNetnsError::InvalidUid(pod_uid.to_owned()))?;
+        if pod_ips.is_empty() {
+            return Err(PodNetnsError::NoAddress);
+        }
+        let own = Netns::current().map_err(PodNetnsError::OpenOwnNetns)?.id();
+        let mut namespaces = self.namespaces_of(&uid)?;
+        let netns = match namespaces.len() {
+            0 => return Err(PodNetnsError::NoProcess),
+            1 => namespaces.swap_remove(0),
+            _ => {
+                return Err(PodNetnsError::Ambiguous {
+                    namespaces: namespaces.iter().map(Netns::id).collect(),
+                });
+            }
+        };
+        if netns.id == own {
+            return Err(PodNetnsError::HostNamespace(own));
+        }
+        match first_missing_address(&netns, pod_ips).map_err(PodNetnsError::CheckAddresses)? {
+            Some(ip) => Err(PodNetnsError::AddressMismatch {
+                netns: netns.id,
+                ip,
+            }),
+            None => Ok(netns),
+        }
+    }
+
+    /// The distinct network namespaces of the processes in the pod's cgroup.
+    fn namespaces_of(&self, uid: &PodUid) -> Result<Vec<Netns>, PodNetnsError> {
+        let list_error = |source| PodNetnsError::ListProcesses {
+            path: self.0.clone(),
+            source,
+        };
+        let mut namespaces: Vec<Netns> = Vec::new();
+        // One buffer for every cgroup file: they are a few hundred bytes each.
+        let mut cgroup = Vec::new();
+        for entry in fs::read_dir(&self.0).map_err(list_error)? {
+            let process = entry.map_err(list_error)?;
+            if !process
+                .file_name()
+                .as_encoded_bytes()
+                .iter()
+                .all(u8::is_ascii_digit)
+            {
+                continue;
+            }
+            let process = process.path();
+            if !read_while_running(&process.join("cgroup"), &mut cgroup)?
+                || !uid.owns(&String::from_utf8_lossy(&cgroup))
+            {
+                continue;
+            }
+            let Some(netns) = open_while_running(&process.join("ns/net"))? else {
+                continue;
+            };
+            if namespaces.iter().all(|seen| seen.id != netns.id) {
+                namespaces.push(netns);
+            }
+        }
+        Ok(namespaces)
+    }
+}
+
+/// Reads `path` into `buffer`; `false` if its process has ended meanwhile. Any other failure
+/// is an error: a process left unread could be one of the pod's in another namespace.
+fn read_while_running(path: &Path, buffer: &mut Vec<u8>) -> Result<bool, PodNetnsError> {
+    buffer.clear();
+    match File::open(path).and_then(|mut file| file.read_to_end(buffer)) {
+        Ok(_) => Ok(true),
+        Err(error) if process_ended(&error) => Ok(false),
+        Err(source) => Err(PodNetnsError::ReadCgroup {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Opens a process's namespace; `None` if the process has ended (or is a zombie) meanwhile.
+fn open_while_running(path: &Path) -> Result<Option<Netns>, PodNetnsError> {
+    match Netns::open(path) {
+        Ok(netns) => Ok(Some(netns)),
+        Err(NetnsError::Open(_, error)) if process_ended(&error) => Ok(None),
+        Err(error) => Err(PodNetnsError::OpenNetns(error)),
+    }
+}
+
+/// What reading `/proc/<pid>` answers once the process is gone.
+fn process_ended(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::NotFound || error.raw_os_error() == Some(nix::libc::ESRCH)
+}
+
+/// The first of `ips` that no interface of `netns` has, looked up from a thread inside it.
+fn first_missing_address(netns: &Netns, ips: &[IpAddr]) -> Result<Option<IpAddr>, NetnsError> {
+    let id = netns.id;
+    thread::scope(|scope| {
+        thread::Builder::new()
+            .name(format!("netns-check-{}", id.ino))
+            .spawn_scoped(scope, || {
+                nix::sched::setns(netns.fd.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| NetnsError::Enter(id, e))?;
+                Ok(ips.iter().copied().find(|ip| !is_local(*ip)))
+            })
+            .map_err(|e| NetnsError::SpawnThread(id, e))?
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Namespace ids separated by commas.
+struct Listed<'a>(&'a [NetnsId]);
+
+impl fmt::Display for Listed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, id) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{id}")?;
+        }
+        Ok(())
+    }
+}
