@@ -1,6 +1,7 @@
 //! Finding a pod's network namespace through its processes, on real namespaces (needs root):
 //! first with a made-up `/proc` whose processes point at the lab's namespaces, then with the
-//! lab's kubelet-style pod processes in the machine's own `/proc`.
+//! lab's kubelet-style pod processes in the machine's own `/proc`, from a topology and from a
+//! cluster.
 
 #![expect(
     clippy::unwrap_used,
@@ -11,8 +12,9 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
 
-use ambit_agent::lab::CgroupLayout;
 use ambit_agent::lab::topology::{PodNs, Topology};
+use ambit_agent::lab::{CgroupLayout, Cluster};
+use ambit_integration::agent_binary;
 use ambit_redirect::{HostProc, Netns, NetnsId, PodNetnsError};
 
 const CONTAINER: &str = "4f7a1c9e2b8d6f3a5c0e7b9d1f3a5c7e9b1d3f5a7c9e1b3d5f7a9c1e3b5d7f9a";
@@ -230,4 +232,31 @@ fn the_labs_pod_processes_can_disagree_and_stop() {
     assert!(lab_cgroup.exists(), "{}", lab_cgroup.display());
     drop(topology);
     assert!(!lab_cgroup.exists(), "{}", lab_cgroup.display());
+}
+
+#[tokio::test]
+async fn a_cluster_gives_its_pods_processes_when_asked() {
+    let mut cluster = Cluster::builder(&agent_binary())
+        .pod_processes(CgroupLayout::Cgroupfs)
+        .node("node1")
+        .ambient_namespace("shop")
+        .pod("node1", "shop", "client")
+        .start()
+        .await
+        .unwrap();
+    let client = cluster.pod("client").unwrap().clone();
+    let host = HostProc::new("/proc");
+    let found = host.find_pod_netns(&client.uid, &[ip(&client)]).unwrap();
+    assert_eq!(found.id(), id(&client));
+
+    cluster.stop_pod_process("client");
+    assert!(matches!(
+        host.find_pod_netns(&client.uid, &[ip(&client)]),
+        Err(PodNetnsError::NoProcess)
+    ));
+    cluster
+        .start_pod_process("client", CgroupLayout::Systemd)
+        .unwrap();
+    let found = host.find_pod_netns(&client.uid, &[ip(&client)]).unwrap();
+    assert_eq!(found.id(), id(&client));
 }
