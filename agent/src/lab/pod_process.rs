@@ -161,7 +161,7 @@ impl LabCgroups {
         let mut refused = None;
         for hierarchy in hierarchies()? {
             let path = hierarchy.join(&self.id);
-            match std::fs::create_dir(&path) {
+            match create_cgroup(&path) {
                 Ok(()) => return Ok(root.insert(path).clone()),
                 Err(source) => refused = Some(PodProcessError::CreateCgroup { path, source }),
             }
@@ -240,10 +240,8 @@ impl CgroupDirs {
         let mut path = root.to_owned();
         for name in names {
             path.push(name);
-            match std::fs::create_dir(&path) {
-                Ok(()) => {}
-                Err(error) if error.kind() == ErrorKind::AlreadyExists => {}
-                Err(source) => return Err(PodProcessError::CreateCgroup { path, source }),
+            if let Err(source) = create_cgroup(&path) {
+                return Err(PodProcessError::CreateCgroup { path, source });
             }
             dirs.0.push(path.clone());
         }
@@ -306,6 +304,15 @@ fn hierarchies() -> Result<Vec<PathBuf>, PodProcessError> {
     Ok(v2)
 }
 
+/// Creates the cgroup `path` unless it exists: the cgroups of a pod are shared by its
+/// containers.
+fn create_cgroup(path: &Path) -> io::Result<()> {
+    match std::fs::create_dir(path) {
+        Err(error) if error.kind() != ErrorKind::AlreadyExists => Err(error),
+        _ => Ok(()),
+    }
+}
+
 /// Kills what runs in the cgroup `path` and below, then removes them, deepest first.
 fn remove_tree(path: &Path) {
     if let Ok(entries) = std::fs::read_dir(path) {
@@ -348,6 +355,20 @@ fn has_children(path: &Path) -> bool {
             .flatten()
             .any(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
     })
+}
+
+/// A pod UID for the namespace `netns`: UUID-shaped as Kubernetes makes them, and always the
+/// same for the same name.
+pub(super) fn uid_for(netns: &str) -> String {
+    let (high, low) = (hash(netns, 0), hash(netns, 1));
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        high >> 32,
+        (high >> 16) & 0xffff,
+        high & 0xffff,
+        low >> 48,
+        low & 0xffff_ffff_ffff
+    )
 }
 
 fn hash(text: &str, salt: u64) -> u64 {

@@ -212,7 +212,7 @@ impl Topology {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
             node: node.to_owned(),
-            uid: uuid_from(&netns),
+            uid: pod_process::uid_for(&netns),
             netns,
             ip: Ipv4Addr::new(10, slot, host.index, 9 + host.pods),
         };
@@ -443,25 +443,6 @@ fn owner_is_gone(name: &str) -> bool {
         .next()
         .and_then(|pid| pid.parse::<i32>().ok())
         .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-}
-
-/// A UUID-shaped name derived from `name`: the same for the same name.
-fn uuid_from(name: &str) -> String {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let half = |salt: u8| {
-        let mut hasher = DefaultHasher::new();
-        (salt, name).hash(&mut hasher);
-        hasher.finish()
-    };
-    let (high, low) = (half(0), half(1));
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        high >> 32,
-        (high >> 16) & 0xffff,
-        high & 0xffff,
-        low >> 48,
-        low & 0xffff_ffff_ffff
-    )
 }
 
 fn lock_slot() -> Result<(u8, Flock<File>), TopologyError> {
