@@ -13,6 +13,7 @@ use super::agent::AgentProcess;
 const RELOADED: &str = "configuration reloaded";
 const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 use super::pod::InPod;
+use super::pod_process::{CgroupLayout, PodProcess};
 use super::topology::{PodNs, Topology};
 
 #[derive(Debug, Clone)]
@@ -33,12 +34,20 @@ pub struct ClusterBuilder {
     pods: Vec<(String, PodSpec)>,
     objects: String,
     agent_args: Vec<String>,
+    pod_processes: Option<CgroupLayout>,
 }
 
 impl ClusterBuilder {
     /// More flags for every agent, such as `--baseline-learn 2s`.
     pub fn agent_args(mut self, args: &[&str]) -> Self {
         self.agent_args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
+    /// Gives every pod, when it is created, a process in a cgroup named after its UID in
+    /// `layout`, as kubelet would: what the agent finds pods by in a Kubernetes cluster.
+    pub fn pod_processes(mut self, layout: CgroupLayout) -> Self {
+        self.pod_processes = Some(layout);
         self
     }
 
@@ -108,6 +117,8 @@ impl ClusterBuilder {
             extra: self.objects,
             agent_args: self.agent_args,
             agents: BTreeMap::new(),
+            pod_processes: BTreeMap::new(),
+            pod_process_layout: self.pod_processes,
             topology,
         };
         for (node, spec) in self.pods {
@@ -126,6 +137,8 @@ impl ClusterBuilder {
 pub struct Cluster {
     // Field order is drop order: agents go before the namespaces they run in.
     agents: BTreeMap<String, AgentProcess>,
+    /// Pods' processes, by pod name.
+    pod_processes: BTreeMap<String, PodProcess>,
     topology: Topology,
     agent_binary: PathBuf,
     config: PathBuf,
@@ -136,6 +149,8 @@ pub struct Cluster {
     /// More objects for the cluster file (policies), as YAML documents.
     extra: String,
     agent_args: Vec<String>,
+    /// Where pods created from now on get a process, if they do.
+    pod_process_layout: Option<CgroupLayout>,
     dir: tempfile::TempDir,
 }
 
@@ -149,6 +164,7 @@ impl Cluster {
             pods: Vec::new(),
             objects: String::new(),
             agent_args: Vec::new(),
+            pod_processes: None,
         }
     }
 
@@ -195,8 +211,29 @@ impl Cluster {
 
     fn add_pod(&mut self, node: &str, spec: PodSpec) -> anyhow::Result<PodNs> {
         let pod = self.topology.add_pod(node, &spec.namespace, &spec.name)?;
+        let name = spec.name.clone();
         self.pods.push((spec, pod.clone(), true));
+        if let Some(layout) = self.pod_process_layout {
+            self.start_pod_process(&name, layout)?;
+        }
         Ok(pod)
+    }
+
+    /// Starts a process of the pod `name` in its namespace and a cgroup named after its UID in
+    /// `layout`, in place of the one it had.
+    pub fn start_pod_process(&mut self, name: &str, layout: CgroupLayout) -> anyhow::Result<()> {
+        let process = self
+            .topology
+            .start_pod_process(self.pod(name)?, layout)
+            .with_context(|| format!("starting a process of the pod {name}"))?;
+        self.pod_processes.insert(name.to_owned(), process);
+        Ok(())
+    }
+
+    /// Stops the process of the pod `name`, as when its containers have ended; its namespace
+    /// stays.
+    pub fn stop_pod_process(&mut self, name: &str) {
+        self.pod_processes.remove(name);
     }
 
     /// Leaves `name` out of the cluster file from the next write; its namespace stays.
@@ -274,10 +311,10 @@ impl Cluster {
             labels.push('}');
             let _ = write!(
                 yaml,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  uid: {netns}\n  labels: {labels}\nspec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers: [{{name: app, image: app}}]\nstatus:\n  podIP: {ip}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  uid: {uid}\n  labels: {labels}\nspec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers: [{{name: app, image: app}}]\nstatus:\n  podIP: {ip}\n",
                 name = spec.name,
                 namespace = spec.namespace,
-                netns = pod.netns,
+                uid = pod.uid,
                 node = pod.node,
                 ip = pod.ip,
             );

@@ -14,6 +14,8 @@ use std::process::{Command, Output};
 
 use nix::fcntl::{Flock, FlockArg};
 
+use super::pod_process::{self, CgroupLayout, LabCgroups, PodProcess, PodProcessError};
+
 /// Every namespace a topology creates starts with this.
 const PREFIX: &str = "ambit-lab";
 /// Where slot locks live; a lock is released by the kernel when its holder dies.
@@ -55,6 +57,8 @@ pub struct PodNs {
     pub node: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// A UUID, as Kubernetes gives pods, derived from the namespace's name.
+    pub uid: String,
 }
 
 impl PodNs {
@@ -100,6 +104,8 @@ pub struct Topology {
     underlay: String,
     nodes: Vec<NodeNs>,
     pods: Vec<PodNs>,
+    /// Dropped after the namespaces, so that their processes are gone first.
+    cgroups: LabCgroups,
     _slot_lock: Flock<File>,
 }
 
@@ -115,6 +121,7 @@ impl Topology {
             underlay: underlay.clone(),
             nodes: Vec::new(),
             pods: Vec::new(),
+            cgroups: LabCgroups::new(&id),
             id,
             _slot_lock: lock,
         };
@@ -200,11 +207,13 @@ impl Topology {
         };
         host.pods += 1;
         let gateway = Ipv4Addr::new(10, slot, host.index, 1);
+        let netns = format!("{}-{namespace}-{name}", self.id);
         let pod = PodNs {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
             node: node.to_owned(),
-            netns: format!("{}-{namespace}-{name}", self.id),
+            uid: pod_process::uid_for(&netns),
+            netns,
             ip: Ipv4Addr::new(10, slot, host.index, 9 + host.pods),
         };
         let host_end = format!("p{}", host.pods);
@@ -333,6 +342,28 @@ impl Topology {
         Ok(address)
     }
 
+    /// Starts a process of `pod` as kubelet leaves one: in the pod's network namespace and in a
+    /// container cgroup of the pod's, named after its UID in `layout`. The process dies with the
+    /// thread that started it, and when the returned handle is dropped.
+    pub fn start_pod_process(
+        &self,
+        pod: &PodNs,
+        layout: CgroupLayout,
+    ) -> Result<PodProcess, PodProcessError> {
+        self.cgroups.start(&pod.uid, &pod.netns, layout)
+    }
+
+    /// Starts a process in a container cgroup of the pod `uid` but in the network namespace
+    /// `netns`, which need not be the pod's: a pod whose processes disagree on its namespace.
+    pub fn start_process_of_pod_in(
+        &self,
+        uid: &str,
+        netns: &str,
+        layout: CgroupLayout,
+    ) -> Result<PodProcess, PodProcessError> {
+        self.cgroups.start(uid, netns, layout)
+    }
+
     /// The underlay namespace, where node-to-node traffic can be observed.
     pub fn underlay(&self) -> &str {
         &self.underlay
@@ -390,26 +421,28 @@ fn delete_netns(netns: &str) {
     let _ = Command::new("ip").args(["netns", "del", netns]).output();
 }
 
-/// Deletes the namespaces of topologies whose process is gone.
+/// Deletes the namespaces and cgroups of topologies whose process is gone.
 fn sweep_leftovers() {
-    let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else {
-            continue;
-        };
-        let owner = rest
-            .split('-')
-            .next()
-            .and_then(|pid| pid.parse::<i32>().ok());
-        if let Some(pid) = owner
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
-            delete_netns(&name);
+    if let Ok(entries) = std::fs::read_dir("/var/run/netns") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if owner_is_gone(&name) {
+                delete_netns(&name);
+            }
         }
     }
+    pod_process::sweep_leftovers(owner_is_gone);
+}
+
+/// Whether `name` is a topology's whose owner has exited: names start with the owner's PID.
+fn owner_is_gone(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else {
+        return false;
+    };
+    rest.split('-')
+        .next()
+        .and_then(|pid| pid.parse::<i32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
 
 fn lock_slot() -> Result<(u8, Flock<File>), TopologyError> {

@@ -203,3 +203,76 @@ impl fmt::Display for Listed<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::{HostProc, NetnsId, PodNetnsError};
+
+    const UID: &str = "0b5f3c2e-8a4d-4e7b-9c1a-2f6d8e0a1b3c";
+    const IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
+
+    fn proc_with(processes: &[(&str, &str)]) -> tempfile::TempDir {
+        let Ok(dir) = tempfile::tempdir() else {
+            panic!("cannot create a temporary directory");
+        };
+        for (pid, cgroup) in processes {
+            let process = dir.path().join(pid);
+            let created = std::fs::create_dir(&process)
+                .and_then(|()| std::fs::write(process.join("cgroup"), cgroup));
+            assert!(created.is_ok(), "{created:?}");
+        }
+        dir
+    }
+
+    #[test]
+    fn a_hostile_uid_is_refused_before_looking() {
+        let host = HostProc::new("/nonexistent");
+        let found = host.find_pod_netns("../kubepods", &[IP]);
+        assert!(matches!(found, Err(PodNetnsError::InvalidUid(uid)) if uid == "../kubepods"));
+    }
+
+    #[test]
+    fn a_pod_without_address_cannot_be_confirmed() {
+        let host = HostProc::new("/nonexistent");
+        assert!(matches!(
+            host.find_pod_netns(UID, &[]),
+            Err(PodNetnsError::NoAddress)
+        ));
+    }
+
+    #[test]
+    fn processes_of_other_pods_and_ended_ones_are_passed_over() {
+        let other = "0::/kubepods/besteffort/pod9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a/c1\n";
+        let dir = proc_with(&[("1", "0::/init.scope\n"), ("7", other), ("self", "")]);
+        // A process that ended between listing /proc and reading its files.
+        assert!(std::fs::create_dir(dir.path().join("8")).is_ok());
+        let found = HostProc::new(dir.path()).find_pod_netns(UID, &[IP]);
+        assert!(matches!(found, Err(PodNetnsError::NoProcess)), "{found:?}");
+    }
+
+    #[test]
+    fn a_missing_proc_is_an_error_naming_it() {
+        let found = HostProc::new("/nonexistent/proc").find_pod_netns(UID, &[IP]);
+        let Err(error) = found else {
+            panic!("found a namespace in /nonexistent/proc");
+        };
+        assert_eq!(
+            error.to_string(),
+            "failed to list the processes in /nonexistent/proc"
+        );
+    }
+
+    #[test]
+    fn ambiguity_names_every_namespace() {
+        let error = PodNetnsError::Ambiguous {
+            namespaces: vec![NetnsId { dev: 4, ino: 1 }, NetnsId { dev: 4, ino: 2 }],
+        };
+        assert_eq!(
+            error.to_string(),
+            "the pod's processes are in 2 network namespaces (net:[1], net:[2]): \
+             refusing to choose one"
+        );
+    }
+}
