@@ -5,6 +5,7 @@
 //! tests and benchmarks drive it. Needs root.
 
 mod agent;
+mod apiserver;
 mod cluster;
 mod pod;
 mod pod_process;

@@ -1,5 +1,6 @@
 //! `ambit agent` as a child process in a node's namespace.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -28,14 +29,14 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    /// Starts `binary agent` for `node` in its namespace `netns`, reading the cluster file
-    /// `config`, with `extra_args`; its JSON log, at level `info` so that it holds the access
-    /// log, goes to `log`.
+    /// Starts `binary agent` for `node` in its namespace `netns`, reading the cluster from
+    /// `source` (`--config FILE`, or `--source kubernetes ...`), with `extra_args`; its JSON log,
+    /// at level `info` so that it holds the access log, goes to `log`.
     pub fn start(
         binary: &Path,
         node: &str,
         netns: &str,
-        config: &Path,
+        source: &[OsString],
         ca_dir: &Path,
         extra_args: &[String],
         log: PathBuf,
@@ -43,8 +44,8 @@ impl AgentProcess {
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = Topology::command_in(netns, binary)
-            .args(["agent", "--node", node, "--log-format", "json", "--config"])
-            .arg(config)
+            .args(["agent", "--node", node, "--log-format", "json"])
+            .args(source)
             .arg("--ca-dir")
             .arg(ca_dir)
             .args(extra_args)

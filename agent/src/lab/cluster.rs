@@ -1,6 +1,7 @@
 //! A cluster: its topology, the file its agents read, and the agents.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,7 +13,9 @@ use super::agent::AgentProcess;
 /// What an agent logs when it has loaded a changed cluster file.
 const RELOADED: &str = "configuration reloaded";
 const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+use super::apiserver::{ApiServerProcess, resource_version};
 use super::pod::InPod;
+use crate::source::STATE_UPDATED;
 use super::pod_process::{CgroupLayout, PodProcess};
 use super::topology::{PodNs, Topology};
 
@@ -35,12 +38,23 @@ pub struct ClusterBuilder {
     objects: String,
     agent_args: Vec<String>,
     pod_processes: Option<CgroupLayout>,
+    apiserver: Option<PathBuf>,
 }
 
 impl ClusterBuilder {
     /// More flags for every agent, such as `--baseline-learn 2s`.
     pub fn agent_args(mut self, args: &[&str]) -> Self {
         self.agent_args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
+    /// Agents that read the cluster from an API server, `fake-apiserver` run from `binary`
+    /// and serving the cluster file (with Istio's CRDs), in place of the file; pods get
+    /// processes in systemd-layout cgroups unless [`pod_processes`](Self::pod_processes) says
+    /// otherwise, as the agents find pods by them.
+    pub fn kubernetes(mut self, binary: &Path) -> Self {
+        self.apiserver = Some(binary.to_owned());
+        self.pod_processes.get_or_insert(CgroupLayout::Systemd);
         self
     }
 
@@ -119,12 +133,24 @@ impl ClusterBuilder {
             agents: BTreeMap::new(),
             pod_processes: BTreeMap::new(),
             pod_process_layout: self.pod_processes,
+            apiserver: None,
+            istio_crds: true,
             topology,
         };
         for (node, spec) in self.pods {
             cluster.add_pod(&node, spec)?;
         }
         cluster.write_config()?;
+        if let Some(binary) = self.apiserver {
+            let server = ApiServerProcess::start(
+                &binary,
+                &cluster.topology,
+                &cluster.config,
+                cluster.dir.path(),
+            )
+            .await?;
+            cluster.apiserver = Some(server);
+        }
         for node in self.nodes {
             cluster.start_agent(&node).await?;
         }
@@ -137,6 +163,8 @@ impl ClusterBuilder {
 pub struct Cluster {
     // Field order is drop order: agents go before the namespaces they run in.
     agents: BTreeMap<String, AgentProcess>,
+    /// What the agents read the cluster from, when not the file.
+    apiserver: Option<ApiServerProcess>,
     /// Pods' processes, by pod name.
     pod_processes: BTreeMap<String, PodProcess>,
     topology: Topology,
@@ -151,6 +179,8 @@ pub struct Cluster {
     agent_args: Vec<String>,
     /// Where pods created from now on get a process, if they do.
     pod_process_layout: Option<CgroupLayout>,
+    /// Whether the cluster file defines Istio's CRDs, so that an API server serves policies.
+    istio_crds: bool,
     dir: tempfile::TempDir,
 }
 
@@ -165,6 +195,7 @@ impl Cluster {
             objects: String::new(),
             agent_args: Vec::new(),
             pod_processes: None,
+            apiserver: None,
         }
     }
 
@@ -271,6 +302,21 @@ impl Cluster {
         Ok(address)
     }
 
+    /// Labels the namespace `name` `istio.io/dataplane-mode=ambient`, or takes the label off,
+    /// from the next write.
+    pub fn set_namespace_ambient(&mut self, name: &str, ambient: bool) {
+        for (namespace, enrolled) in &mut self.namespaces {
+            if namespace == name {
+                *enrolled = ambient;
+            }
+        }
+    }
+
+    /// Whether the cluster file defines Istio's CRDs, from the next write.
+    pub fn set_istio_crds(&mut self, defined: bool) {
+        self.istio_crds = defined;
+    }
+
     /// Labels `name` `key=value` from the next write.
     pub fn set_pod_label(&mut self, name: &str, key: &str, value: &str) {
         for (spec, _, _) in &mut self.pods {
@@ -319,14 +365,24 @@ impl Cluster {
                 ip = pod.ip,
             );
         }
+        if self.apiserver.is_some() && self.istio_crds {
+            yaml.push_str(ISTIO_CRDS);
+        }
         yaml.push_str(&self.extra);
         let staged = self.dir.path().join("cluster.yaml.new");
         std::fs::write(&staged, yaml).context("writing the cluster file")?;
         std::fs::rename(&staged, &self.config).context("replacing the cluster file")
     }
 
-    /// Writes the cluster file and waits until every agent has loaded it.
+    /// Writes the cluster file and waits until every agent has loaded it: from the file, or
+    /// from the API server once it has served the change.
     pub async fn apply(&self) -> anyhow::Result<()> {
+        if let Some(apiserver) = &self.apiserver {
+            let before = apiserver.loads();
+            self.write_config()?;
+            let version = apiserver.loaded_after(before, RELOAD_TIMEOUT).await?;
+            return self.agents_at(version).await;
+        }
         let reloads = |agent: &AgentProcess| agent.log().matches(RELOADED).count();
         let before: Vec<usize> = self.agents.values().map(reloads).collect();
         self.write_config()?;
@@ -348,6 +404,44 @@ impl Cluster {
         ))
     }
 
+    /// Waits until every agent has published a state with what the API server served up to
+    /// `version`.
+    async fn agents_at(&self, version: u64) -> anyhow::Result<()> {
+        let seen = |agent: &AgentProcess| {
+            agent
+                .log()
+                .lines()
+                .filter(|line| line.contains(STATE_UPDATED))
+                .filter_map(resource_version)
+                .max()
+                .is_some_and(|seen| seen >= version)
+        };
+        let deadline = tokio::time::Instant::now() + RELOAD_TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
+            if self.agents.values().all(seen) {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Err(anyhow!(
+            "the agents did not see version {version} of the cluster:\n{}",
+            self.logs()
+        ))
+    }
+
+    /// Restarts the API server, as a control-plane upgrade would; agents keep running.
+    pub async fn restart_apiserver(&mut self) -> anyhow::Result<()> {
+        match &mut self.apiserver {
+            Some(apiserver) => apiserver.restart().await,
+            None => Err(anyhow!("the cluster has no API server")),
+        }
+    }
+
+    /// The kubeconfig of the cluster's API server, if it has one.
+    pub fn kubeconfig(&self) -> Option<&Path> {
+        self.apiserver.as_ref().map(ApiServerProcess::kubeconfig)
+    }
+
     /// Starts the agent of `node` and waits until it is ready.
     pub async fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
         let netns = self
@@ -358,11 +452,20 @@ impl Cluster {
             .map(|n| n.netns.clone())
             .ok_or_else(|| anyhow!("no node {node}"))?;
         let log = self.dir.path().join(format!("agent-{node}.log"));
+        let source: Vec<OsString> = match &self.apiserver {
+            Some(apiserver) => vec![
+                "--source".into(),
+                "kubernetes".into(),
+                "--kubeconfig".into(),
+                apiserver.kubeconfig().into(),
+            ],
+            None => vec!["--config".into(), self.config.clone().into()],
+        };
         let mut agent = AgentProcess::start(
             &self.agent_binary,
             node,
             &netns,
-            &self.config,
+            &source,
             &self.ca_dir,
             &self.agent_args,
             log,
@@ -387,11 +490,38 @@ impl Cluster {
         self.agents.get_mut(node)
     }
 
-    /// All agents' logs, for a failing test's message.
+    /// All agents' logs, and the API server's, for a failing test's message.
     pub fn logs(&self) -> String {
-        self.agents
+        let agents = self
+            .agents
             .iter()
-            .map(|(node, agent)| format!("--- agent {node}\n{}", agent.log()))
-            .collect()
+            .map(|(node, agent)| format!("--- agent {node}\n{}", agent.log()));
+        let apiserver = self
+            .apiserver
+            .iter()
+            .map(|apiserver| format!("--- API server\n{}", apiserver.log()));
+        agents.chain(apiserver).collect()
     }
 }
+
+/// Istio's CRDs, as much of them as an API server needs to serve AuthorizationPolicies and
+/// PeerAuthentications.
+const ISTIO_CRDS: &str = "---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: authorizationpolicies.security.istio.io}
+spec:
+  group: security.istio.io
+  scope: Namespaced
+  names: {kind: AuthorizationPolicy, listKind: AuthorizationPolicyList, plural: authorizationpolicies, singular: authorizationpolicy}
+  versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: peerauthentications.security.istio.io}
+spec:
+  group: security.istio.io
+  scope: Namespaced
+  names: {kind: PeerAuthentication, listKind: PeerAuthenticationList, plural: peerauthentications, singular: peerauthentication}
+  versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]
+";

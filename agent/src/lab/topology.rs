@@ -369,6 +369,30 @@ impl Topology {
         &self.underlay
     }
 
+    /// Joins this machine's own namespace to the underlay, for a server that both the nodes
+    /// and the caller reach (the API server); returns its address there. The link goes with
+    /// the underlay.
+    pub fn join_host(&self) -> Result<Ipv4Addr, TopologyError> {
+        let host_end = format!("{PREFIX}-h{}", self.slot);
+        let address = Ipv4Addr::new(10, self.slot, 0, 254);
+        ip(&[
+            "link",
+            "add",
+            &host_end,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "host",
+            "netns",
+            &self.underlay,
+        ])?;
+        ip(&["addr", "add", &format!("{address}/24"), "dev", &host_end])?;
+        ip(&["link", "set", &host_end, "up"])?;
+        ip_in(&self.underlay, &["link", "set", "host", "master", "br0", "up"])?;
+        Ok(address)
+    }
+
     /// `ip netns exec <netns> setpriv --pdeathsig KILL -- <program>`: a command that runs in
     /// `netns` and dies with the process that started it.
     pub fn command_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
