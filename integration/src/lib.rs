@@ -3,7 +3,15 @@
 //! processes, apps as sockets inside the pods.
 //!
 //! Everything needs root; without it the tests fail with a message saying so, never passing
-//! silently.
+//! silently. The exception is the fake Kubernetes API server (`fake-apiserver`), a test double
+//! the agent's Kubernetes source runs against.
+
+mod fake_apiserver;
+
+pub use fake_apiserver::{
+    FakeApiServer, FakeApiServerConfig, FakeApiServerError, KubeconfigError, ObjectsFileError,
+    TlsError, tls_dir,
+};
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
