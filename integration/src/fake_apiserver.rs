@@ -233,8 +233,11 @@ async fn watch_objects_file(state: Arc<State>, path: PathBuf, interval: Duration
         last = Some(contents);
         match parsed {
             Ok(objects) => {
-                let changes = state.write(|store| store.load_file(objects));
-                tracing::info!(changes, "objects file loaded");
+                let (changes, resource_version) = state.write(|store| {
+                    let changes = store.load_file(objects);
+                    (changes, store.latest())
+                });
+                tracing::info!(changes, resource_version, "objects file loaded");
             }
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error, "objects file ignored; the last good version stays");
