@@ -38,6 +38,7 @@ pub(super) fn groups(store: &Store) -> Value {
         .map(|r| r.group)
         .filter(|g| !g.is_empty())
         .collect();
+    names.sort_unstable();
     names.dedup();
     let groups: Vec<Value> = names.into_iter().filter_map(|g| group(store, g)).collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})

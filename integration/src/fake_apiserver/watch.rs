@@ -141,10 +141,10 @@ impl WatchStream {
         match events {
             Ok((events, latest)) => {
                 for event in &events {
-                    if let Some(kind) = self.visible_change(event) {
-                        if !self.send(kind, &self.target.typed(&event.object)).await {
-                            return None;
-                        }
+                    if let Some(kind) = self.visible_change(event)
+                        && !self.send(kind, &self.target.typed(&event.object)).await
+                    {
+                        return None;
                     }
                 }
                 Some(latest)
