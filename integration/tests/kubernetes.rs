@@ -127,19 +127,16 @@ async fn the_mesh_works_as_with_the_file_source() {
         Some(ip(&cluster, "server")),
         "same node"
     );
-    assert_eq!(exchange(&cluster, "admin", "server").await, None, "denied");
+    assert_eq!(
+        exchange(&cluster, "admin", "server").await,
+        None,
+        "denied\n{}",
+        cluster.logs()
+    );
     assert_eq!(
         exchange(&cluster, "outsider", "server").await,
         None,
         "STRICT refuses plaintext"
-    );
-    assert!(
-        cluster
-            .logs()
-            .contains(r#""policy":"shop/allow-client""#)
-            || cluster.logs().contains("allow-client"),
-        "{}",
-        cluster.logs()
     );
 }
 
@@ -148,9 +145,11 @@ async fn namespaces_and_pods_follow_the_api() {
     let mut cluster = in_kubernetes().namespace("late").start().await.unwrap();
     let pods: Api<Pod> = Api::namespaced(api(&cluster).await, "shop");
     assert!(
-        within(Duration::from_secs(10), async || redirection(&pods, "server")
-            .await
-            .as_deref()
+        within(Duration::from_secs(10), async || redirection(
+            &pods, "server"
+        )
+        .await
+        .as_deref()
             == Some("enabled"))
         .await,
         "a captured pod is annotated\n{}",
@@ -158,15 +157,16 @@ async fn namespaces_and_pods_follow_the_api() {
     );
 
     // A namespace labelled at runtime: its pods are captured; unlabelled: released.
-    cluster.add_pod_namespace("node1", "late", "newcomer").unwrap();
+    cluster
+        .add_pod_namespace("node1", "late", "newcomer")
+        .unwrap();
     cluster.apply().await.unwrap();
     assert!(!enrolled(&cluster, "newcomer"));
     cluster.set_namespace_ambient("late", true);
     cluster.apply().await.unwrap();
     assert!(
         within(Duration::from_secs(10), async || enrolled(
-            &cluster,
-            "newcomer"
+            &cluster, "newcomer"
         ))
         .await,
         "{}",
@@ -174,26 +174,29 @@ async fn namespaces_and_pods_follow_the_api() {
     );
     let late: Api<Pod> = Api::namespaced(api(&cluster).await, "late");
     assert!(
-        within(Duration::from_secs(10), async || redirection(&late, "newcomer")
-            .await
-            .is_some())
+        within(Duration::from_secs(10), async || redirection(
+            &late, "newcomer"
+        )
+        .await
+        .is_some())
         .await
     );
     cluster.set_namespace_ambient("late", false);
     cluster.apply().await.unwrap();
     assert!(
         within(Duration::from_secs(10), async || !enrolled(
-            &cluster,
-            "newcomer"
+            &cluster, "newcomer"
         ))
         .await,
         "{}",
         cluster.logs()
     );
     assert!(
-        within(Duration::from_secs(10), async || redirection(&late, "newcomer")
-            .await
-            .is_none())
+        within(Duration::from_secs(10), async || redirection(
+            &late, "newcomer"
+        )
+        .await
+        .is_none())
         .await,
         "the annotation goes with the capture"
     );
@@ -202,14 +205,20 @@ async fn namespaces_and_pods_follow_the_api() {
     cluster.opt_out_pod("client");
     cluster.apply().await.unwrap();
     assert!(
-        within(Duration::from_secs(10), async || !enrolled(&cluster, "client")).await,
+        within(Duration::from_secs(10), async || !enrolled(
+            &cluster, "client"
+        ))
+        .await,
         "{}",
         cluster.logs()
     );
     cluster.unlist_pod("server");
     cluster.apply().await.unwrap();
     assert!(
-        within(Duration::from_secs(10), async || !enrolled(&cluster, "server")).await,
+        within(Duration::from_secs(10), async || !enrolled(
+            &cluster, "server"
+        ))
+        .await,
         "{}",
         cluster.logs()
     );
@@ -217,11 +226,7 @@ async fn namespaces_and_pods_follow_the_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_that_restarts_or_forgets_loses_nothing() {
-    let mut cluster = in_kubernetes()
-        .objects(ALLOW_CLIENT)
-        .start()
-        .await
-        .unwrap();
+    let mut cluster = in_kubernetes().objects(ALLOW_CLIENT).start().await.unwrap();
     let _server = echo(&cluster, "server").await;
     let holds = async |cluster: &Cluster| {
         enrolled(cluster, "client")
@@ -241,10 +246,16 @@ async fn an_api_server_that_restarts_or_forgets_loses_nothing() {
     // Its history compacted, every watch ends and resumes with a relist.
     let client = api(&cluster).await;
     client
-        .request_text(http::Request::post("/fake/compact").body(Vec::new()).unwrap())
+        .request_text(
+            http::Request::post("/fake/compact")
+                .body(Vec::new())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert!(holds(&cluster).await, "{}", cluster.logs());
+    cluster.set_pod_label("admin", "tier", "platform");
+    cluster.apply().await.unwrap();
     cluster.set_extra_objects("");
     cluster.apply().await.unwrap();
     assert_eq!(
@@ -256,22 +267,21 @@ async fn an_api_server_that_restarts_or_forgets_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_istio_crds_the_agent_waits_for_them() {
-    let mut cluster = in_kubernetes().start().await.unwrap();
-    cluster.set_istio_crds(false);
-    cluster.apply().await.unwrap();
+async fn without_istio_crds_the_agent_works_and_waits_for_them() {
+    let mut cluster = in_kubernetes().without_istio_crds().start().await.unwrap();
     let _server = echo(&cluster, "server").await;
     assert!(
         exchange(&cluster, "admin", "server").await.is_some(),
         "{}",
         cluster.logs()
     );
-    // The CRDs and a policy arrive together: the policy is enforced.
+    assert!(cluster.logs().contains("are Istio's CRDs installed?"));
+    // The CRDs and a policy arrive together: the agents find them on their next try.
     cluster.set_istio_crds(true);
     cluster.set_extra_objects(ALLOW_CLIENT);
-    cluster.apply().await.unwrap();
+    cluster.write_config().unwrap();
     assert!(
-        within(Duration::from_secs(15), async || exchange(
+        within(Duration::from_secs(40), async || exchange(
             &cluster, "admin", "server"
         )
         .await
@@ -280,6 +290,7 @@ async fn without_istio_crds_the_agent_waits_for_them() {
         "{}",
         cluster.logs()
     );
+    assert!(exchange(&cluster, "client", "server").await.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,7 +305,15 @@ async fn a_pod_claiming_another_pods_address_is_not_enrolled_as_it() {
     let client_ip = ip(&cluster, "client");
     let impostor = cluster.pod("impostor").unwrap().netns.clone();
     let status = Command::new("ip")
-        .args(["-n", &impostor, "addr", "add", &format!("{client_ip}/32"), "dev", "lo"])
+        .args([
+            "-n",
+            &impostor,
+            "addr",
+            "add",
+            &format!("{client_ip}/32"),
+            "dev",
+            "lo",
+        ])
         .status()
         .unwrap();
     assert!(status.success());
@@ -303,7 +322,15 @@ async fn a_pod_claiming_another_pods_address_is_not_enrolled_as_it() {
     cluster.stop_pod_process("ghost");
     let ghost_ip = ip(&cluster, "ghost");
     let status = Command::new("ip")
-        .args(["-n", &impostor, "addr", "add", &format!("{ghost_ip}/32"), "dev", "lo"])
+        .args([
+            "-n",
+            &impostor,
+            "addr",
+            "add",
+            &format!("{ghost_ip}/32"),
+            "dev",
+            "lo",
+        ])
         .status()
         .unwrap();
     assert!(status.success());
@@ -322,16 +349,27 @@ async fn a_pod_claiming_another_pods_address_is_not_enrolled_as_it() {
         .topology()
         .start_process_of_pod_in(&uid, &impostor, CgroupLayout::Systemd)
         .unwrap();
-    cluster.start_pod_process("ghost", CgroupLayout::Cgroupfs).unwrap();
+    cluster
+        .start_pod_process("ghost", CgroupLayout::Cgroupfs)
+        .unwrap();
     let _second = cluster
         .topology()
-        .start_process_of_pod_in(&cluster.pod("ghost").unwrap().uid, &impostor, CgroupLayout::Cgroupfs)
+        .start_process_of_pod_in(
+            &cluster.pod("ghost").unwrap().uid,
+            &impostor,
+            CgroupLayout::Cgroupfs,
+        )
         .unwrap();
     let agent = cluster.agent("node1").unwrap();
     let refused = within(Duration::from_secs(10), async || {
         let output = agent.debug(&["workloads"]).unwrap();
         let table = String::from_utf8_lossy(&output.stdout).into_owned();
-        table.contains("refused") && agent.metrics().await.unwrap().contains("ambit_refused_pods 1")
+        table.contains("refused")
+            && agent
+                .metrics()
+                .await
+                .unwrap()
+                .contains("ambit_refused_pods 1")
     })
     .await;
     assert!(refused, "{}", cluster.logs());

@@ -82,7 +82,13 @@ impl ApiServerProcess {
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         while !self.kubeconfig.exists() {
-            if let Some(status) = self.child.as_mut().map(Child::try_wait).transpose()?.flatten() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .map(Child::try_wait)
+                .transpose()?
+                .flatten()
+            {
                 bail!("the API server exited with {status}:\n{}", self.log());
             }
             if Instant::now() > deadline {

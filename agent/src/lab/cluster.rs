@@ -15,9 +15,9 @@ const RELOADED: &str = "configuration reloaded";
 const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 use super::apiserver::{ApiServerProcess, resource_version};
 use super::pod::InPod;
-use crate::source::STATE_UPDATED;
 use super::pod_process::{CgroupLayout, PodProcess};
 use super::topology::{PodNs, Topology};
+use crate::source::STATE_UPDATED;
 
 #[derive(Debug, Clone)]
 struct PodSpec {
@@ -39,6 +39,7 @@ pub struct ClusterBuilder {
     agent_args: Vec<String>,
     pod_processes: Option<CgroupLayout>,
     apiserver: Option<PathBuf>,
+    istio_crds: bool,
 }
 
 impl ClusterBuilder {
@@ -54,7 +55,14 @@ impl ClusterBuilder {
     /// otherwise, as the agents find pods by them.
     pub fn kubernetes(mut self, binary: &Path) -> Self {
         self.apiserver = Some(binary.to_owned());
+        self.istio_crds = true;
         self.pod_processes.get_or_insert(CgroupLayout::Systemd);
+        self
+    }
+
+    /// Leaves Istio's CRDs out of the cluster file, as in a cluster without Istio.
+    pub fn without_istio_crds(mut self) -> Self {
+        self.istio_crds = false;
         self
     }
 
@@ -134,7 +142,7 @@ impl ClusterBuilder {
             pod_processes: BTreeMap::new(),
             pod_process_layout: self.pod_processes,
             apiserver: None,
-            istio_crds: true,
+            istio_crds: self.istio_crds,
             topology,
         };
         for (node, spec) in self.pods {
@@ -179,7 +187,8 @@ pub struct Cluster {
     agent_args: Vec<String>,
     /// Where pods created from now on get a process, if they do.
     pod_process_layout: Option<CgroupLayout>,
-    /// Whether the cluster file defines Istio's CRDs, so that an API server serves policies.
+    /// Whether the cluster file defines Istio's CRDs, so that an API server serves policies;
+    /// from the start when there is an API server.
     istio_crds: bool,
     dir: tempfile::TempDir,
 }
@@ -196,6 +205,7 @@ impl Cluster {
             agent_args: Vec::new(),
             pod_processes: None,
             apiserver: None,
+            istio_crds: false,
         }
     }
 
@@ -365,7 +375,7 @@ impl Cluster {
                 ip = pod.ip,
             );
         }
-        if self.apiserver.is_some() && self.istio_crds {
+        if self.istio_crds {
             yaml.push_str(ISTIO_CRDS);
         }
         yaml.push_str(&self.extra);

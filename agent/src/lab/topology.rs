@@ -389,7 +389,10 @@ impl Topology {
         ])?;
         ip(&["addr", "add", &format!("{address}/24"), "dev", &host_end])?;
         ip(&["link", "set", &host_end, "up"])?;
-        ip_in(&self.underlay, &["link", "set", "host", "master", "br0", "up"])?;
+        ip_in(
+            &self.underlay,
+            &["link", "set", "host", "master", "br0", "up"],
+        )?;
         Ok(address)
     }
 

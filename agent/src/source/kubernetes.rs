@@ -167,7 +167,7 @@ impl Kind {
 #[derive(Debug, Default)]
 struct Progress {
     listed: Mutex<BTreeSet<Kind>>,
-    /// The resource version of the latest change seen, for logs and tests.
+    /// The highest resource version seen, for logs and tests.
     version: Mutex<Option<String>>,
     changed: Notify,
 }
@@ -182,10 +182,19 @@ impl Progress {
     }
 
     fn changed(&self, version: Option<&String>) {
-        if let Some(version) = version {
-            *self.version.lock().unwrap_or_else(PoisonError::into_inner) = Some(version.clone());
-        }
+        self.saw(version);
         self.changed.notify_one();
+    }
+
+    /// Keeps the highest version seen. Versions are opaque to clients; this one is only logged,
+    /// and compared as a number where it is one.
+    fn saw(&self, version: Option<&String>) {
+        let Some(version) = version else { return };
+        let mut latest = self.version.lock().unwrap_or_else(PoisonError::into_inner);
+        let number = |v: &String| v.parse::<u64>().ok();
+        if latest.as_ref().and_then(number) <= number(version) {
+            *latest = Some(version.clone());
+        }
     }
 
     fn waiting_for(&self) -> Vec<Kind> {
@@ -385,7 +394,10 @@ async fn reflect<K>(
                     Event::Apply(object) | Event::Delete(object) => {
                         progress.changed(object.meta().resource_version.as_ref());
                     }
-                    Event::Init | Event::InitApply(_) => {}
+                    Event::InitApply(object) => {
+                        progress.saw(object.meta().resource_version.as_ref())
+                    }
+                    Event::Init => {}
                 }
             }
             Err(error) if kind.is_istio_policy() && is_not_found(&error) => {

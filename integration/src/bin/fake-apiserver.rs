@@ -1,6 +1,7 @@
 //! `fake-apiserver`: a test double of the Kubernetes API server, serving the objects of a
 //! YAML file over HTTPS to kube-rs clients. See `ambit_integration::FakeApiServer`.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -81,6 +82,8 @@ impl From<Args> for FakeApiServerConfig {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour only for a person: tests and scripts read the log.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
