@@ -135,7 +135,7 @@ async fn open_source(config: &AgentConfig) -> anyhow::Result<(Source, Discovery)
             let initial = source
                 .load()
                 .with_context(|| format!("--config {}", path.display()))?;
-            (Source::File(source, initial), Discovery::ByAddress)
+            (Source::File(source, Box::new(initial)), Discovery::ByAddress)
         }
         SourceConfig::Kubernetes {
             kubeconfig,

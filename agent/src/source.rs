@@ -22,7 +22,7 @@ pub use translate::ObjectError;
 #[derive(Debug)]
 pub(crate) enum Source {
     /// With the state it read at start.
-    File(FileSource, ClusterState),
+    File(FileSource, Box<ClusterState>),
     Kubernetes(KubernetesSource),
 }
 
@@ -38,7 +38,7 @@ impl Source {
     ) {
         match self {
             Self::File(source, initial) => {
-                states.send_replace(Arc::new(initial));
+                states.send_replace(Arc::new(*initial));
                 source.watch(states, drain).await;
             }
             Self::Kubernetes(source) => source.run(states, capture, drain).await,

@@ -119,7 +119,7 @@ impl ApiServerProcess {
                     .lines()
                     .filter(|line| line.contains(LOADED))
                     .filter_map(resource_version)
-                    .last()
+                    .next_back()
             {
                 return Ok(version);
             }
