@@ -135,7 +135,10 @@ async fn open_source(config: &AgentConfig) -> anyhow::Result<(Source, Discovery)
             let initial = source
                 .load()
                 .with_context(|| format!("--config {}", path.display()))?;
-            (Source::File(source, Box::new(initial)), Discovery::ByAddress)
+            (
+                Source::File(source, Box::new(initial)),
+                Discovery::ByAddress,
+            )
         }
         SourceConfig::Kubernetes {
             kubeconfig,
