@@ -63,7 +63,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     let (capture_status, capture_status_rx) = watch::channel(CaptureStatus::new());
     // Made before the source runs, so that its first state counts as a change.
     let mut first_state = states_rx.clone();
-    tokio::spawn(source.run(states, capture_status_rx.clone(), control.clone()));
+    let source = tokio::spawn(source.run(states, capture_status_rx.clone(), control.clone()));
     let readiness = Readiness::default();
     let admin = AdminApi {
         config: effective_config(&config, capture_name),
@@ -116,6 +116,16 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     tokio::spawn(enrolment.run(watcher));
     tracing::info!(node = config.node, capture = capture_name, "agent started");
 
+    // The source runs until the drain: if it ends before, the agent would go on with a frozen
+    // view of the cluster. It exits instead; capture stays in place, failing closed, until it
+    // is restarted.
+    tokio::select! {
+        () = stop.received() => {}
+        ended = source => return Err(match ended {
+            Err(error) if error.is_panic() => anyhow::anyhow!("the source panicked"),
+            _ => anyhow::anyhow!("the source stopped"),
+        }),
+    }
     shut_down(
         config.drain_timeout,
         &mut stop,
@@ -179,8 +189,8 @@ impl StopSignals {
     }
 }
 
-/// Waits for SIGTERM or SIGINT, then drains: readiness off, the data plane's connections given
-/// `deadline` to finish (a second signal cuts that short), then the control plane stopped.
+/// Drains, once asked to stop: readiness off, the data plane's connections given `deadline` to
+/// finish (a second signal cuts that short), then the control plane stopped.
 async fn shut_down(
     deadline: Duration,
     stop: &mut StopSignals,
@@ -188,7 +198,6 @@ async fn shut_down(
     data_plane: DrainTrigger,
     control_plane: DrainTrigger,
 ) -> anyhow::Result<()> {
-    stop.received().await;
     readiness.drain();
     tracing::info!(
         ?deadline,

@@ -233,11 +233,14 @@ impl Enrolment {
             }
         }
 
-        self.status
-            .send_modify(|status| status.retain(|uid, _| desired.contains_key(uid)));
-        for (uid, workload) in desired {
+        self.status.send_if_modified(|status| {
+            let before = status.len();
+            status.retain(|uid, _| desired.contains_key(uid));
+            status.len() != before
+        });
+        for workload in desired.into_values() {
             let capture = self.reconcile_pod(workload, pods).await;
-            self.publish(uid, capture);
+            self.publish(workload, capture);
         }
         self.release_unused_certificates(pods);
     }
@@ -282,23 +285,41 @@ impl Enrolment {
                 if let Some(stage) = error.stage() {
                     self.telemetry.metrics.capture_failed(stage);
                 }
-                let capture = error.capture();
-                let error = ErrorChain(&error).to_string();
                 if pods.contains_key(uid) {
-                    tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error, "pod not captured at its new address; its capture at the old one stays");
-                    Capture::Captured
+                    // Not captured where it is now: retried, and not ready meanwhile.
+                    let error = ErrorChain(&error).to_string();
+                    Capture::Failed(format!(
+                        "not captured at its new address, the capture at the old one stays: {error}"
+                    ))
                 } else {
-                    tracing::warn!(workload.uid = %uid, pod = workload.qualified_name(), error, "pod not enrolled yet");
-                    capture
+                    error.capture()
                 }
             }
         }
     }
 
-    fn publish(&self, uid: &WorkloadUid, capture: Capture) {
-        self.status.send_modify(|status| {
-            status.insert(uid.clone(), capture);
+    /// Records where the pod stands; a change is logged, and wakes those who follow the status.
+    fn publish(&self, workload: &Workload, capture: Capture) {
+        let uid = &workload.uid;
+        let changed = self.status.send_if_modified(|status| {
+            status.insert(uid.clone(), capture.clone()).as_ref() != Some(&capture)
         });
+        if !changed {
+            return;
+        }
+        let pod = workload.qualified_name();
+        match capture {
+            Capture::Captured => {}
+            Capture::Pending(error) => {
+                tracing::info!(workload.uid = %uid, pod, error, "pod not enrolled yet");
+            }
+            Capture::Failed(error) => {
+                tracing::warn!(workload.uid = %uid, pod, error, "pod not captured");
+            }
+            Capture::Refused(error) => {
+                tracing::warn!(workload.uid = %uid, pod, error, "pod refused");
+            }
+        }
     }
 
     /// Points the pod's proxies at its identity, if its service account changed. A service

@@ -306,13 +306,13 @@ impl ClusterState {
     }
 }
 
+/// The endpoint's port for a service port. An EndpointSlice names its ports after the Service's
+/// ports (an unnamed one is `""`), with the target port already resolved for each endpoint.
 fn endpoint_port(endpoint: &Endpoint, port: &ServicePort) -> Option<u16> {
-    match (&port.target, &port.name) {
-        (TargetPort::Named(name), _) => endpoint.ports.get(name).copied(),
-        (TargetPort::Number(number), Some(name)) => {
-            Some(endpoint.ports.get(name).copied().unwrap_or(*number))
-        }
-        (TargetPort::Number(number), None) => Some(*number),
+    let resolved = endpoint.ports.get(port.name.as_deref().unwrap_or_default());
+    match &port.target {
+        TargetPort::Named(_) => resolved.copied(),
+        TargetPort::Number(number) => Some(resolved.copied().unwrap_or(*number)),
     }
 }
 

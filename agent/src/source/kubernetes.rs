@@ -18,7 +18,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Config};
 use serde::de::DeserializeOwned;
@@ -35,6 +35,8 @@ mod trim;
 
 /// How long a burst of changes is gathered into one new state.
 const SETTLE: Duration = Duration::from_millis(50);
+/// Istio's API group of AuthorizationPolicy and PeerAuthentication.
+const ISTIO_SECURITY: &str = "security.istio.io";
 /// What the source logs each time it publishes a state.
 pub const STATE_UPDATED: &str = "cluster state updated";
 
@@ -271,11 +273,18 @@ impl Reflectors {
 
     /// A snapshot of every store.
     fn objects(&self) -> Objects {
-        // Policies go through JSON, as the file's do, so that they parse the same way.
+        // Policies go through JSON, as the file's do, so that they parse the same way. One that
+        // does not serialize keeps its name and namespace, and no spec that parses: it stands in
+        // as fail-closed where it belongs.
         let json = |policy: Arc<DynamicObject>| {
-            from_api(Arc::new(
-                serde_json::to_value(&*policy).unwrap_or(serde_json::Value::Null),
-            ))
+            let value = serde_json::to_value(&*policy).unwrap_or_else(|_| {
+                let metadata = &policy.metadata;
+                serde_json::json!({
+                    "metadata": {"name": metadata.name, "namespace": metadata.namespace},
+                    "spec": "unreadable",
+                })
+            });
+            from_api(Arc::new(value))
         };
         Objects {
             namespaces: self.namespaces.state(),
@@ -317,6 +326,7 @@ fn typed<K>(
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
+        + PartialEq
         + DeserializeOwned
         + std::fmt::Debug
         + Send
@@ -325,7 +335,9 @@ where
 {
     let (store, writer) = reflector::store();
     spawn(Box::pin(reflect(
+        client.clone(),
         Api::all(client.clone()),
+        (),
         writer,
         trim,
         kind,
@@ -342,12 +354,14 @@ fn istio(
     progress: &Arc<Progress>,
     spawn: &mut impl FnMut(Task),
 ) -> Store<DynamicObject> {
-    let gvk = GroupVersionKind::gvk("security.istio.io", "v1", name);
+    let gvk = GroupVersionKind::gvk(ISTIO_SECURITY, "v1", name);
     let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
     let writer = reflector::store::Writer::new(resource.clone());
     let store = writer.as_reader();
     spawn(Box::pin(reflect(
+        client.clone(),
         Api::all_with(client.clone(), &resource),
+        resource.clone(),
         writer,
         trim::policy,
         kind,
@@ -366,21 +380,40 @@ fn from_api<T>(object: Arc<T>) -> Sourced<T> {
 /// Keeps `writer`'s store in line with the API server, trimming each object to what the model
 /// needs. A relist replaces the store only when complete, so the last good view stays meanwhile.
 async fn reflect<K>(
+    client: Client,
     api: Api<K>,
+    dyntype: K::DynamicType,
     mut writer: reflector::store::Writer<K>,
     trim: fn(&mut K),
     kind: Kind,
     progress: Arc<Progress>,
 ) where
-    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource
+        + Clone
+        + PartialEq
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
     K::DynamicType: Clone + Eq + std::hash::Hash,
 {
+    let store = writer.as_reader();
     let mut events = std::pin::pin!(watcher(api).default_backoff());
     let mut absent = false;
     while let Some(event) = events.next().await {
         match event {
             Ok(event) => {
+                let version = match &event {
+                    Event::Apply(object) | Event::Delete(object) | Event::InitApply(object) => {
+                        object.meta().resource_version.clone()
+                    }
+                    Event::Init | Event::InitDone => None,
+                };
                 let event = event.modify(trim);
+                // An update of what the model does not read.
+                let unchanged = matches!(&event, Event::Apply(object)
+                    if store.get(&ObjectRef::from_obj_with(object, dyntype.clone())).as_deref() == Some(object));
                 writer.apply_watcher_event(&event);
                 match &event {
                     Event::InitDone => {
@@ -391,25 +424,40 @@ async fn reflect<K>(
                         progress.listed(kind);
                         progress.changed(None);
                     }
-                    Event::Apply(object) | Event::Delete(object) => {
-                        progress.changed(object.meta().resource_version.as_ref());
+                    Event::Apply(_) | Event::Delete(_) if !unchanged => {
+                        progress.changed(version.as_ref());
                     }
-                    Event::InitApply(object) => {
-                        progress.saw(object.meta().resource_version.as_ref())
+                    Event::Apply(_) | Event::Delete(_) | Event::InitApply(_) => {
+                        progress.saw(version.as_ref());
                     }
                     Event::Init => {}
                 }
             }
             Err(error) if kind.is_istio_policy() && is_not_found(&error) => {
-                // No CRD, so no policies of this kind: nothing to wait for.
-                if !absent {
-                    tracing::warn!(
+                // Without Istio's API group there can be no policies: nothing to wait for. With
+                // it, the policies exist in a form this agent does not read (an Istio older than
+                // 1.22 serves only v1beta1): waiting is the one safe answer.
+                match serves_istio_security(&client).await {
+                    Ok(false) => {
+                        if !absent {
+                            tracing::warn!(
+                                ?kind,
+                                "the API server does not serve this kind (are Istio's CRDs installed?); watching for it"
+                            );
+                            absent = true;
+                        }
+                        progress.listed(kind);
+                    }
+                    Ok(true) => tracing::error!(
                         ?kind,
-                        "the API server does not serve this kind (are Istio's CRDs installed?); watching for it"
-                    );
-                    absent = true;
+                        "{ISTIO_SECURITY} is served, but not this kind in v1 (Istio older than 1.22?): enrolling nothing until it is"
+                    ),
+                    Err(error) => tracing::warn!(
+                        ?kind,
+                        error = %ErrorChain(&error),
+                        "the API server does not serve this kind, and its API groups could not be listed; trying again"
+                    ),
                 }
-                progress.listed(kind);
             }
             Err(error) => {
                 tracing::warn!(?kind, error = %ErrorChain(&error), "watching the API server; keeping the last good state");
@@ -423,6 +471,15 @@ where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     watcher::watcher(api, watcher::Config::default())
+}
+
+/// Whether the API server serves Istio's `security.istio.io` group at all.
+async fn serves_istio_security(client: &Client) -> Result<bool, kube::Error> {
+    let groups = client.list_api_groups().await?;
+    Ok(groups
+        .groups
+        .iter()
+        .any(|group| group.name == ISTIO_SECURITY))
 }
 
 fn is_not_found(error: &watcher::Error) -> bool {

@@ -20,6 +20,8 @@ mod policies;
 /// The label that enrols a namespace (`ambient`) or opts a pod out (`none`).
 pub(crate) const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// What Istio's sidecar injector marks an injected pod with.
+pub(crate) const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
 
 /// Where an object came from, for saying what is wrong with it: its document in a file, or
 /// nothing more than its kind and name when the API server served it.
@@ -202,6 +204,10 @@ fn workload(
     let (Some(node), Some(status)) = (spec.and_then(|s| s.node_name.clone()), status) else {
         return Ok(None);
     };
+    // A pod that has run to completion keeps its IP in the API, but the IP is free for reuse.
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return Ok(None);
+    }
     let mut ip_strings: Vec<(&str, &str)> = status
         .pod_ips
         .iter()
@@ -221,11 +227,19 @@ fn workload(
     }
     let labels: BTreeMap<String, String> = pod.metadata.labels.clone().unwrap_or_default();
     let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-    let opted_out = labels
-        .get(DATAPLANE_MODE)
-        .is_some_and(|mode| mode == "none");
-    let in_mesh = ambient.get(namespace.as_str()).copied().unwrap_or(false);
-    let protocol = if in_mesh && !opted_out && !host_network {
+    // The pod's own label wins over its namespace's, either way, as in Istio.
+    let in_mesh = match labels.get(DATAPLANE_MODE).map(String::as_str) {
+        Some("none") => false,
+        Some("ambient") => true,
+        _ => ambient.get(namespace.as_str()).copied().unwrap_or(false),
+    };
+    // A pod with an Istio sidecar has its own proxy: capturing it too would proxy twice.
+    let sidecar = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(SIDECAR_STATUS));
+    let protocol = if in_mesh && !sidecar && !host_network {
         Protocol::Hbone
     } else {
         Protocol::Tcp
@@ -272,7 +286,12 @@ fn slice_endpoints(slice: &EndpointSlice) -> Vec<Endpoint> {
         .ports
         .iter()
         .flatten()
-        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.port?).ok()?)))
+        .filter_map(|p| {
+            Some((
+                p.name.clone().unwrap_or_default(),
+                u16::try_from(p.port?).ok()?,
+            ))
+        })
         .collect();
     slice
         .endpoints

@@ -153,6 +153,60 @@ fn host_network_pods_are_never_enrolled() {
 }
 
 #[test]
+fn enrolment_follows_istio_labels_and_pod_phases() {
+    let frontend = "10.244.1.10".parse().unwrap();
+    let protocol = |text: &str| {
+        let state = parse(text, ROOT).unwrap();
+        state.workload_by_ip(frontend).map(|w| w.protocol)
+    };
+    assert_eq!(protocol(CLUSTER), Some(Protocol::Hbone));
+    // A pod opts itself in, in a namespace outside the mesh.
+    let legacy = CLUSTER.replace(
+        "  name: frontend\n  namespace: shop\n",
+        "  name: frontend\n  namespace: legacy\n",
+    );
+    assert_eq!(protocol(&legacy), Some(Protocol::Tcp));
+    let opted_in = legacy.replace(
+        "labels: {app: frontend}",
+        "labels: {app: frontend, istio.io/dataplane-mode: ambient}",
+    );
+    assert_eq!(protocol(&opted_in), Some(Protocol::Hbone));
+    // A pod with an Istio sidecar proxies for itself.
+    let sidecar = CLUSTER.replace(
+        "  labels: {app: frontend}\n",
+        "  labels: {app: frontend}\n  annotations: {sidecar.istio.io/status: '{}'}\n",
+    );
+    assert_eq!(protocol(&sidecar), Some(Protocol::Tcp));
+    // A pod that ran to completion is gone: its IP may be another pod's already.
+    for phase in ["Succeeded", "Failed"] {
+        let done = CLUSTER.replace(
+            "  podIP: 10.244.1.10\n",
+            &format!("  phase: {phase}\n  podIP: 10.244.1.10\n"),
+        );
+        assert_eq!(protocol(&done), None, "{phase}");
+    }
+}
+
+#[test]
+fn named_target_ports_are_found_under_the_service_port_name() {
+    // The EndpointSlice names its ports after the Service's ports, with the target resolved.
+    let text = CLUSTER
+        .replace(
+            "ports: [{name: http, port: 80, targetPort: 8080}]",
+            "ports: [{name: web, port: 80, targetPort: http}]",
+        )
+        .replace(
+            "ports: [{name: http, port: 8080}]",
+            "ports: [{name: web, port: 8080}]",
+        );
+    let state = parse(&text, ROOT).unwrap();
+    let Upstream::Hbone { authority, .. } = state.resolve("10.96.0.10:80".parse().unwrap()) else {
+        panic!("not through HBONE");
+    };
+    assert_eq!(authority, "10.244.1.10:8080".parse().unwrap());
+}
+
+#[test]
 fn errors_name_the_document_and_the_field() {
     let bad_ip = CLUSTER.replace("podIP: 10.244.1.10", "podIP: 10.244.1.300");
     let err = parse(&bad_ip, ROOT).unwrap_err().to_string();

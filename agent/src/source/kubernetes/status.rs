@@ -2,7 +2,7 @@
 //! `ambient.istio.io/redirection: enabled` on a captured pod (as istio-cni sets it), removed
 //! when the pod is released, and a Warning Event on a pod that cannot be captured.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +52,11 @@ impl Writer {
         mut capture: watch::Receiver<CaptureStatus>,
         mut drain: DrainWatcher,
     ) {
+        // Before the source's first state, every pod would look released.
+        tokio::select! {
+            () = drain.signaled() => return,
+            changed = states.changed() => if changed.is_err() { return },
+        }
         loop {
             tokio::select! {
                 () = drain.signaled() => return,
@@ -71,10 +76,10 @@ impl Writer {
         state: &ClusterState,
         capture: &CaptureStatus,
     ) {
-        let enrolled: HashMap<&WorkloadUid, ()> = state
+        let enrolled: HashSet<&WorkloadUid> = state
             .enrolled_on(&self.node)
             .into_iter()
-            .map(|w| (&w.uid, ()))
+            .map(|w| &w.uid)
             .collect();
         let on_node = pods.state().into_iter().filter(|pod| {
             pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(self.node.as_str())
@@ -91,7 +96,7 @@ impl Writer {
                 .is_some_and(|value| value == "enabled");
             // A pod still being enrolled is left as it is: an agent that just started does not
             // take the annotation off a pod its predecessor captured.
-            let annotate = match (enrolled.contains_key(&uid), capture.get(&uid)) {
+            let annotate = match (enrolled.contains(&uid), capture.get(&uid)) {
                 (false, _) => Some(false),
                 (true, Some(Capture::Captured)) => Some(true),
                 (true, _) => None,
@@ -121,7 +126,7 @@ impl Writer {
         });
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         match api
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(name, &PatchParams::apply("ambit"), &Patch::Merge(&patch))
             .await
         {
             Ok(_) => {
@@ -141,7 +146,7 @@ impl Writer {
         let event = Event {
             type_: EventType::Warning,
             reason: reason.to_owned(),
-            note: Some(why.chars().take(1024).collect()),
+            note: Some(note(why)),
             action: "Capture".to_owned(),
             secondary: None,
         };
@@ -157,4 +162,14 @@ impl Writer {
             tracing::warn!(error = %ErrorChain(&error), "failed to publish an event");
         }
     }
+}
+
+/// An Event's note: at most 1 KiB, the API server's limit, cut at a character boundary.
+fn note(why: &str) -> String {
+    const LIMIT: usize = 1024;
+    let mut end = why.len().min(LIMIT);
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    why[..end].to_owned()
 }

@@ -1,5 +1,7 @@
 //! Objects cut down to what the model reads, before they are stored: the source keeps every pod
 //! of the cluster, and most of a pod (its containers, conditions, managed fields) is never read.
+//! Resource versions go too, so that an update the model cannot see (a pod's readiness, a new
+//! container status) leaves the stored object equal, and nothing is recomputed.
 
 use std::collections::BTreeMap;
 
@@ -9,6 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::DynamicObject;
 
 use super::status::REDIRECTION_ANNOTATION;
+use crate::source::translate::SIDECAR_STATUS;
 
 /// Where `kubectl apply` keeps a copy of the whole object.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -19,7 +22,6 @@ pub(super) fn namespace(namespace: &mut Namespace) {
         metadata: ObjectMeta {
             name: metadata.name,
             labels: metadata.labels,
-            resource_version: metadata.resource_version,
             ..ObjectMeta::default()
         },
         ..Namespace::default()
@@ -30,11 +32,19 @@ pub(super) fn pod(pod: &mut Pod) {
     let metadata = std::mem::take(&mut pod.metadata);
     let spec = pod.spec.take().unwrap_or_default();
     let status = pod.status.take().unwrap_or_default();
-    // The one annotation read: whether the agent has marked the pod captured.
-    let annotations = metadata.annotations.and_then(|mut annotations| {
-        let redirection = annotations.remove_entry(REDIRECTION_ANNOTATION)?;
-        Some(BTreeMap::from([redirection]))
+    // The annotations read: whether the agent has marked the pod captured, and whether it has
+    // a sidecar (only whether, so not the sidecar's whole description).
+    let annotations = metadata.annotations.map(|mut annotations| {
+        let redirection = annotations.remove_entry(REDIRECTION_ANNOTATION);
+        let sidecar = annotations
+            .remove_entry(SIDECAR_STATUS)
+            .map(|(key, _)| (key, String::new()));
+        redirection
+            .into_iter()
+            .chain(sidecar)
+            .collect::<BTreeMap<_, _>>()
     });
+    let annotations = annotations.filter(|a| !a.is_empty());
     *pod = Pod {
         metadata: ObjectMeta {
             name: metadata.name,
@@ -43,7 +53,6 @@ pub(super) fn pod(pod: &mut Pod) {
             labels: metadata.labels,
             annotations,
             owner_references: metadata.owner_references,
-            resource_version: metadata.resource_version,
             ..ObjectMeta::default()
         },
         spec: Some(PodSpec {
@@ -53,6 +62,7 @@ pub(super) fn pod(pod: &mut Pod) {
             ..PodSpec::default()
         }),
         status: Some(PodStatus {
+            phase: status.phase,
             pod_ip: status.pod_ip,
             pod_ips: status.pod_ips,
             ..PodStatus::default()
@@ -80,6 +90,8 @@ pub(super) fn policy(policy: &mut DynamicObject) {
 /// Drops the bookkeeping of the API server and of `kubectl`, which the model never reads.
 fn strip(metadata: &mut ObjectMeta) {
     metadata.managed_fields = None;
+    metadata.resource_version = None;
+    metadata.generation = None;
     if let Some(annotations) = &mut metadata.annotations {
         annotations.remove(LAST_APPLIED);
     }
