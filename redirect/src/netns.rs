@@ -70,9 +70,15 @@ impl AsFd for Netns {
 
 impl Netns {
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
-        let open_error = |e| NetnsError::Open(path.to_owned(), e);
-        let file = File::open(path).map_err(open_error)?;
-        let metadata = file.metadata().map_err(open_error)?;
+        let file = File::open(path).map_err(|e| NetnsError::Open(path.to_owned(), e))?;
+        Self::from_file(file, path)
+    }
+
+    /// The namespace of a namespace file opened already (from `path`, for errors).
+    pub(crate) fn from_file(file: File, path: &Path) -> Result<Self, NetnsError> {
+        let metadata = file
+            .metadata()
+            .map_err(|e| NetnsError::Open(path.to_owned(), e))?;
         Ok(Self {
             id: NetnsId {
                 dev: metadata.dev(),

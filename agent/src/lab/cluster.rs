@@ -13,6 +13,9 @@ use super::agent::AgentProcess;
 /// What an agent logs when it has loaded a changed cluster file.
 const RELOADED: &str = "configuration reloaded";
 const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long agents may take to see a change through the API server: longer, as a watch that
+/// failed (the server restarted) is retried after a backoff of up to 30 s.
+const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(40);
 use super::apiserver::{ApiServerProcess, resource_version};
 use super::pod::InPod;
 use super::pod_process::{CgroupLayout, PodProcess};
@@ -426,7 +429,7 @@ impl Cluster {
                 .max()
                 .is_some_and(|seen| seen >= version)
         };
-        let deadline = tokio::time::Instant::now() + RELOAD_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + API_TIMEOUT;
         while tokio::time::Instant::now() < deadline {
             if self.agents.values().all(seen) {
                 return Ok(());

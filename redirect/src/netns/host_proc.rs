@@ -12,7 +12,9 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::thread;
 
+use nix::fcntl::OFlag;
 use nix::sched::CloneFlags;
+use nix::sys::stat::Mode;
 
 use super::pod_cgroup::{MAX_UID_LEN, PodUid};
 use super::{Netns, NetnsError, NetnsId, is_local};
@@ -127,13 +129,21 @@ impl HostProc {
             {
                 continue;
             }
+            // Both files are read through the process's directory, opened once: should its PID
+            // be reused meanwhile, the directory still names the ended process, and answers
+            // ESRCH rather than the files of another.
             let process = process.path();
-            if !read_while_running(&process.join("cgroup"), &mut cgroup)?
+            let directory = match File::open(&process) {
+                Ok(directory) => directory,
+                Err(error) if process_ended(&error) => continue,
+                Err(source) => return Err(list_error(source)),
+            };
+            if !read_while_running(&directory, &process, "cgroup", &mut cgroup)?
                 || !uid.owns(&String::from_utf8_lossy(&cgroup))
             {
                 continue;
             }
-            let Some(netns) = open_while_running(&process.join("ns/net"))? else {
+            let Some(netns) = open_while_running(&directory, &process, "ns/net")? else {
                 continue;
             };
             if namespaces.iter().all(|seen| seen.id != netns.id) {
@@ -144,26 +154,47 @@ impl HostProc {
     }
 }
 
-/// Reads `path` into `buffer`; `false` if its process has ended meanwhile. Any other failure
-/// is an error: a process left unread could be one of the pod's in another namespace.
-fn read_while_running(path: &Path, buffer: &mut Vec<u8>) -> Result<bool, PodNetnsError> {
+/// Opens `name` in a process's `directory`.
+fn open_in(directory: &File, name: &str) -> io::Result<File> {
+    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::openat(directory, name, flags, Mode::empty()).map_err(io::Error::from)?;
+    Ok(File::from(fd))
+}
+
+/// Reads the process's file `name` into `buffer`; `false` if the process has ended meanwhile.
+/// Any other failure is an error: a process left unread could be one of the pod's in another
+/// namespace.
+fn read_while_running(
+    directory: &File,
+    process: &Path,
+    name: &str,
+    buffer: &mut Vec<u8>,
+) -> Result<bool, PodNetnsError> {
     buffer.clear();
-    match File::open(path).and_then(|mut file| file.read_to_end(buffer)) {
+    match open_in(directory, name).and_then(|mut file| file.read_to_end(buffer)) {
         Ok(_) => Ok(true),
         Err(error) if process_ended(&error) => Ok(false),
         Err(source) => Err(PodNetnsError::ReadCgroup {
-            path: path.to_owned(),
+            path: process.join(name),
             source,
         }),
     }
 }
 
-/// Opens a process's namespace; `None` if the process has ended (or is a zombie) meanwhile.
-fn open_while_running(path: &Path) -> Result<Option<Netns>, PodNetnsError> {
-    match Netns::open(path) {
-        Ok(netns) => Ok(Some(netns)),
-        Err(NetnsError::Open(_, error)) if process_ended(&error) => Ok(None),
-        Err(error) => Err(PodNetnsError::OpenNetns(error)),
+/// Opens the process's namespace file `name`; `None` if the process has ended (or is a
+/// zombie) meanwhile.
+fn open_while_running(
+    directory: &File,
+    process: &Path,
+    name: &str,
+) -> Result<Option<Netns>, PodNetnsError> {
+    let path = process.join(name);
+    match open_in(directory, name) {
+        Ok(file) => Netns::from_file(file, &path)
+            .map(Some)
+            .map_err(PodNetnsError::OpenNetns),
+        Err(error) if process_ended(&error) => Ok(None),
+        Err(error) => Err(PodNetnsError::OpenNetns(NetnsError::Open(path, error))),
     }
 }
 

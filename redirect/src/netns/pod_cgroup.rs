@@ -32,15 +32,17 @@ impl PodUid {
         })
     }
 
-    /// Whether a process whose cgroup file reads `cgroup_file` is one of this pod's: a line
-    /// of any hierarchy (v1 or the v2 `0::` line) places it in the pod's cgroup. Malformed
-    /// lines place it nowhere.
+    /// Whether a process whose cgroup file reads `cgroup_file` is one of this pod's: a line of
+    /// some hierarchy (v1 or the v2 `0::` line) places it in the pod's cgroup, and no line places
+    /// it in another pod's (hierarchies of cgroup v1 can disagree; then it is nobody's).
+    /// Malformed lines place it nowhere.
     pub(super) fn owns(&self, cgroup_file: &str) -> bool {
-        cgroup_file
+        let mut pods = cgroup_file
             .lines()
             .filter_map(cgroup_path)
             .filter_map(outermost_pod)
-            .any(|pod| self.is(pod))
+            .peekable();
+        pods.peek().is_some() && pods.all(|pod| self.is(pod))
     }
 
     fn is(&self, pod: PodCgroup<'_>) -> bool {

@@ -119,6 +119,17 @@ fn hybrid_v1_and_v2_lines() {
 }
 
 #[test]
+fn hierarchies_that_name_two_pods_make_the_process_nobody_s() {
+    let other = "9f0e1d2c-3b4a-5968-7f8e-9d0c1b2a3f4e";
+    let split = format!(
+        "12:pids:/kubepods/besteffort/pod{UID}/{CONTAINER}\n\
+         0::/kubepods/besteffort/pod{other}/{CONTAINER}\n"
+    );
+    assert!(!pod().owns(&split));
+    assert!(!PodUid::parse(other).unwrap_or_else(|| panic!("{other}")).owns(&split));
+}
+
+#[test]
 fn malformed_lines_place_the_process_nowhere() {
     let path = format!("/kubepods/besteffort/pod{UID}/{CONTAINER}");
     for file in [
