@@ -204,8 +204,10 @@ fn workload(
     let (Some(node), Some(status)) = (spec.and_then(|s| s.node_name.clone()), status) else {
         return Ok(None);
     };
-    // A pod that has run to completion keeps its IP in the API, but the IP is free for reuse.
-    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+    // A pod that has run to completion keeps its IP in the API, but the IP is free for reuse;
+    // one on the host network has its node's IP, shared with every other such pod.
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    if host_network || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return Ok(None);
     }
     let mut ip_strings: Vec<(&str, &str)> = status
@@ -226,7 +228,6 @@ fn workload(
         return Ok(None);
     }
     let labels: BTreeMap<String, String> = pod.metadata.labels.clone().unwrap_or_default();
-    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
     // The pod's own label wins over its namespace's, either way, as in Istio.
     let in_mesh = match labels.get(DATAPLANE_MODE).map(String::as_str) {
         Some("none") => false,
@@ -239,7 +240,7 @@ fn workload(
         .annotations
         .as_ref()
         .is_some_and(|a| a.contains_key(SIDECAR_STATUS));
-    let protocol = if in_mesh && !sidecar && !host_network {
+    let protocol = if in_mesh && !sidecar {
         Protocol::Hbone
     } else {
         Protocol::Tcp
