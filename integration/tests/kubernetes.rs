@@ -93,6 +93,13 @@ async fn within(limit: Duration, mut condition: impl AsyncFnMut() -> bool) -> bo
     false
 }
 
+/// Waits up to 10 s for `condition`; fails the test, saying `what` and showing the logs, if it
+/// never holds.
+async fn eventually(cluster: &Cluster, what: &str, condition: impl AsyncFnMut() -> bool) {
+    let held = within(Duration::from_secs(10), condition).await;
+    assert!(held, "{what}\n{}", cluster.logs());
+}
+
 /// The pod's redirection annotation, as the API server has it.
 async fn redirection(pods: &Api<Pod>, name: &str) -> Option<String> {
     let pod = pods.get(name).await.unwrap();
@@ -144,17 +151,10 @@ async fn the_mesh_works_as_with_the_file_source() {
 async fn namespaces_and_pods_follow_the_api() {
     let mut cluster = in_kubernetes().namespace("late").start().await.unwrap();
     let pods: Api<Pod> = Api::namespaced(api(&cluster).await, "shop");
-    assert!(
-        within(Duration::from_secs(10), async || redirection(
-            &pods, "server"
-        )
-        .await
-        .as_deref()
-            == Some("enabled"))
-        .await,
-        "a captured pod is annotated\n{}",
-        cluster.logs()
-    );
+    eventually(&cluster, "a captured pod is annotated", async || {
+        redirection(&pods, "server").await.as_deref() == Some("enabled")
+    })
+    .await;
 
     // A namespace labelled at runtime: its pods are captured; unlabelled: released.
     cluster
@@ -164,64 +164,31 @@ async fn namespaces_and_pods_follow_the_api() {
     assert!(!enrolled(&cluster, "newcomer"));
     cluster.set_namespace_ambient("late", true);
     cluster.apply().await.unwrap();
-    assert!(
-        within(Duration::from_secs(10), async || enrolled(
-            &cluster, "newcomer"
-        ))
-        .await,
-        "{}",
-        cluster.logs()
-    );
     let late: Api<Pod> = Api::namespaced(api(&cluster).await, "late");
-    assert!(
-        within(Duration::from_secs(10), async || redirection(
-            &late, "newcomer"
-        )
-        .await
-        .is_some())
-        .await
-    );
+    eventually(&cluster, "captured once labelled", async || {
+        enrolled(&cluster, "newcomer") && redirection(&late, "newcomer").await.is_some()
+    })
+    .await;
     cluster.set_namespace_ambient("late", false);
     cluster.apply().await.unwrap();
-    assert!(
-        within(Duration::from_secs(10), async || !enrolled(
-            &cluster, "newcomer"
-        ))
-        .await,
-        "{}",
-        cluster.logs()
-    );
-    assert!(
-        within(Duration::from_secs(10), async || redirection(
-            &late, "newcomer"
-        )
-        .await
-        .is_none())
-        .await,
-        "the annotation goes with the capture"
-    );
+    eventually(&cluster, "released, annotation and all", async || {
+        !enrolled(&cluster, "newcomer") && redirection(&late, "newcomer").await.is_none()
+    })
+    .await;
 
-    // A pod relabelled out of the mesh, then deleted.
+    // A pod relabelled out of the mesh, then one deleted.
     cluster.opt_out_pod("client");
     cluster.apply().await.unwrap();
-    assert!(
-        within(Duration::from_secs(10), async || !enrolled(
-            &cluster, "client"
-        ))
-        .await,
-        "{}",
-        cluster.logs()
-    );
+    eventually(&cluster, "released once opted out", async || {
+        !enrolled(&cluster, "client")
+    })
+    .await;
     cluster.unlist_pod("server");
     cluster.apply().await.unwrap();
-    assert!(
-        within(Duration::from_secs(10), async || !enrolled(
-            &cluster, "server"
-        ))
-        .await,
-        "{}",
-        cluster.logs()
-    );
+    eventually(&cluster, "released once deleted", async || {
+        !enrolled(&cluster, "server")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,7 +328,7 @@ async fn a_pod_claiming_another_pods_address_is_not_enrolled_as_it() {
         )
         .unwrap();
     let agent = cluster.agent("node1").unwrap();
-    let refused = within(Duration::from_secs(10), async || {
+    eventually(&cluster, "the ambiguous pod is refused", async || {
         let output = agent.debug(&["workloads"]).unwrap();
         let table = String::from_utf8_lossy(&output.stdout).into_owned();
         table.contains("refused")
@@ -372,10 +339,9 @@ async fn a_pod_claiming_another_pods_address_is_not_enrolled_as_it() {
                 .contains("ambit_refused_pods 1")
     })
     .await;
-    assert!(refused, "{}", cluster.logs());
     assert!(!enrolled(&cluster, "ghost"));
     let events: Api<Event> = Api::namespaced(api(&cluster).await, "shop");
-    let reported = within(Duration::from_secs(10), async || {
+    eventually(&cluster, "an Event on the refused pod", async || {
         events
             .list(&ListParams::default())
             .await
@@ -388,5 +354,4 @@ async fn a_pod_claiming_another_pods_address_is_not_enrolled_as_it() {
             })
     })
     .await;
-    assert!(reported, "no Event on the refused pod\n{}", cluster.logs());
 }

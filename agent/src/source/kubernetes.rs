@@ -23,6 +23,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Client, Config};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
 
 use super::translate::{Objects, Origin, Sourced};
 use crate::drain::DrainWatcher;
@@ -122,7 +123,7 @@ impl KubernetesSource {
                 tracing::info!(waiting_for = ?waiting, "waiting for the API server's initial lists");
                 continue;
             }
-            let version = progress.take_version();
+            let version = progress.version();
             let objects = reflectors.objects();
             let root_namespace = self.root_namespace.clone();
             let translated =
@@ -134,7 +135,6 @@ impl KubernetesSource {
             states.send_replace(Arc::new(translated.state));
             tracing::info!(resource_version = version, workloads, "{STATE_UPDATED}");
         }
-        reflectors.abort();
     }
 }
 
@@ -207,7 +207,7 @@ impl Progress {
             .collect()
     }
 
-    fn take_version(&self) -> Option<String> {
+    fn version(&self) -> Option<String> {
         self.version
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -215,7 +215,7 @@ impl Progress {
     }
 }
 
-/// The stores of every kind, each filled by its own task.
+/// The stores of every kind, each filled by its own task; dropping them stops the tasks.
 struct Reflectors {
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
@@ -223,51 +223,30 @@ struct Reflectors {
     endpoint_slices: Store<EndpointSlice>,
     authorization_policies: Store<DynamicObject>,
     peer_authentications: Store<DynamicObject>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _tasks: JoinSet<()>,
 }
 
 impl Reflectors {
     fn start(client: &Client, progress: &Arc<Progress>) -> Self {
-        let mut tasks = Vec::new();
-        let mut spawn = |task| tasks.push(tokio::spawn(task));
-        let namespaces = typed(
+        let mut spawner = Spawner {
             client,
-            Kind::Namespace,
-            trim::namespace,
             progress,
-            &mut spawn,
-        );
-        let pods = typed(client, Kind::Pod, trim::pod, progress, &mut spawn);
-        let services = typed(client, Kind::Service, trim::service, progress, &mut spawn);
-        let endpoint_slices = typed(
-            client,
-            Kind::EndpointSlice,
-            trim::endpoint_slice,
-            progress,
-            &mut spawn,
-        );
-        let authorization_policies = istio(
-            client,
-            Kind::AuthorizationPolicy,
-            ("AuthorizationPolicy", "authorizationpolicies"),
-            progress,
-            &mut spawn,
-        );
-        let peer_authentications = istio(
-            client,
-            Kind::PeerAuthentication,
-            ("PeerAuthentication", "peerauthentications"),
-            progress,
-            &mut spawn,
-        );
+            tasks: JoinSet::new(),
+        };
         Self {
-            namespaces,
-            pods,
-            services,
-            endpoint_slices,
-            authorization_policies,
-            peer_authentications,
-            tasks,
+            namespaces: spawner.typed(Kind::Namespace, trim::namespace),
+            pods: spawner.typed(Kind::Pod, trim::pod),
+            services: spawner.typed(Kind::Service, trim::service),
+            endpoint_slices: spawner.typed(Kind::EndpointSlice, trim::endpoint_slice),
+            authorization_policies: spawner.istio(
+                Kind::AuthorizationPolicy,
+                ("AuthorizationPolicy", "authorizationpolicies"),
+            ),
+            peer_authentications: spawner.istio(
+                Kind::PeerAuthentication,
+                ("PeerAuthentication", "peerauthentications"),
+            ),
+            _tasks: spawner.tasks,
         }
     }
 
@@ -305,69 +284,74 @@ impl Reflectors {
                 .collect(),
         }
     }
-
-    fn abort(&self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
 }
 
-type Task = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+/// What every watched kind is, to be stored and compared.
+trait Watched:
+    kube::Resource + Clone + PartialEq + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
 
-/// A store of one of Kubernetes' own kinds, with the task that fills it.
-fn typed<K>(
-    client: &Client,
-    kind: Kind,
-    trim: fn(&mut K),
-    progress: &Arc<Progress>,
-    spawn: &mut impl FnMut(Task),
-) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
+impl<K> Watched for K where
+    K: kube::Resource
         + Clone
         + PartialEq
         + DeserializeOwned
         + std::fmt::Debug
         + Send
         + Sync
-        + 'static,
+        + 'static
 {
-    let (store, writer) = reflector::store();
-    spawn(Box::pin(reflect(
-        client.clone(),
-        Api::all(client.clone()),
-        (),
-        writer,
-        trim,
-        kind,
-        progress.clone(),
-    )));
-    store
 }
 
-/// A store of one of Istio's `security.istio.io/v1` kinds, with the task that fills it.
-fn istio(
-    client: &Client,
-    kind: Kind,
-    (name, plural): (&str, &str),
-    progress: &Arc<Progress>,
-    spawn: &mut impl FnMut(Task),
-) -> Store<DynamicObject> {
-    let gvk = GroupVersionKind::gvk(ISTIO_SECURITY, "v1", name);
-    let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
-    let writer = reflector::store::Writer::new(resource.clone());
-    let store = writer.as_reader();
-    spawn(Box::pin(reflect(
-        client.clone(),
-        Api::all_with(client.clone(), &resource),
-        resource.clone(),
-        writer,
-        trim::policy,
-        kind,
-        progress.clone(),
-    )));
-    store
+/// Starts the task of each store.
+struct Spawner<'a> {
+    client: &'a Client,
+    progress: &'a Arc<Progress>,
+    tasks: JoinSet<()>,
+}
+
+impl Spawner<'_> {
+    /// A store of one of Kubernetes' own kinds.
+    fn typed<K: Watched<DynamicType = ()>>(&mut self, kind: Kind, trim: fn(&mut K)) -> Store<K> {
+        let (store, writer) = reflector::store();
+        let api = Api::all(self.client.clone());
+        self.spawn(api, (), writer, trim, kind);
+        store
+    }
+
+    /// A store of one of Istio's `security.istio.io/v1` kinds.
+    fn istio(&mut self, kind: Kind, (name, plural): (&str, &str)) -> Store<DynamicObject> {
+        let gvk = GroupVersionKind::gvk(ISTIO_SECURITY, "v1", name);
+        let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
+        let writer = reflector::store::Writer::new(resource.clone());
+        let store = writer.as_reader();
+        let api = Api::all_with(self.client.clone(), &resource);
+        self.spawn(api, resource, writer, trim::policy, kind);
+        store
+    }
+
+    fn spawn<K: Watched>(
+        &mut self,
+        api: Api<K>,
+        dyntype: K::DynamicType,
+        writer: reflector::store::Writer<K>,
+        trim: fn(&mut K),
+        kind: Kind,
+    ) where
+        K::DynamicType: Clone + Eq + std::hash::Hash + Send,
+    {
+        let reflect = reflect(
+            self.client.clone(),
+            api,
+            dyntype,
+            writer,
+            trim,
+            kind,
+            self.progress.clone(),
+        );
+        self.tasks.spawn(reflect);
+    }
 }
 
 fn from_api<T>(object: Arc<T>) -> Sourced<T> {
@@ -388,18 +372,12 @@ async fn reflect<K>(
     kind: Kind,
     progress: Arc<Progress>,
 ) where
-    K: kube::Resource
-        + Clone
-        + PartialEq
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
     K::DynamicType: Clone + Eq + std::hash::Hash,
 {
     let store = writer.as_reader();
-    let mut events = std::pin::pin!(watcher(api).default_backoff());
+    let events = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    let mut events = std::pin::pin!(events);
     let mut absent = false;
     while let Some(event) = events.next().await {
         match event {
@@ -464,13 +442,6 @@ async fn reflect<K>(
             }
         }
     }
-}
-
-fn watcher<K>(api: Api<K>) -> impl futures_util::Stream<Item = watcher::Result<Event<K>>>
-where
-    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    watcher::watcher(api, watcher::Config::default())
 }
 
 /// Whether the API server serves Istio's `security.istio.io` group at all.

@@ -126,7 +126,11 @@ fn hierarchies_that_name_two_pods_make_the_process_nobody_s() {
          0::/kubepods/besteffort/pod{other}/{CONTAINER}\n"
     );
     assert!(!pod().owns(&split));
-    assert!(!PodUid::parse(other).unwrap_or_else(|| panic!("{other}")).owns(&split));
+    assert!(
+        !PodUid::parse(other)
+            .unwrap_or_else(|| panic!("{other}"))
+            .owns(&split)
+    );
 }
 
 #[test]
