@@ -234,6 +234,35 @@ async fn an_api_server_that_restarts_or_forgets_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_cannot_read_the_cluster_enrols_nothing() {
+    let mut cluster = in_kubernetes().start().await.unwrap();
+    let _server = echo(&cluster, "server").await;
+    cluster.stop_apiserver();
+    cluster.kill_agent("node1");
+    cluster.launch_agent("node1").unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The new agent has no policies to enforce: it opens no proxy, and is not ready; the
+    // capture its predecessor left fails closed meanwhile.
+    assert!(!cluster.agent("node1").unwrap().is_ready().await.unwrap());
+    assert!(!enrolled(&cluster, "client"));
+    assert_eq!(exchange(&cluster, "client", "server").await, None);
+    // The agent that had read the cluster keeps what it knew.
+    assert!(cluster.agent("node2").unwrap().is_ready().await.unwrap());
+    assert!(enrolled(&cluster, "server"));
+
+    cluster.restart_apiserver().await.unwrap();
+    let agent = cluster.agent_mut("node1").unwrap();
+    agent.wait_ready().await.unwrap();
+    assert_eq!(
+        exchange(&cluster, "client", "server").await,
+        Some(ip(&cluster, "client")),
+        "{}",
+        cluster.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_istio_crds_the_agent_works_and_waits_for_them() {
     let mut cluster = in_kubernetes().without_istio_crds().start().await.unwrap();
     let _server = echo(&cluster, "server").await;

@@ -64,6 +64,12 @@ impl AgentProcess {
         })
     }
 
+    /// Whether the agent reports ready now.
+    pub async fn is_ready(&self) -> anyhow::Result<bool> {
+        let ready = self.get(READINESS_PORT, crate::READY_PATH).await?;
+        Ok(ready.is_some_and(|(status, _)| status == 200))
+    }
+
     /// Waits until the agent reports ready on its readiness port.
     pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -75,8 +81,7 @@ impl AgentProcess {
                     self.log()
                 );
             }
-            let ready = self.get(READINESS_PORT, crate::READY_PATH).await?;
-            if ready.is_some_and(|(status, _)| status == 200) {
+            if self.is_ready().await? {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

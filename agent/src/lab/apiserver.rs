@@ -55,8 +55,8 @@ impl ApiServerProcess {
         &self.kubeconfig
     }
 
-    /// Stops the server at once and starts it again with the same certificate and token, as
-    /// when an API server restarts: it remembers no version its clients saw.
+    /// Stops the server at once, if it runs, and starts it again with the same certificate and
+    /// token, as when an API server restarts: it remembers no version its clients saw.
     pub(super) async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
         let _ = std::fs::remove_file(&self.kubeconfig);
@@ -134,7 +134,7 @@ impl ApiServerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

@@ -442,6 +442,13 @@ impl Cluster {
         ))
     }
 
+    /// Stops the API server, as an outage of the control plane would; agents keep running.
+    pub fn stop_apiserver(&mut self) {
+        if let Some(apiserver) = &mut self.apiserver {
+            apiserver.stop();
+        }
+    }
+
     /// Restarts the API server, as a control-plane upgrade would; agents keep running.
     pub async fn restart_apiserver(&mut self) -> anyhow::Result<()> {
         match &mut self.apiserver {
@@ -457,6 +464,15 @@ impl Cluster {
 
     /// Starts the agent of `node` and waits until it is ready.
     pub async fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        self.launch_agent(node)?;
+        match self.agents.get_mut(node) {
+            Some(agent) => agent.wait_ready().await,
+            None => Err(anyhow!("no agent of {node}")),
+        }
+    }
+
+    /// Starts the agent of `node`, without waiting for it to be ready.
+    pub fn launch_agent(&mut self, node: &str) -> anyhow::Result<()> {
         let netns = self
             .topology
             .nodes()
@@ -474,7 +490,7 @@ impl Cluster {
             ],
             None => vec!["--config".into(), self.config.clone().into()],
         };
-        let mut agent = AgentProcess::start(
+        let agent = AgentProcess::start(
             &self.agent_binary,
             node,
             &netns,
@@ -483,7 +499,6 @@ impl Cluster {
             &self.agent_args,
             log,
         )?;
-        agent.wait_ready().await?;
         self.agents.insert(node.to_owned(), agent);
         Ok(())
     }
