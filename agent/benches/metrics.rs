@@ -63,7 +63,7 @@ async fn node(pki: &TestPki, pods: usize, sources: usize) -> Metrics {
         }
     }
     let client = HboneClient::new(certificates.clone(), ClientSettings::default());
-    metrics.register_node(certificates, client, Arc::new(Nftables));
+    metrics.register_node(certificates, client, Arc::new(Nftables::default()));
     metrics
 }
 

@@ -1,12 +1,12 @@
 //! The composition root: builds the agent from its configuration and runs it until a signal.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_identity::{CertificateManager, LocalCa};
-use ambit_redirect::{CaptureBackend, Ebpf, HostProc, Nftables};
+use ambit_redirect::{CaptureBackend, Ebpf, HostProc, NetSysctls, Nftables};
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -18,6 +18,7 @@ use crate::admission::Admission;
 use crate::config::{AgentConfig, RedirectKind, SourceConfig};
 use crate::drain::{self, DrainTrigger, DrainWatcher};
 use crate::enrolment::{CaptureStatus, Discovery, Enrolment};
+use crate::error_chain::ErrorChain;
 use crate::hbone::{ClientSettings, HboneClient};
 use crate::http_server;
 use crate::logging::Logging;
@@ -38,7 +39,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         .with_context(|| format!("--ca-dir {}", config.ca_dir.display()))?;
     let certificates = Arc::new(CertificateManager::new(Arc::new(ca)));
     let (source, discovery) = open_source(&config).await?;
-    let capture = capture_backend(config.redirect)?;
+    let capture = capture_backend(config.redirect, &config.host_proc)?;
     let capture_name = capture.name();
     let readiness_listener = bind("--readiness-addr", config.readiness_addr).await?;
     let metrics_listener = bind("--metrics-addr", config.metrics_addr).await?;
@@ -150,10 +151,7 @@ async fn open_source(config: &AgentConfig) -> anyhow::Result<(Source, Discovery)
                 Discovery::ByAddress,
             )
         }
-        SourceConfig::Kubernetes {
-            kubeconfig,
-            host_proc,
-        } => {
+        SourceConfig::Kubernetes { kubeconfig } => {
             let source = KubernetesSource::connect(
                 kubeconfig.as_deref(),
                 &config.node,
@@ -161,7 +159,7 @@ async fn open_source(config: &AgentConfig) -> anyhow::Result<(Source, Discovery)
             )
             .await
             .context("--source kubernetes")?;
-            let discovery = Discovery::ByProcess(HostProc::new(host_proc));
+            let discovery = Discovery::ByProcess(HostProc::new(&config.host_proc));
             (Source::Kubernetes(source), discovery)
         }
     })
@@ -261,16 +259,21 @@ fn raise_file_limit() {
 }
 
 /// The capture backend `--redirect` asks for: eBPF must work when asked for by name; `auto`
-/// falls back to nftables, saying why.
-fn capture_backend(redirect: RedirectKind) -> anyhow::Result<Arc<dyn CaptureBackend>> {
+/// falls back to nftables, saying why. Pods' sysctls are written through the host's procfs:
+/// the container's own `/proc/sys` is read-only.
+fn capture_backend(
+    redirect: RedirectKind,
+    host_proc: &Path,
+) -> anyhow::Result<Arc<dyn CaptureBackend>> {
+    let sysctls = NetSysctls::new(host_proc.join("sys/net"));
     Ok(match redirect {
-        RedirectKind::Nftables => Arc::new(Nftables),
-        RedirectKind::Ebpf => Arc::new(Ebpf::new().context("--redirect ebpf")?),
-        RedirectKind::Auto => match Ebpf::new() {
+        RedirectKind::Nftables => Arc::new(Nftables::new(sysctls)),
+        RedirectKind::Ebpf => Arc::new(Ebpf::new(sysctls).context("--redirect ebpf")?),
+        RedirectKind::Auto => match Ebpf::new(sysctls.clone()) {
             Ok(ebpf) => Arc::new(ebpf),
             Err(unavailable) => {
-                tracing::warn!(reason = %unavailable, "eBPF capture unavailable; capturing with nftables");
-                Arc::new(Nftables)
+                tracing::warn!(reason = %ErrorChain(&unavailable), "eBPF capture unavailable; capturing with nftables");
+                Arc::new(Nftables::new(sysctls))
             }
         },
     })
@@ -283,12 +286,9 @@ async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 fn effective_config(config: &AgentConfig, capture: &str) -> EffectiveConfig {
-    let (source, config_file, kubeconfig, host_proc) = match &config.source {
-        SourceConfig::File(path) => ("file", Some(path), None, None),
-        SourceConfig::Kubernetes {
-            kubeconfig,
-            host_proc,
-        } => ("kubernetes", None, kubeconfig.as_ref(), Some(host_proc)),
+    let (source, config_file, kubeconfig) = match &config.source {
+        SourceConfig::File(path) => ("file", Some(path), None),
+        SourceConfig::Kubernetes { kubeconfig } => ("kubernetes", None, kubeconfig.as_ref()),
     };
     let display = |path: &PathBuf| path.display().to_string();
     EffectiveConfig {
@@ -296,7 +296,7 @@ fn effective_config(config: &AgentConfig, capture: &str) -> EffectiveConfig {
         source: source.to_owned(),
         config_file: config_file.map(display),
         kubeconfig: kubeconfig.map(display),
-        host_proc: host_proc.map(display),
+        host_proc: display(&config.host_proc),
         ca_dir: config.ca_dir.display().to_string(),
         trust_domain: config.trust_domain.to_string(),
         root_namespace: config.root_namespace.clone(),

@@ -52,8 +52,9 @@ pub struct AgentArgs {
     /// configuration is used when it is absent.
     #[arg(long, env = "AMBIT_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// The host's `/proc`, where the `kubernetes` source finds each pod's network namespace
-    /// through the pod's processes (mounted read-only in the DaemonSet).
+    /// The host's `/proc`: the `kubernetes` source finds each pod's network namespace there
+    /// through the pod's processes (mounted read-only in the DaemonSet), and capture writes pods'
+    /// interface sysctls through its `sys/net` (mounted writable in the DaemonSet).
     #[arg(long, env = "AMBIT_HOST_PROC", default_value = "/proc")]
     pub host_proc: PathBuf,
     /// The local CA's directory, in Istio's `cacerts` layout; a self-signed root is created in
@@ -122,10 +123,7 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceConfig {
     File(PathBuf),
-    Kubernetes {
-        kubeconfig: Option<PathBuf>,
-        host_proc: PathBuf,
-    },
+    Kubernetes { kubeconfig: Option<PathBuf> },
 }
 
 /// The agent's checked configuration.
@@ -133,6 +131,7 @@ pub enum SourceConfig {
 pub struct AgentConfig {
     pub node: String,
     pub source: SourceConfig,
+    pub host_proc: PathBuf,
     pub ca_dir: PathBuf,
     pub trust_domain: TrustDomain,
     pub root_namespace: String,
@@ -164,7 +163,6 @@ impl TryFrom<AgentArgs> for AgentConfig {
                 }
                 SourceConfig::Kubernetes {
                     kubeconfig: args.kubeconfig,
-                    host_proc: args.host_proc,
                 }
             }
         };
@@ -175,6 +173,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
                 .parse()
                 .map_err(ConfigError::TrustDomain)?,
             node: args.node,
+            host_proc: args.host_proc,
             ca_dir: args.ca_dir,
             root_namespace: args.root_namespace,
             redirect: args.redirect,

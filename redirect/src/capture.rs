@@ -6,12 +6,15 @@
 
 mod ebpf;
 mod nftables;
+mod sysctls;
 
 pub use ebpf::{Ebpf, EbpfUnavailable};
 pub use nftables::Nftables;
+pub use sysctls::NetSysctls;
 
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 
 use crate::netns::NetnsError;
 use crate::routing::{self, RoutingError};
@@ -35,6 +38,12 @@ pub enum CaptureError {
     StartLinkWatcher(#[source] std::io::Error),
     #[error("eBPF capture supports IPv4 pods only, not {0}")]
     Ipv6Pod(IpAddr),
+    #[error("failed to write {}{}", .path.display(), sysctls::hint(.source))]
+    WriteSysctl {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What capture steers a pod's TCP to: the pod's address and the agent's listeners in it.
@@ -91,8 +100,8 @@ pub trait CaptureBackend: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// Removes every capture of either backend from the calling thread's namespace.
-fn remove_all() -> Result<(), CaptureError> {
+fn remove_all(sysctls: &NetSysctls) -> Result<(), CaptureError> {
     nftables::remove_table()?;
-    ebpf::detach_filters()?;
+    ebpf::detach_filters(sysctls)?;
     routing::remove().map_err(CaptureError::Routing)
 }

@@ -1,7 +1,8 @@
 //! Getting pod traffic to the agent: pod network namespaces ([`Netns`], [`PodNetns`], found
 //! through a pod's processes with [`HostProc`]), the sockets the agent opens inside them
 //! ([`socket`]), and the capture backends that steer a pod's TCP to those sockets
-//! ([`CaptureBackend`]: [`Ebpf`], [`Nftables`]), with the policy routing they rely on.
+//! ([`CaptureBackend`]: [`Ebpf`], [`Nftables`]), with the policy routing they rely on and the
+//! pods' sysctls they set ([`NetSysctls`]).
 //!
 //! Everything that must happen inside a pod's namespace runs on that pod's [`PodNetns`] thread;
 //! the rest of the agent stays in the node's namespace.
@@ -16,7 +17,8 @@ pub use ambit_ebpf_common::{
     KUBELET_PROBE_SOURCE, MARK_MASK, OUTBOUND_PORT, REPLY_MARK,
 };
 pub use capture::{
-    CaptureBackend, CaptureCounters, CaptureError, CaptureTarget, Ebpf, EbpfUnavailable, Nftables,
+    CaptureBackend, CaptureCounters, CaptureError, CaptureTarget, Ebpf, EbpfUnavailable,
+    NetSysctls, Nftables,
 };
 pub use netns::{HostProc, Netns, NetnsError, NetnsId, PodNetns, PodNetnsError};
 pub use routing::RoutingError;

@@ -151,8 +151,9 @@ pub struct EffectiveConfig {
     pub config_file: Option<String>,
     /// The kubernetes source's kubeconfig; `None` in a cluster (in-cluster configuration).
     pub kubeconfig: Option<String>,
-    /// Where the kubernetes source finds pods' processes.
-    pub host_proc: Option<String>,
+    /// The host's `/proc`: where the kubernetes source finds pods' processes, and capture
+    /// writes pods' sysctls (its `sys/net`).
+    pub host_proc: String,
     pub ca_dir: String,
     pub trust_domain: String,
     pub root_namespace: String,

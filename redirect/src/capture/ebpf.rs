@@ -16,6 +16,7 @@ mod links;
 use std::collections::{HashMap, HashSet};
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -26,7 +27,7 @@ use aya::programs::{SchedClassifier, SkLookup, TcAttachType};
 use aya::{EbpfLoader, include_bytes_aligned};
 use socket2::SockRef;
 
-use super::{CaptureBackend, CaptureCounters, CaptureError, CaptureTarget};
+use super::{CaptureBackend, CaptureCounters, CaptureError, CaptureTarget, NetSysctls};
 use crate::AGENT_MARK;
 use crate::netns::{Netns, NetnsId};
 use crate::routing::{self, Steering};
@@ -50,6 +51,14 @@ pub enum EbpfUnavailable {
         "the kernel refused to load the programs ({0}); eBPF capture needs CAP_BPF and CAP_NET_ADMIN, and a kernel with sk_lookup (5.9 or later) and bpf_sk_assign at tc"
     )]
     Load(String),
+    #[error(
+        "{} is read-only, and eBPF capture sets each pod interface's accept_local under it: mount \
+         the host's /proc/sys/net there writable",
+        .0.display()
+    )]
+    ReadOnlySysctls(PathBuf),
+    #[error("failed to inspect {}, where eBPF capture sets pods' sysctls", .0.display())]
+    InspectSysctls(PathBuf, #[source] nix::Error),
 }
 
 /// The captured pods, shared with their link watchers.
@@ -59,11 +68,12 @@ type Pods = Arc<Mutex<HashMap<NetnsId, PodCapture>>>;
 static GENERATIONS: AtomicU64 = AtomicU64::new(0);
 
 /// The eBPF capture backend.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Ebpf {
     pods: Pods,
     /// What the programs of released pods counted.
     retired: Mutex<CaptureCounters>,
+    sysctls: NetSysctls,
 }
 
 /// One pod's capture.
@@ -74,19 +84,33 @@ struct PodCapture {
     /// The indexes of the interfaces the inbound program is attached to.
     interfaces: HashSet<u32>,
     generation: u64,
+    sysctls: NetSysctls,
     /// Captures the interfaces added later; stops when dropped.
     _links: links::Watcher,
 }
 
 impl Ebpf {
     /// Checks that the programs are built in and that the kernel accepts them, by loading them
-    /// once.
-    pub fn new() -> Result<Self, EbpfUnavailable> {
+    /// once, and that pods' sysctls can be written through `sysctls`.
+    pub fn new(sysctls: NetSysctls) -> Result<Self, EbpfUnavailable> {
         load(Ipv4Addr::UNSPECIFIED).map_err(|error| match error {
             LoadError::NotBuilt => EbpfUnavailable::NotBuilt,
             LoadError::Kernel(reason) => EbpfUnavailable::Load(reason),
         })?;
-        Ok(Self::default())
+        // Refused now rather than pod by pod: `auto` then falls back to nftables, which writes
+        // sysctls only to undo an earlier eBPF capture.
+        match sysctls.is_read_only() {
+            Ok(false) => {}
+            Ok(true) => return Err(EbpfUnavailable::ReadOnlySysctls(sysctls.dir().into())),
+            Err(error) => {
+                return Err(EbpfUnavailable::InspectSysctls(sysctls.dir().into(), error));
+            }
+        }
+        Ok(Self {
+            pods: Pods::default(),
+            retired: Mutex::default(),
+            sysctls,
+        })
     }
 
     fn pods(&self) -> MutexGuard<'_, HashMap<NetnsId, PodCapture>> {
@@ -145,6 +169,7 @@ impl CaptureBackend for Ebpf {
             programs,
             interfaces: HashSet::new(),
             generation,
+            sysctls: self.sysctls.clone(),
             _links: watcher,
         };
         // Under the lock, so that the watcher of a capture this one replaces cannot attach its
@@ -162,7 +187,7 @@ impl CaptureBackend for Ebpf {
         if let Some(capture) = self.pods().remove(&netns.id()) {
             self.retire(&capture.programs);
         }
-        super::remove_all()
+        super::remove_all(&self.sysctls)
     }
 
     fn counters(&self) -> Option<CaptureCounters> {
@@ -179,7 +204,7 @@ impl PodCapture {
     fn capture_interfaces(&mut self) -> Result<(), CaptureError> {
         let inbound: &mut SchedClassifier = program(&mut self.programs, names::INBOUND_PROGRAM)?;
         for interface in interfaces()? {
-            capture_interface(inbound, &interface.name)?;
+            capture_interface(inbound, &self.sysctls, &interface.name)?;
             self.interfaces.insert(interface.index);
         }
         Ok(())
@@ -203,7 +228,7 @@ impl PodCapture {
         for interface in current {
             // Where the program is attached already, it is replaced in place: an interface
             // removed and added again under the same index is captured too.
-            match capture_interface(inbound, &interface.name) {
+            match capture_interface(inbound, &self.sysctls, &interface.name) {
                 Ok(()) => {
                     if self.interfaces.insert(interface.index) {
                         tracing::info!(%netns, interface = %interface.name, "captured a new interface of the pod");
@@ -258,12 +283,16 @@ fn load(pod_ip: Ipv4Addr) -> Result<aya::Ebpf, LoadError> {
 }
 
 /// Steers the new inbound connections that arrive by `interface` to the agent.
-fn capture_interface(program: &mut SchedClassifier, interface: &str) -> Result<(), CaptureError> {
+fn capture_interface(
+    program: &mut SchedClassifier,
+    sysctls: &NetSysctls,
+    interface: &str,
+) -> Result<(), CaptureError> {
     attach_inbound(program, interface)?;
     // The reverse-path check would otherwise drop inbound packets: with all TCP routed locally,
     // their source looks local. Set after the program is attached: until then the check drops
     // the pod's inbound TCP, which is closed rather than open.
-    set_accept_local(interface, true)
+    set_accept_local(sysctls, interface, true)
 }
 
 /// Attaches the inbound program to `interface`'s ingress, replacing the one an earlier agent
@@ -310,10 +339,10 @@ fn attach_inbound(program: &mut SchedClassifier, interface: &str) -> Result<(), 
 
 /// Detaches ambit's filter from every interface of the calling thread's namespace and restores
 /// the reverse-path check.
-pub(super) fn detach_filters() -> Result<(), CaptureError> {
+pub(super) fn detach_filters(sysctls: &NetSysctls) -> Result<(), CaptureError> {
     for Interface { name, .. } in interfaces()? {
         match tc::qdisc_detach_program(&name, TcAttachType::Ingress, names::INBOUND_PROGRAM) {
-            Ok(()) => set_accept_local(&name, false)?,
+            Ok(()) => set_accept_local(sysctls, &name, false)?,
             Err(tc::TcError::IoError(error)) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(error) => return Err(ebpf_error("detaching the inbound program", error)),
         }
@@ -340,12 +369,16 @@ fn interfaces() -> Result<Vec<Interface>, CaptureError> {
         .collect())
 }
 
-/// `net.ipv4.conf.<interface>.accept_local`, which `/proc/sys/net` shows for the calling
-/// thread's namespace.
-fn set_accept_local(interface: &str, accept: bool) -> Result<(), CaptureError> {
-    let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
-    std::fs::write(&path, if accept { "1" } else { "0" })
-        .map_err(|e| ebpf_error(&format!("writing {path}"), e))
+/// `net.ipv4.conf.<interface>.accept_local` of the calling thread's namespace.
+fn set_accept_local(
+    sysctls: &NetSysctls,
+    interface: &str,
+    accept: bool,
+) -> Result<(), CaptureError> {
+    sysctls.write(
+        &format!("ipv4/conf/{interface}/accept_local"),
+        if accept { "1" } else { "0" },
+    )
 }
 
 fn program<'e, P>(programs: &'e mut aya::Ebpf, name: &str) -> Result<&'e mut P, CaptureError>

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-use super::{CaptureBackend, CaptureError, CaptureTarget};
+use super::{CaptureBackend, CaptureError, CaptureTarget, NetSysctls};
 use crate::routing::{self, Steering};
 use crate::{
     AGENT_MARK, CAPTURED_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, KUBELET_PROBE_SOURCE, MARK_MASK,
@@ -25,10 +25,17 @@ use crate::{
 const TABLE: &str = "ambit";
 
 /// The nftables capture backend. Needs the `nft` binary.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Nftables;
+#[derive(Debug, Default, Clone)]
+pub struct Nftables {
+    /// Where undoing an eBPF capture restores the pod's sysctls.
+    sysctls: NetSysctls,
+}
 
 impl Nftables {
+    pub fn new(sysctls: NetSysctls) -> Self {
+        Self { sysctls }
+    }
+
     /// The whole table, as `nft -f` reads it.
     pub fn ruleset() -> String {
         let kubelet = Ipv4Addr::from(KUBELET_PROBE_SOURCE);
@@ -84,13 +91,13 @@ impl CaptureBackend for Nftables {
     }
 
     fn enable(&self, _: &CaptureTarget) -> Result<(), CaptureError> {
-        super::ebpf::detach_filters()?;
+        super::ebpf::detach_filters(&self.sysctls)?;
         routing::install(Steering::Marked).map_err(CaptureError::Routing)?;
         nft(&Self::replace_script(&Self::ruleset()))
     }
 
     fn disable(&self) -> Result<(), CaptureError> {
-        super::remove_all()
+        super::remove_all(&self.sysctls)
     }
 }
 
