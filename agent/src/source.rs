@@ -1,5 +1,5 @@
 //! Where the agent learns about the cluster. Each source gathers Kubernetes objects, turns them
-//! into one [`ClusterState`] through the same translation ([`translate`]), and publishes a new
+//! into one [`ClusterState`] through the same translation (`translate`), and publishes a new
 //! state whenever they change.
 
 use std::sync::Arc;
