@@ -31,7 +31,7 @@ use crate::enrolment::CaptureStatus;
 use crate::error_chain::ErrorChain;
 use crate::state::ClusterState;
 
-pub(crate) mod status;
+mod status;
 mod trim;
 
 /// How long a burst of changes is gathered into one new state.

@@ -17,7 +17,7 @@ use crate::enrolment::{Capture, CaptureStatus};
 use crate::error_chain::ErrorChain;
 use crate::state::{ClusterState, WorkloadUid};
 
-pub(crate) const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+pub(super) const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 /// How often writes that failed are tried again.
 const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
