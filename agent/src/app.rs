@@ -16,6 +16,7 @@ use crate::admin::views::EffectiveConfig;
 use crate::admin::{AdminApi, MetricsEndpoint};
 use crate::admission::Admission;
 use crate::config::{AgentConfig, RedirectKind, SourceConfig};
+use crate::cni_server::{self, CniServer};
 use crate::drain::{self, DrainTrigger, DrainWatcher};
 use crate::enrolment::{CaptureStatus, Discovery, Enrolment};
 use crate::error_chain::ErrorChain;
@@ -23,6 +24,7 @@ use crate::hbone::{ClientSettings, HboneClient};
 use crate::http_server;
 use crate::logging::Logging;
 use crate::readiness::Readiness;
+use crate::sandboxes::Sandboxes;
 use crate::revocation::Revocations;
 use crate::source::{FileSource, KubernetesSource, Source};
 use crate::state::ClusterState;
@@ -44,6 +46,13 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     let readiness_listener = bind("--readiness-addr", config.readiness_addr).await?;
     let metrics_listener = bind("--metrics-addr", config.metrics_addr).await?;
     let admin_listener = bind("--admin-addr", config.admin_addr).await?;
+    let cni_listener = match &config.source {
+        SourceConfig::Kubernetes {
+            cni_socket: Some(path),
+            ..
+        } => Some(cni_server::bind(path).context("--cni-socket")?),
+        _ => None,
+    };
 
     let client = HboneClient::new(certificates.clone(), ClientSettings::default());
     let mut metrics = Metrics::new();
@@ -70,7 +79,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         config: effective_config(&config, capture_name),
         trust_domain: config.trust_domain.clone(),
         states: states_rx.clone(),
-        capture: capture_status_rx,
+        capture: capture_status_rx.clone(),
         certificates: certificates.clone(),
         telemetry: telemetry.clone(),
         log_level: logging.level,
@@ -81,6 +90,15 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         admin: (admin_listener, admin),
     };
     servers.spawn(control.clone());
+    let cni = cni_listener.zip(discovery.sandboxes().cloned()).map(|(listener, sandboxes)| {
+        let server = CniServer {
+            sandboxes,
+            states: states_rx.clone(),
+            capture_status: capture_status_rx.clone(),
+            capture: capture.clone(),
+        };
+        (server, listener)
+    });
 
     // Nothing is enrolled, and readiness stays off, until the source has the whole cluster: a
     // state without its policies would let through what they deny.
@@ -90,6 +108,9 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
             tracing::info!("stopped before the source read the cluster");
             return Ok(());
         }
+    }
+    if let Some((server, listener)) = cni {
+        tokio::spawn(server.serve(listener, control.clone()));
     }
     tokio::spawn(telemetry::remove_departed(
         telemetry.clone(),
@@ -151,15 +172,20 @@ async fn open_source(config: &AgentConfig) -> anyhow::Result<(Source, Discovery)
                 Discovery::ByAddress,
             )
         }
-        SourceConfig::Kubernetes { kubeconfig } => {
+        SourceConfig::Kubernetes { kubeconfig, .. } => {
+            let sandboxes = Sandboxes::default();
             let source = KubernetesSource::connect(
                 kubeconfig.as_deref(),
                 &config.node,
                 &config.root_namespace,
+                sandboxes.clone(),
             )
             .await
             .context("--source kubernetes")?;
-            let discovery = Discovery::ByProcess(HostProc::new(&config.host_proc));
+            let discovery = Discovery::InCluster {
+                sandboxes,
+                host_proc: HostProc::new(&config.host_proc),
+            };
             (Source::Kubernetes(source), discovery)
         }
     })
@@ -286,9 +312,12 @@ async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 fn effective_config(config: &AgentConfig, capture: &str) -> EffectiveConfig {
-    let (source, config_file, kubeconfig) = match &config.source {
-        SourceConfig::File(path) => ("file", Some(path), None),
-        SourceConfig::Kubernetes { kubeconfig } => ("kubernetes", None, kubeconfig.as_ref()),
+    let (source, config_file, kubeconfig, cni_socket) = match &config.source {
+        SourceConfig::File(path) => ("file", Some(path), None, None),
+        SourceConfig::Kubernetes {
+            kubeconfig,
+            cni_socket,
+        } => ("kubernetes", None, kubeconfig.as_ref(), cni_socket.as_ref()),
     };
     let display = |path: &PathBuf| path.display().to_string();
     EffectiveConfig {
@@ -296,6 +325,7 @@ fn effective_config(config: &AgentConfig, capture: &str) -> EffectiveConfig {
         source: source.to_owned(),
         config_file: config_file.map(display),
         kubeconfig: kubeconfig.map(display),
+        cni_socket: cni_socket.map(display),
         host_proc: display(&config.host_proc),
         ca_dir: config.ca_dir.display().to_string(),
         trust_domain: config.trust_domain.to_string(),

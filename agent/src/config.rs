@@ -52,6 +52,10 @@ pub struct AgentArgs {
     /// configuration is used when it is absent.
     #[arg(long, env = "AMBIT_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Where the `kubernetes` source answers the `ambit-cni` plugin, which asks, while a pod's
+    /// sandbox is created, that the pod be captured before its containers start.
+    #[arg(long, env = "AMBIT_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
     /// The host's `/proc`: the `kubernetes` source finds each pod's network namespace there
     /// through the pod's processes (mounted read-only in the DaemonSet), and capture writes pods'
     /// interface sysctls through its `sys/net` (mounted writable in the DaemonSet).
@@ -123,7 +127,11 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceConfig {
     File(PathBuf),
-    Kubernetes { kubeconfig: Option<PathBuf> },
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        /// Where the CNI plugin is answered, if it is.
+        cni_socket: Option<PathBuf>,
+    },
 }
 
 /// The agent's checked configuration.
@@ -155,6 +163,9 @@ impl TryFrom<AgentArgs> for AgentConfig {
                 if args.kubeconfig.is_some() {
                     return Err(ConfigError::WrongSource("kubeconfig", "kubernetes"));
                 }
+                if args.cni_socket.is_some() {
+                    return Err(ConfigError::WrongSource("cni-socket", "kubernetes"));
+                }
                 SourceConfig::File(args.config.ok_or(ConfigError::MissingConfigFile)?)
             }
             SourceKind::Kubernetes => {
@@ -163,6 +174,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
                 }
                 SourceConfig::Kubernetes {
                     kubeconfig: args.kubeconfig,
+                    cni_socket: args.cni_socket,
                 }
             }
         };

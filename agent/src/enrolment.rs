@@ -25,6 +25,7 @@ use crate::hbone::HboneClient;
 use crate::proxy::{self, Pod, ProxyError};
 use crate::readiness::Readiness;
 use crate::revocation::Revocations;
+use crate::sandboxes::Sandboxes;
 use crate::sockets::PodSockets;
 use crate::state::{ClusterState, LocalWorkload, Protocol, Workload, WorkloadUid};
 use crate::telemetry::Telemetry;
@@ -102,12 +103,31 @@ pub(crate) enum Discovery {
     /// The namespace that holds the pod's IP: for the file source's lab, whose pods have no
     /// processes. Any namespace can claim any IP, so a cluster never uses it.
     ByAddress,
-    /// The namespace of the pod's processes, found by the pod's UID in their cgroups and
-    /// confirmed by its IPs.
-    ByProcess(HostProc),
+    /// The namespace the container runtime gave the CNI plugin for the pod's sandbox; else that
+    /// of the pod's processes, found by the pod's UID in their cgroups and confirmed by its IPs.
+    InCluster {
+        sandboxes: Sandboxes,
+        host_proc: HostProc,
+    },
 }
 
 impl Discovery {
+    /// The pod's sandbox as the runtime gave it, if it did and it is still there.
+    fn sandbox(&self, uid: &WorkloadUid) -> Option<Netns> {
+        let Self::InCluster { sandboxes, .. } = self else {
+            return None;
+        };
+        Netns::open(&sandboxes.get(uid)?.netns).ok()
+    }
+
+    /// The sandboxes the CNI plugin reported, when pods are found in a cluster.
+    pub(crate) fn sandboxes(&self) -> Option<&Sandboxes> {
+        match self {
+            Self::InCluster { sandboxes, .. } => Some(sandboxes),
+            Self::ByAddress => None,
+        }
+    }
+
     async fn find(&self, workload: &Workload) -> Result<Netns, EnrolError> {
         let (discovery, uid, ips) = (self.clone(), workload.uid.clone(), workload.ips.clone());
         tokio::task::spawn_blocking(move || discovery.find_blocking(&uid, &ips))
@@ -123,7 +143,13 @@ impl Discovery {
                     .map_err(EnrolError::FindNetns)?
                     .ok_or(EnrolError::NetnsNotFound)
             }
-            Self::ByProcess(host_proc) => {
+            Self::InCluster {
+                sandboxes,
+                host_proc,
+            } => {
+                if let Some(sandbox) = sandboxes.get(uid) {
+                    return Netns::open(&sandbox.netns).map_err(EnrolError::EnterNetns);
+                }
                 host_proc
                     .find_pod_netns(&uid.0, ips)
                     .map_err(|error| match error {
@@ -216,11 +242,21 @@ impl Enrolment {
     /// goes: enrolling many pods takes a while.
     async fn reconcile(&mut self, pods: &mut HashMap<WorkloadUid, EnrolledPod>) {
         let state = self.states.borrow_and_update().clone();
+        let torn_down = |uid: &WorkloadUid| {
+            self.discovery
+                .sandboxes()
+                .is_some_and(|sandboxes| sandboxes.is_torn_down(uid))
+        };
+        // A pod whose sandbox the runtime tore down is released, whatever the API still says.
         let desired: HashMap<&WorkloadUid, &Arc<Workload>> = state
             .enrolled_on(&self.node)
             .into_iter()
+            .filter(|w| !torn_down(&w.uid))
             .map(|w| (&w.uid, w))
             .collect();
+        if let Some(sandboxes) = self.discovery.sandboxes() {
+            sandboxes.forget_torn_down(|uid| state.has_workload(uid));
+        }
 
         let left: Vec<WorkloadUid> = pods
             .keys()
@@ -257,6 +293,16 @@ impl Enrolment {
     ) -> Capture {
         let uid = &workload.uid;
         let ip = workload.ips.first();
+        let new_sandbox = pods.get(uid).is_some_and(|pod| {
+            self.discovery
+                .sandbox(uid)
+                .is_some_and(|sandbox| sandbox.id() != pod.netns.id())
+        });
+        if new_sandbox && let Some(old) = pods.remove(uid) {
+            // The runtime made the pod a new sandbox, maybe at the same address: the old
+            // namespace is on its way out, and the new one is captured afresh.
+            self.release(old).await;
+        }
         if let Some(pod) = pods.get(uid) {
             if ip == Some(&pod.workload.ip) {
                 return self.follow_identity(pod, workload);
@@ -394,6 +440,9 @@ impl Enrolment {
             .await
             .map_err(|e| EnrolError::Capture(CaptureError::Netns(e)))?
             .map_err(EnrolError::Capture)?;
+        if let Some(sandboxes) = self.discovery.sandboxes() {
+            sandboxes.captured(&local.uid, netns.id());
+        }
         Ok(EnrolledPod {
             workload: local,
             identity,
@@ -411,6 +460,9 @@ impl Enrolment {
             ..
         } = pod;
         drop(proxies);
+        if let Some(sandboxes) = self.discovery.sandboxes() {
+            sandboxes.released(&workload.uid, netns.id());
+        }
         let capture = self.capture.clone();
         match netns.run(move || capture.disable()).await {
             Ok(Ok(())) => tracing::info!(workload.uid = %workload.uid, "pod released"),

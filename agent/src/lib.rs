@@ -22,6 +22,7 @@ mod access;
 mod admission;
 mod app;
 mod cli;
+mod cni_server;
 mod config;
 mod debug;
 mod demo;
@@ -36,6 +37,7 @@ mod logging;
 mod proxy;
 mod readiness;
 mod revocation;
+mod sandboxes;
 
 pub use admission::PendingLimits;
 pub use cli::{Cli, Command};

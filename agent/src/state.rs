@@ -249,6 +249,11 @@ impl ClusterState {
         &self.rejected_policies
     }
 
+    /// Whether the pod `uid` is in this state.
+    pub fn has_workload(&self, uid: &WorkloadUid) -> bool {
+        self.workloads.values().any(|w| w.uid == *uid)
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads.get(&ip)
     }

@@ -25,7 +25,19 @@ use anyhow::Context;
 /// The `ambit` binary built next to the running test or benchmark (`AMBIT_BIN` overrides it).
 /// Cargo builds it with the workspace's tests; on its own, `cargo build -p ambit-agent`.
 pub fn agent_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("AMBIT_BIN") {
+    workspace_binary("ambit", "AMBIT_BIN")
+}
+
+/// The `ambit-cni` plugin built next to the running test (`AMBIT_CNI_BIN` overrides it). Cargo
+/// builds it with the workspace's tests; on its own, `cargo build -p ambit-cni`.
+pub fn cni_binary() -> PathBuf {
+    workspace_binary("ambit-cni", "AMBIT_CNI_BIN")
+}
+
+/// A binary of another crate of the workspace, next to the running test, or where `variable`
+/// says.
+fn workspace_binary(name: &str, variable: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(variable) {
         return path.into();
     }
     let exe = std::env::current_exe().unwrap_or_default();
@@ -34,7 +46,7 @@ pub fn agent_binary() -> PathBuf {
         Some(dir) => dir,
         None => exe.as_path(),
     };
-    profile_dir.join("ambit")
+    profile_dir.join(name)
 }
 
 /// Two teams on two nodes: `client` (namespace `shop`) and `admin` (`ops`) in the mesh on node1,

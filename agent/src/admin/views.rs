@@ -151,6 +151,8 @@ pub struct EffectiveConfig {
     pub config_file: Option<String>,
     /// The kubernetes source's kubeconfig; `None` in a cluster (in-cluster configuration).
     pub kubeconfig: Option<String>,
+    /// Where the CNI plugin is answered, if it is.
+    pub cni_socket: Option<String>,
     /// The host's `/proc`: where the kubernetes source finds pods' processes, and capture
     /// writes pods' sysctls (its `sys/net`).
     pub host_proc: String,

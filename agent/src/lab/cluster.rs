@@ -29,6 +29,8 @@ struct PodSpec {
     opted_out: bool,
     /// Labels besides `app` and the opt-out.
     labels: BTreeMap<String, String>,
+    /// Whether the cluster file gives the pod's IP, as kubelet does once its sandbox is up.
+    ip_published: bool,
 }
 
 /// What a cluster holds, before it starts.
@@ -114,6 +116,7 @@ impl ClusterBuilder {
             name: name.to_owned(),
             opted_out,
             labels: BTreeMap::new(),
+            ip_published: true,
         };
         self.pods.push((node.to_owned(), spec));
         self
@@ -249,8 +252,25 @@ impl Cluster {
                 name: name.to_owned(),
                 opted_out: false,
                 labels: BTreeMap::new(),
+                ip_published: true,
             },
         )
+    }
+
+    /// Creates a pod's namespace as a CNI would, while the runtime creates its sandbox: the
+    /// cluster file lists the pod from the next write, without an IP and without a process
+    /// (none of its containers runs yet).
+    pub fn add_sandbox(&mut self, node: &str, namespace: &str, name: &str) -> anyhow::Result<PodNs> {
+        let pod = self.topology.add_pod(node, namespace, name)?;
+        let spec = PodSpec {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            opted_out: false,
+            labels: BTreeMap::new(),
+            ip_published: false,
+        };
+        self.pods.push((spec, pod.clone(), true));
+        Ok(pod)
     }
 
     fn add_pod(&mut self, node: &str, spec: PodSpec) -> anyhow::Result<PodNs> {
@@ -368,14 +388,18 @@ impl Cluster {
                 let _ = write!(labels, ", {key}: {value:?}");
             }
             labels.push('}');
+            let status = if spec.ip_published {
+                format!("status:\n  podIP: {}\n", pod.ip)
+            } else {
+                "status: {phase: Pending}\n".to_owned()
+            };
             let _ = write!(
                 yaml,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  uid: {uid}\n  labels: {labels}\nspec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers: [{{name: app, image: app}}]\nstatus:\n  podIP: {ip}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  uid: {uid}\n  labels: {labels}\nspec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers: [{{name: app, image: app}}]\n{status}",
                 name = spec.name,
                 namespace = spec.namespace,
                 uid = pod.uid,
                 node = pod.node,
-                ip = pod.ip,
             );
         }
         if self.istio_crds {
@@ -457,6 +481,11 @@ impl Cluster {
         }
     }
 
+    /// Where the agent of `node` answers the CNI plugin, when the cluster has an API server.
+    pub fn cni_socket(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("cni-{node}.sock"))
+    }
+
     /// The kubeconfig of the cluster's API server, if it has one.
     pub fn kubeconfig(&self) -> Option<&Path> {
         self.apiserver.as_ref().map(ApiServerProcess::kubeconfig)
@@ -487,6 +516,8 @@ impl Cluster {
                 "kubernetes".into(),
                 "--kubeconfig".into(),
                 apiserver.kubeconfig().into(),
+                "--cni-socket".into(),
+                self.cni_socket(node).into(),
             ],
             None => vec!["--config".into(), self.config.clone().into()],
         };

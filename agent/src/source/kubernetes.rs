@@ -7,7 +7,8 @@
 //! does (restarts, relists, `410 Gone`): a relist replaces a kind's objects only once it is
 //! complete, and an API server that went away releases nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -29,6 +30,7 @@ use super::translate::{Objects, Origin, Sourced};
 use crate::drain::DrainWatcher;
 use crate::enrolment::CaptureStatus;
 use crate::error_chain::ErrorChain;
+use crate::sandboxes::Sandboxes;
 use crate::state::ClusterState;
 
 mod status;
@@ -57,6 +59,7 @@ pub struct KubernetesSource {
     client: Client,
     node: String,
     root_namespace: String,
+    sandboxes: Sandboxes,
 }
 
 impl std::fmt::Debug for KubernetesSource {
@@ -71,10 +74,11 @@ impl std::fmt::Debug for KubernetesSource {
 impl KubernetesSource {
     /// A source reading the cluster of `kubeconfig`, or of the service account the agent runs
     /// as when there is none.
-    pub async fn connect(
+    pub(crate) async fn connect(
         kubeconfig: Option<&Path>,
         node: &str,
         root_namespace: &str,
+        sandboxes: Sandboxes,
     ) -> Result<Self, KubernetesError> {
         let config = match kubeconfig {
             Some(path) => {
@@ -90,6 +94,7 @@ impl KubernetesSource {
             client: Client::try_from(config).map_err(KubernetesError::Client)?,
             node: node.to_owned(),
             root_namespace: root_namespace.to_owned(),
+            sandboxes,
         })
     }
 
@@ -111,10 +116,13 @@ impl KubernetesSource {
             drain.clone(),
         ));
         let mut published = Published::default();
+        let mut sandboxes = self.sandboxes.subscribe();
         loop {
             tokio::select! {
                 () = drain.signaled() => break,
                 () = progress.changed.notified() => {}
+                // A pod being created, with the addresses the runtime gave it.
+                _ = sandboxes.changed() => {}
             }
             // Let a burst of events (a relist, a rollout) settle into one state.
             tokio::time::sleep(SETTLE).await;
@@ -124,7 +132,7 @@ impl KubernetesSource {
                 continue;
             }
             let version = progress.version();
-            let objects = reflectors.objects();
+            let objects = reflectors.objects(self.sandboxes.addresses());
             let root_namespace = self.root_namespace.clone();
             let translated =
                 tokio::task::spawn_blocking(move || objects.translate(&root_namespace))
@@ -250,8 +258,8 @@ impl Reflectors {
         }
     }
 
-    /// A snapshot of every store.
-    fn objects(&self) -> Objects {
+    /// A snapshot of every store, with the addresses runtimes gave pods being created.
+    fn objects(&self, sandbox_addresses: HashMap<String, Vec<IpAddr>>) -> Objects {
         // Policies go through JSON, as the file's do, so that they parse the same way. One that
         // does not serialize keeps its name and namespace, and no spec that parses: it stands in
         // as fail-closed where it belongs.
@@ -282,6 +290,7 @@ impl Reflectors {
                 .into_iter()
                 .map(json)
                 .collect(),
+            sandbox_addresses,
         }
     }
 }

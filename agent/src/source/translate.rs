@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodStatus, Service as K8sService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -48,6 +48,9 @@ pub(crate) struct Objects {
     pub(crate) endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub(crate) authorization_policies: Vec<Sourced<serde_json::Value>>,
     pub(crate) peer_authentications: Vec<Sourced<serde_json::Value>>,
+    /// The addresses the container runtime gave pods, by UID: a pod being created has them
+    /// before the API server does.
+    pub(crate) sandbox_addresses: HashMap<String, Vec<IpAddr>>,
 }
 
 /// An object that says something the model cannot hold, such as a pod IP that is no IP.
@@ -106,7 +109,7 @@ impl Objects {
         let mut errors = Vec::new();
         let mut workloads = Vec::new();
         for pod in &self.pods {
-            match workload(pod, &ambient) {
+            match workload(pod, &ambient, &self.sandbox_addresses) {
                 Ok(Some(workload)) => workloads.push(workload),
                 Ok(None) => {}
                 Err(error) => errors.push(error),
@@ -192,6 +195,7 @@ impl Fields {
 fn workload(
     pod: &Sourced<Pod>,
     ambient: &HashMap<&str, bool>,
+    sandbox_addresses: &HashMap<String, Vec<IpAddr>>,
 ) -> Result<Option<Workload>, ObjectError> {
     let Sourced {
         origin,
@@ -200,8 +204,9 @@ fn workload(
     let name = pod.metadata.name.clone().unwrap_or_default();
     let namespace = namespace(&pod.metadata);
     let spec = pod.spec.as_ref();
-    let status = pod.status.as_ref();
-    let (Some(node), Some(status)) = (spec.and_then(|s| s.node_name.clone()), status) else {
+    let no_status = PodStatus::default();
+    let status = pod.status.as_ref().unwrap_or(&no_status);
+    let Some(node) = spec.and_then(|s| s.node_name.clone()) else {
         return Ok(None);
     };
     // A pod that has run to completion keeps its IP in the API, but the IP is free for reuse;
@@ -220,10 +225,15 @@ fn workload(
         ip_strings.extend(status.pod_ip.as_deref().map(|ip| ("status.podIP", ip)));
     }
     let fields = || Fields::of(*origin, "Pod", &pod.metadata);
-    let ips = ip_strings
+    let mut ips = ip_strings
         .into_iter()
         .map(|(field, ip)| fields().ip(field, ip))
         .collect::<Result<Vec<_>, _>>()?;
+    if ips.is_empty()
+        && let Some(addresses) = pod.metadata.uid.as_ref().and_then(|uid| sandbox_addresses.get(uid))
+    {
+        ips.clone_from(addresses);
+    }
     if ips.is_empty() {
         return Ok(None);
     }

@@ -1,0 +1,201 @@
+//! The `ambit-cni` plugin, run exactly as a container runtime runs it (environment, network
+//! configuration with `prevResult` on stdin) against pod namespaces the test creates, with the
+//! agents reading the cluster from the fake API server.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a helper that cannot observe the mesh fails the test"
+)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use ambit_agent::lab::{Cluster, read_peer_line};
+use ambit_agent::lab::topology::PodNs;
+use ambit_integration::{cni_binary, two_teams};
+
+const APP_PORT: u16 = 8080;
+
+fn fake_apiserver() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fake-apiserver"))
+}
+
+/// Runs the plugin for `pod` as a runtime does once the primary network is set up.
+fn plugin(cluster: &Cluster, command: &str, pod: &PodNs) -> Output {
+    let netconf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "lab",
+        "type": "ambit-cni",
+        "agentSocket": cluster.cni_socket(&pod.node),
+        "kubeconfig": cluster.kubeconfig().unwrap(),
+        "timeoutSeconds": 20,
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": pod.netns_path()}],
+            "ips": [{"address": format!("{}/32", pod.ip), "interface": 0}],
+        },
+    });
+    let mut child = Command::new(cni_binary())
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", format!("sandbox-{}", pod.name))
+        .env("CNI_NETNS", pod.netns_path())
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={};K8S_POD_INFRA_CONTAINER_ID=sandbox",
+                pod.namespace, pod.name, pod.uid
+            ),
+        )
+        .env("CNI_PATH", Path::new("/opt/cni/bin"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(netconf.to_string().as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "{}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Whether the agent's proxies listen in `pod`: it is enrolled.
+fn enrolled(pod: &PodNs) -> bool {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &pod.netns, "ss", "-Hltn"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).contains(":15008")
+}
+
+async fn eventually(cluster: &Cluster, what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..200 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}\n{}", cluster.logs());
+}
+
+/// The first line the server's echo app answers `from` with: the client address it saw.
+async fn first_connection(cluster: &Cluster, from: &str) -> Option<String> {
+    let attempt = async {
+        let mut stream = cluster
+            .in_pod(from)
+            .unwrap()
+            .connect(cluster.addr("server", APP_PORT).unwrap())
+            .await?;
+        read_peer_line(&mut stream).await
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .ok()?
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_is_captured_before_its_add_returns() {
+    let mut cluster = two_teams()
+        .kubernetes(&fake_apiserver())
+        .objects(ambit_integration::STRICT_SHOP)
+        .start()
+        .await
+        .unwrap();
+    let _server = cluster.in_pod("server").unwrap().echo(APP_PORT).await.unwrap();
+    let late = cluster.add_sandbox("node1", "shop", "late").unwrap();
+    let bystander = cluster.add_sandbox("node1", "legacy", "bystander").unwrap();
+    cluster.apply().await.unwrap();
+
+    // ADD returns once capture is in place: the pod's very first connection is tunneled (the
+    // server is STRICT, so plaintext would be refused) and keeps the pod's address.
+    let added = plugin(&cluster, "ADD", &late);
+    assert!(added.status.success(), "{}", describe(&added));
+    let result: serde_json::Value = serde_json::from_slice(&added.stdout).unwrap();
+    assert_eq!(result["ips"][0]["address"], format!("{}/32", late.ip));
+    assert_eq!(
+        first_connection(&cluster, "late").await,
+        Some(late.ip.to_string()),
+        "{}",
+        cluster.logs()
+    );
+    // A pod outside the mesh is answered at once, and left alone.
+    let added = plugin(&cluster, "ADD", &bystander);
+    assert!(added.status.success(), "{}", describe(&added));
+    assert!(!enrolled(&bystander));
+
+    // CHECK sees capture removed behind the agent's back.
+    let checked = plugin(&cluster, "CHECK", &late);
+    assert!(checked.status.success(), "{}", describe(&checked));
+    let removed = Command::new("ip")
+        .args(["netns", "exec", &late.netns, "tc", "filter", "del", "dev", "eth0", "ingress"])
+        .status()
+        .unwrap();
+    let removed = removed.success()
+        || Command::new("ip")
+            .args(["netns", "exec", &late.netns, "nft", "delete", "table", "inet", "ambit"])
+            .status()
+            .unwrap()
+            .success();
+    assert!(removed, "no capture to remove");
+    let checked = plugin(&cluster, "CHECK", &late);
+    assert!(!checked.status.success(), "{}", describe(&checked));
+
+    // DEL releases.
+    let deleted = plugin(&cluster, "DEL", &late);
+    assert!(deleted.status.success(), "{}", describe(&deleted));
+    eventually(&cluster, "released after DEL", || !enrolled(&late)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_agent_a_node_starts_no_pod_of_the_mesh() {
+    let mut cluster = two_teams()
+        .kubernetes(&fake_apiserver())
+        .objects(ambit_integration::STRICT_SHOP)
+        .start()
+        .await
+        .unwrap();
+    let _server = cluster.in_pod("server").unwrap().echo(APP_PORT).await.unwrap();
+    let late = cluster.add_sandbox("node1", "shop", "late").unwrap();
+    let bystander = cluster.add_sandbox("node1", "legacy", "bystander").unwrap();
+    cluster.apply().await.unwrap();
+    // As after a reboot: no agent runs on node1.
+    cluster.kill_agent("node1");
+
+    let refused = plugin(&cluster, "ADD", &late);
+    assert!(!refused.status.success(), "{}", describe(&refused));
+    let error: serde_json::Value = serde_json::from_slice(&refused.stdout).unwrap();
+    assert_eq!(error["code"], 11, "try again later: {error}");
+    let outside = plugin(&cluster, "ADD", &bystander);
+    assert!(outside.status.success(), "{}", describe(&outside));
+    // DEL never wedges a pod's deletion.
+    let deleted = plugin(&cluster, "DEL", &bystander);
+    assert!(deleted.status.success(), "{}", describe(&deleted));
+
+    // The agent is back: the runtime's retried ADD succeeds, and the first connection is
+    // tunneled.
+    cluster.start_agent("node1").await.unwrap();
+    let added = plugin(&cluster, "ADD", &late);
+    assert!(added.status.success(), "{}", describe(&added));
+    assert_eq!(
+        first_connection(&cluster, "late").await,
+        Some(late.ip.to_string()),
+        "{}",
+        cluster.logs()
+    );
+}
