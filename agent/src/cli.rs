@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::cni_install::CniArgs;
 use crate::config::{AgentArgs, AgentConfig, LogFormat};
 use crate::debug::DebugArgs;
 use crate::logging;
@@ -20,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent.
     Agent(Box<AgentArgs>),
+    /// Install ambit's chained CNI plugin on this node, or remove it.
+    Cni(CniArgs),
     /// Inspect the local agent: workloads, services, policies, certificates, connections.
     Debug(DebugArgs),
     /// Build a small mesh of network namespaces on this machine and show it at work.
@@ -43,6 +46,7 @@ impl Cli {
             }
             Command::Agent(args) => run_agent(*args),
             Command::Demo => run_demo(),
+            Command::Cni(args) => args.run(),
             Command::Debug(args) => args.run(),
         }
     }
@@ -69,7 +73,7 @@ fn run_demo() -> ExitCode {
 const RUNTIME_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs `task` on a multi-threaded runtime; an error is logged with its causes.
-fn block_on(task: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+pub(crate) fn block_on(task: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -5,7 +5,8 @@
 //! inside each pod, the outbound, inbound-HBONE and inbound-plaintext proxies (`proxy`) on top of
 //! HBONE ([`HboneClient`], [`HboneServer`]). Long-lived tasks stop through [`drain`]; sockets
 //! come from a [`sockets::SocketFactory`]. The `ambit` command line is [`Cli`]; `ambit demo` runs
-//! on the namespace [`lab`].
+//! on the namespace [`lab`]; `ambit cni` puts ambit's chained plugin into the node's CNI
+//! configuration ([`CniConfDir`], [`CniBinDir`]).
 
 pub mod admin;
 pub mod authorize;
@@ -22,6 +23,7 @@ mod access;
 mod admission;
 mod app;
 mod cli;
+mod cni_install;
 mod cni_server;
 mod config;
 mod debug;
@@ -41,6 +43,9 @@ mod sandboxes;
 
 pub use admission::PendingLimits;
 pub use cli::{Cli, Command};
+pub use cni_install::{
+    CniArgs, CniBinDir, CniConfDir, CniInstallError, ConfigChange, NetworkConfigError, PluginEntry,
+};
 pub use config::{AgentArgs, AgentConfig, ConfigError, LogFormat, RedirectKind, SourceKind};
 pub use debug::DebugArgs;
 pub use enrolment::EnrolError;

@@ -112,3 +112,70 @@ fn suggest_policy_reads_saved_edges() {
         "{stderr}"
     );
 }
+
+#[test]
+fn cni_install_then_uninstall_leaves_the_node_as_it_was() {
+    let conflist = "{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": \"net\",\n  \"plugins\": [\n    {\"type\": \"bridge\"}\n  ]\n}\n";
+    let conf = tempfile::tempdir().unwrap();
+    let bin = tempfile::tempdir().unwrap();
+    let primary = conf.path().join("10-net.conflist");
+    std::fs::write(&primary, conflist).unwrap();
+    let plugin = conf.path().join("plugin-source");
+    std::fs::write(&plugin, b"binary").unwrap();
+    let dirs = [
+        "--conf-dir",
+        conf.path().to_str().unwrap(),
+        "--bin-dir",
+        bin.path().to_str().unwrap(),
+    ];
+
+    let mut install = vec![
+        "cni",
+        "install",
+        "--plugin-binary",
+        plugin.to_str().unwrap(),
+    ];
+    install.extend(dirs);
+    let output = ambit(&install).unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let written = std::fs::read_to_string(&primary).unwrap();
+    assert!(
+        written.contains("\"agentSocket\": \"/var/run/ambit/cni.sock\""),
+        "{written}"
+    );
+    assert_eq!(
+        std::fs::read(bin.path().join("ambit-cni")).unwrap(),
+        b"binary"
+    );
+
+    let mut uninstall = vec!["cni", "uninstall"];
+    uninstall.extend(dirs);
+    let output = ambit(&uninstall).unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(std::fs::read_to_string(&primary).unwrap(), conflist);
+    assert!(!bin.path().join("ambit-cni").exists());
+}
+
+#[test]
+fn cni_install_without_a_network_fails_and_says_why() {
+    let conf = tempfile::tempdir().unwrap();
+    let plugin = conf.path().join("plugin-source");
+    std::fs::write(&plugin, b"binary").unwrap();
+    let output = ambit(&[
+        "cni",
+        "install",
+        "--conf-dir",
+        conf.path().to_str().unwrap(),
+        "--bin-dir",
+        conf.path().to_str().unwrap(),
+        "--plugin-binary",
+        plugin.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no CNI network configuration in"),
+        "{stderr}"
+    );
+}
