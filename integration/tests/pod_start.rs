@@ -1,4 +1,4 @@
-//! The `ambit-cni` plugin, run exactly as a container runtime runs it (environment, network
+//! Pods started through the `ambit-cni` plugin, run exactly as a container runtime runs it (environment,
 //! configuration with `prevResult` on stdin) against pod namespaces the test creates, with the
 //! agents reading the cluster from the fake API server.
 
