@@ -15,6 +15,7 @@
 //! failure) and 101 (the agent's reply does not fit the request).
 
 mod agent;
+mod apiserver;
 mod cni_error;
 mod environment;
 mod log;
