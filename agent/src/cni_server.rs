@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_cni::protocol::{Command, MAX_MESSAGE_BYTES, Reply, Request};
+use ambit_cni::{Command, MAX_MESSAGE_BYTES, Reply, Request};
 use ambit_redirect::{CaptureBackend, Netns, NetnsError, NetnsId, PodNetns};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -31,7 +31,7 @@ const DEADLINE: Duration = Duration::from_secs(25);
 
 /// Why the socket could not be opened.
 #[derive(Debug, thiserror::Error)]
-pub enum CniServerError {
+pub(crate) enum CniServerError {
     #[error("failed to create the directory of {}", .0.display())]
     Directory(PathBuf, #[source] io::Error),
     #[error("failed to listen on {}", .0.display())]
@@ -80,7 +80,8 @@ impl CniServer {
         let mut line = String::new();
         // One bounded line: a peer cannot make the agent buffer more.
         let limit = u64::try_from(MAX_MESSAGE_BYTES).unwrap_or(u64::MAX);
-        let read = BufReader::new(reader.take(limit)).read_line(&mut line);
+        let mut reader = BufReader::new(reader.take(limit));
+        let read = reader.read_line(&mut line);
         let reply = match tokio::time::timeout(DEADLINE, read).await {
             Ok(Ok(_)) => match Request::from_line(&line) {
                 Ok(request) => self.decide(request).await,

@@ -1,6 +1,6 @@
-//! Pods started through the `ambit-cni` plugin, run exactly as a container runtime runs it (environment,
-//! configuration with `prevResult` on stdin) against pod namespaces the test creates, with the
-//! agents reading the cluster from the fake API server.
+//! Pods started through the `ambit-cni` plugin, run exactly as a container runtime runs it
+//! (environment, network configuration with `prevResult` on stdin) against pod namespaces the
+//! test creates, with the agents reading the cluster from the fake API server.
 
 #![expect(
     clippy::unwrap_used,
