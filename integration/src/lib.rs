@@ -25,7 +25,19 @@ use anyhow::Context;
 /// The `ambit` binary built next to the running test or benchmark (`AMBIT_BIN` overrides it).
 /// Cargo builds it with the workspace's tests; on its own, `cargo build -p ambit-agent`.
 pub fn agent_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("AMBIT_BIN") {
+    built_binary("ambit", "AMBIT_BIN")
+}
+
+/// The `ambit-cni` plugin built next to the running test (`AMBIT_CNI_BIN` overrides it).
+/// Cargo builds it with the workspace's tests; on its own, `cargo build -p ambit-cni`.
+pub fn cni_binary() -> PathBuf {
+    built_binary("ambit-cni", "AMBIT_CNI_BIN")
+}
+
+/// `name` in the profile directory of the running executable, unless `override_variable` names
+/// another path.
+fn built_binary(name: &str, override_variable: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(override_variable) {
         return path.into();
     }
     let exe = std::env::current_exe().unwrap_or_default();
@@ -34,7 +46,7 @@ pub fn agent_binary() -> PathBuf {
         Some(dir) => dir,
         None => exe.as_path(),
     };
-    profile_dir.join("ambit")
+    profile_dir.join(name)
 }
 
 /// Two teams on two nodes: `client` (namespace `shop`) and `admin` (`ops`) in the mesh on node1,
