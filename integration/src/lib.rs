@@ -25,19 +25,19 @@ use anyhow::Context;
 /// The `ambit` binary built next to the running test or benchmark (`AMBIT_BIN` overrides it).
 /// Cargo builds it with the workspace's tests; on its own, `cargo build -p ambit-agent`.
 pub fn agent_binary() -> PathBuf {
-    workspace_binary("ambit", "AMBIT_BIN")
+    built_binary("ambit", "AMBIT_BIN")
 }
 
-/// The `ambit-cni` plugin built next to the running test (`AMBIT_CNI_BIN` overrides it). Cargo
-/// builds it with the workspace's tests; on its own, `cargo build -p ambit-cni`.
+/// The `ambit-cni` plugin built next to the running test (`AMBIT_CNI_BIN` overrides it).
+/// Cargo builds it with the workspace's tests; on its own, `cargo build -p ambit-cni`.
 pub fn cni_binary() -> PathBuf {
-    workspace_binary("ambit-cni", "AMBIT_CNI_BIN")
+    built_binary("ambit-cni", "AMBIT_CNI_BIN")
 }
 
-/// A binary of another crate of the workspace, next to the running test, or where `variable`
-/// says.
-fn workspace_binary(name: &str, variable: &str) -> PathBuf {
-    if let Some(path) = std::env::var_os(variable) {
+/// `name` in the profile directory of the running executable, unless `override_variable` names
+/// another path.
+fn built_binary(name: &str, override_variable: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(override_variable) {
         return path.into();
     }
     let exe = std::env::current_exe().unwrap_or_default();
