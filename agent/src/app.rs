@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use crate::admin::views::EffectiveConfig;
 use crate::admin::{AdminApi, MetricsEndpoint};
 use crate::admission::Admission;
-use crate::config::{AgentConfig, RedirectKind, SourceConfig};
 use crate::cni_server::{self, CniServer};
+use crate::config::{AgentConfig, RedirectKind, SourceConfig};
 use crate::drain::{self, DrainTrigger, DrainWatcher};
 use crate::enrolment::{CaptureStatus, Discovery, Enrolment};
 use crate::error_chain::ErrorChain;
@@ -24,8 +24,8 @@ use crate::hbone::{ClientSettings, HboneClient};
 use crate::http_server;
 use crate::logging::Logging;
 use crate::readiness::Readiness;
-use crate::sandboxes::Sandboxes;
 use crate::revocation::Revocations;
+use crate::sandboxes::Sandboxes;
 use crate::source::{FileSource, KubernetesSource, Source};
 use crate::state::ClusterState;
 use crate::telemetry::{self, Metrics, Telemetry};
@@ -90,15 +90,17 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         admin: (admin_listener, admin),
     };
     servers.spawn(control.clone());
-    let cni = cni_listener.zip(discovery.sandboxes().cloned()).map(|(listener, sandboxes)| {
-        let server = CniServer {
-            sandboxes,
-            states: states_rx.clone(),
-            capture_status: capture_status_rx.clone(),
-            capture: capture.clone(),
-        };
-        (server, listener)
-    });
+    let cni = cni_listener
+        .zip(discovery.sandboxes().cloned())
+        .map(|(listener, sandboxes)| {
+            let server = CniServer {
+                sandboxes,
+                states: states_rx.clone(),
+                capture_status: capture_status_rx.clone(),
+                capture: capture.clone(),
+            };
+            (server, listener)
+        });
 
     // Nothing is enrolled, and readiness stays off, until the source has the whole cluster: a
     // state without its policies would let through what they deny.

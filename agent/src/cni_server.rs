@@ -206,7 +206,10 @@ impl CniServer {
                 error: format!("checking the pod's capture: {}", ErrorChain(&error)),
             },
             Err(error) => Reply::Failed {
-                error: format!("entering the pod's network namespace: {}", ErrorChain(&error)),
+                error: format!(
+                    "entering the pod's network namespace: {}",
+                    ErrorChain(&error)
+                ),
             },
         }
     }

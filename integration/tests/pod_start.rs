@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use ambit_agent::lab::{Cluster, read_peer_line};
 use ambit_agent::lab::topology::PodNs;
+use ambit_agent::lab::{Cluster, read_peer_line};
 use ambit_integration::{cni_binary, two_teams};
 
 const APP_PORT: u16 = 8080;
@@ -74,6 +74,32 @@ fn describe(output: &Output) -> String {
     )
 }
 
+/// Removes every trace of capture from the pod, behind the agent's back: either backend's
+/// programs or table, and ambit's routing rules (priorities 32760 to 32764).
+fn remove_capture(pod: &PodNs) {
+    let in_pod = |command: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", &pod.netns])
+            .args(command)
+            .output()
+            .unwrap()
+    };
+    in_pod(&["tc", "filter", "del", "dev", "eth0", "ingress"]);
+    in_pod(&["nft", "delete", "table", "inet", "ambit"]);
+    for priority in 32760..=32764 {
+        for family in ["-4", "-6"] {
+            in_pod(&[
+                "ip",
+                family,
+                "rule",
+                "del",
+                "priority",
+                &priority.to_string(),
+            ]);
+        }
+    }
+}
+
 /// Whether the agent's proxies listen in `pod`: it is enrolled.
 fn enrolled(pod: &PodNs) -> bool {
     let output = Command::new("ip")
@@ -117,7 +143,12 @@ async fn a_pod_is_captured_before_its_add_returns() {
         .start()
         .await
         .unwrap();
-    let _server = cluster.in_pod("server").unwrap().echo(APP_PORT).await.unwrap();
+    let _server = cluster
+        .in_pod("server")
+        .unwrap()
+        .echo(APP_PORT)
+        .await
+        .unwrap();
     let late = cluster.add_sandbox("node1", "shop", "late").unwrap();
     let bystander = cluster.add_sandbox("node1", "legacy", "bystander").unwrap();
     cluster.apply().await.unwrap();
@@ -142,17 +173,7 @@ async fn a_pod_is_captured_before_its_add_returns() {
     // CHECK sees capture removed behind the agent's back.
     let checked = plugin(&cluster, "CHECK", &late);
     assert!(checked.status.success(), "{}", describe(&checked));
-    let removed = Command::new("ip")
-        .args(["netns", "exec", &late.netns, "tc", "filter", "del", "dev", "eth0", "ingress"])
-        .status()
-        .unwrap();
-    let removed = removed.success()
-        || Command::new("ip")
-            .args(["netns", "exec", &late.netns, "nft", "delete", "table", "inet", "ambit"])
-            .status()
-            .unwrap()
-            .success();
-    assert!(removed, "no capture to remove");
+    remove_capture(&late);
     let checked = plugin(&cluster, "CHECK", &late);
     assert!(!checked.status.success(), "{}", describe(&checked));
 
@@ -170,7 +191,12 @@ async fn without_its_agent_a_node_starts_no_pod_of_the_mesh() {
         .start()
         .await
         .unwrap();
-    let _server = cluster.in_pod("server").unwrap().echo(APP_PORT).await.unwrap();
+    let _server = cluster
+        .in_pod("server")
+        .unwrap()
+        .echo(APP_PORT)
+        .await
+        .unwrap();
     let late = cluster.add_sandbox("node1", "shop", "late").unwrap();
     let bystander = cluster.add_sandbox("node1", "legacy", "bystander").unwrap();
     cluster.apply().await.unwrap();

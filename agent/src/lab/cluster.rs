@@ -260,7 +260,12 @@ impl Cluster {
     /// Creates a pod's namespace as a CNI would, while the runtime creates its sandbox: the
     /// cluster file lists the pod from the next write, without an IP and without a process
     /// (none of its containers runs yet).
-    pub fn add_sandbox(&mut self, node: &str, namespace: &str, name: &str) -> anyhow::Result<PodNs> {
+    pub fn add_sandbox(
+        &mut self,
+        node: &str,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<PodNs> {
         let pod = self.topology.add_pod(node, namespace, name)?;
         let spec = PodSpec {
             namespace: namespace.to_owned(),

@@ -230,7 +230,11 @@ fn workload(
         .map(|(field, ip)| fields().ip(field, ip))
         .collect::<Result<Vec<_>, _>>()?;
     if ips.is_empty()
-        && let Some(addresses) = pod.metadata.uid.as_ref().and_then(|uid| sandbox_addresses.get(uid))
+        && let Some(addresses) = pod
+            .metadata
+            .uid
+            .as_ref()
+            .and_then(|uid| sandbox_addresses.get(uid))
     {
         ips.clone_from(addresses);
     }
