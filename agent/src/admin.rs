@@ -16,7 +16,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
-use crate::enrolment::{Capture, CaptureStatus};
+use crate::enrolment::{Capture, CaptureStatus, FoundBy};
 use crate::http_server::{Body, Handler, json, respond, text};
 use crate::logging::LogLevel;
 use crate::policy::{Action, MtlsMode, Scope};
@@ -142,7 +142,8 @@ impl AdminApi {
                 .to_owned(),
                 labels: w.labels.clone(),
                 capture: capture.get(&w.uid).map(|c| match c {
-                    Capture::Captured => "captured".to_owned(),
+                    Capture::Captured(FoundBy::Search) => "captured".to_owned(),
+                    Capture::Captured(FoundBy::Plugin) => "captured (cni)".to_owned(),
                     Capture::Pending(why) => format!("pending: {why}"),
                     Capture::Failed(why) => format!("failed: {why}"),
                     Capture::Refused(why) => format!("refused: {why}"),

@@ -182,7 +182,7 @@ impl CniServer {
     /// may have removed it behind the agent's back.
     async fn check(&self, uid: &WorkloadUid, netns: &Path) -> Reply {
         match self.capture_status.borrow().get(uid) {
-            Some(Capture::Captured) => {}
+            Some(Capture::Captured(_)) => {}
             Some(Capture::Pending(why) | Capture::Failed(why) | Capture::Refused(why)) => {
                 return Reply::Failed {
                     error: format!("not captured: {why}"),

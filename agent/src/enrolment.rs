@@ -84,10 +84,19 @@ impl EnrolError {
     }
 }
 
+/// How a pod's network namespace was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FoundBy {
+    /// The CNI plugin reported the sandbox the runtime made.
+    Plugin,
+    /// The agent looked for it: by the pod's processes in a cluster, by its address in the lab.
+    Search,
+}
+
 /// Where each of the node's enrolled pods stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Capture {
-    Captured,
+    Captured(FoundBy),
     /// Not captured yet: the pod is still starting (no IP, no process).
     Pending(String),
     /// Not captured: a step failed, with the error of the latest attempt.
@@ -128,27 +137,33 @@ impl Discovery {
         }
     }
 
-    async fn find(&self, workload: &Workload) -> Result<Netns, EnrolError> {
+    async fn find(&self, workload: &Workload) -> Result<(Netns, FoundBy), EnrolError> {
         let (discovery, uid, ips) = (self.clone(), workload.uid.clone(), workload.ips.clone());
         tokio::task::spawn_blocking(move || discovery.find_blocking(&uid, &ips))
             .await
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))
     }
 
-    fn find_blocking(&self, uid: &WorkloadUid, ips: &[IpAddr]) -> Result<Netns, EnrolError> {
+    fn find_blocking(
+        &self,
+        uid: &WorkloadUid,
+        ips: &[IpAddr],
+    ) -> Result<(Netns, FoundBy), EnrolError> {
         match self {
             Self::ByAddress => {
                 let ip = *ips.first().ok_or(EnrolError::NoIp)?;
-                Netns::find_by_ip(ip)
+                let netns = Netns::find_by_ip(ip)
                     .map_err(EnrolError::FindNetns)?
-                    .ok_or(EnrolError::NetnsNotFound)
+                    .ok_or(EnrolError::NetnsNotFound)?;
+                Ok((netns, FoundBy::Search))
             }
             Self::InCluster {
                 sandboxes,
                 host_proc,
             } => {
                 if let Some(sandbox) = sandboxes.get(uid) {
-                    return Netns::open(&sandbox.netns).map_err(EnrolError::EnterNetns);
+                    let netns = Netns::open(&sandbox.netns).map_err(EnrolError::EnterNetns)?;
+                    return Ok((netns, FoundBy::Plugin));
                 }
                 host_proc
                     .find_pod_netns(&uid.0, ips)
@@ -160,6 +175,7 @@ impl Discovery {
                         | PodNetnsError::AddressMismatch { .. } => EnrolError::Refused(error),
                         error => EnrolError::FindProcess(error),
                     })
+                    .map(|netns| (netns, FoundBy::Search))
             }
         }
     }
@@ -192,6 +208,7 @@ struct EnrolledPod {
     /// that makes no valid identity.
     identity: watch::Sender<Option<Identity>>,
     netns: PodNetns,
+    found_by: FoundBy,
     /// Dropping it stops the pod's proxies.
     proxies: DrainTrigger,
 }
@@ -312,7 +329,7 @@ impl Enrolment {
                     .discovery
                     .find(workload)
                     .await
-                    .is_ok_and(|n| n.id() == pod.netns.id())
+                    .is_ok_and(|(n, _)| n.id() == pod.netns.id())
                 && let Some(pod) = pods.remove(uid)
             {
                 drop(pod.proxies);
@@ -322,10 +339,11 @@ impl Enrolment {
             Ok(pod) => {
                 let identity = pod.identity.borrow().clone();
                 tracing::info!(workload.uid = %uid, pod = workload.qualified_name(), identity = ?identity.map(|i| i.to_string()), "pod enrolled");
+                let found_by = pod.found_by;
                 if let Some(replaced) = pods.insert(uid.clone(), pod) {
                     self.release(replaced).await;
                 }
-                Capture::Captured
+                Capture::Captured(found_by)
             }
             Err(error) => {
                 if let Some(stage) = error.stage() {
@@ -355,7 +373,7 @@ impl Enrolment {
         }
         let pod = workload.qualified_name();
         match capture {
-            Capture::Captured => {}
+            Capture::Captured(_) => {}
             Capture::Pending(error) => {
                 tracing::info!(workload.uid = %uid, pod, error, "pod not enrolled yet");
             }
@@ -374,7 +392,7 @@ impl Enrolment {
     fn follow_identity(&self, pod: &EnrolledPod, workload: &Workload) -> Capture {
         let identity = workload.identity(&self.trust_domain);
         let capture = match &identity {
-            Ok(_) => Capture::Captured,
+            Ok(_) => Capture::Captured(pod.found_by),
             Err(error) => {
                 let error = EnrolError::Identity(error.clone());
                 self.telemetry.metrics.capture_failed("identity");
@@ -407,7 +425,7 @@ impl Enrolment {
 
     async fn enrol(&self, workload: Arc<Workload>) -> Result<EnrolledPod, EnrolError> {
         let ip = *workload.ips.first().ok_or(EnrolError::NoIp)?;
-        let netns = self.discovery.find(&workload).await?;
+        let (netns, found_by) = self.discovery.find(&workload).await?;
         let netns = PodNetns::enter(netns).map_err(EnrolError::EnterNetns)?;
         let identity = workload
             .identity(&self.trust_domain)
@@ -447,6 +465,7 @@ impl Enrolment {
             workload: local,
             identity,
             netns,
+            found_by,
             proxies: trigger,
         })
     }
@@ -499,7 +518,7 @@ impl Enrolment {
             .into_iter()
             .filter(|w| w.node == self.node && w.protocol == Protocol::Tcp);
         for workload in not_enrolled {
-            let Ok(netns) = self.discovery.find(workload).await else {
+            let Ok((netns, _)) = self.discovery.find(workload).await else {
                 continue;
             };
             let Ok(netns) = PodNetns::enter(netns) else {

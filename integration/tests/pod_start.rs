@@ -165,6 +165,18 @@ async fn a_pod_is_captured_before_its_add_returns() {
         "{}",
         cluster.logs()
     );
+    let workloads = cluster
+        .agent("node1")
+        .unwrap()
+        .debug(&["workloads"])
+        .unwrap();
+    let workloads = String::from_utf8_lossy(&workloads.stdout).into_owned();
+    assert!(
+        workloads
+            .lines()
+            .any(|row| row.contains("late") && row.ends_with("captured (cni)")),
+        "the debug view says the plugin's path enrolled it:\n{workloads}"
+    );
     // A pod outside the mesh is answered at once, and left alone.
     let added = plugin(&cluster, "ADD", &bystander);
     assert!(added.status.success(), "{}", describe(&added));

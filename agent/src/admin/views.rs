@@ -20,7 +20,8 @@ pub struct WorkloadView {
     /// `HBONE` (in the mesh) or `TCP`.
     pub protocol: String,
     pub labels: BTreeMap<String, String>,
-    /// For the pods this agent enrols: `captured`, or `pending: <why>` (starting), `failed: <why>`
+    /// For the pods this agent enrols: `captured` (`captured (cni)` when the CNI plugin reported
+    /// its sandbox, rather than the agent finding it), or `pending: <why>` (starting), `failed: <why>`
     /// or `refused: <why>` (the node contradicts the cluster about the pod).
     pub capture: Option<String>,
 }

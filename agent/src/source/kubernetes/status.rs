@@ -98,7 +98,7 @@ impl Writer {
             // take the annotation off a pod its predecessor captured.
             let annotate = match (enrolled.contains(&uid), capture.get(&uid)) {
                 (false, _) => Some(false),
-                (true, Some(Capture::Captured)) => Some(true),
+                (true, Some(Capture::Captured(_))) => Some(true),
                 (true, _) => None,
             };
             if let Some(annotate) = annotate.filter(|a| *a != annotated) {
