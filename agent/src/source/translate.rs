@@ -17,11 +17,7 @@ use crate::state::{
 
 mod policies;
 
-/// The label that enrols a namespace (`ambient`) or opts a pod out (`none`).
-pub(crate) const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// What Istio's sidecar injector marks an injected pod with.
-pub(crate) const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
 
 /// Where an object came from, for saying what is wrong with it: its document in a file, or
 /// nothing more than its kind and name when the API server served it.
@@ -93,23 +89,15 @@ impl fmt::Display for Describe<'_> {
 
 impl Objects {
     pub(crate) fn translate(&self, root_namespace: &str) -> Translated {
-        let ambient: HashMap<&str, bool> = self
+        let namespace_labels: HashMap<&str, &BTreeMap<String, String>> = self
             .namespaces
             .iter()
-            .filter_map(|ns| {
-                let enrolled = ns
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(DATAPLANE_MODE))
-                    .is_some_and(|mode| mode == "ambient");
-                Some((ns.metadata.name.as_deref()?, enrolled))
-            })
+            .filter_map(|ns| Some((ns.metadata.name.as_deref()?, ns.metadata.labels.as_ref()?)))
             .collect();
         let mut errors = Vec::new();
         let mut workloads = Vec::new();
         for pod in &self.pods {
-            match workload(pod, &ambient, &self.sandbox_addresses) {
+            match workload(pod, &namespace_labels, &self.sandbox_addresses) {
                 Ok(Some(workload)) => workloads.push(workload),
                 Ok(None) => {}
                 Err(error) => errors.push(error),
@@ -194,7 +182,7 @@ impl Fields {
 /// The workload of a scheduled pod with an IP; `None` for a pod not running yet.
 fn workload(
     pod: &Sourced<Pod>,
-    ambient: &HashMap<&str, bool>,
+    namespace_labels: &HashMap<&str, &BTreeMap<String, String>>,
     sandbox_addresses: &HashMap<String, Vec<IpAddr>>,
 ) -> Result<Option<Workload>, ObjectError> {
     let Sourced {
@@ -242,19 +230,17 @@ fn workload(
         return Ok(None);
     }
     let labels: BTreeMap<String, String> = pod.metadata.labels.clone().unwrap_or_default();
-    // The pod's own label wins over its namespace's, either way, as in Istio.
-    let in_mesh = match labels.get(DATAPLANE_MODE).map(String::as_str) {
-        Some("none") => false,
-        Some("ambient") => true,
-        _ => ambient.get(namespace.as_str()).copied().unwrap_or(false),
-    };
-    // A pod with an Istio sidecar has its own proxy: capturing it too would proxy twice.
-    let sidecar = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key(SIDECAR_STATUS));
-    let protocol = if in_mesh && !sidecar {
+    // The same rule as the CNI plugin's, which decides when the agent is not there.
+    let no_labels = BTreeMap::new();
+    let in_mesh = ambit_cni::in_mesh(
+        namespace_labels
+            .get(namespace.as_str())
+            .copied()
+            .unwrap_or(&no_labels),
+        &labels,
+        pod.metadata.annotations.as_ref().unwrap_or(&no_labels),
+    );
+    let protocol = if in_mesh {
         Protocol::Hbone
     } else {
         Protocol::Tcp

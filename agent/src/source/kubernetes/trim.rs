@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::DynamicObject;
 
 use super::status::REDIRECTION_ANNOTATION;
-use crate::source::translate::SIDECAR_STATUS;
+use ambit_cni::SIDECAR_STATUS_ANNOTATION;
 
 /// Where `kubectl apply` keeps a copy of the whole object.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -37,7 +37,7 @@ pub(super) fn pod(pod: &mut Pod) {
     let annotations = metadata.annotations.map(|mut annotations| {
         let redirection = annotations.remove_entry(REDIRECTION_ANNOTATION);
         let sidecar = annotations
-            .remove_entry(SIDECAR_STATUS)
+            .remove_entry(SIDECAR_STATUS_ANNOTATION)
             .map(|(key, _)| (key, String::new()));
         redirection
             .into_iter()
