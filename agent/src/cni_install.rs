@@ -6,10 +6,13 @@
 //! `.conf` or `.json` by name that parses), appends a [`PluginEntry`], keeps it there while the
 //! primary CNI rewrites its file ([`CniConfDir::watch`]), and removes it. [`CniBinDir`] holds
 //! the plugin's binary. The edits themselves are pure (`conflist`); `files` does the I/O.
+//! [`KubeconfigSource`] says where the plugin's kubeconfig comes from: a file, or this pod's
+//! service account, whose token the watch keeps current.
 
 mod command;
 mod conflist;
 mod files;
+mod kubeconfig;
 #[cfg(test)]
 mod tests;
 
@@ -25,6 +28,7 @@ use conflist::{FileKind, PLUGIN_TYPE};
 
 pub use command::CniArgs;
 pub use conflist::NetworkConfigError;
+pub use kubeconfig::{ApiServerUrl, KubeconfigSource};
 
 /// The name of the kubeconfig we keep for the plugin in the configuration directory; the `ZZZ`
 /// sorts it last, and without a configuration extension the runtime never loads it.
@@ -97,6 +101,14 @@ pub enum CniInstallError {
         #[source]
         source: std::io::Error,
     },
+    #[error("KUBERNETES_SERVICE_HOST={host:?} is neither an IP address nor a DNS name")]
+    ApiServerHost { host: String },
+    #[error("KUBERNETES_SERVICE_PORT={port:?} is not a TCP port")]
+    ApiServerPort { port: String },
+    #[error("the service account token {} is {reason}", path.display())]
+    ServiceAccountToken { path: PathBuf, reason: &'static str },
+    #[error("failed to encode the ambit-cni kubeconfig")]
+    EncodeKubeconfig(#[source] serde_yaml_ng::Error),
     #[error("failed to remove {}", path.display())]
     RemoveFile {
         path: PathBuf,
@@ -189,14 +201,10 @@ impl CniConfDir {
         self.0.join(KUBECONFIG_NAME)
     }
 
-    /// Copies `source` to [`Self::kubeconfig_path`], readable by root alone, when it differs;
-    /// tells whether it wrote.
-    pub fn install_kubeconfig(&self, source: &Path) -> Result<bool, CniInstallError> {
-        let contents = std::fs::read(source).map_err(|error| CniInstallError::ReadFile {
-            path: source.to_owned(),
-            source: error,
-        })?;
-        files::write_if_changed(&self.kubeconfig_path(), &contents, 0o600)
+    /// Writes the kubeconfig from `source` to [`Self::kubeconfig_path`], readable by root
+    /// alone, when it differs from what is there; tells whether it wrote.
+    pub fn install_kubeconfig(&self, source: &KubeconfigSource) -> Result<bool, CniInstallError> {
+        files::write_if_changed(&self.kubeconfig_path(), &source.contents()?, 0o600)
     }
 
     /// Removes our kubeconfig; tells whether it was there.
@@ -206,35 +214,69 @@ impl CniConfDir {
 
     /// Keeps `entry` installed until `drain` fires: checks every `interval`, since the
     /// primary CNI (Calico, Cilium, ...) may rewrite its file at any time, and puts the entry
-    /// back when it is missing or changed. Failures (no network configured yet) are logged
-    /// once and retried.
-    pub async fn watch(self, entry: PluginEntry, interval: Duration, mut drain: DrainWatcher) {
+    /// back when it is missing or changed. Keeps the kubeconfig from `kubeconfig` current too,
+    /// for a rotated token: a few small reads and a comparison per check. Failures (no network
+    /// configured yet) are logged once and retried.
+    pub async fn watch(
+        self,
+        entry: PluginEntry,
+        kubeconfig: Option<KubeconfigSource>,
+        interval: Duration,
+        mut drain: DrainWatcher,
+    ) {
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_error = None;
+        let mut entry_warning = Warning::new("failed to install the ambit-cni plugin");
+        let mut kubeconfig_warning = Warning::new("failed to update the ambit-cni kubeconfig");
         loop {
             tokio::select! {
                 biased;
                 () = drain.signaled() => return,
                 _ = ticks.tick() => {}
             }
-            let (dir, settings) = (self.clone(), entry.clone());
-            let error = match tokio::task::spawn_blocking(move || dir.install(&settings)).await {
-                Ok(Ok(change)) => {
-                    log_change(&change);
-                    None
-                }
-                Ok(Err(error)) => Some(ErrorChain(&error).to_string()),
-                Err(error) => Some(ErrorChain(&error).to_string()),
-            };
-            if error.is_some() && error != last_error {
-                tracing::warn!(
-                    error = error.as_deref(),
-                    "failed to install the ambit-cni plugin"
-                );
+            // The kubeconfig first, as at install: the entry names it.
+            if let Some(source) = &kubeconfig {
+                let (dir, source) = (self.clone(), source.clone());
+                let written =
+                    tokio::task::spawn_blocking(move || dir.install_kubeconfig(&source)).await;
+                kubeconfig_warning.update(written.map(|written| {
+                    if written? {
+                        tracing::info!(file = %self.kubeconfig_path().display(), "ambit-cni kubeconfig updated");
+                    }
+                    Ok(())
+                }));
             }
-            last_error = error;
+            let (dir, settings) = (self.clone(), entry.clone());
+            let installed = tokio::task::spawn_blocking(move || dir.install(&settings)).await;
+            entry_warning.update(installed.map(|change| change.map(|change| log_change(&change))));
         }
+    }
+}
+
+/// A failure of the watch, logged when it first happens or changes, not on every check.
+struct Warning {
+    message: &'static str,
+    last: Option<String>,
+}
+
+impl Warning {
+    fn new(message: &'static str) -> Self {
+        Self {
+            message,
+            last: None,
+        }
+    }
+
+    fn update(&mut self, result: Result<Result<(), CniInstallError>, tokio::task::JoinError>) {
+        let error = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(ErrorChain(&error).to_string()),
+            Err(error) => Some(ErrorChain(&error).to_string()),
+        };
+        if error.is_some() && error != self.last {
+            tracing::warn!(error = error.as_deref(), "{}", self.message);
+        }
+        self.last = error;
     }
 }
 
