@@ -109,6 +109,12 @@ pub enum CniInstallError {
     ServiceAccountToken { path: PathBuf, reason: &'static str },
     #[error("failed to encode the ambit-cni kubeconfig")]
     EncodeKubeconfig(#[source] serde_yaml_ng::Error),
+    #[error("failed to lock {}", dir.display())]
+    LockDir {
+        dir: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
+    },
     #[error("failed to remove {}", path.display())]
     RemoveFile {
         path: PathBuf,
@@ -215,11 +221,13 @@ impl CniConfDir {
     /// Keeps `entry` installed until `drain` fires: checks every `interval`, since the
     /// primary CNI (Calico, Cilium, ...) may rewrite its file at any time, and puts the entry
     /// back when it is missing or changed. Keeps the kubeconfig from `kubeconfig` current too,
-    /// for a rotated token: a few small reads and a comparison per check. Failures (no network
-    /// configured yet) are logged once and retried.
+    /// for a rotated token: a few small reads and a comparison per check. Stops putting things
+    /// back once `ambit cni uninstall` has removed them. Failures (no network configured yet)
+    /// are logged once and retried.
     pub async fn watch(
         self,
         entry: PluginEntry,
+        bin_dir: CniBinDir,
         kubeconfig: Option<KubeconfigSource>,
         interval: Duration,
         mut drain: DrainWatcher,
@@ -234,23 +242,81 @@ impl CniConfDir {
                 () = drain.signaled() => return,
                 _ = ticks.tick() => {}
             }
-            // The kubeconfig first, as at install: the entry names it.
-            if let Some(source) = &kubeconfig {
-                let (dir, source) = (self.clone(), source.clone());
-                let written =
-                    tokio::task::spawn_blocking(move || dir.install_kubeconfig(&source)).await;
-                kubeconfig_warning.update(written.map(|written| {
-                    if written? {
-                        tracing::info!(file = %self.kubeconfig_path().display(), "ambit-cni kubeconfig updated");
+            let (dir, settings, bin, source) = (
+                self.clone(),
+                entry.clone(),
+                bin_dir.clone(),
+                kubeconfig.clone(),
+            );
+            let kept =
+                tokio::task::spawn_blocking(move || dir.keep(&settings, &bin, source.as_ref()))
+                    .await
+                    .map_err(|error| ErrorChain(&error).to_string())
+                    .and_then(|kept| kept.map_err(|error| ErrorChain(&error).to_string()));
+            match kept {
+                Ok(Kept::Uninstalled) => {
+                    tracing::info!(
+                        dir = %self.0.display(),
+                        "ambit-cni was uninstalled; no longer keeping it in the chain"
+                    );
+                    drain.signaled().await;
+                    return;
+                }
+                Ok(Kept::Checked { kubeconfig, entry }) => {
+                    if let Some(written) = kubeconfig {
+                        let written = written.map(|written| {
+                            if written {
+                                tracing::info!(file = %self.kubeconfig_path().display(), "ambit-cni kubeconfig updated");
+                            }
+                        });
+                        kubeconfig_warning.update(written);
                     }
-                    Ok(())
-                }));
+                    entry_warning.update(entry.map(|change| log_change(&change)));
+                }
+                Err(error) => entry_warning.update(Err(error)),
             }
-            let (dir, settings) = (self.clone(), entry.clone());
-            let installed = tokio::task::spawn_blocking(move || dir.install(&settings)).await;
-            entry_warning.update(installed.map(|change| change.map(|change| log_change(&change))));
         }
     }
+
+    /// One check of the watch, with the directory locked against `ambit cni uninstall`: the
+    /// kubeconfig first, as at install, since the entry names it; then the entry. Nothing when
+    /// both the binary and the entry are gone: that is an uninstall, not a primary CNI's
+    /// rewrite, which never touches the binary.
+    fn keep(
+        &self,
+        entry: &PluginEntry,
+        bin_dir: &CniBinDir,
+        kubeconfig: Option<&KubeconfigSource>,
+    ) -> Result<Kept, CniInstallError> {
+        let _lock = self.lock()?;
+        if !bin_dir.plugin_path().exists() && !self.has_plugin().unwrap_or(false) {
+            return Ok(Kept::Uninstalled);
+        }
+        let text = |error: CniInstallError| ErrorChain(&error).to_string();
+        Ok(Kept::Checked {
+            kubeconfig: kubeconfig.map(|source| self.install_kubeconfig(source).map_err(text)),
+            entry: self.install(entry).map_err(text),
+        })
+    }
+
+    /// Locks the directory, as the watch does for each check, until the guard is dropped: an
+    /// uninstall holds it so that the watch cannot put back what it is removing.
+    pub fn lock(&self) -> Result<ConfDirLock, CniInstallError> {
+        files::lock_dir(&self.0).map(ConfDirLock)
+    }
+}
+
+/// [`CniConfDir::lock`]'s guard.
+#[derive(Debug)]
+pub struct ConfDirLock(#[expect(dead_code, reason = "held for its drop")] files::DirLock);
+
+/// What one check of the watch found.
+enum Kept {
+    Uninstalled,
+    Checked {
+        kubeconfig: Option<Result<bool, String>>,
+        entry: Result<ConfigChange, String>,
+    },
 }
 
 /// A failure of the watch, logged when it first happens or changes, not on every check.
@@ -267,12 +333,8 @@ impl Warning {
         }
     }
 
-    fn update(&mut self, result: Result<Result<(), CniInstallError>, tokio::task::JoinError>) {
-        let error = match result {
-            Ok(Ok(())) => None,
-            Ok(Err(error)) => Some(ErrorChain(&error).to_string()),
-            Err(error) => Some(ErrorChain(&error).to_string()),
-        };
+    fn update(&mut self, result: Result<(), String>) {
+        let error = result.err();
         if error.is_some() && error != self.last {
             tracing::warn!(error = error.as_deref(), "{}", self.message);
         }

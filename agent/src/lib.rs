@@ -44,8 +44,8 @@ mod sandboxes;
 pub use admission::PendingLimits;
 pub use cli::{Cli, Command};
 pub use cni_install::{
-    ApiServerUrl, CniArgs, CniBinDir, CniConfDir, CniInstallError, ConfigChange, KubeconfigSource,
-    NetworkConfigError, PluginEntry,
+    ApiServerUrl, CniArgs, CniBinDir, CniConfDir, CniInstallError, ConfDirLock, ConfigChange,
+    KubeconfigSource, NetworkConfigError, PluginEntry,
 };
 pub use config::{AgentArgs, AgentConfig, ConfigError, LogFormat, RedirectKind, SourceKind};
 pub use debug::DebugArgs;

@@ -135,6 +135,7 @@ impl InstallArgs {
 /// What the watch keeps in place.
 struct Installed {
     conf_dir: CniConfDir,
+    bin_dir: CniBinDir,
     entry: PluginEntry,
     kubeconfig: Option<KubeconfigSource>,
 }
@@ -173,6 +174,7 @@ fn install_files(args: &InstallArgs) -> anyhow::Result<Installed> {
     };
     Ok(Installed {
         conf_dir,
+        bin_dir,
         entry,
         kubeconfig,
     })
@@ -201,6 +203,7 @@ async fn install_and_watch(args: InstallArgs) -> anyhow::Result<()> {
     let (trigger, watcher) = drain::channel();
     let watch = tokio::spawn(installed.conf_dir.watch(
         installed.entry,
+        installed.bin_dir,
         installed.kubeconfig,
         WATCH_INTERVAL,
         watcher,
@@ -215,9 +218,13 @@ async fn install_and_watch(args: InstallArgs) -> anyhow::Result<()> {
     watch.await.context("watching the CNI configuration")
 }
 
-/// The entry first, so that the runtime stops calling the plugin before its files go.
+/// The entry first, so that the runtime stops calling the plugin before its files go; all of
+/// it with the directory locked, so that a running `--watch` sees it all gone, and stops.
 fn uninstall(dirs: &Dirs) -> anyhow::Result<()> {
     let conf_dir = CniConfDir::new(&dirs.conf_dir);
+    let _lock = conf_dir
+        .lock()
+        .context("locking the CNI configuration directory")?;
     for path in conf_dir
         .uninstall()
         .context("removing the ambit-cni plugin entry")?

@@ -372,19 +372,66 @@ fn the_binary_is_copied_only_when_it_differs() {
 
 #[tokio::test]
 async fn watch_puts_the_entry_back_after_the_primary_cni_rewrites_its_file() {
+    let (_bin, bin_dir) = bin_dir_with_plugin();
     let (dir, conf) = conf_dir(&[("10-calico.conflist", CALICO)]);
     let path = dir.path().join("10-calico.conflist");
     let (trigger, watcher) = crate::drain::channel();
-    let watch = tokio::spawn(
-        conf.clone()
-            .watch(entry(), None, Duration::from_millis(10), watcher),
-    );
+    let watch = tokio::spawn(conf.clone().watch(
+        entry(),
+        bin_dir,
+        None,
+        Duration::from_millis(10),
+        watcher,
+    ));
 
     wait_for_entry(&conf).await;
     // Calico's installer writes its configuration afresh.
     fs::write(&path, CALICO).unwrap();
     wait_for_entry(&conf).await;
     assert_eq!(plugins(&path).last().unwrap(), &entry_json());
+
+    tokio::time::timeout(Duration::from_secs(5), trigger.drain())
+        .await
+        .unwrap();
+    watch.await.unwrap();
+}
+
+/// A bin dir with the plugin installed, as the watch finds it after the first install.
+fn bin_dir_with_plugin() -> (TempDir, CniBinDir) {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("ambit-cni"), b"\x7fELF").unwrap();
+    let bin_dir = CniBinDir::new(dir.path());
+    (dir, bin_dir)
+}
+
+#[tokio::test]
+async fn watch_stops_putting_the_entry_back_once_uninstalled() {
+    let (account, source) = service_account("token");
+    let (dir, conf) = conf_dir(&[("10-calico.conflist", CALICO)]);
+    let (_bin, bin_dir) = bin_dir_with_plugin();
+    let (trigger, watcher) = crate::drain::channel();
+    let watch = tokio::spawn(conf.clone().watch(
+        entry(),
+        bin_dir.clone(),
+        Some(source),
+        Duration::from_millis(10),
+        watcher,
+    ));
+    wait_for_entry(&conf).await;
+
+    // What `ambit cni uninstall` does, under the lock.
+    {
+        let _lock = conf.lock().unwrap();
+        conf.uninstall().unwrap();
+        conf.remove_kubeconfig().unwrap();
+        bin_dir.remove_plugin().unwrap();
+    }
+    // The token rotates, the primary CNI rewrites its file: nothing of ours comes back.
+    fs::write(account.path().join("token"), "rotated").unwrap();
+    fs::write(dir.path().join("10-calico.conflist"), CALICO).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!conf.has_plugin().unwrap());
+    assert!(!conf.kubeconfig_path().exists());
 
     tokio::time::timeout(Duration::from_secs(5), trigger.drain())
         .await
@@ -527,11 +574,14 @@ async fn watch_rewrites_the_kubeconfig_when_the_token_rotates() {
     let (dir, conf) = conf_dir(&[("10-calico.conflist", CALICO)]);
     conf.install_kubeconfig(&source).unwrap();
     let (trigger, watcher) = crate::drain::channel();
-    let watch =
-        tokio::spawn(
-            conf.clone()
-                .watch(entry(), Some(source), Duration::from_millis(10), watcher),
-        );
+    let (_bin, bin_dir) = bin_dir_with_plugin();
+    let watch = tokio::spawn(conf.clone().watch(
+        entry(),
+        bin_dir,
+        Some(source),
+        Duration::from_millis(10),
+        watcher,
+    ));
 
     // The kubelet swaps the projected volume's files in one rename.
     let rotated = account.path().join("..token.new");
