@@ -6,10 +6,13 @@
 //! `.conf` or `.json` by name that parses), appends a [`PluginEntry`], keeps it there while the
 //! primary CNI rewrites its file ([`CniConfDir::watch`]), and removes it. [`CniBinDir`] holds
 //! the plugin's binary. The edits themselves are pure (`conflist`); `files` does the I/O.
+//! [`KubeconfigSource`] says where the plugin's kubeconfig comes from: a file, or this pod's
+//! service account, whose token the watch keeps current.
 
 mod command;
 mod conflist;
 mod files;
+mod kubeconfig;
 #[cfg(test)]
 mod tests;
 
@@ -25,6 +28,7 @@ use conflist::{FileKind, PLUGIN_TYPE};
 
 pub use command::CniArgs;
 pub use conflist::NetworkConfigError;
+pub use kubeconfig::{ApiServerUrl, KubeconfigSource};
 
 /// The name of the kubeconfig we keep for the plugin in the configuration directory; the `ZZZ`
 /// sorts it last, and without a configuration extension the runtime never loads it.
@@ -96,6 +100,20 @@ pub enum CniInstallError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("KUBERNETES_SERVICE_HOST={host:?} is neither an IP address nor a DNS name")]
+    ApiServerHost { host: String },
+    #[error("KUBERNETES_SERVICE_PORT={port:?} is not a TCP port")]
+    ApiServerPort { port: String },
+    #[error("the service account token {} is {reason}", path.display())]
+    ServiceAccountToken { path: PathBuf, reason: &'static str },
+    #[error("failed to encode the ambit-cni kubeconfig")]
+    EncodeKubeconfig(#[source] serde_yaml_ng::Error),
+    #[error("failed to lock {}", dir.display())]
+    LockDir {
+        dir: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
     },
     #[error("failed to remove {}", path.display())]
     RemoveFile {
@@ -189,14 +207,10 @@ impl CniConfDir {
         self.0.join(KUBECONFIG_NAME)
     }
 
-    /// Copies `source` to [`Self::kubeconfig_path`], readable by root alone, when it differs;
-    /// tells whether it wrote.
-    pub fn install_kubeconfig(&self, source: &Path) -> Result<bool, CniInstallError> {
-        let contents = std::fs::read(source).map_err(|error| CniInstallError::ReadFile {
-            path: source.to_owned(),
-            source: error,
-        })?;
-        files::write_if_changed(&self.kubeconfig_path(), &contents, 0o600)
+    /// Writes the kubeconfig from `source` to [`Self::kubeconfig_path`], readable by root
+    /// alone, when it differs from what is there; tells whether it wrote.
+    pub fn install_kubeconfig(&self, source: &KubeconfigSource) -> Result<bool, CniInstallError> {
+        files::write_if_changed(&self.kubeconfig_path(), &source.contents()?, 0o600)
     }
 
     /// Removes our kubeconfig; tells whether it was there.
@@ -206,35 +220,125 @@ impl CniConfDir {
 
     /// Keeps `entry` installed until `drain` fires: checks every `interval`, since the
     /// primary CNI (Calico, Cilium, ...) may rewrite its file at any time, and puts the entry
-    /// back when it is missing or changed. Failures (no network configured yet) are logged
-    /// once and retried.
-    pub async fn watch(self, entry: PluginEntry, interval: Duration, mut drain: DrainWatcher) {
+    /// back when it is missing or changed. Keeps the kubeconfig from `kubeconfig` current too,
+    /// for a rotated token: a few small reads and a comparison per check. Stops putting things
+    /// back once `ambit cni uninstall` has removed them. Failures (no network configured yet)
+    /// are logged once and retried.
+    pub async fn watch(
+        self,
+        entry: PluginEntry,
+        bin_dir: CniBinDir,
+        kubeconfig: Option<KubeconfigSource>,
+        interval: Duration,
+        mut drain: DrainWatcher,
+    ) {
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_error = None;
+        let mut entry_warning = Warning::new("failed to install the ambit-cni plugin");
+        let mut kubeconfig_warning = Warning::new("failed to update the ambit-cni kubeconfig");
         loop {
             tokio::select! {
                 biased;
                 () = drain.signaled() => return,
                 _ = ticks.tick() => {}
             }
-            let (dir, settings) = (self.clone(), entry.clone());
-            let error = match tokio::task::spawn_blocking(move || dir.install(&settings)).await {
-                Ok(Ok(change)) => {
-                    log_change(&change);
-                    None
+            let (dir, settings, bin, source) = (
+                self.clone(),
+                entry.clone(),
+                bin_dir.clone(),
+                kubeconfig.clone(),
+            );
+            let kept =
+                tokio::task::spawn_blocking(move || dir.keep(&settings, &bin, source.as_ref()))
+                    .await
+                    .map_err(|error| ErrorChain(&error).to_string())
+                    .and_then(|kept| kept.map_err(|error| ErrorChain(&error).to_string()));
+            match kept {
+                Ok(Kept::Uninstalled) => {
+                    tracing::info!(
+                        dir = %self.0.display(),
+                        "ambit-cni was uninstalled; no longer keeping it in the chain"
+                    );
+                    drain.signaled().await;
+                    return;
                 }
-                Ok(Err(error)) => Some(ErrorChain(&error).to_string()),
-                Err(error) => Some(ErrorChain(&error).to_string()),
-            };
-            if error.is_some() && error != last_error {
-                tracing::warn!(
-                    error = error.as_deref(),
-                    "failed to install the ambit-cni plugin"
-                );
+                Ok(Kept::Checked { kubeconfig, entry }) => {
+                    if let Some(written) = kubeconfig {
+                        let written = written.map(|written| {
+                            if written {
+                                tracing::info!(file = %self.kubeconfig_path().display(), "ambit-cni kubeconfig updated");
+                            }
+                        });
+                        kubeconfig_warning.update(written);
+                    }
+                    entry_warning.update(entry.map(|change| log_change(&change)));
+                }
+                Err(error) => entry_warning.update(Err(error)),
             }
-            last_error = error;
         }
+    }
+
+    /// One check of the watch, with the directory locked against `ambit cni uninstall`: the
+    /// kubeconfig first, as at install, since the entry names it; then the entry. Nothing when
+    /// both the binary and the entry are gone: that is an uninstall, not a primary CNI's
+    /// rewrite, which never touches the binary.
+    fn keep(
+        &self,
+        entry: &PluginEntry,
+        bin_dir: &CniBinDir,
+        kubeconfig: Option<&KubeconfigSource>,
+    ) -> Result<Kept, CniInstallError> {
+        let _lock = self.lock()?;
+        if !bin_dir.plugin_path().exists() && !self.has_plugin().unwrap_or(false) {
+            return Ok(Kept::Uninstalled);
+        }
+        let text = |error: CniInstallError| ErrorChain(&error).to_string();
+        Ok(Kept::Checked {
+            kubeconfig: kubeconfig.map(|source| self.install_kubeconfig(source).map_err(text)),
+            entry: self.install(entry).map_err(text),
+        })
+    }
+
+    /// Locks the directory, as the watch does for each check, until the guard is dropped: an
+    /// uninstall holds it so that the watch cannot put back what it is removing.
+    pub fn lock(&self) -> Result<ConfDirLock, CniInstallError> {
+        files::lock_dir(&self.0).map(ConfDirLock)
+    }
+}
+
+/// [`CniConfDir::lock`]'s guard.
+#[derive(Debug)]
+pub struct ConfDirLock(#[expect(dead_code, reason = "held for its drop")] files::DirLock);
+
+/// What one check of the watch found.
+enum Kept {
+    Uninstalled,
+    Checked {
+        kubeconfig: Option<Result<bool, String>>,
+        entry: Result<ConfigChange, String>,
+    },
+}
+
+/// A failure of the watch, logged when it first happens or changes, not on every check.
+struct Warning {
+    message: &'static str,
+    last: Option<String>,
+}
+
+impl Warning {
+    fn new(message: &'static str) -> Self {
+        Self {
+            message,
+            last: None,
+        }
+    }
+
+    fn update(&mut self, result: Result<(), String>) {
+        let error = result.err();
+        if error.is_some() && error != self.last {
+            tracing::warn!(error = error.as_deref(), "{}", self.message);
+        }
+        self.last = error;
     }
 }
 

@@ -44,7 +44,8 @@ mod sandboxes;
 pub use admission::PendingLimits;
 pub use cli::{Cli, Command};
 pub use cni_install::{
-    CniArgs, CniBinDir, CniConfDir, CniInstallError, ConfigChange, NetworkConfigError, PluginEntry,
+    ApiServerUrl, CniArgs, CniBinDir, CniConfDir, CniInstallError, ConfDirLock, ConfigChange,
+    KubeconfigSource, NetworkConfigError, PluginEntry,
 };
 pub use config::{AgentArgs, AgentConfig, ConfigError, LogFormat, RedirectKind, SourceKind};
 pub use debug::DebugArgs;

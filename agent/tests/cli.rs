@@ -179,3 +179,51 @@ fn cni_install_without_a_network_fails_and_says_why() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_kubeconfig_from_the_service_account_outside_a_pod_fails_before_writing() {
+    let conf = tempfile::tempdir().unwrap();
+    let bin = tempfile::tempdir().unwrap();
+    let plugin = conf.path().join("plugin-source");
+    std::fs::write(&plugin, b"binary").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_ambit"))
+        .args([
+            "cni",
+            "install",
+            "--conf-dir",
+            conf.path().to_str().unwrap(),
+            "--bin-dir",
+            bin.path().to_str().unwrap(),
+            "--plugin-binary",
+            plugin.to_str().unwrap(),
+            "--kubeconfig-from-service-account",
+        ])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--kubeconfig-from-service-account needs KUBERNETES_SERVICE_HOST"),
+        "{stderr}"
+    );
+    assert!(!bin.path().join("ambit-cni").exists());
+}
+
+#[test]
+fn a_kubeconfig_file_and_one_from_the_service_account_exclude_each_other() {
+    let output = ambit(&[
+        "cni",
+        "install",
+        "--plugin-binary",
+        "/nonexistent",
+        "--kubeconfig",
+        "/nonexistent",
+        "--kubeconfig-from-service-account",
+    ])
+    .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}

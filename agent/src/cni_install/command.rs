@@ -9,7 +9,9 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::{CniBinDir, CniConfDir, ConfigChange, PluginEntry, log_change};
+use super::{
+    ApiServerUrl, CniBinDir, CniConfDir, ConfigChange, KubeconfigSource, PluginEntry, log_change,
+};
 use crate::config::LogFormat;
 use crate::{drain, logging};
 
@@ -55,9 +57,21 @@ struct InstallArgs {
         default_value = "/var/run/ambit/cni.sock"
     )]
     agent_socket: PathBuf,
-    /// A kubeconfig for the plugin, copied into --conf-dir; none by default.
+    /// A kubeconfig for the plugin, copied into --conf-dir (and copied again when it changes,
+    /// with --watch); none by default.
     #[arg(long, env = "AMBIT_CNI_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// Instead of --kubeconfig, write one into --conf-dir from the service account of the pod
+    /// this runs in: the API server at KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT, the
+    /// CA and token in /var/run/secrets/kubernetes.io/serviceaccount. With --watch it is
+    /// rewritten when the kubelet rotates the token.
+    #[arg(
+        long,
+        env = "AMBIT_CNI_KUBECONFIG_FROM_SERVICE_ACCOUNT",
+        default_value_t = false,
+        conflicts_with = "kubeconfig"
+    )]
+    kubeconfig_from_service_account: bool,
     /// --conf-dir as the runtime sees it on the host, for the kubeconfig's path in the
     /// plugin's entry, when this runs in a container with the host's directory mounted
     /// elsewhere; --conf-dir by default.
@@ -95,8 +109,42 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// The binary first, so that no entry ever names a plugin the runtime cannot find.
-fn install_files(args: &InstallArgs) -> anyhow::Result<(CniConfDir, PluginEntry)> {
+impl InstallArgs {
+    /// Where the plugin's kubeconfig comes from, if it has one.
+    fn kubeconfig_source(&self) -> anyhow::Result<Option<KubeconfigSource>> {
+        if let Some(path) = &self.kubeconfig {
+            return Ok(Some(KubeconfigSource::File(path.clone())));
+        }
+        if !self.kubeconfig_from_service_account {
+            return Ok(None);
+        }
+        let variable = |name: &str| {
+            std::env::var(name).with_context(|| {
+                format!("--kubeconfig-from-service-account needs {name}: is this running in a pod?")
+            })
+        };
+        let server = ApiServerUrl::new(
+            &variable("KUBERNETES_SERVICE_HOST")?,
+            &variable("KUBERNETES_SERVICE_PORT")?,
+        )
+        .context("--kubeconfig-from-service-account")?;
+        Ok(Some(KubeconfigSource::in_cluster(server)))
+    }
+}
+
+/// What the watch keeps in place.
+struct Installed {
+    conf_dir: CniConfDir,
+    bin_dir: CniBinDir,
+    entry: PluginEntry,
+    kubeconfig: Option<KubeconfigSource>,
+}
+
+/// The binary first, so that no entry ever names a plugin the runtime cannot find; then the
+/// kubeconfig, which the entry names.
+fn install_files(args: &InstallArgs) -> anyhow::Result<Installed> {
+    // Before anything is written: a bad setting leaves the node as it was.
+    let kubeconfig = args.kubeconfig_source()?;
     let bin_dir = CniBinDir::new(&args.dirs.bin_dir);
     if bin_dir
         .install_plugin(&args.plugin_binary)
@@ -105,11 +153,14 @@ fn install_files(args: &InstallArgs) -> anyhow::Result<(CniConfDir, PluginEntry)
         tracing::info!(file = %bin_dir.plugin_path().display(), "ambit-cni binary installed");
     }
     let conf_dir = CniConfDir::new(&args.dirs.conf_dir);
-    let kubeconfig = match &args.kubeconfig {
+    let host_kubeconfig = match &kubeconfig {
         Some(source) => {
-            conf_dir
+            if conf_dir
                 .install_kubeconfig(source)
-                .context("installing the ambit-cni kubeconfig")?;
+                .context("installing the ambit-cni kubeconfig")?
+            {
+                tracing::info!(file = %conf_dir.kubeconfig_path().display(), "ambit-cni kubeconfig installed");
+            }
             let host_dir =
                 CniConfDir::new(args.host_conf_dir.as_ref().unwrap_or(&args.dirs.conf_dir));
             Some(host_dir.kubeconfig_path())
@@ -118,14 +169,21 @@ fn install_files(args: &InstallArgs) -> anyhow::Result<(CniConfDir, PluginEntry)
     };
     let entry = PluginEntry {
         agent_socket: args.agent_socket.clone(),
-        kubeconfig,
+        kubeconfig: host_kubeconfig,
         log_file: args.log_file.clone(),
     };
-    Ok((conf_dir, entry))
+    Ok(Installed {
+        conf_dir,
+        bin_dir,
+        entry,
+        kubeconfig,
+    })
 }
 
 fn install(args: &InstallArgs) -> anyhow::Result<ConfigChange> {
-    let (conf_dir, entry) = install_files(args)?;
+    let Installed {
+        conf_dir, entry, ..
+    } = install_files(args)?;
     let change = conf_dir
         .install(&entry)
         .context("installing the ambit-cni plugin entry")?;
@@ -139,11 +197,17 @@ async fn install_and_watch(args: InstallArgs) -> anyhow::Result<()> {
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let (conf_dir, entry) = tokio::task::spawn_blocking(move || install_files(&args))
+    let installed = tokio::task::spawn_blocking(move || install_files(&args))
         .await
         .context("installing the ambit-cni files")??;
     let (trigger, watcher) = drain::channel();
-    let watch = tokio::spawn(conf_dir.watch(entry, WATCH_INTERVAL, watcher));
+    let watch = tokio::spawn(installed.conf_dir.watch(
+        installed.entry,
+        installed.bin_dir,
+        installed.kubeconfig,
+        WATCH_INTERVAL,
+        watcher,
+    ));
     tokio::select! {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}
@@ -154,9 +218,13 @@ async fn install_and_watch(args: InstallArgs) -> anyhow::Result<()> {
     watch.await.context("watching the CNI configuration")
 }
 
-/// The entry first, so that the runtime stops calling the plugin before its files go.
+/// The entry first, so that the runtime stops calling the plugin before its files go; all of
+/// it with the directory locked, so that a running `--watch` sees it all gone, and stops.
 fn uninstall(dirs: &Dirs) -> anyhow::Result<()> {
     let conf_dir = CniConfDir::new(&dirs.conf_dir);
+    let _lock = conf_dir
+        .lock()
+        .context("locking the CNI configuration directory")?;
     for path in conf_dir
         .uninstall()
         .context("removing the ambit-cni plugin entry")?

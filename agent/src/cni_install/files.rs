@@ -1,10 +1,12 @@
 //! The file side of the installer: which configuration the runtime loads, and writes that
 //! readers never see half done.
 
-use std::fs::{self, Permissions};
+use std::fs::{self, File, Permissions};
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
 
 use super::CniInstallError;
 use super::conflist::{FileKind, NetworkConfig};
@@ -147,4 +149,22 @@ pub(super) fn remove(path: &Path) -> Result<bool, CniInstallError> {
             source,
         }),
     }
+}
+
+/// An exclusive `flock` on a directory, released when dropped.
+#[derive(Debug)]
+pub(super) struct DirLock(#[expect(dead_code, reason = "held for its drop")] Flock<File>);
+
+/// Waits for an exclusive lock on `dir` itself: no lock file is left behind.
+pub(super) fn lock_dir(dir: &Path) -> Result<DirLock, CniInstallError> {
+    let file = File::open(dir).map_err(|source| CniInstallError::ReadConfDir {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map(DirLock)
+        .map_err(|(_, source)| CniInstallError::LockDir {
+            dir: dir.to_owned(),
+            source,
+        })
 }

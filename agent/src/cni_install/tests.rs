@@ -333,7 +333,7 @@ fn uninstall_restores_the_original_file() {
 #[test]
 fn kubeconfig_is_copied_for_root_alone_and_removed() {
     let (dir, conf) = conf_dir(&[("kubeconfig.source", "apiVersion: v1\n")]);
-    let source = dir.path().join("kubeconfig.source");
+    let source = KubeconfigSource::File(dir.path().join("kubeconfig.source"));
     assert!(conf.install_kubeconfig(&source).unwrap());
     assert!(!conf.install_kubeconfig(&source).unwrap());
     let installed = fs::metadata(conf.kubeconfig_path()).unwrap();
@@ -372,19 +372,233 @@ fn the_binary_is_copied_only_when_it_differs() {
 
 #[tokio::test]
 async fn watch_puts_the_entry_back_after_the_primary_cni_rewrites_its_file() {
+    let (_bin, bin_dir) = bin_dir_with_plugin();
     let (dir, conf) = conf_dir(&[("10-calico.conflist", CALICO)]);
     let path = dir.path().join("10-calico.conflist");
     let (trigger, watcher) = crate::drain::channel();
-    let watch = tokio::spawn(
-        conf.clone()
-            .watch(entry(), Duration::from_millis(10), watcher),
-    );
+    let watch = tokio::spawn(conf.clone().watch(
+        entry(),
+        bin_dir,
+        None,
+        Duration::from_millis(10),
+        watcher,
+    ));
 
     wait_for_entry(&conf).await;
     // Calico's installer writes its configuration afresh.
     fs::write(&path, CALICO).unwrap();
     wait_for_entry(&conf).await;
     assert_eq!(plugins(&path).last().unwrap(), &entry_json());
+
+    tokio::time::timeout(Duration::from_secs(5), trigger.drain())
+        .await
+        .unwrap();
+    watch.await.unwrap();
+}
+
+/// A bin dir with the plugin installed, as the watch finds it after the first install.
+fn bin_dir_with_plugin() -> (TempDir, CniBinDir) {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("ambit-cni"), b"\x7fELF").unwrap();
+    let bin_dir = CniBinDir::new(dir.path());
+    (dir, bin_dir)
+}
+
+#[tokio::test]
+async fn watch_stops_putting_the_entry_back_once_uninstalled() {
+    let (account, source) = service_account("token");
+    let (dir, conf) = conf_dir(&[("10-calico.conflist", CALICO)]);
+    let (_bin, bin_dir) = bin_dir_with_plugin();
+    let (trigger, watcher) = crate::drain::channel();
+    let watch = tokio::spawn(conf.clone().watch(
+        entry(),
+        bin_dir.clone(),
+        Some(source),
+        Duration::from_millis(10),
+        watcher,
+    ));
+    wait_for_entry(&conf).await;
+
+    // What `ambit cni uninstall` does, under the lock.
+    {
+        let _lock = conf.lock().unwrap();
+        conf.uninstall().unwrap();
+        conf.remove_kubeconfig().unwrap();
+        bin_dir.remove_plugin().unwrap();
+    }
+    // The token rotates, the primary CNI rewrites its file: nothing of ours comes back.
+    fs::write(account.path().join("token"), "rotated").unwrap();
+    fs::write(dir.path().join("10-calico.conflist"), CALICO).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!conf.has_plugin().unwrap());
+    assert!(!conf.kubeconfig_path().exists());
+
+    tokio::time::timeout(Duration::from_secs(5), trigger.drain())
+        .await
+        .unwrap();
+    watch.await.unwrap();
+}
+
+/// A stand-in for /var/run/secrets/kubernetes.io/serviceaccount.
+fn service_account(token: &str) -> (TempDir, KubeconfigSource) {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("ca.crt"), CA_PEM).unwrap();
+    fs::write(dir.path().join("token"), token).unwrap();
+    let source = KubeconfigSource::ServiceAccount {
+        server: ApiServerUrl::new("10.96.0.1", "443").unwrap(),
+        dir: dir.path().to_owned(),
+    };
+    (dir, source)
+}
+
+const CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+/// The server, CA and token of the kubeconfig's current context, read the way the plugin and
+/// kubectl read it.
+fn kubeconfig_credentials(path: &Path) -> (String, Vec<u8>, String) {
+    use base64::Engine;
+    let config: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&fs::read_to_string(path).unwrap()).unwrap();
+    let current = config["current-context"].as_str().unwrap();
+    let named = |list: &str, name: &str| {
+        config[list]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|item| item["name"].as_str() == Some(name))
+            .unwrap()
+            .clone()
+    };
+    let context = named("contexts", current)["context"].clone();
+    let cluster = named("clusters", context["cluster"].as_str().unwrap())["cluster"].clone();
+    let user = named("users", context["user"].as_str().unwrap())["user"].clone();
+    let ca = base64::engine::general_purpose::STANDARD
+        .decode(cluster["certificate-authority-data"].as_str().unwrap())
+        .unwrap();
+    (
+        cluster["server"].as_str().unwrap().to_owned(),
+        ca,
+        user["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn a_kubeconfig_is_written_from_the_service_account_for_root_alone() {
+    let (_account, source) = service_account("eyJhbGciOi.first\n");
+    let (_dir, conf) = conf_dir(&[]);
+    assert!(conf.install_kubeconfig(&source).unwrap());
+    let path = conf.kubeconfig_path();
+    assert_eq!(
+        kubeconfig_credentials(&path),
+        (
+            "https://10.96.0.1:443".to_owned(),
+            CA_PEM.as_bytes().to_vec(),
+            "eyJhbGciOi.first".to_owned()
+        )
+    );
+    assert_eq!(
+        fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The same token again: nothing written.
+    let inode = fs::metadata(&path).unwrap().ino();
+    assert!(!conf.install_kubeconfig(&source).unwrap());
+    assert_eq!(fs::metadata(&path).unwrap().ino(), inode);
+}
+
+#[test]
+fn a_token_that_would_change_the_kubeconfig_stays_a_string() {
+    let token = "x\ncurrent-context: other\n  users: []";
+    let (_account, source) = service_account(token);
+    let (_dir, conf) = conf_dir(&[]);
+    conf.install_kubeconfig(&source).unwrap();
+    let (_, _, written) = kubeconfig_credentials(&conf.kubeconfig_path());
+    assert_eq!(written, token);
+}
+
+#[test]
+fn an_empty_or_missing_token_is_refused() {
+    let (account, source) = service_account(" \n");
+    let (_dir, conf) = conf_dir(&[]);
+    assert!(matches!(
+        conf.install_kubeconfig(&source),
+        Err(CniInstallError::ServiceAccountToken {
+            reason: "empty",
+            ..
+        })
+    ));
+    fs::remove_file(account.path().join("token")).unwrap();
+    assert!(matches!(
+        conf.install_kubeconfig(&source),
+        Err(CniInstallError::ReadFile { .. })
+    ));
+    assert!(!conf.kubeconfig_path().exists());
+}
+
+#[test]
+fn the_api_server_url_brackets_ipv6_hosts() {
+    let url = |host, port| ApiServerUrl::new(host, port).map(|url| url.to_string());
+    assert_eq!(url("10.96.0.1", "443").unwrap(), "https://10.96.0.1:443");
+    assert_eq!(
+        url("fd00:10:96::1", "443").unwrap(),
+        "https://[fd00:10:96::1]:443"
+    );
+    assert_eq!(url("[fd00::1]", "6443").unwrap(), "https://[fd00::1]:6443");
+    assert_eq!(
+        url("kubernetes.default.svc", "443").unwrap(),
+        "https://kubernetes.default.svc:443"
+    );
+    for host in ["", "10.96.0.1/evil", "[10.96.0.1]", "a b", "-x.example"] {
+        assert!(
+            matches!(
+                ApiServerUrl::new(host, "443"),
+                Err(CniInstallError::ApiServerHost { .. })
+            ),
+            "{host:?}"
+        );
+    }
+    for port in ["", "0", "65536", "https"] {
+        assert!(
+            matches!(
+                ApiServerUrl::new("10.96.0.1", port),
+                Err(CniInstallError::ApiServerPort { .. })
+            ),
+            "{port:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn watch_rewrites_the_kubeconfig_when_the_token_rotates() {
+    let (account, source) = service_account("first");
+    let (dir, conf) = conf_dir(&[("10-calico.conflist", CALICO)]);
+    conf.install_kubeconfig(&source).unwrap();
+    let (trigger, watcher) = crate::drain::channel();
+    let (_bin, bin_dir) = bin_dir_with_plugin();
+    let watch = tokio::spawn(conf.clone().watch(
+        entry(),
+        bin_dir,
+        Some(source),
+        Duration::from_millis(10),
+        watcher,
+    ));
+
+    // The kubelet swaps the projected volume's files in one rename.
+    let rotated = account.path().join("..token.new");
+    fs::write(&rotated, "second").unwrap();
+    fs::rename(&rotated, account.path().join("token")).unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+        while kubeconfig_credentials(&conf.kubeconfig_path()).2 != "second" {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    waited.await.unwrap();
+    assert_eq!(
+        plugins(&dir.path().join("10-calico.conflist"))
+            .last()
+            .unwrap(),
+        &entry_json()
+    );
 
     tokio::time::timeout(Duration::from_secs(5), trigger.drain())
         .await
