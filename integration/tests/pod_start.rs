@@ -175,7 +175,8 @@ async fn a_pod_is_captured_before_its_add_returns() {
         workloads
             .lines()
             .any(|row| row.contains("late") && row.ends_with("captured (cni)")),
-        "the debug view says the plugin's path enrolled it:\n{workloads}"
+        "the debug view says the plugin's path enrolled it:\n{workloads}\n{}",
+        cluster.logs()
     );
     // A pod outside the mesh is answered at once, and left alone.
     let added = plugin(&cluster, "ADD", &bystander);
