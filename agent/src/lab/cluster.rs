@@ -417,7 +417,10 @@ impl Cluster {
     }
 
     /// Writes the cluster file and waits until every agent has loaded it: from the file, or
-    /// from the API server once it has served the change.
+    /// from the API server once it has served the change. With an API server, agents are known
+    /// to have a change by the versions of the objects they received: an object deleted while
+    /// a watch relists (after a 410) leaves no version, so wait for changes, not deletions,
+    /// there.
     pub async fn apply(&self) -> anyhow::Result<()> {
         if let Some(apiserver) = &self.apiserver {
             let before = apiserver.loads();
