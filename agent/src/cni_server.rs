@@ -112,6 +112,8 @@ impl CniServer {
                 self.sandboxes.created(
                     uid.clone(),
                     Sandbox {
+                        namespace: request.pod.namespace.clone(),
+                        name: request.pod.name.clone(),
                         netns: request.netns.clone(),
                         ips: request.ips.clone(),
                     },

@@ -16,6 +16,9 @@ use crate::state::WorkloadUid;
 /// Where the runtime put one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Sandbox {
+    /// The pod's namespace and name, as the runtime gave them.
+    pub(crate) namespace: String,
+    pub(crate) name: String,
     pub(crate) netns: PathBuf,
     pub(crate) ips: Vec<IpAddr>,
 }
@@ -69,6 +72,14 @@ impl Sandboxes {
 
     pub(crate) fn get(&self, uid: &WorkloadUid) -> Option<Sandbox> {
         self.known().live.get(uid).cloned()
+    }
+
+    /// Every live sandbox, by pod.
+    pub(crate) fn live(&self) -> Vec<(WorkloadUid, Sandbox)> {
+        let known = self.known();
+        let live = known.live.iter();
+        live.map(|(uid, sandbox)| (uid.clone(), sandbox.clone()))
+            .collect()
     }
 
     pub(crate) fn is_torn_down(&self, uid: &WorkloadUid) -> bool {

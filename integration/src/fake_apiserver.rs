@@ -75,6 +75,9 @@ pub struct FakeApiServerConfig {
     pub history: usize,
     /// How often watches that allow them get a bookmark.
     pub bookmark_interval: Duration,
+    /// How late watches see each change, as behind a lagging watch cache; lists and gets see it
+    /// at once.
+    pub watch_delay: Duration,
     /// How often the objects file is checked for changes.
     pub poll_interval: Duration,
 }
@@ -144,6 +147,7 @@ impl FakeApiServer {
             credentials.token().to_owned(),
             config.tokens,
             config.bookmark_interval,
+            config.watch_delay,
             address.to_string(),
         );
         kubeconfig::write(

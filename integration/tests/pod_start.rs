@@ -238,3 +238,33 @@ async fn without_its_agent_a_node_starts_no_pod_of_the_mesh() {
         cluster.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_the_watch_has_not_brought_is_fetched() {
+    // Watches lag a minute behind, as behind a slow watch cache: the agent learns of the new
+    // pod only by asking the API server.
+    let mut cluster = two_teams()
+        .kubernetes(&fake_apiserver())
+        .apiserver_args(&["--watch-delay-ms", "60000"])
+        .objects(ambit_integration::STRICT_SHOP)
+        .start()
+        .await
+        .unwrap();
+    let _server = cluster
+        .in_pod("server")
+        .unwrap()
+        .echo(APP_PORT)
+        .await
+        .unwrap();
+    let late = cluster.add_sandbox("node1", "shop", "late").unwrap();
+    cluster.publish().await.unwrap();
+
+    let added = plugin(&cluster, "ADD", &late);
+    assert!(added.status.success(), "{}", describe(&added));
+    assert_eq!(
+        first_connection(&cluster, "late").await,
+        Some(late.ip.to_string()),
+        "{}",
+        cluster.logs()
+    );
+}

@@ -23,6 +23,8 @@ pub(super) struct ApiServerProcess {
     /// `None` while stopped.
     child: Option<Child>,
     binary: PathBuf,
+    /// More flags, such as `--watch-delay-ms`.
+    args: Vec<String>,
     listen: String,
     objects: PathBuf,
     kubeconfig: PathBuf,
@@ -34,6 +36,7 @@ impl ApiServerProcess {
     /// kubeconfig is written.
     pub(super) async fn start(
         binary: &Path,
+        args: &[String],
         topology: &Topology,
         objects: &Path,
         dir: &Path,
@@ -42,6 +45,7 @@ impl ApiServerProcess {
         let mut server = Self {
             child: None,
             binary: binary.to_owned(),
+            args: args.to_vec(),
             listen: format!("{address}:{PORT}"),
             objects: objects.to_owned(),
             kubeconfig: dir.join("kubeconfig"),
@@ -74,6 +78,7 @@ impl ApiServerProcess {
             .args(["--listen", &self.listen])
             .arg("--kubeconfig-out")
             .arg(&self.kubeconfig)
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

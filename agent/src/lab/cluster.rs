@@ -44,6 +44,7 @@ pub struct ClusterBuilder {
     agent_args: Vec<String>,
     pod_processes: Option<CgroupLayout>,
     apiserver: Option<PathBuf>,
+    apiserver_args: Vec<String>,
     istio_crds: bool,
 }
 
@@ -62,6 +63,13 @@ impl ClusterBuilder {
         self.apiserver = Some(binary.to_owned());
         self.istio_crds = true;
         self.pod_processes.get_or_insert(CgroupLayout::Systemd);
+        self
+    }
+
+    /// More flags for the API server, such as `--watch-delay-ms 60000`.
+    pub fn apiserver_args(mut self, args: &[&str]) -> Self {
+        self.apiserver_args
+            .extend(args.iter().map(|a| (*a).to_owned()));
         self
     }
 
@@ -158,6 +166,7 @@ impl ClusterBuilder {
         if let Some(binary) = self.apiserver {
             let server = ApiServerProcess::start(
                 &binary,
+                &self.apiserver_args,
                 &cluster.topology,
                 &cluster.config,
                 cluster.dir.path(),
@@ -211,6 +220,7 @@ impl Cluster {
             agent_args: Vec::new(),
             pod_processes: None,
             apiserver: None,
+            apiserver_args: Vec::new(),
             istio_crds: false,
         }
     }
@@ -447,6 +457,17 @@ impl Cluster {
             "the agents did not reload the cluster file:\n{}",
             self.logs()
         ))
+    }
+
+    /// Writes the cluster file and waits until the API server serves it, not for the agents.
+    pub async fn publish(&self) -> anyhow::Result<()> {
+        let Some(apiserver) = &self.apiserver else {
+            return Err(anyhow!("the cluster has no API server"));
+        };
+        let before = apiserver.loads();
+        self.write_config()?;
+        apiserver.loaded_after(before, RELOAD_TIMEOUT).await?;
+        Ok(())
     }
 
     /// Waits until every agent has published a state with what the API server served up to

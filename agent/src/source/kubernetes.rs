@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
+use self::unseen::UnseenPods;
 use super::translate::{Objects, Origin, Sourced};
 use crate::drain::DrainWatcher;
 use crate::enrolment::CaptureStatus;
@@ -35,6 +36,7 @@ use crate::state::ClusterState;
 
 mod status;
 mod trim;
+mod unseen;
 
 /// How long a burst of changes is gathered into one new state.
 const SETTLE: Duration = Duration::from_millis(50);
@@ -117,12 +119,14 @@ impl KubernetesSource {
         ));
         let mut published = Published::default();
         let mut sandboxes = self.sandboxes.subscribe();
+        let mut unseen = UnseenPods::new(self.client.clone());
         loop {
             tokio::select! {
                 () = drain.signaled() => break,
                 () = progress.changed.notified() => {}
                 // A pod being created, with the addresses the runtime gave it.
                 _ = sandboxes.changed() => {}
+                Some(pod) = unseen.arrival() => unseen.keep(pod),
             }
             // Let a burst of events (a relist, a rollout) settle into one state.
             tokio::time::sleep(SETTLE).await;
@@ -132,7 +136,9 @@ impl KubernetesSource {
                 continue;
             }
             let version = progress.version();
-            let objects = reflectors.objects(self.sandboxes.addresses());
+            unseen.ask(&self.sandboxes, &reflectors.pods);
+            let mut objects = reflectors.objects(self.sandboxes.addresses());
+            objects.pods.extend(unseen.pods().map(from_api));
             let root_namespace = self.root_namespace.clone();
             let translated =
                 tokio::task::spawn_blocking(move || objects.translate(&root_namespace))

@@ -62,6 +62,10 @@ struct Args {
         default_value_t = 150
     )]
     poll_interval_ms: u64,
+    /// Milliseconds watches lag behind each change, as behind a slow watch cache (lists and
+    /// gets see it at once).
+    #[arg(long, env = "AMBIT_FAKE_APISERVER_WATCH_DELAY_MS", default_value_t = 0)]
+    watch_delay_ms: u64,
 }
 
 impl From<Args> for FakeApiServerConfig {
@@ -74,6 +78,7 @@ impl From<Args> for FakeApiServerConfig {
             history: args.history,
             bookmark_interval: Duration::from_millis(args.bookmark_interval_ms.max(1)),
             poll_interval: Duration::from_millis(args.poll_interval_ms.max(1)),
+            watch_delay: Duration::from_millis(args.watch_delay_ms),
         }
     }
 }

@@ -20,6 +20,8 @@ pub(super) struct State {
     pub(super) token: String,
     pub(super) tokens_file: Option<PathBuf>,
     pub(super) bookmark_interval: Duration,
+    /// How late watches see each change.
+    pub(super) watch_delay: Duration,
     /// `host:port` as clients reach the server, for `/api`.
     pub(super) server_address: String,
 }
@@ -30,6 +32,7 @@ impl State {
         token: String,
         tokens_file: Option<PathBuf>,
         bookmark_interval: Duration,
+        watch_delay: Duration,
         server_address: String,
     ) -> Self {
         let (changes, _) = watch::channel(store.latest());
@@ -41,6 +44,7 @@ impl State {
             token,
             tokens_file,
             bookmark_interval,
+            watch_delay,
             server_address,
         }
     }

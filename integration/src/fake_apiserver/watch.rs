@@ -97,7 +97,12 @@ impl WatchStream {
                 None => return,
             };
             tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return },
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(self.state.watch_delay).await;
+                }
                 _ = compactions.changed() => return,
                 _ = bookmarks.tick(), if self.bookmarks => {
                     if !self.send("BOOKMARK", &self.bookmark(cursor)).await {
