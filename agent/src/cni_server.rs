@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_cni::{Command, MAX_MESSAGE_BYTES, Reply, Request};
+use ambit_cni::{Command, MAX_MESSAGE_BYTES, Message, Reply, Request};
 use ambit_redirect::{CaptureBackend, Netns, NetnsError, NetnsId, PodNetns};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};

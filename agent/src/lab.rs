@@ -12,6 +12,6 @@ mod pod_process;
 pub mod topology;
 
 pub use agent::AgentProcess;
-pub use cluster::{Cluster, ClusterBuilder};
+pub use cluster::{Cluster, ClusterBuilder, ISTIO_CRDS};
 pub use pod::{EchoApp, InPod, read_peer_line};
 pub use pod_process::{CgroupLayout, PodProcess, PodProcessError};

@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{ProtocolError, Reply, Request};
+use crate::protocol::{Message, ProtocolError, Reply, Request};
 
 /// Why the agent gave no usable answer.
 #[derive(Debug, thiserror::Error)]

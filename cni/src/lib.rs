@@ -28,5 +28,6 @@ mod unreachable;
 pub use membership::{DATAPLANE_MODE_LABEL, SIDECAR_STATUS_ANNOTATION, in_mesh};
 pub use plugin::{Outcome, run};
 pub use protocol::{
-    Command, DEFAULT_AGENT_SOCKET, MAX_MESSAGE_BYTES, PodRef, ProtocolError, Reply, Request,
+    Command, DEFAULT_AGENT_SOCKET, MAX_MESSAGE_BYTES, Message, PodRef, ProtocolError, Reply,
+    Request,
 };

@@ -92,72 +92,42 @@ pub enum ProtocolError {
     Encode(#[source] serde_json::Error),
 }
 
-impl Request {
-    /// The request as one line, newline included.
-    pub fn to_line(&self) -> Result<String, ProtocolError> {
-        to_line(self)
+/// A message of the protocol: one JSON object on one line of at most [`MAX_MESSAGE_BYTES`].
+pub trait Message: Serialize + DeserializeOwned {
+    /// The message as one line, newline included.
+    fn to_line(&self) -> Result<String, ProtocolError> {
+        let mut line = serde_json::to_string(self).map_err(ProtocolError::Encode)?;
+        line.push('\n');
+        if line.len() > MAX_MESSAGE_BYTES {
+            return Err(ProtocolError::TooLong);
+        }
+        Ok(line)
     }
 
     /// Parses one line, with or without its newline.
-    pub fn from_line(line: &str) -> Result<Self, ProtocolError> {
-        from_line(line)
+    fn from_line(line: &str) -> Result<Self, ProtocolError> {
+        if line.len() > MAX_MESSAGE_BYTES {
+            return Err(ProtocolError::TooLong);
+        }
+        serde_json::from_str(line.trim_end_matches(['\n', '\r'])).map_err(ProtocolError::Decode)
     }
 
-    /// Writes the request as one line and flushes.
-    pub fn write_to(&self, writer: &mut impl Write) -> Result<(), ProtocolError> {
-        write_line(writer, &self.to_line()?)
+    /// Writes the message as one line and flushes.
+    fn write_to(&self, writer: &mut impl Write) -> Result<(), ProtocolError> {
+        writer
+            .write_all(self.to_line()?.as_bytes())
+            .and_then(|()| writer.flush())
+            .map_err(ProtocolError::Write)
     }
 
     /// Reads one line of at most [`MAX_MESSAGE_BYTES`] and parses it.
-    pub fn read_from(reader: &mut impl BufRead) -> Result<Self, ProtocolError> {
+    fn read_from(reader: &mut impl BufRead) -> Result<Self, ProtocolError> {
         Self::from_line(&read_line(reader)?)
     }
 }
 
-impl Reply {
-    /// The reply as one line, newline included.
-    pub fn to_line(&self) -> Result<String, ProtocolError> {
-        to_line(self)
-    }
-
-    /// Parses one line, with or without its newline.
-    pub fn from_line(line: &str) -> Result<Self, ProtocolError> {
-        from_line(line)
-    }
-
-    /// Writes the reply as one line and flushes.
-    pub fn write_to(&self, writer: &mut impl Write) -> Result<(), ProtocolError> {
-        write_line(writer, &self.to_line()?)
-    }
-
-    /// Reads one line of at most [`MAX_MESSAGE_BYTES`] and parses it.
-    pub fn read_from(reader: &mut impl BufRead) -> Result<Self, ProtocolError> {
-        Self::from_line(&read_line(reader)?)
-    }
-}
-
-fn to_line(message: &impl Serialize) -> Result<String, ProtocolError> {
-    let mut line = serde_json::to_string(message).map_err(ProtocolError::Encode)?;
-    line.push('\n');
-    if line.len() > MAX_MESSAGE_BYTES {
-        return Err(ProtocolError::TooLong);
-    }
-    Ok(line)
-}
-
-fn from_line<T: DeserializeOwned>(line: &str) -> Result<T, ProtocolError> {
-    if line.len() > MAX_MESSAGE_BYTES {
-        return Err(ProtocolError::TooLong);
-    }
-    serde_json::from_str(line.trim_end_matches(['\n', '\r'])).map_err(ProtocolError::Decode)
-}
-
-fn write_line(writer: &mut impl Write, line: &str) -> Result<(), ProtocolError> {
-    writer
-        .write_all(line.as_bytes())
-        .and_then(|()| writer.flush())
-        .map_err(ProtocolError::Write)
-}
+impl Message for Request {}
+impl Message for Reply {}
 
 /// Reads up to and including the first newline, refusing to buffer more than the limit.
 fn read_line(reader: &mut impl BufRead) -> Result<String, ProtocolError> {

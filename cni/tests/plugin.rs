@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Stdio};
 use std::thread::{self, JoinHandle};
 
-use ambit_cni::{Command, PodRef, Reply, Request};
+use ambit_cni::{Command, Message, PodRef, Reply, Request};
 use serde_json::{Value, json};
 
 const ARGS: &str = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=client;\

@@ -35,8 +35,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ambit_agent::READY_PATH;
-use ambit_agent::lab::InPod;
 use ambit_agent::lab::topology::Topology;
+use ambit_agent::lab::{ISTIO_CRDS, InPod};
 use ambit_integration::agent_binary;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
@@ -62,25 +62,6 @@ const READINGS: usize = 5;
 const READING_INTERVAL: Duration = Duration::from_millis(200);
 /// Long enough for the largest cluster on a slow machine; only there so that a hang ends.
 const PATIENCE: Duration = Duration::from_secs(300);
-
-/// Istio's CRDs, so that the agent watches its policies as in a real mesh.
-const ISTIO_CRDS: &str = "---
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: authorizationpolicies.security.istio.io}
-spec:
-  group: security.istio.io
-  scope: Namespaced
-  names: {kind: AuthorizationPolicy, plural: authorizationpolicies}
----
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: peerauthentications.security.istio.io}
-spec:
-  group: security.istio.io
-  scope: Namespaced
-  names: {kind: PeerAuthentication, plural: peerauthentications}
-";
 
 /// How the pods are written in the objects file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

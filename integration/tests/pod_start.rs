@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use ambit_agent::lab::topology::PodNs;
-use ambit_agent::lab::{Cluster, read_peer_line};
+use ambit_agent::lab::{Cluster, ClusterBuilder, EchoApp, read_peer_line};
 use ambit_integration::{cni_binary, two_teams};
 
 const APP_PORT: u16 = 8080;
@@ -135,20 +135,22 @@ async fn first_connection(cluster: &Cluster, from: &str) -> Option<String> {
         .ok()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pod_is_captured_before_its_add_returns() {
-    let mut cluster = two_teams()
+/// `cluster` read from the fake API server, STRICT in `shop`, with the server's echo app.
+async fn mesh(cluster: ClusterBuilder) -> (Cluster, EchoApp) {
+    let cluster = cluster
         .kubernetes(&fake_apiserver())
         .objects(ambit_integration::STRICT_SHOP)
         .start()
         .await
         .unwrap();
-    let _server = cluster
-        .in_pod("server")
-        .unwrap()
-        .echo(APP_PORT)
-        .await
-        .unwrap();
+    let server = cluster.in_pod("server").unwrap();
+    let server = server.echo(APP_PORT).await.unwrap();
+    (cluster, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_is_captured_before_its_add_returns() {
+    let (mut cluster, _server) = mesh(two_teams()).await;
     let late = cluster.add_sandbox("node1", "shop", "late").unwrap();
     let bystander = cluster.add_sandbox("node1", "legacy", "bystander").unwrap();
     cluster.apply().await.unwrap();
@@ -198,18 +200,7 @@ async fn a_pod_is_captured_before_its_add_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_its_agent_a_node_starts_no_pod_of_the_mesh() {
-    let mut cluster = two_teams()
-        .kubernetes(&fake_apiserver())
-        .objects(ambit_integration::STRICT_SHOP)
-        .start()
-        .await
-        .unwrap();
-    let _server = cluster
-        .in_pod("server")
-        .unwrap()
-        .echo(APP_PORT)
-        .await
-        .unwrap();
+    let (mut cluster, _server) = mesh(two_teams()).await;
     let late = cluster.add_sandbox("node1", "shop", "late").unwrap();
     let bystander = cluster.add_sandbox("node1", "legacy", "bystander").unwrap();
     cluster.apply().await.unwrap();
@@ -243,19 +234,8 @@ async fn without_its_agent_a_node_starts_no_pod_of_the_mesh() {
 async fn a_pod_the_watch_has_not_brought_is_fetched() {
     // Watches lag a minute behind, as behind a slow watch cache: the agent learns of the new
     // pod only by asking the API server.
-    let mut cluster = two_teams()
-        .kubernetes(&fake_apiserver())
-        .apiserver_args(&["--watch-delay-ms", "60000"])
-        .objects(ambit_integration::STRICT_SHOP)
-        .start()
-        .await
-        .unwrap();
-    let _server = cluster
-        .in_pod("server")
-        .unwrap()
-        .echo(APP_PORT)
-        .await
-        .unwrap();
+    let slow_watches = two_teams().apiserver_args(&["--watch-delay-ms", "60000"]);
+    let (mut cluster, _server) = mesh(slow_watches).await;
     let late = cluster.add_sandbox("node1", "shop", "late").unwrap();
     cluster.publish().await.unwrap();
 

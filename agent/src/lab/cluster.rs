@@ -594,7 +594,7 @@ impl Cluster {
 
 /// Istio's CRDs, as much of them as an API server needs to serve AuthorizationPolicies and
 /// PeerAuthentications.
-const ISTIO_CRDS: &str = "---
+pub const ISTIO_CRDS: &str = "---
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata: {name: authorizationpolicies.security.istio.io}
