@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use ambit_agent::lab::topology::Topology;
+use ambit_agent::lab::topology::{PodNs, Topology};
 use ambit_agent::lab::{Cluster, ClusterBuilder};
 use anyhow::Context;
 
@@ -47,6 +47,14 @@ fn built_binary(name: &str, override_variable: &str) -> PathBuf {
         None => exe.as_path(),
     };
     profile_dir.join(name)
+}
+
+/// Whether the agent's HBONE listener (15008) is open in `pod`: the pod is enrolled.
+pub fn agent_listens_in(pod: &PodNs) -> bool {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &pod.netns, "ss", "-Hltn"])
+        .output()
+        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).contains(":15008"))
 }
 
 /// Two teams on two nodes: `client` (namespace `shop`) and `admin` (`ops`) in the mesh on node1,

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ambit_agent::lab::{CgroupLayout, Cluster, ClusterBuilder, EchoApp, read_peer_line};
-use ambit_integration::{ALLOW_CLIENT, PacketCapture, STRICT_SHOP, two_teams};
+use ambit_integration::{ALLOW_CLIENT, PacketCapture, STRICT_SHOP, agent_listens_in, two_teams};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
@@ -83,12 +83,7 @@ async fn echo(cluster: &Cluster, pod: &str) -> EchoApp {
 
 /// Whether the agent's proxies listen in `pod`: it is enrolled.
 fn enrolled(cluster: &Cluster, pod: &str) -> bool {
-    let output = Command::new("ip")
-        .args(["netns", "exec", &cluster.pod(pod).unwrap().netns])
-        .args(["ss", "-Hltn"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).contains(":15008")
+    agent_listens_in(cluster.pod(pod).unwrap())
 }
 
 async fn within(limit: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {

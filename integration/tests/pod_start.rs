@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ambit_agent::lab::topology::PodNs;
 use ambit_agent::lab::{Cluster, ClusterBuilder, EchoApp, read_peer_line};
-use ambit_integration::{cni_binary, two_teams};
+use ambit_integration::{agent_listens_in, cni_binary, two_teams};
 
 const APP_PORT: u16 = 8080;
 
@@ -100,15 +100,6 @@ fn remove_capture(pod: &PodNs) {
     }
 }
 
-/// Whether the agent's proxies listen in `pod`: it is enrolled.
-fn enrolled(pod: &PodNs) -> bool {
-    let output = Command::new("ip")
-        .args(["netns", "exec", &pod.netns, "ss", "-Hltn"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).contains(":15008")
-}
-
 async fn eventually(cluster: &Cluster, what: &str, condition: impl Fn() -> bool) {
     for _ in 0..200 {
         if condition() {
@@ -183,7 +174,7 @@ async fn a_pod_is_captured_before_its_add_returns() {
     // A pod outside the mesh is answered at once, and left alone.
     let added = plugin(&cluster, "ADD", &bystander);
     assert!(added.status.success(), "{}", describe(&added));
-    assert!(!enrolled(&bystander));
+    assert!(!agent_listens_in(&bystander));
 
     // CHECK sees capture removed behind the agent's back.
     let checked = plugin(&cluster, "CHECK", &late);
@@ -195,7 +186,7 @@ async fn a_pod_is_captured_before_its_add_returns() {
     // DEL releases.
     let deleted = plugin(&cluster, "DEL", &late);
     assert!(deleted.status.success(), "{}", describe(&deleted));
-    eventually(&cluster, "released after DEL", || !enrolled(&late)).await;
+    eventually(&cluster, "released after DEL", || !agent_listens_in(&late)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
