@@ -18,7 +18,7 @@ pub use certificate::{
 };
 pub use local_ca::{
     CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, DEFAULT_WORKLOAD_TTL, LocalCa, LocalCaError,
-    ROOT_CERT_FILE,
+    ROOT_CERT_FILE, SignRequestError,
 };
 pub use manager::{CertificateManager, CertificateStatus, FetchError};
 pub use provider::{CertificateProvider, IssueError, IssueFuture};

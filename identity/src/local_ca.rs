@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -91,7 +92,8 @@ impl LocalCa {
         Self::load(dir)
     }
 
-    fn load(dir: &Path) -> Result<Self, LocalCaError> {
+    /// Loads the CA from `dir`, which must hold all four files.
+    pub fn load(dir: &Path) -> Result<Self, LocalCaError> {
         let key_path = dir.join(CA_KEY_FILE);
         let key = KeyPair::from_pem(&read(&key_path)?)
             .map_err(|e| LocalCaError::ParseKey(key_path, e))?;
@@ -117,21 +119,90 @@ impl LocalCa {
         &self.roots
     }
 
+    /// The signing certificate and its chain up to the root, as `cert-chain.pem` holds it.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
     /// Signs a certificate for `identity` over a freshly generated ECDSA P-256 key.
     pub fn sign(&self, identity: &Identity) -> Result<WorkloadCertificate, IssueError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(IssueError::Sign)?;
-        let params = workload_params(identity, self.workload_ttl).map_err(IssueError::Sign)?;
-        let leaf = params
-            .signed_by(&key, &self.issuer)
+        let chain = self
+            .certify(&key, identity, self.workload_ttl)
             .map_err(IssueError::Sign)?;
-
-        let mut chain = Vec::with_capacity(1 + self.chain.len());
-        chain.push(leaf.der().clone());
-        chain.extend(self.chain.iter().cloned());
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         WorkloadCertificate::new(chain, key, &self.roots, &crypto_provider())
             .map_err(IssueError::Unusable)
     }
+
+    /// Signs a certificate for `identity`, valid for `ttl`, over the public key of a PEM
+    /// certificate signing request; the request must be signed by its key and ask for exactly
+    /// that identity. Returns the chain, leaf first. Nothing else the request asks for is
+    /// copied: the certificate is an Istio workload certificate whatever it says.
+    pub fn sign_request(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, SignRequestError> {
+        let request =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(SignRequestError::Parse)?;
+        let requested = request_identities(&request.params)?;
+        if requested.as_slice() != std::slice::from_ref(identity) {
+            return Err(SignRequestError::IdentityMismatch {
+                requested,
+                authorized: identity.clone(),
+            });
+        }
+        self.certify(&request.public_key, identity, ttl)
+            .map_err(SignRequestError::Sign)
+    }
+
+    /// A workload certificate for `identity` over `public_key`, followed by the CA's chain.
+    fn certify(
+        &self,
+        public_key: &impl PublicKeyData,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, rcgen::Error> {
+        let leaf = workload_params(identity, ttl)?.signed_by(public_key, &self.issuer)?;
+        let mut chain = Vec::with_capacity(1 + self.chain.len());
+        chain.push(leaf.der().clone());
+        chain.extend(self.chain.iter().cloned());
+        Ok(chain)
+    }
+}
+
+/// Why a certificate signing request was not signed.
+#[derive(Debug, thiserror::Error)]
+pub enum SignRequestError {
+    #[error("the CSR is not a PEM certificate request signed by its own key")]
+    Parse(#[source] rcgen::Error),
+    #[error("the CSR asks for a name that is not a workload identity: {0}")]
+    NotAnIdentity(String),
+    #[error("the CSR asks for {requested:?}; the caller may have exactly {authorized}")]
+    IdentityMismatch {
+        requested: Vec<Identity>,
+        authorized: Identity,
+    },
+    #[error("failed to sign the certificate")]
+    Sign(#[source] rcgen::Error),
+}
+
+/// The identities a request's subject alternative names ask for; any other kind of name is
+/// refused.
+fn request_identities(params: &CertificateParams) -> Result<Vec<Identity>, SignRequestError> {
+    params
+        .subject_alt_names
+        .iter()
+        .map(|san| match san {
+            SanType::URI(uri) => uri
+                .as_str()
+                .parse()
+                .map_err(|_| SignRequestError::NotAnIdentity(uri.as_str().to_owned())),
+            other => Err(SignRequestError::NotAnIdentity(format!("{other:?}"))),
+        })
+        .collect()
 }
 
 impl CertificateProvider for LocalCa {
@@ -326,5 +397,64 @@ mod tests {
         assert!(eku.server_auth && eku.client_auth);
         assert!(leaf.subject_alternative_name().unwrap().unwrap().critical);
         assert!(!leaf.is_ca());
+    }
+    fn request(sans: &[SanType]) -> (KeyPair, String) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans.to_vec();
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        (key, csr)
+    }
+
+    fn uri(identity: &str) -> SanType {
+        SanType::URI(identity.try_into().unwrap())
+    }
+
+    #[test]
+    fn signs_the_key_of_a_request_for_exactly_the_authorized_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::load_or_create(dir.path(), &trust_domain()).unwrap();
+        let identity: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let (key, csr) = request(&[uri(identity.as_str())]);
+        let chain = ca
+            .sign_request(&csr, &identity, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(&chain[1..], ca.chain());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let cert = WorkloadCertificate::new(chain, key, ca.roots(), &crypto_provider()).unwrap();
+        assert_eq!(cert.identity(), &identity);
+        assert_eq!(cert.lifetime(), Duration::from_secs(60) + CLOCK_SKEW);
+    }
+
+    #[test]
+    fn refuses_a_request_for_anything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::load_or_create(dir.path(), &trust_domain()).unwrap();
+        let web: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let ttl = Duration::from_secs(60);
+        let sign = |sans: &[SanType]| ca.sign_request(&request(sans).1, &web, ttl).unwrap_err();
+
+        let other = uri("spiffe://cluster.local/ns/shop/sa/db");
+        assert!(matches!(
+            sign(&[other.clone()]),
+            SignRequestError::IdentityMismatch { .. }
+        ));
+        assert!(matches!(
+            sign(&[uri(web.as_str()), other]),
+            SignRequestError::IdentityMismatch { .. }
+        ));
+        assert!(matches!(
+            sign(&[]),
+            SignRequestError::IdentityMismatch { .. }
+        ));
+        let dns = SanType::DnsName("web.shop.svc".try_into().unwrap());
+        assert!(matches!(
+            sign(&[uri(web.as_str()), dns]),
+            SignRequestError::NotAnIdentity(_)
+        ));
+        assert!(matches!(
+            ca.sign_request("not a request", &web, ttl).unwrap_err(),
+            SignRequestError::Parse(_)
+        ));
     }
 }
