@@ -11,3 +11,15 @@ pub mod proto {
     )]
     tonic::include_proto!("istio.v1.auth");
 }
+
+/// The metadata key of the request's `metadata` struct that names the identity a node agent
+/// asks for on behalf of a workload on its node.
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+/// The gRPC metadata (HTTP/2 header) naming the caller's cluster, as ztunnel sends it.
+pub const CLUSTER_ID_HEADER: &str = "clusterid";
+/// The cluster name Istio uses when none is configured.
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+/// The audience callers' service-account tokens are bound to, as for istiod's CA.
+pub const DEFAULT_AUDIENCE: &str = "istio-ca";
+/// The port istiod serves its CA on.
+pub const DEFAULT_PORT: u16 = 15012;
