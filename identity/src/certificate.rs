@@ -146,6 +146,14 @@ pub fn certificate_not_after(der: &CertificateDer<'_>) -> Result<SystemTime, Cer
     Ok(unix_time(parsed.validity().not_after.timestamp()))
 }
 
+/// A DER certificate's serial number, in colon-separated hex as [`WorkloadCertificate::serial`]
+/// shows it.
+pub fn certificate_serial(der: &CertificateDer<'_>) -> Result<String, CertificateError> {
+    let (_, parsed) =
+        X509Certificate::from_der(der).map_err(|e| CertificateError::ParseLeaf(e.to_string()))?;
+    Ok(parsed.raw_serial_as_string())
+}
+
 fn uri_san_identity(cert: &X509Certificate<'_>) -> Result<Identity, CertificateError> {
     let san = cert
         .subject_alternative_name()

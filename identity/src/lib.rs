@@ -15,6 +15,7 @@ mod tls;
 
 pub use certificate::{
     CertificateError, WorkloadCertificate, certificate_identity, certificate_not_after,
+    certificate_serial,
 };
 pub use local_ca::{
     CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, DEFAULT_WORKLOAD_TTL, LocalCa, LocalCaError,

@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::io;
+use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use rcgen::{
     PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use time::OffsetDateTime;
 
 use crate::certificate::WorkloadCertificate;
@@ -158,6 +159,21 @@ impl LocalCa {
             .map_err(SignRequestError::Sign)
     }
 
+    /// A TLS server certificate for `names` (DNS names and IP addresses), valid for `ttl`, over
+    /// a freshly generated ECDSA P-256 key: how a server run by the CA itself, such as the
+    /// certificate service, proves its name to clients that trust the CA's roots. Returns the
+    /// chain, leaf first, and the key.
+    pub fn issue_server_certificate(
+        &self,
+        names: &[ServerName<'_>],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), rcgen::Error> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let chain = self.chain_for(server_params(names, ttl)?, &key)?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((chain, key))
+    }
+
     /// A workload certificate for `identity` over `public_key`, followed by the CA's chain.
     fn certify(
         &self,
@@ -165,7 +181,16 @@ impl LocalCa {
         identity: &Identity,
         ttl: Duration,
     ) -> Result<Vec<CertificateDer<'static>>, rcgen::Error> {
-        let leaf = workload_params(identity, ttl)?.signed_by(public_key, &self.issuer)?;
+        self.chain_for(workload_params(identity, ttl)?, public_key)
+    }
+
+    /// A certificate of `params` over `public_key`, followed by the CA's chain.
+    fn chain_for(
+        &self,
+        params: CertificateParams,
+        public_key: &impl PublicKeyData,
+    ) -> Result<Vec<CertificateDer<'static>>, rcgen::Error> {
+        let leaf = params.signed_by(public_key, &self.issuer)?;
         let mut chain = Vec::with_capacity(1 + self.chain.len());
         chain.push(leaf.der().clone());
         chain.extend(self.chain.iter().cloned());
@@ -234,6 +259,36 @@ fn workload_params(identity: &Identity, ttl: Duration) -> Result<CertificatePara
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, ttl);
+    params.serial_number = Some(random_serial());
+    Ok(params)
+}
+
+/// A TLS server certificate: the names as SANs (the first also as common name), serverAuth.
+fn server_params(
+    names: &[ServerName<'_>],
+    ttl: Duration,
+) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = names
+        .iter()
+        .map(|name| match name {
+            ServerName::DnsName(dns) => Ok(SanType::DnsName(dns.as_ref().try_into()?)),
+            ServerName::IpAddress(ip) => Ok(SanType::IpAddress(IpAddr::from(*ip))),
+            // `ServerName` may grow variants; a name that cannot be certified is refused.
+            _ => Err(rcgen::Error::InvalidNameType),
+        })
+        .collect::<Result<_, rcgen::Error>>()?;
+    if let Some(ServerName::DnsName(first)) = names.first() {
+        params
+            .distinguished_name
+            .push(DnType::CommonName, first.as_ref());
+    }
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
     set_validity(&mut params, ttl);
     params.serial_number = Some(random_serial());
@@ -456,5 +511,39 @@ mod tests {
             ca.sign_request("not a request", &web, ttl).unwrap_err(),
             SignRequestError::Parse(_)
         ));
+    }
+
+    #[test]
+    fn issues_server_certificates_for_names_and_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::load_or_create(dir.path(), &trust_domain()).unwrap();
+        let names = [
+            ServerName::try_from("ambit-ca.ambit-system.svc").unwrap(),
+            ServerName::from(IpAddr::from([127, 0, 0, 1])),
+        ];
+        let (chain, _key) = ca
+            .issue_server_certificate(&names, Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(&chain[1..], ca.chain());
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let sans: Vec<String> = leaf
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            sans,
+            [
+                "DNSName(ambit-ca.ambit-system.svc)",
+                "IPAddress(7f:00:00:01)"
+            ]
+        );
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+        assert!(!leaf.is_ca());
     }
 }
