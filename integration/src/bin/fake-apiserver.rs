@@ -42,7 +42,7 @@ struct Args {
     #[arg(long, env = "AMBIT_FAKE_APISERVER_KUBECONFIG_OUT")]
     kubeconfig_out: PathBuf,
     /// Known tokens for TokenReview: a YAML list of {token, username, uid, groups, extra,
-    /// audiences}. Read on every review.
+    /// audiences, expiresAt}. Read on every review.
     #[arg(long, env = "AMBIT_FAKE_APISERVER_TOKENS")]
     tokens: Option<PathBuf>,
     /// How many changes are kept for watches to resume from.

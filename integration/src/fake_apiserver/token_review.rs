@@ -10,11 +10,16 @@
 //!   groups: [system:serviceaccounts, system:serviceaccounts:shop]
 //!   extra: {authentication.kubernetes.io/pod-name: [client]}
 //!   audiences: [istio-ca]
+//!   expiresAt: 2030-01-01T00:00:00Z
 //! ```
+//!
+//! Past `expiresAt` a token is refused as a real API server refuses an expired one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -33,6 +38,9 @@ pub(super) struct KnownToken {
     /// Audiences the token is valid for; empty means any.
     #[serde(default)]
     audiences: Vec<String>,
+    /// When the token stops authenticating; never if absent.
+    #[serde(default, rename = "expiresAt")]
+    expires_at: Option<Time>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,13 +79,21 @@ struct ReviewSpec {
     audiences: Vec<String>,
 }
 
-/// The TokenReview answering the review in `body`.
+/// The TokenReview answering the review in `body` now.
 pub(super) fn review(known: &[KnownToken], body: &[u8]) -> Result<Value, TokenReviewError> {
+    review_at(known, body, Timestamp::now())
+}
+
+/// The TokenReview answering the review in `body` at `now`.
+fn review_at(known: &[KnownToken], body: &[u8], now: Timestamp) -> Result<Value, TokenReviewError> {
     let request: Value = serde_json::from_slice(body).map_err(TokenReviewError::ParseReview)?;
     let ReviewRequest { spec } =
         serde_json::from_value(request.clone()).map_err(TokenReviewError::ParseReview)?;
     let status = match known.iter().find(|t| t.token == spec.token) {
         None => rejected("invalid bearer token".to_owned()),
+        Some(token) if token.expires_at.as_ref().is_some_and(|at| at.0 <= now) => {
+            rejected("token has expired".to_owned())
+        }
         Some(token) => match granted_audiences(token, &spec.audiences) {
             Some(audiences) => authenticated(token, audiences),
             None => rejected(format!(
@@ -145,6 +161,9 @@ mod tests {
   audiences: [istio-ca]
 - token: t2
   username: alice
+- token: t3
+  username: bob
+  expiresAt: 2030-01-01T00:00:00Z
 ";
         match serde_yaml_ng::from_str(text) {
             Ok(tokens) => tokens,
@@ -153,9 +172,13 @@ mod tests {
     }
 
     fn status(token: &str, audiences: &[&str]) -> Value {
+        status_at(token, audiences, Timestamp::now())
+    }
+
+    fn status_at(token: &str, audiences: &[&str], now: Timestamp) -> Value {
         let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
             "spec": {"token": token, "audiences": audiences}});
-        match review(&known(), body.to_string().as_bytes()) {
+        match review_at(&known(), body.to_string().as_bytes(), now) {
             Ok(review) => review["status"].clone(),
             Err(e) => panic!("{e}"),
         }
@@ -193,5 +216,18 @@ mod tests {
                 .as_str()
                 .is_some_and(|e| e.contains("invalid bearer token"))
         );
+    }
+
+    #[test]
+    fn expired_tokens_do_not() {
+        let at = |text: &str| match text.parse::<Timestamp>() {
+            Ok(time) => time,
+            Err(e) => panic!("{e}"),
+        };
+        let before = status_at("t3", &[], at("2029-12-31T23:59:59Z"));
+        assert_eq!(before["authenticated"], true);
+        let after = status_at("t3", &[], at("2030-01-01T00:00:00Z"));
+        assert_eq!(after["authenticated"], false);
+        assert_eq!(after["error"], "[invalid bearer token, token has expired]");
     }
 }
