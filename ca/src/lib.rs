@@ -1,4 +1,13 @@
-//! Istio's certificate service, `istio.v1.auth.IstioCertificateService/CreateCertificate`.
+//! Istio's certificate service, `istio.v1.auth.IstioCertificateService/CreateCertificate`: the
+//! server of `ambit ca` ([`CaServer`], configured by [`ServerConfig`]).
+
+mod pem;
+mod server;
+
+pub use server::{
+    CaServer, LoadCaError, ServerConfig, ServiceAccount, ServiceAccountError, ServingError,
+    ServingName, ServingNameError, StartError, TtlPolicy, TtlPolicyError,
+};
 
 pub mod proto {
     //! The messages and stubs generated from `proto/ca.proto`.

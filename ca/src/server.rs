@@ -1,0 +1,154 @@
+//! `ambit ca`: Istio's certificate service, issuing each identity only to a caller entitled to
+//! it.
+//!
+//! A request goes through four steps, each its own module: the caller's token is reviewed by
+//! the API server (`authenticate`); the identity asked for is the caller's own or the one it
+//! impersonates (`request`); impersonation is allowed to trusted node agents for pods on their
+//! node (`authorize`); the CSR is signed by the CA of the `cacerts` directory (`signer`,
+//! `authority`). The server proves itself with a certificate from that same CA (`tls`), so a
+//! client needs the roots it already has. [`CaServer`] serves one connection at a time for the
+//! caller's accept loop, and watches the CA directory.
+
+mod api;
+mod authenticate;
+mod authority;
+mod authorize;
+mod connection;
+mod metrics;
+mod refusal;
+mod request;
+mod service;
+mod service_account;
+mod signer;
+mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_identity::TrustDomain;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+pub use authority::LoadCaError;
+pub use request::{TtlPolicy, TtlPolicyError};
+pub use service_account::{ServiceAccount, ServiceAccountError};
+pub use tls::{ServingError, ServingName, ServingNameError};
+
+use authenticate::Authenticator;
+use authority::{Authority, ServingResolver};
+use authorize::Authorizer;
+use metrics::Metrics;
+use service::CertificateService;
+
+use crate::proto::istio_certificate_service_server::IstioCertificateServiceServer;
+
+/// How often the CA directory is compared with what was loaded.
+const CA_DIR_POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// A certificate request is a CSR and a little metadata.
+const MAX_REQUEST_SIZE: usize = 64 * 1024;
+
+/// What the server issues, to whom, and the names it answers to.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Istio's `cacerts` layout: `ca-cert.pem`, `ca-key.pem`, `root-cert.pem`,
+    /// `cert-chain.pem`.
+    pub ca_dir: PathBuf,
+    /// Create a self-signed root in `ca_dir` when it is empty.
+    pub create_root: bool,
+    /// The only trust domain identities are issued in.
+    pub trust_domain: TrustDomain,
+    /// The audience callers' tokens must be valid for.
+    pub audience: String,
+    /// The cluster this CA serves; callers naming another are refused.
+    pub cluster_id: String,
+    /// The node agents' service accounts: they may ask for the identities of pods on their node.
+    pub trusted_node_accounts: Vec<ServiceAccount>,
+    pub ttl: TtlPolicy,
+    /// The serving certificate's names.
+    pub server_names: Vec<ServingName>,
+}
+
+/// Why the server cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    LoadCa(#[from] LoadCaError),
+    #[error("failed to configure TLS")]
+    Tls(#[source] rustls::Error),
+}
+
+/// The certificate service, ready to serve connections.
+pub struct CaServer {
+    authority: Arc<Authority>,
+    tls: TlsAcceptor,
+    grpc: IstioCertificateServiceServer<CertificateService>,
+}
+
+impl CaServer {
+    /// Loads the CA and issues the serving certificate; `client` reaches the API server that
+    /// reviews tokens and knows the pods, and the metrics are registered in `registry`.
+    pub fn new(
+        config: ServerConfig,
+        client: kube::Client,
+        registry: &mut Registry,
+    ) -> Result<Self, StartError> {
+        let metrics = Metrics::new(registry);
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let authority = Arc::new(Authority::load(
+            &config.ca_dir,
+            config.create_root.then_some(&config.trust_domain),
+            config.server_names,
+            provider.clone(),
+            metrics.clone(),
+        )?);
+        let resolver = Arc::new(ServingResolver(authority.clone()));
+        let tls = tls::server_config(provider, resolver).map_err(StartError::Tls)?;
+        let service = CertificateService {
+            authority: authority.clone(),
+            authenticator: Authenticator::new(client.clone(), config.audience, config.cluster_id),
+            authorizer: Authorizer::new(client, config.trusted_node_accounts),
+            trust_domain: config.trust_domain,
+            ttl: config.ttl,
+            metrics,
+        };
+        Ok(Self {
+            authority,
+            tls: TlsAcceptor::from(Arc::new(tls)),
+            grpc: IstioCertificateServiceServer::new(service)
+                .max_decoding_message_size(MAX_REQUEST_SIZE),
+        })
+    }
+
+    /// Serves one accepted connection until it closes; once `stop` resolves, the requests in
+    /// flight are answered and the connection closed.
+    pub async fn serve_connection(
+        &self,
+        tcp: TcpStream,
+        client: SocketAddr,
+        stop: impl Future<Output = ()>,
+    ) {
+        connection::serve(&self.tls, self.grpc.clone(), tcp, client, stop).await;
+    }
+
+    /// Reloads the CA whenever its directory changes and renews the serving certificate at
+    /// half-life. Runs until dropped.
+    pub async fn watch_ca_dir(&self) {
+        let mut interval = tokio::time::interval(CA_DIR_POLL_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            self.authority.refresh();
+        }
+    }
+}
+
+impl std::fmt::Debug for CaServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaServer")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,68 @@
+//! One client connection: the TLS handshake, bounded in time, then gRPC over HTTP/2 until the
+//! client leaves or the server stops.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tonic::codegen::Service;
+
+use super::service::CertificateService;
+use crate::proto::istio_certificate_service_server::IstioCertificateServiceServer;
+
+/// A client that has not finished the TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests in flight on one connection; a node agent renews a handful at a time.
+const MAX_CONCURRENT_STREAMS: u32 = 64;
+/// A token is about a kilobyte; this leaves room for any real client's headers.
+const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+
+/// The client's address, in each request's extensions for the service's log lines.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientAddr(pub(crate) SocketAddr);
+
+/// Serves `tcp` from `client` until it closes; once `stop` resolves, the requests in flight
+/// are finished and the connection closed.
+pub(crate) async fn serve(
+    tls: &TlsAcceptor,
+    grpc: IstioCertificateServiceServer<CertificateService>,
+    tcp: TcpStream,
+    client: SocketAddr,
+    stop: impl Future<Output = ()>,
+) {
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(src.addr = %client, %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(src.addr = %client, "TLS handshake timed out");
+            return;
+        }
+    };
+    let service = service_fn(move |mut request: http::Request<Incoming>| {
+        request.extensions_mut().insert(ClientAddr(client));
+        grpc.clone().call(request)
+    });
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = stop => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = served {
+        tracing::debug!(src.addr = %client, %error, "connection failed");
+    }
+}
