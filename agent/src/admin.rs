@@ -28,7 +28,7 @@ use views::{
 };
 
 /// The content type of the OpenMetrics text that prometheus-client writes.
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// `/metrics` and `/stats/prometheus`.
 #[derive(Debug)]

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::ca_command::CaArgs;
 use crate::cni_install::CniArgs;
 use crate::config::{AgentArgs, AgentConfig, LogFormat};
 use crate::debug::DebugArgs;
@@ -21,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent.
     Agent(Box<AgentArgs>),
+    /// Serve Istio's certificate service to the node agents, from the cluster's CA.
+    Ca(Box<CaArgs>),
     /// Install ambit's chained CNI plugin on this node, or remove it.
     Cni(CniArgs),
     /// Inspect the local agent: workloads, services, policies, certificates, connections.
@@ -46,6 +49,7 @@ impl Cli {
             }
             Command::Agent(args) => run_agent(*args),
             Command::Demo => run_demo(),
+            Command::Ca(args) => args.run(),
             Command::Cni(args) => args.run(),
             Command::Debug(args) => args.run(),
         }

@@ -206,7 +206,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
 }
 
 /// A whole number with its unit: `s`, `m`, `h` or `d`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let invalid = || format!("{text:?} is not a duration such as 30s, 10m, 24h or 7d");
     let split = text.len().saturating_sub(1);
     let (number, unit) = (text.get(..split).ok_or_else(invalid)?, &text[split..]);

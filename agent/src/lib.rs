@@ -6,7 +6,8 @@
 //! HBONE ([`HboneClient`], [`HboneServer`]). Long-lived tasks stop through [`drain`]; sockets
 //! come from a [`sockets::SocketFactory`]. The `ambit` command line is [`Cli`]; `ambit demo` runs
 //! on the namespace [`lab`]; `ambit cni` puts ambit's chained plugin into the node's CNI
-//! configuration ([`CniConfDir`], [`CniBinDir`]).
+//! configuration ([`CniConfDir`], [`CniBinDir`]); `ambit ca` serves Istio's certificate service
+//! ([`CaArgs`]).
 
 pub mod admin;
 pub mod authorize;
@@ -22,6 +23,7 @@ mod accept;
 mod access;
 mod admission;
 mod app;
+mod ca_command;
 mod cli;
 mod cni_install;
 mod cni_server;
@@ -42,6 +44,7 @@ mod revocation;
 mod sandboxes;
 
 pub use admission::PendingLimits;
+pub use ca_command::{CaArgs, CaConfigError};
 pub use cli::{Cli, Command};
 pub use cni_install::{
     ApiServerUrl, CniArgs, CniBinDir, CniConfDir, CniInstallError, ConfDirLock, ConfigChange,

@@ -15,6 +15,7 @@ mod kubernetes;
 mod translate;
 
 pub use file::{FileSource, SourceError};
+pub(crate) use kubernetes::client as kubernetes_client;
 pub use kubernetes::{KubernetesError, KubernetesSource, STATE_UPDATED};
 pub use translate::ObjectError;
 

@@ -73,6 +73,22 @@ impl std::fmt::Debug for KubernetesSource {
     }
 }
 
+/// A client of the API server of `kubeconfig`, or of the service account this process runs as
+/// in a pod when there is none.
+pub(crate) async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .map_err(|e| KubernetesError::Kubeconfig(path.display().to_string(), e))?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| KubernetesError::Kubeconfig(path.display().to_string(), e))?
+        }
+        None => Config::incluster().map_err(KubernetesError::InCluster)?,
+    };
+    Client::try_from(config).map_err(KubernetesError::Client)
+}
+
 impl KubernetesSource {
     /// A source reading the cluster of `kubeconfig`, or of the service account the agent runs
     /// as when there is none.
@@ -82,18 +98,8 @@ impl KubernetesSource {
         root_namespace: &str,
         sandboxes: Sandboxes,
     ) -> Result<Self, KubernetesError> {
-        let config = match kubeconfig {
-            Some(path) => {
-                let kubeconfig = Kubeconfig::read_from(path)
-                    .map_err(|e| KubernetesError::Kubeconfig(path.display().to_string(), e))?;
-                Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                    .await
-                    .map_err(|e| KubernetesError::Kubeconfig(path.display().to_string(), e))?
-            }
-            None => Config::incluster().map_err(KubernetesError::InCluster)?,
-        };
         Ok(Self {
-            client: Client::try_from(config).map_err(KubernetesError::Client)?,
+            client: client(kubeconfig).await?,
             node: node.to_owned(),
             root_namespace: root_namespace.to_owned(),
             sandboxes,
