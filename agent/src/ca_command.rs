@@ -19,6 +19,7 @@ use clap::Args;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 
 use crate::accept::serve_listener;
 use crate::admin::OPENMETRICS;
@@ -156,6 +157,11 @@ async fn serve(config: CaConfig) -> anyhow::Result<()> {
     let server = Arc::new(server);
     let listener = bind("--listen", config.listen).await?;
     let metrics_listener = bind("--metrics-addr", config.metrics_addr).await?;
+    tracing::info!(
+        listen = %local_addr(&listener),
+        metrics = %local_addr(&metrics_listener),
+        "serving Istio's certificate service"
+    );
 
     let (trigger, drain) = drain::channel();
     tokio::spawn(http_server::serve(
@@ -174,11 +180,6 @@ async fn serve(config: CaConfig) -> anyhow::Result<()> {
             async move { server.serve_connection(tcp, client, held.signaled()).await }
         },
     ));
-    tracing::info!(
-        listen = %config.listen,
-        metrics = %config.metrics_addr,
-        "serving Istio's certificate service"
-    );
 
     stop.received().await;
     tracing::info!("stopping: answering the requests in flight");
@@ -191,6 +192,13 @@ async fn serve(config: CaConfig) -> anyhow::Result<()> {
         () = stop.received() => tracing::warn!("asked again to stop; closing the open connections"),
     }
     Ok(())
+}
+
+/// Where `listener` listens, as the log shows it: the port chosen for port 0.
+fn local_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|error| error.to_string(), |addr| addr.to_string())
 }
 
 /// Reloads the CA when its directory changes, until a drain starts.
