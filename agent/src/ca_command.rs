@@ -94,7 +94,7 @@ pub struct CaArgs {
 
 /// Why the flags do not make a configuration.
 #[derive(Debug, thiserror::Error)]
-pub enum CaConfigError {
+enum CaConfigError {
     #[error("--default-ttl and --max-ttl: {0}")]
     Ttl(#[source] TtlPolicyError),
 }

@@ -44,7 +44,7 @@ mod revocation;
 mod sandboxes;
 
 pub use admission::PendingLimits;
-pub use ca_command::{CaArgs, CaConfigError};
+pub use ca_command::CaArgs;
 pub use cli::{Cli, Command};
 pub use cni_install::{
     ApiServerUrl, CniArgs, CniBinDir, CniConfDir, CniInstallError, ConfDirLock, ConfigChange,

@@ -20,6 +20,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONCURRENT_STREAMS: u32 = 64;
 /// A token is about a kilobyte; this leaves room for any real client's headers.
 const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+/// Node agents keep their connection open between renewals; pings find those whose node went
+/// away, which would otherwise hold a connection for ever.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The client's address, in each request's extensions for the service's log lines.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +57,8 @@ pub(crate) async fn serve(
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
     let served = tokio::select! {
