@@ -1,4 +1,7 @@
-//! Istio's certificate service, `istio.v1.auth.IstioCertificateService/CreateCertificate`.
+//! Istio's certificate service, `istio.v1.auth.IstioCertificateService/CreateCertificate`: the
+//! agent's client ([`client`]).
+
+pub mod client;
 
 pub mod proto {
     //! The messages and stubs generated from `proto/ca.proto`.
