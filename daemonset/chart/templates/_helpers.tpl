@@ -115,7 +115,7 @@ message naming the values otherwise.
 {{- fail "ca.createRoot and ca.rootCert are settings of ambit's CA (ca.enabled=true); with ca.external the agents read ca.external.rootConfigMap" -}}
 {{- end -}}
 {{- if and $ca.createRoot $ca.rootCert -}}
-{{- fail "ca.createRoot makes a new root when the CA starts, so ca.rootCert cannot be known: leave it empty and publish the root the CA made (docs/install.md#a-demo-root-carootcreate)" -}}
+{{- fail "ca.createRoot makes a new root when the CA starts, so ca.rootCert cannot be known: leave it empty and publish the root the CA made (docs/install.md#a-demo-root-cacreateroot)" -}}
 {{- end -}}
 {{- if and $ca.createRoot (gt (int $ca.replicas) 1) -}}
 {{- fail "ca.createRoot gives each CA pod a root of its own: it allows one replica only (ca.replicas=1); bring your own cacerts (ca.secretName) for more" -}}
