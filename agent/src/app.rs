@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_identity::{CertificateManager, LocalCa};
+use ambit_ca::client::CaClient;
+use ambit_identity::{CertificateManager, CertificateProvider, LocalCa};
 use ambit_redirect::{CaptureBackend, Ebpf, HostProc, NetSysctls, Nftables};
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -16,7 +17,7 @@ use crate::admin::views::EffectiveConfig;
 use crate::admin::{AdminApi, MetricsEndpoint};
 use crate::admission::Admission;
 use crate::cni_server::{self, CniServer};
-use crate::config::{AgentConfig, RedirectKind, SourceConfig};
+use crate::config::{AgentConfig, CaConfig, RedirectKind, SourceConfig};
 use crate::drain::{self, DrainTrigger, DrainWatcher};
 use crate::enrolment::{CaptureStatus, Discovery, Enrolment};
 use crate::error_chain::ErrorChain;
@@ -37,9 +38,7 @@ const CONTROL_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result<()> {
     raise_file_limit();
     let mut stop = StopSignals::install()?;
-    let ca = LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)
-        .with_context(|| format!("--ca-dir {}", config.ca_dir.display()))?;
-    let certificates = Arc::new(CertificateManager::new(Arc::new(ca)));
+    let certificates = Arc::new(CertificateManager::new(certificate_provider(&config)?));
     let (source, discovery) = open_source(&config).await?;
     let capture = capture_backend(config.redirect, &config.host_proc)?;
     let capture_name = capture.name();
@@ -158,6 +157,18 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         control_trigger,
     )
     .await
+}
+
+/// Where workload certificates come from: the CA at `--ca-addr`, or a CA key in this process.
+fn certificate_provider(config: &AgentConfig) -> anyhow::Result<Arc<dyn CertificateProvider>> {
+    Ok(match &config.ca {
+        CaConfig::Remote(remote) => Arc::new(CaClient::new(remote.clone())),
+        CaConfig::Local(dir) => Arc::new(
+            LocalCa::load_or_create(dir, &config.trust_domain)
+                .with_context(|| format!("--ca-dir {}", dir.display()))?
+                .with_workload_ttl(config.certificate_ttl),
+        ),
+    })
 }
 
 /// The source `--source` names, and how pods' namespaces are found with it: by their processes
@@ -329,7 +340,15 @@ fn effective_config(config: &AgentConfig, capture: &str) -> EffectiveConfig {
         kubeconfig: kubeconfig.map(display),
         cni_socket: cni_socket.map(display),
         host_proc: display(&config.host_proc),
-        ca_dir: config.ca_dir.display().to_string(),
+        ca_dir: match &config.ca {
+            CaConfig::Local(dir) => Some(display(dir)),
+            CaConfig::Remote(_) => None,
+        },
+        ca_addr: match &config.ca {
+            CaConfig::Local(_) => None,
+            CaConfig::Remote(remote) => Some(remote.address.to_string()),
+        },
+        certificate_ttl_seconds: config.certificate_ttl.as_secs(),
         trust_domain: config.trust_domain.to_string(),
         root_namespace: config.root_namespace.clone(),
         redirect: format!("{:?}", config.redirect).to_lowercase(),

@@ -62,9 +62,40 @@ pub struct AgentArgs {
     #[arg(long, env = "AMBIT_HOST_PROC", default_value = "/proc")]
     pub host_proc: PathBuf,
     /// The local CA's directory, in Istio's `cacerts` layout; a self-signed root is created in
-    /// it when it is empty.
-    #[arg(long, env = "AMBIT_CA_DIR")]
-    pub ca_dir: PathBuf,
+    /// it when it is empty. The agent then holds the mesh's CA key: for labs and demos.
+    #[arg(
+        long,
+        env = "AMBIT_CA_DIR",
+        required_unless_present = "ca_addr",
+        conflicts_with = "ca_addr"
+    )]
+    pub ca_dir: Option<PathBuf>,
+    /// The certificate authority that signs workload certificates, `https://host:port`:
+    /// `ambit ca`, or istiod's CA. Keys stay on the node; only signing requests are sent.
+    #[arg(long, env = "AMBIT_CA_ADDR", requires = "ca_root")]
+    pub ca_addr: Option<String>,
+    /// PEM roots that authenticate the CA at `--ca-addr`, trusted for peers too; read again
+    /// when the file changes (root rotation).
+    #[arg(long, env = "AMBIT_CA_ROOT", requires = "ca_addr")]
+    pub ca_root: Option<PathBuf>,
+    /// The service-account token that authenticates this agent to the CA (a projected token
+    /// with the CA's audience), read for every request.
+    #[arg(
+        long,
+        env = "AMBIT_CA_TOKEN",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    pub ca_token: PathBuf,
+    /// The name the CA's certificate must carry, when it is not the host of `--ca-addr`.
+    #[arg(long, env = "AMBIT_CA_SERVER_NAME", requires = "ca_addr")]
+    pub ca_server_name: Option<String>,
+    /// The name of this cluster, sent to the CA as Istio's `clusterid`.
+    #[arg(long, env = "AMBIT_CLUSTER_ID", default_value = ambit_ca::DEFAULT_CLUSTER_ID)]
+    pub cluster_id: String,
+    /// How long workload certificates are asked to be valid (the CA may shorten it); they are
+    /// renewed at half-life.
+    #[arg(long, env = "AMBIT_CERTIFICATE_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub certificate_ttl: Duration,
     /// The SPIFFE trust domain of this cluster.
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -121,6 +152,24 @@ pub enum ConfigError {
     WrongSource(&'static str, &'static str),
     #[error("--trust-domain: {0}")]
     TrustDomain(#[source] IdentityError),
+    #[error("workload certificates need either --ca-dir, or --ca-addr with --ca-root")]
+    Ca,
+    #[error("--ca-addr {0:?} is not an https:// URL with a host")]
+    CaAddress(String),
+    #[error("--certificate-ttl must be at least {MIN_CERTIFICATE_TTL:?}")]
+    CertificateTtl,
+}
+
+/// Shorter lifetimes would have certificates renewed faster than the CA answers.
+const MIN_CERTIFICATE_TTL: Duration = Duration::from_secs(10);
+
+/// Where workload certificates come from, checked.
+#[derive(Debug, Clone)]
+pub enum CaConfig {
+    /// A CA key in this process, from a `cacerts` directory.
+    Local(PathBuf),
+    /// A certificate authority speaking Istio's protocol.
+    Remote(ambit_ca::client::CaClientConfig),
 }
 
 /// Where the agent learns about the cluster, checked.
@@ -140,7 +189,8 @@ pub struct AgentConfig {
     pub node: String,
     pub source: SourceConfig,
     pub host_proc: PathBuf,
-    pub ca_dir: PathBuf,
+    pub ca: CaConfig,
+    pub certificate_ttl: Duration,
     pub trust_domain: TrustDomain,
     pub root_namespace: String,
     pub redirect: RedirectKind,
@@ -178,15 +228,39 @@ impl TryFrom<AgentArgs> for AgentConfig {
                 }
             }
         };
+        if args.certificate_ttl < MIN_CERTIFICATE_TTL {
+            return Err(ConfigError::CertificateTtl);
+        }
+        let ca = match (args.ca_dir, args.ca_addr, args.ca_root) {
+            (_, Some(address), Some(root_file)) => {
+                let uri: http::Uri = address
+                    .parse()
+                    .map_err(|_| ConfigError::CaAddress(address.clone()))?;
+                if uri.scheme_str() != Some("https") || uri.host().is_none() {
+                    return Err(ConfigError::CaAddress(address));
+                }
+                CaConfig::Remote(ambit_ca::client::CaClientConfig {
+                    address: uri,
+                    root_file,
+                    server_name: args.ca_server_name,
+                    token_file: args.ca_token,
+                    cluster_id: args.cluster_id,
+                    ttl: args.certificate_ttl,
+                })
+            }
+            (Some(dir), None, None) => CaConfig::Local(dir),
+            _ => return Err(ConfigError::Ca),
+        };
         Ok(Self {
             source,
+            ca,
+            certificate_ttl: args.certificate_ttl,
             trust_domain: args
                 .trust_domain
                 .parse()
                 .map_err(ConfigError::TrustDomain)?,
             node: args.node,
             host_proc: args.host_proc,
-            ca_dir: args.ca_dir,
             root_namespace: args.root_namespace,
             redirect: args.redirect,
             readiness_addr: args.readiness_addr,

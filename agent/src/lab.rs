@@ -6,6 +6,7 @@
 
 mod agent;
 mod apiserver;
+mod ca;
 mod cluster;
 mod pod;
 mod pod_process;

@@ -1,6 +1,8 @@
 //! Istio's certificate service, `istio.v1.auth.IstioCertificateService/CreateCertificate`: the
-//! server of `ambit ca` ([`CaServer`], configured by [`ServerConfig`]).
+//! agent's client ([`client`]) and the server of `ambit ca` ([`CaServer`], configured by
+//! [`ServerConfig`]).
 
+pub mod client;
 mod pem;
 mod server;
 

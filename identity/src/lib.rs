@@ -21,7 +21,7 @@ pub use local_ca::{
     CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, DEFAULT_WORKLOAD_TTL, LocalCa, LocalCaError,
     ROOT_CERT_FILE, SignRequestError,
 };
-pub use manager::{CertificateManager, CertificateStatus, FetchError};
+pub use manager::{CertificateManager, CertificateStatus, FetchError, RequestCounts};
 pub use provider::{CertificateProvider, IssueError, IssueFuture};
 pub use spiffe::{Identity, IdentityError, TrustDomain};
 pub use tls::{

@@ -491,7 +491,7 @@ mod tests {
 
         let other = uri("spiffe://cluster.local/ns/shop/sa/db");
         assert!(matches!(
-            sign(&[other.clone()]),
+            sign(std::slice::from_ref(&other)),
             SignRequestError::IdentityMismatch { .. }
         ));
         assert!(matches!(

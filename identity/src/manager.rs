@@ -7,6 +7,7 @@
 //! that is still valid keeps being served through a CA outage.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -48,10 +49,24 @@ pub struct CertificateStatus {
     pub error: Option<Arc<IssueError>>,
 }
 
+/// How many certificate requests this manager made, by outcome, since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub issued: u64,
+    pub failed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    issued: AtomicU64,
+    failed: AtomicU64,
+}
+
 /// Obtains, caches and renews workload certificates from a [`CertificateProvider`].
 pub struct CertificateManager {
     provider: Arc<dyn CertificateProvider>,
     entries: Mutex<HashMap<Identity, Entry>>,
+    counters: Arc<Counters>,
 }
 
 /// What callers see of one identity's renewal task.
@@ -84,6 +99,15 @@ impl CertificateManager {
         Self {
             provider,
             entries: Mutex::default(),
+            counters: Arc::default(),
+        }
+    }
+
+    /// The requests made to the provider so far: first certificates, renewals and retries.
+    pub fn requests(&self) -> RequestCounts {
+        RequestCounts {
+            issued: self.counters.issued.load(Ordering::Relaxed),
+            failed: self.counters.failed.load(Ordering::Relaxed),
         }
     }
 
@@ -154,7 +178,12 @@ impl CertificateManager {
             return entry.state.clone();
         }
         let (sender, state) = watch::channel(State::default());
-        let renewal = tokio::spawn(renew(self.provider.clone(), identity.clone(), sender));
+        let renewal = tokio::spawn(renew(
+            self.provider.clone(),
+            self.counters.clone(),
+            identity.clone(),
+            sender,
+        ));
         entries.insert(
             identity.clone(),
             Entry {
@@ -183,6 +212,7 @@ impl std::fmt::Debug for CertificateManager {
 /// The renewal task of one identity; runs until its entry is dropped.
 async fn renew(
     provider: Arc<dyn CertificateProvider>,
+    counters: Arc<Counters>,
     identity: Identity,
     state: watch::Sender<State>,
 ) {
@@ -190,6 +220,7 @@ async fn renew(
     loop {
         match issue(provider.as_ref(), &identity).await {
             Ok(certificate) => {
+                counters.issued.fetch_add(1, Ordering::Relaxed);
                 let (expires_at, renew_at) = schedule(&certificate, SystemTime::now());
                 tracing::info!(
                     %identity,
@@ -208,6 +239,7 @@ async fn renew(
                 tokio::time::sleep_until(renew_at).await;
             }
             Err(error) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%identity, error = %error, retry_in_s = backoff.as_secs(), "certificate request failed");
                 state.send_modify(|state| state.last_error = Some(Arc::new(error)));
                 tokio::time::sleep(backoff).await;

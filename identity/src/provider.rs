@@ -26,6 +26,16 @@ pub enum IssueError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("the certificate authority {authority} refused the request")]
+    Refused {
+        authority: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the certificate authority {authority} answered with no usable chain: {reason}")]
+    BadResponse { authority: String, reason: String },
+    #[error("cannot read the credential that authenticates this node to the certificate authority")]
+    Credential(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the certificate authority did not answer in time")]
     Timeout,
     #[error("failed to sign a certificate")]

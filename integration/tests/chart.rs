@@ -1,19 +1,32 @@
-//! The agent's RBAC, as `daemonset/manifests/ambit.yaml` (the chart rendered with its default
-//! values, kept equal to the chart by `scripts/validate-chart`) grants it: no wildcard and nothing
-//! about Secrets in any Role or ClusterRole, no aggregated role, bindings only to the roles defined
-//! there, and a ClusterRole that grants exactly the permissions listed in [`REVIEWED`], so that a
-//! new permission is a reviewed change of that list. Needs no root.
+//! The RBAC of the programs the chart runs, as `daemonset/manifests/ambit.yaml` (the chart
+//! rendered with its default values, kept equal to the chart by `scripts/validate-chart`) grants
+//! it: no wildcard and nothing about Secrets in any Role or ClusterRole, no aggregated role,
+//! bindings only to the roles and service accounts defined there, and each service account granted
+//! exactly what the programs that run under it call, as listed in [`REVIEWED`], so that a new
+//! permission is a reviewed change of that list. And the CA key: only the pods of `ambit ca` mount
+//! a Secret; the agents sign nothing themselves. Needs no root.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-/// What the agent may do, rule by rule: API group, resources, verbs.
-const REVIEWED: &[(&str, &[&str], &[&str])] = &[
+/// A rule of what a program calls: API group, resources, verbs.
+type ReviewedRule = (
+    &'static str,
+    &'static [&'static str],
+    &'static [&'static str],
+);
+
+/// What each program of the `ambit` image calls, by the subcommand a container runs (its first
+/// argument). A pod's service account must be granted exactly the union of its containers' lists.
+const REVIEWED: &[(&str, &[ReviewedRule])] = &[("agent", AGENT), ("cni", CNI_INSTALL), ("ca", CA)];
+
+/// `ambit agent`.
+const AGENT: &[ReviewedRule] = &[
     // The cluster's workloads and services.
     (
         "",
@@ -34,6 +47,18 @@ const REVIEWED: &[(&str, &[&str], &[&str])] = &[
     ),
     // kube-rs' event recorder creates events.k8s.io/v1 Events, then patches them as they repeat.
     ("events.k8s.io", &["events"], &["create", "patch"]),
+];
+
+/// `ambit cni install --kubeconfig-from-service-account`: the kubeconfig it writes lets the plugin
+/// read the pod being started and its namespace, with the agent's account.
+const CNI_INSTALL: &[ReviewedRule] = &[("", &["namespaces", "pods"], &["get"])];
+
+/// `ambit ca`: a TokenReview of each caller's token; for a node agent, a GET of the agent's pod
+/// (named in its token) and a LIST of the pods of that pod's node (field selector
+/// `spec.nodeName`).
+const CA: &[ReviewedRule] = &[
+    ("authentication.k8s.io", &["tokenreviews"], &["create"]),
+    ("", &["pods"], &["get", "list"]),
 ];
 
 /// A rule of a Role or ClusterRole, every field of `rbac.authorization.k8s.io/v1` PolicyRule: a
@@ -92,6 +117,97 @@ impl Object {
     fn is_role(&self) -> bool {
         matches!(self.kind.as_str(), "Role" | "ClusterRole")
     }
+
+    fn namespace(&self) -> &str {
+        self.value
+            .get("metadata")
+            .and_then(|metadata| metadata.get("namespace"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+
+    /// The pod template of a workload (DaemonSet, Deployment, ...), if this is one.
+    fn pod(&self) -> Option<&Value> {
+        self.value.get("spec")?.get("template")?.get("spec")
+    }
+}
+
+/// A workload of the manifests: what runs, and as whom.
+#[derive(Debug)]
+struct Workload<'a> {
+    object: &'a Object,
+    /// `namespace/name` of its service account.
+    account: String,
+    /// The first argument of each container: the `ambit` subcommand it runs.
+    programs: Vec<String>,
+    pod: &'a Value,
+}
+
+fn workloads(objects: &[Object]) -> anyhow::Result<Vec<Workload<'_>>> {
+    let mut found = Vec::new();
+    for object in objects {
+        let Some(pod) = object.pod() else { continue };
+        let account = pod
+            .get("serviceAccountName")
+            .and_then(Value::as_str)
+            .with_context(|| format!("{} {} names no service account", object.kind, object.name))?;
+        let mut programs = Vec::new();
+        for container in sequence(pod, "initContainers").chain(sequence(pod, "containers")) {
+            let program = container
+                .get("args")
+                .and_then(|args| args.get(0))
+                .and_then(Value::as_str)
+                .with_context(|| {
+                    format!(
+                        "a container of {} {} without args",
+                        object.kind, object.name
+                    )
+                })?;
+            programs.push(program.to_owned());
+        }
+        found.push(Workload {
+            object,
+            account: format!("{}/{account}", object.namespace()),
+            programs,
+            pod,
+        });
+    }
+    Ok(found)
+}
+
+fn sequence<'a>(value: &'a Value, field: &str) -> impl Iterator<Item = &'a Value> {
+    value
+        .get(field)
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+}
+
+fn name_of(value: &Value, field: &str) -> String {
+    value
+        .get(field)
+        .and_then(Value::as_str)
+        .unwrap_or("(unnamed)")
+        .to_owned()
+}
+
+/// The Secrets a pod mounts: `secret` volumes and the Secret sources of projected volumes.
+fn secrets(pod: &Value) -> Vec<String> {
+    let mut found = Vec::new();
+    for volume in sequence(pod, "volumes") {
+        if let Some(secret) = volume.get("secret") {
+            found.push(name_of(secret, "secretName"));
+        }
+        let sources = volume
+            .get("projected")
+            .map(|projected| sequence(projected, "sources"));
+        for source in sources.into_iter().flatten() {
+            if let Some(secret) = source.get("secret") {
+                found.push(name_of(secret, "name"));
+            }
+        }
+    }
+    found
 }
 
 fn manifests() -> anyhow::Result<Vec<Object>> {
@@ -169,9 +285,20 @@ fn grants(rules: &[Rule]) -> BTreeSet<Grant> {
     grants
 }
 
-fn reviewed() -> BTreeSet<Grant> {
-    let rules: Vec<Rule> = REVIEWED
-        .iter()
+/// What the programs call, together.
+fn reviewed(programs: &[String]) -> anyhow::Result<BTreeSet<Grant>> {
+    let mut rules = Vec::new();
+    for program in programs {
+        let (_, reviewed) = REVIEWED
+            .iter()
+            .find(|(name, _)| name == program)
+            .with_context(|| {
+                format!("`ambit {program}` has no reviewed permissions in REVIEWED")
+            })?;
+        rules.extend(reviewed.iter());
+    }
+    let rules: Vec<Rule> = rules
+        .into_iter()
         .map(|(group, resources, verbs)| Rule {
             api_groups: vec![(*group).to_owned()],
             resources: resources.iter().map(|r| (*r).to_owned()).collect(),
@@ -180,7 +307,66 @@ fn reviewed() -> BTreeSet<Grant> {
             non_resource_urls: Vec::new(),
         })
         .collect();
-    grants(&rules)
+    Ok(grants(&rules))
+}
+
+/// What the bindings of the manifests grant `account` (`namespace/name`).
+fn granted(objects: &[Object], account: &str) -> anyhow::Result<BTreeSet<Grant>> {
+    let mut granted = BTreeSet::new();
+    for binding in objects
+        .iter()
+        .filter(|o| matches!(o.kind.as_str(), "RoleBinding" | "ClusterRoleBinding"))
+    {
+        let binds_account = sequence(&binding.value, "subjects").any(|subject| {
+            let field = |name: &str| subject.get(name).and_then(Value::as_str);
+            field("kind") == Some("ServiceAccount")
+                && format!(
+                    "{}/{}",
+                    field("namespace").unwrap_or_default(),
+                    field("name").unwrap_or_default()
+                ) == account
+        });
+        if !binds_account {
+            continue;
+        }
+        let role_ref = binding
+            .value
+            .get("roleRef")
+            .context("a binding without roleRef")?;
+        let field = |name: &str| {
+            role_ref
+                .get(name)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+        };
+        let role = objects
+            .iter()
+            .find(|o| o.kind == field("kind") && o.name == field("name"))
+            .with_context(|| {
+                format!(
+                    "{} {} binds a role the manifests do not define",
+                    binding.kind, binding.name
+                )
+            })?;
+        ensure!(
+            binding.kind == "ClusterRoleBinding" || role.namespace() == binding.namespace(),
+            "{} {} binds {} {} of another namespace",
+            binding.kind,
+            binding.name,
+            role.kind,
+            role.name
+        );
+        for rule in role.rules()? {
+            ensure!(
+                rule.resource_names.is_empty(),
+                "resourceNames are not part of the reviewed list: {} {}: {rule:?}",
+                role.kind,
+                role.name
+            );
+        }
+        granted.extend(grants(&role.rules()?));
+    }
+    Ok(granted)
 }
 
 #[test]
@@ -202,39 +388,77 @@ fn no_role_has_a_wildcard_or_touches_secrets() -> anyhow::Result<()> {
 }
 
 #[test]
-fn the_cluster_role_grants_exactly_the_reviewed_permissions() -> anyhow::Result<()> {
+fn each_account_is_granted_exactly_what_its_programs_call() -> anyhow::Result<()> {
     let objects = manifests()?;
-    let roles: Vec<&Object> = objects.iter().filter(|o| o.is_role()).collect();
-    let [role] = roles.as_slice() else {
-        bail!("expected one ClusterRole, found {} roles", roles.len());
-    };
-    ensure!(
-        role.kind == "ClusterRole",
-        "{} {} is not a ClusterRole",
-        role.kind,
-        role.name
-    );
-    for rule in role.rules()? {
+    let workloads = workloads(&objects)?;
+    let mut programs: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for workload in &workloads {
+        programs
+            .entry(workload.account.as_str())
+            .or_default()
+            .extend(workload.programs.iter().cloned());
+    }
+    let run: BTreeSet<&String> = programs.values().flatten().collect();
+    for expected in ["agent", "cni", "ca"] {
         ensure!(
-            rule.resource_names.is_empty(),
-            "resourceNames are not part of the reviewed list: {rule:?}"
+            run.iter().any(|program| *program == expected),
+            "the manifests run no `ambit {expected}`: {run:?}"
         );
     }
-    let granted = grants(&role.rules()?);
-    let reviewed = reviewed();
-    let added: Vec<String> = granted
-        .difference(&reviewed)
-        .map(Grant::to_string)
-        .collect();
-    let missing: Vec<String> = reviewed
-        .difference(&granted)
-        .map(Grant::to_string)
-        .collect();
+    let mut found = Vec::new();
+    for (account, programs) in &programs {
+        let granted = granted(&objects, account)?;
+        let reviewed = reviewed(programs)?;
+        let added: Vec<String> = granted
+            .difference(&reviewed)
+            .map(Grant::to_string)
+            .collect();
+        let missing: Vec<String> = reviewed
+            .difference(&granted)
+            .map(Grant::to_string)
+            .collect();
+        if !added.is_empty() || !missing.is_empty() {
+            found.push(format!(
+                "{account} (runs {programs:?}):\n  granted but not reviewed: {added:?}\n  \
+                 reviewed but not granted: {missing:?}"
+            ));
+        }
+    }
     ensure!(
-        added.is_empty() && missing.is_empty(),
-        "ClusterRole {} differs from the reviewed permissions (REVIEWED in this file):\n\
-         granted but not reviewed: {added:?}\nreviewed but not granted: {missing:?}",
-        role.name
+        found.is_empty(),
+        "accounts granted other than what their programs call (REVIEWED in this file):\n{}",
+        found.join("\n")
+    );
+    Ok(())
+}
+
+#[test]
+fn only_the_ca_mounts_a_secret() -> anyhow::Result<()> {
+    let objects = manifests()?;
+    let workloads = workloads(&objects)?;
+    let mut ca = Vec::new();
+    for workload in &workloads {
+        let secrets = secrets(workload.pod);
+        let name = format!("{} {}", workload.object.kind, workload.object.name);
+        if workload.programs.iter().all(|program| program == "ca") {
+            ca.push(name);
+            continue;
+        }
+        ensure!(
+            secrets.is_empty(),
+            "{name} runs {:?} and mounts Secrets {secrets:?}",
+            workload.programs
+        );
+        for container in sequence(workload.pod, "containers") {
+            ensure!(
+                !sequence(container, "args").any(|arg| arg.as_str() == Some("--ca-dir")),
+                "{name} signs certificates with a CA key of its own (--ca-dir)"
+            );
+        }
+    }
+    ensure!(
+        ca.len() == 1,
+        "expected one workload of `ambit ca`, found {ca:?}"
     );
     Ok(())
 }
@@ -247,10 +471,11 @@ fn bindings_grant_only_the_roles_of_the_manifests() -> anyhow::Result<()> {
         .filter(|o| o.is_role())
         .map(|o| (o.kind.as_str(), o.name.as_str()))
         .collect();
-    let accounts: BTreeSet<&str> = objects
-        .iter()
-        .filter(|o| o.kind == "ServiceAccount")
-        .map(|o| o.name.as_str())
+    // Each bound account is one a workload of the manifests runs as, whose grants
+    // each_account_is_granted_exactly_what_its_programs_call checks.
+    let accounts: BTreeSet<String> = workloads(&objects)?
+        .into_iter()
+        .map(|workload| workload.account)
         .collect();
     let bindings: Vec<&Object> = objects
         .iter()
@@ -284,9 +509,10 @@ fn bindings_grant_only_the_roles_of_the_manifests() -> anyhow::Result<()> {
                     .and_then(Value::as_str)
                     .unwrap_or_default()
             };
+            let account = format!("{}/{}", field("namespace"), field("name"));
             ensure!(
-                field("kind") == "ServiceAccount" && accounts.contains(field("name")),
-                "{} {} binds {subject:?}, not the agent's service account",
+                field("kind") == "ServiceAccount" && accounts.contains(&account),
+                "{} {} binds {subject:?}, not an account a workload of the manifests runs as",
                 binding.kind,
                 binding.name
             );

@@ -157,7 +157,12 @@ pub struct EffectiveConfig {
     /// The host's `/proc`: where the kubernetes source finds pods' processes, and capture
     /// writes pods' sysctls (its `sys/net`).
     pub host_proc: String,
-    pub ca_dir: String,
+    /// The local CA's directory, when certificates are signed in the agent.
+    pub ca_dir: Option<String>,
+    /// The certificate authority asked for certificates, otherwise.
+    pub ca_addr: Option<String>,
+    /// How long workload certificates are asked to be valid.
+    pub certificate_ttl_seconds: u64,
     pub trust_domain: String,
     pub root_namespace: String,
     /// `--redirect` as given: `ebpf`, `nftables` or `auto`.

@@ -30,14 +30,15 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     /// Starts `binary agent` for `node` in its namespace `netns`, reading the cluster from
-    /// `source` (`--config FILE`, or `--source kubernetes ...`), with `extra_args`; its JSON log,
-    /// at level `info` so that it holds the access log, goes to `log`.
+    /// `source` (`--config FILE`, or `--source kubernetes ...`), getting certificates as `ca`
+    /// says (`--ca-dir DIR`, or `--ca-addr ...`), with `extra_args`; its JSON log, at level
+    /// `info` so that it holds the access log, goes to `log`.
     pub fn start(
         binary: &Path,
         node: &str,
         netns: &str,
         source: &[OsString],
-        ca_dir: &Path,
+        ca: &[OsString],
         extra_args: &[String],
         log: PathBuf,
     ) -> anyhow::Result<Self> {
@@ -46,8 +47,7 @@ impl AgentProcess {
         let child = Topology::command_in(netns, binary)
             .args(["agent", "--node", node, "--log-format", "json"])
             .args(source)
-            .arg("--ca-dir")
-            .arg(ca_dir)
+            .args(ca)
             .args(extra_args)
             .env("AMBIT_LOG", "info")
             .stdout(Stdio::null())

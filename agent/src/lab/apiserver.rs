@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use super::topology::Topology;
-
 /// How long the server may take to write its kubeconfig.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the server logs each time it has loaded the objects file.
@@ -32,16 +30,15 @@ pub(super) struct ApiServerProcess {
 }
 
 impl ApiServerProcess {
-    /// Starts `binary` on an address every node reaches, serving `objects`; returns once its
-    /// kubeconfig is written.
+    /// Starts `binary` on `address`, which every node reaches, serving `objects`; returns once
+    /// its kubeconfig is written.
     pub(super) async fn start(
         binary: &Path,
         args: &[String],
-        topology: &Topology,
+        address: std::net::Ipv4Addr,
         objects: &Path,
         dir: &Path,
     ) -> anyhow::Result<Self> {
-        let address = topology.join_host()?;
         let mut server = Self {
             child: None,
             binary: binary.to_owned(),

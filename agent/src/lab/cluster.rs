@@ -17,6 +17,7 @@ const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// failed (the server restarted) is retried after a backoff of up to 30 s.
 const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(40);
 use super::apiserver::{ApiServerProcess, resource_version};
+use super::ca::{self, CaProcess};
 use super::pod::InPod;
 use super::pod_process::{CgroupLayout, PodProcess};
 use super::topology::{PodNs, Topology};
@@ -46,6 +47,7 @@ pub struct ClusterBuilder {
     apiserver: Option<PathBuf>,
     apiserver_args: Vec<String>,
     istio_crds: bool,
+    certificate_authority: bool,
 }
 
 impl ClusterBuilder {
@@ -70,6 +72,14 @@ impl ClusterBuilder {
     pub fn apiserver_args(mut self, args: &[&str]) -> Self {
         self.apiserver_args
             .extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
+    /// Agents that get their certificates from `ambit ca` (run from the agent binary), as in
+    /// a cluster, in place of a CA key of their own; needs [`kubernetes`](Self::kubernetes),
+    /// which reviews the agents' tokens.
+    pub fn certificate_authority(mut self) -> Self {
+        self.certificate_authority = true;
         self
     }
 
@@ -139,6 +149,11 @@ impl ClusterBuilder {
         for node in &self.nodes {
             topology.add_node(node)?;
         }
+        if self.certificate_authority && self.apiserver.is_none() {
+            return Err(anyhow!(
+                "a certificate authority needs an API server to review tokens"
+            ));
+        }
         let dir = tempfile::tempdir().context("creating a directory for the cluster's files")?;
         let ca_dir = dir.path().join("ca");
         let trust_domain = "cluster.local".parse()?;
@@ -156,6 +171,12 @@ impl ClusterBuilder {
             pod_processes: BTreeMap::new(),
             pod_process_layout: self.pod_processes,
             apiserver: None,
+            ca: None,
+            agent_pods: if self.certificate_authority {
+                self.nodes.clone()
+            } else {
+                Vec::new()
+            },
             istio_crds: self.istio_crds,
             topology,
         };
@@ -164,14 +185,28 @@ impl ClusterBuilder {
         }
         cluster.write_config()?;
         if let Some(binary) = self.apiserver {
-            let server = ApiServerProcess::start(
-                &binary,
-                &self.apiserver_args,
-                &cluster.topology,
-                &cluster.config,
-                cluster.dir.path(),
-            )
-            .await?;
+            let host = cluster.topology.join_host()?;
+            let mut args = self.apiserver_args;
+            if self.certificate_authority {
+                let tokens = cluster.dir.path().join("tokens.yaml");
+                std::fs::write(&tokens, ca::tokens_file(&cluster.agent_pods))
+                    .context("writing the tokens file")?;
+                args.extend(["--tokens".to_owned(), tokens.display().to_string()]);
+            }
+            let server =
+                ApiServerProcess::start(&binary, &args, host, &cluster.config, cluster.dir.path())
+                    .await?;
+            if self.certificate_authority {
+                let ca = CaProcess::start(
+                    &cluster.agent_binary,
+                    host,
+                    server.kubeconfig(),
+                    &cluster.ca_dir,
+                    cluster.dir.path().join("ca.log"),
+                )
+                .await?;
+                cluster.ca = Some(ca);
+            }
             cluster.apiserver = Some(server);
         }
         for node in self.nodes {
@@ -188,6 +223,10 @@ pub struct Cluster {
     agents: BTreeMap<String, AgentProcess>,
     /// What the agents read the cluster from, when not the file.
     apiserver: Option<ApiServerProcess>,
+    /// What signs the agents' certificates, when they hold no CA key.
+    ca: Option<CaProcess>,
+    /// The nodes whose agent pods the cluster file lists, for the CA to check tokens against.
+    agent_pods: Vec<String>,
     /// Pods' processes, by pod name.
     pod_processes: BTreeMap<String, PodProcess>,
     topology: Topology,
@@ -222,7 +261,14 @@ impl Cluster {
             apiserver: None,
             apiserver_args: Vec::new(),
             istio_crds: false,
+            certificate_authority: false,
         }
+    }
+
+    /// The `cacerts` directory of the cluster's CA: the agents' own, or `ambit ca`'s, which
+    /// reloads it when it changes and whose `root-cert.pem` the agents authenticate it by.
+    pub fn ca_dir(&self) -> &Path {
+        &self.ca_dir
     }
 
     pub fn topology(&self) -> &Topology {
@@ -417,6 +463,12 @@ impl Cluster {
                 node = pod.node,
             );
         }
+        if !self.agent_pods.is_empty() {
+            yaml.push_str("---\napiVersion: v1\nkind: Namespace\nmetadata: {name: ambit-system}\n");
+        }
+        for node in &self.agent_pods {
+            yaml.push_str(&ca::agent_pod(node));
+        }
         if self.istio_crds {
             yaml.push_str(ISTIO_CRDS);
         }
@@ -550,12 +602,20 @@ impl Cluster {
             ],
             None => vec!["--config".into(), self.config.clone().into()],
         };
+        let ca = match &self.ca {
+            Some(ca) => {
+                let token = self.dir.path().join(format!("token-{node}"));
+                std::fs::write(&token, ca::agent_token(node)).context("writing a token")?;
+                ca.agent_args(&token)
+            }
+            None => vec!["--ca-dir".into(), self.ca_dir.clone().into()],
+        };
         let agent = AgentProcess::start(
             &self.agent_binary,
             node,
             &netns,
             &source,
-            &self.ca_dir,
+            &ca,
             &self.agent_args,
             log,
         )?;
@@ -588,7 +648,8 @@ impl Cluster {
             .apiserver
             .iter()
             .map(|apiserver| format!("--- API server\n{}", apiserver.log()));
-        agents.chain(apiserver).collect()
+        let ca = self.ca.iter().map(|ca| format!("--- CA\n{}", ca.log()));
+        agents.chain(apiserver).chain(ca).collect()
     }
 }
 

@@ -239,7 +239,13 @@ struct IdentityLabel {
     identity: String,
 }
 
-/// `ambit_certificate_expiry_timestamp_seconds`, read from the certificate manager at scrape.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// `ambit_certificate_expiry_timestamp_seconds` and `ambit_certificate_requests_total`, read
+/// from the certificate manager at scrape.
 #[derive(Debug)]
 struct CertificateExpiry(Arc<CertificateManager>);
 
@@ -262,6 +268,16 @@ impl Collector for CertificateExpiry {
             ConstGauge::new(not_after).encode(metric.encode_family(&IdentityLabel {
                 identity: certificate.identity().to_string(),
             })?)?;
+        }
+        let requests = self.0.requests();
+        let mut metric = encoder.encode_descriptor(
+            "certificate_requests",
+            "Certificate requests to the CA (first certificates, renewals, retries), by outcome",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, count) in [("issued", requests.issued), ("failed", requests.failed)] {
+            ConstCounter::new(count).encode(metric.encode_family(&OutcomeLabel { outcome })?)?;
         }
         Ok(())
     }
