@@ -1,6 +1,7 @@
 //! `ambit ca` as a process against the fake API server: which caller gets which certificate,
-//! with which gRPC code it is refused otherwise, the counts on its metrics port, and a new root
-//! in its CA directory taken up without a restart. Needs no root.
+//! with which gRPC code it is refused otherwise, the counts on its metrics port, a new root in
+//! its CA directory taken up without a restart, and the agent's client (`ambit_ca::client`)
+//! reading its answers. Needs no root.
 //!
 //! The cluster: node agents `ambit-node1` and `ambit-node2` (`ambit-system/ambit`), the
 //! workload `web` (`shop/web`) on node1 and `db` (`shop/db`) on node2.
@@ -686,6 +687,51 @@ async fn a_new_root_in_the_ca_directory_is_signed_with_and_served() -> anyhow::R
     ensure!(
         harness.client(&first.root).await.is_err(),
         "the server still presents a certificate of the old root"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_client_gets_workload_certificates() -> anyhow::Result<()> {
+    use ambit_ca::client::{CaClient, CaClientConfig};
+    use ambit_identity::CertificateProvider;
+
+    let ca = TestCa::with_intermediate("cluster")?;
+    let harness = Harness::start(&ca).await?;
+    let files = harness.dir.path();
+    fs::write(files.join("token"), "node1\n")?;
+    let root_pem = ca
+        .files
+        .iter()
+        .find_map(|(name, pem)| (*name == "root-cert.pem").then_some(pem))
+        .context("the root file")?;
+    fs::write(files.join("root-cert.pem"), root_pem)?;
+    let client = CaClient::new(CaClientConfig {
+        address: format!("https://{}", harness.listen).parse()?,
+        root_file: files.join("root-cert.pem"),
+        server_name: Some("localhost".to_owned()),
+        token_file: files.join("token"),
+        cluster_id: ambit_ca::DEFAULT_CLUSTER_ID.to_owned(),
+        ttl: Duration::from_secs(1800),
+    });
+
+    let web: ambit_identity::Identity = WEB.parse()?;
+    let certificate = client.issue(&web).await?;
+    ensure!(certificate.identity() == &web);
+    let lifetime = certificate.lifetime();
+    ensure!(
+        lifetime >= Duration::from_secs(1800) && lifetime <= Duration::from_secs(1800 + 120),
+        "lives {lifetime:?}"
+    );
+    ensure!(
+        certificate.certified_key().cert.len() == 2,
+        "the leaf and the intermediate"
+    );
+
+    let db: ambit_identity::Identity = DB.parse()?;
+    ensure!(
+        client.issue(&db).await.is_err(),
+        "a certificate for a pod on another node"
     );
     Ok(())
 }

@@ -141,10 +141,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = LocalCa::load_or_create(dir.path(), &"cluster.local".parse().unwrap()).unwrap();
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let names = ["localhost".parse().unwrap()];
-        let serving = issue_serving_certificate(&ca, &names, &provider).unwrap();
-        assert_eq!(serving.key.cert.len(), 2);
-        assert!(serving.renew_at > SystemTime::now() + SERVING_TTL / 3);
+        for names in [
+            ["localhost".parse().unwrap()],
+            ["10.0.0.1".parse().unwrap()],
+        ] {
+            let serving = issue_serving_certificate(&ca, &names, &provider).unwrap();
+            assert_eq!(serving.key.cert.len(), 2);
+            assert!(serving.renew_at > SystemTime::now() + SERVING_TTL / 3);
+        }
     }
 
     #[test]
