@@ -94,9 +94,14 @@ async fn agents_without_a_ca_key_tunnel_and_police_as_before() {
     );
     for node in ["node1", "node2"] {
         let agent = cluster.agent(node).unwrap();
-        let (_, config) = agent.get(15000, "/config_dump").await.unwrap().unwrap();
+        let (_, dump) = agent.get(15000, "/config_dump").await.unwrap().unwrap();
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+        let config = &dump["config"];
         assert!(
-            config.contains(r#""ca_dir":null"#) && config.contains(r#""ca_addr":"https://"#),
+            config["ca_dir"].is_null()
+                && config["ca_addr"]
+                    .as_str()
+                    .is_some_and(|addr| addr.starts_with("https://")),
             "the agent of {node} does not use the CA: {config}"
         );
         assert!(issued(&cluster, node).await >= 1.0, "{}", cluster.logs());
