@@ -74,8 +74,8 @@ pub struct AgentArgs {
     /// `ambit ca`, or istiod's CA. Keys stay on the node; only signing requests are sent.
     #[arg(long, env = "AMBIT_CA_ADDR", requires = "ca_root")]
     pub ca_addr: Option<String>,
-    /// PEM roots that authenticate the CA at `--ca-addr`, trusted for peers too; read again
-    /// when the file changes (root rotation).
+    /// PEM roots that authenticate the CA at `--ca-addr`; read again when the file changes
+    /// (root rotation). Peers are trusted by the roots the CA returns.
     #[arg(long, env = "AMBIT_CA_ROOT", requires = "ca_addr")]
     pub ca_root: Option<PathBuf>,
     /// The service-account token that authenticates this agent to the CA (a projected token
@@ -154,8 +154,10 @@ pub enum ConfigError {
     TrustDomain(#[source] IdentityError),
     #[error("workload certificates need either --ca-dir, or --ca-addr with --ca-root")]
     Ca,
-    #[error("--ca-addr {0:?} is not an https:// URL with a host")]
+    #[error("--ca-addr {0:?} is not an https://host:port URL (istiod and ambit ca serve on 15012)")]
     CaAddress(String),
+    #[error("--cluster-id {0:?} cannot be sent in a header")]
+    ClusterId(String),
     #[error("--certificate-ttl must be at least {MIN_CERTIFICATE_TTL:?}")]
     CertificateTtl,
 }
@@ -236,8 +238,12 @@ impl TryFrom<AgentArgs> for AgentConfig {
                 let uri: http::Uri = address
                     .parse()
                     .map_err(|_| ConfigError::CaAddress(address.clone()))?;
-                if uri.scheme_str() != Some("https") || uri.host().is_none() {
+                if uri.scheme_str() != Some("https") || uri.host().is_none() || uri.port().is_none()
+                {
                     return Err(ConfigError::CaAddress(address));
+                }
+                if http::HeaderValue::from_str(&args.cluster_id).is_err() {
+                    return Err(ConfigError::ClusterId(args.cluster_id));
                 }
                 CaConfig::Remote(ambit_ca::client::CaClientConfig {
                     address: uri,

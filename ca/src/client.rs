@@ -35,8 +35,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct CaClientConfig {
     /// `https://host:port` of the CA.
     pub address: Uri,
-    /// PEM roots that authenticate the CA; read again when it changes, and trusted for peers
-    /// too.
+    /// PEM roots that authenticate the CA; read again when it changes.
     pub root_file: PathBuf,
     /// The name the CA's certificate must carry; the host of `address` when `None`.
     pub server_name: Option<String>,
@@ -55,6 +54,8 @@ pub enum CaCallError {
     Token(PathBuf, #[source] std::io::Error),
     #[error("the token in {} is not a valid header value", .0.display())]
     TokenValue(PathBuf),
+    #[error("the cluster name {0:?} is not a valid header value")]
+    ClusterId(String),
     #[error("cannot read the CA roots {}", .0.display())]
     Roots(PathBuf, #[source] std::io::Error),
     #[error("{} holds no PEM certificate that can be a trust anchor", .0.display())]
@@ -91,10 +92,12 @@ impl CaClient {
         let token_file = &self.config.token_file;
         let token = std::fs::read_to_string(token_file)
             .map_err(|e| CaCallError::Token(token_file.clone(), e))?;
-        let bearer = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+        let mut bearer = MetadataValue::try_from(format!("Bearer {}", token.trim()))
             .map_err(|_| CaCallError::TokenValue(token_file.clone()))?;
+        // Kept out of HTTP/2's header compression tables.
+        bearer.set_sensitive(true);
         let cluster_id = MetadataValue::try_from(self.config.cluster_id.as_str())
-            .map_err(|_| CaCallError::TokenValue(token_file.clone()))?;
+            .map_err(|_| CaCallError::ClusterId(self.config.cluster_id.clone()))?;
 
         let mut request = tonic::Request::new(request);
         request.metadata_mut().insert("authorization", bearer);
@@ -195,21 +198,10 @@ impl CaClient {
             authority: self.authority(),
             reason,
         })?;
-        // Peers are trusted if they chain to a root the CA names or to one the node was
-        // given: during a root rotation the two may differ for a while.
-        let mut roots = chain.roots;
-        if let Some(local) = std::fs::read(&self.config.root_file)
-            .ok()
-            .and_then(|pem| trust_anchors(&pem))
-        {
-            for root in local {
-                if !roots.contains(&root) {
-                    roots.push(root);
-                }
-            }
-        }
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        WorkloadCertificate::new(chain.certificates, key, &roots, &crypto_provider())
+        // Peers are trusted by the roots the CA names, as in ztunnel; the root file only
+        // authenticates the CA.
+        WorkloadCertificate::new(chain.certificates, key, &chain.roots, &crypto_provider())
             .map_err(IssueError::Unusable)
     }
 }

@@ -30,6 +30,7 @@ use std::time::Duration;
 use ambit_identity::TrustDomain;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 pub use authority::LoadCaError;
@@ -49,6 +50,9 @@ use crate::proto::istio_certificate_service_server::IstioCertificateServiceServe
 const CA_DIR_POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// A certificate request is a CSR and a little metadata.
 const MAX_REQUEST_SIZE: usize = 64 * 1024;
+/// Connections served at once: a node agent holds one, and workloads calling for their own
+/// identity come and go. Past this, new connections are closed at once.
+const MAX_CONNECTIONS: usize = 4096;
 
 /// What the server issues, to whom, and the names it answers to.
 #[derive(Debug, Clone)]
@@ -85,6 +89,7 @@ pub struct CaServer {
     authority: Arc<Authority>,
     tls: TlsAcceptor,
     grpc: IstioCertificateServiceServer<CertificateService>,
+    connections: Semaphore,
 }
 
 impl CaServer {
@@ -119,17 +124,23 @@ impl CaServer {
             tls: TlsAcceptor::from(Arc::new(tls)),
             grpc: IstioCertificateServiceServer::new(service)
                 .max_decoding_message_size(MAX_REQUEST_SIZE),
+            connections: Semaphore::new(MAX_CONNECTIONS),
         })
     }
 
     /// Serves one accepted connection until it closes; once `stop` resolves, the requests in
-    /// flight are answered and the connection closed.
+    /// flight are answered and the connection closed. Past [`MAX_CONNECTIONS`] the connection
+    /// is closed at once.
     pub async fn serve_connection(
         &self,
         tcp: TcpStream,
         client: SocketAddr,
         stop: impl Future<Output = ()>,
     ) {
+        let Ok(_slot) = self.connections.try_acquire() else {
+            tracing::debug!(src.addr = %client, "too many connections: closed at once");
+            return;
+        };
         connection::serve(&self.tls, self.grpc.clone(), tcp, client, stop).await;
     }
 

@@ -14,7 +14,7 @@ use rcgen::{
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use time::OffsetDateTime;
+use time::{OffsetDateTime, PrimitiveDateTime};
 
 use crate::certificate::WorkloadCertificate;
 use crate::provider::{CertificateProvider, IssueError, IssueFuture};
@@ -203,7 +203,7 @@ impl LocalCa {
 pub enum SignRequestError {
     #[error("the CSR is not a PEM certificate request signed by its own key")]
     Parse(#[source] rcgen::Error),
-    #[error("the CSR asks for a name that is not a workload identity: {0}")]
+    #[error("the CSR asks for a name that is not a workload identity: {0:?}")]
     NotAnIdentity(String),
     #[error("the CSR asks for {requested:?}; the caller may have exactly {authorized}")]
     IdentityMismatch {
@@ -224,8 +224,10 @@ fn request_identities(params: &CertificateParams) -> Result<Vec<Identity>, SignR
             SanType::URI(uri) => uri
                 .as_str()
                 .parse()
-                .map_err(|_| SignRequestError::NotAnIdentity(uri.as_str().to_owned())),
-            other => Err(SignRequestError::NotAnIdentity(format!("{other:?}"))),
+                .map_err(|_| SignRequestError::NotAnIdentity(shortened(uri.as_str()))),
+            other => Err(SignRequestError::NotAnIdentity(shortened(&format!(
+                "{other:?}"
+            )))),
         })
         .collect()
 }
@@ -261,7 +263,7 @@ fn workload_params(identity: &Identity, ttl: Duration) -> Result<CertificatePara
     ];
     params.use_authority_key_identifier_extension = true;
     set_validity(&mut params, ttl);
-    params.serial_number = Some(random_serial());
+    params.serial_number = Some(random_serial()?);
     Ok(params)
 }
 
@@ -291,7 +293,7 @@ fn server_params(
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
     set_validity(&mut params, ttl);
-    params.serial_number = Some(random_serial());
+    params.serial_number = Some(random_serial()?);
     Ok(params)
 }
 
@@ -312,7 +314,7 @@ fn create_root(dir: &Path, trust_domain: &TrustDomain) -> Result<(), LocalCaErro
         KeyUsagePurpose::DigitalSignature,
     ];
     set_validity(&mut params, ROOT_TTL);
-    params.serial_number = Some(random_serial());
+    params.serial_number = Some(random_serial().map_err(LocalCaError::CreateRoot)?);
     let cert = params.self_signed(&key).map_err(LocalCaError::CreateRoot)?;
 
     fs::create_dir_all(dir).map_err(|e| LocalCaError::ReadDir(dir.to_owned(), e))?;
@@ -323,17 +325,35 @@ fn create_root(dir: &Path, trust_domain: &TrustDomain) -> Result<(), LocalCaErro
     Ok(())
 }
 
+/// Valid from a little before now for `ttl`, or until the latest time X.509 can say.
 fn set_validity(params: &mut CertificateParams, ttl: Duration) {
     let now = OffsetDateTime::now_utc();
     params.not_before = now - CLOCK_SKEW;
-    params.not_after = now + ttl;
+    params.not_after = time::Duration::try_from(ttl)
+        .ok()
+        .and_then(|ttl| now.checked_add(ttl))
+        .unwrap_or(PrimitiveDateTime::MAX.assume_utc());
 }
 
-/// A positive 127-bit serial, as RFC 5280 asks (at most 20 octets, unpredictable).
-fn random_serial() -> SerialNumber {
-    let mut bytes = fastrand::u128(..).to_be_bytes();
+/// A name from a request, cut short: it goes into error messages and logs.
+fn shortened(name: &str) -> String {
+    const LONGEST: usize = 256;
+    match name.char_indices().nth(LONGEST) {
+        Some((end, _)) => format!("{}...", &name[..end]),
+        None => name.to_owned(),
+    }
+}
+
+/// A positive 127-bit serial from the system's secure random source, as RFC 5280 asks (at
+/// most 20 octets, unpredictable).
+fn random_serial() -> Result<SerialNumber, rcgen::Error> {
+    let mut bytes = [0; 16];
+    crypto_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| rcgen::Error::RingUnspecified)?;
     bytes[0] &= 0x7f;
-    SerialNumber::from_slice(&bytes)
+    Ok(SerialNumber::from_slice(&bytes))
 }
 
 fn read(path: &Path) -> Result<String, LocalCaError> {

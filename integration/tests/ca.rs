@@ -61,6 +61,16 @@ kind: Pod
 metadata: {name: db, namespace: shop, uid: uid-db}
 spec: {nodeName: node2, serviceAccountName: db, containers: [{name: db, image: db}]}
 status: {phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: static-node1
+  namespace: payments
+  uid: uid-static
+  annotations: {kubernetes.io/config.mirror: abc}
+spec: {nodeName: node1, containers: [{name: static, image: static}]}
+status: {phase: Running}
 ";
 
 const TOKENS: &str = "
@@ -105,6 +115,9 @@ const TOKENS: &str = "
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
+/// The namespace of a static pod of node1: a node can declare one anywhere, so it makes no
+/// identity of that namespace the node's.
+const PAYMENTS_DEFAULT: &str = "spiffe://cluster.local/ns/payments/sa/default";
 const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 const MAX_TTL: Duration = Duration::from_secs(2 * 3600);
 
@@ -562,6 +575,14 @@ async fn impersonation_is_for_node_agents_and_the_pods_on_their_node() -> anyhow
         "web asking for db: {workload:?}"
     );
 
+    let declared_by_the_node = Ask::impersonating("node1", PAYMENTS_DEFAULT)
+        .refused(&mut client)
+        .await?;
+    ensure!(
+        declared_by_the_node == Code::PermissionDenied,
+        "node1 asking for the account of its static pod: {declared_by_the_node:?}"
+    );
+
     let stale = Ask::impersonating("node1-of-a-deleted-pod", WEB)
         .refused(&mut client)
         .await?;
@@ -571,7 +592,7 @@ async fn impersonation_is_for_node_agents_and_the_pods_on_their_node() -> anyhow
     );
 
     for (reason, expected) in [
-        ("no_pod_on_node", 1),
+        ("no_pod_on_node", 2),
         ("not_a_node_account", 2),
         ("caller_pod_mismatch", 1),
     ] {

@@ -19,6 +19,10 @@ use super::refusal::Refusal;
 use super::service_account::ServiceAccount;
 use crate::CLUSTER_ID_HEADER;
 
+/// Service-account tokens are about a kilobyte; a longer one is not reviewed, so that junk
+/// costs the API server nothing.
+const MAX_TOKEN_LENGTH: usize = 16 * 1024;
+
 /// The metadata that carries the caller's token.
 const AUTHORIZATION: &str = "authorization";
 const BEARER: &str = "bearer ";
@@ -53,6 +57,8 @@ pub(crate) struct BoundPod {
 pub(crate) enum AuthenticateError {
     #[error("the request has no bearer token in its {AUTHORIZATION:?} metadata")]
     MissingToken,
+    #[error("the bearer token is longer than {MAX_TOKEN_LENGTH} bytes")]
+    TokenTooLong,
     #[error("the caller claims cluster {claimed:?}; this CA serves cluster {served:?}")]
     WrongCluster { claimed: String, served: String },
     #[error("the API server did not authenticate the token: {0}")]
@@ -69,6 +75,7 @@ impl From<AuthenticateError> for Refusal {
     fn from(error: AuthenticateError) -> Self {
         let (code, reason) = match &error {
             AuthenticateError::MissingToken => (Code::Unauthenticated, "missing_token"),
+            AuthenticateError::TokenTooLong => (Code::Unauthenticated, "token_too_long"),
             AuthenticateError::WrongCluster { .. } => (Code::Unauthenticated, "wrong_cluster"),
             AuthenticateError::TokenRejected(_) => (Code::Unauthenticated, "token_rejected"),
             AuthenticateError::WrongAudience(_) => (Code::Unauthenticated, "wrong_audience"),
@@ -138,6 +145,9 @@ fn bearer_token(metadata: &MetadataMap) -> Result<&str, AuthenticateError> {
     let token = token.trim();
     if !scheme.eq_ignore_ascii_case(BEARER) || token.is_empty() {
         return Err(AuthenticateError::MissingToken);
+    }
+    if token.len() > MAX_TOKEN_LENGTH {
+        return Err(AuthenticateError::TokenTooLong);
     }
     Ok(token)
 }

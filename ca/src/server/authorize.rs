@@ -14,8 +14,9 @@ use super::authenticate::{BoundPod, Caller};
 use super::refusal::Refusal;
 use super::service_account::ServiceAccount;
 
-/// The service account of a pod that names none.
-const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+/// The annotation the kubelet puts on the mirror of a static pod: a pod the node itself
+/// declares, which a compromised node could create in any namespace.
+const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// Decides which identities callers may have.
 pub(crate) struct Authorizer {
@@ -184,10 +185,10 @@ fn caller_pod_node(
         });
     }
     let account = service_account(pod);
-    if account != caller.name() {
+    if account != Some(caller.name()) {
         return Err(AuthorizeError::CallerPodAccount {
             name: bound.name.clone(),
-            found: account.to_owned(),
+            found: account.unwrap_or_default().to_owned(),
             caller: caller.clone(),
         });
     }
@@ -199,24 +200,31 @@ fn caller_pod_node(
 }
 
 /// Whether `pod` runs, or will run, with `identity`: in its namespace, as its service account,
-/// and not finished.
+/// not finished, and not a mirror pod, which the node itself declares.
 fn runs_as(pod: &Pod, identity: &Identity) -> bool {
     let finished = pod
         .status
         .as_ref()
         .and_then(|status| status.phase.as_deref())
         .is_some_and(|phase| matches!(phase, "Succeeded" | "Failed"));
+    let mirror = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|annotations| annotations.contains_key(MIRROR_POD_ANNOTATION));
     pod.metadata.namespace.as_deref() == Some(identity.namespace())
-        && service_account(pod) == identity.service_account()
+        && service_account(pod) == Some(identity.service_account())
         && !finished
+        && !mirror
 }
 
-fn service_account(pod: &Pod) -> &str {
+/// The service account a pod runs as, as stored. Admission fills in `default` for every pod
+/// but a mirror pod, which runs as none: an empty name is no identity, as in Istio.
+fn service_account(pod: &Pod) -> Option<&str> {
     pod.spec
         .as_ref()
         .and_then(|spec| spec.service_account_name.as_deref())
         .filter(|name| !name.is_empty())
-        .unwrap_or(DEFAULT_SERVICE_ACCOUNT)
 }
 
 #[cfg(test)]
@@ -306,10 +314,15 @@ mod tests {
             &web
         ));
 
+        // Only a mirror pod has no service account; neither it nor a mirror pod that names
+        // one runs as anyone.
         let default: Identity = "spiffe://cluster.local/ns/shop/sa/default".parse().unwrap();
-        assert!(runs_as(
+        assert!(!runs_as(
             &pod("shop", "w", None, "node1", "Running"),
             &default
         ));
+        let mut mirror = pod("shop", "w", Some("web"), "node1", "Running");
+        mirror.metadata.annotations = Some([(MIRROR_POD_ANNOTATION.into(), "x".into())].into());
+        assert!(!runs_as(&mirror, &web));
     }
 }

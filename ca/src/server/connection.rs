@@ -19,7 +19,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests in flight on one connection; a node agent renews a handful at a time.
 const MAX_CONCURRENT_STREAMS: u32 = 64;
 /// A token is about a kilobyte; this leaves room for any real client's headers.
-const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// A connection is closed gracefully this long after it was accepted (clients reconnect at
+/// their next request), so that one that never sends a request holds its slot for no longer.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(10 * 60);
+/// How long the requests in flight get once the connection is past its age.
+const AGE_GRACE: Duration = Duration::from_secs(10);
 /// Node agents keep their connection open between renewals; pings find those whose node went
 /// away, which would otherwise hold a connection for ever.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
@@ -66,6 +71,13 @@ pub(crate) async fn serve(
         () = stop => {
             connection.as_mut().graceful_shutdown();
             connection.await
+        }
+        () = tokio::time::sleep(MAX_CONNECTION_AGE) => {
+            connection.as_mut().graceful_shutdown();
+            match tokio::time::timeout(AGE_GRACE, connection).await {
+                Ok(served) => served,
+                Err(_) => return,
+            }
         }
     };
     if let Err(error) = served {

@@ -26,8 +26,23 @@ impl Refusal {
         }
     }
 
+    /// A request that did not finish within `deadline`.
+    pub(crate) fn deadline(deadline: std::time::Duration) -> Self {
+        Self {
+            code: Code::Unavailable,
+            reason: "deadline_exceeded",
+            message: format!("the request did not finish within {deadline:?}"),
+        }
+    }
+
+    /// What the caller is told: why it was refused, but not the CA's own failures, whose
+    /// details (the API server's address and answers) are for the log only.
     pub(crate) fn status(&self) -> Status {
-        Status::new(self.code, self.message.clone())
+        match self.code {
+            Code::Unavailable => Status::unavailable("the CA cannot decide now; try again"),
+            Code::Internal => Status::internal("the CA failed to sign"),
+            code => Status::new(code, self.message.clone()),
+        }
     }
 }
 

@@ -82,7 +82,12 @@ pub enum TtlPolicyError {
     ZeroDefault,
     #[error("the default certificate lifetime {default:?} exceeds the maximum {max:?}")]
     DefaultAboveMax { default: Duration, max: Duration },
+    #[error("the maximum certificate lifetime {0:?} exceeds a year")]
+    MaxAboveYear(Duration),
 }
+
+/// Workload certificates are meant to be short-lived; a longer maximum is a typo.
+const LONGEST_MAX_TTL: Duration = Duration::from_secs(366 * 24 * 60 * 60);
 
 impl TtlPolicy {
     pub fn new(default: Duration, max: Duration) -> Result<Self, TtlPolicyError> {
@@ -91,6 +96,9 @@ impl TtlPolicy {
         }
         if default > max {
             return Err(TtlPolicyError::DefaultAboveMax { default, max });
+        }
+        if max > LONGEST_MAX_TTL {
+            return Err(TtlPolicyError::MaxAboveYear(max));
         }
         Ok(Self { default, max })
     }
@@ -191,6 +199,10 @@ mod tests {
         assert!(matches!(
             TtlPolicy::new(2 * hour, hour),
             Err(TtlPolicyError::DefaultAboveMax { .. })
+        ));
+        assert!(matches!(
+            TtlPolicy::new(hour, 400 * 24 * hour),
+            Err(TtlPolicyError::MaxAboveYear(_))
         ));
     }
 }

@@ -19,6 +19,10 @@ use super::signer::{Issued, sign};
 use crate::proto::istio_certificate_service_server::IstioCertificateService;
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
 
+/// How long a request may take, API calls included: the agent gives up after 10 s, and a
+/// certificate issued after that would reach no one.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(8);
+
 /// The certificate service.
 pub(crate) struct CertificateService {
     pub(crate) authority: Arc<Authority>,
@@ -51,7 +55,9 @@ impl IstioCertificateService for CertificateService {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let client = request.extensions().get::<ClientAddr>().map(|addr| addr.0);
         let mut attempt = Attempt::default();
-        let outcome = self.issue(request, &mut attempt).await;
+        let outcome = tokio::time::timeout(REQUEST_DEADLINE, self.issue(request, &mut attempt))
+            .await
+            .unwrap_or_else(|_| Err(Refusal::deadline(REQUEST_DEADLINE)));
         let src_addr = client.map(tracing::field::display);
         let caller = attempt.caller.as_ref().map(tracing::field::display);
         let identity = attempt.identity.as_ref().map(tracing::field::display);
