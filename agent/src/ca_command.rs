@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ambit_ca::{
     CaServer, CreateRoot, DEFAULT_AUDIENCE, DEFAULT_CLUSTER_ID, NamespacedName, ObjectName,
-    ServerConfig, ServiceAccount, ServingName, TtlPolicy, TtlPolicyError,
+    ServerConfig, ServiceAccount, ServingName, StartError, TtlPolicy, TtlPolicyError,
 };
 use ambit_identity::TrustDomain;
 use anyhow::Context;
@@ -183,9 +183,12 @@ async fn serve(config: CaConfig) -> anyhow::Result<()> {
         .context("connecting to the API server")?;
     let mut registry = Registry::default();
     let ca_dir = config.server.ca_dir.clone();
-    let server = CaServer::start(config.server, client, &mut registry)
-        .await
-        .with_context(|| format!("--ca-dir {}", ca_dir.display()))?;
+    let server = match CaServer::start(config.server, client, &mut registry).await {
+        Ok(server) => server,
+        // The error names the Secret; the flag is the one to check.
+        Err(error @ StartError::RootSecret(_)) => return Err(error).context("--root-secret"),
+        Err(error) => return Err(error).context(format!("--ca-dir {}", ca_dir.display())),
+    };
     let server = Arc::new(server);
     let listener = bind("--listen", config.listen).await?;
     let metrics_listener = bind("--metrics-addr", config.metrics_addr).await?;

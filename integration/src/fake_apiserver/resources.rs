@@ -275,7 +275,10 @@ mod tests {
             let id = ResourceId::by_plural("", "v1", plural);
             assert_eq!(id, ResourceId::by_kind("v1", kind), "{kind}");
             let resource = id.map(ResourceId::resource);
-            assert!(resource.is_some_and(|r| r.namespaced && r.is_stored()), "{kind}");
+            assert!(
+                resource.is_some_and(|r| r.namespaced && r.is_stored()),
+                "{kind}"
+            );
         }
     }
 
