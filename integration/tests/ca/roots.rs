@@ -94,7 +94,7 @@ fn label(configmap: &ConfigMap, name: &str) -> Option<String> {
 async fn the_roots_are_published_and_follow_a_new_root() -> anyhow::Result<()> {
     let first = TestCa::with_intermediate("first")?;
     let mut harness = Harness::start_with(&first, STALE_CONFIGMAP, &PUBLISH).await?;
-    let configmap = published(&harness.api, &[first.root.clone()], &harness.ca).await?;
+    let configmap = published(&harness.api, std::slice::from_ref(&first.root), &harness.ca).await?;
     ensure!(
         label(&configmap, "app.kubernetes.io/managed-by").as_deref() == Some("ambit-ca"),
         "{:?}",
@@ -108,7 +108,12 @@ async fn the_roots_are_published_and_follow_a_new_root() -> anyhow::Result<()> {
 
     let second = TestCa::root_only("second")?;
     harness.ca_dir.write(&second.files)?;
-    let configmap = published(&harness.api, &[second.root.clone()], &harness.ca).await?;
+    let configmap = published(
+        &harness.api,
+        std::slice::from_ref(&second.root),
+        &harness.ca,
+    )
+    .await?;
     ensure!(configmap.data.unwrap_or_default().contains_key("note"));
     let failures = harness
         .ca
