@@ -55,8 +55,8 @@ pub struct CaArgs {
     #[arg(long, env = "AMBIT_CA_CREATE_ROOT")]
     pub create_root: bool,
     /// With `--create-root`: the Secret (in `--namespace`) that keeps the created root, so
-    /// that it outlives the pod. At start its files are written into `--ca-dir`; without it, a
-    /// root is created and a new Secret stores it.
+    /// that it outlives the pod. At start its files are written into `--ca-dir`, whatever that
+    /// held; without the Secret, a root is created there and a new Secret stores it.
     #[arg(
         long,
         env = "AMBIT_CA_ROOT_SECRET",

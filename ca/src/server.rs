@@ -65,7 +65,7 @@ pub struct ServerConfig {
     /// Istio's `cacerts` layout: `ca-cert.pem`, `ca-key.pem`, `root-cert.pem`,
     /// `cert-chain.pem`.
     pub ca_dir: PathBuf,
-    /// Whether a self-signed root is created when `ca_dir` is empty, and where it is kept.
+    /// Whether the CA makes a self-signed root of its own, and where it keeps it.
     pub create_root: CreateRoot,
     /// The ConfigMap the roots are published in for the agents, if any.
     pub root_configmap: Option<NamespacedName>,
@@ -82,15 +82,16 @@ pub struct ServerConfig {
     pub server_names: Vec<ServingName>,
 }
 
-/// Where the root comes from when the CA directory is empty.
+/// Whether the CA makes a root of its own, and where it keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CreateRoot {
-    /// Nowhere: the directory must hold a CA.
+    /// Never: the directory must hold a CA.
     Never,
-    /// A self-signed root created in the directory, which lives as long as the directory.
+    /// A self-signed root created in the directory when it is empty, which lives as long as
+    /// the directory.
     InDir,
-    /// A self-signed root kept in this Secret: restored from it into the directory at start,
-    /// or created there and stored in a new Secret.
+    /// A self-signed root kept in this Secret: at start, restored from it into the directory
+    /// (whatever the directory held), or created there and stored in a new Secret.
     KeptIn(NamespacedName),
 }
 
