@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_ca::{
-    CaServer, DEFAULT_AUDIENCE, DEFAULT_CLUSTER_ID, ServerConfig, ServiceAccount, ServingName,
-    TtlPolicy, TtlPolicyError,
+    CaServer, CreateRoot, DEFAULT_AUDIENCE, DEFAULT_CLUSTER_ID, NamespacedName, ObjectName,
+    ServerConfig, ServiceAccount, ServingName, StartError, TtlPolicy, TtlPolicyError,
 };
 use ambit_identity::TrustDomain;
 use anyhow::Context;
@@ -54,6 +54,24 @@ pub struct CaArgs {
     /// is an error.
     #[arg(long, env = "AMBIT_CA_CREATE_ROOT")]
     pub create_root: bool,
+    /// With `--create-root`: the Secret (in `--namespace`) that keeps the created root, so
+    /// that it outlives the pod. At start its files are written into `--ca-dir`, whatever that
+    /// held; without the Secret, a root is created there and a new Secret stores it.
+    #[arg(
+        long,
+        env = "AMBIT_CA_ROOT_SECRET",
+        requires = "create_root",
+        requires = "namespace"
+    )]
+    pub root_secret: Option<ObjectName>,
+    /// The ConfigMap (in `--namespace`) the CA publishes its roots in for the agents, as
+    /// `root-cert.pem`: at start, after each reload of `--ca-dir`, and every minute.
+    #[arg(long, env = "AMBIT_CA_ROOT_CONFIGMAP", requires = "namespace")]
+    pub root_configmap: Option<ObjectName>,
+    /// The namespace of `--root-configmap` and `--root-secret`: the CA's own (in a pod, from
+    /// the downward API).
+    #[arg(long, env = "AMBIT_CA_NAMESPACE")]
+    pub namespace: Option<ObjectName>,
     /// The kubeconfig of the API server that reviews callers' tokens and knows the pods; in a
     /// pod, the service account's in-cluster configuration is used when it is absent.
     #[arg(long, env = "AMBIT_CA_KUBECONFIG")]
@@ -112,13 +130,26 @@ impl TryFrom<CaArgs> for CaConfig {
     type Error = CaConfigError;
 
     fn try_from(args: CaArgs) -> Result<Self, Self::Error> {
+        let in_namespace = |name: Option<ObjectName>| {
+            Some(NamespacedName {
+                namespace: args.namespace.clone()?,
+                name: name?,
+            })
+        };
+        let create_root = match (args.create_root, in_namespace(args.root_secret)) {
+            (false, _) => CreateRoot::Never,
+            (true, None) => CreateRoot::InDir,
+            (true, Some(secret)) => CreateRoot::KeptIn(secret),
+        };
+        let root_configmap = in_namespace(args.root_configmap);
         Ok(Self {
             listen: args.listen,
             metrics_addr: args.metrics_addr,
             kubeconfig: args.kubeconfig,
             server: ServerConfig {
                 ca_dir: args.ca_dir,
-                create_root: args.create_root,
+                create_root,
+                root_configmap,
                 trust_domain: args.trust_domain,
                 audience: args.audience,
                 cluster_id: args.cluster_id,
@@ -152,8 +183,12 @@ async fn serve(config: CaConfig) -> anyhow::Result<()> {
         .context("connecting to the API server")?;
     let mut registry = Registry::default();
     let ca_dir = config.server.ca_dir.clone();
-    let server = CaServer::new(config.server, client, &mut registry)
-        .with_context(|| format!("--ca-dir {}", ca_dir.display()))?;
+    let server = match CaServer::start(config.server, client, &mut registry).await {
+        Ok(server) => server,
+        // The error names the Secret; the flag is the one to check.
+        Err(error @ StartError::RootSecret(_)) => return Err(error).context("--root-secret"),
+        Err(error) => return Err(error).context(format!("--ca-dir {}", ca_dir.display())),
+    };
     let server = Arc::new(server);
     let listener = bind("--listen", config.listen).await?;
     let metrics_listener = bind("--metrics-addr", config.metrics_addr).await?;
@@ -261,7 +296,54 @@ mod tests {
             server.server_names,
             ["ambit-ca.ambit-system.svc".parse().unwrap()]
         );
-        assert!(!server.create_root);
+        assert_eq!(server.create_root, CreateRoot::Never);
+        assert_eq!(server.root_configmap, None);
+    }
+
+    #[test]
+    fn the_roots_configmap_and_the_root_secret_are_in_the_namespace() {
+        let args = parse(&[
+            "--create-root",
+            "--root-secret",
+            "cacerts",
+            "--root-configmap",
+            "ambit-ca-root-cert",
+            "--namespace",
+            "mesh",
+        ])
+        .unwrap();
+        let server = CaConfig::try_from(args).unwrap().server;
+        let named = |name: &str| NamespacedName {
+            namespace: "mesh".parse().unwrap(),
+            name: name.parse().unwrap(),
+        };
+        assert_eq!(server.create_root, CreateRoot::KeptIn(named("cacerts")));
+        assert_eq!(server.root_configmap, Some(named("ambit-ca-root-cert")));
+
+        let args = parse(&["--create-root"]).unwrap();
+        let server = CaConfig::try_from(args).unwrap().server;
+        assert_eq!(server.create_root, CreateRoot::InDir);
+    }
+
+    #[test]
+    fn the_root_secret_needs_create_root_and_both_need_a_namespace() {
+        for (extra, missing) in [
+            (
+                &["--root-secret", "cacerts", "--namespace", "mesh"][..],
+                "--create-root",
+            ),
+            (
+                &["--create-root", "--root-secret", "cacerts"][..],
+                "--namespace",
+            ),
+            (
+                &["--root-configmap", "ambit-ca-root-cert"][..],
+                "--namespace",
+            ),
+        ] {
+            let error = parse(extra).unwrap_err().to_string();
+            assert!(error.contains(missing), "{extra:?}: {error}");
+        }
     }
 
     #[test]
@@ -284,6 +366,8 @@ mod tests {
             ("--server-names", "not a name"),
             ("--trust-domain", "Not/A/Domain"),
             ("--max-ttl", "1w"),
+            ("--root-configmap", "Root_Cert"),
+            ("--namespace", "a/b"),
         ] {
             let error = parse(&[flag, value]).unwrap_err().to_string();
             assert!(error.contains(flag), "{flag}: {error}");

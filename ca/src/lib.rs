@@ -7,8 +7,9 @@ mod pem;
 mod server;
 
 pub use server::{
-    CaServer, LoadCaError, ServerConfig, ServiceAccount, ServiceAccountError, ServingError,
-    ServingName, ServingNameError, StartError, TtlPolicy, TtlPolicyError,
+    ApiCallError, CaServer, CreateRoot, LoadCaError, NamespacedName, ObjectName, ObjectNameError,
+    RootSecretError, ServerConfig, ServiceAccount, ServiceAccountError, ServingError, ServingName,
+    ServingNameError, StartError, TtlPolicy, TtlPolicyError,
 };
 
 pub mod proto {

@@ -3,8 +3,10 @@
 //! it: no wildcard and nothing about Secrets in any Role or ClusterRole, no aggregated role,
 //! bindings only to the roles and service accounts defined there, and each service account granted
 //! exactly what the programs that run under it call, as listed in [`REVIEWED`], so that a new
-//! permission is a reviewed change of that list. And the CA key: only the pods of `ambit ca` mount
-//! a Secret; the agents sign nothing themselves. Needs no root.
+//! permission is a reviewed change of that list: cluster-wide or in a namespace, on every object
+//! or on the one a flag names. And the CA key: only the pods of `ambit ca` mount a Secret; the
+//! agents sign nothing themselves. The Secret that `ambit ca` keeps a root it created in
+//! (`ca.createRoot`, not the default) is checked by `scripts/chart-ca-wiring.py`. Needs no root.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -14,12 +16,56 @@ use anyhow::{Context, ensure};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-/// A rule of what a program calls: API group, resources, verbs.
-type ReviewedRule = (
-    &'static str,
-    &'static [&'static str],
-    &'static [&'static str],
-);
+/// A rule of what a program calls: API group, resources, verbs, where and on which objects.
+#[derive(Debug)]
+struct ReviewedRule {
+    group: &'static str,
+    resources: &'static [&'static str],
+    verbs: &'static [&'static str],
+    scope: Scope,
+    objects: Objects,
+}
+
+/// Where a program calls.
+#[derive(Debug)]
+enum Scope {
+    /// Across the cluster.
+    Cluster,
+    /// In the namespace a setting of the program names.
+    Namespace(Setting),
+}
+
+/// Which objects a program calls on.
+#[derive(Debug)]
+enum Objects {
+    All,
+    /// Any, but only when a setting is set: a create, which names no object the API server
+    /// could authorize it by.
+    AllWith(Setting),
+    /// The object a setting of the program names; the rule applies only when it is set.
+    NamedBy(Setting),
+}
+
+/// A setting of a program: its flag, or the environment variable that sets it too.
+#[derive(Debug, Clone, Copy)]
+struct Setting {
+    flag: &'static str,
+    env: &'static str,
+}
+
+const fn cluster_wide(
+    group: &'static str,
+    resources: &'static [&'static str],
+    verbs: &'static [&'static str],
+) -> ReviewedRule {
+    ReviewedRule {
+        group,
+        resources,
+        verbs,
+        scope: Scope::Cluster,
+        objects: Objects::All,
+    }
+}
 
 /// What each program of the `ambit` image calls, by the subcommand a container runs (its first
 /// argument). A pod's service account must be granted exactly the union of its containers' lists.
@@ -28,38 +74,86 @@ const REVIEWED: &[(&str, &[ReviewedRule])] = &[("agent", AGENT), ("cni", CNI_INS
 /// `ambit agent`.
 const AGENT: &[ReviewedRule] = &[
     // The cluster's workloads and services.
-    (
+    cluster_wide(
         "",
         &["namespaces", "pods", "services"],
         &["get", "list", "watch"],
     ),
     // The `ambient.istio.io/redirection` annotation of captured pods.
-    ("", &["pods"], &["patch"]),
-    (
+    cluster_wide("", &["pods"], &["patch"]),
+    cluster_wide(
         "discovery.k8s.io",
         &["endpointslices"],
         &["get", "list", "watch"],
     ),
-    (
+    cluster_wide(
         "security.istio.io",
         &["authorizationpolicies", "peerauthentications"],
         &["get", "list", "watch"],
     ),
     // kube-rs' event recorder creates events.k8s.io/v1 Events, then patches them as they repeat.
-    ("events.k8s.io", &["events"], &["create", "patch"]),
+    cluster_wide("events.k8s.io", &["events"], &["create", "patch"]),
 ];
 
 /// `ambit cni install --kubeconfig-from-service-account`: the kubeconfig it writes lets the plugin
 /// read the pod being started and its namespace, with the agent's account.
-const CNI_INSTALL: &[ReviewedRule] = &[("", &["namespaces", "pods"], &["get"])];
+const CNI_INSTALL: &[ReviewedRule] = &[cluster_wide("", &["namespaces", "pods"], &["get"])];
+
+/// Where `ambit ca` keeps its objects (`--namespace`).
+const CA_NAMESPACE: Setting = Setting {
+    flag: "--namespace",
+    env: "AMBIT_CA_NAMESPACE",
+};
 
 /// `ambit ca`: a TokenReview of each caller's token; for a node agent, a GET of the agent's pod
 /// (named in its token) and a LIST of the pods of that pod's node (field selector
-/// `spec.nodeName`).
+/// `spec.nodeName`). In its namespace, the roots ConfigMap: a GET to compare, a merge PATCH or,
+/// when it is absent, a CREATE (`ca/src/server/root_publisher.rs`); with `--root-secret`, a GET
+/// of the Secret and, when it is absent, a CREATE (`ca/src/server/root_secret.rs`).
 const CA: &[ReviewedRule] = &[
-    ("authentication.k8s.io", &["tokenreviews"], &["create"]),
-    ("", &["pods"], &["get", "list"]),
+    cluster_wide("authentication.k8s.io", &["tokenreviews"], &["create"]),
+    cluster_wide("", &["pods"], &["get", "list"]),
+    ReviewedRule {
+        group: "",
+        resources: &["configmaps"],
+        verbs: &["get", "patch"],
+        scope: Scope::Namespace(CA_NAMESPACE),
+        objects: Objects::NamedBy(ROOT_CONFIGMAP),
+    },
+    ReviewedRule {
+        group: "",
+        resources: &["configmaps"],
+        verbs: &["create"],
+        scope: Scope::Namespace(CA_NAMESPACE),
+        objects: Objects::AllWith(ROOT_CONFIGMAP),
+    },
+    ReviewedRule {
+        group: "",
+        resources: &["secrets"],
+        verbs: &["get"],
+        scope: Scope::Namespace(CA_NAMESPACE),
+        objects: Objects::NamedBy(ROOT_SECRET),
+    },
+    ReviewedRule {
+        group: "",
+        resources: &["secrets"],
+        verbs: &["create"],
+        scope: Scope::Namespace(CA_NAMESPACE),
+        objects: Objects::AllWith(ROOT_SECRET),
+    },
 ];
+
+/// The ConfigMap `ambit ca` publishes its roots in.
+const ROOT_CONFIGMAP: Setting = Setting {
+    flag: "--root-configmap",
+    env: "AMBIT_CA_ROOT_CONFIGMAP",
+};
+
+/// The Secret `ambit ca` keeps a root it created in.
+const ROOT_SECRET: Setting = Setting {
+    flag: "--root-secret",
+    env: "AMBIT_CA_ROOT_SECRET",
+};
 
 /// A rule of a Role or ClusterRole, every field of `rbac.authorization.k8s.io/v1` PolicyRule: a
 /// field this test does not know fails it.
@@ -78,11 +172,14 @@ struct Rule {
     non_resource_urls: Vec<String>,
 }
 
-/// One permission: a verb on a resource of an API group.
+/// One permission: a verb on a resource of an API group, across the cluster or in a namespace,
+/// on every object or on one.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Grant {
+    namespace: Option<String>,
     group: String,
     resource: String,
+    name: Option<String>,
     verb: String,
 }
 
@@ -93,7 +190,14 @@ impl fmt::Display for Grant {
         } else {
             &self.group
         };
-        write!(f, "{} {}/{}", self.verb, group, self.resource)
+        write!(f, "{} {}/{}", self.verb, group, self.resource)?;
+        if let Some(name) = &self.name {
+            write!(f, "/{name}")?;
+        }
+        if let Some(namespace) = &self.namespace {
+            write!(f, " in {namespace}")?;
+        }
+        Ok(())
     }
 }
 
@@ -140,6 +244,8 @@ struct Workload<'a> {
     account: String,
     /// The first argument of each container: the `ambit` subcommand it runs.
     programs: Vec<String>,
+    /// The containers, in the order of `programs`.
+    containers: Vec<&'a Value>,
     pod: &'a Value,
 }
 
@@ -152,6 +258,7 @@ fn workloads(objects: &[Object]) -> anyhow::Result<Vec<Workload<'_>>> {
             .and_then(Value::as_str)
             .with_context(|| format!("{} {} names no service account", object.kind, object.name))?;
         let mut programs = Vec::new();
+        let mut containers = Vec::new();
         for container in sequence(pod, "initContainers").chain(sequence(pod, "containers")) {
             let program = container
                 .get("args")
@@ -164,15 +271,60 @@ fn workloads(objects: &[Object]) -> anyhow::Result<Vec<Workload<'_>>> {
                     )
                 })?;
             programs.push(program.to_owned());
+            containers.push(container);
         }
         found.push(Workload {
             object,
             account: format!("{}/{account}", object.namespace()),
             programs,
+            containers,
             pod,
         });
     }
     Ok(found)
+}
+
+/// The value a container gives `setting`: its flag's argument, or its environment variable's
+/// value, the downward API's `metadata.namespace` being `namespace`.
+fn setting_of(
+    container: &Value,
+    setting: Setting,
+    namespace: &str,
+) -> anyhow::Result<Option<String>> {
+    let args: Vec<&str> = sequence(container, "args")
+        .filter_map(Value::as_str)
+        .collect();
+    for (index, arg) in args.iter().enumerate() {
+        if *arg == setting.flag {
+            let value = args.get(index + 1).context(setting.flag)?;
+            return Ok(Some((*value).to_owned()));
+        }
+        if let Some(value) = arg
+            .strip_prefix(setting.flag)
+            .and_then(|v| v.strip_prefix('='))
+        {
+            return Ok(Some(value.to_owned()));
+        }
+    }
+    let Some(env) = sequence(container, "env")
+        .find(|env| env.get("name").and_then(Value::as_str) == Some(setting.env))
+    else {
+        return Ok(None);
+    };
+    if let Some(value) = env.get("value").and_then(Value::as_str) {
+        return Ok(Some(value.to_owned()));
+    }
+    let field = env
+        .get("valueFrom")
+        .and_then(|from| from.get("fieldRef"))
+        .and_then(|field| field.get("fieldPath"))
+        .and_then(Value::as_str);
+    ensure!(
+        field == Some("metadata.namespace"),
+        "{} is set from {env:?}, which this test cannot resolve",
+        setting.env
+    );
+    Ok(Some(namespace.to_owned()))
 }
 
 fn sequence<'a>(value: &'a Value, field: &str) -> impl Iterator<Item = &'a Value> {
@@ -267,17 +419,27 @@ fn violations(role: &Object) -> anyhow::Result<Vec<String>> {
     Ok(found)
 }
 
-fn grants(rules: &[Rule]) -> BTreeSet<Grant> {
+/// What `rules` grant, across the cluster or in `namespace`.
+fn grants(rules: &[Rule], namespace: Option<&str>) -> BTreeSet<Grant> {
     let mut grants = BTreeSet::new();
     for rule in rules {
+        let names = if rule.resource_names.is_empty() {
+            vec![None]
+        } else {
+            rule.resource_names.iter().cloned().map(Some).collect()
+        };
         for group in &rule.api_groups {
             for resource in &rule.resources {
-                for verb in &rule.verbs {
-                    grants.insert(Grant {
-                        group: group.clone(),
-                        resource: resource.clone(),
-                        verb: verb.clone(),
-                    });
+                for name in &names {
+                    for verb in &rule.verbs {
+                        grants.insert(Grant {
+                            namespace: namespace.map(str::to_owned),
+                            group: group.clone(),
+                            resource: resource.clone(),
+                            name: name.clone(),
+                            verb: verb.clone(),
+                        });
+                    }
                 }
             }
         }
@@ -285,29 +447,49 @@ fn grants(rules: &[Rule]) -> BTreeSet<Grant> {
     grants
 }
 
-/// What the programs call, together.
-fn reviewed(programs: &[String]) -> anyhow::Result<BTreeSet<Grant>> {
-    let mut rules = Vec::new();
-    for program in programs {
-        let (_, reviewed) = REVIEWED
-            .iter()
-            .find(|(name, _)| name == program)
-            .with_context(|| {
-                format!("`ambit {program}` has no reviewed permissions in REVIEWED")
-            })?;
-        rules.extend(reviewed.iter());
+/// What `program` calls when run as `container` in `namespace`.
+fn reviewed(program: &str, container: &Value, namespace: &str) -> anyhow::Result<BTreeSet<Grant>> {
+    let (_, rules) = REVIEWED
+        .iter()
+        .find(|(name, _)| *name == program)
+        .with_context(|| format!("`ambit {program}` has no reviewed permissions in REVIEWED"))?;
+    let mut reviewed = BTreeSet::new();
+    for rule in rules.iter() {
+        let name = match rule.objects {
+            Objects::All => None,
+            Objects::AllWith(setting) => match setting_of(container, setting, namespace)? {
+                Some(_) => None,
+                None => continue,
+            },
+            Objects::NamedBy(setting) => match setting_of(container, setting, namespace)? {
+                Some(name) => Some(name),
+                None => continue,
+            },
+        };
+        let scope = match rule.scope {
+            Scope::Cluster => None,
+            Scope::Namespace(setting) => {
+                Some(setting_of(container, setting, namespace)?.with_context(|| {
+                    format!(
+                        "`ambit {program}` calls in the namespace {} names, which is not set",
+                        setting.flag
+                    )
+                })?)
+            }
+        };
+        for resource in rule.resources {
+            for verb in rule.verbs {
+                reviewed.insert(Grant {
+                    namespace: scope.clone(),
+                    group: rule.group.to_owned(),
+                    resource: (*resource).to_owned(),
+                    name: name.clone(),
+                    verb: (*verb).to_owned(),
+                });
+            }
+        }
     }
-    let rules: Vec<Rule> = rules
-        .into_iter()
-        .map(|(group, resources, verbs)| Rule {
-            api_groups: vec![(*group).to_owned()],
-            resources: resources.iter().map(|r| (*r).to_owned()).collect(),
-            verbs: verbs.iter().map(|v| (*v).to_owned()).collect(),
-            resource_names: Vec::new(),
-            non_resource_urls: Vec::new(),
-        })
-        .collect();
-    Ok(grants(&rules))
+    Ok(reviewed)
 }
 
 /// What the bindings of the manifests grant `account` (`namespace/name`).
@@ -341,30 +523,20 @@ fn granted(objects: &[Object], account: &str) -> anyhow::Result<BTreeSet<Grant>>
         };
         let role = objects
             .iter()
-            .find(|o| o.kind == field("kind") && o.name == field("name"))
+            .find(|o| {
+                o.kind == field("kind")
+                    && o.name == field("name")
+                    && (o.kind == "ClusterRole" || o.namespace() == binding.namespace())
+            })
             .with_context(|| {
                 format!(
-                    "{} {} binds a role the manifests do not define",
+                    "{} {} binds a role the manifests do not define in its namespace",
                     binding.kind, binding.name
                 )
             })?;
-        ensure!(
-            binding.kind == "ClusterRoleBinding" || role.namespace() == binding.namespace(),
-            "{} {} binds {} {} of another namespace",
-            binding.kind,
-            binding.name,
-            role.kind,
-            role.name
-        );
-        for rule in role.rules()? {
-            ensure!(
-                rule.resource_names.is_empty(),
-                "resourceNames are not part of the reviewed list: {} {}: {rule:?}",
-                role.kind,
-                role.name
-            );
-        }
-        granted.extend(grants(&role.rules()?));
+        // A RoleBinding grants in its namespace, whichever kind of role it binds.
+        let namespace = (binding.kind == "RoleBinding").then(|| binding.namespace());
+        granted.extend(grants(&role.rules()?, namespace));
     }
     Ok(granted)
 }
@@ -392,11 +564,16 @@ fn each_account_is_granted_exactly_what_its_programs_call() -> anyhow::Result<()
     let objects = manifests()?;
     let workloads = workloads(&objects)?;
     let mut programs: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut reviewed_of: BTreeMap<&str, BTreeSet<Grant>> = BTreeMap::new();
     for workload in &workloads {
         programs
             .entry(workload.account.as_str())
             .or_default()
             .extend(workload.programs.iter().cloned());
+        let account_reviewed = reviewed_of.entry(workload.account.as_str()).or_default();
+        for (program, container) in workload.programs.iter().zip(&workload.containers) {
+            account_reviewed.extend(reviewed(program, container, workload.object.namespace())?);
+        }
     }
     let run: BTreeSet<&String> = programs.values().flatten().collect();
     for expected in ["agent", "cni", "ca"] {
@@ -408,11 +585,8 @@ fn each_account_is_granted_exactly_what_its_programs_call() -> anyhow::Result<()
     let mut found = Vec::new();
     for (account, programs) in &programs {
         let granted = granted(&objects, account)?;
-        let reviewed = reviewed(programs)?;
-        let added: Vec<String> = granted
-            .difference(&reviewed)
-            .map(Grant::to_string)
-            .collect();
+        let reviewed = &reviewed_of[account];
+        let added: Vec<String> = granted.difference(reviewed).map(Grant::to_string).collect();
         let missing: Vec<String> = reviewed
             .difference(&granted)
             .map(Grant::to_string)
@@ -567,6 +741,45 @@ aggregationRule:
             .rules()
             .is_err(),
         "a misspelt field must not hide a wildcard"
+    );
+    Ok(())
+}
+
+/// A setting is found as a flag, `--flag=value`, or its environment variable, the downward
+/// API's namespace included; an unset one leaves its rules out.
+#[test]
+fn settings_come_from_flags_or_the_environment() -> anyhow::Result<()> {
+    let container: Value = serde_yaml_ng::from_str(
+        "
+args: [ca, --root-configmap, roots, --root-secret=kept]
+env:
+  - {name: AMBIT_CA_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
+",
+    )?;
+    let found = |setting| setting_of(&container, setting, "mesh");
+    ensure!(found(ROOT_CONFIGMAP)?.as_deref() == Some("roots"));
+    ensure!(found(ROOT_SECRET)?.as_deref() == Some("kept"));
+    ensure!(found(CA_NAMESPACE)?.as_deref() == Some("mesh"));
+
+    let calls = reviewed("ca", &container, "mesh")?;
+    let secrets: Vec<String> = calls
+        .iter()
+        .filter(|grant| grant.resource == "secrets")
+        .map(Grant::to_string)
+        .collect();
+    ensure!(
+        secrets
+            == [
+                "create core/secrets in mesh",
+                "get core/secrets/kept in mesh"
+            ],
+        "{secrets:?}"
+    );
+    let without: Value = serde_yaml_ng::from_str("args: [ca]")?;
+    let calls = reviewed("ca", &without, "mesh")?;
+    ensure!(
+        calls.iter().all(|grant| grant.namespace.is_none()),
+        "without --root-configmap the CA calls nothing in a namespace: {calls:?}"
     );
     Ok(())
 }

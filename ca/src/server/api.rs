@@ -15,7 +15,7 @@ static API_CALLS: Semaphore = Semaphore::const_new(MAX_API_CALLS);
 
 /// A call to the API server that failed or did not answer in time.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ApiCallError {
+pub enum ApiCallError {
     #[error("the API server failed the call")]
     Failed(#[source] kube::Error),
     #[error("the API server did not answer within {API_TIMEOUT:?}")]
@@ -28,6 +28,11 @@ impl ApiCallError {
     /// Whether the API server answered that the object does not exist.
     pub(crate) fn is_not_found(&self) -> bool {
         matches!(self, Self::Failed(kube::Error::Api(status)) if status.is_not_found())
+    }
+
+    /// Whether the API server answered that the object to create exists already.
+    pub(crate) fn is_already_exists(&self) -> bool {
+        matches!(self, Self::Failed(kube::Error::Api(status)) if status.is_already_exists())
     }
 }
 

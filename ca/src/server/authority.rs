@@ -22,8 +22,9 @@ use rustls::sign::CertifiedKey;
 use super::metrics::Metrics;
 use super::refusal::WithCauses;
 use super::tls::{ServingCertificate, ServingError, ServingName, issue_serving_certificate};
+use crate::pem::certificate_pem;
 
-const CA_FILES: [&str; 4] = [CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE];
+pub(super) const CA_FILES: [&str; 4] = [CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE];
 
 /// Why the CA could not be loaded at start.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +172,15 @@ impl Generation {
     ) -> Result<Self, ServingError> {
         let serving = issue_serving_certificate(&ca, server_names, provider)?;
         Ok(Self { ca, serving })
+    }
+
+    /// The roots, PEM, one after the other: what the agents are given to trust.
+    pub(crate) fn roots_pem(&self) -> String {
+        self.ca
+            .roots()
+            .iter()
+            .map(|root| certificate_pem(root))
+            .collect()
     }
 
     /// Exports when the earliest root expires.

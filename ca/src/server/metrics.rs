@@ -10,11 +10,12 @@ use prometheus_client::registry::Registry;
 
 use super::refusal::code_label;
 
-/// Requests by outcome, and when the roots expire.
+/// Requests by outcome, when the roots expire, and failures to publish them.
 #[derive(Debug, Clone)]
 pub(crate) struct Metrics {
     requests: Family<RequestLabels, Counter>,
     root_expiry: Gauge,
+    root_publish_failures: Counter,
 }
 
 /// How a request ended: both labels take a few fixed values only.
@@ -29,6 +30,7 @@ impl Metrics {
         let metrics = Self {
             requests: Family::default(),
             root_expiry: Gauge::default(),
+            root_publish_failures: Counter::default(),
         };
         registry.register(
             "ambit_ca_requests",
@@ -41,6 +43,11 @@ impl Metrics {
             "When the earliest of the CA's roots expires (Unix time, seconds)",
             metrics.root_expiry.clone(),
         );
+        registry.register(
+            "ambit_ca_root_publish_failures",
+            "Attempts to publish the roots in their ConfigMap that failed (each retried at the next poll)",
+            metrics.root_publish_failures.clone(),
+        );
         metrics
     }
 
@@ -49,6 +56,10 @@ impl Metrics {
         self.requests
             .get_or_create(&RequestLabels { code, reason })
             .inc();
+    }
+
+    pub(crate) fn count_root_publish_failure(&self) {
+        self.root_publish_failures.inc();
     }
 
     pub(crate) fn set_root_expiry(&self, not_after: SystemTime) {
@@ -73,12 +84,14 @@ mod tests {
         metrics.count(tonic::Code::PermissionDenied, "no_pod_on_node");
         metrics.count(tonic::Code::Ok, "issued");
         metrics.set_root_expiry(UNIX_EPOCH + Duration::from_secs(1_900_000_000));
+        metrics.count_root_publish_failure();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for line in [
             "ambit_ca_requests_total{code=\"PermissionDenied\",reason=\"no_pod_on_node\"} 1",
             "ambit_ca_requests_total{code=\"OK\",reason=\"issued\"} 1",
             "citadel_server_root_cert_expiry_timestamp 1900000000",
+            "ambit_ca_root_publish_failures_total 1",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

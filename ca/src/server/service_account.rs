@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use super::namespaced_name::is_object_name;
+
 /// How the API server names the user of a service-account token.
 const USERNAME_PREFIX: &str = "system:serviceaccount:";
 
@@ -62,15 +64,6 @@ impl fmt::Display for ServiceAccount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
     }
-}
-
-/// A Kubernetes object name (a DNS subdomain): what namespaces and service accounts are called.
-fn is_object_name(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 253
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.'))
 }
 
 #[cfg(test)]

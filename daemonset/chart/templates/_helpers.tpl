@@ -88,8 +88,8 @@ https://{{ include "ambit.ca.fullname" . }}.{{ .Release.Namespace }}.svc:15012
 
 {{/*
 The ConfigMap, in the release's namespace, whose `root-cert.pem` the agents authenticate the CA with
-and add to their trust bundle: the chart's own for ambit's CA (rendered from ca.rootCert, or created
-by the operator), the one istiod publishes in every namespace for ca.external.
+and add to their trust bundle: the one ambit's CA publishes (--root-configmap), or the one istiod
+publishes in every namespace for ca.external.
 */}}
 {{- define "ambit.ca.rootConfigMap" -}}
 {{- if .Values.ca.enabled -}}
@@ -111,14 +111,11 @@ message naming the values otherwise.
 {{- if and (not $ca.enabled) (not $ca.external.address) -}}
 {{- fail "ca.enabled=false leaves the agents without a CA: set ca.external.address (and ca.external.rootConfigMap), e.g. https://istiod.istio-system.svc:15012" -}}
 {{- end -}}
-{{- if and (not $ca.enabled) (or $ca.createRoot $ca.rootCert) -}}
-{{- fail "ca.createRoot and ca.rootCert are settings of ambit's CA (ca.enabled=true); with ca.external the agents read ca.external.rootConfigMap" -}}
+{{- if $ca.rootCert -}}
+{{- fail (printf "ca.rootCert is no longer read: ambit's CA publishes its roots in ConfigMap %s itself; remove the value" (include "ambit.ca.rootConfigMap" .)) -}}
 {{- end -}}
-{{- if and $ca.createRoot $ca.rootCert -}}
-{{- fail "ca.createRoot makes a new root when the CA starts, so ca.rootCert cannot be known: leave it empty and publish the root the CA made (docs/install.md#a-demo-root-cacreateroot)" -}}
-{{- end -}}
-{{- if and $ca.createRoot (gt (int $ca.replicas) 1) -}}
-{{- fail "ca.createRoot gives each CA pod a root of its own: it allows one replica only (ca.replicas=1); bring your own cacerts (ca.secretName) for more" -}}
+{{- if and (not $ca.enabled) $ca.createRoot -}}
+{{- fail "ca.createRoot is a setting of ambit's CA (ca.enabled=true); with ca.external the agents read ca.external.rootConfigMap" -}}
 {{- end -}}
 {{- if $ca.enabled -}}
 {{- $max := include "ambit.seconds" $ca.maxTTL | atoi -}}

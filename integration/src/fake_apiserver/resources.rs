@@ -137,6 +137,28 @@ const RESOURCES: &[Resource] = &[
     Resource {
         group: "",
         versions: &["v1"],
+        kind: "ConfigMap",
+        plural: "configmaps",
+        singular: "configmap",
+        namespaced: true,
+        verbs: STORED_VERBS,
+        definition: None,
+        field_labels: &[],
+    },
+    Resource {
+        group: "",
+        versions: &["v1"],
+        kind: "Secret",
+        plural: "secrets",
+        singular: "secret",
+        namespaced: true,
+        verbs: STORED_VERBS,
+        definition: None,
+        field_labels: &["type"],
+    },
+    Resource {
+        group: "",
+        versions: &["v1"],
         kind: "Event",
         plural: "events",
         singular: "event",
@@ -245,6 +267,19 @@ mod tests {
         }
         let crd = ResourceId::CUSTOM_RESOURCE_DEFINITIONS.resource();
         assert_eq!(crd.kind, "CustomResourceDefinition");
+    }
+
+    #[test]
+    fn configmaps_and_secrets_are_namespaced_core_resources() {
+        for (kind, plural) in [("ConfigMap", "configmaps"), ("Secret", "secrets")] {
+            let id = ResourceId::by_plural("", "v1", plural);
+            assert_eq!(id, ResourceId::by_kind("v1", kind), "{kind}");
+            let resource = id.map(ResourceId::resource);
+            assert!(
+                resource.is_some_and(|r| r.namespaced && r.is_stored()),
+                "{kind}"
+            );
+        }
     }
 
     #[test]

@@ -1,17 +1,13 @@
-//! `ambit ca` as a process against the fake API server: which caller gets which certificate,
-//! with which gRPC code it is refused otherwise, the counts on its metrics port, a new root in
-//! its CA directory taken up without a restart, and the agent's client (`ambit_ca::client`)
-//! reading its answers. Needs no root.
-//!
-//! The cluster: node agents `ambit-node1` and `ambit-node2` (`ambit-system/ambit`), the
-//! workload `web` (`shop/web`) on node1 and `db` (`shop/db`) on node2.
+//! What the tests of `ambit ca` run it with: the fake API server and its cluster, CAs
+//! generated for the test, a CA directory laid out as a mounted Secret, `ambit ca` as a child
+//! process, and certificate requests with the checks of their answers.
 
 use std::fs::{self, File};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -21,6 +17,7 @@ use ambit_ca::proto::{IstioCertificateRequest, IstioCertificateResponse};
 use ambit_integration::{FakeApiServer, FakeApiServerConfig, agent_binary};
 use anyhow::{Context as _, bail, ensure};
 use hyper_util::rt::TokioIo;
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
     SanType,
@@ -113,24 +110,16 @@ const TOKENS: &str = "
   audiences: [istio-ca]
 ";
 
-const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
-/// The namespace of a static pod of node1: a node can declare one anywhere, so it makes no
-/// identity of that namespace the node's.
-const PAYMENTS_DEFAULT: &str = "spiffe://cluster.local/ns/payments/sa/default";
-const DEFAULT_TTL: Duration = Duration::from_secs(3600);
-const MAX_TTL: Duration = Duration::from_secs(2 * 3600);
-
 /// A CA in Istio's `cacerts` layout, generated for the test.
-struct TestCa {
+pub(crate) struct TestCa {
     /// `ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`.
-    files: Vec<(&'static str, String)>,
-    root: CertificateDer<'static>,
+    pub(crate) files: Vec<(&'static str, String)>,
+    pub(crate) root: CertificateDer<'static>,
 }
 
 impl TestCa {
     /// A root and an intermediate under it that signs.
-    fn with_intermediate(name: &str) -> anyhow::Result<Self> {
+    pub(crate) fn with_intermediate(name: &str) -> anyhow::Result<Self> {
         let root =
             CertifiedIssuer::self_signed(ca_params(&format!("{name} root")), KeyPair::generate()?)?;
         let key = KeyPair::generate()?;
@@ -147,7 +136,7 @@ impl TestCa {
     }
 
     /// A root that signs itself.
-    fn root_only(name: &str) -> anyhow::Result<Self> {
+    pub(crate) fn root_only(name: &str) -> anyhow::Result<Self> {
         let key = KeyPair::generate()?;
         let root = ca_params(&format!("{name} root")).self_signed(&key)?;
         Ok(Self {
@@ -176,13 +165,13 @@ fn ca_params(name: &str) -> CertificateParams {
 
 /// A directory laid out as the kubelet mounts a Secret: each file a symlink through `..data`,
 /// a symlink to the current version, swapped to change every file at once.
-struct SecretDir {
-    path: PathBuf,
+pub(crate) struct SecretDir {
+    pub(crate) path: PathBuf,
     versions: u32,
 }
 
 impl SecretDir {
-    fn write(&mut self, files: &[(&'static str, String)]) -> anyhow::Result<()> {
+    pub(crate) fn write(&mut self, files: &[(&'static str, String)]) -> anyhow::Result<()> {
         self.versions += 1;
         let version = format!("..version-{}", self.versions);
         fs::create_dir(self.path.join(&version))?;
@@ -201,27 +190,18 @@ impl SecretDir {
         Ok(())
     }
 }
-
-/// The fake API server in this process and `ambit ca` as a child process, killed when dropped.
-struct Harness {
-    dir: tempfile::TempDir,
-    ca_dir: SecretDir,
-    server: Child,
-    listen: SocketAddr,
-    metrics: SocketAddr,
+/// The fake API server, in this process, serving [`OBJECTS`] and more, and reviewing
+/// [`TOKENS`]; its files and the CAs' live in `dir`.
+pub(crate) struct ApiServer {
+    pub(crate) dir: tempfile::TempDir,
 }
 
-impl Harness {
-    async fn start(ca: &TestCa) -> anyhow::Result<Self> {
-        let binary = agent_binary();
-        ensure!(
-            binary.exists(),
-            "{} is missing: build it first (cargo build -p ambit-agent) or set AMBIT_BIN",
-            binary.display()
-        );
+impl ApiServer {
+    /// Serves [`OBJECTS`] followed by `more_objects` (YAML documents).
+    pub(crate) async fn start(more_objects: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let path = |name: &str| dir.path().join(name);
-        fs::write(path("objects.yaml"), OBJECTS)?;
+        fs::write(path("objects.yaml"), format!("{OBJECTS}{more_objects}"))?;
         fs::write(path("tokens.yaml"), TOKENS)?;
         let apiserver = FakeApiServer::bind(FakeApiServerConfig {
             objects: path("objects.yaml"),
@@ -235,46 +215,90 @@ impl Harness {
         })
         .await?;
         tokio::spawn(apiserver.run());
+        Ok(Self { dir })
+    }
 
-        fs::create_dir(path("cacerts"))?;
-        let mut ca_dir = SecretDir {
-            path: path("cacerts"),
-            versions: 0,
-        };
-        ca_dir.write(&ca.files)?;
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A client of the API server, as the test itself.
+    pub(crate) async fn client(&self) -> anyhow::Result<kube::Client> {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let kubeconfig = Kubeconfig::read_from(self.path("kubeconfig"))?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+}
+
+/// `ambit ca` as a child process, killed when dropped.
+pub(crate) struct CaProcess {
+    child: Child,
+    pub(crate) listen: SocketAddr,
+    metrics: SocketAddr,
+    log: PathBuf,
+}
+
+impl CaProcess {
+    /// Starts `ambit ca` on `ca_dir` against `api`, with `flags` besides the usual ones, logging
+    /// to `<name>.log`; returns at once.
+    pub(crate) fn spawn(
+        api: &ApiServer,
+        name: &str,
+        ca_dir: &Path,
+        flags: &[&str],
+    ) -> anyhow::Result<Self> {
+        let binary = agent_binary();
+        ensure!(
+            binary.exists(),
+            "{} is missing: build it first (cargo build -p ambit-agent) or set AMBIT_BIN",
+            binary.display()
+        );
+        let log = api.path(&format!("{name}.log"));
         let (listen, metrics) = (free_port()?, free_port()?);
-        let server = Command::new(binary)
+        let child = Command::new(binary)
             .arg("ca")
             .args(["--listen", &listen.to_string()])
             .args(["--metrics-addr", &metrics.to_string()])
             .arg("--ca-dir")
-            .arg(&ca_dir.path)
+            .arg(ca_dir)
             .arg("--kubeconfig")
-            .arg(path("kubeconfig"))
+            .arg(api.path("kubeconfig"))
             .args(["--server-names", "localhost,127.0.0.1"])
             .args(["--default-ttl", "1h", "--max-ttl", "2h"])
-            .stderr(File::create(path("ca.log"))?)
+            .args(flags)
+            .stderr(File::create(&log)?)
             .spawn()
             .context("starting ambit ca")?;
-        let mut harness = Self {
-            dir,
-            ca_dir,
-            server,
+        Ok(Self {
+            child,
             listen,
             metrics,
-        };
-        harness.wait_listening().await?;
-        Ok(harness)
+            log,
+        })
     }
 
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("ca.log")).unwrap_or_default()
+    /// [`spawn`](Self::spawn), then waits until it listens.
+    pub(crate) async fn start(
+        api: &ApiServer,
+        name: &str,
+        ca_dir: &Path,
+        flags: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut ca = Self::spawn(api, name, ca_dir, flags)?;
+        ca.wait_listening().await?;
+        Ok(ca)
+    }
+
+    pub(crate) fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     async fn wait_listening(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Some(status) = self.server.try_wait()? {
+            if let Some(status) = self.child.try_wait()? {
                 bail!("ambit ca exited with {status}:\n{}", self.log());
             }
             if TcpStream::connect(self.metrics).await.is_ok() {
@@ -285,8 +309,20 @@ impl Harness {
         bail!("ambit ca did not listen within 20 s:\n{}", self.log())
     }
 
+    /// Waits for the process to exit, failing if it does within 20 s.
+    pub(crate) async fn wait_exit(&mut self) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("ambit ca still runs after 20 s:\n{}", self.log())
+    }
+
     /// A client of the CA that trusts `root` only and expects the name `localhost`.
-    async fn client(
+    pub(crate) async fn client(
         &self,
         root: &CertificateDer<'static>,
     ) -> anyhow::Result<IstioCertificateServiceClient<Channel>> {
@@ -309,7 +345,7 @@ impl Harness {
     }
 
     /// `/metrics` of the CA.
-    async fn scrape(&self) -> anyhow::Result<String> {
+    pub(crate) async fn scrape(&self) -> anyhow::Result<String> {
         let mut stream = TcpStream::connect(self.metrics).await?;
         stream
             .write_all(b"GET /metrics HTTP/1.1\r\nHost: ca\r\nConnection: close\r\n\r\n")
@@ -320,24 +356,61 @@ impl Harness {
     }
 
     /// How many requests ended with `code` and `reason`.
-    async fn count(&self, code: &str, reason: &str) -> anyhow::Result<u64> {
+    pub(crate) async fn count(&self, code: &str, reason: &str) -> anyhow::Result<u64> {
         let series = format!("ambit_ca_requests_total{{code=\"{code}\",reason=\"{reason}\"}} ");
+        self.metric(&series).await
+    }
+
+    /// The value of the series whose line starts with `series` (name, labels and a space); 0
+    /// when absent.
+    pub(crate) async fn metric(&self, series: &str) -> anyhow::Result<u64> {
         let metrics = self.scrape().await?;
         Ok(metrics
             .lines()
-            .find_map(|line| line.strip_prefix(&series))
+            .find_map(|line| line.strip_prefix(series))
             .map_or(Ok(0), str::parse)?)
     }
 }
 
-impl Drop for Harness {
+impl Drop for CaProcess {
     fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The usual setup: the fake API server, a CA directory laid out as a mounted Secret holding a
+/// CA, and `ambit ca` signing with it.
+pub(crate) struct Harness {
+    pub(crate) api: ApiServer,
+    pub(crate) ca_dir: SecretDir,
+    pub(crate) ca: CaProcess,
+}
+
+impl Harness {
+    pub(crate) async fn start(ca: &TestCa) -> anyhow::Result<Self> {
+        Self::start_with(ca, "", &[]).await
+    }
+
+    /// With `more_objects` in the API server and `flags` for `ambit ca`.
+    pub(crate) async fn start_with(
+        ca: &TestCa,
+        more_objects: &str,
+        flags: &[&str],
+    ) -> anyhow::Result<Self> {
+        let api = ApiServer::start(more_objects).await?;
+        fs::create_dir(api.path("cacerts"))?;
+        let mut ca_dir = SecretDir {
+            path: api.path("cacerts"),
+            versions: 0,
+        };
+        ca_dir.write(&ca.files)?;
+        let ca = CaProcess::start(&api, "ca", &ca_dir.path, flags).await?;
+        Ok(Self { api, ca_dir, ca })
+    }
+}
+
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
@@ -378,17 +451,17 @@ impl tonic::codegen::Service<http::Uri> for TlsConnect {
 }
 
 /// A certificate request, its CSR over a new key.
-struct Ask {
-    token: Option<&'static str>,
-    impersonate: Option<&'static str>,
+pub(crate) struct Ask {
+    pub(crate) token: Option<&'static str>,
+    pub(crate) impersonate: Option<&'static str>,
     /// The CSR's one URI SAN.
-    csr_identity: &'static str,
-    validity_seconds: i64,
+    pub(crate) csr_identity: &'static str,
+    pub(crate) validity_seconds: i64,
 }
 
 impl Ask {
     /// `token` asking for `identity` on behalf of a workload, with a CSR for it.
-    fn impersonating(token: &'static str, identity: &'static str) -> Self {
+    pub(crate) fn impersonating(token: &'static str, identity: &'static str) -> Self {
         Self {
             token: Some(token),
             impersonate: Some(identity),
@@ -397,7 +470,7 @@ impl Ask {
         }
     }
 
-    async fn send(
+    pub(crate) async fn send(
         self,
         client: &mut IstioCertificateServiceClient<Channel>,
     ) -> anyhow::Result<Result<IstioCertificateResponse, Status>> {
@@ -432,7 +505,7 @@ impl Ask {
     }
 
     /// Sends the request and returns the refusal's code, failing if a certificate came back.
-    async fn refused(
+    pub(crate) async fn refused(
         self,
         client: &mut IstioCertificateServiceClient<Channel>,
     ) -> anyhow::Result<Code> {
@@ -445,7 +518,7 @@ impl Ask {
 
 /// Checks an issued chain: the leaf's only SAN is `identity`, it chains through the middle
 /// elements to the roots of the last element, which are `roots`, and it lives `ttl`.
-fn check_issued(
+pub(crate) fn check_issued(
     response: &IstioCertificateResponse,
     identity: &str,
     roots: &[CertificateDer<'static>],
@@ -506,253 +579,6 @@ fn check_issued(
     ensure!(
         lives <= ttl && lives + Duration::from_secs(30) >= ttl,
         "the leaf lives {lives:?} more, not {ttl:?}"
-    );
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_agent_gets_the_identity_of_a_pod_on_its_node() -> anyhow::Result<()> {
-    let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let mut client = harness.client(&ca.root).await?;
-    let roots = [ca.root.clone()];
-
-    let response = Ask::impersonating("node1", WEB).send(&mut client).await??;
-    ensure!(response.cert_chain.len() == 3, "leaf, intermediate, root");
-    check_issued(&response, WEB, &roots, DEFAULT_TTL)?;
-
-    let long = Ask {
-        validity_seconds: 3 * 3600,
-        ..Ask::impersonating("node1", WEB)
-    };
-    let response = long.send(&mut client).await??;
-    check_issued(&response, WEB, &roots, MAX_TTL)?;
-
-    let short = Ask {
-        validity_seconds: 600,
-        ..Ask::impersonating("node1", WEB)
-    };
-    let response = short.send(&mut client).await??;
-    check_issued(&response, WEB, &roots, Duration::from_secs(600))?;
-
-    ensure!(
-        harness.count("OK", "issued").await? == 3,
-        "{}",
-        harness.scrape().await?
-    );
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn impersonation_is_for_node_agents_and_the_pods_on_their_node() -> anyhow::Result<()> {
-    let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let mut client = harness.client(&ca.root).await?;
-
-    let elsewhere = Ask::impersonating("node1", DB).refused(&mut client).await?;
-    ensure!(
-        elsewhere == Code::PermissionDenied,
-        "node1 asking for db: {elsewhere:?}"
-    );
-
-    let not_a_node = Ask::impersonating("db", WEB).refused(&mut client).await?;
-    ensure!(
-        not_a_node == Code::PermissionDenied,
-        "db asking for web: {not_a_node:?}"
-    );
-
-    let own = Ask {
-        token: Some("web"),
-        impersonate: None,
-        csr_identity: WEB,
-        validity_seconds: 0,
-    };
-    let response = own.send(&mut client).await??;
-    check_issued(&response, WEB, std::slice::from_ref(&ca.root), DEFAULT_TTL)?;
-    let workload = Ask::impersonating("web", DB).refused(&mut client).await?;
-    ensure!(
-        workload == Code::PermissionDenied,
-        "web asking for db: {workload:?}"
-    );
-
-    let declared_by_the_node = Ask::impersonating("node1", PAYMENTS_DEFAULT)
-        .refused(&mut client)
-        .await?;
-    ensure!(
-        declared_by_the_node == Code::PermissionDenied,
-        "node1 asking for the account of its static pod: {declared_by_the_node:?}"
-    );
-
-    let stale = Ask::impersonating("node1-of-a-deleted-pod", WEB)
-        .refused(&mut client)
-        .await?;
-    ensure!(
-        stale == Code::PermissionDenied,
-        "a token of another pod uid: {stale:?}"
-    );
-
-    for (reason, expected) in [
-        ("no_pod_on_node", 2),
-        ("not_a_node_account", 2),
-        ("caller_pod_mismatch", 1),
-    ] {
-        let counted = harness.count("PermissionDenied", reason).await?;
-        ensure!(
-            counted == expected,
-            "{reason}: {counted}\n{}",
-            harness.scrape().await?
-        );
-    }
-    ensure!(harness.count("OK", "issued").await? == 1);
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokens_that_do_not_authenticate_are_refused() -> anyhow::Result<()> {
-    let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let mut client = harness.client(&ca.root).await?;
-
-    for (token, reason) in [
-        (Some("node1-expired"), "token_rejected"),
-        (Some("node1-for-the-api-server"), "token_rejected"),
-        (Some("unknown"), "token_rejected"),
-        (None, "missing_token"),
-    ] {
-        let ask = Ask {
-            token,
-            ..Ask::impersonating("node1", WEB)
-        };
-        let code = ask.refused(&mut client).await?;
-        ensure!(code == Code::Unauthenticated, "{token:?}: {code:?}");
-        ensure!(
-            harness.count("Unauthenticated", reason).await? >= 1,
-            "{token:?} not counted as {reason}"
-        );
-    }
-    ensure!(harness.count("Unauthenticated", "token_rejected").await? == 3);
-    ensure!(
-        harness.log().contains("token has expired"),
-        "{}",
-        harness.log()
-    );
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_for_something_else_are_invalid() -> anyhow::Result<()> {
-    let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let mut client = harness.client(&ca.root).await?;
-
-    let other_san = Ask {
-        csr_identity: DB,
-        ..Ask::impersonating("node1", WEB)
-    };
-    let code = other_san.refused(&mut client).await?;
-    ensure!(code == Code::InvalidArgument, "a CSR for db: {code:?}");
-
-    let foreign = Ask::impersonating("node1", "spiffe://other.example/ns/shop/sa/web")
-        .refused(&mut client)
-        .await?;
-    ensure!(
-        foreign == Code::InvalidArgument,
-        "another trust domain: {foreign:?}"
-    );
-
-    ensure!(
-        harness
-            .count("InvalidArgument", "csr_identity_mismatch")
-            .await?
-            == 1
-    );
-    ensure!(
-        harness
-            .count("InvalidArgument", "foreign_trust_domain")
-            .await?
-            == 1
-    );
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_root_in_the_ca_directory_is_signed_with_and_served() -> anyhow::Result<()> {
-    let first = TestCa::with_intermediate("first")?;
-    let mut harness = Harness::start(&first).await?;
-    let second = TestCa::root_only("second")?;
-    harness.ca_dir.write(&second.files)?;
-
-    // The directory is polled every 5 s; the server presents a certificate of the new CA once
-    // it reloaded.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut client = loop {
-        match harness.client(&second.root).await {
-            Ok(client) => break client,
-            Err(error) if Instant::now() > deadline => {
-                bail!(
-                    "no certificate of the new root served: {error:#}\n{}",
-                    harness.log()
-                )
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    };
-    let response = Ask::impersonating("node1", WEB).send(&mut client).await??;
-    ensure!(response.cert_chain.len() == 2, "leaf and root");
-    check_issued(
-        &response,
-        WEB,
-        std::slice::from_ref(&second.root),
-        DEFAULT_TTL,
-    )?;
-    ensure!(
-        harness.client(&first.root).await.is_err(),
-        "the server still presents a certificate of the old root"
-    );
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agents_client_gets_workload_certificates() -> anyhow::Result<()> {
-    use ambit_ca::client::{CaClient, CaClientConfig};
-    use ambit_identity::CertificateProvider;
-
-    let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let files = harness.dir.path();
-    fs::write(files.join("token"), "node1\n")?;
-    let root_pem = ca
-        .files
-        .iter()
-        .find_map(|(name, pem)| (*name == "root-cert.pem").then_some(pem))
-        .context("the root file")?;
-    fs::write(files.join("root-cert.pem"), root_pem)?;
-    let client = CaClient::new(CaClientConfig {
-        address: format!("https://{}", harness.listen).parse()?,
-        root_file: files.join("root-cert.pem"),
-        server_name: Some("localhost".to_owned()),
-        token_file: files.join("token"),
-        cluster_id: ambit_ca::DEFAULT_CLUSTER_ID.to_owned(),
-        ttl: Duration::from_secs(1800),
-    });
-
-    let web: ambit_identity::Identity = WEB.parse()?;
-    let certificate = client.issue(&web).await?;
-    ensure!(certificate.identity() == &web);
-    let lifetime = certificate.lifetime();
-    ensure!(
-        lifetime >= Duration::from_secs(1800) && lifetime <= Duration::from_secs(1800 + 120),
-        "lives {lifetime:?}"
-    );
-    ensure!(
-        certificate.certified_key().cert.len() == 2,
-        "the leaf and the intermediate"
-    );
-
-    let db: ambit_identity::Identity = DB.parse()?;
-    ensure!(
-        client.issue(&db).await.is_err(),
-        "a certificate for a pod on another node"
     );
     Ok(())
 }
