@@ -18,8 +18,8 @@ pub use certificate::{
     certificate_serial,
 };
 pub use local_ca::{
-    CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, DEFAULT_WORKLOAD_TTL, LocalCa, LocalCaError,
-    ROOT_CERT_FILE, SignRequestError,
+    CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, CaDirContents, DEFAULT_WORKLOAD_TTL, LocalCa,
+    LocalCaError, ROOT_CERT_FILE, SignRequestError,
 };
 pub use manager::{CertificateManager, CertificateStatus, FetchError, RequestCounts};
 pub use provider::{CertificateProvider, IssueError, IssueFuture};

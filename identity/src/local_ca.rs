@@ -65,6 +65,69 @@ pub enum LocalCaError {
     ParseCaCert(PathBuf, #[source] rcgen::Error),
     #[error("failed to create a self-signed root")]
     CreateRoot(#[source] rcgen::Error),
+    #[error("in {}, the key of {CA_KEY_FILE} is not the key of {CA_CERT_FILE}", .0.display())]
+    KeyMismatch(PathBuf),
+}
+
+/// The four files of a `cacerts` directory, read together: what [`LocalCa::from_contents`]
+/// loads, and what a reloading CA compares to see whether the directory changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaDirContents {
+    dir: PathBuf,
+    /// In the order of `FILES`; the kind of error for a file that could not be read.
+    files: [Result<Vec<u8>, io::ErrorKind>; 4],
+}
+
+impl CaDirContents {
+    pub fn read(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            files: FILES.map(|file| fs::read(dir.join(file)).map_err(|e| e.kind())),
+        }
+    }
+
+    /// Whether none of the files is there.
+    pub fn is_empty(&self) -> bool {
+        self.files.iter().all(|file| {
+            file.as_ref()
+                .is_err_and(|kind| *kind == io::ErrorKind::NotFound)
+        })
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    fn text(&self, file: &str) -> Result<&str, LocalCaError> {
+        let index = FILES.iter().position(|f| *f == file).unwrap_or_default();
+        match &self.files[index] {
+            Ok(bytes) => std::str::from_utf8(bytes).map_err(|_| {
+                LocalCaError::ReadFile(self.path(file), io::ErrorKind::InvalidData.into())
+            }),
+            Err(kind) => Err(LocalCaError::ReadFile(self.path(file), (*kind).into())),
+        }
+    }
+
+    fn certificates(&self, file: &str) -> Result<Vec<CertificateDer<'static>>, LocalCaError> {
+        let certs = CertificateDer::pem_slice_iter(self.text(file)?.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| LocalCaError::ParseCertificates(self.path(file), e))?;
+        if certs.is_empty() {
+            return Err(LocalCaError::NoCertificate(self.path(file)));
+        }
+        Ok(certs)
+    }
+}
+
+/// Whether the signing key is the one the CA certificate certifies.
+fn key_fits_certificate(issuer: &Issuer<'_, KeyPair>, ca_pem: &str) -> bool {
+    CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .ok()
+        .and_then(|der| {
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+            Some(*cert.public_key().subject_public_key.data == *issuer.key().der_bytes())
+        })
+        .unwrap_or(false)
 }
 
 /// Signs workload certificates with a CA key held in process.
@@ -95,16 +158,25 @@ impl LocalCa {
 
     /// Loads the CA from `dir`, which must hold all four files.
     pub fn load(dir: &Path) -> Result<Self, LocalCaError> {
-        let key_path = dir.join(CA_KEY_FILE);
-        let key = KeyPair::from_pem(&read(&key_path)?)
-            .map_err(|e| LocalCaError::ParseKey(key_path, e))?;
-        let ca_path = dir.join(CA_CERT_FILE);
-        let issuer = Issuer::from_ca_cert_pem(&read(&ca_path)?, key)
-            .map_err(|e| LocalCaError::ParseCaCert(ca_path, e))?;
+        Self::from_contents(&CaDirContents::read(dir))
+    }
+
+    /// The CA of files read at one moment, so that a directory replaced meanwhile cannot
+    /// mix the key of one CA with the certificate of another.
+    pub fn from_contents(contents: &CaDirContents) -> Result<Self, LocalCaError> {
+        let key_pem = contents.text(CA_KEY_FILE)?;
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| LocalCaError::ParseKey(contents.path(CA_KEY_FILE), e))?;
+        let ca_pem = contents.text(CA_CERT_FILE)?;
+        let issuer = Issuer::from_ca_cert_pem(ca_pem, key)
+            .map_err(|e| LocalCaError::ParseCaCert(contents.path(CA_CERT_FILE), e))?;
+        if !key_fits_certificate(&issuer, ca_pem) {
+            return Err(LocalCaError::KeyMismatch(contents.dir.clone()));
+        }
         Ok(Self {
             issuer,
-            chain: read_certificates(&dir.join(CERT_CHAIN_FILE))?,
-            roots: read_certificates(&dir.join(ROOT_CERT_FILE))?,
+            chain: contents.certificates(CERT_CHAIN_FILE)?,
+            roots: contents.certificates(ROOT_CERT_FILE)?,
             workload_ttl: DEFAULT_WORKLOAD_TTL,
         })
     }
@@ -356,21 +428,6 @@ fn random_serial() -> Result<SerialNumber, rcgen::Error> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-fn read(path: &Path) -> Result<String, LocalCaError> {
-    fs::read_to_string(path).map_err(|e| LocalCaError::ReadFile(path.to_owned(), e))
-}
-
-fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, LocalCaError> {
-    let pem = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| LocalCaError::ParseCertificates(path.to_owned(), e))?;
-    if certs.is_empty() {
-        return Err(LocalCaError::NoCertificate(path.to_owned()));
-    }
-    Ok(certs)
-}
-
 fn write(path: &Path, contents: &str, mode: u32) -> Result<(), LocalCaError> {
     use std::io::Write;
     fs::OpenOptions::new()
@@ -439,6 +496,16 @@ mod tests {
             fs::read_to_string(dir.path().join(CA_CERT_FILE)).unwrap(),
             ""
         );
+    }
+
+    #[test]
+    fn refuses_the_key_of_another_ca() {
+        let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        LocalCa::load_or_create(dir.path(), &trust_domain()).unwrap();
+        LocalCa::load_or_create(other.path(), &trust_domain()).unwrap();
+        fs::copy(other.path().join(CA_KEY_FILE), dir.path().join(CA_KEY_FILE)).unwrap();
+        let err = LocalCa::load(dir.path()).unwrap_err();
+        assert!(matches!(err, LocalCaError::KeyMismatch(_)), "{err}");
     }
 
     #[test]

@@ -2,18 +2,20 @@
 //! the CA directory changes.
 //!
 //! Kubernetes updates a mounted Secret by swapping a `..data` symlink, so the files change
-//! together but are read one by one: a read that straddles a swap sees a mix, fails to load or
-//! differs from the next poll, and is retried at that poll. A CA that fails to load, or whose
-//! certificates do not verify against its roots, is logged and the previous one kept.
+//! together but are read one by one: a read that straddles a swap sees a mix, whose key does
+//! not fit its certificate or which differs from the next read. The CA is loaded from the very
+//! bytes that were compared, never read again. A CA that fails to load, or whose certificates
+//! do not verify against its roots, is logged and counted, the previous one kept, and the load
+//! tried again at each poll until it succeeds: a failure may be passing (a certificate not yet
+//! valid by this clock, a file descriptor short).
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
 use ambit_identity::{
-    CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, LocalCa, LocalCaError, ROOT_CERT_FILE, TrustDomain,
-    certificate_not_after,
+    CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, CaDirContents, LocalCa, LocalCaError,
+    ROOT_CERT_FILE, TrustDomain, certificate_not_after,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -47,8 +49,9 @@ pub(crate) struct Authority {
     provider: Arc<CryptoProvider>,
     metrics: Metrics,
     current: RwLock<Arc<Generation>>,
-    /// The directory's contents when last read, to notice a change.
-    seen: Mutex<CaFiles>,
+    /// What the current CA was loaded from, and contents that failed to load since, if any:
+    /// a failure is logged once per content.
+    seen: Mutex<(CaDirContents, Option<CaDirContents>)>,
 }
 
 /// A CA and a serving certificate it issued.
@@ -56,10 +59,6 @@ pub(crate) struct Generation {
     pub(crate) ca: Arc<LocalCa>,
     serving: ServingCertificate,
 }
-
-/// The contents of the CA files, `None` for one that cannot be read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct CaFiles([Option<Vec<u8>>; 4]);
 
 impl Authority {
     /// Loads the CA of `dir`; with `create_root`, an empty `dir` gets a self-signed root for
@@ -71,15 +70,14 @@ impl Authority {
         provider: Arc<CryptoProvider>,
         metrics: Metrics,
     ) -> Result<Self, LoadCaError> {
-        let ca = match create_root {
-            Some(trust_domain) => LocalCa::load_or_create(dir, trust_domain),
-            None if CaFiles::read(dir).is_empty() => {
-                return Err(LoadCaError::Empty(dir.to_owned()));
-            }
-            None => LocalCa::load(dir),
+        if let Some(trust_domain) = create_root {
+            LocalCa::load_or_create(dir, trust_domain).map_err(LoadCaError::Load)?;
         }
-        .map_err(LoadCaError::Load)?;
-        let seen = CaFiles::read(dir);
+        let contents = CaDirContents::read(dir);
+        if contents.is_empty() {
+            return Err(LoadCaError::Empty(dir.to_owned()));
+        }
+        let ca = LocalCa::from_contents(&contents).map_err(LoadCaError::Load)?;
         let generation = Generation::new(Arc::new(ca), &server_names, &provider)
             .map_err(LoadCaError::Serving)?;
         generation.report(&metrics);
@@ -89,7 +87,7 @@ impl Authority {
             provider,
             metrics,
             current: RwLock::new(Arc::new(generation)),
-            seen: Mutex::new(seen),
+            seen: Mutex::new((contents, None)),
         })
     }
 
@@ -108,22 +106,16 @@ impl Authority {
     }
 
     fn refresh_at(&self, now: SystemTime) {
-        let files = CaFiles::read(&self.dir);
-        let changed = {
-            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-            let changed = *seen != files;
-            *seen = files;
-            changed
-        };
-        if changed {
-            self.reload();
-        } else if now >= self.current().serving.renew_at {
-            self.renew_serving();
+        let contents = CaDirContents::read(&self.dir);
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.0 == contents {
+            drop(seen);
+            if now >= self.current().serving.renew_at {
+                self.renew_serving();
+            }
+            return;
         }
-    }
-
-    fn reload(&self) {
-        let loaded = LocalCa::load(&self.dir)
+        let loaded = LocalCa::from_contents(&contents)
             .map_err(LoadCaError::Load)
             .and_then(|ca| {
                 Generation::new(Arc::new(ca), &self.server_names, &self.provider)
@@ -133,13 +125,20 @@ impl Authority {
             Ok(generation) => {
                 generation.report(&self.metrics);
                 self.replace(generation);
+                *seen = (contents, None);
                 tracing::info!(dir = %self.dir.display(), "reloaded the CA; the serving certificate is now issued by it");
             }
-            Err(error) => tracing::error!(
-                dir = %self.dir.display(),
-                error = %WithCauses(&error),
-                "the CA directory changed but does not load; still signing with the previous CA"
-            ),
+            Err(error) => {
+                self.metrics.count_reload_failure();
+                if seen.1.as_ref() != Some(&contents) {
+                    tracing::error!(
+                        dir = %self.dir.display(),
+                        error = %WithCauses(&error),
+                        "the CA directory changed but does not load; still signing with the previous CA, trying again at each poll"
+                    );
+                    seen.1 = Some(contents);
+                }
+            }
         }
     }
 
@@ -196,16 +195,6 @@ impl Generation {
     }
 }
 
-impl CaFiles {
-    fn read(dir: &Path) -> Self {
-        Self(CA_FILES.map(|file| fs::read(dir.join(file)).ok()))
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.iter().all(Option::is_none)
-    }
-}
-
 /// Hands each TLS handshake the current serving certificate.
 #[derive(Debug)]
 pub(crate) struct ServingResolver(pub(crate) Arc<Authority>);
@@ -227,6 +216,7 @@ impl std::fmt::Debug for Authority {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
     use std::time::Duration;
 
     use super::*;

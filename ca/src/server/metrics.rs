@@ -10,12 +10,14 @@ use prometheus_client::registry::Registry;
 
 use super::refusal::code_label;
 
-/// Requests by outcome, when the roots expire, and failures to publish them.
+/// Requests by outcome, when the roots expire, and failures to reload the CA or publish its
+/// roots.
 #[derive(Debug, Clone)]
 pub(crate) struct Metrics {
     requests: Family<RequestLabels, Counter>,
     root_expiry: Gauge,
     root_publish_failures: Counter,
+    reload_failures: Counter,
 }
 
 /// How a request ended: both labels take a few fixed values only.
@@ -31,6 +33,7 @@ impl Metrics {
             requests: Family::default(),
             root_expiry: Gauge::default(),
             root_publish_failures: Counter::default(),
+            reload_failures: Counter::default(),
         };
         registry.register(
             "ambit_ca_requests",
@@ -48,6 +51,11 @@ impl Metrics {
             "Attempts to publish the roots in their ConfigMap that failed (each retried at the next poll)",
             metrics.root_publish_failures.clone(),
         );
+        registry.register(
+            "ambit_ca_reload_failures",
+            "Loads of a changed CA directory that failed (the previous CA signs meanwhile; each retried at the next poll)",
+            metrics.reload_failures.clone(),
+        );
         metrics
     }
 
@@ -60,6 +68,10 @@ impl Metrics {
 
     pub(crate) fn count_root_publish_failure(&self) {
         self.root_publish_failures.inc();
+    }
+
+    pub(crate) fn count_reload_failure(&self) {
+        self.reload_failures.inc();
     }
 
     pub(crate) fn set_root_expiry(&self, not_after: SystemTime) {

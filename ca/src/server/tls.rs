@@ -150,19 +150,4 @@ mod tests {
             assert!(serving.renew_at > SystemTime::now() + SERVING_TTL / 3);
         }
     }
-
-    #[test]
-    fn a_key_of_another_ca_is_refused() {
-        let trust_domain = "cluster.local".parse().unwrap();
-        let (one, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        LocalCa::load_or_create(one.path(), &trust_domain).unwrap();
-        LocalCa::load_or_create(other.path(), &trust_domain).unwrap();
-        let key = ambit_identity::CA_KEY_FILE;
-        std::fs::copy(other.path().join(key), one.path().join(key)).unwrap();
-        let mixed = LocalCa::load(one.path()).unwrap();
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let names = ["localhost".parse().unwrap()];
-        let error = issue_serving_certificate(&mixed, &names, &provider).unwrap_err();
-        assert!(matches!(error, ServingError::Verify(_)), "{error}");
-    }
 }
