@@ -1,35 +1,27 @@
-//! `ambit ca` as a process against the fake API server: which caller gets which certificate,
-//! with which gRPC code it is refused otherwise, the counts on its metrics port, a new root in
-//! its CA directory taken up without a restart, and the agent's client (`ambit_ca::client`)
-//! reading its answers. Needs no root.
+//! `ambit ca` as a process against the fake API server (`ambit_integration::CaHarness`): which
+//! caller gets which certificate, with which gRPC code it is refused otherwise, the counts on
+//! its metrics port, a new root in its CA directory taken up without a restart, and the agent's
+//! client (`ambit_ca::client`) reading its answers. Needs no root.
 //!
 //! The cluster: node agents `ambit-node1` and `ambit-node2` (`ambit-system/ambit`), the
 //! workload `web` (`shop/web`) on node1 and `db` (`shop/db`) on node2.
 
-use std::fs::{self, File};
-use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::process::{Child, Command};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use ambit_ca::proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use ambit_ca::proto::{IstioCertificateRequest, IstioCertificateResponse};
-use ambit_integration::{FakeApiServer, FakeApiServerConfig, agent_binary};
+use ambit_integration::{CaHarness, TestCa};
 use anyhow::{Context as _, bail, ensure};
 use hyper_util::rt::TokioIo;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-    SanType,
-};
+use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -118,232 +110,34 @@ const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
 /// The namespace of a static pod of node1: a node can declare one anywhere, so it makes no
 /// identity of that namespace the node's.
 const PAYMENTS_DEFAULT: &str = "spiffe://cluster.local/ns/payments/sa/default";
-const DEFAULT_TTL: Duration = Duration::from_secs(3600);
-const MAX_TTL: Duration = Duration::from_secs(2 * 3600);
+const DEFAULT_TTL: Duration = CaHarness::DEFAULT_TTL;
+const MAX_TTL: Duration = CaHarness::MAX_TTL;
 
-/// A CA in Istio's `cacerts` layout, generated for the test.
-struct TestCa {
-    /// `ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`.
-    files: Vec<(&'static str, String)>,
-    root: CertificateDer<'static>,
-}
-
-impl TestCa {
-    /// A root and an intermediate under it that signs.
-    fn with_intermediate(name: &str) -> anyhow::Result<Self> {
-        let root =
-            CertifiedIssuer::self_signed(ca_params(&format!("{name} root")), KeyPair::generate()?)?;
-        let key = KeyPair::generate()?;
-        let intermediate = ca_params(&format!("{name} intermediate")).signed_by(&key, &root)?;
-        Ok(Self {
-            files: vec![
-                ("ca-cert.pem", intermediate.pem()),
-                ("ca-key.pem", key.serialize_pem()),
-                ("cert-chain.pem", intermediate.pem() + &root.pem()),
-                ("root-cert.pem", root.pem()),
-            ],
-            root: root.der().clone(),
-        })
-    }
-
-    /// A root that signs itself.
-    fn root_only(name: &str) -> anyhow::Result<Self> {
-        let key = KeyPair::generate()?;
-        let root = ca_params(&format!("{name} root")).self_signed(&key)?;
-        Ok(Self {
-            files: vec![
-                ("ca-cert.pem", root.pem()),
-                ("ca-key.pem", key.serialize_pem()),
-                ("cert-chain.pem", root.pem()),
-                ("root-cert.pem", root.pem()),
-            ],
-            root: root.der().clone(),
-        })
-    }
-}
-
-fn ca_params(name: &str) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params
-}
-
-/// A directory laid out as the kubelet mounts a Secret: each file a symlink through `..data`,
-/// a symlink to the current version, swapped to change every file at once.
-struct SecretDir {
-    path: PathBuf,
-    versions: u32,
-}
-
-impl SecretDir {
-    fn write(&mut self, files: &[(&'static str, String)]) -> anyhow::Result<()> {
-        self.versions += 1;
-        let version = format!("..version-{}", self.versions);
-        fs::create_dir(self.path.join(&version))?;
-        for (name, contents) in files {
-            fs::write(self.path.join(&version).join(name), contents)?;
-        }
-        let staged = self.path.join("..data_tmp");
-        symlink(&version, &staged)?;
-        fs::rename(&staged, self.path.join("..data"))?;
-        for (name, _) in files {
-            let link = self.path.join(name);
-            if link.symlink_metadata().is_err() {
-                symlink(Path::new("..data").join(name), link)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The fake API server in this process and `ambit ca` as a child process, killed when dropped.
-struct Harness {
-    dir: tempfile::TempDir,
-    ca_dir: SecretDir,
-    server: Child,
-    listen: SocketAddr,
-    metrics: SocketAddr,
-}
-
-impl Harness {
-    async fn start(ca: &TestCa) -> anyhow::Result<Self> {
-        let binary = agent_binary();
-        ensure!(
-            binary.exists(),
-            "{} is missing: build it first (cargo build -p ambit-agent) or set AMBIT_BIN",
-            binary.display()
-        );
-        let dir = tempfile::tempdir()?;
-        let path = |name: &str| dir.path().join(name);
-        fs::write(path("objects.yaml"), OBJECTS)?;
-        fs::write(path("tokens.yaml"), TOKENS)?;
-        let apiserver = FakeApiServer::bind(FakeApiServerConfig {
-            objects: path("objects.yaml"),
-            listen: "127.0.0.1:0".parse()?,
-            kubeconfig_out: path("kubeconfig"),
-            tokens: Some(path("tokens.yaml")),
-            history: 100,
-            bookmark_interval: Duration::from_secs(1),
-            watch_delay: Duration::ZERO,
-            poll_interval: Duration::from_millis(100),
-        })
+/// A client of the CA that trusts `root` only and expects the name `localhost`.
+async fn grpc_client(
+    harness: &CaHarness,
+    root: &CertificateDer<'static>,
+) -> anyhow::Result<IstioCertificateServiceClient<Channel>> {
+    let mut roots = RootCertStore::empty();
+    roots.add(root.clone())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = TlsConnect {
+        addr: harness.listen(),
+        tls: TlsConnector::from(Arc::new(config)),
+    };
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(connector)
         .await?;
-        tokio::spawn(apiserver.run());
-
-        fs::create_dir(path("cacerts"))?;
-        let mut ca_dir = SecretDir {
-            path: path("cacerts"),
-            versions: 0,
-        };
-        ca_dir.write(&ca.files)?;
-        let (listen, metrics) = (free_port()?, free_port()?);
-        let server = Command::new(binary)
-            .arg("ca")
-            .args(["--listen", &listen.to_string()])
-            .args(["--metrics-addr", &metrics.to_string()])
-            .arg("--ca-dir")
-            .arg(&ca_dir.path)
-            .arg("--kubeconfig")
-            .arg(path("kubeconfig"))
-            .args(["--server-names", "localhost,127.0.0.1"])
-            .args(["--default-ttl", "1h", "--max-ttl", "2h"])
-            .stderr(File::create(path("ca.log"))?)
-            .spawn()
-            .context("starting ambit ca")?;
-        let mut harness = Self {
-            dir,
-            ca_dir,
-            server,
-            listen,
-            metrics,
-        };
-        harness.wait_listening().await?;
-        Ok(harness)
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("ca.log")).unwrap_or_default()
-    }
-
-    async fn wait_listening(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Some(status) = self.server.try_wait()? {
-                bail!("ambit ca exited with {status}:\n{}", self.log());
-            }
-            if TcpStream::connect(self.metrics).await.is_ok() {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!("ambit ca did not listen within 20 s:\n{}", self.log())
-    }
-
-    /// A client of the CA that trusts `root` only and expects the name `localhost`.
-    async fn client(
-        &self,
-        root: &CertificateDer<'static>,
-    ) -> anyhow::Result<IstioCertificateServiceClient<Channel>> {
-        let mut roots = RootCertStore::empty();
-        roots.add(root.clone())?;
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = TlsConnect {
-            addr: self.listen,
-            tls: TlsConnector::from(Arc::new(config)),
-        };
-        let channel = Endpoint::from_static("http://localhost")
-            .connect_timeout(Duration::from_secs(5))
-            .connect_with_connector(connector)
-            .await?;
-        Ok(IstioCertificateServiceClient::new(channel))
-    }
-
-    /// `/metrics` of the CA.
-    async fn scrape(&self) -> anyhow::Result<String> {
-        let mut stream = TcpStream::connect(self.metrics).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: ca\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        Ok(response)
-    }
-
-    /// How many requests ended with `code` and `reason`.
-    async fn count(&self, code: &str, reason: &str) -> anyhow::Result<u64> {
-        let series = format!("ambit_ca_requests_total{{code=\"{code}\",reason=\"{reason}\"}} ");
-        let metrics = self.scrape().await?;
-        Ok(metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(&series))
-            .map_or(Ok(0), str::parse)?)
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-    }
+    Ok(IstioCertificateServiceClient::new(channel))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
-/// A loopback address with a port free a moment ago.
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// The test client's transport: TCP to the CA, then TLS for the name `localhost`.
@@ -513,9 +307,9 @@ fn check_issued(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_agent_gets_the_identity_of_a_pod_on_its_node() -> anyhow::Result<()> {
     let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let mut client = harness.client(&ca.root).await?;
-    let roots = [ca.root.clone()];
+    let harness = CaHarness::start(OBJECTS, TOKENS, &ca).await?;
+    let mut client = grpc_client(&harness, ca.root()).await?;
+    let roots = [ca.root().clone()];
 
     let response = Ask::impersonating("node1", WEB).send(&mut client).await??;
     ensure!(response.cert_chain.len() == 3, "leaf, intermediate, root");
@@ -546,8 +340,8 @@ async fn a_node_agent_gets_the_identity_of_a_pod_on_its_node() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn impersonation_is_for_node_agents_and_the_pods_on_their_node() -> anyhow::Result<()> {
     let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let mut client = harness.client(&ca.root).await?;
+    let harness = CaHarness::start(OBJECTS, TOKENS, &ca).await?;
+    let mut client = grpc_client(&harness, ca.root()).await?;
 
     let elsewhere = Ask::impersonating("node1", DB).refused(&mut client).await?;
     ensure!(
@@ -568,7 +362,7 @@ async fn impersonation_is_for_node_agents_and_the_pods_on_their_node() -> anyhow
         validity_seconds: 0,
     };
     let response = own.send(&mut client).await??;
-    check_issued(&response, WEB, std::slice::from_ref(&ca.root), DEFAULT_TTL)?;
+    check_issued(&response, WEB, std::slice::from_ref(ca.root()), DEFAULT_TTL)?;
     let workload = Ask::impersonating("web", DB).refused(&mut client).await?;
     ensure!(
         workload == Code::PermissionDenied,
@@ -610,8 +404,8 @@ async fn impersonation_is_for_node_agents_and_the_pods_on_their_node() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_that_do_not_authenticate_are_refused() -> anyhow::Result<()> {
     let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let mut client = harness.client(&ca.root).await?;
+    let harness = CaHarness::start(OBJECTS, TOKENS, &ca).await?;
+    let mut client = grpc_client(&harness, ca.root()).await?;
 
     for (token, reason) in [
         (Some("node1-expired"), "token_rejected"),
@@ -642,8 +436,8 @@ async fn tokens_that_do_not_authenticate_are_refused() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_for_something_else_are_invalid() -> anyhow::Result<()> {
     let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let mut client = harness.client(&ca.root).await?;
+    let harness = CaHarness::start(OBJECTS, TOKENS, &ca).await?;
+    let mut client = grpc_client(&harness, ca.root()).await?;
 
     let other_san = Ask {
         csr_identity: DB,
@@ -678,15 +472,15 @@ async fn requests_for_something_else_are_invalid() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_root_in_the_ca_directory_is_signed_with_and_served() -> anyhow::Result<()> {
     let first = TestCa::with_intermediate("first")?;
-    let mut harness = Harness::start(&first).await?;
+    let mut harness = CaHarness::start(OBJECTS, TOKENS, &first).await?;
     let second = TestCa::root_only("second")?;
-    harness.ca_dir.write(&second.files)?;
+    harness.replace_ca(&second)?;
 
     // The directory is polled every 5 s; the server presents a certificate of the new CA once
     // it reloaded.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut client = loop {
-        match harness.client(&second.root).await {
+        match grpc_client(&harness, second.root()).await {
             Ok(client) => break client,
             Err(error) if Instant::now() > deadline => {
                 bail!(
@@ -702,11 +496,11 @@ async fn a_new_root_in_the_ca_directory_is_signed_with_and_served() -> anyhow::R
     check_issued(
         &response,
         WEB,
-        std::slice::from_ref(&second.root),
+        std::slice::from_ref(second.root()),
         DEFAULT_TTL,
     )?;
     ensure!(
-        harness.client(&first.root).await.is_err(),
+        grpc_client(&harness, first.root()).await.is_err(),
         "the server still presents a certificate of the old root"
     );
     Ok(())
@@ -714,27 +508,11 @@ async fn a_new_root_in_the_ca_directory_is_signed_with_and_served() -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_client_gets_workload_certificates() -> anyhow::Result<()> {
-    use ambit_ca::client::{CaClient, CaClientConfig};
     use ambit_identity::CertificateProvider;
 
     let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let files = harness.dir.path();
-    fs::write(files.join("token"), "node1\n")?;
-    let root_pem = ca
-        .files
-        .iter()
-        .find_map(|(name, pem)| (*name == "root-cert.pem").then_some(pem))
-        .context("the root file")?;
-    fs::write(files.join("root-cert.pem"), root_pem)?;
-    let client = CaClient::new(CaClientConfig {
-        address: format!("https://{}", harness.listen).parse()?,
-        root_file: files.join("root-cert.pem"),
-        server_name: Some("localhost".to_owned()),
-        token_file: files.join("token"),
-        cluster_id: ambit_ca::DEFAULT_CLUSTER_ID.to_owned(),
-        ttl: Duration::from_secs(1800),
-    });
+    let harness = CaHarness::start(OBJECTS, TOKENS, &ca).await?;
+    let client = harness.agent_client("node1", &ca, Duration::from_secs(1800))?;
 
     let web: ambit_identity::Identity = WEB.parse()?;
     let certificate = client.issue(&web).await?;
