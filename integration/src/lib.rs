@@ -3,11 +3,13 @@
 //! processes, apps as sockets inside the pods.
 //!
 //! Everything needs root; without it the tests fail with a message saying so, never passing
-//! silently. The exception is the fake Kubernetes API server (`fake-apiserver`), a test double
-//! the agent's Kubernetes source runs against.
+//! silently. The exceptions are the fake Kubernetes API server (`fake-apiserver`), a test double
+//! the agent's Kubernetes source runs against, and `ambit ca` run against it ([`CaHarness`]).
 
+mod ca_harness;
 mod fake_apiserver;
 
+pub use ca_harness::{CaHarness, TestCa};
 pub use fake_apiserver::{
     FakeApiServer, FakeApiServerConfig, FakeApiServerError, KubeconfigError, ObjectsFileError,
     TlsError, tls_dir,
@@ -32,6 +34,13 @@ pub fn agent_binary() -> PathBuf {
 /// Cargo builds it with the workspace's tests; on its own, `cargo build -p ambit-cni`.
 pub fn cni_binary() -> PathBuf {
     built_binary("ambit-cni", "AMBIT_CNI_BIN")
+}
+
+/// The `fake-apiserver` built next to the running test or benchmark
+/// (`AMBIT_FAKE_APISERVER_BIN` overrides it). Cargo builds it with this crate's tests and
+/// benches.
+pub fn fake_apiserver_binary() -> PathBuf {
+    built_binary("fake-apiserver", "AMBIT_FAKE_APISERVER_BIN")
 }
 
 /// `name` in the profile directory of the running executable, unless `override_variable` names
