@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_identity::{CertificateProvider, Identity, LocalCa};
-use ambit_integration::{CaHarness, TestCa};
+use ambit_integration::{ApiServerProcess, CaHarness, CaProcess, TestCa};
 use ambit_test_support::measure::{self, Comparison};
 
 /// Callers at once in the concurrent runs.
@@ -45,7 +45,7 @@ const PODS_PER_NODE: usize = 30;
 /// What the agents ask for: the identity of a pod on node1.
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 /// The lifetime asked for, the CA's default.
-const TTL: Duration = CaHarness::DEFAULT_TTL;
+const TTL: Duration = CaProcess::DEFAULT_TTL;
 /// The unit of the CPU times in `/proc/<pid>/stat`: `USER_HZ`, 100 on Linux whatever the
 /// kernel's own tick rate.
 const USER_HZ: u64 = 100;
@@ -124,7 +124,10 @@ fn main() {
 
 async fn run() {
     let ca = TestCa::with_intermediate("bench").unwrap();
-    let harness = CaHarness::start(&objects(), TOKENS, &ca)
+    let api = ApiServerProcess::start(&objects(), TOKENS)
+        .await
+        .unwrap_or_else(|e| panic!("starting the API server: {e:?}"));
+    let harness = CaHarness::start(api, &ca, &[])
         .await
         .unwrap_or_else(|e| panic!("starting the CA: {e:?}"));
     let (ca_pid, apiserver_pid) = harness.pids();
@@ -139,8 +142,8 @@ async fn run() {
                     .unwrap()
                     .with_workload_ttl(TTL),
             ),
-            Subject::NodeAgent => Arc::new(harness.agent_client("node1", &ca, TTL).unwrap()),
-            Subject::Workload => Arc::new(harness.agent_client("web", &ca, TTL).unwrap()),
+            Subject::NodeAgent => Arc::new(harness.ca().agent_client("node1", &ca, TTL).unwrap()),
+            Subject::Workload => Arc::new(harness.ca().agent_client("web", &ca, TTL).unwrap()),
         };
         let issued = provider.issue(&identity).await.unwrap();
         assert_eq!(issued.identity(), &identity, "{}", subject.label());

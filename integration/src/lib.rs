@@ -4,12 +4,13 @@
 //!
 //! Everything needs root; without it the tests fail with a message saying so, never passing
 //! silently. The exceptions are the fake Kubernetes API server (`fake-apiserver`), a test double
-//! the agent's Kubernetes source runs against, and `ambit ca` run against it ([`CaHarness`]).
+//! the agent's Kubernetes source runs against, and `ambit ca` run against it as a child process
+//! ([`CaHarness`], [`CaProcess`]).
 
 mod ca_harness;
 mod fake_apiserver;
 
-pub use ca_harness::{CaHarness, TestCa};
+pub use ca_harness::{ApiServerProcess, CaHarness, CaProcess, TestCa};
 pub use fake_apiserver::{
     FakeApiServer, FakeApiServerConfig, FakeApiServerError, KubeconfigError, ObjectsFileError,
     TlsError, tls_dir,

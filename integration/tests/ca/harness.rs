@@ -1,32 +1,24 @@
-//! What the tests of `ambit ca` run it with: the fake API server and its cluster, CAs
-//! generated for the test, a CA directory laid out as a mounted Secret, `ambit ca` as a child
-//! process, and certificate requests with the checks of their answers.
+//! What the tests of `ambit ca` run it with, besides `ambit_integration`'s processes: the fake
+//! API server's cluster, a raw gRPC client of the CA, and certificate requests with the checks
+//! of their answers.
 
-use std::fs::{self, File};
-use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::process::{Child, Command, ExitStatus};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use ambit_ca::proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use ambit_ca::proto::{IstioCertificateRequest, IstioCertificateResponse};
-use ambit_integration::{FakeApiServer, FakeApiServerConfig, agent_binary};
+use ambit_integration::{ApiServerProcess, CaHarness, CaProcess, TestCa};
 use anyhow::{Context as _, bail, ensure};
 use hyper_util::rt::TokioIo;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-    SanType,
-};
+use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -110,313 +102,60 @@ const TOKENS: &str = "
   audiences: [istio-ca]
 ";
 
-/// A CA in Istio's `cacerts` layout, generated for the test.
-pub(crate) struct TestCa {
-    /// `ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`.
-    pub(crate) files: Vec<(&'static str, String)>,
-    pub(crate) root: CertificateDer<'static>,
+/// The fake API server serving [`OBJECTS`] followed by `more_objects` (YAML documents), and
+/// reviewing [`TOKENS`].
+pub(crate) async fn api_server(more_objects: &str) -> anyhow::Result<ApiServerProcess> {
+    ApiServerProcess::start(&format!("{OBJECTS}{more_objects}"), TOKENS).await
 }
 
-impl TestCa {
-    /// A root and an intermediate under it that signs.
-    pub(crate) fn with_intermediate(name: &str) -> anyhow::Result<Self> {
-        let root =
-            CertifiedIssuer::self_signed(ca_params(&format!("{name} root")), KeyPair::generate()?)?;
-        let key = KeyPair::generate()?;
-        let intermediate = ca_params(&format!("{name} intermediate")).signed_by(&key, &root)?;
-        Ok(Self {
-            files: vec![
-                ("ca-cert.pem", intermediate.pem()),
-                ("ca-key.pem", key.serialize_pem()),
-                ("cert-chain.pem", intermediate.pem() + &root.pem()),
-                ("root-cert.pem", root.pem()),
-            ],
-            root: root.der().clone(),
-        })
-    }
-
-    /// A root that signs itself.
-    pub(crate) fn root_only(name: &str) -> anyhow::Result<Self> {
-        let key = KeyPair::generate()?;
-        let root = ca_params(&format!("{name} root")).self_signed(&key)?;
-        Ok(Self {
-            files: vec![
-                ("ca-cert.pem", root.pem()),
-                ("ca-key.pem", key.serialize_pem()),
-                ("cert-chain.pem", root.pem()),
-                ("root-cert.pem", root.pem()),
-            ],
-            root: root.der().clone(),
-        })
-    }
+/// The usual setup: [`api_server`], and `ambit ca` signing with `ca`.
+pub(crate) async fn start_ca(ca: &TestCa) -> anyhow::Result<CaHarness> {
+    start_ca_with(ca, "", &[]).await
 }
 
-fn ca_params(name: &str) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params
+/// With `more_objects` in the API server and `flags` for `ambit ca`.
+pub(crate) async fn start_ca_with(
+    ca: &TestCa,
+    more_objects: &str,
+    flags: &[&str],
+) -> anyhow::Result<CaHarness> {
+    CaHarness::start(api_server(more_objects).await?, ca, flags).await
 }
 
-/// A directory laid out as the kubelet mounts a Secret: each file a symlink through `..data`,
-/// a symlink to the current version, swapped to change every file at once.
-pub(crate) struct SecretDir {
-    pub(crate) path: PathBuf,
-    versions: u32,
+/// A client of the API server, as the test itself.
+pub(crate) async fn kube_client(api: &ApiServerProcess) -> anyhow::Result<kube::Client> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let kubeconfig = Kubeconfig::read_from(api.kubeconfig())?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
 }
 
-impl SecretDir {
-    pub(crate) fn write(&mut self, files: &[(&'static str, String)]) -> anyhow::Result<()> {
-        self.versions += 1;
-        let version = format!("..version-{}", self.versions);
-        fs::create_dir(self.path.join(&version))?;
-        for (name, contents) in files {
-            fs::write(self.path.join(&version).join(name), contents)?;
-        }
-        let staged = self.path.join("..data_tmp");
-        symlink(&version, &staged)?;
-        fs::rename(&staged, self.path.join("..data"))?;
-        for (name, _) in files {
-            let link = self.path.join(name);
-            if link.symlink_metadata().is_err() {
-                symlink(Path::new("..data").join(name), link)?;
-            }
-        }
-        Ok(())
-    }
-}
-/// The fake API server, in this process, serving [`OBJECTS`] and more, and reviewing
-/// [`TOKENS`]; its files and the CAs' live in `dir`.
-pub(crate) struct ApiServer {
-    pub(crate) dir: tempfile::TempDir,
-}
-
-impl ApiServer {
-    /// Serves [`OBJECTS`] followed by `more_objects` (YAML documents).
-    pub(crate) async fn start(more_objects: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let path = |name: &str| dir.path().join(name);
-        fs::write(path("objects.yaml"), format!("{OBJECTS}{more_objects}"))?;
-        fs::write(path("tokens.yaml"), TOKENS)?;
-        let apiserver = FakeApiServer::bind(FakeApiServerConfig {
-            objects: path("objects.yaml"),
-            listen: "127.0.0.1:0".parse()?,
-            kubeconfig_out: path("kubeconfig"),
-            tokens: Some(path("tokens.yaml")),
-            history: 100,
-            bookmark_interval: Duration::from_secs(1),
-            watch_delay: Duration::ZERO,
-            poll_interval: Duration::from_millis(100),
-        })
+/// A raw gRPC client of `ca` that trusts `root` only and expects the name `localhost`.
+pub(crate) async fn grpc_client(
+    ca: &CaProcess,
+    root: &CertificateDer<'static>,
+) -> anyhow::Result<IstioCertificateServiceClient<Channel>> {
+    let mut roots = RootCertStore::empty();
+    roots.add(root.clone())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = TlsConnect {
+        addr: ca.listen(),
+        tls: TlsConnector::from(Arc::new(config)),
+    };
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(connector)
         .await?;
-        tokio::spawn(apiserver.run());
-        Ok(Self { dir })
-    }
-
-    pub(crate) fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A client of the API server, as the test itself.
-    pub(crate) async fn client(&self) -> anyhow::Result<kube::Client> {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let kubeconfig = Kubeconfig::read_from(self.path("kubeconfig"))?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-        Ok(kube::Client::try_from(config)?)
-    }
+    Ok(IstioCertificateServiceClient::new(channel))
 }
 
-/// `ambit ca` as a child process, killed when dropped.
-pub(crate) struct CaProcess {
-    child: Child,
-    pub(crate) listen: SocketAddr,
-    metrics: SocketAddr,
-    log: PathBuf,
-}
-
-impl CaProcess {
-    /// Starts `ambit ca` on `ca_dir` against `api`, with `flags` besides the usual ones, logging
-    /// to `<name>.log`; returns at once.
-    pub(crate) fn spawn(
-        api: &ApiServer,
-        name: &str,
-        ca_dir: &Path,
-        flags: &[&str],
-    ) -> anyhow::Result<Self> {
-        let binary = agent_binary();
-        ensure!(
-            binary.exists(),
-            "{} is missing: build it first (cargo build -p ambit-agent) or set AMBIT_BIN",
-            binary.display()
-        );
-        let log = api.path(&format!("{name}.log"));
-        let (listen, metrics) = (free_port()?, free_port()?);
-        let child = Command::new(binary)
-            .arg("ca")
-            .args(["--listen", &listen.to_string()])
-            .args(["--metrics-addr", &metrics.to_string()])
-            .arg("--ca-dir")
-            .arg(ca_dir)
-            .arg("--kubeconfig")
-            .arg(api.path("kubeconfig"))
-            .args(["--server-names", "localhost,127.0.0.1"])
-            .args(["--default-ttl", "1h", "--max-ttl", "2h"])
-            .args(flags)
-            .stderr(File::create(&log)?)
-            .spawn()
-            .context("starting ambit ca")?;
-        Ok(Self {
-            child,
-            listen,
-            metrics,
-            log,
-        })
-    }
-
-    /// [`spawn`](Self::spawn), then waits until it listens.
-    pub(crate) async fn start(
-        api: &ApiServer,
-        name: &str,
-        ca_dir: &Path,
-        flags: &[&str],
-    ) -> anyhow::Result<Self> {
-        let mut ca = Self::spawn(api, name, ca_dir, flags)?;
-        ca.wait_listening().await?;
-        Ok(ca)
-    }
-
-    pub(crate) fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn wait_listening(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("ambit ca exited with {status}:\n{}", self.log());
-            }
-            if TcpStream::connect(self.metrics).await.is_ok() {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!("ambit ca did not listen within 20 s:\n{}", self.log())
-    }
-
-    /// Waits for the process to exit, failing if it does within 20 s.
-    pub(crate) async fn wait_exit(&mut self) -> anyhow::Result<ExitStatus> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!("ambit ca still runs after 20 s:\n{}", self.log())
-    }
-
-    /// A client of the CA that trusts `root` only and expects the name `localhost`.
-    pub(crate) async fn client(
-        &self,
-        root: &CertificateDer<'static>,
-    ) -> anyhow::Result<IstioCertificateServiceClient<Channel>> {
-        let mut roots = RootCertStore::empty();
-        roots.add(root.clone())?;
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = TlsConnect {
-            addr: self.listen,
-            tls: TlsConnector::from(Arc::new(config)),
-        };
-        let channel = Endpoint::from_static("http://localhost")
-            .connect_timeout(Duration::from_secs(5))
-            .connect_with_connector(connector)
-            .await?;
-        Ok(IstioCertificateServiceClient::new(channel))
-    }
-
-    /// `/metrics` of the CA.
-    pub(crate) async fn scrape(&self) -> anyhow::Result<String> {
-        let mut stream = TcpStream::connect(self.metrics).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: ca\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        Ok(response)
-    }
-
-    /// How many requests ended with `code` and `reason`.
-    pub(crate) async fn count(&self, code: &str, reason: &str) -> anyhow::Result<u64> {
-        let series = format!("ambit_ca_requests_total{{code=\"{code}\",reason=\"{reason}\"}} ");
-        self.metric(&series).await
-    }
-
-    /// The value of the series whose line starts with `series` (name, labels and a space); 0
-    /// when absent.
-    pub(crate) async fn metric(&self, series: &str) -> anyhow::Result<u64> {
-        let metrics = self.scrape().await?;
-        Ok(metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(series))
-            .map_or(Ok(0), str::parse)?)
-    }
-}
-
-impl Drop for CaProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The usual setup: the fake API server, a CA directory laid out as a mounted Secret holding a
-/// CA, and `ambit ca` signing with it.
-pub(crate) struct Harness {
-    pub(crate) api: ApiServer,
-    pub(crate) ca_dir: SecretDir,
-    pub(crate) ca: CaProcess,
-}
-
-impl Harness {
-    pub(crate) async fn start(ca: &TestCa) -> anyhow::Result<Self> {
-        Self::start_with(ca, "", &[]).await
-    }
-
-    /// With `more_objects` in the API server and `flags` for `ambit ca`.
-    pub(crate) async fn start_with(
-        ca: &TestCa,
-        more_objects: &str,
-        flags: &[&str],
-    ) -> anyhow::Result<Self> {
-        let api = ApiServer::start(more_objects).await?;
-        fs::create_dir(api.path("cacerts"))?;
-        let mut ca_dir = SecretDir {
-            path: api.path("cacerts"),
-            versions: 0,
-        };
-        ca_dir.write(&ca.files)?;
-        let ca = CaProcess::start(&api, "ca", &ca_dir.path, flags).await?;
-        Ok(Self { api, ca_dir, ca })
-    }
-}
-
-pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
-/// A loopback address with a port free a moment ago.
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// The test client's transport: TCP to the CA, then TLS for the name `localhost`.

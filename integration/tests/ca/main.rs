@@ -1,8 +1,8 @@
-//! `ambit ca` as a process against the fake API server: which caller gets which certificate,
-//! with which gRPC code it is refused otherwise, the counts on its metrics port, a new root in
-//! its CA directory taken up without a restart, the agent's client (`ambit_ca::client`)
-//! reading its answers, and the roots published for the agents and a created root kept in a
-//! Secret (`roots`). Needs no root.
+//! `ambit ca` as a process against the fake API server (`ambit_integration::CaHarness`): which
+//! caller gets which certificate, with which gRPC code it is refused otherwise, the counts on
+//! its metrics port, a new root in its CA directory taken up without a restart, the agent's
+//! client (`ambit_ca::client`) reading its answers, and the roots published for the agents and
+//! a created root kept in a Secret (`roots`). Needs no root.
 //!
 //! The cluster: node agents `ambit-node1` and `ambit-node2` (`ambit-system/ambit`), the
 //! workload `web` (`shop/web`) on node1 and `db` (`shop/db`) on node2.
@@ -10,28 +10,28 @@
 mod harness;
 mod roots;
 
-use std::fs;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use ambit_integration::{CaProcess, TestCa};
+use anyhow::{bail, ensure};
 use tonic::Code;
 
-use harness::{Ask, Harness, TestCa, check_issued};
+use harness::{Ask, check_issued, grpc_client, start_ca};
 
 pub(crate) const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
 /// The namespace of a static pod of node1: a node can declare one anywhere, so it makes no
 /// identity of that namespace the node's.
 const PAYMENTS_DEFAULT: &str = "spiffe://cluster.local/ns/payments/sa/default";
-pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(3600);
-const MAX_TTL: Duration = Duration::from_secs(2 * 3600);
+pub(crate) const DEFAULT_TTL: Duration = CaProcess::DEFAULT_TTL;
+const MAX_TTL: Duration = CaProcess::MAX_TTL;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_agent_gets_the_identity_of_a_pod_on_its_node() -> anyhow::Result<()> {
     let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let mut client = harness.ca.client(&ca.root).await?;
-    let roots = [ca.root.clone()];
+    let harness = start_ca(&ca).await?;
+    let mut client = grpc_client(harness.ca(), ca.root()).await?;
+    let roots = [ca.root().clone()];
 
     let response = Ask::impersonating("node1", WEB).send(&mut client).await??;
     ensure!(response.cert_chain.len() == 3, "leaf, intermediate, root");
@@ -52,9 +52,9 @@ async fn a_node_agent_gets_the_identity_of_a_pod_on_its_node() -> anyhow::Result
     check_issued(&response, WEB, &roots, Duration::from_secs(600))?;
 
     ensure!(
-        harness.ca.count("OK", "issued").await? == 3,
+        harness.ca().count("OK", "issued").await? == 3,
         "{}",
-        harness.ca.scrape().await?
+        harness.ca().scrape().await?
     );
     Ok(())
 }
@@ -62,8 +62,8 @@ async fn a_node_agent_gets_the_identity_of_a_pod_on_its_node() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn impersonation_is_for_node_agents_and_the_pods_on_their_node() -> anyhow::Result<()> {
     let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let mut client = harness.ca.client(&ca.root).await?;
+    let harness = start_ca(&ca).await?;
+    let mut client = grpc_client(harness.ca(), ca.root()).await?;
 
     let elsewhere = Ask::impersonating("node1", DB).refused(&mut client).await?;
     ensure!(
@@ -84,7 +84,7 @@ async fn impersonation_is_for_node_agents_and_the_pods_on_their_node() -> anyhow
         validity_seconds: 0,
     };
     let response = own.send(&mut client).await??;
-    check_issued(&response, WEB, std::slice::from_ref(&ca.root), DEFAULT_TTL)?;
+    check_issued(&response, WEB, std::slice::from_ref(ca.root()), DEFAULT_TTL)?;
     let workload = Ask::impersonating("web", DB).refused(&mut client).await?;
     ensure!(
         workload == Code::PermissionDenied,
@@ -112,22 +112,22 @@ async fn impersonation_is_for_node_agents_and_the_pods_on_their_node() -> anyhow
         ("not_a_node_account", 2),
         ("caller_pod_mismatch", 1),
     ] {
-        let counted = harness.ca.count("PermissionDenied", reason).await?;
+        let counted = harness.ca().count("PermissionDenied", reason).await?;
         ensure!(
             counted == expected,
             "{reason}: {counted}\n{}",
-            harness.ca.scrape().await?
+            harness.ca().scrape().await?
         );
     }
-    ensure!(harness.ca.count("OK", "issued").await? == 1);
+    ensure!(harness.ca().count("OK", "issued").await? == 1);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_that_do_not_authenticate_are_refused() -> anyhow::Result<()> {
     let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let mut client = harness.ca.client(&ca.root).await?;
+    let harness = start_ca(&ca).await?;
+    let mut client = grpc_client(harness.ca(), ca.root()).await?;
 
     for (token, reason) in [
         (Some("node1-expired"), "token_rejected"),
@@ -142,21 +142,21 @@ async fn tokens_that_do_not_authenticate_are_refused() -> anyhow::Result<()> {
         let code = ask.refused(&mut client).await?;
         ensure!(code == Code::Unauthenticated, "{token:?}: {code:?}");
         ensure!(
-            harness.ca.count("Unauthenticated", reason).await? >= 1,
+            harness.ca().count("Unauthenticated", reason).await? >= 1,
             "{token:?} not counted as {reason}"
         );
     }
     ensure!(
         harness
-            .ca
+            .ca()
             .count("Unauthenticated", "token_rejected")
             .await?
             == 3
     );
     ensure!(
-        harness.ca.log().contains("token has expired"),
+        harness.ca().log().contains("token has expired"),
         "{}",
-        harness.ca.log()
+        harness.ca().log()
     );
     Ok(())
 }
@@ -164,8 +164,8 @@ async fn tokens_that_do_not_authenticate_are_refused() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_for_something_else_are_invalid() -> anyhow::Result<()> {
     let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let mut client = harness.ca.client(&ca.root).await?;
+    let harness = start_ca(&ca).await?;
+    let mut client = grpc_client(harness.ca(), ca.root()).await?;
 
     let other_san = Ask {
         csr_identity: DB,
@@ -184,14 +184,14 @@ async fn requests_for_something_else_are_invalid() -> anyhow::Result<()> {
 
     ensure!(
         harness
-            .ca
+            .ca()
             .count("InvalidArgument", "csr_identity_mismatch")
             .await?
             == 1
     );
     ensure!(
         harness
-            .ca
+            .ca()
             .count("InvalidArgument", "foreign_trust_domain")
             .await?
             == 1
@@ -202,20 +202,20 @@ async fn requests_for_something_else_are_invalid() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_root_in_the_ca_directory_is_signed_with_and_served() -> anyhow::Result<()> {
     let first = TestCa::with_intermediate("first")?;
-    let mut harness = Harness::start(&first).await?;
+    let mut harness = start_ca(&first).await?;
     let second = TestCa::root_only("second")?;
-    harness.ca_dir.write(&second.files)?;
+    harness.replace_ca(&second)?;
 
     // The directory is polled every 5 s; the server presents a certificate of the new CA once
     // it reloaded.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut client = loop {
-        match harness.ca.client(&second.root).await {
+        match grpc_client(harness.ca(), second.root()).await {
             Ok(client) => break client,
             Err(error) if Instant::now() > deadline => {
                 bail!(
                     "no certificate of the new root served: {error:#}\n{}",
-                    harness.ca.log()
+                    harness.ca().log()
                 )
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
@@ -226,11 +226,11 @@ async fn a_new_root_in_the_ca_directory_is_signed_with_and_served() -> anyhow::R
     check_issued(
         &response,
         WEB,
-        std::slice::from_ref(&second.root),
+        std::slice::from_ref(second.root()),
         DEFAULT_TTL,
     )?;
     ensure!(
-        harness.ca.client(&first.root).await.is_err(),
+        grpc_client(harness.ca(), first.root()).await.is_err(),
         "the server still presents a certificate of the old root"
     );
     Ok(())
@@ -238,27 +238,13 @@ async fn a_new_root_in_the_ca_directory_is_signed_with_and_served() -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_client_gets_workload_certificates() -> anyhow::Result<()> {
-    use ambit_ca::client::{CaClient, CaClientConfig};
     use ambit_identity::CertificateProvider;
 
     let ca = TestCa::with_intermediate("cluster")?;
-    let harness = Harness::start(&ca).await?;
-    let files = harness.api.dir.path();
-    fs::write(files.join("token"), "node1\n")?;
-    let root_pem = ca
-        .files
-        .iter()
-        .find_map(|(name, pem)| (*name == "root-cert.pem").then_some(pem))
-        .context("the root file")?;
-    fs::write(files.join("root-cert.pem"), root_pem)?;
-    let client = CaClient::new(CaClientConfig {
-        address: format!("https://{}", harness.ca.listen).parse()?,
-        root_file: files.join("root-cert.pem"),
-        server_name: Some("localhost".to_owned()),
-        token_file: files.join("token"),
-        cluster_id: ambit_ca::DEFAULT_CLUSTER_ID.to_owned(),
-        ttl: Duration::from_secs(1800),
-    });
+    let harness = start_ca(&ca).await?;
+    let client = harness
+        .ca()
+        .agent_client("node1", &ca, Duration::from_secs(1800))?;
 
     let web: ambit_identity::Identity = WEB.parse()?;
     let certificate = client.issue(&web).await?;

@@ -12,7 +12,9 @@ use kube::Api;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-use super::harness::{ApiServer, Ask, CaProcess, Harness, TestCa, check_issued};
+use ambit_integration::{ApiServerProcess, CaProcess, TestCa};
+
+use super::harness::{Ask, api_server, check_issued, grpc_client, kube_client, start_ca_with};
 use super::{DEFAULT_TTL, WEB};
 
 const NAMESPACE: &str = "ambit-system";
@@ -59,11 +61,11 @@ fn parse_roots(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 
 /// Waits until the roots ConfigMap holds exactly `roots`, and returns it.
 async fn published(
-    api: &ApiServer,
+    api: &ApiServerProcess,
     roots: &[CertificateDer<'static>],
     ca: &CaProcess,
 ) -> anyhow::Result<ConfigMap> {
-    let configmaps = Api::<ConfigMap>::namespaced(api.client().await?, NAMESPACE);
+    let configmaps = Api::<ConfigMap>::namespaced(kube_client(api).await?, NAMESPACE);
     // The directory is polled every 5 s.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = None;
@@ -93,8 +95,13 @@ fn label(configmap: &ConfigMap, name: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_roots_are_published_and_follow_a_new_root() -> anyhow::Result<()> {
     let first = TestCa::with_intermediate("first")?;
-    let mut harness = Harness::start_with(&first, STALE_CONFIGMAP, &PUBLISH).await?;
-    let configmap = published(&harness.api, std::slice::from_ref(&first.root), &harness.ca).await?;
+    let mut harness = start_ca_with(&first, STALE_CONFIGMAP, &PUBLISH).await?;
+    let configmap = published(
+        harness.api(),
+        std::slice::from_ref(first.root()),
+        harness.ca(),
+    )
+    .await?;
     ensure!(
         label(&configmap, "app.kubernetes.io/managed-by").as_deref() == Some("ambit-ca"),
         "{:?}",
@@ -107,22 +114,22 @@ async fn the_roots_are_published_and_follow_a_new_root() -> anyhow::Result<()> {
     );
 
     let second = TestCa::root_only("second")?;
-    harness.ca_dir.write(&second.files)?;
+    harness.replace_ca(&second)?;
     let configmap = published(
-        &harness.api,
-        std::slice::from_ref(&second.root),
-        &harness.ca,
+        harness.api(),
+        std::slice::from_ref(second.root()),
+        harness.ca(),
     )
     .await?;
     ensure!(configmap.data.unwrap_or_default().contains_key("note"));
     let failures = harness
-        .ca
+        .ca()
         .metric("ambit_ca_root_publish_failures_total ")
         .await?;
     ensure!(
         failures == 0,
         "{failures} failed publishes\n{}",
-        harness.ca.log()
+        harness.ca().log()
     );
     Ok(())
 }
@@ -130,7 +137,7 @@ async fn the_roots_are_published_and_follow_a_new_root() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_created_root_is_kept_in_a_secret_and_signed_under_after_a_restart() -> anyhow::Result<()>
 {
-    let api = ApiServer::start("").await?;
+    let api = api_server("").await?;
     let flags = [
         &["--create-root", "--root-secret", ROOT_SECRET][..],
         &PUBLISH,
@@ -140,7 +147,7 @@ async fn a_created_root_is_kept_in_a_secret_and_signed_under_after_a_restart() -
     fs::create_dir(&first_dir)?;
     let first = CaProcess::start(&api, "first", &first_dir, &flags).await?;
 
-    let secrets = Api::<Secret>::namespaced(api.client().await?, NAMESPACE);
+    let secrets = Api::<Secret>::namespaced(kube_client(&api).await?, NAMESPACE);
     let secret = secrets.get(ROOT_SECRET).await?;
     ensure!(
         secret.type_.as_deref() == Some("Opaque"),
@@ -172,7 +179,7 @@ async fn a_created_root_is_kept_in_a_secret_and_signed_under_after_a_restart() -
     ensure!(key_mode & 0o777 == 0o600, "the key's mode is {key_mode:o}");
 
     // Its serving certificate and what it signs chain to the kept root.
-    let mut client = second.client(&roots[0]).await?;
+    let mut client = grpc_client(&second, &roots[0]).await?;
     let response = Ask::impersonating("node1", WEB).send(&mut client).await??;
     check_issued(&response, WEB, &roots, DEFAULT_TTL)?;
     ensure!(
@@ -187,7 +194,7 @@ async fn a_created_root_is_kept_in_a_secret_and_signed_under_after_a_restart() -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_root_secret_missing_keys_stops_the_start() -> anyhow::Result<()> {
-    let api = ApiServer::start(INCOMPLETE_SECRET).await?;
+    let api = api_server(INCOMPLETE_SECRET).await?;
     let dir = api.path("cacerts");
     fs::create_dir(&dir)?;
     let flags = [
