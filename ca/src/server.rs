@@ -177,7 +177,7 @@ impl CaServer {
     }
 
     /// Serves one accepted connection until it closes; once `stop` resolves, the requests in
-    /// flight are answered and the connection closed. Past [`MAX_CONNECTIONS`] the connection
+    /// flight are answered and the connection closed. Past `MAX_CONNECTIONS` the connection
     /// is closed at once.
     pub async fn serve_connection(
         &self,
