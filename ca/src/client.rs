@@ -17,8 +17,9 @@ use http::Uri;
 use hyper_util::rt::TokioIo;
 use prost_types::value::Kind;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -198,6 +199,10 @@ impl CaClient {
             authority: self.authority(),
             reason,
         })?;
+        chain.verify().map_err(|reason| IssueError::BadResponse {
+            authority: self.authority(),
+            reason,
+        })?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         // Peers are trusted by the roots the CA names, as in ztunnel; the root file only
         // authenticates the CA.
@@ -279,6 +284,26 @@ impl ResponseChain {
             roots: parse("root", roots)?,
         })
     }
+
+    /// Checks that the leaf is valid now and chains, through the intermediates, to the roots
+    /// it came with, as peers will check it: a CA that answers with a broken chain is found
+    /// at issuance, not in every handshake that follows.
+    fn verify(&self) -> Result<(), String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(self.roots.iter().cloned());
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crypto_provider())
+                .build()
+                .map_err(|e| format!("the roots are unusable: {e}"))?;
+        let (leaf, intermediates) = self
+            .certificates
+            .split_first()
+            .ok_or_else(|| "no leaf".to_owned())?;
+        verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(drop)
+            .map_err(|e| format!("the leaf does not verify against the roots it came with: {e}"))
+    }
 }
 
 #[cfg(test)]
@@ -311,6 +336,37 @@ mod tests {
         let chain = ResponseChain::parse(&response(&[&leaf, &intermediate, &roots])).unwrap();
         assert_eq!(chain.certificates, [leaf_der, intermediate_der].concat());
         assert_eq!(chain.roots, roots_der);
+    }
+
+    /// A chain signed by a new CA, with that CA's roots.
+    fn issued() -> ResponseChain {
+        let dir = tempfile::tempdir().unwrap();
+        let ca =
+            ambit_identity::LocalCa::load_or_create(dir.path(), &"cluster.local".parse().unwrap())
+                .unwrap();
+        let identity: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(identity.as_str().try_into().unwrap())];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        ResponseChain {
+            certificates: ca
+                .sign_request(&csr, &identity, Duration::from_secs(60))
+                .unwrap(),
+            roots: ca.roots().to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_leaf_must_chain_to_the_roots_it_came_with() {
+        let chain = issued();
+        chain.verify().unwrap();
+        let other = issued();
+        let mixed = ResponseChain {
+            certificates: chain.certificates,
+            roots: other.roots,
+        };
+        assert!(mixed.verify().is_err());
     }
 
     #[test]
