@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_agent::state::{Protocol, Workload, WorkloadUid};
+use ambit_agent::state::{Locality, Protocol, Workload, WorkloadUid};
 use ambit_agent::telemetry::{Metrics, Reporter, TrafficLabels};
 use ambit_agent::{ClientSettings, HboneClient};
 use ambit_identity::Identity;
@@ -38,6 +38,7 @@ fn workload(namespace: &str, name: &str) -> Workload {
         ips: vec!["10.244.1.10".parse().unwrap()],
         labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
         protocol: Protocol::Hbone,
+        locality: Locality::default(),
     }
 }
 
@@ -55,6 +56,7 @@ async fn node(pki: &TestPki, pods: usize, sources: usize) -> Metrics {
             let client_identity: Identity = pki.identity("clients", &client.service_account);
             let labels = TrafficLabels::new(
                 Reporter::Destination,
+                "Kubernetes",
                 (Some(&client), Some(&client_identity)),
                 (Some(&destination), Some(&identity)),
                 None,

@@ -61,7 +61,11 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         metrics.ambit_registry(),
     ));
     metrics.register_logging(logging.dropped);
-    let telemetry = Arc::new(Telemetry::new(metrics, config.baseline_learn));
+    let telemetry = Arc::new(Telemetry::new(
+        metrics,
+        config.baseline_learn,
+        config.cluster_id.clone(),
+    ));
 
     // The data plane drains first. The control plane keeps working meanwhile and stops after
     // it: the source and revocation, so that a policy change still closes draining connections

@@ -89,7 +89,8 @@ pub struct AgentArgs {
     /// The name the CA's certificate must carry, when it is not the host of `--ca-addr`.
     #[arg(long, env = "AMBIT_CA_SERVER_NAME", requires = "ca_addr")]
     pub ca_server_name: Option<String>,
-    /// The name of this cluster, sent to the CA as Istio's `clusterid`.
+    /// The name of this cluster: sent to the CA as Istio's `clusterid`, and the value of the
+    /// `source_cluster` and `destination_cluster` labels of Istio's metrics.
     #[arg(long, env = "AMBIT_CLUSTER_ID", default_value = ambit_ca::DEFAULT_CLUSTER_ID)]
     pub cluster_id: String,
     /// How long workload certificates are asked to be valid (the CA may shorten it); they are
@@ -193,6 +194,8 @@ pub struct AgentConfig {
     pub host_proc: PathBuf,
     pub ca: CaConfig,
     pub certificate_ttl: Duration,
+    /// This cluster's name: sent to the CA, and the `*_cluster` labels of Istio's metrics.
+    pub cluster_id: String,
     pub trust_domain: TrustDomain,
     pub root_namespace: String,
     pub redirect: RedirectKind,
@@ -233,6 +236,9 @@ impl TryFrom<AgentArgs> for AgentConfig {
         if args.certificate_ttl < MIN_CERTIFICATE_TTL {
             return Err(ConfigError::CertificateTtl);
         }
+        if http::HeaderValue::from_str(&args.cluster_id).is_err() {
+            return Err(ConfigError::ClusterId(args.cluster_id));
+        }
         let ca = match (args.ca_dir, args.ca_addr, args.ca_root) {
             (_, Some(address), Some(root_file)) => {
                 let uri: http::Uri = address
@@ -242,15 +248,12 @@ impl TryFrom<AgentArgs> for AgentConfig {
                 {
                     return Err(ConfigError::CaAddress(address));
                 }
-                if http::HeaderValue::from_str(&args.cluster_id).is_err() {
-                    return Err(ConfigError::ClusterId(args.cluster_id));
-                }
                 CaConfig::Remote(ambit_ca::client::CaClientConfig {
                     address: uri,
                     root_file,
                     server_name: args.ca_server_name,
                     token_file: args.ca_token,
-                    cluster_id: args.cluster_id,
+                    cluster_id: args.cluster_id.clone(),
                     ttl: args.certificate_ttl,
                 })
             }
@@ -261,6 +264,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             source,
             ca,
             certificate_ttl: args.certificate_ttl,
+            cluster_id: args.cluster_id,
             trust_domain: args
                 .trust_domain
                 .parse()

@@ -45,6 +45,16 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     pub labels: BTreeMap<String, String>,
     pub protocol: Protocol,
+    /// Where its node is, from the node's topology labels.
+    pub locality: Locality,
+}
+
+/// A node's region and zone, from its `topology.kubernetes.io/region` and `.../zone` labels;
+/// `None` where the node has none, or is not known.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Locality {
+    pub region: Option<String>,
+    pub zone: Option<String>,
 }
 
 impl Workload {
@@ -336,6 +346,7 @@ mod tests {
             ips: vec![ip.parse().unwrap()],
             labels: BTreeMap::new(),
             protocol,
+            locality: Locality::default(),
         }
     }
 

@@ -27,16 +27,21 @@ pub struct Telemetry {
     pub metrics: Metrics,
     pub(crate) connections: Arc<Connections>,
     pub(crate) baseline: Baseline,
+    /// The cluster the agent's workloads are in (`--cluster-id`), for Istio's `*_cluster`
+    /// labels.
+    pub(crate) cluster: String,
 }
 
 impl Telemetry {
-    /// Telemetry whose baseline learns for `baseline_learn` before it reports new edges.
-    pub fn new(metrics: Metrics, baseline_learn: Duration) -> Self {
+    /// Telemetry of the workloads of `cluster`, whose baseline learns for `baseline_learn`
+    /// before it reports new edges.
+    pub fn new(metrics: Metrics, baseline_learn: Duration, cluster: String) -> Self {
         let new_edges = metrics.new_edges.clone();
         Self {
             metrics,
             connections: Arc::default(),
             baseline: Baseline::new(baseline_learn, new_edges),
+            cluster,
         }
     }
 }
@@ -44,7 +49,11 @@ impl Telemetry {
 impl Default for Telemetry {
     /// For HBONE outside any agent (tests, tools): nothing is exported.
     fn default() -> Self {
-        Self::new(Metrics::new(), Duration::MAX)
+        Self::new(
+            Metrics::new(),
+            Duration::MAX,
+            ambit_ca::DEFAULT_CLUSTER_ID.to_owned(),
+        )
     }
 }
 

@@ -79,6 +79,8 @@ const AGENT: &[ReviewedRule] = &[
         &["namespaces", "pods", "services"],
         &["get", "list", "watch"],
     ),
+    // Nodes' topology labels, for the locality labels of Istio's metrics.
+    cluster_wide("", &["nodes"], &["list", "watch"]),
     // The `ambient.istio.io/redirection` annotation of captured pods.
     cluster_wide("", &["pods"], &["patch"]),
     cluster_wide(

@@ -118,19 +118,33 @@ fn identity(namespace: &str, account: &str) -> String {
     format!("spiffe://cluster.local/ns/{namespace}/sa/{account}")
 }
 
-/// A series of an Istio TCP metric, its labels in the order the agent writes them.
+/// The cluster of a workload the agent knows: the lab's agents run with the default
+/// `--cluster-id`.
+fn cluster_of(end: &End<'_>) -> &'static str {
+    if end.workload == "unknown" {
+        "unknown"
+    } else {
+        "Kubernetes"
+    }
+}
+
+/// A series of an Istio TCP metric, its labels in the order the agent writes them (ztunnel's).
 fn series(metric: &str, reporter: &str, src: &End<'_>, dst: &End<'_>, flags: &str) -> String {
     let mtls = src.principal.is_some() && dst.principal.is_some();
     format!(
         "{metric}{{reporter=\"{reporter}\",source_workload=\"{sw}\",source_canonical_service=\"{sw}\",\
 source_canonical_revision=\"latest\",source_workload_namespace=\"{sn}\",source_principal=\"{sp}\",\
-source_app=\"{sw}\",source_version=\"latest\",destination_service=\"server.shop.svc.cluster.local\",\
+source_app=\"{sw}\",source_version=\"latest\",source_cluster=\"{sc}\",\
+destination_service=\"server.shop.svc.cluster.local\",\
 destination_service_namespace=\"shop\",destination_service_name=\"server\",destination_workload=\"{dw}\",\
 destination_canonical_service=\"{dw}\",destination_canonical_revision=\"latest\",\
 destination_workload_namespace=\"{dn}\",destination_principal=\"{dp}\",destination_app=\"{dw}\",\
-destination_version=\"latest\",request_protocol=\"tcp\",response_flags=\"{flags}\",\
-connection_security_policy=\"{security}\"}}",
+destination_version=\"latest\",destination_cluster=\"{dc}\",request_protocol=\"tcp\",\
+response_flags=\"{flags}\",connection_security_policy=\"{security}\",source_region=\"unknown\",\
+source_zone=\"unknown\",destination_region=\"unknown\",destination_zone=\"unknown\"}}",
         sw = src.workload,
+        sc = cluster_of(src),
+        dc = cluster_of(dst),
         sn = src.namespace,
         sp = src.principal.unwrap_or("unknown"),
         dw = dst.workload,

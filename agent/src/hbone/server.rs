@@ -297,6 +297,7 @@ async fn serve_stream(
     let peers = server.authorizer.peers(&inbound);
     let labels = TrafficLabels::new(
         Reporter::Destination,
+        &server.telemetry.cluster,
         (peers.source.as_deref(), peer.identity.as_ref()),
         (peers.destination.as_deref(), Some(&peer.server_identity)),
         peers.service.as_deref(),

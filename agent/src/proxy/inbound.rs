@@ -62,6 +62,7 @@ async fn proxy(
     let peers = authorizer.peers(&request);
     let labels = TrafficLabels::new(
         Reporter::Destination,
+        &pod.telemetry.cluster,
         (peers.source.as_deref(), None),
         (Some(&workload), None),
         peers.service.as_deref(),

@@ -106,6 +106,7 @@ fn route(
     };
     let labels = TrafficLabels::new(
         Reporter::Source,
+        &pod.telemetry.cluster,
         (Some(source), principals.0),
         (workload.as_deref(), principals.1),
         service.as_deref(),

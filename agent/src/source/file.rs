@@ -140,6 +140,7 @@ pub(crate) fn parse(text: &str, root_namespace: &str) -> Result<ClusterState, So
         let n = document_number;
         match kind {
             "Namespace" => objects.namespaces.push(Arc::new(typed(n, &value)?)),
+            "Node" => objects.nodes.push(Arc::new(typed(n, &value)?)),
             "Pod" => objects.pods.push(sourced(origin, typed(n, &value)?)),
             "Service" => objects.services.push(sourced(origin, typed(n, &value)?)),
             "EndpointSlice" => objects.endpoint_slices.push(Arc::new(typed(n, &value)?)),

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -163,6 +163,7 @@ impl KubernetesSource {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Namespace,
+    Node,
     Pod,
     Service,
     EndpointSlice,
@@ -171,8 +172,9 @@ enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::Namespace,
+        Kind::Node,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
@@ -238,6 +240,7 @@ impl Progress {
 /// The stores of every kind, each filled by its own task; dropping them stops the tasks.
 struct Reflectors {
     namespaces: Store<Namespace>,
+    nodes: Store<Node>,
     pods: Store<Pod>,
     services: Store<Service>,
     endpoint_slices: Store<EndpointSlice>,
@@ -255,6 +258,7 @@ impl Reflectors {
         };
         Self {
             namespaces: spawner.typed(Kind::Namespace, trim::namespace),
+            nodes: spawner.typed(Kind::Node, trim::node),
             pods: spawner.typed(Kind::Pod, trim::pod),
             services: spawner.typed(Kind::Service, trim::service),
             endpoint_slices: spawner.typed(Kind::EndpointSlice, trim::endpoint_slice),
@@ -287,6 +291,7 @@ impl Reflectors {
         };
         Objects {
             namespaces: self.namespaces.state(),
+            nodes: self.nodes.state(),
             pods: self.pods.state().into_iter().map(from_api).collect(),
             services: self.services.state().into_iter().map(from_api).collect(),
             endpoint_slices: self.endpoint_slices.state(),

@@ -6,18 +6,24 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, PodStatus, Service as K8sService};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodStatus, Service as K8sService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::state::{
-    ClusterState, Endpoint, Protocol, Service, ServicePort, TargetPort, Workload, WorkloadUid,
+    ClusterState, Endpoint, Locality, Protocol, Service, ServicePort, TargetPort, Workload,
+    WorkloadUid,
 };
 
 mod policies;
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A node's region and zone, as cloud providers and Istio name them.
+const REGION_LABEL: &str = "topology.kubernetes.io/region";
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The node labels the model reads.
+pub(crate) const TOPOLOGY_LABELS: [&str; 2] = [REGION_LABEL, ZONE_LABEL];
 
 /// Where an object came from, for saying what is wrong with it: its document in a file, or
 /// nothing more than its kind and name when the API server served it.
@@ -39,6 +45,8 @@ pub(crate) struct Sourced<T> {
 #[derive(Debug, Default)]
 pub(crate) struct Objects {
     pub(crate) namespaces: Vec<Arc<Namespace>>,
+    /// Only their names and labels are read: where pods run, for telemetry.
+    pub(crate) nodes: Vec<Arc<Node>>,
     pub(crate) pods: Vec<Sourced<Pod>>,
     pub(crate) services: Vec<Sourced<K8sService>>,
     pub(crate) endpoint_slices: Vec<Arc<EndpointSlice>>,
@@ -94,10 +102,15 @@ impl Objects {
             .iter()
             .filter_map(|ns| Some((ns.metadata.name.as_deref()?, ns.metadata.labels.as_ref()?)))
             .collect();
+        let localities: HashMap<&str, Locality> = self
+            .nodes
+            .iter()
+            .filter_map(|node| Some((node.metadata.name.as_deref()?, locality(node))))
+            .collect();
         let mut errors = Vec::new();
         let mut workloads = Vec::new();
         for pod in &self.pods {
-            match workload(pod, &namespace_labels, &self.sandbox_addresses) {
+            match workload(pod, &namespace_labels, &localities, &self.sandbox_addresses) {
                 Ok(Some(workload)) => workloads.push(workload),
                 Ok(None) => {}
                 Err(error) => errors.push(error),
@@ -183,6 +196,7 @@ impl Fields {
 fn workload(
     pod: &Sourced<Pod>,
     namespace_labels: &HashMap<&str, &BTreeMap<String, String>>,
+    localities: &HashMap<&str, Locality>,
     sandbox_addresses: &HashMap<String, Vec<IpAddr>>,
 ) -> Result<Option<Workload>, ObjectError> {
     let Sourced {
@@ -258,11 +272,28 @@ fn workload(
         workload_name: workload_name(pod, &labels).unwrap_or_else(|| name.clone()),
         name,
         namespace,
+        locality: localities.get(node.as_str()).cloned().unwrap_or_default(),
         node,
         ips,
         labels,
         protocol,
     }))
+}
+
+/// A node's region and zone, from its well-known topology labels.
+fn locality(node: &Node) -> Locality {
+    let label = |key: &str| {
+        node.metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(key))
+            .filter(|value| !value.is_empty())
+            .cloned()
+    };
+    Locality {
+        region: label(REGION_LABEL),
+        zone: label(ZONE_LABEL),
+    }
 }
 
 /// The name of the pod's controller, as Istio derives it: a ReplicaSet's name without its

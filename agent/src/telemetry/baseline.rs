@@ -171,7 +171,7 @@ pub struct Edge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Protocol, WorkloadUid};
+    use crate::state::{Locality, Protocol, WorkloadUid};
 
     fn backend() -> Workload {
         Workload {
@@ -186,6 +186,7 @@ mod tests {
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .into(),
             protocol: Protocol::Hbone,
+            locality: Locality::default(),
         }
     }
 

@@ -44,7 +44,8 @@ impl ResponseFlags {
     }
 }
 
-/// The label set of `istio_tcp_*`. No addresses or ports: cardinality follows the workloads.
+/// The label set of `istio_tcp_*`, in ztunnel's order. No addresses or ports: cardinality
+/// follows the workloads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TrafficLabels {
     reporter: &'static str,
@@ -55,6 +56,7 @@ pub struct TrafficLabels {
     source_principal: String,
     source_app: String,
     source_version: String,
+    source_cluster: String,
     destination_service: String,
     destination_service_namespace: String,
     destination_service_name: String,
@@ -65,9 +67,14 @@ pub struct TrafficLabels {
     destination_principal: String,
     destination_app: String,
     destination_version: String,
+    destination_cluster: String,
     request_protocol: &'static str,
     response_flags: &'static str,
     connection_security_policy: &'static str,
+    source_region: String,
+    source_zone: String,
+    destination_region: String,
+    destination_zone: String,
 }
 
 /// A workload's labels for one end, or `unknown` everywhere.
@@ -77,34 +84,44 @@ struct End {
     canonical_revision: String,
     namespace: String,
     principal: String,
+    cluster: String,
+    region: String,
+    zone: String,
 }
 
 impl End {
-    fn new(workload: Option<&Workload>, principal: Option<&Identity>) -> Self {
+    /// Every workload the agent knows is in its own cluster, `cluster`.
+    fn new(workload: Option<&Workload>, principal: Option<&Identity>, cluster: &str) -> Self {
         let known = |value: Option<&str>| value.unwrap_or(UNKNOWN).to_owned();
+        let locality = workload.map(|w| &w.locality);
         Self {
             workload: known(workload.map(|w| w.workload_name.as_str())),
             canonical_service: known(workload.map(Workload::canonical_service)),
             canonical_revision: known(workload.map(Workload::canonical_revision)),
             namespace: known(workload.map(|w| w.namespace.as_str())),
             principal: known(principal.map(Identity::as_str)),
+            cluster: known(workload.map(|_| cluster)),
+            region: known(locality.and_then(|l| l.region.as_deref())),
+            zone: known(locality.and_then(|l| l.zone.as_deref())),
         }
     }
 }
 
 impl TrafficLabels {
     /// The labels of a connection between `source` and `destination`, with the identities each
-    /// end proved (`None` for plaintext) and the service the client addressed, if any.
+    /// end proved (`None` for plaintext) and the service the client addressed, if any; the
+    /// workloads known are in `cluster`.
     pub fn new(
         reporter: Reporter,
+        cluster: &str,
         source: (Option<&Workload>, Option<&Identity>),
         destination: (Option<&Workload>, Option<&Identity>),
         service: Option<&Service>,
     ) -> Self {
         let mutual_tls = source.1.is_some() && destination.1.is_some();
         let (src, dst) = (
-            End::new(source.0, source.1),
-            End::new(destination.0, destination.1),
+            End::new(source.0, source.1, cluster),
+            End::new(destination.0, destination.1, cluster),
         );
         let service_field = |field: fn(&Service) -> &str| {
             service.map_or_else(|| UNKNOWN.to_owned(), |s| field(s).to_owned())
@@ -118,6 +135,9 @@ impl TrafficLabels {
             source_canonical_revision: src.canonical_revision,
             source_workload_namespace: src.namespace,
             source_principal: src.principal,
+            source_cluster: src.cluster,
+            source_region: src.region,
+            source_zone: src.zone,
             destination_service: service_field(|s| &s.hostname),
             destination_service_namespace: service_field(|s| &s.namespace),
             destination_service_name: service_field(|s| &s.name),
@@ -128,6 +148,9 @@ impl TrafficLabels {
             destination_canonical_revision: dst.canonical_revision,
             destination_workload_namespace: dst.namespace,
             destination_principal: dst.principal,
+            destination_cluster: dst.cluster,
+            destination_region: dst.region,
+            destination_zone: dst.zone,
             request_protocol: "tcp",
             response_flags: ResponseFlags::None.as_str(),
             // Plaintext is `unknown` to Istio.

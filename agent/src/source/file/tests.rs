@@ -1,5 +1,5 @@
 use super::*;
-use crate::state::{Protocol, Upstream, WorkloadUid};
+use crate::state::{Locality, Protocol, Upstream, WorkloadUid};
 
 const ROOT: &str = "istio-system";
 
@@ -111,6 +111,42 @@ fn translates_pods_namespaces_and_services() {
         panic!("the service leads to the enrolled frontend");
     };
     assert_eq!(authority, "10.244.1.10:8080".parse().unwrap());
+}
+
+#[test]
+fn workloads_are_where_their_nodes_are() {
+    let nodes = "
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node1
+  labels: {topology.kubernetes.io/region: eu-west-1, topology.kubernetes.io/zone: eu-west-1a}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node2, labels: {topology.kubernetes.io/zone: ''}}
+";
+    let state = parse(&format!("{CLUSTER}{nodes}"), ROOT).unwrap();
+    let locality = |ip: &str| {
+        state
+            .workload_by_ip(ip.parse().unwrap())
+            .unwrap()
+            .locality
+            .clone()
+    };
+    assert_eq!(
+        locality("10.244.1.10"),
+        Locality {
+            region: Some("eu-west-1".into()),
+            zone: Some("eu-west-1a".into()),
+        }
+    );
+    assert_eq!(
+        locality("10.244.2.20"),
+        Locality::default(),
+        "an empty label is no zone"
+    );
 }
 
 #[test]

@@ -5,12 +5,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, PodStatus, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec, PodStatus, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::DynamicObject;
 
 use super::status::REDIRECTION_ANNOTATION;
+use crate::source::translate::TOPOLOGY_LABELS;
 use ambit_cni::SIDECAR_STATUS_ANNOTATION;
 
 /// Where `kubectl apply` keeps a copy of the whole object.
@@ -25,6 +26,26 @@ pub(super) fn namespace(namespace: &mut Namespace) {
             ..ObjectMeta::default()
         },
         ..Namespace::default()
+    };
+}
+
+/// A node's name and topology labels, all the model reads: its status, which the kubelet
+/// updates every few seconds, and its other labels then change nothing.
+pub(super) fn node(node: &mut Node) {
+    let metadata = std::mem::take(&mut node.metadata);
+    let labels = metadata.labels.map(|labels| {
+        labels
+            .into_iter()
+            .filter(|(key, _)| TOPOLOGY_LABELS.contains(&key.as_str()))
+            .collect()
+    });
+    *node = Node {
+        metadata: ObjectMeta {
+            name: metadata.name,
+            labels,
+            ..ObjectMeta::default()
+        },
+        ..Node::default()
     };
 }
 
@@ -103,6 +124,34 @@ mod tests {
 
     use super::*;
     use crate::source::translate::{Objects, Origin, Sourced};
+
+    #[test]
+    fn a_trimmed_node_keeps_its_name_and_topology_only() {
+        let mut trimmed: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "node1", "resourceVersion": "42",
+                "labels": {
+                    "kubernetes.io/hostname": "node1",
+                    "topology.kubernetes.io/region": "eu-west-1",
+                    "topology.kubernetes.io/zone": "eu-west-1a",
+                },
+            },
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .unwrap();
+        node(&mut trimmed);
+        let expected: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "node1",
+                "labels": {
+                    "topology.kubernetes.io/region": "eu-west-1",
+                    "topology.kubernetes.io/zone": "eu-west-1a",
+                },
+            },
+        }))
+        .unwrap();
+        assert_eq!(trimmed, expected);
+    }
 
     #[test]
     fn a_trimmed_pod_translates_as_the_whole_pod() {

@@ -6,7 +6,7 @@ use tokio::time::sleep;
 
 use super::remove_departed;
 use crate::drain;
-use crate::state::{ClusterState, Protocol, Workload, WorkloadUid};
+use crate::state::{ClusterState, Locality, Protocol, Workload, WorkloadUid};
 use crate::telemetry::{Reporter, ResponseFlags, Telemetry, TrafficLabels};
 
 const GRACE: Duration = Duration::from_secs(300);
@@ -23,6 +23,7 @@ fn workload(name: &str, index: usize) -> Workload {
         ips: vec![format!("10.0.0.{}", index + 1).parse().unwrap()],
         labels: [("app".to_owned(), name.to_owned())].into(),
         protocol: Protocol::Hbone,
+        locality: Locality::default(),
     }
 }
 
@@ -34,6 +35,7 @@ fn state(names: &[&str]) -> Arc<ClusterState> {
 fn labels(source: Option<&str>, destination: &str) -> TrafficLabels {
     TrafficLabels::new(
         Reporter::Source,
+        "Kubernetes",
         (source.map(|s| workload(s, 0)).as_ref(), None),
         (Some(&workload(destination, 1)), None),
         None,
