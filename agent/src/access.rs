@@ -43,9 +43,10 @@ impl ConnectionRecord {
         endpoints: Endpoints,
         labels: TrafficLabels,
     ) -> Self {
+        let labels = telemetry.metrics.opened(labels);
         Self {
-            labels: telemetry.metrics.opened(labels),
-            listed: telemetry.connections.open(endpoints),
+            listed: telemetry.connections.open(endpoints, labels.clone()),
+            labels,
             telemetry: telemetry.clone(),
         }
     }
@@ -152,6 +153,7 @@ fn log(listed: &Listed, flags: Option<ResponseFlags>, policy: Option<&str>, erro
     let connection = &listed.connection;
     let endpoints = &connection.endpoints;
     let (sent, received) = connection.bytes();
+    let [src, dst] = connection.labels.placements();
     tracing::info!(
         target: "access",
         direction = endpoints.direction.as_str(),
@@ -161,6 +163,12 @@ fn log(listed: &Listed, flags: Option<ResponseFlags>, policy: Option<&str>, erro
         dst.identity = endpoints.dst_identity.as_ref().map(tracing::field::display),
         src.workload = endpoints.src_workload.as_deref(),
         dst.workload = endpoints.dst_workload.as_deref(),
+        src.cluster = src.cluster,
+        src.region = src.region,
+        src.zone = src.zone,
+        dst.cluster = dst.cluster,
+        dst.region = dst.region,
+        dst.zone = dst.zone,
         bytes_sent = sent,
         bytes_received = received,
         duration_ms = connection.started.elapsed().as_millis() as u64,

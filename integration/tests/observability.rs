@@ -332,6 +332,12 @@ async fn both_reporters_export_the_traffic_and_the_debug_cli_explains_it() {
     assert_eq!(inbound["dst.identity"], identity("shop", "server").as_str());
     assert_eq!(inbound["src.workload"], "shop/client");
     assert_eq!(inbound["dst.workload"], "shop/server");
+    // The lab's nodes have no topology labels.
+    for end in ["src", "dst"] {
+        assert_eq!(inbound[format!("{end}.cluster")], "Kubernetes");
+        assert_eq!(inbound[format!("{end}.region")], "unknown");
+        assert_eq!(inbound[format!("{end}.zone")], "unknown");
+    }
     assert_eq!(inbound["bytes_received"], PAYLOAD);
     assert_eq!(inbound["bytes_sent"], from_server);
     let denied = lines
@@ -443,6 +449,14 @@ async fn both_reporters_export_the_traffic_and_the_debug_cli_explains_it() {
         );
         assert_eq!(connection.src_identity, Some(identity("shop", "client")));
         assert_eq!(connection.dst_identity, Some(identity("shop", "server")));
+        assert_eq!(
+            (
+                connection.src_cluster.as_str(),
+                connection.dst_cluster.as_str()
+            ),
+            ("Kubernetes", "Kubernetes")
+        );
+        assert_eq!(connection.dst_zone, "unknown");
         assert_eq!(connection.dst.port(), OTHER_PORT);
         assert_eq!(
             (connection.bytes_sent, connection.bytes_received),

@@ -14,6 +14,8 @@ use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::TrafficLabels;
+
 /// Which proxy carries a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -53,6 +55,8 @@ pub(crate) struct Endpoints {
 #[derive(Debug)]
 pub(crate) struct LiveConnection {
     pub(crate) endpoints: Endpoints,
+    /// Its Istio labels: where each end is (cluster, region, zone).
+    pub(crate) labels: Arc<TrafficLabels>,
     pub(crate) started: Instant,
     opened_at: SystemTime,
     /// Bytes the local pod sent and received.
@@ -78,9 +82,14 @@ pub(crate) struct Connections {
 
 impl Connections {
     /// Lists a connection until the returned guard is dropped.
-    pub(crate) fn open(self: &Arc<Self>, endpoints: Endpoints) -> Listed {
+    pub(crate) fn open(
+        self: &Arc<Self>,
+        endpoints: Endpoints,
+        labels: Arc<TrafficLabels>,
+    ) -> Listed {
         let connection = Arc::new(LiveConnection {
             endpoints,
+            labels,
             started: Instant::now(),
             opened_at: SystemTime::now(),
             sent: AtomicU64::new(0),
@@ -220,6 +229,19 @@ pub struct ConnectionView {
     pub dst_identity: Option<String>,
     pub src_workload: Option<String>,
     pub dst_workload: Option<String>,
+    /// Where each end is, as Istio's metrics label it; `unknown` where not known.
+    #[serde(default)]
+    pub src_cluster: String,
+    #[serde(default)]
+    pub src_region: String,
+    #[serde(default)]
+    pub src_zone: String,
+    #[serde(default)]
+    pub dst_cluster: String,
+    #[serde(default)]
+    pub dst_region: String,
+    #[serde(default)]
+    pub dst_zone: String,
     /// Seconds since the Unix epoch.
     pub opened_at: u64,
     pub bytes_sent: u64,
@@ -230,6 +252,7 @@ impl ConnectionView {
     fn of(connection: &LiveConnection) -> Self {
         let endpoints = &connection.endpoints;
         let (bytes_sent, bytes_received) = connection.bytes();
+        let [src, dst] = connection.labels.placements();
         Self {
             direction: endpoints.direction,
             src: endpoints.src,
@@ -238,6 +261,12 @@ impl ConnectionView {
             dst_identity: endpoints.dst_identity.as_ref().map(ToString::to_string),
             src_workload: endpoints.src_workload.clone(),
             dst_workload: endpoints.dst_workload.clone(),
+            src_cluster: src.cluster.to_owned(),
+            src_region: src.region.to_owned(),
+            src_zone: src.zone.to_owned(),
+            dst_cluster: dst.cluster.to_owned(),
+            dst_region: dst.region.to_owned(),
+            dst_zone: dst.zone.to_owned(),
             opened_at: super::unix_seconds(connection.opened_at),
             bytes_sent,
             bytes_received,

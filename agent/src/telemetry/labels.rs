@@ -77,6 +77,14 @@ pub struct TrafficLabels {
     destination_zone: String,
 }
 
+/// Where one end of a connection is: its cluster, region and zone, `unknown` where not known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Placement<'a> {
+    pub(crate) cluster: &'a str,
+    pub(crate) region: &'a str,
+    pub(crate) zone: &'a str,
+}
+
 /// A workload's labels for one end, or `unknown` everywhere.
 struct End {
     workload: String,
@@ -164,6 +172,22 @@ impl TrafficLabels {
             response_flags: flags.as_str(),
             ..self.clone()
         }
+    }
+
+    /// Where the source and the destination are, as the labels say.
+    pub(crate) fn placements(&self) -> [Placement<'_>; 2] {
+        [
+            Placement {
+                cluster: &self.source_cluster,
+                region: &self.source_region,
+                zone: &self.source_zone,
+            },
+            Placement {
+                cluster: &self.destination_cluster,
+                region: &self.destination_region,
+                zone: &self.destination_zone,
+            },
+        ]
     }
 
     /// The workloads the source and destination labels name, as (namespace, workload name);
