@@ -9,12 +9,14 @@
 
 mod ca_harness;
 mod fake_apiserver;
+mod prometheus;
 
 pub use ca_harness::{ApiServerProcess, CaHarness, CaProcess, TestCa};
 pub use fake_apiserver::{
     FakeApiServer, FakeApiServerConfig, FakeApiServerError, KubeconfigError, ObjectsFileError,
     TlsError, tls_dir,
 };
+pub use prometheus::{Prometheus, Sample};
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -16,8 +16,8 @@ use ambit_agent::admin::views::{
     CertificateView, CheckView, ConfigDump, ConnectionView, Edge, LoggingView, PoliciesView,
     ServiceView, WorkloadView,
 };
-use ambit_agent::lab::{AgentProcess, Cluster, EchoApp, read_peer_line};
-use ambit_integration::{ALLOW_CLIENT, two_teams};
+use ambit_agent::lab::{AgentProcess, Cluster, ClusterBuilder, EchoApp, read_peer_line};
+use ambit_integration::{ALLOW_CLIENT, Prometheus, two_teams};
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -29,28 +29,14 @@ const PAYLOAD: usize = 1000;
 /// [`two_teams`] with `policies` and the Service `server` in front of the server, which echoes
 /// on two ports.
 async fn cluster(agent_args: &[&str], policies: &str) -> (Cluster, Vec<EchoApp>) {
-    let mut cluster = two_teams().agent_args(agent_args).start().await.unwrap();
-    let server_ip = cluster.addr("server", APP_PORT).unwrap().ip();
-    cluster.set_extra_objects(&format!(
-        "{policies}---
-apiVersion: v1
-kind: Service
-metadata: {{name: server, namespace: shop}}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{{name: http, port: 80, targetPort: {APP_PORT}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: server-1
-  namespace: shop
-  labels: {{kubernetes.io/service-name: server}}
-addressType: IPv4
-endpoints: [{{addresses: [{server_ip}], conditions: {{ready: true}}}}]
-ports: [{{name: http, port: {APP_PORT}}}]
-"
-    ));
+    start(two_teams().agent_args(agent_args), policies).await
+}
+
+/// [`cluster`], built by `builder`.
+async fn start(builder: ClusterBuilder, policies: &str) -> (Cluster, Vec<EchoApp>) {
+    let mut cluster = builder.start().await.unwrap();
+    let server = service(&cluster, "server", "shop", "10.96.0.10");
+    cluster.set_extra_objects(&format!("{policies}{server}"));
     cluster.apply().await.unwrap();
     let server = cluster.in_pod("server").unwrap();
     let apps = vec![
@@ -60,16 +46,56 @@ ports: [{{name: http, port: {APP_PORT}}}]
     (cluster, apps)
 }
 
+/// The Service `name` at `vip` in front of the pod `name`, port 80 to `APP_PORT`, as YAML.
+fn service(cluster: &Cluster, name: &str, namespace: &str, vip: &str) -> String {
+    let ip = cluster.addr(name, APP_PORT).unwrap().ip();
+    format!(
+        "---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  clusterIP: {vip}
+  ports: [{{name: http, port: 80, targetPort: {APP_PORT}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: {namespace}
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+endpoints: [{{addresses: [{ip}], conditions: {{ready: true}}}}]
+ports: [{{name: http, port: {APP_PORT}}}]
+"
+    )
+}
+
 async fn connect(cluster: &Cluster, from: &str, port: u16) -> std::io::Result<TcpStream> {
-    let addr = cluster.addr("server", port).unwrap();
+    connect_to(cluster, from, "server", port).await
+}
+
+async fn connect_to(
+    cluster: &Cluster,
+    from: &str,
+    to: &str,
+    port: u16,
+) -> std::io::Result<TcpStream> {
+    let addr = cluster.addr(to, port).unwrap();
     cluster.in_pod(from).unwrap().connect(addr).await
 }
 
-/// Sends `PAYLOAD` bytes from `from` to the server's `port`, reads them back and closes; false
-/// when the connection is refused. The server also sends its greeting (the client's IP).
+/// [`exchange_with`] the server.
 async fn exchange(cluster: &Cluster, from: &str, port: u16) -> bool {
+    exchange_with(cluster, from, "server", port).await
+}
+
+/// Sends `PAYLOAD` bytes from `from` to `port` of the echo server in `to`, reads them back and
+/// closes; false when the connection is refused. The server also sends its greeting (the
+/// client's IP).
+async fn exchange_with(cluster: &Cluster, from: &str, to: &str, port: u16) -> bool {
     let attempt = async {
-        let mut stream = connect(cluster, from, port).await?;
+        let mut stream = connect_to(cluster, from, to, port).await?;
         read_peer_line(&mut stream).await?;
         stream.write_all(&[b'x'; PAYLOAD]).await?;
         let mut echoed = [0; PAYLOAD];
@@ -654,4 +680,448 @@ spec: {}
         !exchange(&cluster, "admin", APP_PORT).await,
         "never observed"
     );
+}
+
+/// The labels of Istio's TCP metrics in ztunnel, in its order: `CommonTrafficLabels` of
+/// istio/ztunnel `src/proxy/metrics.rs` (commit 62d826530e5c), with its `LocalityLabels`
+/// flattened at the end, written when either end's locality is known.
+const ZTUNNEL_TRAFFIC_LABELS: &[&str] = &[
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+    "source_region",
+    "source_zone",
+    "destination_region",
+    "destination_zone",
+];
+
+/// Every Istio metric ambit exports and the labels ztunnel gives it (same file: `Metrics::new`
+/// and `SocketLabels`).
+const ZTUNNEL_METRICS: &[(&str, &[&str])] = &[
+    ("istio_tcp_connections_opened_total", ZTUNNEL_TRAFFIC_LABELS),
+    ("istio_tcp_connections_closed_total", ZTUNNEL_TRAFFIC_LABELS),
+    ("istio_tcp_connections_failed_total", ZTUNNEL_TRAFFIC_LABELS),
+    ("istio_tcp_received_bytes_total", ZTUNNEL_TRAFFIC_LABELS),
+    ("istio_tcp_sent_bytes_total", ZTUNNEL_TRAFFIC_LABELS),
+    ("istio_tcp_sockets_open", &["reporter"]),
+];
+
+/// What consumers of Istio's metrics query: `tests/data/istio-consumer-queries.json`.
+#[derive(serde::Deserialize)]
+struct ConsumerQueries {
+    sources: std::collections::BTreeMap<String, serde_json::Value>,
+    queries: Vec<ConsumerQuery>,
+}
+
+#[derive(serde::Deserialize)]
+struct ConsumerQuery {
+    id: String,
+    source: String,
+    panel: String,
+    expr: String,
+}
+
+impl ConsumerQueries {
+    fn load() -> Self {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/istio-consumer-queries.json"
+        );
+        let queries: Self = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        for query in &queries.queries {
+            assert!(queries.sources.contains_key(&query.source), "{}", query.id);
+        }
+        queries
+    }
+
+    fn get(&self, id: &str) -> &ConsumerQuery {
+        self.queries
+            .iter()
+            .find(|q| q.id == id)
+            .unwrap_or_else(|| panic!("no query {id}"))
+    }
+}
+
+impl ConsumerQuery {
+    /// The query as the consumer sends it: Grafana's variables and Kiali's parameters bound.
+    fn bind(&self, variables: &[(&str, &str)]) -> String {
+        let mut expr = self.expr.clone();
+        for (name, value) in variables {
+            assert!(expr.contains(name), "{} has no {name}", self.id);
+            expr = expr.replace(name, value);
+        }
+        for unbound in ["$", "{namespace}", "{duration_seconds}", "{rate_"] {
+            assert!(!expr.contains(unbound), "{} left unbound: {expr}", self.id);
+        }
+        expr
+    }
+}
+
+/// A series as a consumer reads it: label names and values.
+type Series = std::collections::BTreeMap<String, String>;
+
+/// A consumer's query, its variables bound to these values, and the series it must return.
+type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<Series>);
+
+/// The series with `labels`.
+fn shown(labels: &[(&str, &str)]) -> Series {
+    labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Grafana's `$__rate_interval` for a 1 s scrape on a default panel, and Kiali's defaults: a
+/// 10 minute graph, `rate` over 1 m.
+const RATE_INTERVAL: (&str, &str) = ("$__rate_interval", "1m");
+const KIALI_GRAPH: (&str, &str) = ("{duration_seconds}", "600");
+const KIALI_METRICS: [(&str, &str); 2] = [("{rate_func}", "rate"), ("{rate_interval}", "1m")];
+/// Grafana's "All" of the workload dashboard's multi-value variables, as the values it lists.
+const ALL_SOURCE_NAMESPACES: (&str, &str) = ("$srcns", "(legacy|shop)");
+const ALL_SOURCE_WORKLOADS: (&str, &str) = ("$srcwl", "(client|outsider)");
+const ALL_SERVICES: (&str, &str) = (
+    "$dstsvc",
+    "(outsider.legacy.svc.cluster.local|server.shop.svc.cluster.local)",
+);
+
+/// Istio's Grafana dashboards (ztunnel, workload, mesh) and Kiali's graph, security-policy and
+/// ztunnel queries, byte for byte, evaluated by a real Prometheus scraping both agents as a
+/// Kubernetes scrape config of the chart installed for them would (release `ztunnel`,
+/// `podLabels.app=ztunnel`): each returns exactly the series of the traffic, with its
+/// workloads, namespaces, principals, cluster and security policy, from both reporters. And
+/// every Istio metric carries ztunnel's labels, in ztunnel's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_dashboards_and_kiali_read_the_metrics_unchanged() {
+    const CLOSED_PORT: u16 = 7070;
+    let builder = two_teams()
+        .agent_args(&["--cluster-id", "east"])
+        .node_locality("node1", "eu-west1", "eu-west1-a")
+        .node_locality("node2", "eu-west1", "eu-west1-b");
+    let (mut cluster, _apps) = start(builder, "").await;
+    // The outsider, out of the mesh, serves behind a Service of its own.
+    let services = [
+        service(&cluster, "server", "shop", "10.96.0.10"),
+        service(&cluster, "outsider", "legacy", "10.96.0.11"),
+    ];
+    cluster.set_extra_objects(&services.concat());
+    cluster.apply().await.unwrap();
+    let _outsider = cluster.in_pod("outsider").unwrap().echo(APP_PORT).await;
+    let prometheus = Prometheus::start(&cluster, "node1").await.unwrap();
+    prometheus.wait_scraped().await.unwrap();
+
+    // Across several scrapes: the client to the server over mTLS, the outsider to the server in
+    // plaintext, the client to the outsider out of the mesh; and a port nobody listens on.
+    assert!(!exchange(&cluster, "client", CLOSED_PORT).await);
+    for _ in 0..12 {
+        for (from, to) in [
+            ("client", "server"),
+            ("outsider", "server"),
+            ("client", "outsider"),
+        ] {
+            assert!(
+                exchange_with(&cluster, from, to, APP_PORT).await,
+                "{from} to {to}:\n{}",
+                cluster.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Every Istio metric, from both agents, with ztunnel's labels in ztunnel's order.
+    let mut exported = std::collections::BTreeSet::new();
+    for node in ["node1", "node2"] {
+        let text = agent(&cluster, node).metrics().await.unwrap();
+        for line in text.lines().filter(|l| l.starts_with("istio_")) {
+            let (metric, labels) = label_names(line);
+            let expected = ZTUNNEL_METRICS
+                .iter()
+                .find(|(name, _)| *name == metric)
+                .unwrap_or_else(|| panic!("{metric} is not one of ztunnel's metrics: {line}"));
+            assert_eq!(labels, expected.1, "{line}");
+            exported.insert(metric.to_owned());
+        }
+    }
+    let ztunnel: std::collections::BTreeSet<String> = ZTUNNEL_METRICS
+        .iter()
+        .map(|(name, _)| (*name).to_owned())
+        .collect();
+    assert_eq!(exported, ztunnel);
+
+    let client = identity("shop", "client");
+    let server = identity("shop", "server");
+    let pods = vec![
+        shown(&[("pod", "ztunnel-ambit-node1")]),
+        shown(&[("pod", "ztunnel-ambit-node2")]),
+    ];
+    let one_total = vec![shown(&[])];
+    let shop_server = [("$namespace", "shop"), ("$workload", "server")];
+    let shop_client = [("$namespace", "shop"), ("$workload", "client")];
+    let incoming = |qrep| {
+        vec![
+            ("$qrep", qrep),
+            shop_server[0],
+            shop_server[1],
+            ALL_SOURCE_WORKLOADS,
+            ALL_SOURCE_NAMESPACES,
+            RATE_INTERVAL,
+        ]
+    };
+    let outgoing = vec![shop_client[0], shop_client[1], ALL_SERVICES, RATE_INTERVAL];
+    let edge = |src: &str, src_ns: &str, dst: &str, dst_ns: &str| {
+        let service = format!("{dst}.{dst_ns}.svc.cluster.local");
+        shown(&[
+            ("app", "ztunnel"),
+            ("source_cluster", "east"),
+            ("source_workload", src),
+            ("source_workload_namespace", src_ns),
+            ("destination_cluster", "east"),
+            ("destination_workload", dst),
+            ("destination_workload_namespace", dst_ns),
+            ("destination_service", &service),
+            ("response_flags", "-"),
+        ])
+    };
+    let secured = |src: &str, src_principal: &str, dst: &str, dst_principal: &str, policy| {
+        shown(&[
+            ("source_cluster", "east"),
+            ("source_workload", src),
+            ("source_principal", src_principal),
+            ("destination_cluster", "east"),
+            ("destination_workload", dst),
+            ("destination_principal", dst_principal),
+            ("connection_security_policy", policy),
+        ])
+    };
+    let service_of = |workload: &str, namespace: &str| {
+        shown(&[
+            ("destination_workload", workload),
+            ("destination_workload_namespace", namespace),
+            (
+                "destination_service",
+                &format!("{workload}.{namespace}.svc.cluster.local"),
+            ),
+        ])
+    };
+    let kiali_shop = vec![("{namespace}", "shop"), KIALI_GRAPH];
+    let mut cases: Vec<Case<'_>> = Vec::new();
+    for id in [
+        "ztunnel-connections-opened",
+        "ztunnel-connections-closed",
+        "ztunnel-bytes-sent",
+        "ztunnel-bytes-received",
+    ] {
+        cases.push((id, vec![RATE_INTERVAL], pods.clone()));
+    }
+    for id in ["ztunnel-tcp-connections", "ztunnel-open-sockets"] {
+        cases.push((id, vec![], pods.clone()));
+    }
+    for id in [
+        "kiali-ztunnel-connections-opened",
+        "kiali-ztunnel-connections-closed",
+    ] {
+        cases.push((id, KIALI_METRICS.to_vec(), pods.clone()));
+    }
+    for qrep in ["destination", "source"] {
+        let reporter = ("$qrep", qrep);
+        let server_side = vec![reporter, shop_server[0], shop_server[1], RATE_INTERVAL];
+        let client_side = vec![reporter, shop_client[0], shop_client[1], RATE_INTERVAL];
+        cases.push((
+            "workload-tcp-server-traffic",
+            server_side,
+            one_total.clone(),
+        ));
+        cases.push((
+            "workload-tcp-client-traffic",
+            client_side,
+            one_total.clone(),
+        ));
+        let from_client = vec![shown(&[
+            ("source_workload", "client"),
+            ("source_workload_namespace", "shop"),
+        ])];
+        for id in [
+            "workload-incoming-received-mtls",
+            "workload-incoming-sent-mtls",
+        ] {
+            cases.push((id, incoming(qrep), from_client.clone()));
+        }
+    }
+    // Plaintext into the mesh: only the destination reports it.
+    let from_outsider = vec![shown(&[
+        ("source_workload", "outsider"),
+        ("source_workload_namespace", "legacy"),
+    ])];
+    for id in [
+        "workload-incoming-received-plaintext",
+        "workload-incoming-sent-plaintext",
+    ] {
+        cases.push((id, incoming("destination"), from_outsider.clone()));
+    }
+    let to_service = |service: &str| vec![shown(&[("destination_service", service)])];
+    for (id, service) in [
+        (
+            "workload-outgoing-sent-mtls",
+            "server.shop.svc.cluster.local",
+        ),
+        (
+            "workload-outgoing-received-mtls",
+            "server.shop.svc.cluster.local",
+        ),
+        (
+            "workload-outgoing-sent-plaintext",
+            "outsider.legacy.svc.cluster.local",
+        ),
+        (
+            "workload-outgoing-received-plaintext",
+            "outsider.legacy.svc.cluster.local",
+        ),
+    ] {
+        cases.push((id, outgoing.clone(), to_service(service)));
+    }
+    let served = vec![
+        service_of("server", "shop"),
+        service_of("outsider", "legacy"),
+    ];
+    for id in ["mesh-tcp-workloads-received", "mesh-tcp-workloads-sent"] {
+        cases.push((id, vec![RATE_INTERVAL], served.clone()));
+    }
+    cases.extend([
+        (
+            "kiali-graph-tcp-into-namespace",
+            kiali_shop.clone(),
+            vec![
+                edge("client", "shop", "server", "shop"),
+                edge("outsider", "legacy", "server", "shop"),
+            ],
+        ),
+        (
+            "kiali-graph-tcp-out-of-namespace",
+            kiali_shop.clone(),
+            vec![
+                edge("client", "shop", "server", "shop"),
+                edge("client", "shop", "outsider", "legacy"),
+            ],
+        ),
+        (
+            "kiali-security-policy-into-namespace",
+            kiali_shop.clone(),
+            vec![secured(
+                "outsider", "unknown", "server", "unknown", "unknown",
+            )],
+        ),
+        (
+            "kiali-security-policy-out-of-namespace",
+            kiali_shop,
+            vec![
+                secured("client", &client, "server", &server, "mutual_tls"),
+                secured("client", "unknown", "outsider", "unknown", "unknown"),
+            ],
+        ),
+    ]);
+
+    let queries = ConsumerQueries::load();
+    for (id, variables, expected) in &cases {
+        let query = queries.get(id);
+        expect_series(&prometheus, query, &query.bind(variables), expected).await;
+    }
+    let checked: std::collections::BTreeSet<&str> = cases.iter().map(|c| c.0).collect();
+    let listed: std::collections::BTreeSet<&str> =
+        queries.queries.iter().map(|q| q.id.as_str()).collect();
+    assert_eq!(checked, listed, "every consumer query is checked");
+
+    // Where each end is, from the nodes' topology labels.
+    let zones = |src: &str, dst: &str| {
+        shown(&[
+            ("source_region", "eu-west1"),
+            ("source_zone", src),
+            ("destination_region", "eu-west1"),
+            ("destination_zone", dst),
+        ])
+    };
+    let locality = ConsumerQuery {
+        id: "locality".to_owned(),
+        source: "ambit".to_owned(),
+        panel: "bytes into the server by zone".to_owned(),
+        expr: "sum by (source_region, source_zone, destination_region, destination_zone) \
+               (istio_tcp_received_bytes_total{destination_workload=\"server\"})"
+            .to_owned(),
+    };
+    let expected = vec![
+        zones("eu-west1-a", "eu-west1-b"),
+        zones("eu-west1-b", "eu-west1-b"),
+    ];
+    expect_series(&prometheus, &locality, &locality.expr, &expected).await;
+}
+
+/// Waits until Prometheus evaluates `expr` to exactly the series `expected`, each compared on
+/// the labels the expectations name.
+async fn expect_series(
+    prometheus: &Prometheus,
+    query: &ConsumerQuery,
+    expr: &str,
+    expected: &[Series],
+) {
+    let names: std::collections::BTreeSet<&String> =
+        expected.iter().flat_map(|e| e.keys()).collect();
+    let mut expected = expected.to_vec();
+    expected.sort();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let samples = prometheus.query(expr).await.unwrap();
+        let mut seen: Vec<_> = samples
+            .iter()
+            .map(|s| {
+                s.labels
+                    .iter()
+                    .filter(|(name, _)| names.contains(name))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<Series>()
+            })
+            .collect();
+        seen.sort();
+        if seen == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} ({}, {}):\n{expr}\nexpected {expected:#?}\ngot {samples:#?}",
+            query.id,
+            query.source,
+            query.panel
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The metric and label names of an exposition line, in order.
+fn label_names(line: &str) -> (&str, Vec<&str>) {
+    let (metric, mut rest) = line.split_once('{').unwrap_or((line, ""));
+    let mut names = Vec::new();
+    while let Some((name, value)) = rest.split_once("=\"") {
+        names.push(name.trim_start_matches(','));
+        // Past the value's closing quote: values never hold an escaped quote here.
+        let end = value.find('"').unwrap();
+        rest = &value[end + 1..];
+    }
+    (metric.split_whitespace().next().unwrap(), names)
 }

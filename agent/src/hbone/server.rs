@@ -135,6 +135,7 @@ impl HboneServer {
     /// Admits one accepted connection, shakes hands within the handshake timeout, then serves
     /// its streams.
     async fn serve_tcp(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: DrainWatcher) {
+        let _open = self.telemetry.metrics.socket_opened(Reporter::Destination);
         let Some(pending) = self.admission.admit(Listener::Hbone, &tcp, addr) else {
             return;
         };

@@ -23,6 +23,13 @@ use super::pod_process::{CgroupLayout, PodProcess};
 use super::topology::{PodNs, Topology};
 use crate::source::STATE_UPDATED;
 
+/// Where a node is, as its `topology.kubernetes.io/*` labels say.
+#[derive(Debug, Clone)]
+struct Locality {
+    region: String,
+    zone: String,
+}
+
 #[derive(Debug, Clone)]
 struct PodSpec {
     namespace: String,
@@ -39,6 +46,7 @@ struct PodSpec {
 pub struct ClusterBuilder {
     agent_binary: PathBuf,
     nodes: Vec<String>,
+    localities: BTreeMap<String, Locality>,
     namespaces: Vec<(String, bool)>,
     pods: Vec<(String, PodSpec)>,
     objects: String,
@@ -98,6 +106,17 @@ impl ClusterBuilder {
 
     pub fn node(mut self, name: &str) -> Self {
         self.nodes.push(name.to_owned());
+        self
+    }
+
+    /// Lists the Node `node` in the cluster file, labelled as in `region` and `zone`; nodes
+    /// are not listed otherwise, as the agents need them only for locality.
+    pub fn node_locality(mut self, node: &str, region: &str, zone: &str) -> Self {
+        let locality = Locality {
+            region: region.to_owned(),
+            zone: zone.to_owned(),
+        };
+        self.localities.insert(node.to_owned(), locality);
         self
     }
 
@@ -163,6 +182,7 @@ impl ClusterBuilder {
             config: dir.path().join("cluster.yaml"),
             ca_dir,
             dir,
+            localities: self.localities,
             namespaces: self.namespaces,
             pods: Vec::new(),
             extra: self.objects,
@@ -233,6 +253,8 @@ pub struct Cluster {
     agent_binary: PathBuf,
     config: PathBuf,
     ca_dir: PathBuf,
+    /// Nodes the cluster file lists, with their locality.
+    localities: BTreeMap<String, Locality>,
     namespaces: Vec<(String, bool)>,
     /// Pods with their namespaces, and whether the cluster file lists them.
     pods: Vec<(PodSpec, PodNs, bool)>,
@@ -253,6 +275,7 @@ impl Cluster {
         ClusterBuilder {
             agent_binary: agent_binary.to_owned(),
             nodes: Vec::new(),
+            localities: BTreeMap::new(),
             namespaces: Vec::new(),
             pods: Vec::new(),
             objects: String::new(),
@@ -429,6 +452,12 @@ impl Cluster {
     /// Writes the cluster file the agents read, atomically.
     pub fn write_config(&self) -> anyhow::Result<()> {
         let mut yaml = String::new();
+        for (node, Locality { region, zone }) in &self.localities {
+            let _ = write!(
+                yaml,
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  labels: {{topology.kubernetes.io/region: {region}, topology.kubernetes.io/zone: {zone}}}\n"
+            );
+        }
         for (name, ambient) in &self.namespaces {
             let labels = if *ambient {
                 "\n  labels: {istio.io/dataplane-mode: ambient}"

@@ -40,6 +40,7 @@ async fn proxy(
     peer: SocketAddr,
     _held: DrainWatcher,
 ) {
+    let _open = pod.telemetry.metrics.socket_opened(Reporter::Destination);
     let Some(pending) = pod.admission.admit(Listener::InboundPlaintext, &tcp, peer) else {
         return;
     };

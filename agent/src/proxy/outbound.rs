@@ -27,6 +27,7 @@ pub(super) async fn serve(pod: Pod, listener: TcpListener, drain: DrainWatcher) 
 
 /// Carries one connection; `_held` keeps a drain waiting until it ends.
 async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: DrainWatcher) {
+    let _open = pod.telemetry.metrics.socket_opened(Reporter::Source);
     let Some(pending) = pod.admission.admit(Listener::Outbound, &tcp, peer) else {
         return;
     };

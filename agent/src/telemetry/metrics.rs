@@ -15,7 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
-use super::labels::{ResponseFlags, TrafficLabels};
+use super::labels::{Reporter, ResponseFlags, TrafficLabels};
 use super::series::{SeriesIndex, Workloads};
 use crate::hbone::HboneClient;
 use crate::logging::DroppedLines;
@@ -25,6 +25,8 @@ use crate::logging::DroppedLines;
 pub struct Metrics {
     registry: Registry,
     pub(crate) traffic: TrafficMetrics,
+    /// Istio's `istio_tcp_sockets_open`: sockets accepted and not yet closed, by reporter.
+    open_sockets: Family<SocketLabels, Gauge>,
     /// The label sets of `traffic`'s series, for removing those of workloads that left.
     series: SeriesIndex,
     /// Pods of this node whose traffic is captured.
@@ -62,6 +64,22 @@ impl TrafficMetrics {
     }
 }
 
+/// The label of `istio_tcp_sockets_open`, as ztunnel's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SocketLabels {
+    reporter: &'static str,
+}
+
+/// An accepted socket, counted as open until dropped.
+#[derive(Debug)]
+pub(crate) struct OpenSocket(Gauge);
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Where enrolling a pod failed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct StageLabel {
@@ -91,6 +109,7 @@ impl Metrics {
         let mut metrics = Self {
             registry: Registry::default(),
             traffic: TrafficMetrics::default(),
+            open_sockets: Family::default(),
             series: SeriesIndex::default(),
             enrolled_pods: Gauge::default(),
             refused_pods: Gauge::default(),
@@ -124,6 +143,18 @@ impl Metrics {
             "tcp_received_bytes",
             "Bytes received from the client by the server",
             traffic.received.clone(),
+        );
+        // Both series from the start: no socket open is something to show, not a gap.
+        for reporter in [Reporter::Source, Reporter::Destination] {
+            let labels = SocketLabels {
+                reporter: reporter.as_str(),
+            };
+            metrics.open_sockets.get_or_create(&labels).set(0);
+        }
+        istio.register(
+            "tcp_sockets_open",
+            "TCP sockets accepted and still open: the pods' outbound connections (source) and the HBONE and plaintext connections into them (destination)",
+            metrics.open_sockets.clone(),
         );
 
         let ambit = metrics.registry.sub_registry_with_prefix("ambit");
@@ -180,6 +211,16 @@ impl Metrics {
         ambit.register_collector(Box::new(CertificateExpiry(certificates)));
         ambit.register_collector(Box::new(PoolUsage(client)));
         ambit.register_collector(Box::new(CaptureCounts(capture)));
+    }
+
+    /// Counts a socket accepted as `reporter` as open until the returned guard drops.
+    pub(crate) fn socket_opened(&self, reporter: Reporter) -> OpenSocket {
+        let labels = SocketLabels {
+            reporter: reporter.as_str(),
+        };
+        let gauge = self.open_sockets.get_or_create(&labels).clone();
+        gauge.inc();
+        OpenSocket(gauge)
     }
 
     /// Where a module registers metrics of its own, under ambit's prefix.
