@@ -108,6 +108,7 @@ async fn start_tunnel(pki: &TestPki, app: SocketAddr) -> (drain::DrainTrigger, S
                 source_addr: peer,
                 hbone_addr,
                 authority: app,
+                service: None,
                 expected_identities: vec![server_identity.clone()],
                 baggage: None,
             };

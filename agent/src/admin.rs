@@ -6,7 +6,7 @@ pub(crate) mod check;
 pub(crate) mod query;
 pub mod views;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -16,11 +16,12 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
+use crate::balance::Balancer;
 use crate::enrolment::{Capture, CaptureStatus, FoundBy};
 use crate::http_server::{Body, Handler, json, respond, text};
 use crate::logging::LogLevel;
 use crate::policy::{Action, MtlsMode, Scope};
-use crate::state::{ClusterState, Protocol, TargetPort};
+use crate::state::{ClusterState, Protocol, Service, TargetPort};
 use crate::telemetry::{Telemetry, unix_seconds};
 use views::{
     CertificateView, ConfigDump, EffectiveConfig, EndpointView, ErrorView, LoggingView,
@@ -55,6 +56,7 @@ pub(crate) struct AdminApi {
     pub(crate) capture: watch::Receiver<CaptureStatus>,
     pub(crate) certificates: Arc<CertificateManager>,
     pub(crate) telemetry: Arc<Telemetry>,
+    pub(crate) balancer: Arc<Balancer>,
     pub(crate) log_level: LogLevel,
 }
 
@@ -75,7 +77,7 @@ impl Handler for AdminApi {
             }),
             (&Method::POST, "/logging") => self.set_log_level(query),
             (&Method::GET, "/debug/workloads") => json(&self.workloads()),
-            (&Method::GET, "/debug/services") => json(&services(&self.states.borrow())),
+            (&Method::GET, "/debug/services") => json(&services(&self.states.borrow(), &self.balancer)),
             (&Method::GET, "/debug/policies") => json(&policies(&self.states.borrow())),
             (&Method::GET, "/debug/certs") => json(&self.certificates()),
             (&Method::GET, "/debug/connections") => json(&self.telemetry.connections.snapshot()),
@@ -98,7 +100,7 @@ impl AdminApi {
         ConfigDump {
             config: self.config.clone(),
             workloads: self.workloads(),
-            services: services(&state),
+            services: services(&state, &self.balancer),
             policies: policies(&state),
             certificates: self.certificates(),
         }
@@ -176,11 +178,25 @@ impl AdminApi {
     }
 }
 
-fn services(state: &ClusterState) -> Vec<ServiceView> {
+/// The Services, and how long each endpoint stays ejected, if it is.
+fn services(state: &ClusterState, balancer: &Balancer) -> Vec<ServiceView> {
+    let ejected = balancer.ejected();
+    let ejected_for = |ip: IpAddr| {
+        ejected
+            .iter()
+            .filter(|(endpoint, _)| endpoint.ip() == ip)
+            .map(|(_, left)| left.as_secs().max(1))
+            .max()
+    };
     state
         .services()
         .into_iter()
-        .map(|s| ServiceView {
+        .map(|s| service(s, ejected_for))
+        .collect()
+}
+
+fn service(s: &Service, ejected_for: impl Fn(IpAddr) -> Option<u64>) -> ServiceView {
+    ServiceView {
             namespace: s.namespace.clone(),
             name: s.name.clone(),
             hostname: s.hostname.clone(),
@@ -199,10 +215,10 @@ fn services(state: &ClusterState) -> Vec<ServiceView> {
                 .map(|e| EndpointView {
                     ip: e.ip,
                     ready: e.ready,
+                    ejected_for_s: ejected_for(e.ip),
                 })
                 .collect(),
-        })
-        .collect()
+    }
 }
 
 fn policies(state: &ClusterState) -> PoliciesView {

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::admin::views::EffectiveConfig;
 use crate::admin::{AdminApi, MetricsEndpoint};
 use crate::admission::Admission;
+use crate::balance::Balancer;
 use crate::cni_server::{self, CniServer};
 use crate::config::{AgentConfig, CaConfig, RedirectKind, SourceConfig};
 use crate::drain::{self, DrainTrigger, DrainWatcher};
@@ -78,6 +79,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     let mut first_state = states_rx.clone();
     let source = tokio::spawn(source.run(states, capture_status_rx.clone(), control.clone()));
     let readiness = Readiness::default();
+    let balancer = Arc::new(Balancer::new(config.outlier_ejection));
     let admin = AdminApi {
         config: effective_config(&config, capture_name),
         trust_domain: config.trust_domain.clone(),
@@ -85,6 +87,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         capture: capture_status_rx.clone(),
         certificates: certificates.clone(),
         telemetry: telemetry.clone(),
+        balancer: balancer.clone(),
         log_level: logging.level,
     };
     let servers = HttpServers {
@@ -138,6 +141,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         telemetry,
         admission,
         revocations,
+        balancer,
         status: capture_status,
     };
     tokio::spawn(enrolment.run(watcher));

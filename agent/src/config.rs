@@ -131,6 +131,11 @@ pub struct AgentArgs {
     /// ends the wait at once).
     #[arg(long, env = "AMBIT_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// How long a Service endpoint that failed a connection (refused, timed out, unreachable) is
+    /// left out of the choice; each ejection in a row lasts this much longer, up to 5 minutes.
+    /// `0s` never ejects.
+    #[arg(long, env = "AMBIT_OUTLIER_EJECTION", default_value = "30s", value_parser = parse_duration)]
+    pub outlier_ejection: Duration,
     /// How long a client of port 15008 may take for the TLS and HTTP/2 handshakes.
     #[arg(long, env = "AMBIT_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
@@ -206,6 +211,7 @@ pub struct AgentConfig {
     pub metrics_series_grace: Duration,
     pub log_format: LogFormat,
     pub drain_timeout: Duration,
+    pub outlier_ejection: Duration,
     pub pending_limits: PendingLimits,
 }
 
@@ -280,6 +286,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             metrics_series_grace: args.metrics_series_grace,
             log_format: args.log_format,
             drain_timeout: args.drain_timeout,
+            outlier_ejection: args.outlier_ejection,
             pending_limits: PendingLimits {
                 node: args.max_pending_connections as usize,
                 per_source: args.max_pending_per_source as usize,

@@ -19,6 +19,7 @@ use ambit_redirect::{
 use tokio::sync::watch;
 
 use crate::admission::Admission;
+use crate::balance::Balancer;
 use crate::drain::{self, DrainTrigger, DrainWatcher};
 use crate::error_chain::ErrorChain;
 use crate::hbone::HboneClient;
@@ -198,6 +199,7 @@ pub(crate) struct Enrolment {
     pub(crate) telemetry: Arc<Telemetry>,
     pub(crate) admission: Arc<Admission>,
     pub(crate) revocations: Arc<Revocations>,
+    pub(crate) balancer: Arc<Balancer>,
     pub(crate) status: watch::Sender<CaptureStatus>,
 }
 
@@ -448,6 +450,7 @@ impl Enrolment {
             telemetry: self.telemetry.clone(),
             admission: self.admission.clone(),
             revocations: self.revocations.clone(),
+            balancer: self.balancer.clone(),
         };
         let target = proxy::start(pod, &netns, self.certificates.clone(), watcher)
             .await

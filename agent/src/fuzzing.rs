@@ -31,10 +31,11 @@ pub fn destination<B>(
 pub fn connect_request(
     authority: SocketAddr,
     source: SocketAddr,
+    service: Option<&str>,
     baggage: Option<&Baggage>,
     trace: &TraceParent,
 ) -> Request<()> {
-    hbone::connect_request(authority, source, baggage, trace)
+    hbone::connect_request(authority, source, service, baggage, trace)
 }
 
 /// The cluster file's text, parsed and translated as the file source does.

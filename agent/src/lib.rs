@@ -22,6 +22,7 @@ pub mod telemetry;
 mod accept;
 mod access;
 mod admission;
+mod balance;
 mod app;
 mod ca_command;
 mod cli;

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::admission::Admission;
 use crate::authorize::{WorkloadAuthorizer, WorkloadPolicy};
+use crate::balance::Balancer;
 use crate::drain::DrainWatcher;
 use crate::hbone::{HboneClient, HboneServer, Keepalive};
 use crate::revocation::Revocations;
@@ -53,6 +54,8 @@ pub(crate) struct Pod {
     pub(crate) telemetry: Arc<Telemetry>,
     pub(crate) admission: Arc<Admission>,
     pub(crate) revocations: Arc<Revocations>,
+    /// Chooses among a Service's endpoints; the node's, shared by its pods.
+    pub(crate) balancer: Arc<Balancer>,
 }
 
 impl Pod {

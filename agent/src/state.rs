@@ -9,6 +9,7 @@ use std::sync::Arc;
 use ambit_identity::{Identity, IdentityError, TrustDomain};
 use ambit_redirect::HBONE_PORT;
 
+use crate::balance::{Balancer, Lease};
 use crate::policy::{AuthorizationPolicies, PeerAuthentications};
 
 /// A Kubernetes pod's UID.
@@ -284,29 +285,35 @@ impl ClusterState {
             .collect()
     }
 
-    /// Where a connection to `destination` goes: a service VIP is load-balanced over its ready
-    /// endpoints, a mesh workload is reached through HBONE, anything else directly.
-    pub fn resolve(&self, destination: SocketAddr) -> Upstream {
+    /// Where a connection to `destination` goes: a service VIP to the ready endpoint `balancer`
+    /// chooses, with the lease that counts the connection there; a mesh workload through HBONE;
+    /// anything else directly.
+    pub(crate) fn resolve(
+        &self,
+        destination: SocketAddr,
+        balancer: &Arc<Balancer>,
+    ) -> (Upstream, Option<Lease>) {
         let Some(service) = self.services.get(&destination.ip()) else {
-            return self.to_address(destination);
+            return (self.to_address(destination), None);
         };
         let Some(port) = service.ports.iter().find(|p| p.port == destination.port()) else {
-            return self.to_address(destination);
+            return (self.to_address(destination), None);
         };
-        let ready: Vec<(&Endpoint, u16)> = service
+        let ready: Vec<SocketAddr> = service
             .endpoints
             .iter()
             .filter(|e| e.ready)
-            .filter_map(|e| endpoint_port(e, port).map(|p| (e, p)))
+            .filter_map(|e| Some(SocketAddr::new(e.ip, endpoint_port(e, port)?)))
             .collect();
         if ready.is_empty() {
-            return Upstream::NoEndpoint {
+            let refused = Upstream::NoEndpoint {
                 service: service.hostname.clone(),
                 port: destination.port(),
             };
+            return (refused, None);
         }
-        let (endpoint, target) = ready[fastrand::usize(..ready.len())];
-        self.to_address(SocketAddr::new(endpoint.ip, target))
+        let lease = balancer.choose(&ready);
+        (self.to_address(lease.endpoint()), Some(lease))
     }
 
     fn to_address(&self, destination: SocketAddr) -> Upstream {
@@ -384,13 +391,19 @@ mod tests {
         )
     }
 
+    /// Where `state` sends a connection to `destination`.
+    fn route(state: &ClusterState, destination: &str) -> Upstream {
+        let balancer = Arc::new(Balancer::new(std::time::Duration::from_secs(30)));
+        state.resolve(destination.parse().unwrap(), &balancer).0
+    }
+
     #[test]
     fn mesh_workloads_are_reached_through_hbone() {
         let Upstream::Hbone {
             workload,
             hbone_addr,
             authority,
-        } = state().resolve("10.244.2.10:8080".parse().unwrap())
+        } = route(&state(), "10.244.2.10:8080")
         else {
             panic!("expected HBONE");
         };
@@ -402,10 +415,11 @@ mod tests {
     #[test]
     fn everything_else_passes_through() {
         for destination in ["10.244.2.20:80", "192.0.2.1:443"] {
-            let destination: SocketAddr = destination.parse().unwrap();
             assert_eq!(
-                state().resolve(destination),
-                Upstream::Passthrough { addr: destination }
+                route(&state(), destination),
+                Upstream::Passthrough {
+                    addr: destination.parse().unwrap()
+                }
             );
         }
     }
@@ -413,9 +427,7 @@ mod tests {
     #[test]
     fn service_vips_go_to_a_ready_endpoint_on_its_target_port() {
         for _ in 0..20 {
-            let Upstream::Hbone { authority, .. } =
-                state().resolve("10.96.0.10:80".parse().unwrap())
-            else {
+            let Upstream::Hbone { authority, .. } = route(&state(), "10.96.0.10:80") else {
                 panic!("expected HBONE");
             };
             assert_eq!(authority, "10.244.2.10:8080".parse().unwrap());
@@ -430,7 +442,7 @@ mod tests {
         service.endpoints.retain(|e| !e.ready);
         state.services.insert(vip, Arc::new(service));
         assert!(matches!(
-            state.resolve("10.96.0.10:80".parse().unwrap()),
+            route(&state, "10.96.0.10:80"),
             Upstream::NoEndpoint { port: 80, .. }
         ));
     }

@@ -109,7 +109,7 @@ fn client(request: &Request<()>, baggage: Baggage, trace: Option<TraceParent>) {
         parent_id: 1,
         sampled: false,
     });
-    let built = fuzzing::connect_request(authority, source, Some(&baggage), &trace);
+    let built = fuzzing::connect_request(authority, source, None, Some(&baggage), &trace);
     assert_eq!(
         fuzzing::destination(&built, authority.ip(), &[]),
         Ok(authority)

@@ -41,6 +41,9 @@ pub struct ServiceView {
 pub struct EndpointView {
     pub ip: IpAddr,
     pub ready: bool,
+    /// How long this agent still leaves it out after it failed a connection, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ejected_for_s: Option<u64>,
 }
 
 /// The policies in force, and those that were rejected.

@@ -129,12 +129,17 @@ pub(super) fn services(services: &Vec<ServiceView>) -> String {
     let mut table = Table::new(&["NAMESPACE", "NAME", "VIPS", "PORTS", "ENDPOINTS"]);
     for s in services {
         let ready = s.endpoints.iter().filter(|e| e.ready).count();
+        let mut endpoints = format!("{ready}/{} ready", s.endpoints.len());
+        let ejected = s.endpoints.iter().filter(|e| e.ejected_for_s.is_some()).count();
+        if ejected > 0 {
+            endpoints.push_str(&format!(", {ejected} ejected"));
+        }
         table.row(vec![
             s.namespace.clone(),
             s.name.clone(),
             join(&s.vips),
             join(&s.ports),
-            format!("{ready}/{} ready", s.endpoints.len()),
+            endpoints,
         ]);
     }
     table.render()

@@ -32,6 +32,8 @@ pub struct ConnectRequest {
     pub hbone_addr: SocketAddr,
     /// The original destination, sent as `:authority`.
     pub authority: SocketAddr,
+    /// The hostname of the Service the client addressed, if it did: `forwarded: host=`.
+    pub service: Option<String>,
     /// The identities the server may prove; any other is refused.
     pub expected_identities: Vec<Identity>,
     pub baggage: Option<Baggage>,
@@ -222,6 +224,7 @@ impl HboneClient {
         let connect = headers::connect_request(
             authority,
             request.source_addr,
+            request.service.as_deref(),
             request.baggage.as_ref(),
             &TraceParent::random(),
         );

@@ -65,10 +65,12 @@ pub(crate) fn destination<B>(
     Ok(destination)
 }
 
-/// The CONNECT request for a stream to `authority` on behalf of the client at `source`.
+/// The CONNECT request for a stream to `authority` on behalf of the client at `source`, which
+/// addressed the Service `service` if any.
 pub(crate) fn connect_request(
     authority: SocketAddr,
     source: SocketAddr,
+    service: Option<&str>,
     baggage: Option<&Baggage>,
     trace: &TraceParent,
 ) -> Request<()> {
@@ -78,10 +80,7 @@ pub(crate) fn connect_request(
     *request.uri_mut() = http::Uri::try_from(authority.to_string())
         .unwrap_or_else(|e| unreachable!("{authority} is a valid authority: {e}"));
     let headers = request.headers_mut();
-    headers.insert(
-        http::header::FORWARDED,
-        header_value(&forwarded_for(source)),
-    );
+    headers.insert(http::header::FORWARDED, forwarded(source, service));
     if let Some(baggage) = baggage {
         headers.insert(BAGGAGE, header_value(&baggage.to_string()));
     }
@@ -89,9 +88,14 @@ pub(crate) fn connect_request(
     request
 }
 
-/// `for="<ip:port>"` (RFC 7239: quoted, because of the colon).
-fn forwarded_for(source: SocketAddr) -> String {
-    format!("for=\"{source}\"")
+/// `for="<ip:port>"` (RFC 7239: quoted, because of the colon), then `;host=<service>` as ztunnel
+/// sends it; a hostname that is no valid header value (the cluster's data is not trusted to be
+/// well formed) is left out.
+fn forwarded(source: SocketAddr, service: Option<&str>) -> HeaderValue {
+    let client = format!("for=\"{source}\"");
+    service
+        .and_then(|host| HeaderValue::from_str(&format!("{client};host={host}")).ok())
+        .unwrap_or_else(|| header_value(&client))
 }
 
 /// Every header value built here is visible ASCII: addresses, hex and percent-encoded text.
@@ -365,6 +369,7 @@ mod tests {
         let req = connect_request(
             "[fd00::7]:8080".parse().unwrap(),
             "[fd00::1]:41000".parse().unwrap(),
+            None,
             Some(&baggage),
             &trace,
         );
@@ -381,6 +386,23 @@ mod tests {
             destination(&req, "fd00::7".parse().unwrap(), &[]),
             Ok("[fd00::7]:8080".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn forwarded_names_the_service_the_client_addressed() {
+        let client = "10.244.0.7:43512".parse().unwrap();
+        let authority = "10.244.1.5:8080".parse().unwrap();
+        let trace = TraceParent::random();
+        let forwarded = |service| {
+            let req = connect_request(authority, client, service, None, &trace);
+            req.headers()["forwarded"].to_str().unwrap().to_owned()
+        };
+        assert_eq!(
+            forwarded(Some("reviews.shop.svc.cluster.local")),
+            "for=\"10.244.0.7:43512\";host=reviews.shop.svc.cluster.local"
+        );
+        // A hostname no header may carry is left out rather than failing the tunnel.
+        assert_eq!(forwarded(Some("bad\nhost")), "for=\"10.244.0.7:43512\"");
     }
 
     #[test]

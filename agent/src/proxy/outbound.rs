@@ -1,6 +1,7 @@
 //! Outbound (15001): connections the pod's apps open, redirected here by capture. Mesh
 //! destinations are reached through HBONE; anything else directly, from the pod's address.
 
+use std::error::Error;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -9,8 +10,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::Pod;
 use crate::accept::serve_listener;
-use crate::access::ConnectionRecord;
+use crate::access::{ConnectionRecord, Established};
 use crate::admission::{Listener, Pending};
+use crate::balance::Lease;
 use crate::drain::DrainWatcher;
 use crate::hbone::{Baggage, ConnectRequest, WorkloadKind};
 use crate::sockets;
@@ -42,10 +44,21 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
         tracing::info!(src.addr = %peer, dst.addr = %destination, "the pod is leaving the mesh; closing");
         return;
     };
-    let (upstream, record, expected) = route(&pod, &source, &identity, peer, destination);
+    let Route {
+        upstream,
+        lease,
+        service,
+        record,
+        expected,
+    } = route(&pod, &source, &identity, peer, destination);
     let expected = match expected {
         Ok(expected) => expected,
         Err(error) => return record.fail(error),
+    };
+    let attempt = Attempt {
+        record,
+        lease,
+        pending,
     };
     match upstream {
         Upstream::Hbone {
@@ -58,35 +71,72 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
                 source_addr: peer,
                 hbone_addr,
                 authority,
+                service,
                 expected_identities: expected.into_iter().collect(),
                 baggage: Some(baggage(&source)),
             };
-            tunnel(&pod, &mut tcp, &request, record, pending).await;
+            tunnel(&pod, &mut tcp, &request, attempt).await;
         }
         Upstream::Passthrough { addr } => {
-            passthrough(&pod, &mut tcp, peer, addr, record, pending).await;
+            passthrough(&pod, &mut tcp, peer, addr, attempt).await;
         }
-        Upstream::NoEndpoint { service, port } => record.fail(NoEndpoint { service, port }),
+        Upstream::NoEndpoint { service, port } => {
+            attempt.record.fail(NoEndpoint { service, port });
+        }
     }
 }
 
-/// Where a connection from `source` to `destination` goes, its record labelled with both ends,
-/// and the identity the destination must prove (none outside the mesh).
+/// Where one connection goes, and its record.
+struct Route {
+    upstream: Upstream,
+    /// The Service endpoint chosen, when the client addressed a Service.
+    lease: Option<Lease>,
+    /// The hostname of the Service the client addressed, if it did.
+    service: Option<String>,
+    record: ConnectionRecord,
+    /// The identity the destination must prove; none outside the mesh.
+    expected: Result<Option<Identity>, IdentityError>,
+}
+
+/// A connection being opened upstream.
+struct Attempt {
+    record: ConnectionRecord,
+    lease: Option<Lease>,
+    pending: Pending,
+}
+
+impl Attempt {
+    /// The upstream carries the connection from now on; the endpoint lease is held until it
+    /// ends.
+    fn establish(self) -> (Established, Option<Lease>) {
+        drop(self.pending);
+        if let Some(lease) = &self.lease {
+            lease.succeeded();
+        }
+        (self.record.establish(), self.lease)
+    }
+
+    /// The upstream could not be reached; a Service endpoint is ejected for it.
+    fn fail(self, error: impl Error + 'static) {
+        match self.lease {
+            Some(lease) => self.record.fail(lease.failed(error)),
+            None => self.record.fail(error),
+        }
+    }
+}
+
+/// Where a connection from `source` to `destination` goes, its record labelled with both ends.
 fn route(
     pod: &Pod,
     source: &Arc<Workload>,
     identity: &Identity,
     peer: SocketAddr,
     destination: SocketAddr,
-) -> (
-    Upstream,
-    ConnectionRecord,
-    Result<Option<Identity>, IdentityError>,
-) {
-    let (upstream, workload, service) = {
+) -> Route {
+    let ((upstream, lease), workload, service) = {
         let state = pod.state.borrow();
         (
-            state.resolve(destination),
+            state.resolve(destination, &pod.balancer),
             state.workload_by_ip(destination.ip()).cloned(),
             state.destination_service(destination).cloned(),
         )
@@ -122,28 +172,29 @@ fn route(
         dst_workload: workload.as_ref().map(|w| w.qualified_name()),
     };
     let record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
-    (upstream, record, expected)
+    Route {
+        // `forwarded: host=` names the Service only when the client addressed it, as ztunnel's.
+        service: lease.as_ref().and(service.map(|s| s.hostname.clone())),
+        upstream,
+        lease,
+        record,
+        expected,
+    }
 }
 
 /// Through HBONE; the connection stops pending once the tunnel is open.
-async fn tunnel(
-    pod: &Pod,
-    tcp: &mut TcpStream,
-    request: &ConnectRequest,
-    record: ConnectionRecord,
-    pending: Pending,
-) {
+async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: &ConnectRequest, attempt: Attempt) {
     // Boxed: the connect phase's state is large and would otherwise stay allocated in every
     // connection's task for as long as it is copying.
     match Box::pin(pod.client.connect(request, pod.sockets.as_ref())).await {
         Ok(tunnel) => {
-            drop(pending);
-            let connection = record.establish();
+            let (connection, _lease) = attempt.establish();
             let copied = tunnel.copy_bidirectional(tcp, connection.meter()).await;
             connection.finish(copied);
         }
-        Err(error) if error.is_denied() => record.fail_denied(error),
-        Err(error) => record.fail(error),
+        // The endpoint answered: its policy refused, which is no reason to eject it.
+        Err(error) if error.is_denied() => attempt.record.fail_denied(error),
+        Err(error) => attempt.fail(error),
     }
 }
 
@@ -153,14 +204,12 @@ async fn passthrough(
     tcp: &mut TcpStream,
     peer: SocketAddr,
     addr: SocketAddr,
-    record: ConnectionRecord,
-    pending: Pending,
+    attempt: Attempt,
 ) {
     let local = SocketAddr::new(peer.ip(), 0);
     match sockets::connect(pod.sockets.as_ref(), local, false, addr).await {
         Ok(mut upstream) => {
-            drop(pending);
-            let connection = record.establish();
+            let (connection, _lease) = attempt.establish();
             let mut client = Metered {
                 inner: tcp,
                 meter: connection.meter(),
@@ -168,7 +217,7 @@ async fn passthrough(
             let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             connection.finish(copied);
         }
-        Err(error) => record.fail(error),
+        Err(error) => attempt.fail(error),
     }
 }
 

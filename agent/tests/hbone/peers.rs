@@ -93,6 +93,7 @@ impl Mesh {
             source_addr: "127.0.0.1:40000".parse().unwrap(),
             hbone_addr: self.server_addr,
             authority,
+            service: None,
             expected_identities: vec![self.server_identity.clone()],
             baggage: Some(Baggage {
                 namespace: Some("shop".into()),

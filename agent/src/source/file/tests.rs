@@ -1,4 +1,5 @@
 use super::*;
+use crate::balance::Balancer;
 use crate::state::{Locality, Protocol, Upstream, WorkloadUid};
 
 const ROOT: &str = "istio-system";
@@ -107,7 +108,10 @@ fn translates_pods_namespaces_and_services() {
         .collect();
     assert_eq!(enrolled, ["frontend"]);
 
-    let Upstream::Hbone { authority, .. } = state.resolve("10.96.0.10:80".parse().unwrap()) else {
+    let balancer = Arc::new(Balancer::new(Duration::from_secs(30)));
+    let (Upstream::Hbone { authority, .. }, _) =
+        state.resolve("10.96.0.10:80".parse().unwrap(), &balancer)
+    else {
         panic!("the service leads to the enrolled frontend");
     };
     assert_eq!(authority, "10.244.1.10:8080".parse().unwrap());
@@ -236,7 +240,10 @@ fn named_target_ports_are_found_under_the_service_port_name() {
             "ports: [{name: web, port: 8080}]",
         );
     let state = parse(&text, ROOT).unwrap();
-    let Upstream::Hbone { authority, .. } = state.resolve("10.96.0.10:80".parse().unwrap()) else {
+    let balancer = Arc::new(Balancer::new(Duration::from_secs(30)));
+    let (Upstream::Hbone { authority, .. }, _) =
+        state.resolve("10.96.0.10:80".parse().unwrap(), &balancer)
+    else {
         panic!("not through HBONE");
     };
     assert_eq!(authority, "10.244.1.10:8080".parse().unwrap());
