@@ -39,6 +39,7 @@ fn workload(namespace: &str, name: &str) -> Workload {
         labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
         protocol: Protocol::Hbone,
         locality: Locality::default(),
+        waypoint: None,
     }
 }
 

@@ -34,6 +34,7 @@ fn main() {
         destination_namespace: "shop",
         destination_labels: &labels,
         destination_services: &[],
+        destination_waypoints: &[],
     };
     let baseline = per_decision_ns(&AuthorizationPolicies::new("istio-system", []), &connection);
     println!(

@@ -77,7 +77,9 @@ impl Handler for AdminApi {
             }),
             (&Method::POST, "/logging") => self.set_log_level(query),
             (&Method::GET, "/debug/workloads") => json(&self.workloads()),
-            (&Method::GET, "/debug/services") => json(&services(&self.states.borrow(), &self.balancer)),
+            (&Method::GET, "/debug/services") => {
+                json(&services(&self.states.borrow(), &self.balancer))
+            }
             (&Method::GET, "/debug/policies") => json(&policies(&self.states.borrow())),
             (&Method::GET, "/debug/certs") => json(&self.certificates()),
             (&Method::GET, "/debug/connections") => json(&self.telemetry.connections.snapshot()),
@@ -150,6 +152,7 @@ impl AdminApi {
                     Capture::Failed(why) => format!("failed: {why}"),
                     Capture::Refused(why) => format!("refused: {why}"),
                 }),
+                waypoint: w.waypoint.as_ref().map(ToString::to_string),
             })
             .collect()
     }
@@ -197,27 +200,28 @@ fn services(state: &ClusterState, balancer: &Balancer) -> Vec<ServiceView> {
 
 fn service(s: &Service, ejected_for: impl Fn(IpAddr) -> Option<u64>) -> ServiceView {
     ServiceView {
-            namespace: s.namespace.clone(),
-            name: s.name.clone(),
-            hostname: s.hostname.clone(),
-            vips: s.vips.clone(),
-            ports: s
-                .ports
-                .iter()
-                .map(|p| match &p.target {
-                    TargetPort::Number(n) => format!("{} -> {n}", p.port),
-                    TargetPort::Named(name) => format!("{} -> {name}", p.port),
-                })
-                .collect(),
-            endpoints: s
-                .endpoints
-                .iter()
-                .map(|e| EndpointView {
-                    ip: e.ip,
-                    ready: e.ready,
-                    ejected_for_s: ejected_for(e.ip),
-                })
-                .collect(),
+        namespace: s.namespace.clone(),
+        name: s.name.clone(),
+        hostname: s.hostname.clone(),
+        vips: s.vips.clone(),
+        ports: s
+            .ports
+            .iter()
+            .map(|p| match &p.target {
+                TargetPort::Number(n) => format!("{} -> {n}", p.port),
+                TargetPort::Named(name) => format!("{} -> {name}", p.port),
+            })
+            .collect(),
+        endpoints: s
+            .endpoints
+            .iter()
+            .map(|e| EndpointView {
+                ip: e.ip,
+                ready: e.ready,
+                ejected_for_s: ejected_for(e.ip),
+            })
+            .collect(),
+        waypoint: s.waypoint.as_ref().map(ToString::to_string),
     }
 }
 
@@ -258,6 +262,7 @@ fn scope(scope: &Scope, namespace: &str, root_namespace: &str) -> String {
             format!("selector {}", labels.join(","))
         }
         Scope::Services(names) => format!("services {}", names.join(",")),
+        Scope::Waypoint(waypoint) => format!("behind waypoint {waypoint}"),
     }
 }
 

@@ -44,6 +44,9 @@ pub enum DenyReason {
     MtlsRequired,
     /// The destination pod has left the cluster's state: nothing is known to allow.
     UnknownDestination,
+    /// The destination is behind a waypoint, and neither the connection came from it nor does
+    /// an ALLOW policy admit the client directly.
+    AroundWaypoint,
 }
 
 impl DenyReason {
@@ -52,6 +55,9 @@ impl DenyReason {
             Self::Authorization => "denied by authorization policy",
             Self::MtlsRequired => "plaintext refused: PeerAuthentication is STRICT",
             Self::UnknownDestination => "the destination pod is no longer in the cluster",
+            Self::AroundWaypoint => {
+                "the destination is behind a waypoint and the connection did not come through it"
+            }
         }
     }
 }
@@ -113,6 +119,7 @@ pub(crate) fn connection<'a>(
         destination_namespace: &workload.namespace,
         destination_labels: &workload.labels,
         destination_services: state.services_of(request.destination.ip()),
+        destination_waypoints: state.waypoints_of(request.destination.ip()),
     }
 }
 
@@ -196,15 +203,21 @@ pub(crate) fn evaluate<'s>(
             return (verdict, None);
         }
     }
-    let decision = state
-        .authorization()
-        .decide(&connection(state, workload, request));
+    let connection = connection(state, workload, request);
+    let decision = state.authorization().decide(&connection);
     let verdict = if decision.allowed {
         Verdict::Allow
     } else {
+        // No DENY matched, and of the ALLOW policies none did, the waypoints' among them.
+        let around_waypoint =
+            decision.policy.is_none() && !connection.destination_waypoints.is_empty();
         Verdict::Deny {
             policy: decision.policy.map(ToString::to_string),
-            reason: DenyReason::Authorization,
+            reason: if around_waypoint {
+                DenyReason::AroundWaypoint
+            } else {
+                DenyReason::Authorization
+            },
         }
     };
     (verdict, Some(decision))

@@ -71,7 +71,9 @@ impl Balancer {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, EndpointState>> {
-        self.endpoints.lock().unwrap_or_else(PoisonError::into_inner)
+        self.endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Chooses one of `candidates`, which must not be empty, and counts a connection to it.
@@ -194,7 +196,10 @@ mod tests {
         let endpoints = addrs(2);
         // With two endpoints both are always compared: connections alternate.
         let leases: Vec<Lease> = (0..10).map(|_| balancer.choose(&endpoints)).collect();
-        let on_first = leases.iter().filter(|l| l.endpoint() == endpoints[0]).count();
+        let on_first = leases
+            .iter()
+            .filter(|l| l.endpoint() == endpoints[0])
+            .count();
         assert_eq!(on_first, 5);
     }
 
@@ -209,7 +214,10 @@ mod tests {
             assert!((80..=120).contains(&open), "{endpoint}: {open}");
         }
         drop(leases);
-        assert!(balancer.lock().is_empty(), "closed connections leave nothing");
+        assert!(
+            balancer.lock().is_empty(),
+            "closed connections leave nothing"
+        );
     }
 
     #[test]

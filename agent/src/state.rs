@@ -48,6 +48,21 @@ pub struct Workload {
     pub protocol: Protocol,
     /// Where its node is, from the node's topology labels.
     pub locality: Locality,
+    /// The waypoint that traffic addressed to the pod itself goes through.
+    pub waypoint: Option<WaypointRef>,
+}
+
+/// A waypoint, by the Service in front of its pods: what `istio.io/use-waypoint` names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WaypointRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for WaypointRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 /// A node's region and zone, from its `topology.kubernetes.io/region` and `.../zone` labels;
@@ -141,6 +156,8 @@ pub struct Service {
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
+    /// The waypoint that traffic addressed to the Service goes through.
+    pub waypoint: Option<WaypointRef>,
 }
 
 /// Where an outbound connection goes.
@@ -156,6 +173,12 @@ pub enum Upstream {
     Passthrough { addr: SocketAddr },
     /// A service port with no ready endpoint: the connection is refused.
     NoEndpoint { service: String, port: u16 },
+    /// The destination's waypoint cannot be reached: the connection is refused rather than
+    /// sent around the waypoint.
+    NoWaypoint {
+        waypoint: WaypointRef,
+        reason: &'static str,
+    },
 }
 
 /// One consistent view of the cluster.
@@ -167,6 +190,10 @@ pub struct ClusterState {
     services_of: HashMap<IpAddr, Vec<String>>,
     /// For each endpoint IP, every Service it backs.
     endpoint_services: HashMap<IpAddr, Vec<Arc<Service>>>,
+    /// Services by namespace and name.
+    services_by_name: HashMap<(String, String), Arc<Service>>,
+    /// For each workload IP, the waypoints in front of it: its own and its Services'.
+    waypoints_of: HashMap<IpAddr, Vec<WaypointRef>>,
     authorization: AuthorizationPolicies,
     peer_authentication: PeerAuthentications,
     /// Policies that did not compile, with why; each stands in as fail-closed.
@@ -187,6 +214,10 @@ impl ClusterState {
         }
         for service in services {
             let service = Arc::new(service);
+            state.services_by_name.insert(
+                (service.namespace.clone(), service.name.clone()),
+                service.clone(),
+            );
             for vip in &service.vips {
                 state.services.insert(*vip, service.clone());
             }
@@ -209,7 +240,40 @@ impl ClusterState {
                 }
             }
         }
+        for (ip, workload) in &state.workloads {
+            let services = state.endpoint_services.get(ip).into_iter().flatten();
+            let mut waypoints: Vec<WaypointRef> = workload
+                .waypoint
+                .iter()
+                .chain(services.filter_map(|s| s.waypoint.as_ref()))
+                .cloned()
+                .collect();
+            waypoints.sort();
+            waypoints.dedup();
+            if !waypoints.is_empty() {
+                state.waypoints_of.insert(*ip, waypoints);
+            }
+        }
         state
+    }
+
+    /// The waypoints in front of the workload at `ip`: its own, and those of the Services it
+    /// backs. Connections to it are meant to come from them.
+    pub fn waypoints_of(&self, ip: IpAddr) -> &[WaypointRef] {
+        self.waypoints_of.get(&ip).map_or(&[], Vec::as_slice)
+    }
+
+    /// The Service `namespace/name`.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
+        self.services_by_name
+            .get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// The Service whose VIP and port `destination` is, if it is one.
+    pub fn addressed_service(&self, destination: SocketAddr) -> Option<&Arc<Service>> {
+        self.services
+            .get(&destination.ip())
+            .filter(|s| s.ports.iter().any(|p| p.port == destination.port()))
     }
 
     /// The names of the Services (of its own namespace) that the workload at `ip` backs.
@@ -220,9 +284,7 @@ impl ClusterState {
     /// The Service a connection to `destination` is reported under: the one whose VIP and
     /// port it addressed, else the first one the destination is an endpoint of.
     pub fn destination_service(&self, destination: SocketAddr) -> Option<&Arc<Service>> {
-        self.services
-            .get(&destination.ip())
-            .filter(|s| s.ports.iter().any(|p| p.port == destination.port()))
+        self.addressed_service(destination)
             .or_else(|| self.endpoint_services.get(&destination.ip())?.first())
     }
 
@@ -285,15 +347,30 @@ impl ClusterState {
             .collect()
     }
 
-    /// Where a connection to `destination` goes: a service VIP to the ready endpoint `balancer`
-    /// chooses, with the lease that counts the connection there; a mesh workload through HBONE;
-    /// anything else directly.
+    /// Where a connection from `source` to `destination` goes: to the destination's waypoint
+    /// when it has one (a Service's for traffic to its VIP, a pod's for traffic to the pod), else
+    /// a service VIP to the ready endpoint `balancer` chooses, a mesh workload through HBONE,
+    /// anything else directly; with the lease that counts the connection at the endpoint chosen.
     pub(crate) fn resolve(
         &self,
+        source: IpAddr,
         destination: SocketAddr,
         balancer: &Arc<Balancer>,
     ) -> (Upstream, Option<Lease>) {
-        let Some(service) = self.services.get(&destination.ip()) else {
+        let service = self.addressed_service(destination);
+        let waypoint = match service {
+            Some(service) => service.waypoint.as_ref(),
+            None => self
+                .workloads
+                .get(&destination.ip())
+                .and_then(|w| w.waypoint.as_ref()),
+        };
+        if let Some(waypoint) = waypoint
+            && let Some(routed) = self.through_waypoint(waypoint, source, destination, balancer)
+        {
+            return routed;
+        }
+        let Some(service) = service else {
             return (self.to_address(destination), None);
         };
         let Some(port) = service.ports.iter().find(|p| p.port == destination.port()) else {
@@ -314,6 +391,49 @@ impl ClusterState {
         }
         let lease = balancer.choose(&ready);
         (self.to_address(lease.endpoint()), Some(lease))
+    }
+
+    /// Through `waypoint` to `destination`, which the tunnel names as it was addressed; `None`
+    /// when the source is one of the waypoint's own pods, which must not loop back to it.
+    fn through_waypoint(
+        &self,
+        waypoint: &WaypointRef,
+        source: IpAddr,
+        destination: SocketAddr,
+        balancer: &Arc<Balancer>,
+    ) -> Option<(Upstream, Option<Lease>)> {
+        let refuse = |reason| {
+            let refused = Upstream::NoWaypoint {
+                waypoint: waypoint.clone(),
+                reason,
+            };
+            Some((refused, None))
+        };
+        let Some(service) = self.service(&waypoint.namespace, &waypoint.name) else {
+            return refuse("no such Service");
+        };
+        if service.endpoints.iter().any(|e| e.ip == source) {
+            return None;
+        }
+        let ready: Vec<SocketAddr> = service
+            .endpoints
+            .iter()
+            .filter(|e| e.ready && self.workloads.contains_key(&e.ip))
+            .map(|e| SocketAddr::new(e.ip, HBONE_PORT))
+            .collect();
+        if ready.is_empty() {
+            return refuse("no ready endpoint");
+        }
+        let lease = balancer.choose(&ready);
+        let Some(workload) = self.workloads.get(&lease.endpoint().ip()).cloned() else {
+            return refuse("no ready endpoint");
+        };
+        let upstream = Upstream::Hbone {
+            workload,
+            hbone_addr: lease.endpoint(),
+            authority: destination,
+        };
+        Some((upstream, Some(lease)))
     }
 
     fn to_address(&self, destination: SocketAddr) -> Upstream {
@@ -354,6 +474,7 @@ mod tests {
             labels: BTreeMap::new(),
             protocol,
             locality: Locality::default(),
+            waypoint: None,
         }
     }
 
@@ -380,6 +501,7 @@ mod tests {
                     ports: [("http".to_owned(), 8080)].into(),
                 },
             ],
+            waypoint: None,
         };
         ClusterState::new(
             [
@@ -391,10 +513,125 @@ mod tests {
         )
     }
 
-    /// Where `state` sends a connection to `destination`.
+    /// Where `state` sends a connection from the frontend to `destination`.
     fn route(state: &ClusterState, destination: &str) -> Upstream {
+        route_from(state, "10.244.1.10", destination)
+    }
+
+    fn route_from(state: &ClusterState, source: &str, destination: &str) -> Upstream {
         let balancer = Arc::new(Balancer::new(std::time::Duration::from_secs(30)));
-        state.resolve(destination.parse().unwrap(), &balancer).0
+        let (source, destination) = (source.parse().unwrap(), destination.parse().unwrap());
+        state.resolve(source, destination, &balancer).0
+    }
+
+    fn waypoint() -> WaypointRef {
+        WaypointRef {
+            namespace: "shop".into(),
+            name: "waypoint".into(),
+        }
+    }
+
+    /// [`state`] with the backend Service behind `shop/waypoint`, whose pod is `10.244.3.10`,
+    /// and with `pod_waypoint` as the backend pod's own.
+    fn state_with_waypoint(
+        pod_waypoint: Option<WaypointRef>,
+        waypoint_listed: bool,
+    ) -> ClusterState {
+        let base = state();
+        let mut backend = (**base
+            .addressed_service("10.96.0.10:80".parse().unwrap())
+            .unwrap())
+        .clone();
+        backend.waypoint = Some(waypoint());
+        let mut services = vec![backend];
+        if waypoint_listed {
+            services.push(Service {
+                name: "waypoint".into(),
+                namespace: "shop".into(),
+                hostname: "waypoint.shop.svc.cluster.local".into(),
+                vips: vec!["10.96.0.20".parse().unwrap()],
+                ports: vec![ServicePort {
+                    name: Some("mesh".into()),
+                    port: HBONE_PORT,
+                    target: TargetPort::Number(HBONE_PORT),
+                }],
+                endpoints: vec![Endpoint {
+                    ip: "10.244.3.10".parse().unwrap(),
+                    ready: true,
+                    ports: BTreeMap::new(),
+                }],
+                waypoint: None,
+            });
+        }
+        let mut backend_pod = workload("backend", "10.244.2.10", "node2", Protocol::Hbone);
+        backend_pod.waypoint = pod_waypoint;
+        ClusterState::new(
+            [
+                workload("frontend", "10.244.1.10", "node1", Protocol::Hbone),
+                backend_pod,
+                workload("waypoint", "10.244.3.10", "node3", Protocol::Tcp),
+            ],
+            services,
+        )
+    }
+
+    #[test]
+    fn a_service_with_a_waypoint_is_reached_through_it() {
+        let state = state_with_waypoint(None, true);
+        let Upstream::Hbone {
+            workload,
+            hbone_addr,
+            authority,
+        } = route(&state, "10.96.0.10:80")
+        else {
+            panic!("expected HBONE to the waypoint");
+        };
+        assert_eq!(workload.name, "waypoint");
+        assert_eq!(hbone_addr, "10.244.3.10:15008".parse().unwrap());
+        assert_eq!(authority, "10.96.0.10:80".parse().unwrap(), "as addressed");
+        assert_eq!(
+            state.waypoints_of("10.244.2.10".parse().unwrap()),
+            [waypoint()],
+            "the Service's waypoint fronts its endpoints"
+        );
+
+        // The Service's waypoint is for traffic to the Service: the pod itself is reached directly.
+        let direct = route(&state, "10.244.2.10:8080");
+        assert!(
+            matches!(direct, Upstream::Hbone { ref workload, .. } if workload.name == "backend")
+        );
+        // The waypoint itself goes to the endpoints, not back to itself.
+        let from_waypoint = route_from(&state, "10.244.3.10", "10.96.0.10:80");
+        assert!(
+            matches!(from_waypoint, Upstream::Hbone { ref workload, .. } if workload.name == "backend")
+        );
+    }
+
+    #[test]
+    fn a_pod_with_a_waypoint_is_reached_through_it() {
+        let state = state_with_waypoint(Some(waypoint()), true);
+        let Upstream::Hbone {
+            workload,
+            authority,
+            ..
+        } = route(&state, "10.244.2.10:8080")
+        else {
+            panic!("expected HBONE to the waypoint");
+        };
+        assert_eq!(workload.name, "waypoint");
+        assert_eq!(authority, "10.244.2.10:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn a_missing_waypoint_refuses_rather_than_bypasses() {
+        let state = state_with_waypoint(None, false);
+        assert_eq!(
+            route(&state, "10.96.0.10:80"),
+            Upstream::NoWaypoint {
+                waypoint: waypoint(),
+                reason: "no such Service"
+            }
+        );
     }
 
     #[test]

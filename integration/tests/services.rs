@@ -96,7 +96,14 @@ async fn vip_traffic_spreads_by_load_and_skips_an_endpoint_that_stops_answering(
     cluster.apply().await.unwrap();
     let mut apps = Vec::new();
     for backend in BACKENDS {
-        apps.push(cluster.in_pod(backend).unwrap().echo(APP_PORT).await.unwrap());
+        apps.push(
+            cluster
+                .in_pod(backend)
+                .unwrap()
+                .echo(APP_PORT)
+                .await
+                .unwrap(),
+        );
     }
 
     // Held open at once, connections go where fewer are open: a third each, give or take

@@ -87,6 +87,11 @@ pub(crate) fn run(
         }
         .to_owned(),
         peer_authentication: None,
+        waypoints: state
+            .waypoints_of(destination_ip)
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         policies: Vec::new(),
         allowed: true,
         decided_by: None,
@@ -150,8 +155,20 @@ pub(crate) fn run(
             (false, policy, reason)
         }
         Verdict::Deny {
+            policy: None,
+            reason: DenyReason::AroundWaypoint,
+        } => {
+            let reason = format!(
+                "denied: the destination is behind waypoint {}; a connection must come from it, \
+                 or be admitted by an ALLOW policy of the destination's",
+                view.waypoints.join(", ")
+            );
+            (false, None, reason)
+        }
+        Verdict::Deny {
             policy: Some(policy),
-            reason: DenyReason::Authorization | DenyReason::UnknownDestination,
+            reason:
+                DenyReason::Authorization | DenyReason::UnknownDestination | DenyReason::AroundWaypoint,
         } => {
             let reason = format!("denied by DENY policy {policy}");
             (false, Some(policy), reason)

@@ -24,6 +24,9 @@ pub struct WorkloadView {
     /// its sandbox, rather than the agent finding it), or `pending: <why>` (starting), `failed: <why>`
     /// or `refused: <why>` (the node contradicts the cluster about the pod).
     pub capture: Option<String>,
+    /// The waypoint (`namespace/name`) that traffic addressed to the pod goes through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +38,9 @@ pub struct ServiceView {
     /// `port -> target`, e.g. `80 -> http`.
     pub ports: Vec<String>,
     pub endpoints: Vec<EndpointView>,
+    /// The waypoint (`namespace/name`) that traffic addressed to the Service goes through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +98,10 @@ pub struct CheckView {
     pub transport: String,
     /// For plaintext: the PeerAuthentication mode of the port, and the policy that set it.
     pub peer_authentication: Option<ModeView>,
+    /// The waypoints in front of the destination (`namespace/name`): its own, for traffic to
+    /// the pod, and its Services', for traffic to them. Connections are meant to come from them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waypoints: Vec<String>,
     /// Every AuthorizationPolicy that applies to the destination.
     pub policies: Vec<PolicyMatch>,
     pub allowed: bool,

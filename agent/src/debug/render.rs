@@ -110,6 +110,7 @@ pub(super) fn workloads(workloads: &Vec<WorkloadView>) -> String {
         "PROTOCOL",
         "IDENTITY",
         "CAPTURE",
+        "WAYPOINT",
     ]);
     for w in workloads {
         table.row(vec![
@@ -120,17 +121,29 @@ pub(super) fn workloads(workloads: &Vec<WorkloadView>) -> String {
             w.protocol.clone(),
             or_dash(w.identity.as_deref()),
             or_dash(w.capture.as_deref()),
+            or_dash(w.waypoint.as_deref()),
         ]);
     }
     table.render()
 }
 
 pub(super) fn services(services: &Vec<ServiceView>) -> String {
-    let mut table = Table::new(&["NAMESPACE", "NAME", "VIPS", "PORTS", "ENDPOINTS"]);
+    let mut table = Table::new(&[
+        "NAMESPACE",
+        "NAME",
+        "VIPS",
+        "PORTS",
+        "ENDPOINTS",
+        "WAYPOINT",
+    ]);
     for s in services {
         let ready = s.endpoints.iter().filter(|e| e.ready).count();
         let mut endpoints = format!("{ready}/{} ready", s.endpoints.len());
-        let ejected = s.endpoints.iter().filter(|e| e.ejected_for_s.is_some()).count();
+        let ejected = s
+            .endpoints
+            .iter()
+            .filter(|e| e.ejected_for_s.is_some())
+            .count();
         if ejected > 0 {
             endpoints.push_str(&format!(", {ejected} ejected"));
         }
@@ -140,6 +153,7 @@ pub(super) fn services(services: &Vec<ServiceView>) -> String {
             join(&s.vips),
             join(&s.ports),
             endpoints,
+            or_dash(s.waypoint.as_deref()),
         ]);
     }
     table.render()
@@ -247,6 +261,9 @@ pub(super) fn check(view: &CheckView) -> String {
         peer(&view.destination),
         view.port
     );
+    if !view.waypoints.is_empty() {
+        text.push_str(&format!("waypoints: {}\n", view.waypoints.join(", ")));
+    }
     if let Some(mode) = &view.peer_authentication {
         text.push_str(&format!(
             "PeerAuthentication: {} ({})\n",

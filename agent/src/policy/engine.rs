@@ -7,6 +7,8 @@ use std::net::IpAddr;
 
 use ambit_identity::Identity;
 
+use crate::state::WaypointRef;
+
 /// `namespace/name` of a policy object.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyName {
@@ -29,6 +31,9 @@ pub enum Scope {
     Selector(BTreeMap<String, String>),
     /// Workloads that are endpoints of these Services of the namespace (`targetRefs`).
     Services(Vec<String>),
+    /// Workloads behind this waypoint: the agent's own policy that admits the waypoint (see
+    /// `source::translate::waypoints`).
+    Waypoint(WaypointRef),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +176,8 @@ pub struct Connection<'a> {
     pub destination_labels: &'a BTreeMap<String, String>,
     /// The Services (of its namespace) the destination is an endpoint of.
     pub destination_services: &'a [String],
+    /// The waypoints in front of the destination.
+    pub destination_waypoints: &'a [WaypointRef],
 }
 
 impl Connection<'_> {
@@ -325,6 +332,7 @@ impl AuthorizationPolicies {
                 Scope::Services(names) => names
                     .iter()
                     .any(|name| connection.destination_services.contains(name)),
+                Scope::Waypoint(waypoint) => connection.destination_waypoints.contains(waypoint),
             })
     }
 }
@@ -445,7 +453,7 @@ impl PeerAuthentications {
                 p.name.namespace == namespace
                     && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
             }
-            Scope::Namespace | Scope::Services(_) => false,
+            Scope::Namespace | Scope::Services(_) | Scope::Waypoint(_) => false,
         };
         let namespace_wide = |ns: &str| {
             self.policies

@@ -92,6 +92,7 @@ fn decide(
         destination_namespace: "shop",
         destination_labels: &labels,
         destination_services: &["web".to_owned()],
+        destination_waypoints: &[],
     };
     let decision = policies.decide(&connection);
     (

@@ -16,7 +16,7 @@ use crate::balance::Lease;
 use crate::drain::DrainWatcher;
 use crate::hbone::{Baggage, ConnectRequest, WorkloadKind};
 use crate::sockets;
-use crate::state::{Upstream, Workload};
+use crate::state::{Upstream, WaypointRef, Workload};
 use crate::telemetry::{Direction, Endpoints, Metered, Reporter, TrafficLabels};
 
 pub(super) async fn serve(pod: Pod, listener: TcpListener, drain: DrainWatcher) {
@@ -83,6 +83,9 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
         Upstream::NoEndpoint { service, port } => {
             attempt.record.fail(NoEndpoint { service, port });
         }
+        Upstream::NoWaypoint { waypoint, reason } => {
+            attempt.record.fail(NoWaypoint { waypoint, reason });
+        }
     }
 }
 
@@ -136,7 +139,7 @@ fn route(
     let ((upstream, lease), workload, service) = {
         let state = pod.state.borrow();
         (
-            state.resolve(destination, &pod.balancer),
+            state.resolve(peer.ip(), destination, &pod.balancer),
             state.workload_by_ip(destination.ip()).cloned(),
             state.destination_service(destination).cloned(),
         )
@@ -144,7 +147,9 @@ fn route(
     // A tunnel proves both identities; anything else is plaintext, with no principal.
     let expected = match &upstream {
         Upstream::Hbone { workload, .. } => workload.identity(&pod.trust_domain).map(Some),
-        Upstream::Passthrough { .. } | Upstream::NoEndpoint { .. } => Ok(None),
+        Upstream::Passthrough { .. }
+        | Upstream::NoEndpoint { .. }
+        | Upstream::NoWaypoint { .. } => Ok(None),
     };
     let principals = match &expected {
         Ok(Some(expected)) => (Some(identity), Some(expected)),
@@ -226,6 +231,13 @@ async fn passthrough(
 struct NoEndpoint {
     service: String,
     port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the destination's waypoint {waypoint} cannot be reached ({reason}); not going around it")]
+struct NoWaypoint {
+    waypoint: WaypointRef,
+    reason: &'static str,
 }
 
 /// What the destination learns about the source workload.

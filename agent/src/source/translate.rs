@@ -17,6 +17,7 @@ use crate::state::{
 };
 
 mod policies;
+mod waypoints;
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// A node's region and zone, as cloud providers and Istio name them.
@@ -107,10 +108,17 @@ impl Objects {
             .iter()
             .filter_map(|node| Some((node.metadata.name.as_deref()?, locality(node))))
             .collect();
+        let waypoints = waypoints::Waypoints::new(&self.services);
         let mut errors = Vec::new();
         let mut workloads = Vec::new();
         for pod in &self.pods {
-            match workload(pod, &namespace_labels, &localities, &self.sandbox_addresses) {
+            let pod_context = PodContext {
+                namespace_labels: &namespace_labels,
+                localities: &localities,
+                sandbox_addresses: &self.sandbox_addresses,
+                waypoints: &waypoints,
+            };
+            match workload(pod, &pod_context) {
                 Ok(Some(workload)) => workloads.push(workload),
                 Ok(None) => {}
                 Err(error) => errors.push(error),
@@ -129,15 +137,17 @@ impl Objects {
         }
         let mut services = Vec::new();
         for service in &self.services {
-            match self::service(service, &mut endpoints) {
+            match self::service(service, &mut endpoints, &namespace_labels, &waypoints) {
                 Ok(service) => services.push(service),
                 Err(error) => errors.push(error),
             }
         }
+        let admitting_waypoints = waypoints::policies(&workloads, &services, root_namespace);
         let policies = policies::compile(
             &self.authorization_policies,
             &self.peer_authentications,
             root_namespace,
+            admitting_waypoints,
         );
         let state = ClusterState::new(workloads, services).with_policies(
             policies.authorization,
@@ -192,13 +202,22 @@ impl Fields {
     }
 }
 
+/// What a pod's workload is made with besides the pod.
+struct PodContext<'a> {
+    namespace_labels: &'a HashMap<&'a str, &'a BTreeMap<String, String>>,
+    localities: &'a HashMap<&'a str, Locality>,
+    sandbox_addresses: &'a HashMap<String, Vec<IpAddr>>,
+    waypoints: &'a waypoints::Waypoints,
+}
+
 /// The workload of a scheduled pod with an IP; `None` for a pod not running yet.
-fn workload(
-    pod: &Sourced<Pod>,
-    namespace_labels: &HashMap<&str, &BTreeMap<String, String>>,
-    localities: &HashMap<&str, Locality>,
-    sandbox_addresses: &HashMap<String, Vec<IpAddr>>,
-) -> Result<Option<Workload>, ObjectError> {
+fn workload(pod: &Sourced<Pod>, context: &PodContext<'_>) -> Result<Option<Workload>, ObjectError> {
+    let PodContext {
+        namespace_labels,
+        localities,
+        sandbox_addresses,
+        waypoints,
+    } = context;
     let Sourced {
         origin,
         object: pod,
@@ -246,11 +265,9 @@ fn workload(
     let labels: BTreeMap<String, String> = pod.metadata.labels.clone().unwrap_or_default();
     // The same rule as the CNI plugin's, which decides when the agent is not there.
     let no_labels = BTreeMap::new();
+    let own_namespace_labels = namespace_labels.get(namespace.as_str()).copied();
     let in_mesh = ambit_cni::in_mesh(
-        namespace_labels
-            .get(namespace.as_str())
-            .copied()
-            .unwrap_or(&no_labels),
+        own_namespace_labels.unwrap_or(&no_labels),
         &labels,
         pod.metadata.annotations.as_ref().unwrap_or(&no_labels),
     );
@@ -259,7 +276,9 @@ fn workload(
     } else {
         Protocol::Tcp
     };
+    let waypoint = waypoints.of_pod(&namespace, &labels, own_namespace_labels);
     Ok(Some(Workload {
+        waypoint,
         uid: WorkloadUid(
             pod.metadata
                 .uid
@@ -349,6 +368,8 @@ fn slice_endpoints(slice: &EndpointSlice) -> Vec<Endpoint> {
 fn service(
     service: &Sourced<K8sService>,
     endpoints: &mut HashMap<(String, String), Vec<Endpoint>>,
+    namespace_labels: &HashMap<&str, &BTreeMap<String, String>>,
+    waypoints: &waypoints::Waypoints,
 ) -> Result<Service, ObjectError> {
     let Sourced {
         origin,
@@ -391,8 +412,17 @@ fn service(
             target,
         });
     }
+    let no_labels = BTreeMap::new();
+    let labels = service.metadata.labels.as_ref().unwrap_or(&no_labels);
+    let waypoint = waypoints.of_service(
+        &namespace,
+        &name,
+        labels,
+        namespace_labels.get(namespace.as_str()).copied(),
+    );
     Ok(Service {
         hostname: format!("{name}.{namespace}.svc.cluster.local"),
+        waypoint,
         endpoints: endpoints
             .remove(&(namespace.clone(), name.clone()))
             .unwrap_or_default(),

@@ -187,6 +187,7 @@ mod tests {
                 .into(),
             protocol: Protocol::Hbone,
             locality: Locality::default(),
+            waypoint: None,
         }
     }
 

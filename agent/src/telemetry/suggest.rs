@@ -139,6 +139,7 @@ mod tests {
             destination_namespace: "shop",
             destination_labels: &labels,
             destination_services: &[],
+            destination_waypoints: &[],
         };
         state.authorization().decide(&connection).allowed
     }

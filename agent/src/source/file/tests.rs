@@ -109,9 +109,11 @@ fn translates_pods_namespaces_and_services() {
     assert_eq!(enrolled, ["frontend"]);
 
     let balancer = Arc::new(Balancer::new(Duration::from_secs(30)));
-    let (Upstream::Hbone { authority, .. }, _) =
-        state.resolve("10.96.0.10:80".parse().unwrap(), &balancer)
-    else {
+    let (Upstream::Hbone { authority, .. }, _) = state.resolve(
+        "10.244.1.99".parse().unwrap(),
+        "10.96.0.10:80".parse().unwrap(),
+        &balancer,
+    ) else {
         panic!("the service leads to the enrolled frontend");
     };
     assert_eq!(authority, "10.244.1.10:8080".parse().unwrap());
@@ -241,9 +243,11 @@ fn named_target_ports_are_found_under_the_service_port_name() {
         );
     let state = parse(&text, ROOT).unwrap();
     let balancer = Arc::new(Balancer::new(Duration::from_secs(30)));
-    let (Upstream::Hbone { authority, .. }, _) =
-        state.resolve("10.96.0.10:80".parse().unwrap(), &balancer)
-    else {
+    let (Upstream::Hbone { authority, .. }, _) = state.resolve(
+        "10.244.1.99".parse().unwrap(),
+        "10.96.0.10:80".parse().unwrap(),
+        &balancer,
+    ) else {
         panic!("not through HBONE");
     };
     assert_eq!(authority, "10.244.1.10:8080".parse().unwrap());
@@ -338,6 +342,7 @@ fn a_bad_policy_is_replaced_by_a_denial_and_the_rest_keeps_working() {
         destination_namespace: &db.namespace,
         destination_labels: &[("app".to_owned(), "db".to_owned())].into(),
         destination_services: &[],
+        destination_waypoints: &[],
     };
     let decision = state.authorization().decide(&connection);
     assert!(!decision.allowed, "the stand-in denies the policy's scope");

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{Describe, Sourced};
 use crate::policy::compile::{self, CompileError};
-use crate::policy::{AuthorizationPolicies, PeerAuthentications, PolicyName};
+use crate::policy::{AuthorizationPolicies, AuthorizationPolicy, PeerAuthentications, PolicyName};
 
 pub(super) struct Compiled {
     pub(super) authorization: AuthorizationPolicies,
@@ -21,9 +21,10 @@ pub(super) fn compile(
     authorization_policies: &[Sourced<Value>],
     peer_authentications: &[Sourced<Value>],
     root_namespace: &str,
+    admitting_waypoints: Vec<AuthorizationPolicy>,
 ) -> Compiled {
     let mut rejected = Vec::new();
-    let authorization: Vec<_> = authorization_policies
+    let mut authorization: Vec<_> = authorization_policies
         .iter()
         .map(|policy| {
             compile_one(
@@ -35,6 +36,7 @@ pub(super) fn compile(
             )
         })
         .collect();
+    authorization.extend(admitting_waypoints);
     let peer_authentication: Vec<_> = peer_authentications
         .iter()
         .map(|policy| {

@@ -24,6 +24,7 @@ fn workload(name: &str, index: usize) -> Workload {
         labels: [("app".to_owned(), name.to_owned())].into(),
         protocol: Protocol::Hbone,
         locality: Locality::default(),
+        waypoint: None,
     }
 }
 
