@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_ca::client::CaClient;
-use ambit_identity::{CertificateManager, CertificateProvider, LocalCa};
+use ambit_identity::{CertificateManager, CertificateProvider, LocalCa, TrustDomain};
 use ambit_redirect::{CaptureBackend, Ebpf, HostProc, NetSysctls, Nftables};
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -39,7 +39,11 @@ const CONTROL_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result<()> {
     raise_file_limit();
     let mut stop = StopSignals::install()?;
-    let certificates = Arc::new(CertificateManager::new(certificate_provider(&config)?));
+    let certificates = Arc::new(CertificateManager::new(certificate_provider(
+        &config.ca,
+        &config.trust_domain,
+        config.certificate_ttl,
+    )?));
     let (source, discovery) = open_source(&config).await?;
     let capture = capture_backend(config.redirect, &config.host_proc)?;
     let capture_name = capture.name();
@@ -167,14 +171,19 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     .await
 }
 
-/// Where workload certificates come from: the CA at `--ca-addr`, or a CA key in this process.
-fn certificate_provider(config: &AgentConfig) -> anyhow::Result<Arc<dyn CertificateProvider>> {
-    Ok(match &config.ca {
+/// Where workload certificates come from: the CA at `--ca-addr`, or a CA key in this process,
+/// issuing for `ttl`.
+pub(crate) fn certificate_provider(
+    ca: &CaConfig,
+    trust_domain: &TrustDomain,
+    ttl: Duration,
+) -> anyhow::Result<Arc<dyn CertificateProvider>> {
+    Ok(match ca {
         CaConfig::Remote(remote) => Arc::new(CaClient::new(remote.clone())),
         CaConfig::Local(dir) => Arc::new(
-            LocalCa::load_or_create(dir, &config.trust_domain)
+            LocalCa::load_or_create(dir, trust_domain)
                 .with_context(|| format!("--ca-dir {}", dir.display()))?
-                .with_workload_ttl(config.certificate_ttl),
+                .with_workload_ttl(ttl),
         ),
     })
 }
@@ -182,32 +191,44 @@ fn certificate_provider(config: &AgentConfig) -> anyhow::Result<Arc<dyn Certific
 /// The source `--source` names, and how pods' namespaces are found with it: by their processes
 /// in a cluster, by their address in the file source's lab (its pods have no processes).
 async fn open_source(config: &AgentConfig) -> anyhow::Result<(Source, Discovery)> {
-    Ok(match &config.source {
+    let (source, sandboxes) =
+        connect_source(&config.source, &config.node, &config.root_namespace).await?;
+    let discovery = match sandboxes {
+        Some(sandboxes) => Discovery::InCluster {
+            sandboxes,
+            host_proc: HostProc::new(&config.host_proc),
+        },
+        None => Discovery::ByAddress,
+    };
+    Ok((source, discovery))
+}
+
+/// The source `config` names, for `node`, with the sandboxes the CNI plugin reports to the
+/// `kubernetes` source.
+pub(crate) async fn connect_source(
+    config: &SourceConfig,
+    node: &str,
+    root_namespace: &str,
+) -> anyhow::Result<(Source, Option<Sandboxes>)> {
+    Ok(match config {
         SourceConfig::File(path) => {
-            let source = FileSource::new(path, &config.root_namespace);
+            let source = FileSource::new(path, root_namespace);
             let initial = source
                 .load()
                 .with_context(|| format!("--config {}", path.display()))?;
-            (
-                Source::File(source, Box::new(initial)),
-                Discovery::ByAddress,
-            )
+            (Source::File(source, Box::new(initial)), None)
         }
         SourceConfig::Kubernetes { kubeconfig, .. } => {
             let sandboxes = Sandboxes::default();
             let source = KubernetesSource::connect(
                 kubeconfig.as_deref(),
-                &config.node,
-                &config.root_namespace,
+                node,
+                root_namespace,
                 sandboxes.clone(),
             )
             .await
             .context("--source kubernetes")?;
-            let discovery = Discovery::InCluster {
-                sandboxes,
-                host_proc: HostProc::new(&config.host_proc),
-            };
-            (Source::Kubernetes(source), discovery)
+            (Source::Kubernetes(source), Some(sandboxes))
         }
     })
 }

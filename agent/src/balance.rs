@@ -77,8 +77,8 @@ impl Balancer {
     }
 
     /// Chooses one of `candidates`, which must not be empty, and counts a connection to it.
-    /// When every candidate is ejected, the one whose ejection ends first is chosen: a Service
-    /// whose endpoints all failed recently is better tried than refused.
+    /// When every candidate is ejected, the choice is made among all of them: a Service whose
+    /// endpoints all failed recently is better tried, spread as usual, than refused.
     pub(crate) fn choose(self: &Arc<Self>, candidates: &[SocketAddr]) -> Lease {
         let now = Instant::now();
         let mut endpoints = self.lock();
@@ -88,18 +88,20 @@ impl Balancer {
             .filter(|addr| !state(addr).is_some_and(|s| s.is_ejected(now)))
             .copied()
             .collect();
+        let pool = if eligible.is_empty() {
+            candidates
+        } else {
+            &eligible
+        };
         let open = |addr: &SocketAddr| state(addr).map_or(0, |s| s.open);
-        let endpoint = match eligible.len() {
-            0 => *candidates
-                .iter()
-                .min_by_key(|addr| state(addr).and_then(|s| s.ejected_until))
-                .unwrap_or_else(|| unreachable!("a Service has endpoints to choose from")),
-            1 => eligible[0],
+        let endpoint = match pool.len() {
+            0 => unreachable!("a Service has endpoints to choose from"),
+            1 => pool[0],
             n => {
                 let first = fastrand::usize(..n);
                 // Another one, uniformly among the rest.
                 let second = (first + 1 + fastrand::usize(..n - 1)) % n;
-                let (a, b) = (eligible[first], eligible[second]);
+                let (a, b) = (pool[first], pool[second]);
                 if open(&b) < open(&a) { b } else { a }
             }
         };
@@ -130,40 +132,53 @@ impl Lease {
         self.endpoint
     }
 
-    /// The endpoint carried the connection: its next ejection starts over from the shortest.
+    /// The endpoint carried the connection: it is back in the choice (it was tried while all
+    /// were ejected), and its next ejection starts over from the shortest.
     pub(crate) fn succeeded(&self) {
         if let Some(state) = self.balancer.lock().get_mut(&self.endpoint) {
             state.ejections = 0;
+            state.ejected_until = None;
         }
     }
 
     /// The endpoint failed the connection with `error`: it is ejected, for longer with each
-    /// ejection in a row.
-    pub(crate) fn failed<E>(self, error: E) -> Ejected<E> {
+    /// ejection in a row. Failures while it is already ejected (connections that were under
+    /// way, or tried because all were ejected) do not extend it. `Err` gives the error back when
+    /// ejection is off.
+    pub(crate) fn failed<E>(self, error: E) -> Result<Ejected<E>, E> {
+        if self.balancer.ejection.is_zero() {
+            return Err(error);
+        }
         let now = Instant::now();
         let mut endpoints = self.balancer.lock();
         // Failures are rare: forgetting idle endpoints here bounds the table by the endpoints
         // in use or ejected recently, without a sweep on the connection path.
         endpoints.retain(|addr, s| *addr == self.endpoint || !s.is_idle(now));
         let state = endpoints.entry(self.endpoint).or_default();
-        state.ejections = state.ejections.saturating_add(1);
-        let ejected_for = self
-            .balancer
-            .ejection
-            .saturating_mul(state.ejections)
-            .min(MAX_EJECTION);
-        state.ejected_until = Some(now + ejected_for);
+        let ejected_for = match state.ejected_until {
+            Some(until) if until > now => until - now,
+            _ => {
+                state.ejections = state.ejections.saturating_add(1);
+                let ejected_for = self
+                    .balancer
+                    .ejection
+                    .saturating_mul(state.ejections)
+                    .min(MAX_EJECTION);
+                state.ejected_until = Some(now + ejected_for);
+                tracing::warn!(
+                    endpoint = %self.endpoint,
+                    ejected_for_s = ejected_for.as_secs(),
+                    "endpoint ejected after a failed connection"
+                );
+                ejected_for
+            }
+        };
         drop(endpoints);
-        tracing::warn!(
-            endpoint = %self.endpoint,
-            ejected_for_s = ejected_for.as_secs(),
-            "endpoint ejected after a failed connection"
-        );
-        Ejected {
+        Ok(Ejected {
             endpoint: self.endpoint,
             ejected_for,
             source: error,
-        }
+        })
     }
 }
 
@@ -225,7 +240,7 @@ mod tests {
         let balancer = Arc::new(Balancer::new(Duration::from_secs(30)));
         let endpoints = addrs(3);
         let lease = balancer.choose(&endpoints[..1]);
-        let ejected = lease.failed("refused");
+        let ejected = lease.failed("refused").unwrap();
         assert_eq!(ejected.endpoint, endpoints[0]);
         assert_eq!(ejected.ejected_for, Duration::from_secs(30));
         assert_eq!(
@@ -235,15 +250,49 @@ mod tests {
         for _ in 0..100 {
             assert_ne!(balancer.choose(&endpoints).endpoint(), endpoints[0]);
         }
-        // The only candidate left is tried even though ejected, and ejected for longer.
-        let again = balancer.choose(&endpoints[..1]).failed("refused");
-        assert_eq!(again.ejected_for, Duration::from_secs(60));
+        // Tried while ejected (the only candidate): a failure does not extend the ejection.
+        let again = balancer.choose(&endpoints[..1]).failed("refused").unwrap();
+        assert!(again.ejected_for <= Duration::from_secs(30));
         assert_eq!(balancer.ejected().len(), 1);
 
-        // A success starts the count over.
+        // A success puts it back, and starts the count over.
         let lease = balancer.choose(&endpoints[..1]);
         lease.succeeded();
-        assert_eq!(lease.failed("refused").ejected_for, Duration::from_secs(30));
+        assert!(balancer.ejected().is_empty());
+        assert_eq!(
+            lease.failed("refused").unwrap().ejected_for,
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn ejections_in_a_row_last_longer() {
+        let balancer = Arc::new(Balancer::new(Duration::from_secs(30)));
+        let endpoints = addrs(1);
+        let ejected = |balancer: &Arc<Balancer>| {
+            let ejected = balancer.choose(&endpoints).failed(()).unwrap();
+            // As if the ejection ran out.
+            balancer
+                .lock()
+                .get_mut(&endpoints[0])
+                .unwrap()
+                .ejected_until = None;
+            ejected.ejected_for
+        };
+        assert_eq!(ejected(&balancer), Duration::from_secs(30));
+        assert_eq!(ejected(&balancer), Duration::from_secs(60));
+        assert_eq!(ejected(&balancer), Duration::from_secs(90));
+    }
+
+    #[test]
+    fn ejection_can_be_turned_off() {
+        let balancer = Arc::new(Balancer::new(Duration::ZERO));
+        let endpoints = addrs(1);
+        assert_eq!(
+            balancer.choose(&endpoints).failed("refused").unwrap_err(),
+            "refused"
+        );
+        assert!(balancer.ejected().is_empty());
     }
 
     #[test]
@@ -252,18 +301,28 @@ mod tests {
         let endpoints = addrs(1);
         let mut last = Duration::ZERO;
         for _ in 0..5 {
-            last = balancer.choose(&endpoints).failed(()).ejected_for;
+            last = balancer.choose(&endpoints).failed(()).unwrap().ejected_for;
+            balancer
+                .lock()
+                .get_mut(&endpoints[0])
+                .unwrap()
+                .ejected_until = None;
         }
         assert_eq!(last, MAX_EJECTION);
     }
 
     #[test]
-    fn when_all_are_ejected_the_first_to_return_is_chosen() {
+    fn when_all_are_ejected_all_share_the_load() {
         let balancer = Arc::new(Balancer::new(Duration::from_secs(30)));
         let endpoints = addrs(2);
-        balancer.choose(&endpoints[1..]).failed(());
-        balancer.choose(&endpoints[..1]).failed(());
-        balancer.choose(&endpoints[..1]).failed(());
-        assert_eq!(balancer.choose(&endpoints).endpoint(), endpoints[1]);
+        for endpoint in &endpoints {
+            let _ = balancer.choose(std::slice::from_ref(endpoint)).failed(());
+        }
+        let leases: Vec<Lease> = (0..10).map(|_| balancer.choose(&endpoints)).collect();
+        let on_first = leases
+            .iter()
+            .filter(|l| l.endpoint() == endpoints[0])
+            .count();
+        assert_eq!(on_first, 5);
     }
 }

@@ -9,6 +9,7 @@ use crate::cni_install::CniArgs;
 use crate::config::{AgentArgs, AgentConfig, LogFormat};
 use crate::debug::DebugArgs;
 use crate::logging;
+use crate::waypoint::WaypointArgs;
 
 /// ambit: an ambient-mesh L4 agent for Kubernetes.
 #[derive(Debug, Parser)]
@@ -30,6 +31,8 @@ pub enum Command {
     Debug(DebugArgs),
     /// Build a small mesh of network namespaces on this machine and show it at work.
     Demo,
+    /// Run a waypoint: the hop in front of the Services and pods bound to it.
+    Waypoint(Box<WaypointArgs>),
     /// Print the version and the cryptography provider.
     Version,
 }
@@ -52,6 +55,7 @@ impl Cli {
             Command::Ca(args) => args.run(),
             Command::Cni(args) => args.run(),
             Command::Debug(args) => args.run(),
+            Command::Waypoint(args) => args.run(),
         }
     }
 }

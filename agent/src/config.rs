@@ -36,12 +36,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// Flags of `ambit agent`; each can also be set with its `AMBIT_*` environment variable.
+/// The cluster and the mesh it runs: flags `ambit agent` and `ambit waypoint` share.
 #[derive(Debug, Clone, Args)]
-pub struct AgentArgs {
-    /// The node this agent runs on: its enrolled pods are the ones it captures.
-    #[arg(long, env = "AMBIT_NODE")]
-    pub node: String,
+pub struct ClusterArgs {
     /// Where the cluster's objects come from.
     #[arg(long, env = "AMBIT_SOURCE", value_enum, default_value = "file")]
     pub source: SourceKind,
@@ -52,15 +49,21 @@ pub struct AgentArgs {
     /// configuration is used when it is absent.
     #[arg(long, env = "AMBIT_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Where the `kubernetes` source answers the `ambit-cni` plugin, which asks, while a pod's
-    /// sandbox is created, that the pod be captured before its containers start.
-    #[arg(long, env = "AMBIT_CNI_SOCKET")]
-    pub cni_socket: Option<PathBuf>,
-    /// The host's `/proc`: the `kubernetes` source finds each pod's network namespace there
-    /// through the pod's processes (mounted read-only in the DaemonSet), and capture writes pods'
-    /// interface sysctls through its `sys/net` (mounted writable in the DaemonSet).
-    #[arg(long, env = "AMBIT_HOST_PROC", default_value = "/proc")]
-    pub host_proc: PathBuf,
+    /// The name of this cluster: sent to the CA as Istio's `clusterid`, and the value of the
+    /// `source_cluster` and `destination_cluster` labels of Istio's metrics.
+    #[arg(long, env = "AMBIT_CLUSTER_ID", default_value = ambit_ca::DEFAULT_CLUSTER_ID)]
+    pub cluster_id: String,
+    /// The SPIFFE trust domain of this cluster.
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The namespace whose policies apply to the whole mesh, as Istio's root namespace.
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
+}
+
+/// Where workload certificates come from: flags `ambit agent` and `ambit waypoint` share.
+#[derive(Debug, Clone, Args)]
+pub struct CertificateArgs {
     /// The local CA's directory, in Istio's `cacerts` layout; a self-signed root is created in
     /// it when it is empty. The agent then holds the mesh's CA key: for labs and demos.
     #[arg(
@@ -89,20 +92,31 @@ pub struct AgentArgs {
     /// The name the CA's certificate must carry, when it is not the host of `--ca-addr`.
     #[arg(long, env = "AMBIT_CA_SERVER_NAME", requires = "ca_addr")]
     pub ca_server_name: Option<String>,
-    /// The name of this cluster: sent to the CA as Istio's `clusterid`, and the value of the
-    /// `source_cluster` and `destination_cluster` labels of Istio's metrics.
-    #[arg(long, env = "AMBIT_CLUSTER_ID", default_value = ambit_ca::DEFAULT_CLUSTER_ID)]
-    pub cluster_id: String,
     /// How long workload certificates are asked to be valid (the CA may shorten it); they are
     /// renewed at half-life.
     #[arg(long, env = "AMBIT_CERTIFICATE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub certificate_ttl: Duration,
-    /// The SPIFFE trust domain of this cluster.
-    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
-    pub trust_domain: String,
-    /// The namespace whose policies apply to the whole mesh, as Istio's root namespace.
-    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = "istio-system")]
-    pub root_namespace: String,
+}
+
+/// Flags of `ambit agent`; each can also be set with its `AMBIT_*` environment variable.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// The node this agent runs on: its enrolled pods are the ones it captures.
+    #[arg(long, env = "AMBIT_NODE")]
+    pub node: String,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Where the `kubernetes` source answers the `ambit-cni` plugin, which asks, while a pod's
+    /// sandbox is created, that the pod be captured before its containers start.
+    #[arg(long, env = "AMBIT_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
+    /// The host's `/proc`: the `kubernetes` source finds each pod's network namespace there
+    /// through the pod's processes (mounted read-only in the DaemonSet), and capture writes pods'
+    /// interface sysctls through its `sys/net` (mounted writable in the DaemonSet).
+    #[arg(long, env = "AMBIT_HOST_PROC", default_value = "/proc")]
+    pub host_proc: PathBuf,
+    #[command(flatten)]
+    pub certificates: CertificateArgs,
     /// How pod traffic is captured.
     #[arg(long, env = "AMBIT_REDIRECT", value_enum, default_value = "ebpf")]
     pub redirect: RedirectKind,
@@ -166,6 +180,8 @@ pub enum ConfigError {
     ClusterId(String),
     #[error("--certificate-ttl must be at least {MIN_CERTIFICATE_TTL:?}")]
     CertificateTtl,
+    #[error("--namespace and --service-account make no identity")]
+    WaypointIdentity(#[source] IdentityError),
 }
 
 /// Shorter lifetimes would have certificates renewed faster than the CA answers.
@@ -215,37 +231,52 @@ pub struct AgentConfig {
     pub pending_limits: PendingLimits,
 }
 
-impl TryFrom<AgentArgs> for AgentConfig {
-    type Error = ConfigError;
-
-    fn try_from(args: AgentArgs) -> Result<Self, Self::Error> {
-        let source = match args.source {
+impl ClusterArgs {
+    /// The source the flags name; `cni_socket` is the agent's, for the `kubernetes` source.
+    pub(crate) fn source(&self, cni_socket: Option<PathBuf>) -> Result<SourceConfig, ConfigError> {
+        match self.source {
             SourceKind::File => {
-                if args.kubeconfig.is_some() {
+                if self.kubeconfig.is_some() {
                     return Err(ConfigError::WrongSource("kubeconfig", "kubernetes"));
                 }
-                if args.cni_socket.is_some() {
+                if cni_socket.is_some() {
                     return Err(ConfigError::WrongSource("cni-socket", "kubernetes"));
                 }
-                SourceConfig::File(args.config.ok_or(ConfigError::MissingConfigFile)?)
+                let path = self.config.clone().ok_or(ConfigError::MissingConfigFile)?;
+                Ok(SourceConfig::File(path))
             }
             SourceKind::Kubernetes => {
-                if args.config.is_some() {
+                if self.config.is_some() {
                     return Err(ConfigError::WrongSource("config", "file"));
                 }
-                SourceConfig::Kubernetes {
-                    kubeconfig: args.kubeconfig,
-                    cni_socket: args.cni_socket,
-                }
+                Ok(SourceConfig::Kubernetes {
+                    kubeconfig: self.kubeconfig.clone(),
+                    cni_socket,
+                })
             }
-        };
-        if args.certificate_ttl < MIN_CERTIFICATE_TTL {
+        }
+    }
+
+    pub(crate) fn trust_domain(&self) -> Result<TrustDomain, ConfigError> {
+        self.trust_domain.parse().map_err(ConfigError::TrustDomain)
+    }
+
+    /// The cluster's name, checked: it travels in a header to the CA.
+    pub(crate) fn cluster_id(&self) -> Result<String, ConfigError> {
+        if http::HeaderValue::from_str(&self.cluster_id).is_err() {
+            return Err(ConfigError::ClusterId(self.cluster_id.clone()));
+        }
+        Ok(self.cluster_id.clone())
+    }
+}
+
+impl CertificateArgs {
+    /// Where certificates come from, asked for in the cluster `cluster_id`.
+    pub(crate) fn ca(self, cluster_id: &str) -> Result<CaConfig, ConfigError> {
+        if self.certificate_ttl < MIN_CERTIFICATE_TTL {
             return Err(ConfigError::CertificateTtl);
         }
-        if http::HeaderValue::from_str(&args.cluster_id).is_err() {
-            return Err(ConfigError::ClusterId(args.cluster_id));
-        }
-        let ca = match (args.ca_dir, args.ca_addr, args.ca_root) {
+        match (self.ca_dir, self.ca_addr, self.ca_root) {
             (_, Some(address), Some(root_file)) => {
                 let uri: http::Uri = address
                     .parse()
@@ -254,30 +285,37 @@ impl TryFrom<AgentArgs> for AgentConfig {
                 {
                     return Err(ConfigError::CaAddress(address));
                 }
-                CaConfig::Remote(ambit_ca::client::CaClientConfig {
+                Ok(CaConfig::Remote(ambit_ca::client::CaClientConfig {
                     address: uri,
                     root_file,
-                    server_name: args.ca_server_name,
-                    token_file: args.ca_token,
-                    cluster_id: args.cluster_id.clone(),
-                    ttl: args.certificate_ttl,
-                })
+                    server_name: self.ca_server_name,
+                    token_file: self.ca_token,
+                    cluster_id: cluster_id.to_owned(),
+                    ttl: self.certificate_ttl,
+                }))
             }
-            (Some(dir), None, None) => CaConfig::Local(dir),
-            _ => return Err(ConfigError::Ca),
-        };
+            (Some(dir), None, None) => Ok(CaConfig::Local(dir)),
+            _ => Err(ConfigError::Ca),
+        }
+    }
+}
+
+impl TryFrom<AgentArgs> for AgentConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: AgentArgs) -> Result<Self, Self::Error> {
+        let source = args.cluster.source(args.cni_socket)?;
+        let cluster_id = args.cluster.cluster_id()?;
+        let certificate_ttl = args.certificates.certificate_ttl;
         Ok(Self {
             source,
-            ca,
-            certificate_ttl: args.certificate_ttl,
-            cluster_id: args.cluster_id,
-            trust_domain: args
-                .trust_domain
-                .parse()
-                .map_err(ConfigError::TrustDomain)?,
+            ca: args.certificates.ca(&cluster_id)?,
+            certificate_ttl,
+            trust_domain: args.cluster.trust_domain()?,
+            cluster_id,
             node: args.node,
             host_proc: args.host_proc,
-            root_namespace: args.root_namespace,
+            root_namespace: args.cluster.root_namespace,
             redirect: args.redirect,
             readiness_addr: args.readiness_addr,
             metrics_addr: args.metrics_addr,

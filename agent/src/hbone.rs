@@ -15,12 +15,15 @@ mod stream;
 use std::time::Duration;
 
 pub use client::{ConnectError, ConnectRequest, DialStage, HboneClient, Tunnel};
+pub(crate) use headers::authority;
 #[cfg(fuzzing)]
 pub(crate) use headers::{BAGGAGE, TRACEPARENT, connect_request, destination};
 pub use headers::{Baggage, TraceParent, WorkloadKind};
 pub use keepalive::KeepaliveError;
 pub use server::{HboneServer, ServerError};
+pub(crate) use server::{Peer, StreamHandler, reply};
 pub use stream::{CopyError, Transferred};
+pub(crate) use stream::{H2Io, H2Stream};
 
 /// Per-stream receive window.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;

@@ -43,6 +43,7 @@ mod proxy;
 mod readiness;
 mod revocation;
 mod sandboxes;
+mod waypoint;
 
 pub use admission::PendingLimits;
 pub use ca_command::CaArgs;
@@ -61,3 +62,4 @@ pub use hbone::{
 };
 pub use proxy::ProxyError;
 pub use readiness::READY_PATH;
+pub use waypoint::WaypointArgs;

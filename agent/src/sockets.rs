@@ -48,6 +48,18 @@ pub(crate) async fn connect(
         })
 }
 
+/// Whether a failed connect is the destination's fault: nothing listens, or nothing answers.
+pub(crate) fn is_unreachable(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
 /// Sockets in the agent's own namespace, without marks: for tests and tools that run HBONE
 /// outside any pod. `transparent` is ignored, so `local` must be an address of this host.
 #[derive(Debug, Default, Clone, Copy)]

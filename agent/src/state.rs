@@ -158,6 +158,9 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     /// The waypoint that traffic addressed to the Service goes through.
     pub waypoint: Option<WaypointRef>,
+    /// Whether the Service is itself a waypoint's (`istio.io/waypoint-for`, or deployed by
+    /// istiod).
+    pub is_waypoint: bool,
 }
 
 /// Where an outbound connection goes.
@@ -240,8 +243,17 @@ impl ClusterState {
                 }
             }
         }
-        for (ip, workload) in &state.workloads {
-            let services = state.endpoint_services.get(ip).into_iter().flatten();
+        // By workload, over all its addresses: a Service that lists only one of a dual-stack
+        // pod's addresses puts its waypoint in front of the other as well. Only Services of the
+        // pod's own namespace count: an EndpointSlice may list any address.
+        let mut waypoints_of = HashMap::new();
+        for workload in state.workloads() {
+            let services = workload
+                .ips
+                .iter()
+                .filter_map(|ip| state.endpoint_services.get(ip))
+                .flatten()
+                .filter(|s| s.namespace == workload.namespace);
             let mut waypoints: Vec<WaypointRef> = workload
                 .waypoint
                 .iter()
@@ -251,9 +263,12 @@ impl ClusterState {
             waypoints.sort();
             waypoints.dedup();
             if !waypoints.is_empty() {
-                state.waypoints_of.insert(*ip, waypoints);
+                for ip in &workload.ips {
+                    waypoints_of.insert(*ip, waypoints.clone());
+                }
             }
         }
+        state.waypoints_of = waypoints_of;
         state
     }
 
@@ -370,7 +385,17 @@ impl ClusterState {
         {
             return routed;
         }
-        let Some(service) = service else {
+        self.resolve_direct(destination, balancer)
+    }
+
+    /// Where a connection to `destination` goes past any waypoint: what a waypoint does with
+    /// the connections sent to it.
+    pub(crate) fn resolve_direct(
+        &self,
+        destination: SocketAddr,
+        balancer: &Arc<Balancer>,
+    ) -> (Upstream, Option<Lease>) {
+        let Some(service) = self.addressed_service(destination) else {
             return (self.to_address(destination), None);
         };
         let Some(port) = service.ports.iter().find(|p| p.port == destination.port()) else {
@@ -412,6 +437,9 @@ impl ClusterState {
         let Some(service) = self.service(&waypoint.namespace, &waypoint.name) else {
             return refuse("no such Service");
         };
+        if !service.is_waypoint {
+            return refuse("the Service is no waypoint: it has no istio.io/waypoint-for label");
+        }
         if service.endpoints.iter().any(|e| e.ip == source) {
             return None;
         }
@@ -502,6 +530,7 @@ mod tests {
                 },
             ],
             waypoint: None,
+            is_waypoint: false,
         };
         ClusterState::new(
             [
@@ -561,6 +590,7 @@ mod tests {
                     ports: BTreeMap::new(),
                 }],
                 waypoint: None,
+                is_waypoint: true,
             });
         }
         let mut backend_pod = workload("backend", "10.244.2.10", "node2", Protocol::Hbone);

@@ -16,7 +16,7 @@ use crate::telemetry::Meter;
 
 use super::headers::{self, Baggage, TraceParent};
 use super::pool::{Dialed, Pool, PoolKey, StreamClaim};
-use super::stream::{self, CopyError, H2Stream, Transferred};
+use super::stream::{self, CopyError, H2Io, H2Stream, Transferred};
 use super::{
     CONNECTION_WINDOW, ClientSettings, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, STREAM_WINDOW,
 };
@@ -110,6 +110,29 @@ impl ConnectError {
     pub fn is_denied(&self) -> bool {
         matches!(self, Self::Refused { status, .. } if *status == StatusCode::UNAUTHORIZED)
     }
+
+    /// Whether the failure is the server's own: it could not be reached or did not complete
+    /// the handshakes, or (when it is the endpoint itself, not a waypoint answering for what is
+    /// behind it) it could not reach its app (503). Not the client's (certificate, socket), and
+    /// not a policy's refusal.
+    pub(crate) fn is_server_fault(&self, through_waypoint: bool) -> bool {
+        match self {
+            Self::Dial { .. }
+            | Self::Tls { .. }
+            | Self::H2Handshake { .. }
+            | Self::OpenStream { .. }
+            | Self::ResponseTimeout { .. }
+            | Self::PeerCertificate { .. } => true,
+            Self::DialTimeout { stage, .. } => {
+                !matches!(stage, DialStage::Certificate | DialStage::Socket)
+            }
+            Self::SharedDial { source, .. } => source.is_server_fault(through_waypoint),
+            Self::Refused { status, .. } => {
+                !through_waypoint && *status == StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::NoExpectedIdentity | Self::Certificate(_) => false,
+        }
+    }
 }
 
 /// The steps of dialing a pooled connection, for saying which one took too long.
@@ -138,7 +161,7 @@ impl std::fmt::Display for DialStage {
 #[derive(Debug)]
 pub struct Tunnel {
     stream: H2Stream,
-    _claim: StreamClaim,
+    claim: StreamClaim,
 }
 
 impl Tunnel {
@@ -150,6 +173,12 @@ impl Tunnel {
         meter: &Meter,
     ) -> Result<Transferred, CopyError> {
         stream::copy_bidirectional(tcp, self.stream, meter).await
+    }
+
+    /// The tunnel as a byte stream, with the claim on its pooled connection to hold while it
+    /// is used.
+    pub(crate) fn into_io(self) -> (H2Io, StreamClaim) {
+        (H2Io::new(self.stream), self.claim)
     }
 }
 
@@ -258,7 +287,7 @@ impl HboneClient {
                 send,
                 recv: response.into_body(),
             },
-            _claim: claim,
+            claim,
         })
     }
 

@@ -46,13 +46,7 @@ pub(crate) fn destination<B>(
     local: IpAddr,
     agent_ports: &[u16],
 ) -> Result<SocketAddr, RequestError> {
-    if request.method() != Method::CONNECT {
-        return Err(RequestError::NotConnect(request.method().clone()));
-    }
-    let authority = request.uri().authority().map_or("", |a| a.as_str());
-    let destination: SocketAddr = authority
-        .parse()
-        .map_err(|_| RequestError::BadAuthority(authority.to_owned()))?;
+    let destination = authority(request)?;
     if destination.ip() != local {
         return Err(RequestError::WrongDestination {
             destination: destination.ip(),
@@ -63,6 +57,17 @@ pub(crate) fn destination<B>(
         return Err(RequestError::AgentPort(destination.port()));
     }
     Ok(destination)
+}
+
+/// Where a CONNECT request asks to go, as it addressed it: `:authority`, an `ip:port`.
+pub(crate) fn authority<B>(request: &Request<B>) -> Result<SocketAddr, RequestError> {
+    if request.method() != Method::CONNECT {
+        return Err(RequestError::NotConnect(request.method().clone()));
+    }
+    let authority = request.uri().authority().map_or("", |a| a.as_str());
+    authority
+        .parse()
+        .map_err(|_| RequestError::BadAuthority(authority.to_owned()))
 }
 
 /// The CONNECT request for a stream to `authority` on behalf of the client at `source`, which

@@ -55,19 +55,16 @@ pub enum ServerError {
     Keepalive(#[source] KeepaliveError),
 }
 
-/// The HBONE server of one workload: terminates tunnels addressed to it and connects them to
-/// the app.
+/// An HBONE server: terminates tunnels with mTLS and HTTP/2, and hands each CONNECT stream to
+/// its handler: the app of the workload it fronts, or a waypoint's routing.
 #[derive(Debug)]
 pub struct HboneServer {
-    /// The workload's identity; it changes with the workload's service account, and is `None`
+    /// The identity served; it changes with the workload's service account, and is `None`
     /// while that makes no valid identity (connections are refused then).
     identity: watch::Receiver<Option<Identity>>,
     certificates: Arc<CertificateManager>,
     keepalive: Keepalive,
-    /// Connects to the app, from the client's address where the factory can.
-    sockets: Arc<dyn SocketFactory>,
-    /// Decides which streams may reach the app, and closes those a policy change denies.
-    authorizer: Arc<dyn Authorizer>,
+    handler: Arc<dyn StreamHandler>,
     telemetry: Arc<Telemetry>,
     /// Bounds connections whose handshakes are not done yet.
     admission: Arc<Admission>,
@@ -77,16 +74,51 @@ pub struct HboneServer {
 
 type H2Connection = h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>;
 
-/// What a CONNECT stream's handler needs to know about its connection.
-struct Peer {
-    addr: SocketAddr,
-    identity: Option<Identity>,
-    local_ip: IpAddr,
+/// What a CONNECT stream's handler knows about its connection.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) addr: SocketAddr,
+    /// What the client proved: its workload certificate's identity.
+    pub(crate) identity: Option<Identity>,
+    pub(crate) local_ip: IpAddr,
     /// What the server proved to the peer.
-    server_identity: Identity,
+    pub(crate) server_identity: Identity,
+}
+
+/// What a server does with each CONNECT stream of an authenticated connection.
+pub(crate) trait StreamHandler: Send + Sync + std::fmt::Debug + 'static {
+    fn serve(
+        self: Arc<Self>,
+        request: Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+        peer: Arc<Peer>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// The node agent's handling: each stream to the app of the pod the server fronts, as
+/// authorization allows.
+#[derive(Debug)]
+struct Inbound {
+    /// Connects to the app, from the client's address where the factory can.
+    sockets: Arc<dyn SocketFactory>,
+    /// Decides which streams may reach the app, and closes those a policy change denies.
+    authorizer: Arc<dyn Authorizer>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl StreamHandler for Inbound {
+    fn serve(
+        self: Arc<Self>,
+        request: Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+        peer: Arc<Peer>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(serve_stream(request, respond, peer, self))
+    }
 }
 
 impl HboneServer {
+    /// The server of a workload's tunnels, to its app.
     pub fn new(
         identity: Identity,
         certificates: Arc<CertificateManager>,
@@ -95,12 +127,33 @@ impl HboneServer {
         authorizer: Arc<dyn Authorizer>,
         telemetry: Arc<Telemetry>,
     ) -> Self {
+        let inbound = Inbound {
+            sockets,
+            authorizer,
+            telemetry: telemetry.clone(),
+        };
+        Self::with_handler(
+            identity,
+            certificates,
+            keepalive,
+            Arc::new(inbound),
+            telemetry,
+        )
+    }
+
+    /// A server whose streams go to `handler`.
+    pub(crate) fn with_handler(
+        identity: Identity,
+        certificates: Arc<CertificateManager>,
+        keepalive: Keepalive,
+        handler: Arc<dyn StreamHandler>,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
         Self {
             identity: watch::channel(Some(identity)).1,
             certificates,
             keepalive,
-            sockets,
-            authorizer,
+            handler,
             telemetry,
             admission: Arc::new(Admission::unregistered(PendingLimits::default())),
             tls: Mutex::default(),
@@ -228,7 +281,7 @@ impl HboneServer {
                     None => return Ok(()),
                     Some(Err(error)) => return Err(ServerError::H2(error)),
                     Some(Ok((request, respond))) => {
-                        tokio::spawn(serve_stream(request, respond, peer.clone(), self.clone()));
+                        tokio::spawn(self.handler.clone().serve(request, respond, peer.clone()));
                     }
                 },
                 error = &mut keepalive => return Err(ServerError::Keepalive(error)),
@@ -266,7 +319,7 @@ async fn serve_stream(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: Arc<Peer>,
-    server: Arc<HboneServer>,
+    server: Arc<Inbound>,
 ) {
     let src_identity = peer.identity.as_ref().map(ToString::to_string);
     let destination = match headers::destination(&request, peer.local_ip, &AGENT_POD_PORTS) {
@@ -374,7 +427,7 @@ async fn tunnel_to_app(
     record.establish().carry_until_revoked(copy, revoked).await;
 }
 
-fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+pub(crate) fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let mut response = Response::new(());
     *response.status_mut() = status;
     if let Err(error) = respond.send_response(response, true) {

@@ -132,3 +132,105 @@ async fn stream_to_tcp(
     tcp.shutdown().await.map_err(CopyError::WriteTcp)?;
     Ok(total)
 }
+
+/// A CONNECT stream as a byte stream, for what reads and writes rather than copies (a
+/// waypoint's HTTP server, or one stream copied into another). Flow control holds as in
+/// [`copy_bidirectional`]: window is released once a chunk has been read out, and writes wait
+/// for send capacity.
+#[derive(Debug)]
+pub(crate) struct H2Io {
+    stream: H2Stream,
+    /// What is left of the last chunk received.
+    pending: Bytes,
+}
+
+impl H2Io {
+    pub(crate) fn new(stream: H2Stream) -> Self {
+        Self {
+            stream,
+            pending: Bytes::new(),
+        }
+    }
+}
+
+fn stream_error(error: h2::Error) -> io::Error {
+    if error.is_io() {
+        error
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("HBONE stream failed"))
+    } else {
+        io::Error::other(error)
+    }
+}
+
+impl tokio::io::AsyncRead for H2Io {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        if self.pending.is_empty() {
+            match self.stream.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                // End of stream: the peer half-closed.
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(stream_error(error))),
+                Poll::Ready(Some(Ok(chunk))) => self.pending = chunk,
+            }
+        }
+        let n = self.pending.len().min(buf.remaining());
+        let chunk = self.pending.split_to(n);
+        buf.put_slice(&chunk);
+        self.stream
+            .recv
+            .flow_control()
+            .release_capacity(n)
+            .map_err(stream_error)?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for H2Io {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::Poll;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let send = &mut self.stream.send;
+        send.reserve_capacity(buf.len());
+        let mut capacity = send.capacity();
+        while capacity == 0 {
+            capacity = match send.poll_capacity(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(stream_error(error))),
+                Poll::Ready(Some(Ok(capacity))) => capacity,
+            };
+        }
+        let n = capacity.min(buf.len());
+        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(stream_error)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        // h2 writes out what was sent on its own.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let result = self.stream.send.send_data(Bytes::new(), true);
+        std::task::Poll::Ready(result.map_err(stream_error))
+    }
+}

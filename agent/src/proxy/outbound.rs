@@ -119,11 +119,15 @@ impl Attempt {
         (self.record.establish(), self.lease)
     }
 
-    /// The upstream could not be reached; a Service endpoint is ejected for it.
-    fn fail(self, error: impl Error + 'static) {
-        match self.lease {
-            Some(lease) => self.record.fail(lease.failed(error)),
-            None => self.record.fail(error),
+    /// The upstream could not be reached; the endpoint chosen is ejected when that is its
+    /// `fault`.
+    fn fail(self, error: impl Error + 'static, fault: bool) {
+        let Some(lease) = self.lease.filter(|_| fault) else {
+            return self.record.fail(error);
+        };
+        match lease.failed(error) {
+            Ok(ejected) => self.record.fail(ejected),
+            Err(error) => self.record.fail(error),
         }
     }
 }
@@ -136,12 +140,14 @@ fn route(
     peer: SocketAddr,
     destination: SocketAddr,
 ) -> Route {
-    let ((upstream, lease), workload, service) = {
+    let ((upstream, lease), workload, service, addressed) = {
         let state = pod.state.borrow();
         (
             state.resolve(peer.ip(), destination, &pod.balancer),
             state.workload_by_ip(destination.ip()).cloned(),
             state.destination_service(destination).cloned(),
+            // `forwarded: host=` names a Service only when the client addressed it, as ztunnel's.
+            state.addressed_service(destination).cloned(),
         )
     };
     // A tunnel proves both identities; anything else is plaintext, with no principal.
@@ -178,8 +184,7 @@ fn route(
     };
     let record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
     Route {
-        // `forwarded: host=` names the Service only when the client addressed it, as ztunnel's.
-        service: lease.as_ref().and(service.map(|s| s.hostname.clone())),
+        service: addressed.map(|s| s.hostname.clone()),
         upstream,
         lease,
         record,
@@ -199,7 +204,11 @@ async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: &ConnectRequest, attemp
         }
         // The endpoint answered: its policy refused, which is no reason to eject it.
         Err(error) if error.is_denied() => attempt.record.fail_denied(error),
-        Err(error) => attempt.fail(error),
+        Err(error) => {
+            let through_waypoint = request.authority.ip() != request.hbone_addr.ip();
+            let fault = error.is_server_fault(through_waypoint);
+            attempt.fail(error, fault);
+        }
     }
 }
 
@@ -222,7 +231,10 @@ async fn passthrough(
             let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             connection.finish(copied);
         }
-        Err(error) => attempt.fail(error),
+        Err(error) => {
+            let fault = sockets::is_unreachable(&error);
+            attempt.fail(error, fault);
+        }
     }
 }
 

@@ -423,6 +423,7 @@ fn service(
     Ok(Service {
         hostname: format!("{name}.{namespace}.svc.cluster.local"),
         waypoint,
+        is_waypoint: waypoints.is_waypoint(&namespace, &name),
         endpoints: endpoints
             .remove(&(namespace.clone(), name.clone()))
             .unwrap_or_default(),

@@ -5,8 +5,9 @@
 //! traffic it takes: a Service's binding holds for `service` and `all`, a pod's for `workload`
 //! and `all`.
 //!
-//! Where istiod drops a binding to a waypoint that is not there, ambit keeps it: traffic to the
-//! Service is then refused rather than sent around the waypoint, whose policies it would skip.
+//! Where istiod drops a binding to a waypoint that is not there (or to a Service that is no
+//! waypoint), ambit keeps it: traffic is then refused rather than sent around the waypoint,
+//! whose policies it would skip.
 //!
 //! The destination admits its waypoints with a policy of the agent's own, as istiod's
 //! `istio_allow_waypoint_<namespace>_<name>` (`PILOT_AUTO_ALLOW_WAYPOINT_POLICY`): an ALLOW of the
@@ -81,15 +82,20 @@ impl Waypoints {
         Self { types }
     }
 
-    /// A waypoint not in the cluster takes service traffic, the default: a Service bound to it
-    /// is refused until it appears, a pod is reached directly.
+    /// Whether `waypoint` takes the traffic `wanted`. A waypoint not in the cluster keeps what
+    /// is bound to it: that traffic is refused until it appears.
     fn takes(&self, waypoint: &WaypointRef, wanted: TrafficType) -> bool {
-        let kind = self
-            .types
+        self.types
             .get(waypoint)
-            .copied()
-            .unwrap_or(TrafficType::Service);
-        kind == wanted || kind == TrafficType::All
+            .is_none_or(|kind| *kind == wanted || *kind == TrafficType::All)
+    }
+
+    /// Whether the Service `namespace/name` is a waypoint.
+    pub(super) fn is_waypoint(&self, namespace: &str, name: &str) -> bool {
+        self.types.contains_key(&WaypointRef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
     }
 
     /// The waypoint of the Service `namespace/name` with `labels`; a waypoint's own Service has
@@ -154,8 +160,9 @@ fn binding(
 }
 
 /// The policies that admit each waypoint in use to the workloads behind it: an ALLOW of the
-/// service accounts of the waypoint's pods (none while it has none: everything behind it is
-/// denied until it does), in the root namespace.
+/// service accounts of the waypoint's pods, the endpoints of its Service in its own namespace
+/// (none while it has none, or is no waypoint: everything behind it is denied until it does),
+/// in the root namespace.
 pub(super) fn policies(
     workloads: &[Workload],
     services: &[Service],
@@ -172,11 +179,14 @@ pub(super) fn policies(
             let endpoints: BTreeSet<_> = services
                 .iter()
                 .filter(|s| s.namespace == waypoint.namespace && s.name == waypoint.name)
+                .filter(|s| s.is_waypoint)
                 .flat_map(|s| &s.endpoints)
                 .map(|e| e.ip)
                 .collect();
+            // An EndpointSlice may list any address: only pods of the waypoint's namespace count.
             let accounts: BTreeSet<String> = workloads
                 .iter()
+                .filter(|w| w.namespace == waypoint.namespace)
                 .filter(|w| w.ips.iter().any(|ip| endpoints.contains(ip)))
                 .map(|w| format!("/ns/{}/sa/{}", w.namespace, w.service_account))
                 .collect();

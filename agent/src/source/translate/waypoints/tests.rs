@@ -199,3 +199,39 @@ spec:
         }
     ));
 }
+
+#[test]
+fn a_waypoint_not_there_keeps_what_is_bound_to_it() {
+    let ghost_namespace = "---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: ops
+  labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: ghost}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tool, namespace: ops}
+spec: {nodeName: node2, serviceAccountName: tool, containers: [{name: app}]}
+status: {podIP: 10.244.2.30}
+";
+    let state = cluster("service", ghost_namespace);
+    assert_eq!(
+        pod_waypoint(&state, "10.244.2.30"),
+        waypoint("ops", "ghost"),
+        "refused until the waypoint appears, rather than reached around it"
+    );
+    // Nobody is admitted behind a waypoint that has no pods.
+    let tool = state
+        .workload_by_ip("10.244.2.30".parse().unwrap())
+        .unwrap();
+    let request = InboundRequest {
+        source_ip: "10.244.1.10".parse().unwrap(),
+        source_identity: Some("spiffe://cluster.local/ns/ops/sa/ghost".parse().unwrap()),
+        destination: SocketAddr::new("10.244.2.30".parse().unwrap(), 8080),
+    };
+    assert!(matches!(
+        authorize::evaluate(&state, tool, &request).0,
+        Verdict::Deny { .. }
+    ));
+}

@@ -1,0 +1,210 @@
+//! Where the waypoint sends each tunnel: to an endpoint of what the client addressed (a
+//! Service's VIP and port, or a pod's address), when that is bound to this waypoint. Anything
+//! else is refused: a waypoint is no open relay.
+
+use std::error::Error;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ambit_identity::Identity;
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use crate::balance::{Balancer, Lease};
+use crate::error_chain::ErrorChain;
+use crate::hbone::{self, ConnectRequest, H2Io, H2Stream, HboneClient, Peer, StreamHandler, reply};
+use crate::sockets::{self, LocalSockets};
+use crate::state::{ClusterState, Upstream, WaypointRef};
+
+/// Routes the tunnels of one waypoint.
+#[derive(Debug)]
+pub(super) struct Router {
+    pub(super) waypoint: WaypointRef,
+    /// What the waypoint proves, to its clients and to the endpoints.
+    pub(super) identity: Identity,
+    pub(super) states: watch::Receiver<Arc<ClusterState>>,
+    pub(super) balancer: Arc<Balancer>,
+    pub(super) client: HboneClient,
+}
+
+/// Where one tunnel goes.
+struct Route {
+    upstream: Upstream,
+    lease: Option<Lease>,
+    /// The hostname of the Service the client addressed, if it did.
+    service: Option<String>,
+}
+
+impl StreamHandler for Router {
+    fn serve(
+        self: Arc<Self>,
+        request: Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+        peer: Arc<Peer>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(self.carry(request, respond, peer))
+    }
+}
+
+impl Router {
+    /// Routes one tunnel, answers it, and carries it until both sides close.
+    async fn carry(
+        self: Arc<Self>,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: Arc<Peer>,
+    ) {
+        let started = Instant::now();
+        let src_identity = peer.identity.as_ref().map(ToString::to_string);
+        let authority = match hbone::authority(&request) {
+            Ok(authority) => authority,
+            Err(error) => {
+                tracing::info!(src.addr = %peer.addr, src.identity = src_identity, %error, "refused CONNECT");
+                return reply(&mut respond, error.status());
+            }
+        };
+        let log = |endpoint: Option<SocketAddr>, bytes: (u64, u64), error: Option<String>| {
+            tracing::info!(
+                target: "access",
+                direction = "waypoint",
+                waypoint = %self.waypoint,
+                src.addr = %peer.addr,
+                src.identity = src_identity,
+                dst.addr = %authority,
+                dst.endpoint = endpoint.map(tracing::field::display),
+                bytes_sent = bytes.0,
+                bytes_received = bytes.1,
+                duration_ms = started.elapsed().as_millis() as u64,
+                error,
+                "connection closed"
+            );
+        };
+        let Some(route) = self.route(authority) else {
+            reply(&mut respond, StatusCode::BAD_REQUEST);
+            let error = format!("{authority} is no Service or pod behind this waypoint");
+            return log(None, (0, 0), Some(error));
+        };
+        let endpoint = route.lease.as_ref().map(Lease::endpoint);
+        let recv = request.into_body();
+        let carried = match route.upstream {
+            Upstream::Hbone {
+                workload,
+                hbone_addr,
+                authority: target,
+            } => {
+                let expected = workload.identity(self.identity.trust_domain());
+                let connect = ConnectRequest {
+                    source: self.identity.clone(),
+                    source_addr: SocketAddr::new(peer.local_ip, 0),
+                    hbone_addr,
+                    authority: target,
+                    service: route.service,
+                    expected_identities: expected.into_iter().collect(),
+                    baggage: None,
+                };
+                match self.client.connect(&connect, &LocalSockets).await {
+                    Ok(tunnel) => {
+                        let (mut upstream, _claim) = tunnel.into_io();
+                        answer(respond, recv, &mut upstream, route.lease).await
+                    }
+                    Err(error) => {
+                        let fault = error.is_server_fault(false);
+                        refuse(respond, route.lease, error, fault)
+                    }
+                }
+            }
+            Upstream::Passthrough { addr } => {
+                let local = SocketAddr::new(peer.local_ip, 0);
+                match sockets::connect(&LocalSockets, local, false, addr).await {
+                    Ok(mut upstream) => answer(respond, recv, &mut upstream, route.lease).await,
+                    Err(error) => {
+                        let fault = sockets::is_unreachable(&error);
+                        refuse(respond, route.lease, error, fault)
+                    }
+                }
+            }
+            Upstream::NoEndpoint { service, port } => {
+                let error = format!("service {service} has no ready endpoint for port {port}");
+                Err(refuse_with(respond, error))
+            }
+            Upstream::NoWaypoint { waypoint, reason } => {
+                let error = format!("waypoint {waypoint}: {reason}");
+                Err(refuse_with(respond, error))
+            }
+        };
+        match carried {
+            Ok(bytes) => log(endpoint, bytes, None),
+            Err(error) => log(endpoint, (0, 0), Some(error)),
+        }
+    }
+
+    /// Where a tunnel to `authority` goes, when this waypoint fronts it.
+    fn route(&self, authority: SocketAddr) -> Option<Route> {
+        let state = self.states.borrow();
+        let service = state.addressed_service(authority);
+        let bound = match service {
+            Some(service) => service.waypoint.as_ref(),
+            None => state
+                .workload_by_ip(authority.ip())
+                .and_then(|w| w.waypoint.as_ref()),
+        };
+        if bound != Some(&self.waypoint) {
+            return None;
+        }
+        let (upstream, lease) = state.resolve_direct(authority, &self.balancer);
+        Some(Route {
+            upstream,
+            lease,
+            service: service.map(|s| s.hostname.clone()),
+        })
+    }
+}
+
+/// Answers the tunnel and copies between it and `upstream` until both close: the bytes each
+/// way, or why it failed.
+async fn answer<U: AsyncRead + AsyncWrite + Unpin>(
+    mut respond: SendResponse<Bytes>,
+    recv: RecvStream,
+    upstream: &mut U,
+    lease: Option<Lease>,
+) -> Result<(u64, u64), String> {
+    if let Some(lease) = &lease {
+        lease.succeeded();
+    }
+    let send = respond
+        .send_response(Response::new(()), false)
+        .map_err(|e| ErrorChain(&e).to_string())?;
+    let mut downstream = H2Io::new(H2Stream { send, recv });
+    tokio::io::copy_bidirectional(&mut downstream, upstream)
+        .await
+        .map_err(|e| ErrorChain(&e).to_string())
+}
+
+/// The endpoint could not be reached: the client is told, and the endpoint ejected when that
+/// is its `fault`.
+fn refuse(
+    respond: SendResponse<Bytes>,
+    lease: Option<Lease>,
+    error: impl Error + 'static,
+    fault: bool,
+) -> Result<(u64, u64), String> {
+    let error = match lease.filter(|_| fault) {
+        None => ErrorChain(&error).to_string(),
+        Some(lease) => match lease.failed(error) {
+            Ok(ejected) => ErrorChain(&ejected).to_string(),
+            Err(error) => ErrorChain(&error).to_string(),
+        },
+    };
+    Err(refuse_with(respond, error))
+}
+
+fn refuse_with(mut respond: SendResponse<Bytes>, error: String) -> String {
+    reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+    error
+}
