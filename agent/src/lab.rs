@@ -11,8 +11,10 @@ mod cluster;
 mod pod;
 mod pod_process;
 pub mod topology;
+mod waypoint;
 
 pub use agent::AgentProcess;
 pub use cluster::{Cluster, ClusterBuilder, ISTIO_CRDS};
 pub use pod::{EchoApp, InPod, read_peer_line};
 pub use pod_process::{CgroupLayout, PodProcess, PodProcessError};
+pub use waypoint::WaypointProcess;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, anyhow};
 
 use super::agent::AgentProcess;
+use super::waypoint::WaypointProcess;
 
 /// What an agent logs when it has loaded a changed cluster file.
 const RELOADED: &str = "configuration reloaded";
@@ -22,6 +23,16 @@ use super::pod::InPod;
 use super::pod_process::{CgroupLayout, PodProcess};
 use super::topology::{PodNs, Topology};
 use crate::source::STATE_UPDATED;
+
+/// A waypoint: its pod (named after it, running as the service account of that name, labelled
+/// as istiod labels a waypoint's pods) and the Service in front of it.
+#[derive(Debug, Clone)]
+struct WaypointSpec {
+    namespace: String,
+    name: String,
+    /// `istio.io/waypoint-for`.
+    traffic: String,
+}
 
 /// Where a node is, as its `topology.kubernetes.io/*` labels say.
 #[derive(Debug, Clone)]
@@ -49,6 +60,7 @@ pub struct ClusterBuilder {
     localities: BTreeMap<String, Locality>,
     namespaces: Vec<(String, bool)>,
     pods: Vec<(String, PodSpec)>,
+    waypoints: Vec<WaypointSpec>,
     objects: String,
     agent_args: Vec<String>,
     pod_processes: Option<CgroupLayout>,
@@ -147,6 +159,25 @@ impl ClusterBuilder {
         self.with_pod(node, namespace, name, true)
     }
 
+    /// The waypoint `namespace/name`, taking `traffic` (`istio.io/waypoint-for`: `service`,
+    /// `workload`, `all`): a pod of that name on `node`, outside capture, running
+    /// `ambit waypoint`, and the Service of that name in front of it.
+    pub fn waypoint(mut self, node: &str, namespace: &str, name: &str, traffic: &str) -> Self {
+        self = self.with_pod(node, namespace, name, true);
+        if let Some((_, pod)) = self.pods.last_mut() {
+            pod.labels.insert(
+                "gateway.networking.k8s.io/gateway-name".to_owned(),
+                name.to_owned(),
+            );
+        }
+        self.waypoints.push(WaypointSpec {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            traffic: traffic.to_owned(),
+        });
+        self
+    }
+
     fn with_pod(mut self, node: &str, namespace: &str, name: &str, opted_out: bool) -> Self {
         let spec = PodSpec {
             namespace: namespace.to_owned(),
@@ -183,6 +214,8 @@ impl ClusterBuilder {
             ca_dir,
             dir,
             localities: self.localities,
+            waypoint_specs: self.waypoints,
+            waypoints: BTreeMap::new(),
             namespaces: self.namespaces,
             pods: Vec::new(),
             extra: self.objects,
@@ -232,6 +265,7 @@ impl ClusterBuilder {
         for node in self.nodes {
             cluster.start_agent(&node).await?;
         }
+        cluster.start_waypoints().await?;
         Ok(cluster)
     }
 }
@@ -239,8 +273,10 @@ impl ClusterBuilder {
 /// A running cluster; dropping it stops the agents and removes every namespace.
 #[derive(Debug)]
 pub struct Cluster {
-    // Field order is drop order: agents go before the namespaces they run in.
+    // Field order is drop order: agents and waypoints go before the namespaces they run in.
     agents: BTreeMap<String, AgentProcess>,
+    /// Running waypoints, by name.
+    waypoints: BTreeMap<String, WaypointProcess>,
     /// What the agents read the cluster from, when not the file.
     apiserver: Option<ApiServerProcess>,
     /// What signs the agents' certificates, when they hold no CA key.
@@ -255,6 +291,8 @@ pub struct Cluster {
     ca_dir: PathBuf,
     /// Nodes the cluster file lists, with their locality.
     localities: BTreeMap<String, Locality>,
+    /// The waypoints' Services, which the cluster file lists.
+    waypoint_specs: Vec<WaypointSpec>,
     namespaces: Vec<(String, bool)>,
     /// Pods with their namespaces, and whether the cluster file lists them.
     pods: Vec<(PodSpec, PodNs, bool)>,
@@ -277,6 +315,7 @@ impl Cluster {
             nodes: Vec::new(),
             localities: BTreeMap::new(),
             namespaces: Vec::new(),
+            waypoints: Vec::new(),
             pods: Vec::new(),
             objects: String::new(),
             agent_args: Vec::new(),
@@ -492,6 +531,21 @@ impl Cluster {
                 node = pod.node,
             );
         }
+        for waypoint in &self.waypoint_specs {
+            let Some((_, pod, _)) = self.pods.iter().find(|(spec, _, _)| {
+                spec.name == waypoint.name && spec.namespace == waypoint.namespace
+            }) else {
+                continue;
+            };
+            let _ = write!(
+                yaml,
+                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels: {{istio.io/waypoint-for: {traffic}}}\nspec:\n  clusterIP: None\n  ports: [{{name: mesh, port: 15008}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: {namespace}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nendpoints: [{{addresses: [{ip}], conditions: {{ready: true}}}}]\nports: [{{name: mesh, port: 15008}}]\n",
+                name = waypoint.name,
+                namespace = waypoint.namespace,
+                traffic = waypoint.traffic,
+                ip = pod.ip,
+            );
+        }
         if !self.agent_pods.is_empty() {
             yaml.push_str("---\napiVersion: v1\nkind: Namespace\nmetadata: {name: ambit-system}\n");
         }
@@ -620,17 +674,10 @@ impl Cluster {
             .map(|n| n.netns.clone())
             .ok_or_else(|| anyhow!("no node {node}"))?;
         let log = self.dir.path().join(format!("agent-{node}.log"));
-        let source: Vec<OsString> = match &self.apiserver {
-            Some(apiserver) => vec![
-                "--source".into(),
-                "kubernetes".into(),
-                "--kubeconfig".into(),
-                apiserver.kubeconfig().into(),
-                "--cni-socket".into(),
-                self.cni_socket(node).into(),
-            ],
-            None => vec!["--config".into(), self.config.clone().into()],
-        };
+        let mut source = self.source_args();
+        if self.apiserver.is_some() {
+            source.extend(["--cni-socket".into(), self.cni_socket(node).into()]);
+        }
         let ca = match &self.ca {
             Some(ca) => {
                 let token = self.dir.path().join(format!("token-{node}"));
@@ -650,6 +697,51 @@ impl Cluster {
         )?;
         self.agents.insert(node.to_owned(), agent);
         Ok(())
+    }
+
+    /// Starts every waypoint in its pod, reading the cluster as the agents do.
+    async fn start_waypoints(&mut self) -> anyhow::Result<()> {
+        if self.ca.is_some() {
+            return Err(anyhow!(
+                "waypoints get their certificates from a CA directory only"
+            ));
+        }
+        for waypoint in self.waypoint_specs.clone() {
+            let pod = self.pod(&waypoint.name)?.clone();
+            let log = self
+                .dir
+                .path()
+                .join(format!("waypoint-{}.log", waypoint.name));
+            let process = WaypointProcess::start(
+                &self.agent_binary,
+                &pod.netns,
+                (&waypoint.namespace, &waypoint.name),
+                &self.source_args(),
+                &self.ca_dir,
+                log,
+            )
+            .await?;
+            self.waypoints.insert(waypoint.name, process);
+        }
+        Ok(())
+    }
+
+    /// The waypoint `name`.
+    pub fn waypoint(&self, name: &str) -> Option<&WaypointProcess> {
+        self.waypoints.get(name)
+    }
+
+    /// Where the agents and waypoints read the cluster from: the API server, or the file.
+    fn source_args(&self) -> Vec<OsString> {
+        match &self.apiserver {
+            Some(apiserver) => vec![
+                "--source".into(),
+                "kubernetes".into(),
+                "--kubeconfig".into(),
+                apiserver.kubeconfig().into(),
+            ],
+            None => vec!["--config".into(), self.config.clone().into()],
+        }
     }
 
     /// Kills the agent of `node` at once, as a crash would.

@@ -1,0 +1,152 @@
+//! Waypoints end to end on the namespace mesh: traffic to a Service bound to `ambit waypoint`
+//! goes through it, a client that goes around it to the pod is refused, and the destination
+//! applies its L4 policies to the waypoint's identity.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a helper that cannot observe the mesh fails the test"
+)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ambit_agent::admin::views::{CheckView, ServiceView};
+use ambit_agent::lab::{Cluster, read_peer_line};
+use ambit_integration::two_teams;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const APP_PORT: u16 = 8080;
+const VIP: &str = "10.96.0.10";
+
+/// The Service `server` in front of the server pod, bound to the waypoint `shop/waypoint`,
+/// with `policies`.
+fn objects(cluster: &Cluster, policies: &str) -> String {
+    let ip = cluster.addr("server", APP_PORT).unwrap().ip();
+    format!(
+        "---
+apiVersion: v1
+kind: Service
+metadata:
+  name: server
+  namespace: shop
+  labels: {{istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: {VIP}
+  ports: [{{name: tcp, port: 80, targetPort: {APP_PORT}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: server-1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: server}}
+addressType: IPv4
+endpoints: [{{addresses: [{ip}], conditions: {{ready: true}}}}]
+ports: [{{name: tcp, port: {APP_PORT}}}]
+{policies}"
+    )
+}
+
+/// Connects from `from` to `to`, and returns the client address the app saw, after one
+/// round trip; `None` when refused.
+async fn greeting(cluster: &Cluster, from: &str, to: SocketAddr) -> Option<String> {
+    let attempt = async {
+        let mut stream = cluster.in_pod(from).unwrap().connect(to).await?;
+        let peer = read_peer_line(&mut stream).await?;
+        stream.write_all(b"ping").await?;
+        let mut echoed = [0; 4];
+        stream.read_exact(&mut echoed).await?;
+        Ok::<_, std::io::Error>(peer)
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .ok()?
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_traffic_goes_through_the_waypoint_and_nothing_goes_around_it() {
+    let mut cluster = two_teams()
+        .waypoint("node1", "shop", "waypoint", "service")
+        .start()
+        .await
+        .unwrap();
+    cluster.set_extra_objects(&objects(&cluster, ""));
+    cluster.apply().await.unwrap();
+    let _app = cluster
+        .in_pod("server")
+        .unwrap()
+        .echo(APP_PORT)
+        .await
+        .unwrap();
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let waypoint_ip = cluster.addr("waypoint", 0).unwrap().ip();
+    let server = cluster.addr("server", APP_PORT).unwrap();
+
+    // Through the waypoint: the app sees the waypoint as its client.
+    let peer = greeting(&cluster, "client", vip).await;
+    assert_eq!(
+        peer.as_deref(),
+        Some(waypoint_ip.to_string().as_str()),
+        "{}\n{}",
+        cluster.logs(),
+        cluster.waypoint("waypoint").unwrap().log()
+    );
+    let waypoint = cluster.waypoint("waypoint").unwrap();
+    let endpoint = format!("\"dst.endpoint\":\"{server}\"");
+    logged(|| waypoint.log(), &endpoint).await;
+
+    // Around the waypoint, to the pod itself: refused by the destination, saying why.
+    assert_eq!(greeting(&cluster, "client", server).await, None);
+    let node2 = cluster.agent("node2").unwrap();
+    let around = "the destination is behind a waypoint and the connection did not come through it";
+    logged(|| node2.log(), around).await;
+    let output = node2
+        .debug(&[
+            "check",
+            "--from",
+            "shop/client",
+            "--to",
+            "shop/server:8080",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+    let check: CheckView = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
+    assert_eq!(check.waypoints, ["shop/waypoint"]);
+    assert!(!check.allowed);
+    let output = node2.debug(&["services", "-o", "json"]).unwrap();
+    let services: Vec<ServiceView> = serde_json::from_slice(&output.stdout).unwrap();
+    let bound = services.iter().find(|s| s.name == "server").unwrap();
+    assert_eq!(bound.waypoint.as_deref(), Some("shop/waypoint"));
+
+    // The destination's L4 policies see the waypoint's identity.
+    let deny_waypoint = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-waypoint, namespace: shop}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/waypoint]}}]}]
+";
+    cluster.set_extra_objects(&objects(&cluster, deny_waypoint));
+    cluster.apply().await.unwrap();
+    assert_eq!(greeting(&cluster, "client", vip).await, None);
+    let node2 = cluster.agent("node2").unwrap();
+    logged(|| node2.log(), "\"policy\":\"shop/no-waypoint\"").await;
+}
+
+/// Waits until `log` holds `line`: a connection is logged once it has closed.
+async fn logged(log: impl Fn() -> String, line: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !log().contains(line) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never logged {line}:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
