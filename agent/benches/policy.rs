@@ -35,6 +35,7 @@ fn main() {
         destination_labels: &labels,
         destination_services: &[],
         destination_waypoints: &[],
+        request: None,
     };
     let baseline = per_decision_ns(&AuthorizationPolicies::new("istio-system", []), &connection);
     println!(

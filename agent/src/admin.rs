@@ -262,6 +262,7 @@ fn scope(scope: &Scope, namespace: &str, root_namespace: &str) -> String {
             format!("selector {}", labels.join(","))
         }
         Scope::Services(names) => format!("services {}", names.join(",")),
+        Scope::Gateways(names) => format!("waypoints {}", names.join(",")),
         Scope::Waypoint(waypoint) => format!("behind waypoint {waypoint}"),
     }
 }

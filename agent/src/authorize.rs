@@ -120,6 +120,7 @@ pub(crate) fn connection<'a>(
         destination_labels: &workload.labels,
         destination_services: state.services_of(request.destination.ip()),
         destination_waypoints: state.waypoints_of(request.destination.ip()),
+        request: None,
     }
 }
 

@@ -11,8 +11,8 @@ pub(crate) mod model;
 pub use compile::CompileError;
 pub use engine::{
     Action, AuthorizationPolicies, AuthorizationPolicy, Cidr, Condition, Connection, Decision,
-    Field, MtlsMode, Operation, PeerAuthentication, PeerAuthentications, PolicyName, Rule, Scope,
-    Source, StringMatch,
+    Field, HttpRequest, MtlsMode, Operation, PeerAuthentication, PeerAuthentications, PolicyName,
+    Rule, Scope, Source, StringMatch,
 };
 
 #[cfg(test)]

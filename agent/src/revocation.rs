@@ -130,12 +130,14 @@ impl Revocations {
 }
 
 /// Whether what a decision on `watched` reads of the destination changed between the two states:
-/// its workload (namespace, labels) or the Services its address backs.
+/// its workload (namespace, labels), the Services its address backs, or the waypoints in front
+/// of it.
 fn destination_changed(previous: &ClusterState, state: &ClusterState, watched: &Watched) -> bool {
     let workload = &watched.policy.workload;
     let address = watched.request.destination.ip();
     workload.current(previous) != workload.current(state)
         || previous.services_of(address) != state.services_of(address)
+        || previous.waypoints_of(address) != state.waypoints_of(address)
 }
 
 impl Drop for Registration {

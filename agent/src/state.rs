@@ -131,6 +131,31 @@ pub struct ServicePort {
     pub port: u16,
     /// The endpoints' port: a number, or the name of a port that each endpoint resolves.
     pub target: TargetPort,
+    pub protocol: AppProtocol,
+}
+
+/// What a Service port carries, as Istio selects it: its `appProtocol`, else its name's prefix
+/// (`http-web`); a waypoint speaks HTTP on HTTP ports, and carries bytes on the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppProtocol {
+    Tcp,
+    /// `http`: HTTP/1.1.
+    Http1,
+    /// `http2`, `grpc`, `h2c`.
+    Http2,
+}
+
+impl AppProtocol {
+    pub fn of(app_protocol: Option<&str>, name: Option<&str>) -> Self {
+        let selected = app_protocol
+            .or_else(|| name.map(|n| n.split_once('-').map_or(n, |(prefix, _)| prefix)))
+            .unwrap_or_default();
+        match selected.to_ascii_lowercase().as_str() {
+            "http" => Self::Http1,
+            "http2" | "grpc" | "h2c" | "kubernetes.io/h2c" => Self::Http2,
+            _ => Self::Tcp,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,7 +214,8 @@ pub enum Upstream {
 pub struct ClusterState {
     workloads: HashMap<IpAddr, Arc<Workload>>,
     services: HashMap<IpAddr, Arc<Service>>,
-    /// For each endpoint IP, the Services of its own namespace it backs.
+    /// For each endpoint IP, the Services of its own namespace it backs whose `targetRefs`
+    /// policies it enforces: those without a waypoint, which enforces them instead.
     services_of: HashMap<IpAddr, Vec<String>>,
     /// For each endpoint IP, every Service it backs.
     endpoint_services: HashMap<IpAddr, Vec<Arc<Service>>>,
@@ -234,7 +260,7 @@ impl ClusterState {
                     .workloads
                     .get(&endpoint.ip)
                     .is_some_and(|w| w.namespace == service.namespace);
-                if same_namespace {
+                if same_namespace && service.waypoint.is_none() {
                     state
                         .services_of
                         .entry(endpoint.ip)
@@ -291,7 +317,8 @@ impl ClusterState {
             .filter(|s| s.ports.iter().any(|p| p.port == destination.port()))
     }
 
-    /// The names of the Services (of its own namespace) that the workload at `ip` backs.
+    /// The names of the Services (of its own namespace, without a waypoint) that the workload at
+    /// `ip` backs: those whose `targetRefs` policies it enforces.
     pub fn services_of(&self, ip: IpAddr) -> &[String] {
         self.services_of.get(&ip).map_or(&[], Vec::as_slice)
     }
@@ -516,6 +543,7 @@ mod tests {
                 name: Some("http".into()),
                 port: 80,
                 target: TargetPort::Named("http".into()),
+                protocol: AppProtocol::Http1,
             }],
             endpoints: vec![
                 Endpoint {
@@ -583,6 +611,7 @@ mod tests {
                     name: Some("mesh".into()),
                     port: HBONE_PORT,
                     target: TargetPort::Number(HBONE_PORT),
+                    protocol: AppProtocol::Tcp,
                 }],
                 endpoints: vec![Endpoint {
                     ip: "10.244.3.10".parse().unwrap(),

@@ -18,6 +18,7 @@ pub use connections::{ConnectionView, Direction, Meter};
 pub(crate) use connections::{Connections, Endpoints, Listed, Metered};
 pub use labels::{Reporter, ResponseFlags, TrafficLabels};
 pub use metrics::Metrics;
+pub(crate) use metrics::RequestMetrics;
 pub(crate) use series::remove_departed;
 pub use suggest::suggest_policies;
 

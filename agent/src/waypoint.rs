@@ -3,6 +3,7 @@
 //! send it, and carries each on to an endpoint of what the client addressed, over HBONE as its
 //! own identity (or plain TCP outside the mesh).
 
+mod exchange;
 mod route;
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use anyhow::Context;
 use clap::Args;
 use tokio::sync::watch;
 
+use crate::admin::MetricsEndpoint;
 use crate::app::{StopSignals, bind, certificate_provider, connect_source};
 use crate::balance::Balancer;
 use crate::cli::block_on;
@@ -23,6 +25,7 @@ use crate::config::{
 };
 use crate::drain;
 use crate::hbone::{ClientSettings, HboneClient, HboneServer, Keepalive};
+use crate::http_server;
 use crate::logging;
 use crate::state::{ClusterState, WaypointRef};
 use crate::telemetry::{Metrics, Telemetry};
@@ -49,6 +52,10 @@ pub struct WaypointArgs {
     /// Where HBONE is served.
     #[arg(long, env = "AMBIT_WAYPOINT_LISTEN", default_value = "0.0.0.0:15008")]
     pub listen: SocketAddr,
+    /// Where Prometheus metrics (`/metrics`, `/stats/prometheus`) are served: Istio's request
+    /// metrics, with `reporter="waypoint"`.
+    #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
     /// Log lines as text or as JSON objects.
     #[arg(long, env = "AMBIT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -72,6 +79,7 @@ struct WaypointConfig {
     ca: CaConfig,
     certificate_ttl: Duration,
     listen: SocketAddr,
+    metrics_addr: SocketAddr,
     drain_timeout: Duration,
     outlier_ejection: Duration,
 }
@@ -96,6 +104,7 @@ impl TryFrom<WaypointArgs> for WaypointConfig {
             ca: args.certificates.ca(&cluster_id)?,
             cluster_id,
             listen: args.listen,
+            metrics_addr: args.metrics_addr,
             drain_timeout: args.drain_timeout,
             outlier_ejection: args.outlier_ejection,
         })
@@ -123,23 +132,29 @@ async fn serve(config: WaypointConfig) -> anyhow::Result<()> {
     let certificates = Arc::new(CertificateManager::new(provider));
     let (source, _) = connect_source(&config.source, "", &config.root_namespace).await?;
     let listener = bind("--listen", config.listen).await?;
+    let metrics_listener = bind("--metrics-addr", config.metrics_addr).await?;
 
+    // Tunnels drain first; the source and the metrics stop after them.
     let (trigger, watcher) = drain::channel();
     let (control_trigger, control) = drain::channel();
     let (states, states_rx) = watch::channel(Arc::new(ClusterState::default()));
     let mut first_state = states_rx.clone();
     let (_, capture) = watch::channel(Default::default());
-    let source = tokio::spawn(source.run(states, capture, control));
+    let source = tokio::spawn(source.run(states, capture, control.clone()));
     // Nothing is served before the whole cluster is known: routing needs its Services.
     tokio::select! {
         changed = first_state.changed() => changed.context("the source stopped before it read the cluster")?,
         () = stop.received() => return Ok(()),
     }
 
-    let telemetry = Arc::new(Telemetry::new(
-        Metrics::new(),
-        Duration::MAX,
-        config.cluster_id,
+    let mut metrics = Metrics::new();
+    let requests = metrics.register_requests();
+    let telemetry = Arc::new(Telemetry::new(metrics, Duration::MAX, config.cluster_id));
+    tokio::spawn(http_server::serve(
+        metrics_listener,
+        control,
+        "metrics",
+        MetricsEndpoint(telemetry.clone()),
     ));
     let router = Router {
         waypoint: config.waypoint.clone(),
@@ -147,6 +162,8 @@ async fn serve(config: WaypointConfig) -> anyhow::Result<()> {
         states: states_rx,
         balancer: Arc::new(Balancer::new(config.outlier_ejection)),
         client: HboneClient::new(certificates.clone(), ClientSettings::default()),
+        telemetry: telemetry.clone(),
+        requests,
     };
     let server = HboneServer::with_handler(
         config.identity.clone(),
@@ -160,6 +177,7 @@ async fn serve(config: WaypointConfig) -> anyhow::Result<()> {
         waypoint = %config.waypoint,
         identity = %config.identity,
         listen = %config.listen,
+        metrics = %config.metrics_addr,
         "waypoint serving"
     );
 

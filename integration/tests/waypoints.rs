@@ -150,3 +150,177 @@ async fn logged(log: impl Fn() -> String, line: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+const HTTP_PORT: u16 = 8081;
+const H2_PORT: u16 = 8082;
+
+/// HTTP/1.1 on `HTTP_PORT` and HTTP/2 (prior knowledge) on `H2_PORT` in the pod `name`,
+/// answering `200 <method> <path>`.
+async fn http_servers(cluster: &Cluster, name: &str) {
+    let pod = cluster.in_pod(name).unwrap();
+    for (port, http2) in [(HTTP_PORT, false), (H2_PORT, true)] {
+        let listener = pod.listen(port).await.unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|request: http::Request<_>| async move {
+                    let body = format!("{} {}", request.method(), request.uri().path());
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(body)),
+                    ))
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                tokio::spawn(async move {
+                    if http2 {
+                        let builder = hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        );
+                        let _ = builder.serve_connection(io, service).await;
+                    } else {
+                        let builder = hyper::server::conn::http1::Builder::new();
+                        let _ = builder.serve_connection(io, service).await;
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// One request from the client to `addr`: the status and the body.
+async fn request(
+    cluster: &Cluster,
+    addr: SocketAddr,
+    http2: bool,
+    method: &str,
+    path: &str,
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let stream = cluster
+        .in_pod("client")
+        .unwrap()
+        .connect(addr)
+        .await
+        .unwrap();
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!(
+            "http://web.shop.svc.cluster.local:{}{path}",
+            addr.port()
+        ))
+        .header(http::header::HOST, "web.shop.svc.cluster.local")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = if http2 {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await.unwrap()
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await.unwrap()
+    };
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waypoint_decides_each_http_request_and_counts_it() {
+    let mut cluster = two_teams()
+        .waypoint("node1", "shop", "waypoint", "service")
+        .start()
+        .await
+        .unwrap();
+    let ip = cluster.addr("server", HTTP_PORT).unwrap().ip();
+    let objects = format!(
+        "---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  labels: {{istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.20
+  ports:
+  - {{name: http, port: 80, targetPort: {HTTP_PORT}}}
+  - {{name: grpc, port: 81, targetPort: {H2_PORT}, appProtocol: http2}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{{addresses: [{ip}], conditions: {{ready: true}}}}]
+ports: [{{name: http, port: {HTTP_PORT}}}, {{name: grpc, port: {H2_PORT}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: reads-only, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/shop/sa/client]}}}}]
+    to: [{{operation: {{methods: [GET], paths: [/allowed*]}}}}]
+"
+    );
+    cluster.set_extra_objects(&objects);
+    cluster.apply().await.unwrap();
+    http_servers(&cluster, "server").await;
+    let http1: SocketAddr = "10.96.0.20:80".parse().unwrap();
+    let http2: SocketAddr = "10.96.0.20:81".parse().unwrap();
+
+    let waypoint = cluster.waypoint("waypoint").unwrap();
+    assert_eq!(
+        request(&cluster, http1, false, "GET", "/allowed/1").await,
+        (200, "GET /allowed/1".to_owned()),
+        "{}\n{}",
+        cluster.logs(),
+        waypoint.log()
+    );
+    assert_eq!(
+        request(&cluster, http1, false, "GET", "/admin").await,
+        (403, "RBAC: access denied".to_owned())
+    );
+    assert_eq!(
+        request(&cluster, http1, false, "POST", "/allowed/1")
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        request(&cluster, http2, true, "GET", "/allowed/2").await,
+        (200, "GET /allowed/2".to_owned()),
+        "{}",
+        waypoint.log()
+    );
+    assert_eq!(request(&cluster, http2, true, "GET", "/admin").await.0, 403);
+
+    // Istio's request metrics, from the waypoint.
+    let metrics_addr = SocketAddr::new(cluster.addr("waypoint", 0).unwrap().ip(), 15020);
+    let (_, metrics) = cluster
+        .agent("node1")
+        .unwrap()
+        .get_from(metrics_addr, "/metrics")
+        .await
+        .unwrap()
+        .unwrap();
+    let requests = |code: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{reporter=\"waypoint\""))
+            .filter(|l| l.contains(&format!("response_code=\"{code}\"")))
+            .filter(|l| l.contains("source_workload=\"client\""))
+            .filter(|l| l.contains("destination_service=\"web.shop.svc.cluster.local\""))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum::<u64>()
+    };
+    assert_eq!(requests("200"), 2, "{metrics}");
+    assert_eq!(requests("403"), 3, "{metrics}");
+    assert!(metrics.contains("istio_request_duration_milliseconds_bucket{"));
+}

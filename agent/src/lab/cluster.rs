@@ -573,16 +573,15 @@ impl Cluster {
             let version = apiserver.loaded_after(before, RELOAD_TIMEOUT).await?;
             return self.agents_at(version).await;
         }
-        let reloads = |agent: &AgentProcess| agent.log().matches(RELOADED).count();
-        let before: Vec<usize> = self.agents.values().map(reloads).collect();
+        let reloads = |log: String| log.matches(RELOADED).count();
+        let before: Vec<usize> = self.reader_logs().map(reloads).collect();
         self.write_config()?;
         let deadline = tokio::time::Instant::now() + RELOAD_TIMEOUT;
         while tokio::time::Instant::now() < deadline {
             let loaded = self
-                .agents
-                .values()
+                .reader_logs()
                 .zip(&before)
-                .all(|(agent, before)| reloads(agent) > *before);
+                .all(|(log, before)| reloads(log) > *before);
             if loaded {
                 return Ok(());
             }
@@ -592,6 +591,12 @@ impl Cluster {
             "the agents did not reload the cluster file:\n{}",
             self.logs()
         ))
+    }
+
+    /// The logs of what reads the cluster: the agents and the waypoints.
+    fn reader_logs(&self) -> impl Iterator<Item = String> {
+        let agents = self.agents.values().map(AgentProcess::log);
+        agents.chain(self.waypoints.values().map(WaypointProcess::log))
     }
 
     /// Writes the cluster file and waits until the API server serves it, not for the agents.
@@ -608,10 +613,8 @@ impl Cluster {
     /// Waits until every agent has published a state with what the API server served up to
     /// `version`.
     async fn agents_at(&self, version: u64) -> anyhow::Result<()> {
-        let seen = |agent: &AgentProcess| {
-            agent
-                .log()
-                .lines()
+        let seen = |log: String| {
+            log.lines()
                 .filter(|line| line.contains(STATE_UPDATED))
                 .filter_map(resource_version)
                 .max()
@@ -619,7 +622,7 @@ impl Cluster {
         };
         let deadline = tokio::time::Instant::now() + API_TIMEOUT;
         while tokio::time::Instant::now() < deadline {
-            if self.agents.values().all(seen) {
+            if self.reader_logs().all(seen) {
                 return Ok(());
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -67,7 +67,7 @@ pub(crate) fn authorization_policy(
             "cannot be combined with spec.selector",
         ));
     } else {
-        Scope::Services(service_targets(&name.namespace, &targets)?)
+        target_scope(&name.namespace, &targets)?
     };
     let action = match spec.action.unwrap_or(model::Action::Allow) {
         model::Action::Allow => Action::Allow,
@@ -108,39 +108,48 @@ pub(crate) fn authorization_policy(
     })
 }
 
-/// The Services a policy targets. At L4, ambit applies such a policy at the Services' endpoints;
-/// other targets (Gateways, ServiceEntries) need a waypoint.
-fn service_targets(
+/// What a policy's `targetRefs` name: Services of its namespace (enforced at their waypoint,
+/// or at their endpoints without one), or waypoints of its namespace (`Gateway`s of
+/// `gateway.networking.k8s.io`, enforced by the waypoints).
+fn target_scope(
     namespace: &str,
     targets: &[&model::PolicyTargetReference],
-) -> Result<Vec<String>, CompileError> {
-    targets
-        .iter()
-        .enumerate()
-        .map(|(index, target)| {
-            let at = format!("spec.targetRefs[{index}]");
-            if !target.group.is_empty() || target.kind != "Service" {
+) -> Result<Scope, CompileError> {
+    let mut services = Vec::new();
+    let mut gateways = Vec::new();
+    for (index, target) in targets.iter().enumerate() {
+        let at = format!("spec.targetRefs[{index}]");
+        match (target.group.as_str(), target.kind.as_str()) {
+            ("", "Service") => services.push(target.name.clone()),
+            ("gateway.networking.k8s.io", "Gateway") => gateways.push(target.name.clone()),
+            (group, kind) => {
                 return Err(error(
                     format!("{at}.kind"),
                     format!(
-                        "{:?} needs a waypoint; only core Services are enforced at L4",
-                        target.kind
+                        "{kind:?} of group {group:?}: ambit enforces policies on core Services and on waypoints (Gateways of gateway.networking.k8s.io)"
                     ),
                 ));
             }
-            if target
-                .namespace
-                .as_deref()
-                .is_some_and(|ns| ns != namespace)
-            {
-                return Err(error(
-                    format!("{at}.namespace"),
-                    "must be the policy's own namespace",
-                ));
-            }
-            Ok(target.name.clone())
-        })
-        .collect()
+        }
+        if target
+            .namespace
+            .as_deref()
+            .is_some_and(|ns| ns != namespace)
+        {
+            return Err(error(
+                format!("{at}.namespace"),
+                "must be the policy's own namespace",
+            ));
+        }
+    }
+    match (services.is_empty(), gateways.is_empty()) {
+        (false, true) => Ok(Scope::Services(services)),
+        (true, false) => Ok(Scope::Gateways(gateways)),
+        _ => Err(error(
+            "spec.targetRefs",
+            "targets both Services and Gateways: write one policy for each",
+        )),
+    }
 }
 
 /// The stand-in for a policy that failed to compile: denies everything in its scope.
@@ -161,10 +170,13 @@ pub(crate) fn deny_all(
 
 fn compile_rule(at: &str, rule: &model::Rule) -> Result<Rule, CompileError> {
     let mut uses_l7 = false;
+    let mut undecidable = false;
     let mut from = Vec::new();
     for (index, entry) in rule.from.iter().flatten().enumerate() {
         let source = &entry.source;
-        uses_l7 |= source.request_principals.is_some() || source.not_request_principals.is_some();
+        // Request principals come from JWTs, which ambit does not validate.
+        undecidable |=
+            source.request_principals.is_some() || source.not_request_principals.is_some();
         from.push(compile_source(
             &format!("{at}.from[{index}].source"),
             source,
@@ -186,13 +198,20 @@ fn compile_rule(at: &str, rule: &model::Rule) -> Result<Rule, CompileError> {
         let at = format!("{at}.to[{index}].operation");
         to.push(Operation {
             ports: ports(&at, &operation.ports, &operation.not_ports)?,
+            hosts: strings(&at, "hosts", &operation.hosts, &operation.not_hosts)?,
+            methods: strings(&at, "methods", &operation.methods, &operation.not_methods)?,
+            paths: strings(&at, "paths", &operation.paths, &operation.not_paths)?,
         });
     }
     let mut when = Vec::new();
     for (index, condition) in rule.when.iter().flatten().enumerate() {
         match compile_condition(&format!("{at}.when[{index}]"), condition)? {
-            Some(condition) => when.push(condition),
-            None => uses_l7 = true,
+            Decidable::L4(condition) => when.push(condition),
+            Decidable::Http(condition) => {
+                uses_l7 = true;
+                when.push(condition);
+            }
+            Decidable::Nowhere => undecidable = true,
         }
     }
     Ok(Rule {
@@ -200,7 +219,17 @@ fn compile_rule(at: &str, rule: &model::Rule) -> Result<Rule, CompileError> {
         to,
         when,
         uses_l7,
+        undecidable,
     })
+}
+
+/// Where a condition can be decided.
+enum Decidable {
+    L4(Condition),
+    /// At a waypoint, with the request.
+    Http(Condition),
+    /// Nowhere in ambit: JWT claims, SNI.
+    Nowhere,
 }
 
 /// The L4 fields of a `from.source`; request principals are L7 and handled by the caller.
@@ -224,11 +253,8 @@ fn compile_source(at: &str, source: &model::Source) -> Result<Source, CompileErr
     })
 }
 
-/// An L4 condition, or `None` for an L7 one (a request attribute).
-fn compile_condition(
-    at: &str,
-    condition: &model::Condition,
-) -> Result<Option<Condition>, CompileError> {
+/// A condition, and where it can be decided.
+fn compile_condition(at: &str, condition: &model::Condition) -> Result<Decidable, CompileError> {
     let (values, not_values) = (&condition.values, &condition.not_values);
     if values.is_none() && not_values.is_none() {
         return Err(error(
@@ -248,7 +274,22 @@ fn compile_condition(
         "source.principal" => {
             Condition::SourcePrincipal(strings(at, "values", values, not_values)?)
         }
-        _ if key.starts_with("request.") || key == "connection.sni" => return Ok(None),
+        _ if key.starts_with("request.headers[") && key.ends_with(']') => {
+            let name = &key["request.headers[".len()..key.len() - 1];
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(error(
+                    format!("{at}.key"),
+                    format!("{name:?} is no header name"),
+                ));
+            }
+            return Ok(Decidable::Http(Condition::RequestHeader {
+                name: name.to_ascii_lowercase(),
+                values: strings(at, "values", values, not_values)?,
+            }));
+        }
+        _ if key.starts_with("request.") || key == "connection.sni" => {
+            return Ok(Decidable::Nowhere);
+        }
         _ => {
             return Err(error(
                 format!("{at}.key"),
@@ -256,7 +297,7 @@ fn compile_condition(
             ));
         }
     };
-    Ok(Some(compiled))
+    Ok(Decidable::L4(compiled))
 }
 
 fn field<T>(

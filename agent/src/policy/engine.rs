@@ -29,8 +29,12 @@ pub enum Scope {
     Namespace,
     /// Workloads with these labels, in the namespace (anywhere, for the root namespace).
     Selector(BTreeMap<String, String>),
-    /// Workloads that are endpoints of these Services of the namespace (`targetRefs`).
+    /// Traffic to these Services of the namespace (`targetRefs`): at their waypoint when they
+    /// have one, else at their endpoints.
     Services(Vec<String>),
+    /// Traffic through these waypoints of the namespace (`targetRefs` of kind `Gateway`):
+    /// enforced by the waypoints only.
+    Gateways(Vec<String>),
     /// Workloads behind this waypoint: the agent's own policy that admits the waypoint (see
     /// `source::translate::waypoints`).
     Waypoint(WaypointRef),
@@ -54,6 +58,16 @@ pub enum StringMatch {
 }
 
 impl StringMatch {
+    /// Against a value already in lower case: host names.
+    fn matches_ignoring_case(&self, lower: &str) -> bool {
+        match self {
+            Self::Exact(exact) => lower == exact.to_ascii_lowercase(),
+            Self::Prefix(prefix) => lower.starts_with(&prefix.to_ascii_lowercase()),
+            Self::Suffix(suffix) => lower.ends_with(&suffix.to_ascii_lowercase()),
+            Self::Any => !lower.is_empty(),
+        }
+    }
+
     fn matches(&self, value: &str) -> bool {
         match self {
             Self::Exact(exact) => value == exact,
@@ -127,10 +141,14 @@ pub struct Source {
     pub remote_ip_blocks: Field<Cidr>,
 }
 
-/// `to.operation` at L4: its ports.
+/// `to.operation`: its ports, and the HTTP fields a waypoint decides.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Operation {
     pub ports: Field<u16>,
+    /// Matched without regard to case, as host names are.
+    pub hosts: Field<StringMatch>,
+    pub methods: Field<StringMatch>,
+    pub paths: Field<StringMatch>,
 }
 
 /// A `when` condition on an L4 attribute.
@@ -142,16 +160,37 @@ pub enum Condition {
     SourcePrincipal(Field<StringMatch>),
     DestinationIp(Field<Cidr>),
     DestinationPort(Field<u16>),
+    /// `request.headers[name]`, at a waypoint; `name` in lower case.
+    RequestHeader {
+        name: String,
+        values: Field<StringMatch>,
+    },
 }
 
-/// One rule: any `from`, any `to`, every `when`. A rule with L7 attributes cannot be decided at
-/// L4: it never matches in an ALLOW policy and always matches in a DENY policy.
+/// One rule: any `from`, any `to`, every `when`. A rule that cannot be decided where it is
+/// evaluated never matches in an ALLOW policy and always matches in a DENY policy: one with HTTP
+/// fields anywhere but at a waypoint, one with attributes ambit decides nowhere (request
+/// principals, `request.auth.*`, `connection.sni`) everywhere.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rule {
     pub from: Vec<Source>,
     pub to: Vec<Operation>,
     pub when: Vec<Condition>,
+    /// Has HTTP fields: decided at a waypoint, with the request.
     pub uses_l7: bool,
+    /// Has attributes ambit decides nowhere.
+    pub undecidable: bool,
+}
+
+/// An HTTP request, as a waypoint's authorization sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    /// Without the query.
+    pub path: &'a str,
+    /// `:authority`, or `Host`.
+    pub host: &'a str,
+    pub headers: &'a http::HeaderMap,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,6 +217,8 @@ pub struct Connection<'a> {
     pub destination_services: &'a [String],
     /// The waypoints in front of the destination.
     pub destination_waypoints: &'a [WaypointRef],
+    /// At a waypoint, the HTTP request; `None` at L4.
+    pub request: Option<&'a HttpRequest<'a>>,
 }
 
 impl Connection<'_> {
@@ -233,63 +274,107 @@ impl AuthorizationPolicies {
         }
     }
 
-    /// Decides `connection`: a matching DENY denies; else, with no ALLOW policy applying, allow;
-    /// else allow only if an ALLOW policy matches. One pass over the applicable policies.
+    /// Decides `connection` at its destination: a matching DENY denies; else, with no ALLOW
+    /// policy applying, allow; else allow only if an ALLOW policy matches.
     pub fn decide<'a>(&'a self, connection: &Connection<'_>) -> Decision<'a> {
-        let mut allow_applies = false;
-        let mut allowed_by = None;
-        let mut audit = None;
-        let mut dry_run_deny = None;
-        let mut dry_run_allow: Option<(&PolicyName, bool)> = None;
-        for policy in self.applicable(connection) {
-            match (policy.action, policy.dry_run) {
-                (Action::Deny, false) => {
-                    if policy.matches(connection) {
-                        return Decision {
-                            allowed: false,
-                            policy: Some(&policy.name),
-                            audit,
-                            dry_run_deny,
-                        };
-                    }
+        decide_among(self.applicable(connection), connection)
+    }
+
+    /// Decides a request at `waypoint` to `service` (`namespace`, `name`), when it addressed
+    /// one: the policies that target the waypoint, or the Service; as istiod attaches them, a
+    /// waypoint applies no selector or namespace-wide policy.
+    pub fn decide_at_waypoint<'a>(
+        &'a self,
+        waypoint: &WaypointRef,
+        service: Option<(&str, &str)>,
+        connection: &Connection<'_>,
+    ) -> Decision<'a> {
+        decide_among(self.at_waypoint(waypoint, service), connection)
+    }
+
+    /// The policies a waypoint applies to a request to `service`.
+    pub fn at_waypoint<'s>(
+        &'s self,
+        waypoint: &WaypointRef,
+        service: Option<(&str, &str)>,
+    ) -> impl Iterator<Item = &'s AuthorizationPolicy> {
+        let in_namespace = |namespace: &str| self.by_namespace.get(namespace).into_iter().flatten();
+        let name = waypoint.name.clone();
+        let gateway = in_namespace(&waypoint.namespace)
+            .filter(move |p| matches!(&p.scope, Scope::Gateways(names) if names.contains(&name)));
+        let service_name = service.map(|(_, name)| name.to_owned());
+        let services = service
+            .into_iter()
+            .flat_map(move |(namespace, _)| in_namespace(namespace))
+            .filter(move |p| match (&p.scope, &service_name) {
+                (Scope::Services(names), Some(name)) => names.contains(name),
+                _ => false,
+            });
+        gateway.chain(services)
+    }
+}
+
+/// One pass over `policies`: a matching DENY denies; else, with no ALLOW policy among them,
+/// allow; else allow only if an ALLOW policy matches.
+fn decide_among<'a>(
+    policies: impl Iterator<Item = &'a AuthorizationPolicy>,
+    connection: &Connection<'_>,
+) -> Decision<'a> {
+    let mut allow_applies = false;
+    let mut allowed_by = None;
+    let mut audit = None;
+    let mut dry_run_deny = None;
+    let mut dry_run_allow: Option<(&PolicyName, bool)> = None;
+    for policy in policies {
+        match (policy.action, policy.dry_run) {
+            (Action::Deny, false) => {
+                if policy.matches(connection) {
+                    return Decision {
+                        allowed: false,
+                        policy: Some(&policy.name),
+                        audit,
+                        dry_run_deny,
+                    };
                 }
-                (Action::Deny, true) => {
-                    if dry_run_deny.is_none() && policy.matches(connection) {
-                        dry_run_deny = Some(&policy.name);
-                    }
+            }
+            (Action::Deny, true) => {
+                if dry_run_deny.is_none() && policy.matches(connection) {
+                    dry_run_deny = Some(&policy.name);
                 }
-                (Action::Audit, _) => {
-                    if audit.is_none() && policy.matches(connection) {
-                        audit = Some(&policy.name);
-                    }
+            }
+            (Action::Audit, _) => {
+                if audit.is_none() && policy.matches(connection) {
+                    audit = Some(&policy.name);
                 }
-                (Action::Allow, false) => {
-                    allow_applies = true;
-                    if allowed_by.is_none() && policy.matches(connection) {
-                        allowed_by = Some(&policy.name);
-                    }
+            }
+            (Action::Allow, false) => {
+                allow_applies = true;
+                if allowed_by.is_none() && policy.matches(connection) {
+                    allowed_by = Some(&policy.name);
                 }
-                (Action::Allow, true) => {
-                    let (_, matched) = dry_run_allow.get_or_insert((&policy.name, false));
-                    if !*matched {
-                        *matched = policy.matches(connection);
-                    }
+            }
+            (Action::Allow, true) => {
+                let (_, matched) = dry_run_allow.get_or_insert((&policy.name, false));
+                if !*matched {
+                    *matched = policy.matches(connection);
                 }
             }
         }
-        let allowed = !allow_applies || allowed_by.is_some();
-        if allowed && dry_run_deny.is_none() {
-            // A dry-run ALLOW applies but none matched: enforcing it would deny.
-            dry_run_deny = dry_run_allow.and_then(|(name, matched)| (!matched).then_some(name));
-        }
-        Decision {
-            allowed,
-            policy: allowed_by,
-            audit,
-            dry_run_deny,
-        }
     }
+    let allowed = !allow_applies || allowed_by.is_some();
+    if allowed && dry_run_deny.is_none() {
+        // A dry-run ALLOW applies but none matched: enforcing it would deny.
+        dry_run_deny = dry_run_allow.and_then(|(name, matched)| (!matched).then_some(name));
+    }
+    Decision {
+        allowed,
+        policy: allowed_by,
+        audit,
+        dry_run_deny,
+    }
+}
 
+impl AuthorizationPolicies {
     pub fn root_namespace(&self) -> &str {
         &self.root_namespace
     }
@@ -333,6 +418,7 @@ impl AuthorizationPolicies {
                     .iter()
                     .any(|name| connection.destination_services.contains(name)),
                 Scope::Waypoint(waypoint) => connection.destination_waypoints.contains(waypoint),
+                Scope::Gateways(_) => false,
             })
     }
 }
@@ -347,7 +433,7 @@ impl AuthorizationPolicy {
 
 impl Rule {
     fn matches(&self, connection: &Connection<'_>, action: Action) -> bool {
-        if self.uses_l7 {
+        if self.undecidable || (self.uses_l7 && connection.request.is_none()) {
             return action == Action::Deny;
         }
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(connection)))
@@ -378,7 +464,17 @@ impl Source {
 
 impl Operation {
     fn matches(&self, connection: &Connection<'_>) -> bool {
-        self.ports.matches(|p| *p == connection.destination_port)
+        if !self.ports.matches(|p| *p == connection.destination_port) {
+            return false;
+        }
+        // A rule with HTTP fields is evaluated only with a request.
+        let Some(request) = connection.request else {
+            return true;
+        };
+        let host = request.host.to_ascii_lowercase();
+        self.hosts.matches(|m| m.matches_ignoring_case(&host))
+            && self.methods.matches(|m| m.matches(request.method))
+            && self.paths.matches(|m| m.matches(request.path))
     }
 }
 
@@ -392,6 +488,17 @@ impl Condition {
             Self::DestinationPort(field) => field.matches(|p| *p == connection.destination_port),
             Self::SourceNamespace(field) => identity_field(field, connection.source_namespace()),
             Self::SourcePrincipal(field) => identity_field(field, connection.principal()),
+            Self::RequestHeader { name, values } => {
+                let value = connection
+                    .request
+                    .and_then(|r| r.headers.get(name.as_str()))
+                    .and_then(|v| v.to_str().ok());
+                // An absent header matches no value, and no negated value either.
+                match value {
+                    Some(value) => values.matches(|m| m.matches(value)),
+                    None => values.values.is_none(),
+                }
+            }
         }
     }
 }
@@ -453,7 +560,9 @@ impl PeerAuthentications {
                 p.name.namespace == namespace
                     && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
             }
-            Scope::Namespace | Scope::Services(_) | Scope::Waypoint(_) => false,
+            Scope::Namespace | Scope::Services(_) | Scope::Gateways(_) | Scope::Waypoint(_) => {
+                false
+            }
         };
         let namespace_wide = |ns: &str| {
             self.policies

@@ -93,6 +93,7 @@ fn decide(
         destination_labels: &labels,
         destination_services: &["web".to_owned()],
         destination_waypoints: &[],
+        request: None,
     };
     let decision = policies.decide(&connection);
     (
@@ -1030,10 +1031,14 @@ fn bad_policies_are_refused_with_their_field() {
     );
     assert!(compile_error("  action: CUSTOM").starts_with("field `spec.action`"));
     assert!(
+        compile_error("  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: x}]")
+            .starts_with("field `spec.targetRefs[0].kind`")
+    );
+    assert!(
         compile_error(
-            "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]"
+            "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}, {kind: Service, name: web}]"
         )
-        .starts_with("field `spec.targetRefs[0].kind`")
+        .starts_with("field `spec.targetRefs`")
     );
     assert!(
         compile_error(

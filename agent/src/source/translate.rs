@@ -12,8 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::state::{
-    ClusterState, Endpoint, Locality, Protocol, Service, ServicePort, TargetPort, Workload,
-    WorkloadUid,
+    AppProtocol, ClusterState, Endpoint, Locality, Protocol, Service, ServicePort, TargetPort,
+    Workload, WorkloadUid,
 };
 
 mod policies;
@@ -407,6 +407,7 @@ fn service(
             Some(IntOrString::String(name)) => TargetPort::Named(name.clone()),
         };
         ports.push(ServicePort {
+            protocol: AppProtocol::of(port.app_protocol.as_deref(), port.name.as_deref()),
             name: port.name.clone(),
             port: number,
             target,

@@ -206,3 +206,67 @@ impl TrafficLabels {
         })
     }
 }
+
+/// The label set of Istio's HTTP metrics as a waypoint reports them, in Istio's order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_canonical_service: String,
+    source_canonical_revision: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_app: String,
+    source_version: String,
+    source_cluster: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_app: String,
+    destination_version: String,
+    destination_service: String,
+    destination_canonical_service: String,
+    destination_canonical_revision: String,
+    destination_service_name: String,
+    destination_service_namespace: String,
+    destination_cluster: String,
+    request_protocol: &'static str,
+    response_code: String,
+    grpc_response_status: &'static str,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+}
+
+impl TrafficLabels {
+    /// The labels of one request of `protocol` (`http`, `grpc`) carried on this connection,
+    /// answered with `response_code`, as a waypoint reports it.
+    pub(crate) fn request(&self, protocol: &'static str, response_code: u16) -> RequestLabels {
+        RequestLabels {
+            reporter: "waypoint",
+            source_workload: self.source_workload.clone(),
+            source_canonical_service: self.source_canonical_service.clone(),
+            source_canonical_revision: self.source_canonical_revision.clone(),
+            source_workload_namespace: self.source_workload_namespace.clone(),
+            source_principal: self.source_principal.clone(),
+            source_app: self.source_app.clone(),
+            source_version: self.source_version.clone(),
+            source_cluster: self.source_cluster.clone(),
+            destination_workload: self.destination_workload.clone(),
+            destination_workload_namespace: self.destination_workload_namespace.clone(),
+            destination_principal: self.destination_principal.clone(),
+            destination_app: self.destination_app.clone(),
+            destination_version: self.destination_version.clone(),
+            destination_service: self.destination_service.clone(),
+            destination_canonical_service: self.destination_canonical_service.clone(),
+            destination_canonical_revision: self.destination_canonical_revision.clone(),
+            destination_service_name: self.destination_service_name.clone(),
+            destination_service_namespace: self.destination_service_namespace.clone(),
+            destination_cluster: self.destination_cluster.clone(),
+            request_protocol: protocol,
+            response_code: response_code.to_string(),
+            grpc_response_status: "",
+            response_flags: ResponseFlags::None.as_str(),
+            connection_security_policy: self.connection_security_policy,
+        }
+    }
+}

@@ -13,9 +13,10 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::labels::{Reporter, ResponseFlags, TrafficLabels};
+use super::labels::{Reporter, RequestLabels, ResponseFlags, TrafficLabels};
 use super::series::{SeriesIndex, Workloads};
 use crate::hbone::HboneClient;
 use crate::logging::DroppedLines;
@@ -78,6 +79,25 @@ impl Drop for OpenSocket {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// Istio's HTTP metrics, as a waypoint reports them.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestMetrics {
+    pub(crate) requests: Family<RequestLabels, Counter>,
+    /// Until the response's headers, in milliseconds.
+    pub(crate) duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// Body bytes, as they are copied.
+    pub(crate) request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub(crate) response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+}
+
+/// Envoy's default buckets, which Istio's HTTP metrics keep: milliseconds, or bytes.
+fn envoy_histogram() -> Histogram {
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+        30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    ])
 }
 
 /// Where enrolling a pod failed.
@@ -211,6 +231,35 @@ impl Metrics {
         ambit.register_collector(Box::new(CertificateExpiry(certificates)));
         ambit.register_collector(Box::new(PoolUsage(client)));
         ambit.register_collector(Box::new(CaptureCounts(capture)));
+    }
+
+    /// Registers Istio's HTTP metrics, which a waypoint reports.
+    pub(crate) fn register_requests(&mut self) -> RequestMetrics {
+        let histograms = || Family::new_with_constructor(envoy_histogram as fn() -> Histogram);
+        let metrics = RequestMetrics {
+            requests: Family::default(),
+            duration: histograms(),
+            request_bytes: histograms(),
+            response_bytes: histograms(),
+        };
+        let istio = self.registry.sub_registry_with_prefix("istio");
+        istio.register("requests", "Requests", metrics.requests.clone());
+        istio.register(
+            "request_duration_milliseconds",
+            "Request duration, until the response's headers",
+            metrics.duration.clone(),
+        );
+        istio.register(
+            "request_bytes",
+            "Request body sizes",
+            metrics.request_bytes.clone(),
+        );
+        istio.register(
+            "response_bytes",
+            "Response body sizes",
+            metrics.response_bytes.clone(),
+        );
+        metrics
     }
 
     /// Counts a socket accepted as `reporter` as open until the returned guard drops.

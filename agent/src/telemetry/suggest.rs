@@ -140,6 +140,7 @@ mod tests {
             destination_labels: &labels,
             destination_services: &[],
             destination_waypoints: &[],
+            request: None,
         };
         state.authorization().decide(&connection).allowed
     }

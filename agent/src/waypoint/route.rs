@@ -20,7 +20,10 @@ use crate::balance::{Balancer, Lease};
 use crate::error_chain::ErrorChain;
 use crate::hbone::{self, ConnectRequest, H2Io, H2Stream, HboneClient, Peer, StreamHandler, reply};
 use crate::sockets::{self, LocalSockets};
-use crate::state::{ClusterState, Upstream, WaypointRef};
+use crate::state::{AppProtocol, ClusterState, Service, Upstream, WaypointRef};
+use crate::telemetry::{Reporter, RequestMetrics, Telemetry, TrafficLabels};
+
+use super::exchange::{self, Exchange};
 
 /// Routes the tunnels of one waypoint.
 #[derive(Debug)]
@@ -31,14 +34,20 @@ pub(super) struct Router {
     pub(super) states: watch::Receiver<Arc<ClusterState>>,
     pub(super) balancer: Arc<Balancer>,
     pub(super) client: HboneClient,
+    pub(super) telemetry: Arc<Telemetry>,
+    pub(super) requests: RequestMetrics,
 }
 
 /// Where one tunnel goes.
 struct Route {
     upstream: Upstream,
     lease: Option<Lease>,
-    /// The hostname of the Service the client addressed, if it did.
-    service: Option<String>,
+    /// The Service the client addressed, if it did.
+    service: Option<Arc<Service>>,
+    /// What the addressed port carries: HTTP is served request by request.
+    protocol: AppProtocol,
+    /// The labels of the connection (for its requests' metrics).
+    labels: TrafficLabels,
 }
 
 impl StreamHandler for Router {
@@ -85,12 +94,13 @@ impl Router {
                 "connection closed"
             );
         };
-        let Some(route) = self.route(authority) else {
+        let Some(route) = self.route(authority, &peer) else {
             reply(&mut respond, StatusCode::BAD_REQUEST);
             let error = format!("{authority} is no Service or pod behind this waypoint");
             return log(None, (0, 0), Some(error));
         };
         let endpoint = route.lease.as_ref().map(Lease::endpoint);
+        let exchange = self.exchange(&route, &peer, authority);
         let recv = request.into_body();
         let carried = match route.upstream {
             Upstream::Hbone {
@@ -104,14 +114,14 @@ impl Router {
                     source_addr: SocketAddr::new(peer.local_ip, 0),
                     hbone_addr,
                     authority: target,
-                    service: route.service,
+                    service: route.service.as_ref().map(|s| s.hostname.clone()),
                     expected_identities: expected.into_iter().collect(),
                     baggage: None,
                 };
                 match self.client.connect(&connect, &LocalSockets).await {
                     Ok(tunnel) => {
-                        let (mut upstream, _claim) = tunnel.into_io();
-                        answer(respond, recv, &mut upstream, route.lease).await
+                        let (upstream, _claim) = tunnel.into_io();
+                        answer(respond, recv, upstream, route.lease, exchange).await
                     }
                     Err(error) => {
                         let fault = error.is_server_fault(false);
@@ -122,7 +132,7 @@ impl Router {
             Upstream::Passthrough { addr } => {
                 let local = SocketAddr::new(peer.local_ip, 0);
                 match sockets::connect(&LocalSockets, local, false, addr).await {
-                    Ok(mut upstream) => answer(respond, recv, &mut upstream, route.lease).await,
+                    Ok(upstream) => answer(respond, recv, upstream, route.lease, exchange).await,
                     Err(error) => {
                         let fault = sockets::is_unreachable(&error);
                         refuse(respond, route.lease, error, fault)
@@ -144,11 +154,11 @@ impl Router {
         }
     }
 
-    /// Where a tunnel to `authority` goes, when this waypoint fronts it.
-    fn route(&self, authority: SocketAddr) -> Option<Route> {
+    /// Where a tunnel from `peer` to `authority` goes, when this waypoint fronts it.
+    fn route(&self, authority: SocketAddr, peer: &Peer) -> Option<Route> {
         let state = self.states.borrow();
-        let service = state.addressed_service(authority);
-        let bound = match service {
+        let service = state.addressed_service(authority).cloned();
+        let bound = match &service {
             Some(service) => service.waypoint.as_ref(),
             None => state
                 .workload_by_ip(authority.ip())
@@ -158,21 +168,72 @@ impl Router {
             return None;
         }
         let (upstream, lease) = state.resolve_direct(authority, &self.balancer);
+        let protocol = service
+            .as_ref()
+            .and_then(|s| s.ports.iter().find(|p| p.port == authority.port()))
+            .map_or(AppProtocol::Tcp, |p| p.protocol);
+        // The client is named only when the identity it proved is its own.
+        let source = state.workload_by_ip(peer.addr.ip()).filter(|w| {
+            peer.identity.as_ref().is_some_and(|proved| {
+                w.identity(proved.trust_domain())
+                    .is_ok_and(|expected| expected == *proved)
+            })
+        });
+        let destination = match &upstream {
+            Upstream::Hbone { workload, .. } => Some(workload.clone()),
+            Upstream::Passthrough { addr } => state.workload_by_ip(addr.ip()).cloned(),
+            Upstream::NoEndpoint { .. } | Upstream::NoWaypoint { .. } => None,
+        };
+        let destination_identity = destination
+            .as_ref()
+            .and_then(|w| w.identity(self.identity.trust_domain()).ok());
+        let labels = TrafficLabels::new(
+            Reporter::Destination,
+            &self.telemetry.cluster,
+            (source.map(AsRef::as_ref), peer.identity.as_ref()),
+            (destination.as_deref(), destination_identity.as_ref()),
+            service.as_deref(),
+        );
         Some(Route {
             upstream,
             lease,
-            service: service.map(|s| s.hostname.clone()),
+            service,
+            protocol,
+            labels,
+        })
+    }
+
+    /// What the requests of a connection on `route` share, when it carries HTTP.
+    fn exchange(&self, route: &Route, peer: &Peer, authority: SocketAddr) -> Option<Exchange> {
+        if route.protocol == AppProtocol::Tcp {
+            return None;
+        }
+        Some(Exchange {
+            protocol: route.protocol,
+            waypoint: self.waypoint.clone(),
+            states: self.states.clone(),
+            service: route
+                .service
+                .as_ref()
+                .map(|s| (s.namespace.clone(), s.name.clone())),
+            source_ip: peer.addr.ip(),
+            source_identity: peer.identity.clone(),
+            destination: authority,
+            labels: route.labels.clone(),
+            metrics: self.requests.clone(),
         })
     }
 }
 
-/// Answers the tunnel and copies between it and `upstream` until both close: the bytes each
-/// way, or why it failed.
-async fn answer<U: AsyncRead + AsyncWrite + Unpin>(
+/// Answers the tunnel, then serves its HTTP requests on `upstream` when it carries HTTP, or
+/// copies bytes between the two until both close: the bytes each way (`0` for HTTP, counted by
+/// request), or why it failed.
+async fn answer<U: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     mut respond: SendResponse<Bytes>,
     recv: RecvStream,
-    upstream: &mut U,
+    mut upstream: U,
     lease: Option<Lease>,
+    exchange: Option<Exchange>,
 ) -> Result<(u64, u64), String> {
     if let Some(lease) = &lease {
         lease.succeeded();
@@ -181,9 +242,15 @@ async fn answer<U: AsyncRead + AsyncWrite + Unpin>(
         .send_response(Response::new(()), false)
         .map_err(|e| ErrorChain(&e).to_string())?;
     let mut downstream = H2Io::new(H2Stream { send, recv });
-    tokio::io::copy_bidirectional(&mut downstream, upstream)
-        .await
-        .map_err(|e| ErrorChain(&e).to_string())
+    match exchange {
+        Some(exchange) => exchange::serve(downstream, upstream, exchange)
+            .await
+            .map(|()| (0, 0))
+            .map_err(|e| ErrorChain(&e).to_string()),
+        None => tokio::io::copy_bidirectional(&mut downstream, &mut upstream)
+            .await
+            .map_err(|e| ErrorChain(&e).to_string()),
+    }
 }
 
 /// The endpoint could not be reached: the client is told, and the endpoint ejected when that

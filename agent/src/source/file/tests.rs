@@ -343,6 +343,7 @@ fn a_bad_policy_is_replaced_by_a_denial_and_the_rest_keeps_working() {
         destination_labels: &[("app".to_owned(), "db".to_owned())].into(),
         destination_services: &[],
         destination_waypoints: &[],
+        request: None,
     };
     let decision = state.authorization().decide(&connection);
     assert!(!decision.allowed, "the stand-in denies the policy's scope");
