@@ -136,6 +136,23 @@ spec:
     assert_eq!(greeting(&cluster, "client", vip).await, None);
     let node2 = cluster.agent("node2").unwrap();
     logged(|| node2.log(), "\"policy\":\"shop/no-waypoint\"").await;
+
+    // A policy on the Service is the waypoint's to enforce, on TCP ports too.
+    let admins_only = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: admins-only, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, name: server}]
+  rules: [{from: [{source: {namespaces: [ops]}}]}]
+";
+    cluster.set_extra_objects(&objects(&cluster, admins_only));
+    cluster.apply().await.unwrap();
+    assert_eq!(greeting(&cluster, "client", vip).await, None);
+    let waypoint = cluster.waypoint("waypoint").unwrap();
+    logged(|| waypoint.log(), "denied by the ALLOW policies").await;
+    let peer = greeting(&cluster, "admin", vip).await;
+    assert_eq!(peer.as_deref(), Some(waypoint_ip.to_string().as_str()));
 }
 
 /// Waits until `log` holds `line`: a connection is logged once it has closed.

@@ -193,32 +193,21 @@ impl Exchange {
             host,
             headers: request.headers(),
         };
-        let no_labels = BTreeMap::new();
         let service = self
             .service
             .as_ref()
             .map(|(namespace, name)| (namespace.as_str(), name.as_str()));
-        let connection = Connection {
-            source_ip: self.source_ip,
-            source_identity: self.source_identity.as_ref(),
-            destination_ip: self.destination.ip(),
-            destination_port: self.destination.port(),
-            destination_namespace: service.map_or("", |(namespace, _)| namespace),
-            destination_labels: &no_labels,
-            destination_services: &[],
-            destination_waypoints: &[],
-            request: Some(&http),
+        let client = Client {
+            ip: self.source_ip,
+            identity: self.source_identity.as_ref(),
         };
-        let state = self.states.borrow();
-        let decision =
-            state
-                .authorization()
-                .decide_at_waypoint(&self.waypoint, service, &connection);
-        if decision.allowed {
-            Ok(())
-        } else {
-            Err(decision.policy.map(ToString::to_string))
-        }
+        decide(
+            &self.states.borrow(),
+            &self.waypoint,
+            (service, self.destination),
+            client,
+            Some(&http),
+        )
     }
 
     fn log(
@@ -243,6 +232,45 @@ impl Exchange {
             policy = denied_by,
             "request"
         );
+    }
+}
+
+/// Who is on the other end of a tunnel to the waypoint.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Client<'a> {
+    pub(super) ip: IpAddr,
+    pub(super) identity: Option<&'a Identity>,
+}
+
+/// Whether the policies that target `waypoint` or the Service addressed (`namespace`, `name`)
+/// allow `client` to reach `destination`, with `request` when it is HTTP: at L4 a rule with HTTP
+/// fields fails closed. The denying policy, if one did, when not.
+pub(super) fn decide(
+    state: &ClusterState,
+    waypoint: &WaypointRef,
+    (service, destination): (Option<(&str, &str)>, SocketAddr),
+    client: Client<'_>,
+    request: Option<&HttpRequest<'_>>,
+) -> Result<(), Option<String>> {
+    let no_labels = BTreeMap::new();
+    let connection = Connection {
+        source_ip: client.ip,
+        source_identity: client.identity,
+        destination_ip: destination.ip(),
+        destination_port: destination.port(),
+        destination_namespace: service.map_or("", |(namespace, _)| namespace),
+        destination_labels: &no_labels,
+        destination_services: &[],
+        destination_waypoints: &[],
+        request,
+    };
+    let decision = state
+        .authorization()
+        .decide_at_waypoint(waypoint, service, &connection);
+    if decision.allowed {
+        Ok(())
+    } else {
+        Err(decision.policy.map(ToString::to_string))
     }
 }
 

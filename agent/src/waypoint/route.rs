@@ -23,7 +23,7 @@ use crate::sockets::{self, LocalSockets};
 use crate::state::{AppProtocol, ClusterState, Service, Upstream, WaypointRef};
 use crate::telemetry::{Reporter, RequestMetrics, Telemetry, TrafficLabels};
 
-use super::exchange::{self, Exchange};
+use super::exchange::{self, Client, Exchange};
 
 /// Routes the tunnels of one waypoint.
 #[derive(Debug)]
@@ -99,6 +99,19 @@ impl Router {
             let error = format!("{authority} is no Service or pod behind this waypoint");
             return log(None, (0, 0), Some(error));
         };
+        // HTTP is decided request by request; anything else here, once.
+        if route.protocol == AppProtocol::Tcp
+            && let Err(policy) = self.decide(&route, &peer, authority)
+        {
+            reply(&mut respond, StatusCode::UNAUTHORIZED);
+            let error = format!(
+                "denied by {}",
+                policy
+                    .as_deref()
+                    .unwrap_or("the ALLOW policies, none of which matched")
+            );
+            return log(None, (0, 0), Some(error));
+        }
         let endpoint = route.lease.as_ref().map(Lease::endpoint);
         let exchange = self.exchange(&route, &peer, authority);
         let recv = request.into_body();
@@ -201,6 +214,30 @@ impl Router {
             protocol,
             labels,
         })
+    }
+
+    /// Whether the policies allow a connection from `peer` on `route`, at L4.
+    fn decide(
+        &self,
+        route: &Route,
+        peer: &Peer,
+        authority: SocketAddr,
+    ) -> Result<(), Option<String>> {
+        let service = route
+            .service
+            .as_ref()
+            .map(|s| (s.namespace.as_str(), s.name.as_str()));
+        let client = Client {
+            ip: peer.addr.ip(),
+            identity: peer.identity.as_ref(),
+        };
+        exchange::decide(
+            &self.states.borrow(),
+            &self.waypoint,
+            (service, authority),
+            client,
+            None,
+        )
     }
 
     /// What the requests of a connection on `route` share, when it carries HTTP.
