@@ -147,13 +147,20 @@ pub enum AppProtocol {
 
 impl AppProtocol {
     pub fn of(app_protocol: Option<&str>, name: Option<&str>) -> Self {
-        let selected = app_protocol
-            .or_else(|| name.map(|n| n.split_once('-').map_or(n, |(prefix, _)| prefix)))
-            .unwrap_or_default();
-        match selected.to_ascii_lowercase().as_str() {
-            "http" => Self::Http1,
-            "http2" | "grpc" | "h2c" | "kubernetes.io/h2c" => Self::Http2,
-            _ => Self::Tcp,
+        let prefix = name.map(|n| n.split_once('-').map_or(n, |(prefix, _)| prefix));
+        app_protocol
+            .and_then(Self::named)
+            .or_else(|| prefix.and_then(Self::named))
+            .unwrap_or(Self::Tcp)
+    }
+
+    /// The protocol Istio knows by `name`; `None` for a name it does not.
+    fn named(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "http" | "grpc-web" | "kubernetes.io/ws" | "kubernetes.io/wss" => Some(Self::Http1),
+            "http2" | "grpc" | "h2c" | "kubernetes.io/h2c" => Some(Self::Http2),
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" => Some(Self::Tcp),
+            _ => None,
         }
     }
 }

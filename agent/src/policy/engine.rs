@@ -489,13 +489,21 @@ impl Condition {
             Self::SourceNamespace(field) => identity_field(field, connection.source_namespace()),
             Self::SourcePrincipal(field) => identity_field(field, connection.principal()),
             Self::RequestHeader { name, values } => {
-                let value = connection
-                    .request
-                    .and_then(|r| r.headers.get(name.as_str()))
-                    .and_then(|v| v.to_str().ok());
-                // An absent header matches no value, and no negated value either.
-                match value {
-                    Some(value) => values.matches(|m| m.matches(value)),
+                // Repeated headers count as one, joined with commas, as Envoy reads them; bytes
+                // no string holds still count, so that a prefix rule cannot be dodged with them.
+                let joined = connection.request.and_then(|r| {
+                    let all: Vec<&[u8]> = r
+                        .headers
+                        .get_all(name.as_str())
+                        .iter()
+                        .map(http::HeaderValue::as_bytes)
+                        .collect();
+                    (!all.is_empty())
+                        .then(|| String::from_utf8_lossy(&all.join(&b","[..])).into_owned())
+                });
+                // An absent header matches no value; negated values alone hold.
+                match joined {
+                    Some(value) => values.matches(|m| m.matches(&value)),
                     None => values.values.is_none(),
                 }
             }

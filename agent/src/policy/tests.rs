@@ -1109,3 +1109,120 @@ fn cidrs_contain_what_they_should() {
     assert!(!cidr("fd00::/8").contains(ip("10.0.0.1")));
     assert!(cidr("10.0.0.1/32").contains(ip("10.0.0.1")));
 }
+
+/// What the waypoint `shop/waypoint` decides for `method path` with `host` and `headers` from
+/// the frontend, to the Service `shop/web`.
+fn at_waypoint(
+    policies: &AuthorizationPolicies,
+    (method, path, host): (&str, &str, &str),
+    headers: &[(&'static str, &'static str)],
+) -> bool {
+    let identity: Identity = "spiffe://cluster.local/ns/shop/sa/frontend"
+        .parse()
+        .unwrap();
+    let mut header_map = http::HeaderMap::new();
+    for (name, value) in headers {
+        header_map.append(*name, http::HeaderValue::from_static(value));
+    }
+    let request = HttpRequest {
+        method,
+        path,
+        host,
+        headers: &header_map,
+    };
+    let no_labels = BTreeMap::new();
+    let connection = Connection {
+        source_ip: FRONTEND.ip.parse().unwrap(),
+        source_identity: Some(&identity),
+        destination_ip: "10.96.0.10".parse().unwrap(),
+        destination_port: 80,
+        destination_namespace: "shop",
+        destination_labels: &no_labels,
+        destination_services: &[],
+        destination_waypoints: &[],
+        request: Some(&request),
+    };
+    let waypoint = crate::state::WaypointRef {
+        namespace: "shop".into(),
+        name: "waypoint".into(),
+    };
+    policies
+        .decide_at_waypoint(&waypoint, Some(("shop", "web")), &connection)
+        .allowed
+}
+
+#[test]
+fn waypoints_decide_http_fields_of_the_policies_that_target_them() {
+    let policies = policies(concat!(
+        object!(
+            "AuthorizationPolicy",
+            "shop",
+            "reads",
+            "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  rules:\n  - to: [{operation: {methods: [GET], paths: [/api/*], hosts: [Web.Shop*]}}]\n    when: [{key: 'request.headers[x-team]', values: [blue, green*]}]"
+        ),
+        object!(
+            "AuthorizationPolicy",
+            "shop",
+            "no-debug",
+            "  targetRefs: [{kind: Service, name: web}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [/api/debug*]}}]}]"
+        ),
+        object!(
+            "AuthorizationPolicy",
+            "shop",
+            "selected",
+            "  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules: [{}]"
+        ),
+    ))
+    .unwrap();
+    let get = |path| ("GET", path, "web.shop.svc.cluster.local");
+    assert!(
+        at_waypoint(&policies, get("/api/items"), &[("x-team", "green-2")]),
+        "a selector policy does not apply at a waypoint"
+    );
+    assert!(!at_waypoint(&policies, get("/api/items"), &[]), "no header");
+    assert!(!at_waypoint(
+        &policies,
+        get("/api/items"),
+        &[("x-team", "red")]
+    ));
+    assert!(!at_waypoint(
+        &policies,
+        ("POST", "/api/items", "web.shop"),
+        &[("x-team", "blue")]
+    ));
+    assert!(
+        at_waypoint(
+            &policies,
+            ("GET", "/api/x", "WEB.SHOP:80"),
+            &[("x-team", "blue")]
+        ),
+        "hosts ignore case"
+    );
+    assert!(!at_waypoint(
+        &policies,
+        ("GET", "/api/x", "admin.shop"),
+        &[("x-team", "blue")]
+    ));
+    assert!(
+        !at_waypoint(&policies, get("/api/debug/vars"), &[("x-team", "blue")]),
+        "the Service's DENY"
+    );
+    // Repeated headers count as one, joined: a DENY on a prefix cannot be dodged by repeating.
+    let deny_header = policies_with_header_deny();
+    assert!(!at_waypoint(
+        &deny_header,
+        get("/"),
+        &[("x-role", "guest"), ("x-role", "admin")]
+    ));
+    assert!(at_waypoint(&deny_header, get("/"), &[("x-role", "guest")]));
+}
+
+fn policies_with_header_deny() -> AuthorizationPolicies {
+    policies(object!(
+        "AuthorizationPolicy",
+        "shop",
+        "no-admins",
+        "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  action: DENY\n  rules: [{when: [{key: 'request.headers[x-role]', values: ['*admin']}]}]"
+    ))
+    .unwrap()
+}

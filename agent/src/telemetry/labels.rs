@@ -266,7 +266,8 @@ impl TrafficLabels {
             response_code: response_code.to_string(),
             grpc_response_status: "",
             response_flags: ResponseFlags::None.as_str(),
-            connection_security_policy: self.connection_security_policy,
+            // The client reached the waypoint over HBONE.
+            connection_security_policy: "mutual_tls",
         }
     }
 }

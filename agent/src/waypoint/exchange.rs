@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ambit_identity::Identity;
 use bytes::Bytes;
@@ -19,7 +19,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Mutex, watch};
@@ -30,6 +30,12 @@ use crate::telemetry::{RequestMetrics, TrafficLabels};
 
 /// What Envoy answers a request its RBAC filter denies.
 const DENIED: &str = "RBAC: access denied";
+/// How long an HTTP/1 client may take to send a request's headers: also how long an idle
+/// keep-alive connection is held.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// HTTP/2 clients are pinged this often when idle, and dropped when they do not answer.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -105,11 +111,16 @@ where
     let served = match protocol {
         AppProtocol::Http2 => {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                 .serve_connection(downstream, service)
                 .await
         }
         AppProtocol::Http1 | AppProtocol::Tcp => {
             hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(downstream, service)
                 .await
         }
@@ -120,7 +131,11 @@ where
 
 impl Exchange {
     /// Decides one request, and forwards it if allowed.
-    async fn handle(&self, request: Request<Incoming>, forward: &Forward) -> Response<ProxyBody> {
+    async fn handle(
+        &self,
+        mut request: Request<Incoming>,
+        forward: &Forward,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let grpc = request
             .headers()
@@ -128,27 +143,31 @@ impl Exchange {
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let protocol = if grpc { "grpc" } else { "http" };
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-        let (response, request_bytes) = match self.decide(&request).err() {
-            Some(policy) => {
-                let response = local_reply(StatusCode::FORBIDDEN, DENIED);
-                self.log(
-                    &method,
-                    &path,
-                    response.status(),
-                    started,
-                    policy.as_deref(),
-                );
+        let refused = match malformed(&request) {
+            Some(reason) => Some((StatusCode::BAD_REQUEST, reason, None)),
+            None => match self.decide(&request) {
+                Ok(()) => None,
+                Err(policy) => Some((StatusCode::FORBIDDEN, DENIED, policy)),
+            },
+        };
+        let (response, request_bytes) = match refused {
+            Some((status, reason, policy)) => {
+                let response = local_reply(status, reason, grpc);
+                self.log(&method, &path, status, started, policy.as_deref());
                 (response, None)
             }
             None => {
                 let labels = |code| self.labels.request(protocol, code);
+                strip_hop_by_hop(request.headers_mut());
+                align_host(&mut request);
                 // Counted once the answer is known: bytes are observed under its code.
                 let (parts, body) = request.into_parts();
                 let counted = Counted::new(body);
                 let request_bytes = counted.total.clone();
                 let request = Request::from_parts(parts, counted);
                 let response = match forward.send(request).await {
-                    Ok(response) => {
+                    Ok(mut response) => {
+                        strip_hop_by_hop(response.headers_mut());
                         let code = response.status().as_u16();
                         let histogram = self.metrics.response_bytes.get_or_create(&labels(code));
                         response.map(|body| Counted::observed(body, histogram.clone()).boxed())
@@ -158,6 +177,7 @@ impl Exchange {
                         local_reply(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "upstream connect error or disconnect/reset before headers",
+                            grpc,
                         )
                     }
                 };
@@ -274,19 +294,93 @@ pub(super) fn decide(
     }
 }
 
-/// A response of the waypoint's own.
-fn local_reply(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+/// A response of the waypoint's own. To a gRPC client, as Envoy answers it: `200` with the
+/// status and the message as `grpc-status` and `grpc-message`, and no body.
+fn local_reply(status: StatusCode, message: &'static str, grpc: bool) -> Response<ProxyBody> {
+    let body = if grpc { "" } else { message };
     let mut response = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))
             .map_err(|never| match never {})
             .boxed(),
     );
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
-    );
+    if !grpc {
+        *response.status_mut() = status;
+    }
+    let headers = response.headers_mut();
+    if grpc {
+        // PERMISSION_DENIED, UNAVAILABLE, INVALID_ARGUMENT.
+        let code = match status {
+            StatusCode::FORBIDDEN => "7",
+            StatusCode::SERVICE_UNAVAILABLE => "14",
+            _ => "3",
+        };
+        let content_type = HeaderValue::from_static("application/grpc");
+        headers.insert(http::header::CONTENT_TYPE, content_type);
+        headers.insert("grpc-status", HeaderValue::from_static(code));
+        headers.insert("grpc-message", HeaderValue::from_static(message));
+    } else {
+        let content_type = HeaderValue::from_static("text/plain");
+        headers.insert(http::header::CONTENT_TYPE, content_type);
+    }
     response
+}
+
+/// Why a request is refused before any policy sees it, if it is: the policies would decide on
+/// something other than what the app gets. A path with dot segments or encoded separators: the
+/// app would resolve `/public/../admin` to what a rule on `/admin*` protects.
+fn malformed<B>(request: &Request<B>) -> Option<&'static str> {
+    let path = request.uri().path();
+    let lower = path.to_ascii_lowercase();
+    let dot_segment = path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..");
+    let encoded = ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e));
+    (dot_segment || encoded || path.contains('\\')).then_some("the path is not in normal form")
+}
+
+/// Makes `Host` say what the policies saw: a request that names its authority (HTTP/2, or an
+/// HTTP/1 absolute form) is forwarded with that authority as its `Host`, whatever it sent.
+fn align_host<B>(request: &mut Request<B>) {
+    let authority = request
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    if let Some(authority) = authority
+        && request.headers().contains_key(http::header::HOST)
+    {
+        request.headers_mut().insert(http::header::HOST, authority);
+    }
+}
+
+/// Removes the headers that concern one hop only (RFC 9110, section 7.6.1), and those the
+/// `Connection` header names.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "transfer-encoding",
+    ] {
+        headers.remove(name);
+    }
+    // `te: trailers` goes on: gRPC needs it end to end.
+    if headers
+        .get(http::header::TE)
+        .is_some_and(|te| te.as_bytes() != b"trailers")
+    {
+        headers.remove(http::header::TE);
+    }
 }
 
 /// A body whose bytes are counted as they pass, observed in a histogram when it ends.
@@ -345,5 +439,75 @@ impl Drop for Counted {
         if let Some(histogram) = &self.histogram {
             histogram.observe(self.total.load(Ordering::Relaxed) as f64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(uri: &str, host: Option<&str>) -> Request<()> {
+        let mut request = Request::get(uri).body(()).unwrap();
+        if let Some(host) = host {
+            let host = HeaderValue::from_str(host).unwrap();
+            request.headers_mut().insert(http::header::HOST, host);
+        }
+        request
+    }
+
+    #[test]
+    fn paths_that_resolve_elsewhere_are_refused() {
+        for path in [
+            "/a/../admin",
+            "/./admin",
+            "/a/..",
+            "/%2e%2e/admin",
+            "/a%2Fb",
+            "/a\\b",
+        ] {
+            assert!(malformed(&request(path, None)).is_some(), "{path}");
+        }
+        for path in ["/admin", "/a/b.c/d", "/..a/b", "/a?x=/../"] {
+            assert_eq!(malformed(&request(path, None)), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn the_host_forwarded_is_the_authority_decided_on() {
+        let mut absolute = request("http://web.shop:80/x", Some("admin.shop"));
+        align_host(&mut absolute);
+        assert_eq!(absolute.headers()[http::header::HOST], "web.shop:80");
+        let mut origin = request("/x", Some("web.shop"));
+        align_host(&mut origin);
+        assert_eq!(origin.headers()[http::header::HOST], "web.shop");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stop_here() {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+            ("x-kept", "1"),
+        ] {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(http::HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["te", "x-kept"]);
+    }
+
+    #[test]
+    fn grpc_clients_are_answered_in_grpc() {
+        let denied = local_reply(StatusCode::FORBIDDEN, DENIED, true);
+        assert_eq!(denied.status(), StatusCode::OK);
+        assert_eq!(denied.headers()["grpc-status"], "7");
+        assert_eq!(denied.headers()["grpc-message"], DENIED);
+        let plain = local_reply(StatusCode::FORBIDDEN, DENIED, false);
+        assert_eq!(plain.status(), StatusCode::FORBIDDEN);
     }
 }
