@@ -3,15 +3,18 @@
 //! fuzzers' sake; not an API.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, StatusCode};
 
 pub use ambit_redirect::AGENT_POD_PORTS;
 
 use crate::authorize::{self, InboundRequest, Verdict};
+use crate::balance::Balancer;
 use crate::hbone::{self, Baggage, TraceParent};
 use crate::source::{SourceError, file};
-use crate::state::{ClusterState, Workload};
+use crate::state::{ClusterState, Upstream, Workload};
 
 /// The CONNECT headers the server reads.
 pub const BAGGAGE: &str = hbone::BAGGAGE;
@@ -41,6 +44,19 @@ pub fn connect_request(
 /// The cluster file's text, parsed and translated as the file source does.
 pub fn cluster_file(text: &str, root_namespace: &str) -> Result<ClusterState, SourceError> {
     file::parse(text, root_namespace)
+}
+
+/// Where a connection from `source` to `destination` goes, as the outbound proxy routes it
+/// (through waypoints, to a Service's endpoints); and where the waypoint sends it on.
+pub fn route(
+    state: &ClusterState,
+    source: IpAddr,
+    destination: SocketAddr,
+) -> (Upstream, Upstream) {
+    let balancer = Arc::new(Balancer::new(Duration::from_secs(30)));
+    let (routed, _) = state.resolve(source, destination, &balancer);
+    let (direct, _) = state.resolve_direct(destination, &balancer);
+    (routed, direct)
 }
 
 /// PeerAuthentication then AuthorizationPolicy, as the inbound proxies apply them.

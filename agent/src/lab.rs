@@ -15,6 +15,6 @@ mod waypoint;
 
 pub use agent::AgentProcess;
 pub use cluster::{Cluster, ClusterBuilder, ISTIO_CRDS};
-pub use pod::{EchoApp, InPod, read_peer_line};
+pub use pod::{EchoApp, HttpApp, InPod, read_peer_line};
 pub use pod_process::{CgroupLayout, PodProcess, PodProcessError};
 pub use waypoint::WaypointProcess;

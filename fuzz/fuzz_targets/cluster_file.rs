@@ -5,7 +5,7 @@
 #![no_main]
 
 use std::iter;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ambit_agent::authorize::InboundRequest;
 use ambit_agent::fuzzing;
@@ -28,16 +28,27 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn route(state: &ClusterState) {
+    let sources: Vec<IpAddr> = state
+        .workloads()
+        .iter()
+        .flat_map(|w| w.ips.clone())
+        .collect();
     for service in state.services() {
         for vip in &service.vips {
             for port in &service.ports {
-                let _ = state.resolve(SocketAddr::new(*vip, port.port));
-                let _ = state.destination_service(SocketAddr::new(*vip, port.port));
+                let destination = SocketAddr::new(*vip, port.port);
+                for source in sources.iter().take(4) {
+                    let _ = fuzzing::route(state, *source, destination);
+                }
+                let _ = state.destination_service(destination);
             }
         }
     }
     for workload in state.workloads() {
         let _ = state.enrolled_on(&workload.node);
+        for (ip, source) in workload.ips.iter().zip(&sources) {
+            let _ = fuzzing::route(state, *source, SocketAddr::new(*ip, 8080));
+        }
     }
 }
 

@@ -171,37 +171,6 @@ async fn logged(log: impl Fn() -> String, line: &str) {
 const HTTP_PORT: u16 = 8081;
 const H2_PORT: u16 = 8082;
 
-/// HTTP/1.1 on `HTTP_PORT` and HTTP/2 (prior knowledge) on `H2_PORT` in the pod `name`,
-/// answering `200 <method> <path>`.
-async fn http_servers(cluster: &Cluster, name: &str) {
-    let pod = cluster.in_pod(name).unwrap();
-    for (port, http2) in [(HTTP_PORT, false), (H2_PORT, true)] {
-        let listener = pod.listen(port).await.unwrap();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let service = hyper::service::service_fn(|request: http::Request<_>| async move {
-                    let body = format!("{} {}", request.method(), request.uri().path());
-                    Ok::<_, std::convert::Infallible>(http::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from(body)),
-                    ))
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                tokio::spawn(async move {
-                    if http2 {
-                        let builder = hyper::server::conn::http2::Builder::new(
-                            hyper_util::rt::TokioExecutor::new(),
-                        );
-                        let _ = builder.serve_connection(io, service).await;
-                    } else {
-                        let builder = hyper::server::conn::http1::Builder::new();
-                        let _ = builder.serve_connection(io, service).await;
-                    }
-                });
-            }
-        });
-    }
-}
-
 /// One request from the client to `addr`: the status and the body.
 async fn request(
     cluster: &Cluster,
@@ -288,7 +257,11 @@ spec:
     );
     cluster.set_extra_objects(&objects);
     cluster.apply().await.unwrap();
-    http_servers(&cluster, "server").await;
+    let server = cluster.in_pod("server").unwrap();
+    let _apps = [
+        server.http(HTTP_PORT, false).await.unwrap(),
+        server.http(H2_PORT, true).await.unwrap(),
+    ];
     let http1: SocketAddr = "10.96.0.20:80".parse().unwrap();
     let http2: SocketAddr = "10.96.0.20:81".parse().unwrap();
 

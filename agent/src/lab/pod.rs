@@ -71,6 +71,50 @@ impl InPod {
         });
         Ok(EchoApp { accepted, task })
     }
+
+    /// An HTTP server (HTTP/1.1, or HTTP/2 with prior knowledge when `http2`) that answers every
+    /// request `200 <method> <path>`.
+    pub async fn http(&self, port: u16, http2: bool) -> io::Result<HttpApp> {
+        let listener = self.listen(port).await?;
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_http(stream, http2));
+            }
+        });
+        Ok(HttpApp { task })
+    }
+}
+
+async fn serve_http(stream: TcpStream, http2: bool) {
+    let service = hyper::service::service_fn(|request: http::Request<_>| async move {
+        let body = format!("{} {}", request.method(), request.uri().path());
+        let body = http_body_util::Full::new(bytes::Bytes::from(body));
+        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+    });
+    let io = hyper_util::rt::TokioIo::new(stream);
+    // The connection ends with an error when the client goes: nothing to report.
+    let _ = if http2 {
+        let executor = hyper_util::rt::TokioExecutor::new();
+        hyper::server::conn::http2::Builder::new(executor)
+            .serve_connection(io, service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await
+    };
+}
+
+/// The server [`InPod::http`] starts; stops when dropped.
+#[derive(Debug)]
+pub struct HttpApp {
+    task: JoinHandle<()>,
+}
+
+impl Drop for HttpApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 async fn echo(mut stream: TcpStream, peer: SocketAddr) {
