@@ -166,6 +166,7 @@ async fn get(sender: &mut SendRequest<Empty<bytes::Bytes>>, path: &str) {
         .header(http::header::HOST, "web.shop.svc.cluster.local")
         .body(Empty::new())
         .unwrap();
+    sender.ready().await.unwrap();
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     response.into_body().collect().await.unwrap();
