@@ -77,6 +77,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end -}}
 
+{{/*
+The labels of a waypoint's objects (its pods are selected by gateway.networking.k8s.io/gateway-name,
+as istiod's are). Not the agents' app.kubernetes.io/name, so that their selector never matches.
+*/}}
+{{- define "ambit.waypoint.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}-waypoint
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: waypoint
+app.kubernetes.io/part-of: ambit
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end -}}
+
 {{/* Where the agents reach the CA: ambit's own (ca.enabled) or ca.external.address. */}}
 {{- define "ambit.ca.address" -}}
 {{- if .Values.ca.enabled -}}
