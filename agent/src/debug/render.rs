@@ -109,8 +109,8 @@ pub(super) fn workloads(workloads: &Vec<WorkloadView>) -> String {
         "NODE",
         "PROTOCOL",
         "IDENTITY",
-        "CAPTURE",
         "WAYPOINT",
+        "CAPTURE",
     ]);
     for w in workloads {
         table.row(vec![
@@ -120,8 +120,8 @@ pub(super) fn workloads(workloads: &Vec<WorkloadView>) -> String {
             w.node.clone(),
             w.protocol.clone(),
             or_dash(w.identity.as_deref()),
-            or_dash(w.capture.as_deref()),
             or_dash(w.waypoint.as_deref()),
+            or_dash(w.capture.as_deref()),
         ]);
     }
     table.render()
