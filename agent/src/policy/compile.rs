@@ -111,7 +111,7 @@ pub(crate) fn authorization_policy(
 /// What a policy's `targetRefs` name: Services of its namespace (enforced at their waypoint,
 /// or at their endpoints without one), or waypoints of its namespace (`Gateway`s of
 /// `gateway.networking.k8s.io`, enforced by the waypoints).
-fn target_scope(
+pub(crate) fn target_scope(
     namespace: &str,
     targets: &[&model::PolicyTargetReference],
 ) -> Result<Scope, CompileError> {
@@ -153,15 +153,10 @@ fn target_scope(
 }
 
 /// The stand-in for a policy that failed to compile: denies everything in its scope.
-pub(crate) fn deny_all(
-    name: PolicyName,
-    selector: Option<BTreeMap<String, String>>,
-) -> AuthorizationPolicy {
+pub(crate) fn deny_all(name: PolicyName, scope: Scope) -> AuthorizationPolicy {
     AuthorizationPolicy {
         name,
-        scope: selector
-            .filter(|s| !s.is_empty())
-            .map_or(Scope::Namespace, Scope::Selector),
+        scope,
         action: Action::Deny,
         dry_run: false,
         rules: vec![Rule::default()],
@@ -436,15 +431,10 @@ pub(crate) fn peer_authentication(
 }
 
 /// The stand-in for a PeerAuthentication that failed to compile: STRICT for its scope.
-pub(crate) fn strict(
-    name: PolicyName,
-    selector: Option<BTreeMap<String, String>>,
-) -> PeerAuthentication {
+pub(crate) fn strict(name: PolicyName, scope: Scope) -> PeerAuthentication {
     PeerAuthentication {
         name,
-        scope: selector
-            .filter(|s| !s.is_empty())
-            .map_or(Scope::Namespace, Scope::Selector),
+        scope,
         mode: MtlsMode::Strict,
         ports: BTreeMap::new(),
     }

@@ -1086,7 +1086,7 @@ fn a_policy_that_does_not_compile_denies_its_scope() {
         namespace: "shop".into(),
         name: "bad".into(),
     };
-    let policies = AuthorizationPolicies::new(ROOT, [compile::deny_all(name, None)]);
+    let policies = AuthorizationPolicies::new(ROOT, [compile::deny_all(name, Scope::Namespace)]);
     let (allowed, policy, _) = decide(&policies, FRONTEND, 8080);
     assert!(!allowed);
     assert_eq!(policy.as_deref(), Some("shop/bad"));

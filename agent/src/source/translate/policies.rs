@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::{Describe, Sourced};
 use crate::policy::compile::{self, CompileError};
 use crate::policy::{AuthorizationPolicies, AuthorizationPolicy, PeerAuthentications, PolicyName};
+use crate::policy::{Scope, model};
 
 pub(super) struct Compiled {
     pub(super) authorization: AuthorizationPolicies,
@@ -61,7 +62,7 @@ fn compile_one<M: DeserializeOwned, P>(
     policy: &Sourced<Value>,
     kind: &str,
     compile: impl Fn(&M) -> Result<P, CompileError>,
-    fail_closed: impl Fn(PolicyName, Option<BTreeMap<String, String>>) -> P,
+    fail_closed: impl Fn(PolicyName, Scope) -> P,
     rejected: &mut Vec<String>,
 ) -> P {
     let value = &*policy.object;
@@ -80,7 +81,9 @@ fn compile_one<M: DeserializeOwned, P>(
         .and_then(|model| compile(&model).map_err(|e| e.to_string()));
     compiled.unwrap_or_else(|error| {
         rejected.push(format!("{object}: {error}"));
-        fail_closed(name(value), selector(value))
+        let name = name(value);
+        let scope = stand_in_scope(value, &name.namespace);
+        fail_closed(name, scope)
     })
 }
 
@@ -99,9 +102,27 @@ fn name(value: &Value) -> PolicyName {
     }
 }
 
-/// The object's `spec.selector.matchLabels`, read leniently, so that a stand-in keeps the scope
-/// of the policy it replaces. When unreadable, the stand-in covers the whole namespace.
-fn selector(value: &Value) -> Option<BTreeMap<String, String>> {
-    let labels = value.get("spec")?.get("selector")?.get("matchLabels")?;
-    serde_json::from_value(labels.clone()).ok()
+/// The scope of the policy a stand-in replaces, read leniently: its `targetRefs` when they name
+/// Services or waypoints of its namespace (so that a broken policy on a waypoint's traffic is
+/// enforced by the waypoint), else its `selector.matchLabels`; the whole namespace when neither
+/// reads.
+fn stand_in_scope(value: &Value, namespace: &str) -> Scope {
+    let spec = value.get("spec");
+    let field = |name: &str| spec.and_then(|s| s.get(name)).cloned();
+    let targets: Option<Vec<model::PolicyTargetReference>> = field("targetRefs")
+        .and_then(|refs| serde_json::from_value(refs).ok())
+        .or_else(|| {
+            let target = serde_json::from_value(field("targetRef")?).ok()?;
+            Some(vec![target])
+        });
+    if let Some(targets) = targets.filter(|t| !t.is_empty()) {
+        let targets: Vec<&model::PolicyTargetReference> = targets.iter().collect();
+        return compile::target_scope(namespace, &targets).unwrap_or(Scope::Namespace);
+    }
+    let selector = field("selector")
+        .and_then(|s| s.get("matchLabels").cloned())
+        .and_then(|labels| serde_json::from_value::<BTreeMap<String, String>>(labels).ok());
+    selector
+        .filter(|s| !s.is_empty())
+        .map_or(Scope::Namespace, Scope::Selector)
 }

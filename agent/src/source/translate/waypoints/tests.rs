@@ -235,3 +235,38 @@ status: {podIP: 10.244.2.30}
         Verdict::Deny { .. }
     ));
 }
+
+#[test]
+fn a_broken_policy_on_a_waypoint_is_enforced_by_the_waypoint() {
+    let broken = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ['/admin/{**}']}}]}]
+";
+    let state = cluster("service", broken);
+    assert_eq!(
+        state.rejected_policies().len(),
+        1,
+        "{:?}",
+        state.rejected_policies()
+    );
+    let policy = state
+        .authorization()
+        .iter()
+        .find(|p| p.name.name == "no-admin")
+        .unwrap();
+    assert_eq!(
+        policy.scope,
+        crate::policy::Scope::Gateways(vec!["waypoint".to_owned()]),
+        "the stand-in keeps the policy's targets, rather than the namespace's workloads"
+    );
+    assert_eq!(
+        decide(&state, "shop/sa/waypoint"),
+        Verdict::Allow,
+        "the endpoints are not its to deny"
+    );
+}
