@@ -153,6 +153,17 @@ spec:
     logged(|| waypoint.log(), "denied by the ALLOW policies").await;
     let peer = greeting(&cluster, "admin", vip).await;
     assert_eq!(peer.as_deref(), Some(waypoint_ip.to_string().as_str()));
+
+    // An open connection is held to the policies in force: one that now denies it closes it.
+    let mut held = cluster.in_pod("admin").unwrap().connect(vip).await.unwrap();
+    read_peer_line(&mut held).await.unwrap();
+    cluster.set_extra_objects(&objects(&cluster, &admins_only.replace("[ops]", "[audit]")));
+    cluster.apply().await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), held.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the held connection stayed open");
+    let waypoint = cluster.waypoint("waypoint").unwrap();
+    logged(|| waypoint.log(), "closed: a policy change denies it").await;
 }
 
 /// Waits until `log` holds `line`: a connection is logged once it has closed.

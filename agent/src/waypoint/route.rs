@@ -99,9 +99,14 @@ impl Router {
             let error = format!("{authority} is no Service or pod behind this waypoint");
             return log(None, (0, 0), Some(error));
         };
-        // HTTP is decided request by request; anything else here, once.
+        // HTTP is decided request by request; anything else here, and again when the policies
+        // change.
+        let decided = || {
+            let state = self.states.borrow();
+            self.decide(&state, route.service.as_deref(), &peer, authority)
+        };
         if route.protocol == AppProtocol::Tcp
-            && let Err(policy) = self.decide(&route, &peer, authority)
+            && let Err(policy) = decided()
         {
             reply(&mut respond, StatusCode::UNAUTHORIZED);
             let error = format!(
@@ -113,7 +118,10 @@ impl Router {
             return log(None, (0, 0), Some(error));
         }
         let endpoint = route.lease.as_ref().map(Lease::endpoint);
-        let exchange = self.exchange(&route, &peer, authority);
+        let carry = match self.exchange(&route, &peer, authority) {
+            Some(exchange) => Carry::Requests(exchange),
+            None => Carry::Bytes(self.revoked(&route, &peer, authority)),
+        };
         let recv = request.into_body();
         let carried = match route.upstream {
             Upstream::Hbone {
@@ -134,7 +142,7 @@ impl Router {
                 match self.client.connect(&connect, &LocalSockets).await {
                     Ok(tunnel) => {
                         let (upstream, _claim) = tunnel.into_io();
-                        answer(respond, recv, upstream, route.lease, exchange).await
+                        answer(respond, recv, upstream, route.lease, carry).await
                     }
                     Err(error) => {
                         let fault = error.is_server_fault(false);
@@ -145,7 +153,7 @@ impl Router {
             Upstream::Passthrough { addr } => {
                 let local = SocketAddr::new(peer.local_ip, 0);
                 match sockets::connect(&LocalSockets, local, false, addr).await {
-                    Ok(upstream) => answer(respond, recv, upstream, route.lease, exchange).await,
+                    Ok(upstream) => answer(respond, recv, upstream, route.lease, carry).await,
                     Err(error) => {
                         let fault = sockets::is_unreachable(&error);
                         refuse(respond, route.lease, error, fault)
@@ -219,25 +227,42 @@ impl Router {
     /// Whether the policies allow a connection from `peer` on `route`, at L4.
     fn decide(
         &self,
-        route: &Route,
+        state: &ClusterState,
+        service: Option<&Service>,
         peer: &Peer,
         authority: SocketAddr,
     ) -> Result<(), Option<String>> {
-        let service = route
-            .service
-            .as_ref()
-            .map(|s| (s.namespace.as_str(), s.name.as_str()));
+        let service = service.map(|s| (s.namespace.as_str(), s.name.as_str()));
         let client = Client {
             ip: peer.addr.ip(),
             identity: peer.identity.as_ref(),
         };
-        exchange::decide(
-            &self.states.borrow(),
-            &self.waypoint,
-            (service, authority),
-            client,
-            None,
-        )
+        exchange::decide(state, &self.waypoint, (service, authority), client, None)
+    }
+
+    /// Resolves once a policy change denies a connection from `peer` on `route`: an open
+    /// connection is held to the policies in force, as the node agent holds its own.
+    fn revoked(
+        self: &Arc<Self>,
+        route: &Route,
+        peer: &Arc<Peer>,
+        authority: SocketAddr,
+    ) -> Revoked {
+        let (router, peer, service) = (self.clone(), peer.clone(), route.service.clone());
+        let mut states = self.states.clone();
+        Box::pin(async move {
+            while states.changed().await.is_ok() {
+                let state = states.borrow_and_update().clone();
+                if router
+                    .decide(&state, service.as_deref(), &peer, authority)
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            // The source stopped: nothing changes any more.
+            std::future::pending().await
+        })
     }
 
     /// What the requests of a connection on `route` share, when it carries HTTP.
@@ -262,15 +287,24 @@ impl Router {
     }
 }
 
-/// Answers the tunnel, then serves its HTTP requests on `upstream` when it carries HTTP, or
-/// copies bytes between the two until both close: the bytes each way (`0` for HTTP, counted by
-/// request), or why it failed.
+/// Resolves when a policy change denies an open connection.
+type Revoked = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// How a tunnel is carried: request by request, or as bytes until a policy change denies it.
+enum Carry {
+    Requests(Exchange),
+    Bytes(Revoked),
+}
+
+/// Answers the tunnel, then serves its HTTP requests on `upstream`, or copies bytes between the
+/// two until both close or a policy change denies it: the bytes each way (`0` for HTTP, counted
+/// by request), or why it ended early.
 async fn answer<U: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     mut respond: SendResponse<Bytes>,
     recv: RecvStream,
     mut upstream: U,
     lease: Option<Lease>,
-    exchange: Option<Exchange>,
+    carry: Carry,
 ) -> Result<(u64, u64), String> {
     if let Some(lease) = &lease {
         lease.succeeded();
@@ -279,14 +313,17 @@ async fn answer<U: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         .send_response(Response::new(()), false)
         .map_err(|e| ErrorChain(&e).to_string())?;
     let mut downstream = H2Io::new(H2Stream { send, recv });
-    match exchange {
-        Some(exchange) => exchange::serve(downstream, upstream, exchange)
+    match carry {
+        Carry::Requests(exchange) => exchange::serve(downstream, upstream, exchange)
             .await
             .map(|()| (0, 0))
             .map_err(|e| ErrorChain(&e).to_string()),
-        None => tokio::io::copy_bidirectional(&mut downstream, &mut upstream)
-            .await
-            .map_err(|e| ErrorChain(&e).to_string()),
+        Carry::Bytes(revoked) => tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => {
+                copied.map_err(|e| ErrorChain(&e).to_string())
+            }
+            () = revoked => Err("closed: a policy change denies it".to_owned()),
+        },
     }
 }
 
