@@ -119,7 +119,7 @@ impl Router {
         }
         let endpoint = route.lease.as_ref().map(Lease::endpoint);
         let carry = match self.exchange(&route, &peer, authority) {
-            Some(exchange) => Carry::Requests(exchange),
+            Some(exchange) => Carry::Requests(Box::new(exchange)),
             None => Carry::Bytes(self.revoked(&route, &peer, authority)),
         };
         let recv = request.into_body();
@@ -292,7 +292,7 @@ type Revoked = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// How a tunnel is carried: request by request, or as bytes until a policy change denies it.
 enum Carry {
-    Requests(Exchange),
+    Requests(Box<Exchange>),
     Bytes(Revoked),
 }
 
@@ -314,7 +314,7 @@ async fn answer<U: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         .map_err(|e| ErrorChain(&e).to_string())?;
     let mut downstream = H2Io::new(H2Stream { send, recv });
     match carry {
-        Carry::Requests(exchange) => exchange::serve(downstream, upstream, exchange)
+        Carry::Requests(exchange) => exchange::serve(downstream, upstream, *exchange)
             .await
             .map(|()| (0, 0))
             .map_err(|e| ErrorChain(&e).to_string()),
