@@ -302,26 +302,42 @@ spec:
     );
     assert_eq!(request(&cluster, http2, true, "GET", "/admin").await.0, 403);
 
-    // Istio's request metrics, from the waypoint.
+    // Istio's request metrics, from the waypoint; a body is observed once it has ended, which
+    // the waypoint sees just after the client does.
     let metrics_addr = SocketAddr::new(cluster.addr("waypoint", 0).unwrap().ip(), 15020);
-    let (_, metrics) = cluster
-        .agent("node1")
-        .unwrap()
-        .get_from(metrics_addr, "/metrics")
-        .await
-        .unwrap()
-        .unwrap();
-    let requests = |code: &str| {
+    let sum = |metrics: &str, metric: &str, code: &str| {
         metrics
             .lines()
-            .filter(|l| l.starts_with("istio_requests_total{reporter=\"waypoint\""))
+            .filter(|l| l.starts_with(&format!("{metric}{{reporter=\"waypoint\"")))
             .filter(|l| l.contains(&format!("response_code=\"{code}\"")))
             .filter(|l| l.contains("source_workload=\"client\""))
             .filter(|l| l.contains("destination_service=\"web.shop.svc.cluster.local\""))
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-            .sum::<u64>()
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>()
     };
-    assert_eq!(requests("200"), 2, "{metrics}");
-    assert_eq!(requests("403"), 3, "{metrics}");
-    assert!(metrics.contains("istio_request_duration_milliseconds_bucket{"));
+    // `GET /allowed/1` and `GET /allowed/2` are answered with 14 bytes each.
+    let expected = [
+        ("istio_requests_total", "200", 2.0),
+        ("istio_requests_total", "403", 3.0),
+        ("istio_request_bytes_count", "200", 2.0),
+        ("istio_response_bytes_sum", "200", 28.0),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, metrics) = cluster
+            .agent("node1")
+            .unwrap()
+            .get_from(metrics_addr, "/metrics")
+            .await
+            .unwrap()
+            .unwrap();
+        let counted = expected
+            .iter()
+            .all(|(metric, code, value)| sum(&metrics, metric, code) == *value);
+        if counted && metrics.contains("istio_request_duration_milliseconds_bucket{") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -160,17 +160,17 @@ impl Exchange {
                 let labels = |code| self.labels.request(protocol, code);
                 strip_hop_by_hop(request.headers_mut());
                 align_host(&mut request);
-                // Counted once the answer is known: bytes are observed under its code.
-                let (parts, body) = request.into_parts();
-                let counted = Counted::new(body);
-                let request_bytes = counted.total.clone();
-                let request = Request::from_parts(parts, counted);
+                // Observed once both the body has ended and the answer (its labels) is known.
+                let request_bytes = Arc::new(Tally::default());
+                let request = request.map(|body| Counted::new(body, request_bytes.clone()));
                 let response = match forward.send(request).await {
                     Ok(mut response) => {
                         strip_hop_by_hop(response.headers_mut());
                         let code = response.status().as_u16();
                         let histogram = self.metrics.response_bytes.get_or_create(&labels(code));
-                        response.map(|body| Counted::observed(body, histogram.clone()).boxed())
+                        let response_bytes = Arc::new(Tally::default());
+                        response_bytes.observe_in(histogram.clone());
+                        response.map(|body| Counted::new(body, response_bytes).boxed())
                     }
                     Err(error) => {
                         tracing::info!(%error, "the upstream failed the request");
@@ -191,11 +191,12 @@ impl Exchange {
             .duration
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64() * 1000.0);
-        let sent = request_bytes.map_or(0, |total| total.load(Ordering::Relaxed));
-        self.metrics
-            .request_bytes
-            .get_or_create(&labels)
-            .observe(sent as f64);
+        let histogram = self.metrics.request_bytes.get_or_create(&labels).clone();
+        match request_bytes {
+            Some(tally) => tally.observe_in(histogram),
+            // Refused before the body was read.
+            None => histogram.observe(0.0),
+        }
         response
     }
 
@@ -383,28 +384,53 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
-/// A body whose bytes are counted as they pass, observed in a histogram when it ends.
-struct Counted {
-    inner: Incoming,
-    total: Arc<AtomicU64>,
-    histogram: Option<Histogram>,
+/// The bytes of a body, observed in a histogram once the body has ended and the histogram is
+/// known, whichever comes last: a request's labels hold its response's code.
+#[derive(Default)]
+struct Tally {
+    bytes: AtomicU64,
+    /// Whether the body has ended, and the histogram waiting for it.
+    pending: std::sync::Mutex<(bool, Option<Histogram>)>,
 }
 
-impl Counted {
-    fn new(inner: Incoming) -> Self {
-        Self {
-            inner,
-            total: Arc::default(),
-            histogram: None,
+impl Tally {
+    fn pending(&self) -> std::sync::MutexGuard<'_, (bool, Option<Histogram>)> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn observe(&self, histogram: &Histogram) {
+        histogram.observe(self.bytes.load(Ordering::Relaxed) as f64);
+    }
+
+    fn observe_in(&self, histogram: Histogram) {
+        let mut pending = self.pending();
+        if pending.0 {
+            self.observe(&histogram);
+        } else {
+            pending.1 = Some(histogram);
         }
     }
 
-    fn observed(inner: Incoming, histogram: Histogram) -> Self {
-        Self {
-            inner,
-            total: Arc::default(),
-            histogram: Some(histogram),
+    fn ended(&self) {
+        let mut pending = self.pending();
+        pending.0 = true;
+        if let Some(histogram) = pending.1.take() {
+            self.observe(&histogram);
         }
+    }
+}
+
+/// A body whose bytes its tally counts as they pass.
+struct Counted {
+    inner: Incoming,
+    tally: Arc<Tally>,
+}
+
+impl Counted {
+    fn new(inner: Incoming, tally: Arc<Tally>) -> Self {
+        Self { inner, tally }
     }
 }
 
@@ -420,7 +446,8 @@ impl Body for Counted {
         if let Some(Ok(frame)) = &frame
             && let Some(data) = frame.data_ref()
         {
-            self.total.fetch_add(data.len() as u64, Ordering::Relaxed);
+            let n = data.len() as u64;
+            self.tally.bytes.fetch_add(n, Ordering::Relaxed);
         }
         Poll::Ready(frame)
     }
@@ -436,9 +463,7 @@ impl Body for Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        if let Some(histogram) = &self.histogram {
-            histogram.observe(self.total.load(Ordering::Relaxed) as f64);
-        }
+        self.tally.ended();
     }
 }
 
