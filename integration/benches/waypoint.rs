@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ambit_agent::lab::Cluster;
-use ambit_integration::agent_binary;
+use ambit_integration::{ServiceYaml, agent_binary};
 use ambit_test_support::measure::{self, Comparison};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
@@ -106,34 +106,20 @@ spec:
 /// The Service `name` at `vip`, port 80 (`http`) to the HTTP app of `pod`, through the
 /// waypoint when `through_waypoint`.
 fn service(cluster: &Cluster, name: &str, vip: &str, pod: &str, through_waypoint: bool) -> String {
-    let ip = cluster.addr(pod, HTTP_APP_PORT).unwrap().ip();
-    let waypoint = if through_waypoint {
-        "\n  labels: {istio.io/use-waypoint: waypoint}"
-    } else {
-        ""
-    };
-    format!(
-        "---
-apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: shop{waypoint}
-spec:
-  clusterIP: {vip}
-  ports: [{{name: http, port: 80, targetPort: {HTTP_APP_PORT}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: shop
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-endpoints: [{{addresses: [{ip}], conditions: {{ready: true}}}}]
-ports: [{{name: http, port: {HTTP_APP_PORT}}}]
-"
-    )
+    ServiceYaml {
+        name,
+        namespace: "shop",
+        vip,
+        port_name: "http",
+        target: HTTP_APP_PORT,
+        backends: &[cluster.addr(pod, HTTP_APP_PORT).unwrap().ip()],
+        labels: if through_waypoint {
+            "istio.io/use-waypoint: waypoint"
+        } else {
+            ""
+        },
+    }
+    .to_string()
 }
 
 /// `REQUESTS` GETs, one at a time on one connection from the client to `addr`, after `WARMUP`

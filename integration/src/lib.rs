@@ -10,6 +10,7 @@
 mod ca_harness;
 mod fake_apiserver;
 mod prometheus;
+mod service_yaml;
 
 pub use ca_harness::{ApiServerProcess, CaHarness, CaProcess, TestCa};
 pub use fake_apiserver::{
@@ -17,6 +18,7 @@ pub use fake_apiserver::{
     TlsError, tls_dir,
 };
 pub use prometheus::{Prometheus, Sample};
+pub use service_yaml::ServiceYaml;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

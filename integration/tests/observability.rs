@@ -17,7 +17,7 @@ use ambit_agent::admin::views::{
     ServiceView, WorkloadView,
 };
 use ambit_agent::lab::{AgentProcess, Cluster, ClusterBuilder, EchoApp, read_peer_line};
-use ambit_integration::{ALLOW_CLIENT, Prometheus, two_teams};
+use ambit_integration::{ALLOW_CLIENT, Prometheus, ServiceYaml, two_teams};
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -49,26 +49,16 @@ async fn start(builder: ClusterBuilder, policies: &str) -> (Cluster, Vec<EchoApp
 /// The Service `name` at `vip` in front of the pod `name`, port 80 to `APP_PORT`, as YAML.
 fn service(cluster: &Cluster, name: &str, namespace: &str, vip: &str) -> String {
     let ip = cluster.addr(name, APP_PORT).unwrap().ip();
-    format!(
-        "---
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {namespace}}}
-spec:
-  clusterIP: {vip}
-  ports: [{{name: http, port: 80, targetPort: {APP_PORT}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: {namespace}
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-endpoints: [{{addresses: [{ip}], conditions: {{ready: true}}}}]
-ports: [{{name: http, port: {APP_PORT}}}]
-"
-    )
+    ServiceYaml {
+        name,
+        namespace,
+        vip,
+        port_name: "http",
+        target: APP_PORT,
+        backends: &[ip],
+        labels: "",
+    }
+    .to_string()
 }
 
 async fn connect(cluster: &Cluster, from: &str, port: u16) -> std::io::Result<TcpStream> {

@@ -7,12 +7,12 @@
     reason = "a helper that cannot observe the mesh fails the test"
 )]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ambit_agent::admin::views::ServiceView;
 use ambit_agent::lab::{Cluster, read_peer_line};
-use ambit_integration::two_teams;
+use ambit_integration::{ServiceYaml, two_teams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -21,34 +21,20 @@ const BACKENDS: [&str; 3] = ["server", "server2", "server3"];
 
 /// The Service `name` at `vip`, port 80 to `APP_PORT` on `backends`, as YAML.
 fn service(cluster: &Cluster, name: &str, vip: &str, backends: &[&str]) -> String {
-    let addresses: Vec<String> = backends
+    let backends: Vec<IpAddr> = backends
         .iter()
-        .map(|pod| {
-            let ip = cluster.addr(pod, APP_PORT).unwrap().ip();
-            format!("{{addresses: [{ip}], conditions: {{ready: true}}}}")
-        })
+        .map(|pod| cluster.addr(pod, APP_PORT).unwrap().ip())
         .collect();
-    format!(
-        "---
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: shop}}
-spec:
-  clusterIP: {vip}
-  ports: [{{name: http, port: 80, targetPort: {APP_PORT}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: shop
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-endpoints: [{endpoints}]
-ports: [{{name: http, port: {APP_PORT}}}]
-",
-        endpoints = addresses.join(", ")
-    )
+    ServiceYaml {
+        name,
+        namespace: "shop",
+        vip,
+        port_name: "http",
+        target: APP_PORT,
+        backends: &backends,
+        labels: "",
+    }
+    .to_string()
 }
 
 /// Connects from the client to `vip:80` and waits for the app's greeting; `None` when the

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ambit_agent::admin::views::{CheckView, ServiceView};
 use ambit_agent::lab::{Cluster, read_peer_line};
-use ambit_integration::two_teams;
+use ambit_integration::{ServiceYaml, two_teams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const APP_PORT: u16 = 8080;
@@ -21,30 +21,16 @@ const VIP: &str = "10.96.0.10";
 /// The Service `server` in front of the server pod, bound to the waypoint `shop/waypoint`,
 /// with `policies`.
 fn objects(cluster: &Cluster, policies: &str) -> String {
-    let ip = cluster.addr("server", APP_PORT).unwrap().ip();
-    format!(
-        "---
-apiVersion: v1
-kind: Service
-metadata:
-  name: server
-  namespace: shop
-  labels: {{istio.io/use-waypoint: waypoint}}
-spec:
-  clusterIP: {VIP}
-  ports: [{{name: tcp, port: 80, targetPort: {APP_PORT}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: server-1
-  namespace: shop
-  labels: {{kubernetes.io/service-name: server}}
-addressType: IPv4
-endpoints: [{{addresses: [{ip}], conditions: {{ready: true}}}}]
-ports: [{{name: tcp, port: {APP_PORT}}}]
-{policies}"
-    )
+    let service = ServiceYaml {
+        name: "server",
+        namespace: "shop",
+        vip: VIP,
+        port_name: "tcp",
+        target: APP_PORT,
+        backends: &[cluster.addr("server", APP_PORT).unwrap().ip()],
+        labels: "istio.io/use-waypoint: waypoint",
+    };
+    format!("{service}{policies}")
 }
 
 /// Connects from `from` to `to`, and returns the client address the app saw, after one
