@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod authorize;
 pub mod drain;
+pub mod egress;
 pub mod lab;
 pub mod policy;
 pub mod sockets;

@@ -10,6 +10,7 @@ use ambit_identity::{Identity, IdentityError, TrustDomain};
 use ambit_redirect::HBONE_PORT;
 
 use crate::balance::{Balancer, Lease};
+use crate::egress::{OutboundTrafficPolicy, ServiceEntries};
 use crate::policy::{AuthorizationPolicies, PeerAuthentications};
 
 /// A Kubernetes pod's UID.
@@ -178,6 +179,9 @@ pub struct Endpoint {
     pub ready: bool,
     /// Port names to numbers, as the EndpointSlice lists them.
     pub ports: BTreeMap<String, u16>,
+    /// The pod's own DNS label under a headless Service (a StatefulSet's pods):
+    /// `<hostname>.<service>.<namespace>.svc.<cluster domain>`.
+    pub hostname: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,6 +238,9 @@ pub struct ClusterState {
     peer_authentication: PeerAuthentications,
     /// Policies that did not compile, with why; each stands in as fail-closed.
     rejected_policies: Vec<String>,
+    service_entries: ServiceEntries,
+    /// The namespaces whose label sets their pods' outbound traffic policy.
+    outbound_policies: HashMap<String, OutboundTrafficPolicy>,
 }
 
 impl ClusterState {
@@ -356,6 +363,33 @@ impl ClusterState {
         self.peer_authentication = peer_authentication;
         self.rejected_policies = rejected_policies;
         self
+    }
+
+    /// The same state with these ServiceEntries and namespaces' outbound traffic policies.
+    pub fn with_egress(
+        mut self,
+        service_entries: ServiceEntries,
+        outbound_policies: HashMap<String, OutboundTrafficPolicy>,
+    ) -> Self {
+        self.service_entries = service_entries;
+        self.outbound_policies = outbound_policies;
+        self
+    }
+
+    pub fn service_entries(&self) -> &ServiceEntries {
+        &self.service_entries
+    }
+
+    /// The outbound traffic policy of `namespace`'s pods: its label's, else `default`.
+    pub fn outbound_policy(
+        &self,
+        namespace: &str,
+        default: OutboundTrafficPolicy,
+    ) -> OutboundTrafficPolicy {
+        self.outbound_policies
+            .get(namespace)
+            .copied()
+            .unwrap_or(default)
     }
 
     pub fn authorization(&self) -> &AuthorizationPolicies {
@@ -557,11 +591,13 @@ mod tests {
                     ip: "10.244.2.10".parse().unwrap(),
                     ready: true,
                     ports: [("http".to_owned(), 8080)].into(),
+                    hostname: None,
                 },
                 Endpoint {
                     ip: "10.244.2.11".parse().unwrap(),
                     ready: false,
                     ports: [("http".to_owned(), 8080)].into(),
+                    hostname: None,
                 },
             ],
             waypoint: None,
@@ -624,6 +660,7 @@ mod tests {
                     ip: "10.244.3.10".parse().unwrap(),
                     ready: true,
                     ports: BTreeMap::new(),
+                    hostname: None,
                 }],
                 waypoint: None,
                 is_waypoint: true,

@@ -777,8 +777,8 @@ impl Cluster {
     }
 }
 
-/// Istio's CRDs, as much of them as an API server needs to serve AuthorizationPolicies and
-/// PeerAuthentications.
+/// Istio's CRDs, as much of them as an API server needs to serve AuthorizationPolicies,
+/// PeerAuthentications and ServiceEntries.
 pub const ISTIO_CRDS: &str = "---
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -796,5 +796,14 @@ spec:
   group: security.istio.io
   scope: Namespaced
   names: {kind: PeerAuthentication, listKind: PeerAuthenticationList, plural: peerauthentications, singular: peerauthentication}
+  versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: serviceentries.networking.istio.io}
+spec:
+  group: networking.istio.io
+  scope: Namespaced
+  names: {kind: ServiceEntry, listKind: ServiceEntryList, plural: serviceentries, singular: serviceentry}
   versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]
 ";

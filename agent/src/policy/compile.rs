@@ -375,7 +375,7 @@ fn string_match(value: &str) -> Result<StringMatch, String> {
 }
 
 /// `ip` or `ip/prefix`.
-fn cidr(value: &str) -> Result<Cidr, String> {
+pub(crate) fn cidr(value: &str) -> Result<Cidr, String> {
     let invalid = || format!("{value:?} is not an IP address or CIDR block");
     let (ip, prefix) = match value.split_once('/') {
         Some((ip, prefix)) => (ip, Some(prefix)),

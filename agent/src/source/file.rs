@@ -146,6 +146,7 @@ pub(crate) fn parse(text: &str, root_namespace: &str) -> Result<ClusterState, So
             "EndpointSlice" => objects.endpoint_slices.push(Arc::new(typed(n, &value)?)),
             "AuthorizationPolicy" => objects.authorization_policies.push(sourced(origin, value)),
             "PeerAuthentication" => objects.peer_authentications.push(sourced(origin, value)),
+            "ServiceEntry" => objects.service_entries.push(sourced(origin, value)),
             "" => {
                 return Err(SourceError::Field {
                     document: document_number,

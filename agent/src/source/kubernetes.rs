@@ -42,6 +42,8 @@ mod unseen;
 const SETTLE: Duration = Duration::from_millis(50);
 /// Istio's API group of AuthorizationPolicy and PeerAuthentication.
 const ISTIO_SECURITY: &str = "security.istio.io";
+/// Istio's API group of ServiceEntry.
+const ISTIO_NETWORKING: &str = "networking.istio.io";
 /// What the source logs each time it publishes a state.
 pub const STATE_UPDATED: &str = "cluster state updated";
 
@@ -169,10 +171,11 @@ enum Kind {
     EndpointSlice,
     AuthorizationPolicy,
     PeerAuthentication,
+    ServiceEntry,
 }
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 8] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -180,10 +183,16 @@ impl Kind {
         Kind::EndpointSlice,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
+        Kind::ServiceEntry,
     ];
 
-    fn is_istio_policy(self) -> bool {
-        matches!(self, Kind::AuthorizationPolicy | Kind::PeerAuthentication)
+    /// The Istio API group of one of Istio's kinds.
+    fn istio_group(self) -> Option<&'static str> {
+        match self {
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication => Some(ISTIO_SECURITY),
+            Kind::ServiceEntry => Some(ISTIO_NETWORKING),
+            _ => None,
+        }
     }
 }
 
@@ -246,6 +255,7 @@ struct Reflectors {
     endpoint_slices: Store<EndpointSlice>,
     authorization_policies: Store<DynamicObject>,
     peer_authentications: Store<DynamicObject>,
+    service_entries: Store<DynamicObject>,
     _tasks: JoinSet<()>,
 }
 
@@ -270,6 +280,8 @@ impl Reflectors {
                 Kind::PeerAuthentication,
                 ("PeerAuthentication", "peerauthentications"),
             ),
+            service_entries: spawner
+                .istio(Kind::ServiceEntry, ("ServiceEntry", "serviceentries")),
             _tasks: spawner.tasks,
         }
     }
@@ -307,6 +319,7 @@ impl Reflectors {
                 .into_iter()
                 .map(json)
                 .collect(),
+            service_entries: self.service_entries.state().into_iter().map(json).collect(),
             sandbox_addresses,
         }
     }
@@ -348,7 +361,8 @@ impl Spawner<'_> {
 
     /// A store of one of Istio's `security.istio.io/v1` kinds.
     fn istio(&mut self, kind: Kind, (name, plural): (&str, &str)) -> Store<DynamicObject> {
-        let gvk = GroupVersionKind::gvk(ISTIO_SECURITY, "v1", name);
+        let group = kind.istio_group().unwrap_or(ISTIO_SECURITY);
+        let gvk = GroupVersionKind::gvk(group, "v1", name);
         let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
         let writer = reflector::store::Writer::new(resource.clone());
         let store = writer.as_reader();
@@ -437,11 +451,12 @@ async fn reflect<K>(
                     Event::Init => {}
                 }
             }
-            Err(error) if kind.is_istio_policy() && is_not_found(&error) => {
-                // Without Istio's API group there can be no policies: nothing to wait for. With
-                // it, the policies exist in a form this agent does not read (an Istio older than
+            Err(error) if kind.istio_group().is_some() && is_not_found(&error) => {
+                // Without Istio's API group there can be no such objects: nothing to wait for.
+                // With it, they exist in a form this agent does not read (an Istio older than
                 // 1.22 serves only v1beta1): waiting is the one safe answer.
-                match serves_istio_security(&client).await {
+                let group = kind.istio_group().unwrap_or(ISTIO_SECURITY);
+                match serves_group(&client, group).await {
                     Ok(false) => {
                         if !absent {
                             tracing::warn!(
@@ -454,7 +469,8 @@ async fn reflect<K>(
                     }
                     Ok(true) => tracing::error!(
                         ?kind,
-                        "{ISTIO_SECURITY} is served, but not this kind in v1 (Istio older than 1.22?): enrolling nothing until it is"
+                        group,
+                        "the group is served, but not this kind in v1 (Istio older than 1.22?): enrolling nothing until it is"
                     ),
                     Err(error) => tracing::warn!(
                         ?kind,
@@ -470,13 +486,10 @@ async fn reflect<K>(
     }
 }
 
-/// Whether the API server serves Istio's `security.istio.io` group at all.
-async fn serves_istio_security(client: &Client) -> Result<bool, kube::Error> {
+/// Whether the API server serves the API group `name` at all.
+async fn serves_group(client: &Client, name: &str) -> Result<bool, kube::Error> {
     let groups = client.list_api_groups().await?;
-    Ok(groups
-        .groups
-        .iter()
-        .any(|group| group.name == ISTIO_SECURITY))
+    Ok(groups.groups.iter().any(|group| group.name == name))
 }
 
 fn is_not_found(error: &watcher::Error) -> bool {

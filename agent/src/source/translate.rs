@@ -11,12 +11,14 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use crate::egress::{OUTBOUND_POLICY_LABEL, OutboundTrafficPolicy, ServiceEntries};
 use crate::state::{
     AppProtocol, ClusterState, Endpoint, Locality, Protocol, Service, ServicePort, TargetPort,
     Workload, WorkloadUid,
 };
 
 mod policies;
+mod service_entries;
 mod waypoints;
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -53,6 +55,8 @@ pub(crate) struct Objects {
     pub(crate) endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub(crate) authorization_policies: Vec<Sourced<serde_json::Value>>,
     pub(crate) peer_authentications: Vec<Sourced<serde_json::Value>>,
+    /// Untyped, as policies: Istio's types are not in k8s-openapi.
+    pub(crate) service_entries: Vec<Sourced<serde_json::Value>>,
     /// The addresses the container runtime gave pods, by UID: a pod being created has them
     /// before the API server does.
     pub(crate) sandbox_addresses: HashMap<String, Vec<IpAddr>>,
@@ -149,13 +153,49 @@ impl Objects {
             root_namespace,
             admitting_waypoints,
         );
-        let state = ClusterState::new(workloads, services).with_policies(
-            policies.authorization,
-            policies.peer_authentication,
-            policies.rejected,
-        );
+        let mut service_entries = Vec::new();
+        for entry in &self.service_entries {
+            match service_entries::service_entry(entry) {
+                Ok(entry) => service_entries.push(entry),
+                Err(error) => errors.push(error),
+            }
+        }
+        let outbound_policies = outbound_policies(&namespace_labels, &mut errors);
+        let state = ClusterState::new(workloads, services)
+            .with_policies(
+                policies.authorization,
+                policies.peer_authentication,
+                policies.rejected,
+            )
+            .with_egress(ServiceEntries::new(service_entries), outbound_policies);
         Translated { state, errors }
     }
+}
+
+/// The namespaces whose label sets an outbound traffic policy. A value that names none is
+/// reported and taken as `REGISTRY_ONLY`: a typo must not open egress.
+fn outbound_policies(
+    namespace_labels: &HashMap<&str, &BTreeMap<String, String>>,
+    errors: &mut Vec<ObjectError>,
+) -> HashMap<String, OutboundTrafficPolicy> {
+    let mut policies = HashMap::new();
+    for (namespace, labels) in namespace_labels {
+        let Some(value) = labels.get(OUTBOUND_POLICY_LABEL) else {
+            continue;
+        };
+        let policy = OutboundTrafficPolicy::named(value).unwrap_or_else(|| {
+            errors.push(ObjectError {
+                object: format!("Namespace {namespace}"),
+                field: format!("metadata.labels[{OUTBOUND_POLICY_LABEL}]"),
+                message: format!(
+                    "{value:?} is neither ALLOW_ANY nor REGISTRY_ONLY; enforcing REGISTRY_ONLY"
+                ),
+            });
+            OutboundTrafficPolicy::RegistryOnly
+        });
+        policies.insert((*namespace).to_owned(), policy);
+    }
+    policies
 }
 
 fn namespace(metadata: &ObjectMeta) -> String {
@@ -354,11 +394,13 @@ fn slice_endpoints(slice: &EndpointSlice) -> Vec<Endpoint> {
                 .and_then(|c| c.ready)
                 .unwrap_or(true);
             let ports = ports.clone();
+            let hostname = endpoint.hostname.clone();
             endpoint.addresses.iter().filter_map(move |address| {
                 Some(Endpoint {
                     ip: address.parse().ok()?,
                     ready,
                     ports: ports.clone(),
+                    hostname: hostname.clone(),
                 })
             })
         })

@@ -22,9 +22,9 @@ use tokio::signal::unix::{SignalKind, signal};
 /// `POST /fake/compact` (with the token) drops the event history and ends every watch:
 /// watchers re-watch, get 410 Gone and relist.
 ///
-/// security.istio.io resources are served only while the file holds their
+/// Istio's resources are served only while the file holds their
 /// CustomResourceDefinition (authorizationpolicies.security.istio.io,
-/// peerauthentications.security.istio.io).
+/// peerauthentications.security.istio.io, serviceentries.networking.istio.io).
 #[derive(Debug, Parser)]
 #[command(name = "fake-apiserver", verbatim_doc_comment)]
 struct Args {

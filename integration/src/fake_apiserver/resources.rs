@@ -226,6 +226,17 @@ const RESOURCES: &[Resource] = &[
         field_labels: &[],
     },
     Resource {
+        group: "networking.istio.io",
+        versions: &["v1", "v1beta1"],
+        kind: "ServiceEntry",
+        plural: "serviceentries",
+        singular: "serviceentry",
+        namespaced: true,
+        verbs: STORED_VERBS,
+        definition: Some("serviceentries.networking.istio.io"),
+        field_labels: &[],
+    },
+    Resource {
         group: "authentication.k8s.io",
         versions: &["v1"],
         kind: "TokenReview",

@@ -1,0 +1,359 @@
+//! Egress control: Istio's ServiceEntry as the registry of what lies outside the cluster, and
+//! the outbound traffic policy that decides whether a pod may reach anything else. Under
+//! `REGISTRY_ONLY` a pod reaches the mesh, the addresses ServiceEntries list, and the addresses
+//! its own DNS answers gave it for a ServiceEntry's host, for as long as those answers live, on
+//! the ports the ServiceEntry lists. Pure: the DNS proxy records the answers, the outbound proxy
+//! asks.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+
+use crate::policy::Cidr;
+use crate::state::ClusterState;
+
+/// The namespace label that sets its pods' outbound traffic policy, over `--outbound-traffic-policy`.
+pub const OUTBOUND_POLICY_LABEL: &str = "ambit.dev/outbound-traffic-policy";
+/// However short an answer's TTL, its addresses stay allowed this long: a client connects after
+/// it resolves, and an answer with a TTL of 0 must still be usable.
+const MIN_ANSWER_LIFETIME: Duration = Duration::from_secs(10);
+/// Addresses remembered per pod; the oldest answers are forgotten first.
+const MAX_RESOLVED_PER_POD: usize = 4096;
+
+/// Where a pod's connections to destinations outside the mesh may go, as Istio's
+/// `outboundTrafficPolicy.mode` names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutboundTrafficPolicy {
+    /// Anywhere.
+    #[default]
+    #[value(name = "ALLOW_ANY")]
+    AllowAny,
+    /// Only to the mesh and to what ServiceEntries list.
+    #[value(name = "REGISTRY_ONLY")]
+    RegistryOnly,
+}
+
+impl OutboundTrafficPolicy {
+    /// The mode a label value names, as Istio spells it.
+    pub fn named(value: &str) -> Option<Self> {
+        match value {
+            "ALLOW_ANY" => Some(Self::AllowAny),
+            "REGISTRY_ONLY" => Some(Self::RegistryOnly),
+            _ => None,
+        }
+    }
+}
+
+/// How a ServiceEntry's hosts find their addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// The addresses the client connects to: the entry's `addresses` blocks, or, without them,
+    /// what the client's DNS answers gave it for the hosts.
+    None,
+    /// The entry's endpoints; the DNS proxy answers them for its hosts.
+    Static,
+    /// DNS (`DNS`, `DNS_ROUND_ROBIN`): what the client's DNS answers gave it for the hosts.
+    Dns,
+}
+
+/// A ServiceEntry host: `api.example.com`, or `*.example.com` for any name under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Exact(String),
+    /// The suffix, with its leading dot: `.example.com`.
+    Wildcard(String),
+}
+
+impl HostPattern {
+    /// `host` lowercased, without a trailing dot; `*` alone matches every name.
+    pub fn parse(host: &str) -> Self {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        match host.strip_prefix('*') {
+            Some(suffix) => Self::Wildcard(suffix.to_owned()),
+            None => Self::Exact(host),
+        }
+    }
+
+    /// Whether `name` (lowercase, no trailing dot) is this host.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Self::Exact(host) => host == name,
+            Self::Wildcard(suffix) => name.len() > suffix.len() && name.ends_with(suffix.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exact(host) => f.write_str(host),
+            Self::Wildcard(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+/// Istio's `networking.istio.io/v1` ServiceEntry, as far as egress and DNS read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub name: String,
+    pub namespace: String,
+    pub hosts: Vec<HostPattern>,
+    pub addresses: Vec<Cidr>,
+    pub ports: Vec<u16>,
+    pub resolution: Resolution,
+    pub endpoints: Vec<IpAddr>,
+    /// The namespaces that see it; `None` for all (`exportTo` unset or `*`).
+    pub export_to: Option<Vec<String>>,
+}
+
+impl ServiceEntry {
+    /// `namespace/name`.
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn visible_to(&self, namespace: &str) -> bool {
+        self.export_to
+            .as_ref()
+            .is_none_or(|namespaces| namespaces.iter().any(|n| n == namespace))
+    }
+
+    pub fn matches_host(&self, name: &str) -> bool {
+        self.hosts.iter().any(|host| host.matches(name))
+    }
+
+    /// Whether the entry lists `ip` itself, whatever its clients resolved.
+    fn lists_address(&self, ip: IpAddr) -> bool {
+        match self.resolution {
+            Resolution::Static => self.endpoints.contains(&ip),
+            Resolution::None => self.addresses.iter().any(|block| block.contains(ip)),
+            Resolution::Dns => false,
+        }
+    }
+
+    /// Whether a client's own DNS answers for its hosts decide where it may connect.
+    fn admits_resolved(&self) -> bool {
+        match self.resolution {
+            Resolution::Dns => true,
+            Resolution::None => self.addresses.is_empty(),
+            Resolution::Static => false,
+        }
+    }
+}
+
+/// The cluster's ServiceEntries.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceEntries {
+    entries: Vec<Arc<ServiceEntry>>,
+}
+
+impl ServiceEntries {
+    pub fn new(mut entries: Vec<ServiceEntry>) -> Self {
+        entries.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        Self {
+            entries: entries.into_iter().map(Arc::new).collect(),
+        }
+    }
+
+    /// Every entry, by namespace and name.
+    pub fn all(&self) -> &[Arc<ServiceEntry>] {
+        &self.entries
+    }
+
+    /// The entries that `namespace` sees and that have `host` (lowercase, no trailing dot).
+    pub fn for_host<'a>(
+        &'a self,
+        namespace: &'a str,
+        host: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<ServiceEntry>> + 'a {
+        self.entries
+            .iter()
+            .filter(move |e| e.visible_to(namespace) && e.matches_host(host))
+    }
+}
+
+/// The addresses one pod's DNS answers gave it for names that ServiceEntries list, until when.
+/// Bounded: past [`MAX_RESOLVED_PER_POD`] addresses the oldest answers are forgotten, and a
+/// connection to a forgotten address is refused as if it had expired.
+#[derive(Debug, Default)]
+pub struct Resolved {
+    inner: Mutex<ResolvedInner>,
+}
+
+#[derive(Debug, Default)]
+struct ResolvedInner {
+    /// By address: each name it answered, and until when.
+    by_address: HashMap<IpAddr, Vec<(Arc<str>, Instant)>>,
+    /// Addresses in the order they were first answered, to forget the oldest.
+    order: VecDeque<IpAddr>,
+}
+
+impl Resolved {
+    /// Remembers that `name` resolved to `addresses`, for `ttl` (at least
+    /// [`MIN_ANSWER_LIFETIME`]).
+    pub fn record(&self, name: &str, addresses: &[IpAddr], ttl: Duration, now: Instant) {
+        let until = now + ttl.max(MIN_ANSWER_LIFETIME);
+        let name: Arc<str> = name.into();
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        for ip in addresses {
+            let names = inner.by_address.entry(*ip).or_default();
+            let fresh = names.is_empty();
+            names.retain(|(known, expires)| *known != name && *expires > now);
+            names.push((name.clone(), until));
+            if fresh {
+                inner.order.push_back(*ip);
+            }
+        }
+        while inner.order.len() > MAX_RESOLVED_PER_POD {
+            if let Some(oldest) = inner.order.pop_front() {
+                inner.by_address.remove(&oldest);
+            }
+        }
+    }
+
+    /// The names `ip` was answered for, and whether each answer still lives.
+    fn names_of(&self, ip: IpAddr, now: Instant) -> Vec<(Arc<str>, bool)> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.by_address.get(&ip).map_or_else(Vec::new, |names| {
+            names
+                .iter()
+                .map(|(name, until)| (name.clone(), *until > now))
+                .collect()
+        })
+    }
+}
+
+/// Why a connection may leave the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allowed {
+    /// `ALLOW_ANY`.
+    AnyDestination,
+    /// A Service or a pod of the cluster.
+    Mesh,
+    /// The ServiceEntry lists the address and the port.
+    Listed { entry: String },
+    /// The pod resolved `host` to the address, and a ServiceEntry of that host lists the port.
+    Resolved { entry: String, host: String },
+}
+
+impl std::fmt::Display for Allowed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::AnyDestination => f.write_str("the outbound traffic policy is ALLOW_ANY"),
+            Self::Mesh => f.write_str("the destination is in the mesh's registry"),
+            Self::Listed { entry } => write!(f, "ServiceEntry {entry} lists the address and port"),
+            Self::Resolved { entry, host } => write!(
+                f,
+                "the pod resolved {host} to this address, and ServiceEntry {entry} lists the port"
+            ),
+        }
+    }
+}
+
+/// Why `REGISTRY_ONLY` refuses a connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EgressDenied {
+    #[error(
+        "egress to {destination} refused (REGISTRY_ONLY): no ServiceEntry lists the address, and the pod resolved no listed host to it"
+    )]
+    Unlisted { destination: SocketAddr },
+    #[error(
+        "egress to {destination} refused (REGISTRY_ONLY): ServiceEntry {entry} ({host}) does not list port {}",
+        .destination.port()
+    )]
+    PortNotListed {
+        destination: SocketAddr,
+        entry: String,
+        host: String,
+    },
+    #[error(
+        "egress to {destination} refused (REGISTRY_ONLY): the pod's DNS answer for {host} has expired"
+    )]
+    Expired {
+        destination: SocketAddr,
+        host: String,
+    },
+}
+
+impl EgressDenied {
+    /// The `reason` label of `ambit_egress_denied_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unlisted { .. } => "unlisted_destination",
+            Self::PortNotListed { .. } => "unlisted_port",
+            Self::Expired { .. } => "expired_answer",
+        }
+    }
+
+    /// The host the destination was known by, if any.
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            Self::Unlisted { .. } => None,
+            Self::PortNotListed { host, .. } | Self::Expired { host, .. } => Some(host),
+        }
+    }
+}
+
+/// Whether a pod of `namespace` under `policy` may connect to `destination`, outside HBONE.
+pub fn decide(
+    state: &ClusterState,
+    policy: OutboundTrafficPolicy,
+    namespace: &str,
+    resolved: &Resolved,
+    destination: SocketAddr,
+    now: Instant,
+) -> Result<Allowed, EgressDenied> {
+    if policy == OutboundTrafficPolicy::AllowAny {
+        return Ok(Allowed::AnyDestination);
+    }
+    if state.addressed_service(destination).is_some()
+        || state.workload_by_ip(destination.ip()).is_some()
+    {
+        return Ok(Allowed::Mesh);
+    }
+    let (ip, port) = (destination.ip(), destination.port());
+    let entries = state.service_entries().all();
+    let mut denied = EgressDenied::Unlisted { destination };
+    for entry in entries
+        .iter()
+        .filter(|e| e.visible_to(namespace) && e.lists_address(ip))
+    {
+        if entry.ports.contains(&port) {
+            return Ok(Allowed::Listed {
+                entry: entry.qualified_name(),
+            });
+        }
+        denied = EgressDenied::PortNotListed {
+            destination,
+            entry: entry.qualified_name(),
+            host: entry.hosts.first().map(ToString::to_string).unwrap_or_default(),
+        };
+    }
+    for (host, live) in resolved.names_of(ip, now) {
+        for entry in state
+            .service_entries()
+            .for_host(namespace, &host)
+            .filter(|e| e.admits_resolved())
+        {
+            let host = host.to_string();
+            if !live {
+                denied = EgressDenied::Expired { destination, host };
+            } else if entry.ports.contains(&port) {
+                return Ok(Allowed::Resolved {
+                    entry: entry.qualified_name(),
+                    host,
+                });
+            } else if !matches!(denied, EgressDenied::Expired { .. }) {
+                denied = EgressDenied::PortNotListed {
+                    destination,
+                    entry: entry.qualified_name(),
+                    host,
+                };
+            }
+        }
+    }
+    Err(denied)
+}

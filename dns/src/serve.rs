@@ -1,0 +1,322 @@
+//! One pod's DNS server: its UDP socket and TCP listener, with the pod's limits. A pod that
+//! floods the proxy only loses its own queries: each pod has its own rate, its own bound on
+//! queries waiting for upstream, and its own bound on TCP connections.
+//!
+//! Over UDP, a reply leaves from the address the query was sent to (`IP_PKTINFO`): the server
+//! the pod asked, as capture delivered it, or the loopback address that nftables' REDIRECT
+//! translates back.
+
+use std::future::Future;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use nix::libc;
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+
+use crate::metrics::Dropped;
+use crate::{Client, Proxy, Transport};
+
+/// The largest query read over UDP; a longer datagram is dropped.
+const MAX_UDP_QUERY: usize = 4096;
+
+/// The sockets of one pod's server, opened in the pod's namespace: a UDP socket with
+/// `IP_PKTINFO` (and `IP_TRANSPARENT`, to answer from the address the pod asked) and a TCP
+/// listener, both non-blocking.
+#[derive(Debug)]
+pub struct PodSockets {
+    pub udp: std::net::UdpSocket,
+    pub tcp: std::net::TcpListener,
+}
+
+/// What one pod may ask of the proxy.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Queries per second, over UDP and TCP together; UDP queries beyond it are dropped, TCP
+    /// ones wait.
+    pub queries_per_second: u32,
+    /// Queries the pod may send at once above its rate.
+    pub burst: u32,
+    /// Queries being answered at once; UDP queries beyond it are dropped.
+    pub pending: usize,
+    /// TCP connections open at once; those beyond it are closed.
+    pub tcp_connections: usize,
+    /// How long a TCP connection may stay idle.
+    pub tcp_idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            queries_per_second: 1000,
+            burst: 2000,
+            pending: 256,
+            tcp_connections: 32,
+            tcp_idle: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves one pod until `stop` completes.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    client: Arc<dyn Client>,
+    sockets: PodSockets,
+    limits: Limits,
+    stop: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    let server = Arc::new(PodServer {
+        proxy,
+        client,
+        limits,
+        rate: Mutex::new(Bucket::new(limits)),
+        pending: Arc::new(Semaphore::new(limits.pending)),
+        connections: Arc::new(Semaphore::new(limits.tcp_connections)),
+    });
+    let udp = Arc::new(UdpSocket::from_std(sockets.udp)?);
+    let tcp = TcpListener::from_std(sockets.tcp)?;
+    tokio::select! {
+        () = stop => Ok(()),
+        result = server.clone().serve_udp(udp) => result,
+        result = server.serve_tcp(tcp) => result,
+    }
+}
+
+struct PodServer {
+    proxy: Arc<Proxy>,
+    client: Arc<dyn Client>,
+    limits: Limits,
+    rate: Mutex<Bucket>,
+    pending: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
+}
+
+impl PodServer {
+    async fn serve_udp(self: Arc<Self>, socket: Arc<UdpSocket>) -> io::Result<()> {
+        let mut buffer = vec![0; MAX_UDP_QUERY];
+        loop {
+            let Some((len, peer, local)) = receive(&socket, &mut buffer).await? else {
+                continue;
+            };
+            if !self.take_token() {
+                self.proxy.metrics().dropped(Dropped::RateLimited);
+                continue;
+            }
+            let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                self.proxy.metrics().dropped(Dropped::TooManyPending);
+                continue;
+            };
+            let query = buffer[..len].to_vec();
+            let (server, socket) = (self.clone(), socket.clone());
+            tokio::spawn(async move {
+                let reply = server
+                    .proxy
+                    .answer(server.client.as_ref(), &query, Transport::Udp)
+                    .await;
+                if let Some(reply) = reply
+                    && let Err(error) = send(&socket, &reply, peer, local).await
+                {
+                    tracing::debug!(%peer, %error, "failed to send a DNS reply");
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve_tcp(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                // The pod's connection, not the listener, failed.
+                Err(error) if error.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(error) => return Err(error),
+            };
+            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                self.proxy.metrics().dropped(Dropped::TooManyConnections);
+                continue;
+            };
+            let server = self.clone();
+            tokio::spawn(async move {
+                if let Err(error) = server.serve_connection(stream).await {
+                    tracing::debug!(%error, "DNS over TCP connection ended");
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// Length-prefixed queries, answered in turn, until the pod closes the connection or leaves
+    /// it idle.
+    async fn serve_connection(&self, mut stream: TcpStream) -> io::Result<()> {
+        loop {
+            let mut len = [0; 2];
+            match tokio::time::timeout(self.limits.tcp_idle, stream.read_exact(&mut len)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Ok(Err(error)) => return Err(error),
+                Err(_) => return Ok(()),
+            }
+            let mut query = vec![0; usize::from(u16::from_be_bytes(len))];
+            tokio::time::timeout(self.limits.tcp_idle, stream.read_exact(&mut query))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "query incomplete"))??;
+            self.wait_for_token().await;
+            let reply = self
+                .proxy
+                .answer(self.client.as_ref(), &query, Transport::Tcp)
+                .await;
+            let Some(reply) = reply else { continue };
+            let Ok(reply_len) = u16::try_from(reply.len()) else {
+                continue;
+            };
+            let mut framed = Vec::with_capacity(reply.len() + 2);
+            framed.extend_from_slice(&reply_len.to_be_bytes());
+            framed.extend_from_slice(&reply);
+            stream.write_all(&framed).await?;
+        }
+    }
+
+    fn take_token(&self) -> bool {
+        let mut rate = self.rate.lock().unwrap_or_else(PoisonError::into_inner);
+        rate.take(Instant::now()).is_none()
+    }
+
+    async fn wait_for_token(&self) {
+        loop {
+            let wait = {
+                let mut rate = self.rate.lock().unwrap_or_else(PoisonError::into_inner);
+                rate.take(Instant::now())
+            };
+            match wait {
+                None => return,
+                Some(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+}
+
+/// A token bucket: `burst` queries at once, refilled at the pod's rate.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    burst: f64,
+    per_second: f64,
+    updated: Instant,
+}
+
+impl Bucket {
+    fn new(limits: Limits) -> Self {
+        Self {
+            tokens: f64::from(limits.burst),
+            burst: f64::from(limits.burst.max(1)),
+            per_second: f64::from(limits.queries_per_second.max(1)),
+            updated: Instant::now(),
+        }
+    }
+
+    /// Takes a token; `Some(wait)` when there is none, with how long until there is.
+    fn take(&mut self, now: Instant) -> Option<Duration> {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        self.updated = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            None
+        } else {
+            Some(Duration::from_secs_f64((1.0 - self.tokens) / self.per_second))
+        }
+    }
+}
+
+/// One datagram, with who sent it and the address it was sent to; `None` for one to ignore
+/// (too long, or not IPv4).
+async fn receive(
+    socket: &UdpSocket,
+    buffer: &mut [u8],
+) -> io::Result<Option<(usize, SocketAddrV4, Ipv4Addr)>> {
+    socket
+        .async_io(Interest::READABLE, || {
+            let mut iov = [IoSliceMut::new(buffer)];
+            let mut control = nix::cmsg_space!(libc::in_pktinfo);
+            let message = nix::sys::socket::recvmsg::<SockaddrIn>(
+                socket.as_raw_fd(),
+                &mut iov,
+                Some(&mut control),
+                MsgFlags::MSG_TRUNC,
+            )
+            .map_err(io::Error::from)?;
+            let local = message.cmsgs().map_err(io::Error::from)?.find_map(|c| match c {
+                ControlMessageOwned::Ipv4PacketInfo(info) => {
+                    Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)))
+                }
+                _ => None,
+            });
+            let truncated = message.flags.contains(MsgFlags::MSG_TRUNC);
+            Ok(match (message.address, local) {
+                (Some(peer), Some(local)) if !truncated => Some((
+                    message.bytes,
+                    SocketAddrV4::new(peer.ip(), peer.port()),
+                    local,
+                )),
+                _ => None,
+            })
+        })
+        .await
+}
+
+/// Sends `reply` to `peer` from `local`.
+async fn send(
+    socket: &UdpSocket,
+    reply: &[u8],
+    peer: SocketAddrV4,
+    local: Ipv4Addr,
+) -> io::Result<()> {
+    let info = libc::in_pktinfo {
+        ipi_ifindex: 0,
+        ipi_spec_dst: libc::in_addr {
+            s_addr: u32::from(local).to_be(),
+        },
+        ipi_addr: libc::in_addr { s_addr: 0 },
+    };
+    let destination = SockaddrIn::from(peer);
+    socket
+        .async_io(Interest::WRITABLE, || {
+            nix::sys::socket::sendmsg(
+                socket.as_raw_fd(),
+                &[IoSlice::new(reply)],
+                &[ControlMessage::Ipv4PacketInfo(&info)],
+                MsgFlags::empty(),
+                Some(&destination),
+            )
+            .map_err(io::Error::from)
+        })
+        .await
+        .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let limits = Limits {
+            queries_per_second: 10,
+            burst: 3,
+            ..Limits::default()
+        };
+        let mut bucket = Bucket::new(limits);
+        let start = bucket.updated;
+        for _ in 0..3 {
+            assert_eq!(bucket.take(start), None);
+        }
+        let wait = bucket.take(start).unwrap();
+        assert!(wait <= Duration::from_millis(100));
+        assert_eq!(bucket.take(start + Duration::from_millis(100)), None);
+    }
+}
