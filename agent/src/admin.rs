@@ -17,6 +17,8 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use crate::balance::Balancer;
+use crate::dns::NodeDns;
+use crate::egress::OutboundTrafficPolicy;
 use crate::enrolment::{Capture, CaptureStatus, FoundBy};
 use crate::http_server::{Body, Handler, json, respond, text};
 use crate::logging::LogLevel;
@@ -58,6 +60,15 @@ pub(crate) struct AdminApi {
     pub(crate) telemetry: Arc<Telemetry>,
     pub(crate) balancer: Arc<Balancer>,
     pub(crate) log_level: LogLevel,
+    pub(crate) egress: EgressContext,
+}
+
+/// What egress decisions are made with: the default outbound traffic policy, and what each pod
+/// was answered over DNS.
+#[derive(Debug)]
+pub(crate) struct EgressContext {
+    pub(crate) default: OutboundTrafficPolicy,
+    pub(crate) dns: Arc<NodeDns>,
 }
 
 impl Handler for AdminApi {
@@ -84,9 +95,10 @@ impl Handler for AdminApi {
             (&Method::GET, "/debug/certs") => json(&self.certificates()),
             (&Method::GET, "/debug/connections") => json(&self.telemetry.connections.snapshot()),
             (&Method::GET, "/debug/edges") => json(&self.telemetry.baseline.edges()),
+            (&Method::GET, "/debug/dns") => self.dns(query),
             (&Method::GET, "/debug/check") => {
                 let state = self.states.borrow().clone();
-                match check::run(&state, &self.trust_domain, query) {
+                match check::run(&state, &self.trust_domain, &self.egress, query) {
                     Ok(view) => json(&view),
                     Err(failure) => error(StatusCode::BAD_REQUEST, &failure.to_string()),
                 }
@@ -97,6 +109,39 @@ impl Handler for AdminApi {
 }
 
 impl AdminApi {
+    /// The latest DNS answers of the pod `pod` (`namespace/name`, a name, or an IP) names.
+    fn dns(&self, query: &str) -> Response<Body> {
+        let state = self.states.borrow().clone();
+        let Some(pod) = query::value(query, "pod") else {
+            return error(StatusCode::BAD_REQUEST, "missing the `pod` parameter");
+        };
+        let workload = match pod.parse::<IpAddr>() {
+            Ok(ip) => state
+                .workload_by_ip(ip)
+                .cloned()
+                .ok_or(check::CheckError::UnknownIp(ip)),
+            Err(_) => check::pod(&state, &pod),
+        };
+        let workload = match workload {
+            Ok(workload) => workload,
+            Err(failure) => return error(StatusCode::BAD_REQUEST, &failure.to_string()),
+        };
+        let view = workload
+            .ips
+            .first()
+            .and_then(|ip| self.egress.dns.view(&state, *ip));
+        match view {
+            Some(view) => json(&view),
+            None => error(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "{} is not served by this node's DNS proxy (not enrolled on this node?)",
+                    workload.qualified_name()
+                ),
+            ),
+        }
+    }
+
     fn config_dump(&self) -> ConfigDump {
         let state = self.states.borrow().clone();
         ConfigDump {

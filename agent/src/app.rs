@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_ca::client::CaClient;
+use ambit_dns::{Forwarder, Proxy};
 use ambit_identity::{CertificateManager, CertificateProvider, LocalCa, TrustDomain};
 use ambit_redirect::{CaptureBackend, Ebpf, HostProc, NetSysctls, Nftables};
 use anyhow::Context;
@@ -14,11 +15,12 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::admin::views::EffectiveConfig;
-use crate::admin::{AdminApi, MetricsEndpoint};
+use crate::admin::{AdminApi, EgressContext, MetricsEndpoint};
 use crate::admission::Admission;
 use crate::balance::Balancer;
 use crate::cni_server::{self, CniServer};
 use crate::config::{AgentConfig, CaConfig, RedirectKind, SourceConfig};
+use crate::dns::NodeDns;
 use crate::drain::{self, DrainTrigger, DrainWatcher};
 use crate::enrolment::{CaptureStatus, Discovery, Enrolment};
 use crate::error_chain::ErrorChain;
@@ -61,6 +63,12 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     let client = HboneClient::new(certificates.clone(), ClientSettings::default());
     let mut metrics = Metrics::new();
     metrics.register_node(certificates.clone(), client.clone(), capture.clone());
+    let forwarder = Forwarder::from_resolv_conf(&config.dns_upstream).context("--dns-upstream")?;
+    let dns = Arc::new(NodeDns::new(
+        Proxy::new(forwarder, metrics.register_dns()),
+        &config.cluster_domain,
+        config.dns_limits,
+    ));
     let admission = Arc::new(Admission::new(
         config.pending_limits,
         metrics.ambit_registry(),
@@ -93,6 +101,10 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         telemetry: telemetry.clone(),
         balancer: balancer.clone(),
         log_level: logging.level,
+        egress: EgressContext {
+            default: config.outbound_traffic_policy,
+            dns: dns.clone(),
+        },
     };
     let servers = HttpServers {
         readiness: (readiness_listener, readiness.clone()),
@@ -147,6 +159,8 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         revocations,
         balancer,
         status: capture_status,
+        dns,
+        outbound_policy: config.outbound_traffic_policy,
     };
     tokio::spawn(enrolment.run(watcher));
     tracing::info!(node = config.node, capture = capture_name, "agent started");
@@ -392,5 +406,9 @@ fn effective_config(config: &AgentConfig, capture: &str) -> EffectiveConfig {
         handshake_timeout_seconds: config.pending_limits.handshake_timeout.as_secs(),
         max_pending_connections: config.pending_limits.node,
         max_pending_per_source: config.pending_limits.per_source,
+        outbound_traffic_policy: config.outbound_traffic_policy.as_str().to_owned(),
+        cluster_domain: config.cluster_domain.clone(),
+        dns_upstream: display(&config.dns_upstream),
+        dns_queries_per_second: config.dns_limits.queries_per_second,
     }
 }

@@ -8,6 +8,7 @@ use ambit_identity::{IdentityError, TrustDomain};
 use clap::{Args, ValueEnum};
 
 use crate::admission::PendingLimits;
+use crate::egress::OutboundTrafficPolicy;
 
 /// Where the agent learns about the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -161,6 +162,27 @@ pub struct AgentArgs {
     /// The share of those one source IP may hold.
     #[arg(long, env = "AMBIT_MAX_PENDING_PER_SOURCE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_pending_per_source: u32,
+    /// Where enrolled pods may connect outside the mesh, as Istio's `outboundTrafficPolicy`:
+    /// anywhere, or only to what ServiceEntries list. A namespace's
+    /// `ambit.dev/outbound-traffic-policy` label overrides it for its pods.
+    #[arg(
+        long,
+        env = "AMBIT_OUTBOUND_TRAFFIC_POLICY",
+        value_enum,
+        default_value = "ALLOW_ANY"
+    )]
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// The cluster's DNS domain: the DNS proxy answers `<service>.<namespace>.svc.<domain>`.
+    #[arg(long, env = "AMBIT_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// A resolv.conf naming the servers the DNS proxy forwards to the names the mesh does not
+    /// know (its search list is not used).
+    #[arg(long, env = "AMBIT_DNS_UPSTREAM", default_value = "/etc/resolv.conf")]
+    pub dns_upstream: PathBuf,
+    /// DNS queries per second each pod may send the proxy; over UDP, queries beyond it (and a
+    /// burst of twice as many) are dropped.
+    #[arg(long, env = "AMBIT_DNS_QUERIES_PER_SECOND", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub dns_queries_per_second: u32,
 }
 
 /// Why the flags do not make a configuration.
@@ -229,6 +251,10 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     pub outlier_ejection: Duration,
     pub pending_limits: PendingLimits,
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+    pub cluster_domain: String,
+    pub dns_upstream: PathBuf,
+    pub dns_limits: ambit_dns::Limits,
 }
 
 impl ClusterArgs {
@@ -325,6 +351,14 @@ impl TryFrom<AgentArgs> for AgentConfig {
             log_format: args.log_format,
             drain_timeout: args.drain_timeout,
             outlier_ejection: args.outlier_ejection,
+            outbound_traffic_policy: args.outbound_traffic_policy,
+            cluster_domain: args.cluster_domain,
+            dns_upstream: args.dns_upstream,
+            dns_limits: ambit_dns::Limits {
+                queries_per_second: args.dns_queries_per_second,
+                burst: args.dns_queries_per_second.saturating_mul(2),
+                ..ambit_dns::Limits::default()
+            },
             pending_limits: PendingLimits {
                 node: args.max_pending_connections as usize,
                 per_source: args.max_pending_per_source as usize,

@@ -62,6 +62,12 @@ enum DebugCommand {
         #[arg(long)]
         to: String,
     },
+    /// The latest names a pod of this node resolved through the DNS proxy, and the answers.
+    Dns {
+        /// The pod (`namespace/name`, `name` or its IP).
+        #[arg(long)]
+        pod: String,
+    },
     /// The edges of the traffic baseline: who connected to which workload and port.
     Edges,
     /// AuthorizationPolicies (YAML) that allow exactly the observed edges.
@@ -140,6 +146,10 @@ impl DebugArgs {
                 show(&client, "/debug/connections", json, render::connections).await?
             }
             DebugCommand::Edges => show(&client, "/debug/edges", json, render::edges).await?,
+            DebugCommand::Dns { pod } => {
+                let path = format!("/debug/dns?{}", query::encode(&[("pod", &pod)]));
+                show(&client, &path, json, render::dns).await?
+            }
             DebugCommand::LogLevel { filter } => {
                 let view: LoggingView = match filter {
                     None => client.get("/logging").await?,

@@ -37,13 +37,19 @@ pub enum OutboundTrafficPolicy {
 }
 
 impl OutboundTrafficPolicy {
+    /// As Istio spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AllowAny => "ALLOW_ANY",
+            Self::RegistryOnly => "REGISTRY_ONLY",
+        }
+    }
+
     /// The mode a label value names, as Istio spells it.
     pub fn named(value: &str) -> Option<Self> {
-        match value {
-            "ALLOW_ANY" => Some(Self::AllowAny),
-            "REGISTRY_ONLY" => Some(Self::RegistryOnly),
-            _ => None,
-        }
+        [Self::AllowAny, Self::RegistryOnly]
+            .into_iter()
+            .find(|policy| policy.as_str() == value)
     }
 }
 
@@ -329,7 +335,11 @@ pub fn decide(
         denied = EgressDenied::PortNotListed {
             destination,
             entry: entry.qualified_name(),
-            host: entry.hosts.first().map(ToString::to_string).unwrap_or_default(),
+            host: entry
+                .hosts
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         };
     }
     for (host, live) in resolved.names_of(ip, now) {

@@ -20,7 +20,9 @@ use tokio::sync::watch;
 
 use crate::admission::Admission;
 use crate::balance::Balancer;
+use crate::dns::NodeDns;
 use crate::drain::{self, DrainTrigger, DrainWatcher};
+use crate::egress::OutboundTrafficPolicy;
 use crate::error_chain::ErrorChain;
 use crate::hbone::HboneClient;
 use crate::proxy::{self, Pod, ProxyError};
@@ -201,6 +203,8 @@ pub(crate) struct Enrolment {
     pub(crate) revocations: Arc<Revocations>,
     pub(crate) balancer: Arc<Balancer>,
     pub(crate) status: watch::Sender<CaptureStatus>,
+    pub(crate) dns: Arc<NodeDns>,
+    pub(crate) outbound_policy: OutboundTrafficPolicy,
 }
 
 #[derive(Debug)]
@@ -451,6 +455,9 @@ impl Enrolment {
             admission: self.admission.clone(),
             revocations: self.revocations.clone(),
             balancer: self.balancer.clone(),
+            names: self.dns.names(&local),
+            dns: self.dns.clone(),
+            outbound_policy: self.outbound_policy,
         };
         let target = proxy::start(pod, &netns, self.certificates.clone(), watcher)
             .await

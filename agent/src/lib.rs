@@ -32,6 +32,7 @@ mod cni_server;
 mod config;
 mod debug;
 mod demo;
+mod dns;
 mod enrolment;
 mod error_chain;
 #[cfg(fuzzing)]

@@ -1,5 +1,5 @@
 //! The agent's sockets inside one enrolled pod and the proxies behind them: outbound (15001),
-//! inbound HBONE (15008) and inbound plaintext (15006).
+//! inbound HBONE (15008), inbound plaintext (15006) and DNS (15053).
 
 mod inbound;
 mod outbound;
@@ -7,10 +7,12 @@ mod outbound;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::Instant;
 
+use ambit_dns::DnsSockets;
 use ambit_identity::{CertificateManager, Identity, TrustDomain};
 use ambit_redirect::{
-    CaptureTarget, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PodNetns, socket,
+    CaptureTarget, DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PodNetns, socket,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -18,7 +20,9 @@ use tokio::sync::watch;
 use crate::admission::Admission;
 use crate::authorize::{WorkloadAuthorizer, WorkloadPolicy};
 use crate::balance::Balancer;
+use crate::dns::{NodeDns, PodNames};
 use crate::drain::DrainWatcher;
+use crate::egress::{self, OutboundTrafficPolicy};
 use crate::hbone::{HboneClient, HboneServer, Keepalive};
 use crate::revocation::Revocations;
 use crate::sockets::PodSockets;
@@ -56,6 +60,12 @@ pub(crate) struct Pod {
     pub(crate) revocations: Arc<Revocations>,
     /// Chooses among a Service's endpoints; the node's, shared by its pods.
     pub(crate) balancer: Arc<Balancer>,
+    /// The node's DNS proxy.
+    pub(crate) dns: Arc<NodeDns>,
+    /// What the pod was answered over DNS.
+    pub(crate) names: Arc<PodNames>,
+    /// `--outbound-traffic-policy`: the pod's, unless its namespace says otherwise.
+    pub(crate) outbound_policy: OutboundTrafficPolicy,
 }
 
 impl Pod {
@@ -67,10 +77,30 @@ impl Pod {
         let workload = self.workload.current(&self.state.borrow())?.clone();
         Some((workload, identity))
     }
+
+    /// Whether the pod may connect to `destination` outside the mesh.
+    fn egress(
+        &self,
+        source: &Workload,
+        destination: SocketAddr,
+    ) -> Result<egress::Allowed, egress::EgressDenied> {
+        let state = self.state.borrow();
+        let policy = state.outbound_policy(&source.namespace, self.outbound_policy);
+        let now = Instant::now();
+        egress::decide(
+            &state,
+            policy,
+            &source.namespace,
+            &self.names.resolved,
+            destination,
+            now,
+        )
+    }
 }
 
-/// Opens the three listeners inside the pod, then runs their proxies until `drain` fires.
-/// Returns what capture steers to: the listeners (duplicated descriptors).
+/// Opens the three listeners and the DNS proxy's sockets inside the pod, then runs their
+/// proxies until `drain` fires. Returns what capture steers to: the sockets (duplicated
+/// descriptors).
 pub(crate) async fn start(
     pod: Pod,
     netns: &PodNetns,
@@ -82,8 +112,16 @@ pub(crate) async fn start(
     let outbound = listen(netns, ip, OUTBOUND_PORT).await?;
     let hbone = listen(netns, ip, HBONE_PORT).await?;
     let plaintext = listen(netns, ip, INBOUND_PLAINTEXT_PORT).await?;
-    let duplicate = |listener: &TcpListener, port| {
-        listener
+    let (dns_udp, dns_tcp) = netns
+        .run(|| socket::dns_sockets(DNS_PORT))
+        .await
+        .map_err(ProxyError::Netns)?
+        .map_err(|source| ProxyError::Listen {
+            port: DNS_PORT,
+            source,
+        })?;
+    let duplicate = |socket: &dyn AsFd, port| {
+        socket
             .as_fd()
             .try_clone_to_owned()
             .map_err(|source| ProxyError::Listen { port, source })
@@ -93,7 +131,20 @@ pub(crate) async fn start(
         outbound: duplicate(&outbound, OUTBOUND_PORT)?,
         inbound_plaintext: duplicate(&plaintext, INBOUND_PLAINTEXT_PORT)?,
         hbone: duplicate(&hbone, HBONE_PORT)?,
+        dns_udp: duplicate(&dns_udp, DNS_PORT)?,
+        dns_tcp: duplicate(&dns_tcp, DNS_PORT)?,
     };
+    let dns_sockets = DnsSockets {
+        udp: dns_udp,
+        tcp: dns_tcp,
+    };
+    tokio::spawn(pod.dns.clone().serve(
+        pod.workload.clone(),
+        pod.names.clone(),
+        pod.state.clone(),
+        dns_sockets,
+        drain.clone(),
+    ));
 
     let authorizer = Arc::new(WorkloadAuthorizer {
         policy: Arc::new(WorkloadPolicy {

@@ -37,7 +37,7 @@ pub enum Forwarded {
     /// zone's SOA when upstream gave one, for the client's negative cache.
     NoRecords {
         code: ResponseCode,
-        soa: Option<Record>,
+        soa: Option<Box<Record>>,
     },
     /// Upstream failed (timeout, SERVFAIL, REFUSED...): `code` is what the client is told.
     Failed { code: ResponseCode, error: String },
@@ -79,7 +79,11 @@ impl Forwarder {
 
     /// Asks upstream for the request's name and type (or answers from the cache).
     pub async fn forward(&self, request: &Request) -> Forwarded {
-        match self.resolver.lookup(request.fqdn(), request.query_type).await {
+        match self
+            .resolver
+            .lookup(request.fqdn(), request.query_type)
+            .await
+        {
             Ok(lookup) => {
                 let message = lookup.message();
                 Forwarded::Answer {
@@ -91,7 +95,7 @@ impl Forwarder {
                 response_code, soa, ..
             }))) => Forwarded::NoRecords {
                 code: response_code,
-                soa: soa.map(|soa| soa.into_record_of_rdata()),
+                soa: soa.map(|soa| Box::new(soa.into_record_of_rdata())),
             },
             Err(NetError::Dns(DnsError::ResponseCode(code))) => Forwarded::Failed {
                 code,

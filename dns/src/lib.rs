@@ -21,7 +21,7 @@ use hickory_proto::rr::{RData, Record, RecordType};
 pub use forward::{Forwarded, Forwarder, ForwarderError};
 pub use message::Request;
 pub use metrics::{DnsLabels, DnsMetrics};
-pub use serve::{Limits, PodSockets, serve};
+pub use serve::{DnsSockets, Limits, serve};
 
 /// The TTL of the answers the proxy gives from the mesh, as ztunnel's.
 pub const MESH_TTL: Duration = Duration::from_secs(30);
@@ -165,7 +165,7 @@ impl Proxy {
             Forwarded::NoRecords { code, soa } => {
                 answered.code = code;
                 let mut response = request.response(code);
-                response.add_authorities(soa);
+                response.add_authorities(soa.map(|soa| *soa));
                 response
             }
             Forwarded::Failed { code, error } => {

@@ -89,12 +89,9 @@ impl Request {
     /// The largest response the client takes over UDP: what its EDNS advertises (at least 512
     /// bytes, at most [`MAX_UDP_PAYLOAD`]), 512 without EDNS.
     pub fn udp_limit(&self) -> u16 {
-        self.message
-            .edns
-            .as_ref()
-            .map_or(MIN_UDP_PAYLOAD, |edns| {
-                edns.max_payload().clamp(MIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD)
-            })
+        self.message.edns.as_ref().map_or(MIN_UDP_PAYLOAD, |edns| {
+            edns.max_payload().clamp(MIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD)
+        })
     }
 }
 
@@ -152,7 +149,10 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_answer() {
         let mut bytes = query("a.example.", RecordType::A);
-        assert!(matches!(Request::parse(&bytes[..5]), Err(None)), "too short");
+        assert!(
+            matches!(Request::parse(&bytes[..5]), Err(None)),
+            "too short"
+        );
 
         let mut response = bytes.clone();
         response[2] |= 0x80;
@@ -160,11 +160,15 @@ mod tests {
 
         let mut notify = bytes.clone();
         notify[2] |= 4 << 3;
-        let Err(Some(reply)) = Request::parse(&notify) else { panic!() };
+        let Err(Some(reply)) = Request::parse(&notify) else {
+            panic!()
+        };
         assert_eq!(code(&reply), ResponseCode::NotImp);
 
         bytes[5] = 2;
-        let Err(Some(reply)) = Request::parse(&bytes) else { panic!() };
+        let Err(Some(reply)) = Request::parse(&bytes) else {
+            panic!()
+        };
         assert_eq!(code(&reply), ResponseCode::FormErr);
         assert_eq!(Message::from_vec(&reply).unwrap().metadata.id, 7);
     }
@@ -175,7 +179,9 @@ mod tests {
         // The question's name becomes a pointer to itself.
         bytes.truncate(HEADER_LEN);
         bytes.extend_from_slice(&[0xc0, HEADER_LEN as u8, 0, 1, 0, 1]);
-        let Err(Some(reply)) = Request::parse(&bytes) else { panic!() };
+        let Err(Some(reply)) = Request::parse(&bytes) else {
+            panic!()
+        };
         assert_eq!(code(&reply), ResponseCode::FormErr);
     }
 

@@ -58,18 +58,16 @@ pub struct DnsMetrics {
 }
 
 impl DnsMetrics {
-    /// Registers Istio's metrics in `istio` (the registry of the `istio_` prefix) and ambit's in
-    /// `ambit`.
-    pub fn register(istio: &mut Registry, ambit: &mut Registry) -> Self {
+    /// Registers Istio's metrics under `istio_`, and ambit's under `ambit_`.
+    pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
             requests: Family::default(),
             upstream_requests: Family::default(),
             upstream_failures: Family::default(),
-            upstream_duration: Family::new_with_constructor(|| {
-                Histogram::new(UPSTREAM_BUCKETS)
-            }),
+            upstream_duration: Family::new_with_constructor(|| Histogram::new(UPSTREAM_BUCKETS)),
             dropped: Family::default(),
         };
+        let istio = registry.sub_registry_with_prefix("istio");
         istio.register(
             "dns_requests",
             "Total number of DNS requests",
@@ -91,7 +89,7 @@ impl DnsMetrics {
             Unit::Seconds,
             metrics.upstream_duration.clone(),
         );
-        ambit.register(
+        registry.sub_registry_with_prefix("ambit").register(
             "dns_dropped",
             "DNS queries the proxy dropped unanswered, by reason",
             metrics.dropped.clone(),

@@ -29,7 +29,7 @@ const MAX_UDP_QUERY: usize = 4096;
 /// `IP_PKTINFO` (and `IP_TRANSPARENT`, to answer from the address the pod asked) and a TCP
 /// listener, both non-blocking.
 #[derive(Debug)]
-pub struct PodSockets {
+pub struct DnsSockets {
     pub udp: std::net::UdpSocket,
     pub tcp: std::net::TcpListener,
 }
@@ -66,7 +66,7 @@ impl Default for Limits {
 pub async fn serve(
     proxy: Arc<Proxy>,
     client: Arc<dyn Client>,
-    sockets: PodSockets,
+    sockets: DnsSockets,
     limits: Limits,
     stop: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
@@ -228,7 +228,9 @@ impl Bucket {
             self.tokens -= 1.0;
             None
         } else {
-            Some(Duration::from_secs_f64((1.0 - self.tokens) / self.per_second))
+            Some(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.per_second,
+            ))
         }
     }
 }
@@ -250,12 +252,15 @@ async fn receive(
                 MsgFlags::MSG_TRUNC,
             )
             .map_err(io::Error::from)?;
-            let local = message.cmsgs().map_err(io::Error::from)?.find_map(|c| match c {
-                ControlMessageOwned::Ipv4PacketInfo(info) => {
-                    Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)))
-                }
-                _ => None,
-            });
+            let local = message
+                .cmsgs()
+                .map_err(io::Error::from)?
+                .find_map(|c| match c {
+                    ControlMessageOwned::Ipv4PacketInfo(info) => {
+                        Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)))
+                    }
+                    _ => None,
+                });
             let truncated = message.flags.contains(MsgFlags::MSG_TRUNC);
             Ok(match (message.address, local) {
                 (Some(peer), Some(local)) if !truncated => Some((

@@ -3,7 +3,7 @@
 use core::ffi::c_void;
 use core::mem::MaybeUninit;
 
-use ambit_ebpf_common::{KUBELET_PROBE_SOURCE, counter, listener};
+use ambit_ebpf_common::{CAPTURED_DNS_PORT, KUBELET_PROBE_SOURCE, counter, listener};
 use aya_ebpf::bindings::bpf_hdr_start_off::BPF_HDR_START_NET;
 use aya_ebpf::bindings::{
     BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple,
@@ -23,6 +23,7 @@ const IPV4_HEADER: usize = 20;
 const IP_MORE_FRAGMENTS: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
@@ -183,22 +184,34 @@ fn ambit_outbound(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands the program a valid `bpf_sk_lookup` for its whole run.
     let lookup = unsafe { &*ctx.lookup };
     let pod = pod_ip();
-    let outbound = lookup.family == AF_INET
-        && lookup.protocol == u32::from(IPPROTO_TCP)
+    let from_pod = lookup.family == AF_INET
         && lookup.remote_ip4 == pod
         && lookup.local_ip4 != pod
         && lookup.local_ip4.to_ne_bytes()[0] != 127;
-    if !outbound {
+    if !from_pod {
         return sk_action::SK_PASS;
     }
-    if AMBIT_LISTENERS
-        .redirect_sk_lookup(&ctx, listener::OUTBOUND, 0)
-        .is_ok()
-    {
-        count(counter::OUTBOUND_STEERED);
+    // In host byte order, unlike the remote port.
+    let dns = lookup.local_port == u32::from(CAPTURED_DNS_PORT);
+    let index = match (lookup.protocol, dns) {
+        (protocol, false) if protocol == u32::from(IPPROTO_TCP) => listener::OUTBOUND,
+        (protocol, true) if protocol == u32::from(IPPROTO_TCP) => listener::DNS_TCP,
+        // Routing delivers the pod's UDP locally only for DNS.
+        (protocol, true) if protocol == u32::from(IPPROTO_UDP) => listener::DNS_UDP,
+        _ => return sk_action::SK_PASS,
+    };
+    let steered = AMBIT_LISTENERS.redirect_sk_lookup(&ctx, index, 0).is_ok();
+    // Datagrams are not connections: the counters count TCP.
+    if lookup.protocol == u32::from(IPPROTO_TCP) {
+        count(if steered {
+            counter::OUTBOUND_STEERED
+        } else {
+            counter::OUTBOUND_DROPPED
+        });
+    }
+    if steered {
         sk_action::SK_PASS
     } else {
-        count(counter::OUTBOUND_DROPPED);
         sk_action::SK_DROP
     }
 }

@@ -1,4 +1,4 @@
-//! Capture backends: what steers a pod's TCP to the agent's sockets inside it.
+//! Capture backends: what steers a pod's TCP, and its DNS, to the agent's sockets inside it.
 //!
 //! Both backends clean up after each other: enabling one, disabling either, removes whatever
 //! either left in the pod (an nftables table, tc filters, routing rules), so that the agent can
@@ -57,6 +57,10 @@ pub struct CaptureTarget {
     pub inbound_plaintext: OwnedFd,
     /// 15008.
     pub hbone: OwnedFd,
+    /// 15053, UDP: the DNS proxy.
+    pub dns_udp: OwnedFd,
+    /// 15053, TCP: the DNS proxy.
+    pub dns_tcp: OwnedFd,
 }
 
 /// What a backend's kernel programs counted, over every pod it captured since the agent started.

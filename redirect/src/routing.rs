@@ -10,7 +10,9 @@
 //!   program hands it to the agent, except the agent's own ([`AGENT_MARK`]) and kubelet's:
 //!   `to 169.254.7.127 lookup main` (32760), `fwmark 0x539/0xfff lookup main` (32761),
 //!   `ipproto tcp lookup 100` (32762) with `local 0.0.0.0/0 dev lo src <pod IP> table 100`, and
-//!   IPv6 TCP, which the agent does not carry yet, `prohibit` (32762): it fails closed.
+//!   IPv6 TCP, which the agent does not carry yet, `prohibit` (32762): it fails closed. DNS
+//!   over UDP is delivered locally too, for the DNS proxy: `ipproto udp dport 53 lookup 100`
+//!   (32763), and over IPv6 `prohibit`.
 //!
 //! Blocking: call from the pod's namespace thread.
 
@@ -20,10 +22,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures_util::TryStreamExt;
 use netlink_packet_route::IpProtocol;
 use netlink_packet_route::route::{RouteMessage, RouteScope, RouteType};
-use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
-use crate::{AGENT_MARK, KUBELET_PROBE_SOURCE, MARK_MASK, REPLY_MARK};
+use crate::{AGENT_MARK, CAPTURED_DNS_PORT, KUBELET_PROBE_SOURCE, MARK_MASK, REPLY_MARK};
 
 /// The routing table that delivers everything locally.
 const LOCAL_TABLE: u32 = 100;
@@ -98,6 +100,16 @@ impl Steering {
             Self::AllTcp { .. } => {
                 let kubelet = IpAddr::V4(Ipv4Addr::from(KUBELET_PROBE_SOURCE));
                 let tcp = || vec![RuleAttribute::IpProtocol(IpProtocol::Tcp)];
+                let dns = RulePortRange {
+                    start: CAPTURED_DNS_PORT,
+                    end: CAPTURED_DNS_PORT,
+                };
+                let udp_dns = || {
+                    vec![
+                        RuleAttribute::IpProtocol(IpProtocol::Udp),
+                        RuleAttribute::DestinationPortRange(dns),
+                    ]
+                };
                 vec![
                     to_table(
                         32760,
@@ -111,6 +123,14 @@ impl Steering {
                         priority: 32762,
                         ip_version: IpVersion::V6,
                         attributes: tcp(),
+                        action: RuleAction::Prohibit,
+                        table: 0,
+                    },
+                    to_table(32763, IpVersion::V4, udp_dns(), LOCAL_TABLE),
+                    Rule {
+                        priority: 32763,
+                        ip_version: IpVersion::V6,
+                        attributes: udp_dns(),
                         action: RuleAction::Prohibit,
                         table: 0,
                     },

@@ -58,6 +58,19 @@ pub fn original_destination(stream: impl std::os::fd::AsFd) -> io::Result<Socket
     }
 }
 
+/// The DNS proxy's sockets, UDP and TCP, on `127.0.0.1:port`, both transparent: capture steers
+/// to them queries addressed to any server. The UDP socket reports the address each datagram
+/// was sent to (`IP_PKTINFO`), for the reply to come from it.
+pub fn dns_sockets(port: u16) -> io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let addr = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+    let udp = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+    udp.set_nonblocking(true)?;
+    udp.set_ip_transparent_v4(true)?;
+    nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::Ipv4PacketInfo, &true)?;
+    udp.bind(&addr.into())?;
+    Ok((udp.into(), listener(addr, true)?))
+}
+
 fn tcp_socket(ip: IpAddr, transparent: bool) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(SocketAddr::new(ip, 0)),

@@ -3,12 +3,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use ambit_identity::{Identity, TrustDomain};
 
-use super::views::{CheckView, ModeView, PeerView, PolicyMatch};
-use super::{action_name, mode_name, query};
+use super::views::{CheckView, EgressView, ModeView, PeerView, PolicyMatch};
+use super::{EgressContext, action_name, mode_name, query};
 use crate::authorize::{self, DenyReason, InboundRequest, Verdict};
+use crate::egress::{self, Resolved};
 use crate::state::{ClusterState, Protocol, Workload};
 
 /// Why a check could not be run; the message is for the person who asked.
@@ -42,23 +44,34 @@ pub(crate) fn parse_target(target: &str) -> Result<(&str, u16), CheckError> {
 pub(crate) fn run(
     state: &ClusterState,
     trust_domain: &TrustDomain,
+    egress: &EgressContext,
     query: &str,
 ) -> Result<CheckView, CheckError> {
     let from = query::value(query, "from").ok_or(CheckError::Missing("from"))?;
     let to = query::value(query, "to").ok_or(CheckError::Missing("to"))?;
     let (to, port) = parse_target(&to)?;
-    let destination = match to.parse::<IpAddr>() {
-        Ok(ip) => state
-            .workload_by_ip(ip)
-            .cloned()
-            .ok_or(CheckError::UnknownIp(ip))?,
-        Err(_) => pod(state, to)?,
-    };
     let (source, source_identity) = source(state, trust_domain, &from)?;
     let source_ip = source
         .as_ref()
         .and_then(|w| w.ips.first().copied())
         .or_else(|| from.parse().ok());
+    let destination = match to.parse::<IpAddr>() {
+        Ok(ip) => match state.workload_by_ip(ip) {
+            Some(workload) => workload.clone(),
+            None => {
+                let egress = egress_view(state, egress, source.as_deref(), (ip, port).into());
+                return Ok(outside_the_mesh(
+                    source_ip,
+                    source_identity,
+                    source,
+                    ip,
+                    port,
+                    egress,
+                ));
+            }
+        },
+        Err(_) => pod(state, to)?,
+    };
     let destination_ip = destination
         .ips
         .first()
@@ -96,6 +109,7 @@ pub(crate) fn run(
         allowed: true,
         decided_by: None,
         reason: String::new(),
+        egress: None,
     };
     if destination.protocol != Protocol::Hbone {
         view.reason =
@@ -182,6 +196,84 @@ pub(crate) fn run(
     Ok(view)
 }
 
+/// A check of an address that is no workload: only egress control decides.
+fn outside_the_mesh(
+    source_ip: Option<IpAddr>,
+    source_identity: Option<Identity>,
+    source: Option<Arc<Workload>>,
+    ip: IpAddr,
+    port: u16,
+    egress: Option<EgressView>,
+) -> CheckView {
+    let (allowed, reason) = match &egress {
+        Some(egress) => (
+            egress.allowed,
+            format!("{}: {}", verdict(egress.allowed), egress.reason),
+        ),
+        None => (
+            true,
+            "allowed: the destination is not in the mesh, and the source is no pod of the cluster"
+                .to_owned(),
+        ),
+    };
+    CheckView {
+        source: PeerView {
+            ip: source_ip,
+            identity: source_identity.map(|id| id.to_string()),
+            workload: source.as_ref().map(|w| w.qualified_name()),
+        },
+        destination: PeerView {
+            ip: Some(ip),
+            identity: None,
+            workload: None,
+        },
+        port,
+        transport: "plaintext".to_owned(),
+        peer_authentication: None,
+        waypoints: Vec::new(),
+        policies: Vec::new(),
+        allowed,
+        decided_by: None,
+        reason,
+        egress,
+    }
+}
+
+/// Whether `source`'s outbound traffic policy lets it reach `destination`; `None` when the
+/// source is no pod.
+fn egress_view(
+    state: &ClusterState,
+    context: &EgressContext,
+    source: Option<&Workload>,
+    destination: SocketAddr,
+) -> Option<EgressView> {
+    let source = source?;
+    let policy = state.outbound_policy(&source.namespace, context.default);
+    let names = context.dns.pod_names(&source.uid);
+    let nothing_resolved = Resolved::default();
+    let resolved = names.as_ref().map_or(&nothing_resolved, |n| &n.resolved);
+    let decision = egress::decide(
+        state,
+        policy,
+        &source.namespace,
+        resolved,
+        destination,
+        Instant::now(),
+    );
+    Some(EgressView {
+        policy: policy.as_str().to_owned(),
+        allowed: decision.is_ok(),
+        reason: match decision {
+            Ok(allowed) => allowed.to_string(),
+            Err(denied) => denied.to_string(),
+        },
+    })
+}
+
+fn verdict(allowed: bool) -> &'static str {
+    if allowed { "allowed" } else { "denied" }
+}
+
 /// The source: a SPIFFE identity, an IP, or a pod; a source in the mesh proves its identity.
 fn source(
     state: &ClusterState,
@@ -214,7 +306,7 @@ fn source(
 }
 
 /// A pod by `namespace/name`, or by a name that only one namespace has.
-fn pod(state: &ClusterState, name: &str) -> Result<Arc<Workload>, CheckError> {
+pub(crate) fn pod(state: &ClusterState, name: &str) -> Result<Arc<Workload>, CheckError> {
     let matches: Vec<&Arc<Workload>> = state
         .workloads()
         .into_iter()
@@ -236,6 +328,8 @@ fn pod(state: &ClusterState, name: &str) -> Result<Arc<Workload>, CheckError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dns::NodeDns;
+    use crate::egress::OutboundTrafficPolicy;
     use crate::source::file::parse;
 
     const CLUSTER: &str = "
@@ -281,8 +375,50 @@ spec: {mtls: {mode: STRICT}}
 
     fn check(from: &str, to: &str) -> Result<CheckView, CheckError> {
         let state = parse(CLUSTER, "istio-system").unwrap();
+        check_with(&state, OutboundTrafficPolicy::AllowAny, from, to)
+    }
+
+    fn check_with(
+        state: &ClusterState,
+        default: OutboundTrafficPolicy,
+        from: &str,
+        to: &str,
+    ) -> Result<CheckView, CheckError> {
         let query = query::encode(&[("from", from), ("to", to)]);
-        run(&state, &"cluster.local".parse().unwrap(), &query)
+        let egress = EgressContext {
+            default,
+            dns: Arc::new(NodeDns::unused()),
+        };
+        run(state, &"cluster.local".parse().unwrap(), &egress, &query)
+    }
+
+    #[test]
+    fn egress_is_explained_for_addresses_outside_the_mesh() {
+        let state = parse(CLUSTER, "istio-system").unwrap();
+        let anywhere = check_with(
+            &state,
+            OutboundTrafficPolicy::AllowAny,
+            "shop/web",
+            "192.0.2.1:443",
+        )
+        .unwrap();
+        assert!(anywhere.allowed);
+        let registry_only = check_with(
+            &state,
+            OutboundTrafficPolicy::RegistryOnly,
+            "shop/web",
+            "192.0.2.1:443",
+        )
+        .unwrap();
+        assert!(!registry_only.allowed);
+        assert_eq!(registry_only.egress.unwrap().policy, "REGISTRY_ONLY");
+        assert!(
+            registry_only
+                .reason
+                .contains("no ServiceEntry lists the address"),
+            "{}",
+            registry_only.reason
+        );
     }
 
     #[test]
@@ -329,10 +465,6 @@ spec: {mtls: {mode: STRICT}}
         assert_eq!(
             error("db", "web:80"),
             "\"db\" names several pods (legacy/db, shop/db): give namespace/name"
-        );
-        assert_eq!(
-            error("web", "10.9.9.9:80"),
-            "no workload has the IP 10.9.9.9"
         );
         assert_eq!(error("web", "web"), "\"web\" is not <pod|ip>:<port>");
         assert_eq!(error("web", ":80"), "\":80\" is not <pod|ip>:<port>");

@@ -109,6 +109,10 @@ pub struct CheckView {
     pub decided_by: Option<String>,
     /// In words.
     pub reason: String,
+    /// For a destination outside the mesh: whether the source's outbound traffic policy lets it
+    /// connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,4 +196,40 @@ pub struct EffectiveConfig {
     pub handshake_timeout_seconds: u64,
     pub max_pending_connections: usize,
     pub max_pending_per_source: usize,
+    /// `ALLOW_ANY` or `REGISTRY_ONLY`, for pods whose namespace does not say.
+    pub outbound_traffic_policy: String,
+    pub cluster_domain: String,
+    pub dns_upstream: String,
+    pub dns_queries_per_second: u32,
+}
+
+/// What `ambit debug dns` shows of one pod: its latest DNS answers, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsView {
+    /// `namespace/name`.
+    pub pod: String,
+    pub answers: Vec<DnsAnswerView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsAnswerView {
+    pub name: String,
+    /// `A`, `AAAA`, `SRV`...
+    pub query_type: String,
+    /// `No Error`, `Non-Existent Domain`...
+    pub code: String,
+    pub addresses: Vec<IpAddr>,
+    pub ttl_s: u64,
+    /// `mesh` or `upstream`.
+    pub source: String,
+    pub at_unix: u64,
+}
+
+/// Whether the source may reach a destination outside the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressView {
+    /// `ALLOW_ANY` or `REGISTRY_ONLY`.
+    pub policy: String,
+    pub allowed: bool,
+    pub reason: String,
 }

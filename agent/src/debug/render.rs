@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::admin::views::{
-    CertificateView, CheckView, ConnectionView, Edge, PeerView, PoliciesView, ServiceView,
+    CertificateView, CheckView, ConnectionView, DnsView, Edge, PeerView, PoliciesView, ServiceView,
     WorkloadView,
 };
 
@@ -285,9 +285,28 @@ pub(super) fn check(view: &CheckView) -> String {
         }
         text.push_str(&table.render());
     }
+    if let Some(egress) = &view.egress {
+        text.push_str(&format!("egress ({}): {}\n", egress.policy, egress.reason));
+    }
     let verdict = if view.allowed { "ALLOW" } else { "DENY" };
     text.push_str(&format!("result: {verdict}: {}\n", view.reason));
     text
+}
+
+pub(super) fn dns(view: &DnsView) -> String {
+    let mut table = Table::new(&["AGE", "NAME", "TYPE", "RESULT", "ADDRESSES", "TTL", "FROM"]);
+    for answer in &view.answers {
+        table.row(vec![
+            age(answer.at_unix),
+            answer.name.clone(),
+            answer.query_type.clone(),
+            answer.code.clone(),
+            join(&answer.addresses),
+            format!("{}s", answer.ttl_s),
+            answer.source.clone(),
+        ]);
+    }
+    format!("{}\n{}", view.pod, table.render())
 }
 
 fn yes_no(value: bool) -> String {

@@ -77,9 +77,14 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
             };
             tunnel(&pod, &mut tcp, &request, attempt).await;
         }
-        Upstream::Passthrough { addr } => {
-            passthrough(&pod, &mut tcp, peer, addr, attempt).await;
-        }
+        Upstream::Passthrough { addr } => match pod.egress(&source, addr) {
+            Ok(_) => passthrough(&pod, &mut tcp, peer, addr, attempt).await,
+            Err(denied) => {
+                tracing::info!(src.workload = %source.qualified_name(), dst.addr = %addr, reason = %denied, "egress refused");
+                pod.telemetry.metrics.egress_denied(&source, &denied);
+                attempt.record.fail_denied(denied);
+            }
+        },
         Upstream::NoEndpoint { service, port } => {
             attempt.record.fail(NoEndpoint { service, port });
         }

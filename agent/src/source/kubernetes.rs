@@ -280,8 +280,7 @@ impl Reflectors {
                 Kind::PeerAuthentication,
                 ("PeerAuthentication", "peerauthentications"),
             ),
-            service_entries: spawner
-                .istio(Kind::ServiceEntry, ("ServiceEntry", "serviceentries")),
+            service_entries: spawner.istio(Kind::ServiceEntry, ("ServiceEntry", "serviceentries")),
             _tasks: spawner.tasks,
         }
     }

@@ -18,8 +18,10 @@ use prometheus_client::registry::Registry;
 
 use super::labels::{Reporter, RequestLabels, ResponseFlags, TrafficLabels};
 use super::series::{SeriesIndex, Workloads};
+use crate::egress::EgressDenied;
 use crate::hbone::HboneClient;
 use crate::logging::DroppedLines;
+use crate::state::Workload;
 
 /// Every metric the agent exports, and the registry that encodes them.
 #[derive(Debug)]
@@ -37,6 +39,17 @@ pub struct Metrics {
     pub(crate) capture_failures: Family<StageLabel, Counter>,
     pub(crate) policy_decisions: Family<DecisionLabel, Counter>,
     pub(crate) new_edges: Counter,
+    egress_denied: Family<EgressDeniedLabels, Counter>,
+}
+
+/// The labels of `ambit_egress_denied_total`: who was refused, where to (the ServiceEntry host
+/// the address is known by, else `unknown`), and why.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EgressDeniedLabels {
+    source_workload: String,
+    source_workload_namespace: String,
+    destination_host: String,
+    reason: &'static str,
 }
 
 /// Istio's TCP metrics, reported by both ends of a connection.
@@ -136,6 +149,7 @@ impl Metrics {
             capture_failures: Family::default(),
             policy_decisions: Family::default(),
             new_edges: Counter::default(),
+            egress_denied: Family::default(),
         };
         let traffic = &metrics.traffic;
         let istio = metrics.registry.sub_registry_with_prefix("istio");
@@ -215,7 +229,23 @@ impl Metrics {
             "Connections on an edge (source identity, destination identity and port) first seen after the baseline's learning period",
             metrics.new_edges.clone(),
         );
+        ambit.register(
+            "egress_denied",
+            "Connections from enrolled pods to destinations outside the mesh that REGISTRY_ONLY refused, by source, ServiceEntry host and reason",
+            metrics.egress_denied.clone(),
+        );
         metrics
+    }
+
+    /// Counts a connection from `source` that egress control refused.
+    pub(crate) fn egress_denied(&self, source: &Workload, denied: &EgressDenied) {
+        let labels = EgressDeniedLabels {
+            source_workload: source.workload_name.clone(),
+            source_workload_namespace: source.namespace.clone(),
+            destination_host: denied.host().unwrap_or("unknown").to_owned(),
+            reason: denied.reason(),
+        };
+        self.egress_denied.get_or_create(&labels).inc();
     }
 
     /// Reports the expiry of every certificate `certificates` keeps renewed, the connections
@@ -270,6 +300,11 @@ impl Metrics {
         let gauge = self.open_sockets.get_or_create(&labels).clone();
         gauge.inc();
         OpenSocket(gauge)
+    }
+
+    /// Registers Istio's DNS metrics, and the DNS proxy's own.
+    pub(crate) fn register_dns(&mut self) -> ambit_dns::DnsMetrics {
+        ambit_dns::DnsMetrics::register(&mut self.registry)
     }
 
     /// Where a module registers metrics of its own, under ambit's prefix.

@@ -12,6 +12,8 @@ pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
 /// DNS proxy.
 pub const DNS_PORT: u16 = 15053;
+/// DNS, to whatever server: a pod's queries on this port go to the DNS proxy.
+pub const CAPTURED_DNS_PORT: u16 = 53;
 
 /// The ports of the agent's own sockets in a pod: never a valid destination for a tunnel.
 pub const AGENT_POD_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT];
@@ -33,8 +35,12 @@ pub mod listener {
     pub const INBOUND_PLAINTEXT: u32 = 1;
     /// 15008: HBONE into the pod.
     pub const HBONE: u32 = 2;
+    /// 15053, UDP: the pod's DNS queries.
+    pub const DNS_UDP: u32 = 3;
+    /// 15053, TCP: the pod's DNS queries.
+    pub const DNS_TCP: u32 = 4;
     /// Entries in the map.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 5;
 }
 
 /// The eBPF programs' counters, by index in their per-CPU array.

@@ -140,6 +140,8 @@ impl CaptureBackend for Ebpf {
             (listener::OUTBOUND, &target.outbound),
             (listener::INBOUND_PLAINTEXT, &target.inbound_plaintext),
             (listener::HBONE, &target.hbone),
+            (listener::DNS_UDP, &target.dns_udp),
+            (listener::DNS_TCP, &target.dns_tcp),
         ] {
             listeners
                 .set(index, socket, 0)

@@ -6,6 +6,8 @@
 //!   down, inbound traffic fails closed.
 //! - Outbound TCP is redirected to 15001 (the original destination is kept by conntrack); with
 //!   the agent down, nothing listens there and connections are refused.
+//! - DNS (UDP and TCP to port 53, whatever the server) is redirected to the DNS proxy on
+//!   127.0.0.1:15053; IPv6 DNS, which the proxy does not serve, is dropped.
 //! - The agent's own sockets carry [`AGENT_MARK`] and pass untouched; replies to its spoofed
 //!   connections are marked [`REPLY_MARK`] through the connection mark and routed back to it.
 //! - Kubelet probes (from 169.254.7.127) and loopback traffic are left alone.
@@ -17,8 +19,8 @@ use std::process::{Command, Stdio};
 use super::{CaptureBackend, CaptureError, CaptureTarget, NetSysctls};
 use crate::routing::{self, Steering};
 use crate::{
-    AGENT_MARK, CAPTURED_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, KUBELET_PROBE_SOURCE, MARK_MASK,
-    OUTBOUND_PORT, REPLY_MARK,
+    AGENT_MARK, CAPTURED_DNS_PORT, CAPTURED_MARK, DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
+    KUBELET_PROBE_SOURCE, MARK_MASK, OUTBOUND_PORT, REPLY_MARK,
 };
 
 /// The table ambit owns in each pod's namespace.
@@ -71,6 +73,8 @@ impl Nftables {
     meta l4proto tcp meta mark & {MARK_MASK:#010x} == {REPLY_MARK:#010x} accept
     meta l4proto tcp ip daddr {kubelet} accept
     oifname "lo" accept
+    meta nfproto ipv4 meta l4proto {{ tcp, udp }} th dport {CAPTURED_DNS_PORT} {not_agent} redirect to :{DNS_PORT}
+    meta nfproto ipv6 meta l4proto {{ tcp, udp }} th dport {CAPTURED_DNS_PORT} {not_agent} drop
     meta l4proto tcp redirect to :{OUTBOUND_PORT}
   }}
 }}
@@ -158,6 +162,9 @@ mod tests {
         assert!(rules.contains("tproxy ip to :15008 accept"));
         assert!(rules.contains("tproxy ip to :15006 accept"));
         assert!(rules.contains("redirect to :15001"));
+        assert!(rules.contains(
+            "meta nfproto ipv4 meta l4proto { tcp, udp } th dport 53 meta mark & 0x00000fff != 0x00000539 redirect to :15053"
+        ));
         assert!(rules.contains("meta l4proto tcp meta mark & 0x00000fff == 0x00000539 accept"));
         assert!(rules.contains("ip saddr 169.254.7.127 accept"));
     }

@@ -98,40 +98,71 @@ pub(super) fn service_entry(entry: &Sourced<Value>) -> Result<ServiceEntry, Obje
             u16::try_from(p.number)
                 .ok()
                 .filter(|n| *n != 0)
-                .ok_or_else(|| error(&format!("spec.ports[{i}].number"), format!("{} is not a port", p.number)))
+                .ok_or_else(|| {
+                    error(
+                        &format!("spec.ports[{i}].number"),
+                        format!("{} is not a port", p.number),
+                    )
+                })
         })
         .collect::<Result<_, _>>()?;
     match spec.location.as_deref() {
         None | Some("MESH_EXTERNAL" | "MESH_INTERNAL") => {}
-        Some(other) => return Err(error("spec.location", format!("unknown location {other:?}"))),
+        Some(other) => {
+            return Err(error(
+                "spec.location",
+                format!("unknown location {other:?}"),
+            ));
+        }
     }
     let resolution = match spec.resolution.as_deref() {
         None | Some("NONE") => Resolution::None,
         Some("STATIC") => Resolution::Static,
         Some("DNS" | "DNS_ROUND_ROBIN") => Resolution::Dns,
         Some(other) => {
-            return Err(error("spec.resolution", format!("unknown resolution {other:?}")));
+            return Err(error(
+                "spec.resolution",
+                format!("unknown resolution {other:?}"),
+            ));
         }
     };
     let mut endpoints = Vec::new();
     for (i, endpoint) in spec.endpoints.iter().enumerate() {
         if !endpoint.ports.is_empty() {
             let field = format!("spec.endpoints[{i}].ports");
-            return Err(error(&field, "remapping an endpoint's ports is not supported".into()));
+            return Err(error(
+                &field,
+                "remapping an endpoint's ports is not supported".into(),
+            ));
         }
         let ip: IpAddr = endpoint.address.parse().map_err(|_| {
             let field = format!("spec.endpoints[{i}].address");
-            error(&field, format!("{:?} is not an IP address (names and Unix sockets are not supported)", endpoint.address))
+            error(
+                &field,
+                format!(
+                    "{:?} is not an IP address (names and Unix sockets are not supported)",
+                    endpoint.address
+                ),
+            )
         })?;
         endpoints.push(ip);
     }
     if resolution == Resolution::Static && endpoints.is_empty() {
-        return Err(error("spec.endpoints", "resolution STATIC needs endpoints".into()));
+        return Err(error(
+            "spec.endpoints",
+            "resolution STATIC needs endpoints".into(),
+        ));
     }
     let export_to = if spec.export_to.is_empty() || spec.export_to.iter().any(|n| n == "*") {
         None
     } else {
-        let own = |n: &String| if n == "." { metadata.namespace.clone() } else { n.clone() };
+        let own = |n: &String| {
+            if n == "." {
+                metadata.namespace.clone()
+            } else {
+                n.clone()
+            }
+        };
         Some(spec.export_to.iter().map(own).collect())
     };
     Ok(ServiceEntry {
