@@ -2,11 +2,15 @@
 //! and what every pod was answered, which egress control allows and `ambit debug dns` shows.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::io;
+use std::net::{IpAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ambit_dns::{Answered, Client, DnsSockets, Limits, Proxy};
+use ambit_dns::{Answered, Client, DnsSockets, Limits, Proxy, ReplySocketFuture, ReplySockets};
+use ambit_redirect::PodNetns;
+use ambit_redirect::socket::dns_reply_socket;
+use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::admin::views::{DnsAnswerView, DnsView};
@@ -41,7 +45,7 @@ impl NodeDns {
     #[cfg(test)]
     pub(crate) fn unused() -> Self {
         let mut resolv_conf = tempfile::NamedTempFile::new().unwrap();
-        std::io::Write::write_all(&mut resolv_conf, b"nameserver 192.0.2.53\n").unwrap();
+        io::Write::write_all(&mut resolv_conf, b"nameserver 192.0.2.53\n").unwrap();
         let forwarder = ambit_dns::Forwarder::from_resolv_conf(resolv_conf.path()).unwrap();
         let metrics = ambit_dns::DnsMetrics::register(&mut Default::default());
         Self::new(
@@ -120,6 +124,53 @@ pub(crate) struct PodNames {
     /// The addresses of ServiceEntry hosts it resolved: what `REGISTRY_ONLY` lets it reach.
     pub(crate) resolved: Resolved,
     recent: Mutex<VecDeque<DnsAnswerView>>,
+}
+
+/// The pod's sockets bound to the servers it asked, which steered queries are answered from;
+/// opened in its namespace when first needed, and kept: a pod asks one or two servers.
+#[derive(Debug)]
+pub(crate) struct PodReplySockets {
+    netns: PodNetns,
+    bound: Mutex<HashMap<SocketAddrV4, Arc<UdpSocket>>>,
+}
+
+/// Servers a pod's sockets are kept for; a pod asking more gets a socket per reply beyond.
+const REPLY_SOCKETS_PER_POD: usize = 16;
+
+impl PodReplySockets {
+    pub(crate) fn new(netns: PodNetns) -> Self {
+        Self {
+            netns,
+            bound: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl ReplySockets for PodReplySockets {
+    fn bound_to(&self, server: SocketAddrV4) -> ReplySocketFuture<'_> {
+        Box::pin(async move {
+            let known = self
+                .bound
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&server)
+                .cloned();
+            if let Some(socket) = known {
+                return Ok(socket);
+            }
+            let socket = self
+                .netns
+                .run(move || dns_reply_socket(server.into()))
+                .await
+                .map_err(io::Error::other)??;
+            let socket = Arc::new(UdpSocket::from_std(socket)?);
+            let mut bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);
+            if bound.len() < REPLY_SOCKETS_PER_POD {
+                bound.insert(server, socket.clone());
+            }
+            Ok(socket)
+        })
+    }
 }
 
 /// One pod, as the proxy asks about it.

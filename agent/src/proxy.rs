@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::admission::Admission;
 use crate::authorize::{WorkloadAuthorizer, WorkloadPolicy};
 use crate::balance::Balancer;
-use crate::dns::{NodeDns, PodNames};
+use crate::dns::{NodeDns, PodNames, PodReplySockets};
 use crate::drain::DrainWatcher;
 use crate::egress::{self, OutboundTrafficPolicy};
 use crate::hbone::{HboneClient, HboneServer, Keepalive};
@@ -137,6 +137,7 @@ pub(crate) async fn start(
     let dns_sockets = DnsSockets {
         udp: dns_udp,
         tcp: dns_tcp,
+        replies: Arc::new(PodReplySockets::new(netns.clone())),
     };
     tokio::spawn(pod.dns.clone().serve(
         pod.workload.clone(),

@@ -21,7 +21,7 @@ use hickory_proto::rr::{RData, Record, RecordType};
 pub use forward::{Forwarded, Forwarder, ForwarderError};
 pub use message::Request;
 pub use metrics::{DnsLabels, DnsMetrics};
-pub use serve::{DnsSockets, Limits, serve};
+pub use serve::{DnsSockets, Limits, ReplySocketFuture, ReplySockets, serve};
 
 /// The TTL of the answers the proxy gives from the mesh, as ztunnel's.
 pub const MESH_TTL: Duration = Duration::from_secs(30);

@@ -2,19 +2,22 @@
 //! floods the proxy only loses its own queries: each pod has its own rate, its own bound on
 //! queries waiting for upstream, and its own bound on TCP connections.
 //!
-//! Over UDP, a reply leaves from the address the query was sent to (`IP_PKTINFO`): the server
-//! the pod asked, as capture delivered it, or the loopback address that nftables' REDIRECT
-//! translates back.
+//! Over UDP, a reply must come from the address and port the pod sent its query to. A query
+//! that nftables redirected arrives for the socket's own address, and conntrack translates the
+//! reply back. One that eBPF steered arrives unchanged (`IP_PKTINFO` tells its destination):
+//! its reply leaves from a socket bound to that server's address and port 53 in the pod
+//! ([`ReplySockets`]), since a socket always answers from its own port.
 
 use std::future::Future;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use nix::libc;
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -25,13 +28,35 @@ use crate::{Client, Proxy, Transport};
 /// The largest query read over UDP; a longer datagram is dropped.
 const MAX_UDP_QUERY: usize = 4096;
 
+/// The port DNS servers answer from.
+const DNS_SERVER_PORT: u16 = 53;
+
 /// The sockets of one pod's server, opened in the pod's namespace: a UDP socket with
-/// `IP_PKTINFO` (and `IP_TRANSPARENT`, to answer from the address the pod asked) and a TCP
-/// listener, both non-blocking.
-#[derive(Debug)]
+/// `IP_PKTINFO` and a TCP listener, both non-blocking, and where replies to steered queries
+/// leave from.
 pub struct DnsSockets {
     pub udp: std::net::UdpSocket,
     pub tcp: std::net::TcpListener,
+    pub replies: Arc<dyn ReplySockets>,
+}
+
+impl std::fmt::Debug for DnsSockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsSockets")
+            .field("udp", &self.udp)
+            .field("tcp", &self.tcp)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A socket's future.
+pub type ReplySocketFuture<'a> =
+    Pin<Box<dyn Future<Output = io::Result<Arc<UdpSocket>>> + Send + 'a>>;
+
+/// UDP sockets in the pod bound to a server's address (one the pod does not have), for the
+/// replies to queries that capture steered to the proxy without translating them.
+pub trait ReplySockets: Send + Sync + 'static {
+    fn bound_to(&self, server: SocketAddrV4) -> ReplySocketFuture<'_>;
 }
 
 /// What one pod may ask of the proxy.
@@ -80,9 +105,10 @@ pub async fn serve(
     });
     let udp = Arc::new(UdpSocket::from_std(sockets.udp)?);
     let tcp = TcpListener::from_std(sockets.tcp)?;
+    let replies = sockets.replies;
     tokio::select! {
         () = stop => Ok(()),
-        result = server.clone().serve_udp(udp) => result,
+        result = server.clone().serve_udp(udp, replies) => result,
         result = server.serve_tcp(tcp) => result,
     }
 }
@@ -97,7 +123,15 @@ struct PodServer {
 }
 
 impl PodServer {
-    async fn serve_udp(self: Arc<Self>, socket: Arc<UdpSocket>) -> io::Result<()> {
+    async fn serve_udp(
+        self: Arc<Self>,
+        socket: Arc<UdpSocket>,
+        replies: Arc<dyn ReplySockets>,
+    ) -> io::Result<()> {
+        let own = match socket.local_addr()?.ip() {
+            std::net::IpAddr::V4(ip) => ip,
+            std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+        };
         let mut buffer = vec![0; MAX_UDP_QUERY];
         loop {
             let Some((len, peer, local)) = receive(&socket, &mut buffer).await? else {
@@ -112,16 +146,25 @@ impl PodServer {
                 continue;
             };
             let query = buffer[..len].to_vec();
-            let (server, socket) = (self.clone(), socket.clone());
+            let (server, socket, replies) = (self.clone(), socket.clone(), replies.clone());
             tokio::spawn(async move {
                 let reply = server
                     .proxy
                     .answer(server.client.as_ref(), &query, Transport::Udp)
                     .await;
-                if let Some(reply) = reply
-                    && let Err(error) = send(&socket, &reply, peer, local).await
-                {
-                    tracing::debug!(%peer, %error, "failed to send a DNS reply");
+                if let Some(reply) = reply {
+                    let sent = if local == own {
+                        socket.send_to(&reply, peer).await
+                    } else {
+                        let from = SocketAddrV4::new(local, DNS_SERVER_PORT);
+                        match replies.bound_to(from).await {
+                            Ok(socket) => socket.send_to(&reply, peer).await,
+                            Err(error) => Err(error),
+                        }
+                    };
+                    if let Err(error) = sent {
+                        tracing::debug!(%peer, %error, "failed to send a DNS reply");
+                    }
                 }
                 drop(permit);
             });
@@ -272,36 +315,6 @@ async fn receive(
             })
         })
         .await
-}
-
-/// Sends `reply` to `peer` from `local`.
-async fn send(
-    socket: &UdpSocket,
-    reply: &[u8],
-    peer: SocketAddrV4,
-    local: Ipv4Addr,
-) -> io::Result<()> {
-    let info = libc::in_pktinfo {
-        ipi_ifindex: 0,
-        ipi_spec_dst: libc::in_addr {
-            s_addr: u32::from(local).to_be(),
-        },
-        ipi_addr: libc::in_addr { s_addr: 0 },
-    };
-    let destination = SockaddrIn::from(peer);
-    socket
-        .async_io(Interest::WRITABLE, || {
-            nix::sys::socket::sendmsg(
-                socket.as_raw_fd(),
-                &[IoSlice::new(reply)],
-                &[ControlMessage::Ipv4PacketInfo(&info)],
-                MsgFlags::empty(),
-                Some(&destination),
-            )
-            .map_err(io::Error::from)
-        })
-        .await
-        .map(drop)
 }
 
 #[cfg(test)]

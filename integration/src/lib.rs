@@ -8,6 +8,7 @@
 //! ([`CaHarness`], [`CaProcess`]).
 
 mod ca_harness;
+pub mod dns;
 mod fake_apiserver;
 mod prometheus;
 mod service_yaml;

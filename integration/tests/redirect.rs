@@ -17,8 +17,8 @@ use std::sync::Arc;
 use ambit_agent::lab::topology::Topology;
 use ambit_integration::agent_binary;
 use ambit_redirect::{
-    CaptureBackend, CaptureTarget, Ebpf, HBONE_PORT, INBOUND_PLAINTEXT_PORT, NetSysctls, Netns,
-    OUTBOUND_PORT, PodNetns, socket,
+    CaptureBackend, CaptureTarget, DNS_PORT, Ebpf, HBONE_PORT, INBOUND_PLAINTEXT_PORT, NetSysctls,
+    Netns, OUTBOUND_PORT, PodNetns, socket,
 };
 
 /// `ambit agent` as the unprivileged user `nobody`, without any capability, on ports of its own.
@@ -142,18 +142,21 @@ fn mount(options: &[&str], dir: &Path) {
     assert!(status.success(), "mount {options:?} {}", dir.display());
 }
 
-/// The agent's three listeners, opened in the calling thread's namespace.
+/// The agent's three listeners and DNS sockets, opened in the calling thread's namespace.
 fn listeners(ip: Ipv4Addr) -> CaptureTarget {
     let listen = |port| {
         socket::listener(socket::any(IpAddr::V4(ip), port), false)
             .unwrap()
             .into()
     };
+    let (dns_udp, dns_tcp) = socket::dns_sockets(DNS_PORT).unwrap();
     CaptureTarget {
         pod_ip: IpAddr::V4(ip),
         outbound: listen(OUTBOUND_PORT),
         inbound_plaintext: listen(INBOUND_PLAINTEXT_PORT),
         hbone: listen(HBONE_PORT),
+        dns_udp: dns_udp.into(),
+        dns_tcp: dns_tcp.into(),
     }
 }
 

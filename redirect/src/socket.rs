@@ -58,17 +58,33 @@ pub fn original_destination(stream: impl std::os::fd::AsFd) -> io::Result<Socket
     }
 }
 
-/// The DNS proxy's sockets, UDP and TCP, on `127.0.0.1:port`, both transparent: capture steers
-/// to them queries addressed to any server. The UDP socket reports the address each datagram
-/// was sent to (`IP_PKTINFO`), for the reply to come from it.
+/// The DNS proxy's sockets, UDP and TCP, on `127.0.0.1:port`: capture steers to them queries
+/// addressed to any server. The UDP socket reports the address each datagram was sent to
+/// (`IP_PKTINFO`); the TCP listener is transparent, as its connections keep the server's
+/// address.
 pub fn dns_sockets(port: u16) -> io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
     let addr = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
     let udp = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
     udp.set_nonblocking(true)?;
-    udp.set_ip_transparent_v4(true)?;
     nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::Ipv4PacketInfo, &true)?;
     udp.bind(&addr.into())?;
     Ok((udp.into(), listener(addr, true)?))
+}
+
+/// A UDP socket bound to `server`, an address the pod need not have (transparent), that the DNS
+/// proxy answers from: a reply must come from where the query went. It shares the port with an
+/// app's socket bound the same way (`SO_REUSEADDR`), and is never steered to: capture hands
+/// queries to the proxy's own socket first.
+pub fn dns_reply_socket(server: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(server), Type::DGRAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.set_reuse_address(true)?;
+    match server {
+        SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+        SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+    }
+    socket.bind(&server.into())?;
+    Ok(socket.into())
 }
 
 fn tcp_socket(ip: IpAddr, transparent: bool) -> io::Result<Socket> {

@@ -21,7 +21,7 @@ use super::apiserver::{ApiServerProcess, resource_version};
 use super::ca::{self, CaProcess};
 use super::pod::InPod;
 use super::pod_process::{CgroupLayout, PodProcess};
-use super::topology::{PodNs, Topology};
+use super::topology::{ExternalHost, PodNs, Topology};
 use crate::source::STATE_UPDATED;
 
 /// A waypoint: its pod (named after it, running as the service account of that name, labelled
@@ -335,6 +335,12 @@ impl Cluster {
 
     pub fn topology(&self) -> &Topology {
         &self.topology
+    }
+
+    /// Adds a host outside the cluster, on the underlay; see
+    /// [`Topology::add_external_host`].
+    pub fn add_external_host(&mut self, name: &str, addresses: u8) -> anyhow::Result<ExternalHost> {
+        Ok(self.topology.add_external_host(name, addresses)?)
     }
 
     pub fn pod(&self, name: &str) -> anyhow::Result<&PodNs> {

@@ -96,6 +96,25 @@ impl Drop for SideNetwork {
     }
 }
 
+/// A host outside the cluster on the underlay (a server on the Internet, or in the data
+/// centre): a namespace with addresses there and a route to every node's pods.
+#[derive(Debug, Clone)]
+pub struct ExternalHost {
+    pub netns: String,
+    /// Its addresses, the first its main one.
+    pub ips: Vec<Ipv4Addr>,
+}
+
+impl ExternalHost {
+    /// The path of its namespace, for opening it.
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.netns)
+    }
+}
+
+/// Where `ip netns exec` finds a namespace's own `/etc` files (it bind-mounts them).
+const NETNS_ETC: &str = "/etc/netns";
+
 /// The namespaces of one topology; dropping it removes them all.
 #[derive(Debug)]
 pub struct Topology {
@@ -104,6 +123,7 @@ pub struct Topology {
     underlay: String,
     nodes: Vec<NodeNs>,
     pods: Vec<PodNs>,
+    external: Vec<ExternalHost>,
     /// Dropped after the namespaces, so that their processes are gone first.
     cgroups: LabCgroups,
     _slot_lock: Flock<File>,
@@ -121,6 +141,7 @@ impl Topology {
             underlay: underlay.clone(),
             nodes: Vec::new(),
             pods: Vec::new(),
+            external: Vec::new(),
             cgroups: LabCgroups::new(&id),
             id,
             _slot_lock: lock,
@@ -188,6 +209,52 @@ impl Topology {
         }
         self.nodes.push(node.clone());
         Ok(node)
+    }
+
+    /// Adds a host outside the cluster with `addresses` addresses on the underlay, routed to
+    /// the pods of the nodes added so far.
+    pub fn add_external_host(
+        &mut self,
+        name: &str,
+        addresses: u8,
+    ) -> Result<ExternalHost, TopologyError> {
+        let first = 100 + 10 * u8::try_from(self.external.len()).unwrap_or(u8::MAX);
+        let host = ExternalHost {
+            netns: format!("{}-{name}", self.id),
+            ips: (0..addresses.max(1))
+                .map(|i| Ipv4Addr::new(10, self.slot, 0, first.saturating_add(i)))
+                .collect(),
+        };
+        let underlay_end = format!("x{}", self.external.len());
+        ip(&["netns", "add", &host.netns])?;
+        self.external.push(host.clone());
+        ip_in(&host.netns, &["link", "set", "lo", "up"])?;
+        veth((&underlay_end, &self.underlay), ("eth0", &host.netns))?;
+        ip_in(
+            &self.underlay,
+            &["link", "set", &underlay_end, "master", "br0", "up"],
+        )?;
+        for address in &host.ips {
+            let address = format!("{address}/24");
+            ip_in(&host.netns, &["addr", "add", &address, "dev", "eth0"])?;
+        }
+        ip_in(&host.netns, &["link", "set", "eth0", "up"])?;
+        for node in &self.nodes {
+            let cidr = pod_cidr(self.slot, node.index);
+            ip_in(
+                &host.netns,
+                &["route", "add", &cidr, "via", &node.ip.to_string()],
+            )?;
+        }
+        Ok(host)
+    }
+
+    /// The resolv.conf that commands run in the pod's namespace by `ip netns exec` (such as
+    /// [`command_in`](Self::command_in)) read as `/etc/resolv.conf`.
+    pub fn write_resolv_conf(&self, pod: &PodNs, text: &str) -> io::Result<()> {
+        let dir = Path::new(NETNS_ETC).join(&pod.netns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("resolv.conf"), text)
     }
 
     /// Adds a pod on `node`, wired like a point-to-point CNI: a /32 on the pod's `eth0`, a
@@ -421,6 +488,7 @@ impl Drop for Topology {
             .pods
             .iter()
             .map(|p| &p.netns)
+            .chain(self.external.iter().map(|h| &h.netns))
             .chain(self.nodes.iter().map(|n| &n.netns))
             .chain([&self.underlay])
         {
@@ -446,6 +514,7 @@ fn delete_netns(netns: &str) {
         }
     }
     let _ = Command::new("ip").args(["netns", "del", netns]).output();
+    let _ = std::fs::remove_dir_all(Path::new(NETNS_ETC).join(netns));
 }
 
 /// Deletes the namespaces and cgroups of topologies whose process is gone.
@@ -455,6 +524,13 @@ fn sweep_leftovers() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if owner_is_gone(&name) {
                 delete_netns(&name);
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(NETNS_ETC) {
+        for entry in entries.flatten() {
+            if owner_is_gone(&entry.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }
