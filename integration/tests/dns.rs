@@ -412,3 +412,73 @@ spec:
         "{denied}"
     );
 }
+
+/// A pod that floods the proxy loses its own queries beyond its rate; another pod of the node
+/// goes on resolving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_pod_loses_only_its_own_queries() {
+    let lab = lab(Backend::Ebpf, &["--dns-queries-per-second", "200"], "").await;
+    let cluster = &lab.cluster;
+    let proxy = SocketAddr::new(IpAddr::V4(NAMESERVER), 53);
+    let query = {
+        let mut query = hickory_proto::op::Message::query();
+        query.add_query(hickory_proto::op::Query::query(
+            hickory_proto::rr::Name::from_ascii("server.shop.svc.cluster.local.").unwrap(),
+            RecordType::A,
+        ));
+        query.to_vec().unwrap()
+    };
+    let flooder = cluster.in_pod("client").unwrap();
+    let flood = tokio::spawn(async move {
+        flooder
+            .run(move || {
+                let socket = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+                socket.connect(proxy).unwrap();
+                let until = std::time::Instant::now() + Duration::from_secs(3);
+                let mut sent = 0u64;
+                while std::time::Instant::now() < until {
+                    // Replies are never read: the socket's buffer fills and they are dropped.
+                    if socket.send(&query).is_ok() {
+                        sent += 1;
+                    }
+                }
+                sent
+            })
+            .await
+            .unwrap()
+    });
+    let admin = cluster.in_pod("admin").unwrap();
+    for _ in 0..20 {
+        let answer = ask(
+            &admin,
+            proxy,
+            "server.shop.svc.cluster.local.",
+            RecordType::A,
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(addresses(&answer), [SERVER_VIP]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sent = flood.await.unwrap();
+    let metrics = cluster.agent("node1").unwrap().metrics().await.unwrap();
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix}\n{metrics}"))
+    };
+    let dropped = value(r#"ambit_dns_dropped_total{reason="rate_limited"}"#);
+    let answered = value(
+        r#"istio_dns_requests_total{request_query_type="a",request_protocol="udp",source_canonical_service="client",source_canonical_revision="latest"}"#,
+    );
+    // At 200 per second, after a burst of 400, over 3 s: about 1000 answered, whatever was
+    // sent (the rest the proxy dropped, or the kernel when its socket's buffer was full).
+    assert!(dropped > 0.0, "{sent} sent, none dropped");
+    assert!(
+        (400.0..=1200.0).contains(&answered),
+        "{answered} of {sent} queries answered"
+    );
+}
