@@ -367,3 +367,168 @@ pub fn decide(
     }
     Err(denied)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::file::parse;
+
+    const ENTRIES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: payments, namespace: shop}
+spec:
+  hosts: [api.payments.example, "*.cdn.example"]
+  ports: [{number: 443, name: https}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: shop}
+spec:
+  hosts: [legacy.corp.internal]
+  ports: [{number: 5432, name: pg}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.10}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: office, namespace: billing}
+spec:
+  hosts: [office.corp.internal]
+  addresses: [198.51.100.0/24]
+  ports: [{number: 22, name: ssh}]
+  exportTo: ["."]
+"#;
+
+    fn decide_for(
+        namespace: &str,
+        resolved: &Resolved,
+        destination: &str,
+        now: Instant,
+    ) -> Result<Allowed, EgressDenied> {
+        let state = parse(ENTRIES, "istio-system").unwrap();
+        let destination = destination.parse().unwrap();
+        let policy = OutboundTrafficPolicy::RegistryOnly;
+        decide(&state, policy, namespace, resolved, destination, now)
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn allow_any_allows_anything() {
+        let state = parse(ENTRIES, "istio-system").unwrap();
+        let allowed = decide(
+            &state,
+            OutboundTrafficPolicy::AllowAny,
+            "shop",
+            &Resolved::default(),
+            "203.0.113.1:443".parse().unwrap(),
+            Instant::now(),
+        );
+        assert_eq!(allowed, Ok(Allowed::AnyDestination));
+    }
+
+    #[test]
+    fn the_mesh_and_listed_addresses_are_reached_on_listed_ports() {
+        let (nothing, now) = (Resolved::default(), Instant::now());
+        assert_eq!(
+            decide_for("shop", &nothing, "10.96.0.10:80", now),
+            Ok(Allowed::Mesh)
+        );
+        assert!(matches!(
+            decide_for("shop", &nothing, "192.0.2.10:5432", now),
+            Ok(Allowed::Listed { .. })
+        ));
+        assert!(matches!(
+            decide_for("shop", &nothing, "192.0.2.10:22", now),
+            Err(EgressDenied::PortNotListed { .. })
+        ));
+        assert!(matches!(
+            decide_for("billing", &nothing, "198.51.100.7:22", now),
+            Ok(Allowed::Listed { .. })
+        ));
+        assert!(
+            matches!(
+                decide_for("shop", &nothing, "198.51.100.7:22", now),
+                Err(EgressDenied::Unlisted { .. })
+            ),
+            "exported to its own namespace only"
+        );
+    }
+
+    #[test]
+    fn resolved_addresses_are_reached_while_their_answer_lives() {
+        let (resolved, now) = (Resolved::default(), Instant::now());
+        let ttl = Duration::from_secs(60);
+        resolved.record("api.payments.example", &[ip("203.0.113.5")], ttl, now);
+        resolved.record("img.cdn.example", &[ip("203.0.113.6")], ttl, now);
+        resolved.record("other.example", &[ip("203.0.113.7")], ttl, now);
+        assert!(matches!(
+            decide_for("shop", &resolved, "203.0.113.5:443", now),
+            Ok(Allowed::Resolved { .. })
+        ));
+        assert!(
+            matches!(
+                decide_for("shop", &resolved, "203.0.113.6:443", now),
+                Ok(Allowed::Resolved { .. })
+            ),
+            "a wildcard host"
+        );
+        assert!(matches!(
+            decide_for("shop", &resolved, "203.0.113.5:80", now),
+            Err(EgressDenied::PortNotListed { .. })
+        ));
+        assert!(matches!(
+            decide_for("shop", &resolved, "203.0.113.7:443", now),
+            Err(EgressDenied::Unlisted { .. })
+        ));
+        let later = now + ttl + Duration::from_secs(1);
+        assert!(matches!(
+            decide_for("shop", &resolved, "203.0.113.5:443", later),
+            Err(EgressDenied::Expired { .. })
+        ));
+    }
+
+    #[test]
+    fn a_short_ttl_still_leaves_time_to_connect() {
+        let (resolved, now) = (Resolved::default(), Instant::now());
+        resolved.record(
+            "api.payments.example",
+            &[ip("203.0.113.5")],
+            Duration::ZERO,
+            now,
+        );
+        let soon = now + MIN_ANSWER_LIFETIME - Duration::from_secs(1);
+        assert!(decide_for("shop", &resolved, "203.0.113.5:443", soon).is_ok());
+    }
+
+    #[test]
+    fn the_oldest_answers_are_forgotten_past_the_bound() {
+        let (resolved, now) = (Resolved::default(), Instant::now());
+        let ttl = Duration::from_secs(60);
+        for i in 0..=MAX_RESOLVED_PER_POD {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i as u32));
+            resolved.record("api.payments.example", &[ip], ttl, now);
+        }
+        assert!(resolved.names_of(ip("10.0.0.0"), now).is_empty());
+        assert_eq!(resolved.names_of(ip("10.0.0.1"), now).len(), 1);
+    }
+
+    #[test]
+    fn wildcards_match_names_under_them_only() {
+        let wildcard = HostPattern::parse("*.Example.com.");
+        assert!(wildcard.matches("a.example.com"));
+        assert!(wildcard.matches("a.b.example.com"));
+        assert!(!wildcard.matches("example.com"));
+        assert!(!wildcard.matches("badexample.com"));
+        assert_eq!(wildcard.to_string(), "*.example.com");
+    }
+}

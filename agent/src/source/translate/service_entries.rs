@@ -176,3 +176,70 @@ pub(super) fn service_entry(entry: &Sourced<Value>) -> Result<ServiceEntry, Obje
         export_to,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::source::translate::Origin;
+
+    fn read(spec: &str) -> Result<ServiceEntry, String> {
+        let yaml = format!("metadata: {{name: api, namespace: shop}}\nspec: {spec}");
+        let value: Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        let sourced = Sourced {
+            origin: Origin::Document(1),
+            object: Arc::new(value),
+        };
+        service_entry(&sourced).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn reads_hosts_ports_resolution_and_visibility() {
+        let entry = read(
+            "{hosts: [API.example.com], ports: [{number: 443, name: https}], resolution: DNS, exportTo: ['.', ops]}",
+        )
+        .unwrap();
+        assert_eq!(entry.hosts, [HostPattern::Exact("api.example.com".into())]);
+        assert_eq!(entry.ports, [443]);
+        assert_eq!(entry.resolution, Resolution::Dns);
+        assert_eq!(entry.export_to, Some(vec!["shop".into(), "ops".into()]));
+        assert!(
+            read("{hosts: [a.example], exportTo: ['*']}")
+                .unwrap()
+                .export_to
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn says_what_is_wrong() {
+        for (spec, expected) in [
+            ("{hosts: []}", "`spec.hosts`: at least one host is required"),
+            (
+                "{hosts: [a], ports: [{number: 70000}]}",
+                "`spec.ports[0].number`: 70000 is not a port",
+            ),
+            (
+                "{hosts: [a], resolution: DYNAMIC_DNS}",
+                "unknown resolution \"DYNAMIC_DNS\"",
+            ),
+            (
+                "{hosts: [a], resolution: STATIC}",
+                "resolution STATIC needs endpoints",
+            ),
+            (
+                "{hosts: [a], addresses: [10.0.0.0/33]}",
+                "spec.addresses[0]",
+            ),
+            (
+                "{hosts: [a], resolution: STATIC, endpoints: [{address: db.example}]}",
+                "is not an IP address",
+            ),
+            ("{hosts: [a], location: SOMEWHERE}", "unknown location"),
+        ] {
+            let error = read(spec).unwrap_err();
+            assert!(error.contains(expected), "{spec}: {error}");
+        }
+    }
+}
