@@ -181,7 +181,7 @@ pub struct AgentArgs {
     pub dns_upstream: PathBuf,
     /// DNS queries per second each pod may send the proxy; over UDP, queries beyond it (and a
     /// burst of twice as many) are dropped.
-    #[arg(long, env = "AMBIT_DNS_QUERIES_PER_SECOND", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "AMBIT_DNS_QUERIES_PER_SECOND", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
     pub dns_queries_per_second: u32,
 }
 

@@ -78,8 +78,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            queries_per_second: 1000,
-            burst: 2000,
+            queries_per_second: 5000,
+            burst: 10_000,
             pending: 256,
             tcp_connections: 32,
             tcp_idle: Duration::from_secs(10),

@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use ambit_agent::lab::InPod;
 use ambit_agent::lab::topology::{ExternalHost, Topology};
+use ambit_agent::lab::{Cluster, InPod};
 use anyhow::{Context, bail};
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
@@ -18,9 +18,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a query may wait for its answer.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `dnsmasq` on an external host's main address, port 53: it answers the names it was given
-/// (TTL 60 s), NXDOMAIN for any other name under `cluster.local` (as the cluster's DNS would),
-/// and REFUSED for the rest. Killed when dropped.
+/// `dnsmasq` on an external host's main address: it answers the names it was given (TTL 60 s),
+/// NXDOMAIN for any other name under `cluster.local` (as the cluster's DNS would), and REFUSED
+/// for the rest. Killed when dropped.
 #[derive(Debug)]
 pub struct Dnsmasq {
     child: Child,
@@ -30,8 +30,12 @@ pub struct Dnsmasq {
 
 impl Dnsmasq {
     /// Serves `records` (a name may have several addresses, and each has a TXT record
-    /// `ambit-test`) from `host`.
-    pub async fn start(host: &ExternalHost, records: &[(&str, IpAddr)]) -> anyhow::Result<Self> {
+    /// `ambit-test`) from `host`, on `port` (53 for the agents, which forward there).
+    pub async fn start(
+        host: &ExternalHost,
+        port: u16,
+        records: &[(&str, IpAddr)],
+    ) -> anyhow::Result<Self> {
         let mut hosts = tempfile::NamedTempFile::new().context("a hosts file for dnsmasq")?;
         for (name, ip) in records {
             writeln!(hosts, "{ip} {name}")?;
@@ -49,6 +53,7 @@ impl Dnsmasq {
                 "--user=root",
             ])
             .arg(format!("--listen-address={ip}"))
+            .arg(format!("--port={port}"))
             .arg(format!("--addn-hosts={}", hosts.path().display()))
             .args(
                 records
@@ -62,7 +67,7 @@ impl Dnsmasq {
             .context("failed to start dnsmasq (install it: scripts/install-deps)")?;
         let server = Self {
             child,
-            addr: SocketAddr::new(IpAddr::V4(ip), 53),
+            addr: SocketAddr::new(IpAddr::V4(ip), port),
             _hosts: hosts,
         };
         let host_ns = InPod::open(&host.netns_path())?;
@@ -85,9 +90,37 @@ impl Dnsmasq {
         Ok(server)
     }
 
-    /// A resolv.conf naming this server, for the agents' `--dns-upstream`.
-    pub fn resolv_conf(&self) -> String {
-        format!("nameserver {}\n", self.addr.ip())
+    /// Restarts every agent of `cluster` with `args` and this server as its upstream
+    /// (`--dns-upstream`, a resolv.conf, which port 53 is implied in), and writes every pod's
+    /// resolv.conf as kubelet would, naming `nameserver`. Returns the agents' resolv.conf, which
+    /// must outlive them.
+    pub async fn forward_from(
+        &self,
+        cluster: &mut Cluster,
+        nameserver: Ipv4Addr,
+        args: &[&str],
+    ) -> anyhow::Result<tempfile::NamedTempFile> {
+        let upstream = tempfile::NamedTempFile::new()?;
+        std::fs::write(upstream.path(), format!("nameserver {}\n", self.addr.ip()))?;
+        for pod in cluster.topology().pods() {
+            let text = pod_resolv_conf(nameserver, &pod.namespace);
+            cluster.topology().write_resolv_conf(pod, &text)?;
+        }
+        let path = upstream.path().to_str().context("a temporary path")?;
+        let mut args = args.to_vec();
+        args.extend(["--dns-upstream", path]);
+        cluster.set_agent_args(&args);
+        let nodes: Vec<String> = cluster
+            .topology()
+            .nodes()
+            .iter()
+            .map(|n| n.name.clone())
+            .collect();
+        for node in nodes {
+            cluster.kill_agent(&node);
+            cluster.start_agent(&node).await?;
+        }
+        Ok(upstream)
     }
 }
 
@@ -100,7 +133,7 @@ impl Drop for Dnsmasq {
 
 /// A pod's resolv.conf, as kubelet writes it for a pod of `namespace`: a nameserver (which
 /// capture makes the agent's proxy whatever it is) and the cluster's search path.
-pub fn pod_resolv_conf(nameserver: Ipv4Addr, namespace: &str) -> String {
+fn pod_resolv_conf(nameserver: Ipv4Addr, namespace: &str) -> String {
     format!(
         "nameserver {nameserver}\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
     )

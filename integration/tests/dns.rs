@@ -14,7 +14,7 @@ use std::time::Duration;
 use ambit_agent::admin::views::DnsView;
 use ambit_agent::lab::topology::{ExternalHost, Topology};
 use ambit_agent::lab::{Cluster, read_peer_line};
-use ambit_integration::dns::{Dnsmasq, ask, exchange, pod_resolv_conf};
+use ambit_integration::dns::{Dnsmasq, ask, exchange};
 use ambit_integration::{Backend, ServiceYaml, two_teams, with_each_backend};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{RData, RecordType};
@@ -61,13 +61,7 @@ async fn lab(backend: Backend, agent_args: &[&str], objects: &str) -> Lab {
     for i in 0..BIG_ANSWER {
         records.push(("big.example.test", IpAddr::V4(Ipv4Addr::new(192, 0, 2, i))));
     }
-    let dnsmasq = Dnsmasq::start(&internet, &records).await.unwrap();
-    let resolv_conf = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(resolv_conf.path(), dnsmasq.resolv_conf()).unwrap();
-    for pod in cluster.topology().pods() {
-        let text = pod_resolv_conf(NAMESERVER, &pod.namespace);
-        cluster.topology().write_resolv_conf(pod, &text).unwrap();
-    }
+    let dnsmasq = Dnsmasq::start(&internet, 53, &records).await.unwrap();
     let server_ip = cluster.addr("server", APP_PORT).unwrap().ip();
     let services = [
         ServiceYaml {
@@ -99,14 +93,12 @@ endpoints: [{{addresses: [{server_ip}], hostname: db-0, conditions: {{ready: tru
     ];
     cluster.set_extra_objects(&services.concat());
     cluster.write_config().unwrap();
-    let upstream = resolv_conf.path().to_str().unwrap();
-    let mut args = vec!["--redirect", backend.flag(), "--dns-upstream", upstream];
+    let mut args = vec!["--redirect", backend.flag()];
     args.extend_from_slice(agent_args);
-    cluster.set_agent_args(&args);
-    for node in ["node1", "node2"] {
-        cluster.kill_agent(node);
-        cluster.start_agent(node).await.unwrap();
-    }
+    let resolv_conf = dnsmasq
+        .forward_from(&mut cluster, NAMESERVER, &args)
+        .await
+        .unwrap();
     Lab {
         cluster,
         internet,
