@@ -93,6 +93,12 @@ const AGENT: &[ReviewedRule] = &[
         &["authorizationpolicies", "peerauthentications"],
         &["get", "list", "watch"],
     ),
+    // ServiceEntries: egress and the DNS proxy's answers.
+    cluster_wide(
+        "networking.istio.io",
+        &["serviceentries"],
+        &["get", "list", "watch"],
+    ),
     // kube-rs' event recorder creates events.k8s.io/v1 Events, then patches them as they repeat.
     cluster_wide("events.k8s.io", &["events"], &["create", "patch"]),
 ];
