@@ -7,7 +7,9 @@ use std::net::{IpAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ambit_dns::{Answered, Client, DnsSockets, Limits, Proxy, ReplySocketFuture, ReplySockets};
+use ambit_dns::{
+    Answered, Client, DnsSockets, Limits, MeshName, Proxy, ReplySocketFuture, ReplySockets,
+};
 use ambit_redirect::PodNetns;
 use ambit_redirect::socket::dns_reply_socket;
 use tokio::net::UdpSocket;
@@ -55,10 +57,21 @@ impl NodeDns {
         )
     }
 
-    /// What the pod was answered, from now until its proxies stop.
+    /// What the pod will be answered, from now until its proxies stop: new for each enrolment,
+    /// in place of an earlier one's.
     pub(crate) fn names(&self, workload: &LocalWorkload) -> Arc<PodNames> {
+        let names = Arc::new(PodNames::default());
         let mut pods = self.pods.lock().unwrap_or_else(PoisonError::into_inner);
-        pods.entry(workload.uid.clone()).or_default().clone()
+        pods.insert(workload.uid.clone(), names.clone());
+        names
+    }
+
+    /// Forgets the pod's `names`, unless it was enrolled again meanwhile, with names of its own.
+    pub(crate) fn forget(&self, uid: &WorkloadUid, names: &Arc<PodNames>) {
+        let mut pods = self.pods.lock().unwrap_or_else(PoisonError::into_inner);
+        if pods.get(uid).is_some_and(|known| Arc::ptr_eq(known, names)) {
+            pods.remove(uid);
+        }
     }
 
     /// Serves the pod's DNS on `sockets` until `drain` fires.
@@ -81,16 +94,9 @@ impl NodeDns {
         })
         .await;
         if let Err(error) = served {
-            tracing::error!(pod.ip = %workload.ip, %error, "the pod's DNS proxy stopped");
+            tracing::error!(workload.uid = %workload.uid, %error, "the pod's DNS proxy stopped");
         }
-        // Unless the pod was enrolled again meanwhile, with names of its own.
-        let mut pods = self.pods.lock().unwrap_or_else(PoisonError::into_inner);
-        if pods
-            .get(&workload.uid)
-            .is_some_and(|n| Arc::ptr_eq(n, &names))
-        {
-            pods.remove(&workload.uid);
-        }
+        self.forget(&workload.uid, &names);
     }
 
     /// What the pod `uid` was answered, while it is served.
@@ -182,10 +188,10 @@ struct PodClient {
 }
 
 impl Client for PodClient {
-    fn mesh_addresses(&self, name: &str) -> Option<Vec<IpAddr>> {
+    fn mesh_name(&self, name: &str) -> Option<MeshName> {
         let state = self.state.borrow();
         let namespace = &self.workload.current(&state)?.namespace;
-        mesh_addresses(&state, &self.cluster_domain, namespace, name)
+        mesh_name(&state, &self.cluster_domain, namespace, name)
     }
 
     fn answered(&self, answer: &Answered<'_>) {
@@ -242,18 +248,18 @@ impl Client for PodClient {
     }
 }
 
-/// The addresses the mesh gives `name` for a pod of `namespace`: a Service's VIPs
+/// What the mesh says of `name` to a pod of `namespace`: a Service's VIPs
 /// (`<service>.<namespace>.svc.<cluster domain>`), a headless Service's ready endpoints, one of
 /// them by its hostname (`<hostname>.<service>.<namespace>.svc.<cluster domain>`, a
-/// StatefulSet's pods), or a `STATIC` ServiceEntry's endpoints. `None` for anything else, and for
-/// a name with no address to give (an ExternalName Service, a headless Service with no ready
-/// endpoint): upstream answers those.
-fn mesh_addresses(
+/// StatefulSet's pods), or a `STATIC` ServiceEntry's endpoints (the name's only records). `None`
+/// for anything else, and for a name with no address to give (an ExternalName Service, a headless
+/// Service with no ready endpoint): upstream answers those.
+fn mesh_name(
     state: &ClusterState,
     cluster_domain: &str,
     namespace: &str,
     name: &str,
-) -> Option<Vec<IpAddr>> {
+) -> Option<MeshName> {
     let in_cluster = name
         .strip_suffix(cluster_domain)
         .and_then(|rest| rest.strip_suffix(".svc."));
@@ -276,13 +282,19 @@ fn mesh_addresses(
                 .map(|e| e.ip)
                 .collect(),
         };
-        return (!addresses.is_empty()).then_some(addresses);
+        return (!addresses.is_empty()).then_some(MeshName {
+            addresses,
+            addresses_only: false,
+        });
     }
     state
         .service_entries()
         .for_host(namespace, name)
         .find(|e| e.resolution == Resolution::Static)
-        .map(|e| e.endpoints.clone())
+        .map(|e| MeshName {
+            addresses: e.endpoints.clone(),
+            addresses_only: true,
+        })
 }
 
 #[cfg(test)]
@@ -338,8 +350,8 @@ spec:
 
     fn lookup(name: &str) -> Option<Vec<String>> {
         let state = parse(CLUSTER, "istio-system").unwrap();
-        let addresses = mesh_addresses(&state, "cluster.local", "shop", name)?;
-        Some(addresses.iter().map(ToString::to_string).collect())
+        let mesh = mesh_name(&state, "cluster.local", "shop", name)?;
+        Some(mesh.addresses.iter().map(ToString::to_string).collect())
     }
 
     #[test]

@@ -17,11 +17,15 @@ use crate::state::ClusterState;
 
 /// The namespace label that sets its pods' outbound traffic policy, over `--outbound-traffic-policy`.
 pub const OUTBOUND_POLICY_LABEL: &str = "ambit.dev/outbound-traffic-policy";
-/// However short an answer's TTL, its addresses stay allowed this long: a client connects after
-/// it resolves, and an answer with a TTL of 0 must still be usable.
-const MIN_ANSWER_LIFETIME: Duration = Duration::from_secs(10);
-/// Addresses remembered per pod; the oldest answers are forgotten first.
+/// However short an answer's TTL, its addresses stay allowed this long: clients connect after
+/// they resolve and keep what they resolved a while (a JVM 30 s), and an answer with a TTL of 0
+/// must still be usable.
+const MIN_ANSWER_LIFETIME: Duration = Duration::from_secs(60);
+/// (address, name) pairs remembered per pod; the addresses answered least recently are
+/// forgotten first.
 const MAX_RESOLVED_PER_POD: usize = 4096;
+/// Names remembered per address; the earliest to expire are forgotten first.
+const MAX_NAMES_PER_ADDRESS: usize = 8;
 
 /// Where a pod's connections to destinations outside the mesh may go, as Istio's
 /// `outboundTrafficPolicy.mode` names it.
@@ -74,12 +78,29 @@ pub enum HostPattern {
 }
 
 impl HostPattern {
-    /// `host` lowercased, without a trailing dot; `*` alone matches every name.
-    pub fn parse(host: &str) -> Self {
+    /// `host` lowercased, without a trailing dot: a name, or `*.` and a name for every name
+    /// under it, as Istio accepts them. `*` alone, or a `*` anywhere else, is refused: a
+    /// ServiceEntry for every name would open all egress.
+    pub fn parse(host: &str) -> Result<Self, String> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        match host.strip_prefix('*') {
-            Some(suffix) => Self::Wildcard(suffix.to_owned()),
-            None => Self::Exact(host),
+        let (pattern, name) = match host.strip_prefix("*.") {
+            Some(suffix) => (Self::Wildcard(format!(".{suffix}")), suffix),
+            None => (Self::Exact(host.clone()), host.as_str()),
+        };
+        let valid = !name.is_empty()
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if valid {
+            Ok(pattern)
+        } else {
+            Err(format!(
+                "{host:?} is not a host name, or `*.` and a host name"
+            ))
         }
     }
 
@@ -182,8 +203,8 @@ impl ServiceEntries {
 }
 
 /// The addresses one pod's DNS answers gave it for names that ServiceEntries list, until when.
-/// Bounded: past [`MAX_RESOLVED_PER_POD`] addresses the oldest answers are forgotten, and a
-/// connection to a forgotten address is refused as if it had expired.
+/// Bounded: past [`MAX_RESOLVED_PER_POD`] pairs the addresses answered least recently are
+/// forgotten, and a connection to a forgotten address is refused as if it had expired.
 #[derive(Debug, Default)]
 pub struct Resolved {
     inner: Mutex<ResolvedInner>,
@@ -191,10 +212,21 @@ pub struct Resolved {
 
 #[derive(Debug, Default)]
 struct ResolvedInner {
-    /// By address: each name it answered, and until when.
-    by_address: HashMap<IpAddr, Vec<(Arc<str>, Instant)>>,
-    /// Addresses in the order they were first answered, to forget the oldest.
-    order: VecDeque<IpAddr>,
+    by_address: HashMap<IpAddr, AddressAnswers>,
+    /// Addresses in the order they were answered, each with the answer's number; an entry whose
+    /// address was answered again since is stale and skipped.
+    order: VecDeque<(IpAddr, u64)>,
+    answers: u64,
+    pairs: usize,
+}
+
+/// What one address was answered for.
+#[derive(Debug, Default)]
+struct AddressAnswers {
+    /// Each name, and until when.
+    names: Vec<(Arc<str>, Instant)>,
+    /// The number of the latest answer that gave the address.
+    last: u64,
 }
 
 impl Resolved {
@@ -204,18 +236,28 @@ impl Resolved {
         let until = now + ttl.max(MIN_ANSWER_LIFETIME);
         let name: Arc<str> = name.into();
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let inner = &mut *inner;
         for ip in addresses {
-            let names = inner.by_address.entry(*ip).or_default();
-            let fresh = names.is_empty();
+            inner.answers += 1;
+            let AddressAnswers { names, last } = inner.by_address.entry(*ip).or_default();
+            let before = names.len();
             names.retain(|(known, expires)| *known != name && *expires > now);
             names.push((name.clone(), until));
-            if fresh {
-                inner.order.push_back(*ip);
+            if names.len() > MAX_NAMES_PER_ADDRESS {
+                names.sort_by_key(|(_, expires)| std::cmp::Reverse(*expires));
+                names.truncate(MAX_NAMES_PER_ADDRESS);
             }
+            inner.pairs = inner.pairs - before + names.len();
+            *last = inner.answers;
+            inner.order.push_back((*ip, inner.answers));
         }
-        while inner.order.len() > MAX_RESOLVED_PER_POD {
-            if let Some(oldest) = inner.order.pop_front() {
-                inner.by_address.remove(&oldest);
+        while inner.pairs > MAX_RESOLVED_PER_POD || inner.order.len() > 2 * MAX_RESOLVED_PER_POD {
+            let Some((ip, answer)) = inner.order.pop_front() else {
+                break;
+            };
+            let current = inner.by_address.get(&ip).is_some_and(|a| a.last == answer);
+            if current && let Some(forgotten) = inner.by_address.remove(&ip) {
+                inner.pairs -= forgotten.names.len();
             }
         }
     }
@@ -223,8 +265,9 @@ impl Resolved {
     /// The names `ip` was answered for, and whether each answer still lives.
     fn names_of(&self, ip: IpAddr, now: Instant) -> Vec<(Arc<str>, bool)> {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        inner.by_address.get(&ip).map_or_else(Vec::new, |names| {
-            names
+        inner.by_address.get(&ip).map_or_else(Vec::new, |answers| {
+            answers
+                .names
                 .iter()
                 .map(|(name, until)| (name.clone(), *until > now))
                 .collect()
@@ -520,15 +563,40 @@ spec:
         }
         assert!(resolved.names_of(ip("10.0.0.0"), now).is_empty());
         assert_eq!(resolved.names_of(ip("10.0.0.1"), now).len(), 1);
+
+        // An address answered again moves to the back: it outlives those answered since.
+        resolved.record("api.payments.example", &[ip("10.0.0.1")], ttl, now);
+        for i in 0..MAX_RESOLVED_PER_POD as u32 - 1 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+            resolved.record("api.payments.example", &[ip], ttl, now);
+        }
+        assert_eq!(resolved.names_of(ip("10.0.0.1"), now).len(), 1);
+        assert!(resolved.names_of(ip("10.0.0.2"), now).is_empty());
+    }
+
+    #[test]
+    fn an_address_keeps_a_bounded_number_of_names() {
+        let (resolved, now) = (Resolved::default(), Instant::now());
+        for i in 0..100u64 {
+            let name = format!("n{i}.cdn.example");
+            let ttl = Duration::from_secs(60 + i);
+            resolved.record(&name, &[ip("203.0.113.9")], ttl, now);
+        }
+        let names = resolved.names_of(ip("203.0.113.9"), now);
+        assert_eq!(names.len(), MAX_NAMES_PER_ADDRESS);
+        assert!(names.iter().any(|(name, _)| &**name == "n99.cdn.example"));
     }
 
     #[test]
     fn wildcards_match_names_under_them_only() {
-        let wildcard = HostPattern::parse("*.Example.com.");
+        let wildcard = HostPattern::parse("*.Example.com.").unwrap();
         assert!(wildcard.matches("a.example.com"));
         assert!(wildcard.matches("a.b.example.com"));
         assert!(!wildcard.matches("example.com"));
         assert!(!wildcard.matches("badexample.com"));
         assert_eq!(wildcard.to_string(), "*.example.com");
+        for refused in ["*", "*example.com", "a.*.com", "", "a..b", "a b.com"] {
+            assert!(HostPattern::parse(refused).is_err(), "{refused:?}");
+        }
     }
 }

@@ -444,6 +444,7 @@ impl Enrolment {
             uid: workload.uid.clone(),
             ip,
         };
+        let names = self.dns.names(&local);
         let pod = Pod {
             workload: local.clone(),
             identity: identity_updates,
@@ -455,13 +456,17 @@ impl Enrolment {
             admission: self.admission.clone(),
             revocations: self.revocations.clone(),
             balancer: self.balancer.clone(),
-            names: self.dns.names(&local),
+            names: names.clone(),
             dns: self.dns.clone(),
             outbound_policy: self.outbound_policy,
         };
-        let target = proxy::start(pod, &netns, self.certificates.clone(), watcher)
-            .await
-            .map_err(EnrolError::Proxy)?;
+        let target = match proxy::start(pod, &netns, self.certificates.clone(), watcher).await {
+            Ok(target) => target,
+            Err(error) => {
+                self.dns.forget(&local.uid, &names);
+                return Err(EnrolError::Proxy(error));
+            }
+        };
         let capture = self.capture.clone();
         netns
             .run(move || capture.enable(&target))

@@ -30,6 +30,8 @@ pub(crate) enum Dropped {
     TooManyPending,
     /// The pod had as many TCP connections open to the proxy as it may.
     TooManyConnections,
+    /// The node had as many queries waiting for upstream as it may.
+    UpstreamBusy,
 }
 
 impl Dropped {
@@ -38,6 +40,7 @@ impl Dropped {
             Self::RateLimited => "rate_limited",
             Self::TooManyPending => "too_many_pending",
             Self::TooManyConnections => "too_many_connections",
+            Self::UpstreamBusy => "upstream_busy",
         }
     }
 }

@@ -21,12 +21,15 @@ use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 use crate::metrics::Dropped;
 use crate::{Client, Proxy, Transport};
 
 /// The largest query read over UDP; a longer datagram is dropped.
 const MAX_UDP_QUERY: usize = 4096;
+/// How long a socket that failed (out of descriptors, of memory) rests before it is used again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The port DNS servers answer from.
 const DNS_SERVER_PORT: u16 = 53;
@@ -128,14 +131,17 @@ impl PodServer {
         socket: Arc<UdpSocket>,
         replies: Arc<dyn ReplySockets>,
     ) -> io::Result<()> {
-        let own = match socket.local_addr()?.ip() {
-            std::net::IpAddr::V4(ip) => ip,
-            std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-        };
+        let own = socket.local_addr()?.ip();
         let mut buffer = vec![0; MAX_UDP_QUERY];
         loop {
-            let Some((len, peer, local)) = receive(&socket, &mut buffer).await? else {
-                continue;
+            let (len, peer, local) = match receive(&socket, &mut buffer).await {
+                Ok(Some(received)) => received,
+                Ok(None) => continue,
+                Err(error) => {
+                    tracing::warn!(%error, "failed to receive a DNS query");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
             };
             if !self.take_token() {
                 self.proxy.metrics().dropped(Dropped::RateLimited);
@@ -153,7 +159,7 @@ impl PodServer {
                     .answer(server.client.as_ref(), &query, Transport::Udp)
                     .await;
                 if let Some(reply) = reply {
-                    let sent = if local == own {
+                    let sent = if std::net::IpAddr::V4(local) == own {
                         socket.send_to(&reply, peer).await
                     } else {
                         let from = SocketAddrV4::new(local, DNS_SERVER_PORT);
@@ -171,20 +177,27 @@ impl PodServer {
         }
     }
 
+    /// Accepts until stopped; the connections end with it (dropping the set aborts them).
     async fn serve_tcp(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        let mut connections = JoinSet::new();
         loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                // The pod's connection, not the listener, failed.
-                Err(error) if error.kind() == io::ErrorKind::ConnectionAborted => continue,
-                Err(error) => return Err(error),
+            while connections.try_join_next().is_some() {}
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of descriptors or memory, or the pod's connection failed: none of it
+                    // is the listener's end.
+                    tracing::warn!(%error, "failed to accept a DNS connection");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
             };
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
                 self.proxy.metrics().dropped(Dropped::TooManyConnections);
                 continue;
             };
             let server = self.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 if let Err(error) = server.serve_connection(stream).await {
                     tracing::debug!(%error, "DNS over TCP connection ended");
                 }
@@ -220,7 +233,10 @@ impl PodServer {
             let mut framed = Vec::with_capacity(reply.len() + 2);
             framed.extend_from_slice(&reply_len.to_be_bytes());
             framed.extend_from_slice(&reply);
-            stream.write_all(&framed).await?;
+            // A pod that does not read holds its connection no longer than an idle one.
+            tokio::time::timeout(self.limits.tcp_idle, stream.write_all(&framed))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "reply not read"))??;
         }
     }
 

@@ -7,7 +7,6 @@
 use std::net::Ipv4Addr;
 
 use ambit_dns::Request;
-use ambit_dns::message::encode;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record};
@@ -28,8 +27,7 @@ fuzz_target!(|bytes: &[u8]| {
         let data = RData::A(A(Ipv4Addr::new(192, 0, 2, last)));
         response.add_answer(Record::from_rdata(request.fqdn(), 30, data));
     }
-    if let Some(udp) = encode(&response, request.udp_limit()) {
-        assert!(udp.len() <= usize::from(request.udp_limit()));
-    }
-    let _ = encode(&response, u16::MAX);
+    let udp = request.encode(&response, request.udp_limit());
+    assert!(udp.len() <= usize::from(request.udp_limit()));
+    let _ = request.encode(&response, u16::MAX);
 });

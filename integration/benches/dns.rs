@@ -81,7 +81,12 @@ async fn run() {
             .await
             .unwrap();
         // The proxy's speed, not the pod's rate limit.
-        let args = ["--redirect", backend.flag(), "--dns-queries-per-second", "1000000"];
+        let args = [
+            "--redirect",
+            backend.flag(),
+            "--dns-queries-per-second",
+            "1000000",
+        ];
         let _resolv_conf = upstream
             .forward_from(&mut cluster, NAMESERVER, &args)
             .await

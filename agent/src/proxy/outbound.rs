@@ -77,10 +77,12 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
             };
             tunnel(&pod, &mut tcp, &request, attempt).await;
         }
-        Upstream::Passthrough { addr } => match pod.egress(&source, addr) {
+        // Judged on where the pod connected: a Service's cluster IP is in the mesh, whichever
+        // endpoint (inside or outside the cluster) carries it.
+        Upstream::Passthrough { addr } => match pod.egress(&source, destination) {
             Ok(_) => passthrough(&pod, &mut tcp, peer, addr, attempt).await,
             Err(denied) => {
-                tracing::info!(src.workload = %source.qualified_name(), dst.addr = %addr, reason = %denied, "egress refused");
+                tracing::info!(src.addr = %peer, dst.addr = %destination, workload.uid = %source.uid, reason = %denied, "egress refused");
                 pod.telemetry.metrics.egress_denied(&source, &denied);
                 attempt.record.fail_denied(denied);
             }

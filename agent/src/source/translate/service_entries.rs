@@ -83,7 +83,12 @@ pub(super) fn service_entry(entry: &Sourced<Value>) -> Result<ServiceEntry, Obje
     if spec.hosts.is_empty() {
         return Err(error("spec.hosts", "at least one host is required".into()));
     }
-    let hosts = spec.hosts.iter().map(|h| HostPattern::parse(h)).collect();
+    let hosts = spec
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| HostPattern::parse(h).map_err(|m| error(&format!("spec.hosts[{i}]"), m)))
+        .collect::<Result<_, _>>()?;
     let addresses = spec
         .addresses
         .iter()
@@ -216,6 +221,10 @@ mod tests {
     fn says_what_is_wrong() {
         for (spec, expected) in [
             ("{hosts: []}", "`spec.hosts`: at least one host is required"),
+            (
+                "{hosts: ['*']}",
+                "`spec.hosts[0]`: \"*\" is not a host name",
+            ),
             (
                 "{hosts: [a], ports: [{number: 70000}]}",
                 "`spec.ports[0].number`: 70000 is not a port",
