@@ -203,7 +203,7 @@ impl ServiceEntries {
 }
 
 /// The addresses one pod's DNS answers gave it for names that ServiceEntries list, until when.
-/// Bounded: past [`MAX_RESOLVED_PER_POD`] pairs the addresses answered least recently are
+/// Bounded: past `MAX_RESOLVED_PER_POD` pairs the addresses answered least recently are
 /// forgotten, and a connection to a forgotten address is refused as if it had expired.
 #[derive(Debug, Default)]
 pub struct Resolved {
@@ -231,7 +231,7 @@ struct AddressAnswers {
 
 impl Resolved {
     /// Remembers that `name` resolved to `addresses`, for `ttl` (at least
-    /// [`MIN_ANSWER_LIFETIME`]).
+    /// `MIN_ANSWER_LIFETIME`).
     pub fn record(&self, name: &str, addresses: &[IpAddr], ttl: Duration, now: Instant) {
         let until = now + ttl.max(MIN_ANSWER_LIFETIME);
         let name: Arc<str> = name.into();

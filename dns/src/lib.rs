@@ -3,7 +3,7 @@
 //! headless Services' pods, static ServiceEntries) are answered from the agent's model; the rest
 //! are forwarded to the node's upstream servers through one cache.
 //!
-//! The crate knows DNS, not the mesh: the agent answers [`Client::mesh_addresses`] for each pod
+//! The crate knows DNS, not the mesh: the agent answers [`Client::mesh_name`] for each pod
 //! and is told of every answer ([`Client::answered`]), which is what egress control allows.
 
 mod forward;
