@@ -39,7 +39,7 @@ fn main() {
     };
     let baseline = per_decision_ns(&AuthorizationPolicies::new("istio-system", []), &connection);
     println!(
-        "Authorization per connection (one run; the matching ALLOW policy is the last one evaluated)"
+        "Authorization per connection (one run; every policy applies and names its callers, and the matching ALLOW sorts last)"
     );
     println!(
         "{:<12} {:>14} {:>14}",

@@ -6,6 +6,7 @@
 
 pub(crate) mod compile;
 mod engine;
+mod index;
 pub(crate) mod model;
 
 pub use compile::CompileError;

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 
 use ambit_identity::Identity;
 
+use super::index::PrincipalIndex;
 use crate::state::WaypointRef;
 
 /// `namespace/name` of a policy object.
@@ -251,6 +252,8 @@ pub struct Decision<'a> {
 pub struct AuthorizationPolicies {
     root_namespace: String,
     by_namespace: HashMap<String, Vec<AuthorizationPolicy>>,
+    /// Each namespace's policies by the principals that can match them.
+    indexes: HashMap<String, PrincipalIndex>,
 }
 
 impl AuthorizationPolicies {
@@ -268,16 +271,40 @@ impl AuthorizationPolicies {
         for policies in by_namespace.values_mut() {
             policies.sort_by(|a, b| a.name.cmp(&b.name));
         }
+        let indexes = by_namespace
+            .iter()
+            .map(|(namespace, policies)| (namespace.clone(), PrincipalIndex::new(policies)))
+            .collect();
         Self {
             root_namespace: root_namespace.to_owned(),
             by_namespace,
+            indexes,
         }
     }
 
     /// Decides `connection` at its destination: a matching DENY denies; else, with no ALLOW
-    /// policy applying, allow; else allow only if an ALLOW policy matches.
+    /// policy applying, allow; else allow only if an ALLOW policy matches. Only the policies
+    /// that can match its source are evaluated, in the order of all of them: the decision, and
+    /// the policy it names, are those of evaluating every policy that applies.
     pub fn decide<'a>(&'a self, connection: &Connection<'_>) -> Decision<'a> {
-        decide_among(self.applicable(connection), connection)
+        let principal = connection.principal();
+        let namespaces = self.namespaces(connection.destination_namespace);
+        let allow_applies = namespaces.iter().flatten().any(|(_, index)| {
+            index
+                .allow_scopes()
+                .iter()
+                .any(|scope| applies(scope, connection))
+        });
+        let candidates = namespaces
+            .into_iter()
+            .flatten()
+            .flat_map(|(policies, index)| {
+                index
+                    .candidates(principal)
+                    .filter_map(|position| policies.get(position))
+            })
+            .filter(|policy| applies(&policy.scope, connection));
+        decide_among(candidates, allow_applies, connection)
     }
 
     /// Decides a request at `waypoint` to `service` (`namespace`, `name`), when it addressed
@@ -289,7 +316,7 @@ impl AuthorizationPolicies {
         service: Option<(&str, &str)>,
         connection: &Connection<'_>,
     ) -> Decision<'a> {
-        decide_among(self.at_waypoint(waypoint, service), connection)
+        decide_among(self.at_waypoint(waypoint, service), false, connection)
     }
 
     /// The policies a waypoint applies to a request to `service`.
@@ -314,13 +341,14 @@ impl AuthorizationPolicies {
     }
 }
 
-/// One pass over `policies`: a matching DENY denies; else, with no ALLOW policy among them,
-/// allow; else allow only if an ALLOW policy matches.
-fn decide_among<'a>(
+/// One pass over `policies`: a matching DENY denies; else, with no ALLOW policy among them (and
+/// none known to apply already, `allow_applies`), allow; else allow only if an ALLOW policy
+/// matches.
+pub(super) fn decide_among<'a>(
     policies: impl Iterator<Item = &'a AuthorizationPolicy>,
+    mut allow_applies: bool,
     connection: &Connection<'_>,
 ) -> Decision<'a> {
-    let mut allow_applies = false;
     let mut allowed_by = None;
     let mut audit = None;
     let mut dry_run_deny = None;
@@ -398,28 +426,47 @@ impl AuthorizationPolicies {
     }
 
     /// The policies of the root namespace and of the destination's namespace that select it.
-    fn applicable<'s>(
+    pub(super) fn applicable<'s>(
         &'s self,
         connection: &Connection<'_>,
     ) -> impl Iterator<Item = &'s AuthorizationPolicy> {
-        let root = self.by_namespace.get(&self.root_namespace);
-        let local = (connection.destination_namespace != self.root_namespace)
-            .then(|| self.by_namespace.get(connection.destination_namespace))
-            .flatten();
-        root.into_iter()
-            .chain(local)
+        self.namespaces(connection.destination_namespace)
+            .into_iter()
             .flatten()
-            .filter(|policy| match &policy.scope {
-                Scope::Namespace => true,
-                Scope::Selector(labels) => labels
-                    .iter()
-                    .all(|(k, v)| connection.destination_labels.get(k) == Some(v)),
-                Scope::Services(names) => names
-                    .iter()
-                    .any(|name| connection.destination_services.contains(name)),
-                Scope::Waypoint(waypoint) => connection.destination_waypoints.contains(waypoint),
-                Scope::Gateways(_) => false,
-            })
+            .flat_map(|(policies, _)| policies)
+            .filter(|policy| applies(&policy.scope, connection))
+    }
+
+    /// The policies, and their index, of the namespaces whose policies may apply to a
+    /// destination in `namespace`: the root namespace, then its own.
+    fn namespaces(
+        &self,
+        namespace: &str,
+    ) -> [Option<(&[AuthorizationPolicy], &PrincipalIndex)>; 2] {
+        let of = |namespace: &str| {
+            let policies = self.by_namespace.get(namespace)?;
+            Some((policies.as_slice(), self.indexes.get(namespace)?))
+        };
+        let local = (namespace != self.root_namespace)
+            .then(|| of(namespace))
+            .flatten();
+        [of(&self.root_namespace), local]
+    }
+}
+
+/// Whether a policy of `scope`, in the root namespace or the destination's, applies to
+/// `connection`'s destination.
+fn applies(scope: &Scope, connection: &Connection<'_>) -> bool {
+    match scope {
+        Scope::Namespace => true,
+        Scope::Selector(labels) => labels
+            .iter()
+            .all(|(k, v)| connection.destination_labels.get(k) == Some(v)),
+        Scope::Services(names) => names
+            .iter()
+            .any(|name| connection.destination_services.contains(name)),
+        Scope::Waypoint(waypoint) => connection.destination_waypoints.contains(waypoint),
+        Scope::Gateways(_) => false,
     }
 }
 
