@@ -289,12 +289,10 @@ impl AuthorizationPolicies {
     pub fn decide<'a>(&'a self, connection: &Connection<'_>) -> Decision<'a> {
         let principal = connection.principal();
         let namespaces = self.namespaces(connection.destination_namespace);
-        let allow_applies = namespaces.iter().flatten().any(|(_, index)| {
-            index
-                .allow_scopes()
-                .iter()
-                .any(|scope| applies(scope, connection))
-        });
+        let allow_applies = namespaces
+            .iter()
+            .flatten()
+            .any(|(_, index)| index.allow_applies(connection));
         let candidates = namespaces
             .into_iter()
             .flatten()

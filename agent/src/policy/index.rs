@@ -2,9 +2,10 @@
 //! admit named callers (`from.source.principals`), so a decision among thousands of them needs
 //! only those naming the connection's source, and those bound to no principal.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::engine::{Action, AuthorizationPolicy, Scope, StringMatch};
+use super::engine::{Action, AuthorizationPolicy, Connection, Scope, StringMatch};
+use crate::state::WaypointRef;
 
 /// Positions in one namespace's sorted policies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -13,9 +14,69 @@ pub(super) struct PrincipalIndex {
     unbound: Vec<usize>,
     /// The policies only these principals can match.
     bound: HashMap<String, Vec<usize>>,
-    /// The scopes of the enforced ALLOW policies, each once: whether one applies to the
-    /// destination decides whether an ALLOW must match, matched or not.
-    allow_scopes: Vec<Scope>,
+    /// The scopes of the enforced ALLOW policies: whether one applies to the destination
+    /// decides whether an ALLOW must match, matched or not.
+    allow_scopes: ScopeIndex,
+}
+
+/// Scopes, found from what a destination has: its labels, Services and waypoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ScopeIndex {
+    namespace: bool,
+    /// Selectors by one of their labels (key, then value).
+    selectors: HashMap<String, HashMap<String, Vec<BTreeMap<String, String>>>>,
+    services: HashSet<String>,
+    waypoints: HashSet<WaypointRef>,
+}
+
+impl ScopeIndex {
+    fn insert(&mut self, scope: &Scope) {
+        match scope {
+            Scope::Namespace => self.namespace = true,
+            Scope::Selector(labels) => match labels.iter().next() {
+                None => self.namespace = true,
+                Some((key, value)) => {
+                    let selectors = self
+                        .selectors
+                        .entry(key.clone())
+                        .or_default()
+                        .entry(value.clone())
+                        .or_default();
+                    if !selectors.contains(labels) {
+                        selectors.push(labels.clone());
+                    }
+                }
+            },
+            Scope::Services(names) => self.services.extend(names.iter().cloned()),
+            Scope::Waypoint(waypoint) => {
+                self.waypoints.insert(waypoint.clone());
+            }
+            // Decided at waypoints only, never where `decide` runs.
+            Scope::Gateways(_) => {}
+        }
+    }
+
+    /// Whether one of the scopes applies to `connection`'s destination.
+    fn any_applies(&self, connection: &Connection<'_>) -> bool {
+        let labels = connection.destination_labels;
+        self.namespace
+            || labels.iter().any(|(key, value)| {
+                let selectors = self.selectors.get(key).and_then(|by| by.get(value));
+                selectors.into_iter().flatten().any(|selector| {
+                    selector
+                        .iter()
+                        .all(|(k, v)| labels.get(k).is_some_and(|own| own == v))
+                })
+            })
+            || connection
+                .destination_services
+                .iter()
+                .any(|name| self.services.contains(name))
+            || connection
+                .destination_waypoints
+                .iter()
+                .any(|waypoint| self.waypoints.contains(waypoint))
+    }
 }
 
 impl PrincipalIndex {
@@ -33,9 +94,8 @@ impl PrincipalIndex {
                 }
                 None => index.unbound.push(position),
             }
-            let enforced_allow = policy.action == Action::Allow && !policy.dry_run;
-            if enforced_allow && !index.allow_scopes.contains(&policy.scope) {
-                index.allow_scopes.push(policy.scope.clone());
+            if policy.action == Action::Allow && !policy.dry_run {
+                index.allow_scopes.insert(&policy.scope);
             }
         }
         index
@@ -52,8 +112,9 @@ impl PrincipalIndex {
         }
     }
 
-    pub(super) fn allow_scopes(&self) -> &[Scope] {
-        &self.allow_scopes
+    /// Whether an enforced ALLOW policy applies to `connection`'s destination.
+    pub(super) fn allow_applies(&self, connection: &Connection<'_>) -> bool {
+        self.allow_scopes.any_applies(connection)
     }
 }
 
@@ -136,12 +197,14 @@ mod tests {
                 not_values: None,
             },
             _ => Field {
+                // Sometimes none at all, which nothing matches.
                 values: Some(
-                    (0..rng.usize(1..3))
+                    (0..rng.usize(..3))
                         .map(|_| StringMatch::Exact(pick(rng, &PRINCIPALS).into()))
                         .collect(),
                 ),
-                not_values: None,
+                not_values: (rng.u8(..4) == 0)
+                    .then(|| vec![StringMatch::Exact(pick(rng, &PRINCIPALS).into())]),
             },
         };
         let namespaces = if rng.u8(..4) == 0 {
@@ -180,14 +243,36 @@ mod tests {
         }
     }
 
+    fn waypoint() -> WaypointRef {
+        WaypointRef {
+            namespace: "shop".into(),
+            name: "wp".into(),
+        }
+    }
+
     fn policy(rng: &mut fastrand::Rng, index: usize) -> AuthorizationPolicy {
-        let web = |app: &str| Scope::Selector([("app".to_owned(), app.to_owned())].into());
+        let app = |app: &str| Scope::Selector([("app".to_owned(), app.to_owned())].into());
+        let front = Scope::Selector(
+            [("app", "web"), ("tier", "front")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+        );
+        let scopes = [
+            Scope::Namespace,
+            app("web"),
+            app("db"),
+            app(&format!("svc-{}", rng.u8(..3))),
+            front,
+            Scope::Services(vec!["web".into()]),
+            Scope::Waypoint(waypoint()),
+            Scope::Gateways(vec!["wp".into()]),
+        ];
         AuthorizationPolicy {
             name: PolicyName {
                 namespace: pick(rng, &["istio-system", "shop"]).into(),
                 name: format!("p{index:03}"),
             },
-            scope: pick(rng, &[Scope::Namespace, web("web"), web("db")]),
+            scope: pick(rng, &scopes),
             action: pick(
                 rng,
                 &[Action::Allow, Action::Allow, Action::Deny, Action::Audit],
@@ -207,14 +292,22 @@ mod tests {
             .map(|p| Some(format!("spiffe://{p}").parse().unwrap()))
             .chain([None])
             .collect();
+        let services = ["web".to_owned()];
+        let waypoints = [waypoint()];
         for _ in 0..500 {
             let count = rng.usize(..12);
+            // Sometimes the destination's namespace is the root one.
+            let root = pick(&mut rng, &["istio-system", "istio-system", "shop"]);
             let policies =
-                AuthorizationPolicies::new("istio-system", (0..count).map(|i| policy(&mut rng, i)));
+                AuthorizationPolicies::new(root, (0..count).map(|i| policy(&mut rng, i)));
             for _ in 0..20 {
                 let identity = pick(&mut rng, &identities);
-                let labels: BTreeMap<String, String> =
-                    [("app".to_owned(), pick(&mut rng, &["web", "db"]).to_owned())].into();
+                let app = pick(&mut rng, &["web", "db", "svc-1"]);
+                let mut labels: BTreeMap<String, String> =
+                    [("app".to_owned(), app.to_owned())].into();
+                if rng.bool() {
+                    labels.insert("tier".into(), "front".into());
+                }
                 let connection = Connection {
                     source_ip: "10.0.1.10".parse().unwrap(),
                     source_identity: identity.as_ref(),
@@ -222,8 +315,8 @@ mod tests {
                     destination_port: pick(&mut rng, &[8080, 9090]),
                     destination_namespace: "shop",
                     destination_labels: &labels,
-                    destination_services: &[],
-                    destination_waypoints: &[],
+                    destination_services: if rng.bool() { &services } else { &[] },
+                    destination_waypoints: if rng.bool() { &waypoints } else { &[] },
                     request: None,
                 };
                 let expected = decide_among(policies.applicable(&connection), false, &connection);
