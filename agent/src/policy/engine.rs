@@ -251,9 +251,14 @@ pub struct Decision<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuthorizationPolicies {
     root_namespace: String,
-    by_namespace: HashMap<String, Vec<AuthorizationPolicy>>,
-    /// Each namespace's policies by the principals that can match them.
-    indexes: HashMap<String, PrincipalIndex>,
+    by_namespace: HashMap<String, NamespacePolicies>,
+}
+
+/// One namespace's policies, sorted by name, and their index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NamespacePolicies {
+    policies: Vec<AuthorizationPolicy>,
+    index: PrincipalIndex,
 }
 
 impl AuthorizationPolicies {
@@ -268,17 +273,17 @@ impl AuthorizationPolicies {
                 .or_default()
                 .push(policy);
         }
-        for policies in by_namespace.values_mut() {
-            policies.sort_by(|a, b| a.name.cmp(&b.name));
-        }
-        let indexes = by_namespace
-            .iter()
-            .map(|(namespace, policies)| (namespace.clone(), PrincipalIndex::new(policies)))
+        let by_namespace = by_namespace
+            .into_iter()
+            .map(|(namespace, mut policies)| {
+                policies.sort_by(|a, b| a.name.cmp(&b.name));
+                let index = PrincipalIndex::new(&policies);
+                (namespace, NamespacePolicies { policies, index })
+            })
             .collect();
         Self {
             root_namespace: root_namespace.to_owned(),
             by_namespace,
-            indexes,
         }
     }
 
@@ -292,14 +297,15 @@ impl AuthorizationPolicies {
         let allow_applies = namespaces
             .iter()
             .flatten()
-            .any(|(_, index)| index.allow_applies(connection));
+            .any(|namespace| namespace.index.allow_applies(connection));
         let candidates = namespaces
             .into_iter()
             .flatten()
-            .flat_map(|(policies, index)| {
-                index
+            .flat_map(|namespace| {
+                namespace
+                    .index
                     .candidates(principal)
-                    .filter_map(|position| policies.get(position))
+                    .filter_map(|position| namespace.policies.get(position))
             })
             .filter(|policy| applies(&policy.scope, connection));
         decide_among(candidates, allow_applies, connection)
@@ -323,7 +329,12 @@ impl AuthorizationPolicies {
         waypoint: &WaypointRef,
         service: Option<(&str, &str)>,
     ) -> impl Iterator<Item = &'s AuthorizationPolicy> {
-        let in_namespace = |namespace: &str| self.by_namespace.get(namespace).into_iter().flatten();
+        let in_namespace = |namespace: &str| {
+            self.by_namespace
+                .get(namespace)
+                .into_iter()
+                .flat_map(|n| &n.policies)
+        };
         let name = waypoint.name.clone();
         let gateway = in_namespace(&waypoint.namespace)
             .filter(move |p| matches!(&p.scope, Scope::Gateways(names) if names.contains(&name)));
@@ -418,7 +429,11 @@ impl AuthorizationPolicies {
 
     /// Every policy, sorted by namespace and name.
     pub fn iter(&self) -> impl Iterator<Item = &AuthorizationPolicy> {
-        let mut policies: Vec<_> = self.by_namespace.values().flatten().collect();
+        let mut policies: Vec<_> = self
+            .by_namespace
+            .values()
+            .flat_map(|n| &n.policies)
+            .collect();
         policies.sort_by(|a, b| a.name.cmp(&b.name));
         policies.into_iter()
     }
@@ -431,24 +446,17 @@ impl AuthorizationPolicies {
         self.namespaces(connection.destination_namespace)
             .into_iter()
             .flatten()
-            .flat_map(|(policies, _)| policies)
+            .flat_map(|namespace| &namespace.policies)
             .filter(|policy| applies(&policy.scope, connection))
     }
 
-    /// The policies, and their index, of the namespaces whose policies may apply to a
-    /// destination in `namespace`: the root namespace, then its own.
-    fn namespaces(
-        &self,
-        namespace: &str,
-    ) -> [Option<(&[AuthorizationPolicy], &PrincipalIndex)>; 2] {
-        let of = |namespace: &str| {
-            let policies = self.by_namespace.get(namespace)?;
-            Some((policies.as_slice(), self.indexes.get(namespace)?))
-        };
+    /// The policies of the namespaces that may apply to a destination in `namespace`: the root
+    /// namespace, then its own.
+    fn namespaces(&self, namespace: &str) -> [Option<&NamespacePolicies>; 2] {
         let local = (namespace != self.root_namespace)
-            .then(|| of(namespace))
+            .then(|| self.by_namespace.get(namespace))
             .flatten();
-        [of(&self.root_namespace), local]
+        [self.by_namespace.get(&self.root_namespace), local]
     }
 }
 
