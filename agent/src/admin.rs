@@ -126,11 +126,7 @@ impl AdminApi {
             Ok(workload) => workload,
             Err(failure) => return error(StatusCode::BAD_REQUEST, &failure.to_string()),
         };
-        let view = workload
-            .ips
-            .first()
-            .and_then(|ip| self.egress.dns.view(&state, *ip));
-        match view {
+        match self.egress.dns.view(&workload) {
             Some(view) => json(&view),
             None => error(
                 StatusCode::NOT_FOUND,

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::admin::views::{DnsAnswerView, DnsView};
 use crate::drain::DrainWatcher;
 use crate::egress::{Resolution, Resolved};
-use crate::state::{ClusterState, LocalWorkload, WorkloadUid};
+use crate::state::{ClusterState, LocalWorkload, Workload, WorkloadUid};
 
 /// Answers kept per pod for `ambit debug dns`.
 const RECENT_PER_POD: usize = 64;
@@ -105,9 +105,8 @@ impl NodeDns {
         pods.get(uid).cloned()
     }
 
-    /// What `ambit debug dns` shows of the pod at `ip`.
-    pub(crate) fn view(&self, state: &ClusterState, ip: IpAddr) -> Option<DnsView> {
-        let workload = state.workload_by_ip(ip)?;
+    /// What `ambit debug dns` shows of `workload`; `None` when this node does not serve it.
+    pub(crate) fn view(&self, workload: &Workload) -> Option<DnsView> {
         let names = self.pod_names(&workload.uid)?;
         let answers = names
             .recent

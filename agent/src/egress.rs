@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clap::ValueEnum;
 
 use crate::policy::Cidr;
-use crate::state::ClusterState;
+use crate::state::{ClusterState, Workload};
 
 /// The namespace label that sets its pods' outbound traffic policy, over `--outbound-traffic-policy`.
 pub const OUTBOUND_POLICY_LABEL: &str = "ambit.dev/outbound-traffic-policy";
@@ -344,6 +344,21 @@ impl EgressDenied {
             Self::PortNotListed { host, .. } | Self::Expired { host, .. } => Some(host),
         }
     }
+}
+
+/// Whether `source` may connect to `destination` outside HBONE, under its namespace's outbound
+/// traffic policy (else `default`); with that policy.
+pub fn decide_for(
+    state: &ClusterState,
+    default: OutboundTrafficPolicy,
+    source: &Workload,
+    resolved: &Resolved,
+    destination: SocketAddr,
+) -> (OutboundTrafficPolicy, Result<Allowed, EgressDenied>) {
+    let policy = state.outbound_policy(&source.namespace, default);
+    let now = Instant::now();
+    let decision = decide(state, policy, &source.namespace, resolved, destination, now);
+    (policy, decision)
 }
 
 /// Whether a pod of `namespace` under `policy` may connect to `destination`, outside HBONE.

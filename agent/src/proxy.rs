@@ -7,7 +7,6 @@ mod outbound;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::Instant;
 
 use ambit_dns::DnsSockets;
 use ambit_identity::{CertificateManager, Identity, TrustDomain};
@@ -85,16 +84,8 @@ impl Pod {
         destination: SocketAddr,
     ) -> Result<egress::Allowed, egress::EgressDenied> {
         let state = self.state.borrow();
-        let policy = state.outbound_policy(&source.namespace, self.outbound_policy);
-        let now = Instant::now();
-        egress::decide(
-            &state,
-            policy,
-            &source.namespace,
-            &self.names.resolved,
-            destination,
-            now,
-        )
+        let resolved = &self.names.resolved;
+        egress::decide_for(&state, self.outbound_policy, source, resolved, destination).1
     }
 }
 

@@ -19,7 +19,7 @@ use crate::message::Request;
 pub enum ForwarderError {
     #[error("failed to read {}", .0.display())]
     Read(PathBuf, #[source] std::io::Error),
-    #[error("{} names no usable nameserver", .0.display())]
+    #[error("{} is not a usable resolv.conf (it needs a nameserver)", .0.display())]
     Parse(PathBuf, #[source] NetError),
     #[error("failed to build the resolver")]
     Build(#[source] NetError),

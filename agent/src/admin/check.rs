@@ -3,7 +3,6 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
 
 use ambit_identity::{Identity, TrustDomain};
 
@@ -248,18 +247,11 @@ fn egress_view(
     destination: SocketAddr,
 ) -> Option<EgressView> {
     let source = source?;
-    let policy = state.outbound_policy(&source.namespace, context.default);
     let names = context.dns.pod_names(&source.uid);
     let nothing_resolved = Resolved::default();
     let resolved = names.as_ref().map_or(&nothing_resolved, |n| &n.resolved);
-    let decision = egress::decide(
-        state,
-        policy,
-        &source.namespace,
-        resolved,
-        destination,
-        Instant::now(),
-    );
+    let (policy, decision) =
+        egress::decide_for(state, context.default, source, resolved, destination);
     Some(EgressView {
         policy: policy.as_str().to_owned(),
         allowed: decision.is_ok(),
