@@ -1,4 +1,5 @@
-//! Builds the eBPF programs (`ebpf/`, crate `ambit-ebpf`) with the nightly toolchain that
+//! Builds the eBPF programs (`ebpf/`, crate `ambit-ebpf`, whose binaries are the objects
+//! `ambit-inbound` and `ambit-outbound`) with the nightly toolchain that
 //! `ebpf/rust-toolchain.toml` pins and bpf-linker, for `src/capture/ebpf.rs` to embed. Without
 //! that toolchain the agent is built with no programs: it says so when eBPF capture is asked
 //! for, and `--redirect auto` falls back to nftables.
@@ -6,7 +7,8 @@
 use std::path::Path;
 use std::process::Command;
 
-const PROGRAMS: &str = "ambit-ebpf";
+const PACKAGE: &str = "ambit-ebpf";
+const OBJECTS: [&str; 2] = ["ambit-inbound", "ambit-outbound"];
 
 fn main() -> aya_build::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
@@ -29,12 +31,14 @@ fn main() -> aya_build::Result<()> {
             "cargo:warning=building ambit without its eBPF programs: {missing}; run scripts/install-ebpf-toolchain"
         );
         let out_dir = std::env::var("OUT_DIR")?;
-        std::fs::write(Path::new(&out_dir).join(PROGRAMS), [])?;
+        for object in OBJECTS {
+            std::fs::write(Path::new(&out_dir).join(object), [])?;
+        }
         return Ok(());
     }
     let root_dir = ebpf_dir.to_string_lossy().into_owned();
     let package = aya_build::Package {
-        name: PROGRAMS,
+        name: PACKAGE,
         root_dir: &root_dir,
         ..Default::default()
     };

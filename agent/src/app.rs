@@ -22,7 +22,7 @@ use crate::cni_server::{self, CniServer};
 use crate::config::{AgentConfig, CaConfig, RedirectKind, SourceConfig};
 use crate::dns::NodeDns;
 use crate::drain::{self, DrainTrigger, DrainWatcher};
-use crate::enrolment::{CaptureStatus, Discovery, Enrolment};
+use crate::enrolment::{AddressIndex, CaptureStatus, Discovery, Enrolment};
 use crate::error_chain::ErrorChain;
 use crate::hbone::{ClientSettings, HboneClient};
 use crate::http_server;
@@ -212,7 +212,7 @@ async fn open_source(config: &AgentConfig) -> anyhow::Result<(Source, Discovery)
             sandboxes,
             host_proc: HostProc::new(&config.host_proc),
         },
-        None => Discovery::ByAddress,
+        None => Discovery::ByAddress(AddressIndex::default()),
     };
     Ok((source, discovery))
 }

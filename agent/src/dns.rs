@@ -165,8 +165,7 @@ impl ReplySockets for PodReplySockets {
             }
             let socket = self
                 .netns
-                .run(move || dns_reply_socket(server.into()))
-                .await
+                .run_here(|| dns_reply_socket(server.into()))
                 .map_err(io::Error::other)??;
             let socket = Arc::new(UdpSocket::from_std(socket)?);
             let mut bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);

@@ -9,13 +9,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ambit_identity::{CertificateManager, Identity, IdentityError, TrustDomain};
 use ambit_redirect::{
     CaptureBackend, CaptureError, HostProc, Netns, NetnsError, PodNetns, PodNetnsError,
 };
+use futures_util::{StreamExt, stream};
 use tokio::sync::watch;
 
 use crate::admission::Admission;
@@ -35,6 +36,10 @@ use crate::telemetry::Telemetry;
 
 /// How soon a pod that could not be enrolled is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Pods enrolled at once: enough to keep the blocking threads (finding namespaces, loading
+/// programs, netlink) busy while the runtime's workers start the pods' proxies.
+const CONCURRENT_ENROLMENTS: usize = 16;
 
 /// Why one pod could not be enrolled (it is tried again).
 #[derive(Debug, thiserror::Error)]
@@ -114,13 +119,38 @@ pub(crate) enum Capture {
 pub(crate) enum Discovery {
     /// The namespace that holds the pod's IP: for the file source's lab, whose pods have no
     /// processes. Any namespace can claim any IP, so a cluster never uses it.
-    ByAddress,
+    ByAddress(AddressIndex),
     /// The namespace the container runtime gave the CNI plugin for the pod's sandbox; else that
     /// of the pod's processes, found by the pod's UID in their cgroups and confirmed by its IPs.
     InCluster {
         sandboxes: Sandboxes,
         host_proc: HostProc,
     },
+}
+
+/// The node's namespaces by the addresses they hold, listed once per enrolment pass (when a
+/// pod of the pass first needs it) rather than once per pod.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AddressIndex(Arc<Mutex<Option<HashMap<IpAddr, Netns>>>>);
+
+impl AddressIndex {
+    /// The namespace that holds `ip`, from this pass's listing.
+    fn find(&self, ip: IpAddr) -> Result<Netns, EnrolError> {
+        let mut listed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let namespaces = match &mut *listed {
+            Some(namespaces) => namespaces,
+            None => listed.insert(Netns::by_address().map_err(EnrolError::FindNetns)?),
+        };
+        let netns = namespaces.get(&ip).ok_or(EnrolError::NetnsNotFound)?;
+        netns
+            .try_clone()
+            .map_err(|e| EnrolError::FindNetns(NetnsError::Open("a pod's namespace".into(), e)))
+    }
+
+    /// Forgets the listing: the next pass lists the namespaces again.
+    fn new_pass(&self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
 }
 
 impl Discovery {
@@ -136,7 +166,14 @@ impl Discovery {
     pub(crate) fn sandboxes(&self) -> Option<&Sandboxes> {
         match self {
             Self::InCluster { sandboxes, .. } => Some(sandboxes),
-            Self::ByAddress => None,
+            Self::ByAddress(_) => None,
+        }
+    }
+
+    /// Starts an enrolment pass: what the node's namespaces looked like before is forgotten.
+    fn new_pass(&self) {
+        if let Self::ByAddress(index) = self {
+            index.new_pass();
         }
     }
 
@@ -153,12 +190,9 @@ impl Discovery {
         ips: &[IpAddr],
     ) -> Result<(Netns, FoundBy), EnrolError> {
         match self {
-            Self::ByAddress => {
+            Self::ByAddress(index) => {
                 let ip = *ips.first().ok_or(EnrolError::NoIp)?;
-                let netns = Netns::find_by_ip(ip)
-                    .map_err(EnrolError::FindNetns)?
-                    .ok_or(EnrolError::NetnsNotFound)?;
-                Ok((netns, FoundBy::Search))
+                Ok((index.find(ip)?, FoundBy::Search))
             }
             Self::InCluster {
                 sandboxes,
@@ -265,6 +299,7 @@ impl Enrolment {
     /// goes: enrolling many pods takes a while.
     async fn reconcile(&mut self, pods: &mut HashMap<WorkloadUid, EnrolledPod>) {
         let state = self.states.borrow_and_update().clone();
+        self.discovery.new_pass();
         let torn_down = |uid: &WorkloadUid| {
             self.discovery
                 .sandboxes()
@@ -297,10 +332,27 @@ impl Enrolment {
             status.retain(|uid, _| desired.contains_key(uid));
             status.len() != before
         });
-        for workload in desired.into_values() {
+        // Pods the agent holds already may need their old capture released first, one by
+        // one; new pods are enrolled side by side.
+        let (known, new): (Vec<_>, Vec<_>) = desired
+            .into_values()
+            .partition(|workload| pods.contains_key(&workload.uid));
+        for workload in known {
             let capture = self.reconcile_pod(workload, pods).await;
             self.publish(workload, capture);
         }
+        let this = &*self;
+        let mut enrolments = stream::iter(new.into_iter().cloned())
+            .map(|workload| async move {
+                let enrolled = this.enrol(workload.clone()).await;
+                (workload, enrolled)
+            })
+            .buffer_unordered(CONCURRENT_ENROLMENTS);
+        while let Some((workload, enrolled)) = enrolments.next().await {
+            let capture = this.enrolled(&workload, enrolled, pods).await;
+            this.publish(&workload, capture);
+        }
+        drop(enrolments);
         self.release_unused_certificates(pods);
     }
 
@@ -341,7 +393,20 @@ impl Enrolment {
                 drop(pod.proxies);
             }
         }
-        match self.enrol(workload.clone()).await {
+        let enrolled = self.enrol(workload.clone()).await;
+        self.enrolled(workload, enrolled, pods).await
+    }
+
+    /// Takes in the outcome of enrolling `workload`, which replaces the pod's earlier
+    /// enrolment, if any, once it succeeded.
+    async fn enrolled(
+        &self,
+        workload: &Workload,
+        enrolled: Result<EnrolledPod, EnrolError>,
+        pods: &mut HashMap<WorkloadUid, EnrolledPod>,
+    ) -> Capture {
+        let uid = &workload.uid;
+        match enrolled {
             Ok(pod) => {
                 let identity = pod.identity.borrow().clone();
                 tracing::info!(workload.uid = %uid, pod = workload.qualified_name(), identity = ?identity.map(|i| i.to_string()), "pod enrolled");

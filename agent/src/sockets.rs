@@ -89,8 +89,7 @@ impl SocketFactory for PodSockets {
         Box::pin(async move {
             let socket = self
                 .0
-                .run(move || ambit_redirect::socket::connector(local, transparent))
-                .await
+                .run_here(|| ambit_redirect::socket::connector(local, transparent))
                 .map_err(io::Error::other)??;
             Ok(TcpSocket::from_std_stream(socket))
         })

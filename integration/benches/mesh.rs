@@ -1,14 +1,13 @@
 //! Pod-to-pod TCP across two nodes of a namespace mesh, with each capture backend: directly,
 //! between two pods outside the mesh, and through the mesh (capture, HBONE between the agents,
-//! capture), on the same path in one run; then the time from a pod appearing in the cluster
-//! file to its capture being active, for 50 pods at once. Needs root and a release build of the
-//! agent:
+//! capture), on the same path in one run; then the agent's footprint (resident memory and
+//! threads) and the time from a pod appearing in the cluster file to its capture being active,
+//! for 200 pods at once. Needs root and a release build of the agent:
 //!
 //! `cargo build --release -p ambit-agent && cargo bench -p ambit-integration --bench mesh`
 
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::print_stdout,
     reason = "a benchmark binary"
 )]
@@ -30,7 +29,7 @@ const WARMUP: usize = 500;
 const NEW_CONNECTIONS: usize = 1_000;
 const HELD_CONNECTIONS: usize = 1_000;
 /// Pods listed at once for the enrolment measurement.
-const BURST: usize = 50;
+const BURST: usize = 200;
 
 fn main() {
     raise_fd_limit();
@@ -56,6 +55,18 @@ struct Measured {
     memory: Vec<(&'static str, f64)>,
     /// From the file listing them to capture active, per pod, sorted.
     enrolment: Vec<Duration>,
+    /// node1's agent once started, with the cluster's own pods enrolled.
+    at_start: Footprint,
+    /// node1's agent before the burst of pods, after the other measurements.
+    before_burst: Footprint,
+    /// node1's agent once the burst is captured.
+    after_burst: Footprint,
+}
+
+/// An agent's resident memory and threads.
+struct Footprint {
+    resident_kib: u64,
+    threads: u64,
 }
 
 struct Numbers {
@@ -110,19 +121,25 @@ async fn run() {
     }
     println!(
         "\nEnrolment of {BURST} pods listed at once, from the file change to capture active \
-         (the file is polled every 200 ms)"
+         (the file is polled every 200 ms), and node1's agent before and after"
     );
     println!(
-        "  {:<9} {:>10} {:>10} {:>10}",
-        "backend", "p50 ms", "max ms", "pods/s"
+        "  {:<9} {:>8} {:>8} {:>8} {:>10} {:>13} {:>8} {:>8}",
+        "backend", "p50 ms", "max ms", "pods/s", "RSS MiB", "KiB per pod", "threads", "after"
     );
     for (backend, run) in backends.iter().zip(&measured) {
         let last = run.enrolment.last().copied().unwrap_or_default();
+        let (before, after) = (&run.before_burst, &run.after_burst);
+        let per_pod = after.resident_kib.saturating_sub(before.resident_kib) as f64 / BURST as f64;
         println!(
-            "  {backend:<9} {:>10.0} {:>10.0} {:>10.1}",
+            "  {backend:<9} {:>8.0} {:>8.0} {:>8.1} {:>10.1} {:>13.1} {:>8} {:>8}",
             measure::percentile_us(&run.enrolment, 0.5) / 1000.0,
             last.as_secs_f64() * 1000.0,
             BURST as f64 / last.as_secs_f64(),
+            before.resident_kib as f64 / 1024.0,
+            per_pod,
+            before.threads,
+            after.threads,
         );
     }
 }
@@ -142,6 +159,8 @@ async fn measure_backend(binary: &std::path::Path, backend: &str) -> Measured {
         .start()
         .await
         .unwrap();
+    let pid = cluster.agent("node1").unwrap().pid();
+    let at_start = footprint(pid);
     let mut apps = Vec::new();
     for server in ["server", "direct-server"] {
         let pod = cluster.in_pod(server).unwrap();
@@ -160,12 +179,19 @@ async fn measure_backend(binary: &std::path::Path, backend: &str) -> Measured {
     let memory = held_connection_memory(&cluster, &mesh).await;
     let direct = numbers(&direct).await;
     let mesh = numbers(&mesh).await;
+    let before_burst = footprint(pid);
     let enrolment = enrolment(&mut cluster).await;
+    // Settled: what enrolling allocated for a while only is freed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_burst = footprint(pid);
     Measured {
         direct,
         mesh,
         memory,
         enrolment,
+        at_start,
+        before_burst,
+        after_burst,
     }
 }
 
@@ -268,12 +294,24 @@ async fn held_connection_memory(cluster: &Cluster, mesh: &Path) -> Vec<(&'static
 }
 
 fn resident_kib(pid: u32) -> u64 {
+    status_field(pid, "VmRSS")
+}
+
+fn footprint(pid: u32) -> Footprint {
+    Footprint {
+        resident_kib: resident_kib(pid),
+        threads: status_field(pid, "Threads"),
+    }
+}
+
+/// A number of `/proc/<pid>/status`, without its unit.
+fn status_field(pid: u32, name: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
+        .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
 }
 
 /// Several thousand sockets are open at once: the bench's, and the agents' (who inherit it).

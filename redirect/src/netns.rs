@@ -1,9 +1,12 @@
 //! Network namespaces held by file descriptor, found through a pod's processes ([`HostProc`])
-//! or by the IP a pod has in them, and entered on a thread of their own.
+//! or by the IP a pod has in them, and entered by whichever thread has work in them, for that
+//! work only: the agent keeps no thread per pod.
 
 mod host_proc;
 mod pod_cgroup;
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -11,8 +14,7 @@ use std::net::IpAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::thread;
+use std::sync::Arc;
 
 use nix::sched::CloneFlags;
 
@@ -28,10 +30,8 @@ pub enum NetnsError {
     Open(PathBuf, #[source] io::Error),
     #[error("failed to enter the network namespace {0}")]
     Enter(NetnsId, #[source] nix::Error),
-    #[error("failed to start a thread for the network namespace {0}")]
-    SpawnThread(NetnsId, #[source] io::Error),
-    #[error("the thread of the network namespace {0} has stopped")]
-    ThreadGone(NetnsId),
+    #[error("the agent is stopping: work in the network namespace {0} did not run")]
+    Stopping(NetnsId),
 }
 
 /// A namespace's identity: the device and inode of its nsfs file, the same from every path.
@@ -39,13 +39,6 @@ pub enum NetnsError {
 pub struct NetnsId {
     dev: u64,
     ino: u64,
-}
-
-impl NetnsId {
-    /// The inode of the namespace's nsfs file, as `ip netns identify` and `/proc/*/ns` show it.
-    pub(crate) fn inode(self) -> u64 {
-        self.ino
-    }
 }
 
 impl fmt::Display for NetnsId {
@@ -97,46 +90,70 @@ impl Netns {
         self.id
     }
 
-    /// Finds the namespace in which `ip` is a local address: first among the named namespaces
-    /// (where CNI plugins and `ip netns` pin pod namespaces), then among those of every process.
-    /// The agent's own namespace is never a match. Blocking: it enters each candidate on a
-    /// short-lived thread.
-    pub fn find_by_ip(ip: IpAddr) -> Result<Option<Self>, NetnsError> {
-        let own = Self::current()?.id;
-        let mut seen = vec![own];
-        for paths in [named_paths(), process_paths()] {
-            let mut candidates = Vec::new();
-            for path in paths {
-                // Namespaces come and go while we look: one that vanished is not a candidate.
-                let Ok(netns) = Self::open(&path) else {
-                    continue;
-                };
-                if !seen.contains(&netns.id) {
-                    seen.push(netns.id);
-                    candidates.push(netns);
+    /// The namespaces of the node by the addresses local to them: the named namespaces first
+    /// (where CNI plugins and `ip netns` pin pod namespaces), then those of every process; an
+    /// address local to several is the first's. The agent's own namespace is left out, and so
+    /// is one that cannot be entered: a file of `ip netns add` is not a namespace until its
+    /// bind mount is in. Blocking: it enters each namespace once.
+    pub fn by_address() -> Result<HashMap<IpAddr, Self>, NetnsError> {
+        let mut seen = HashSet::from([Self::current()?.id]);
+        let mut found = HashMap::new();
+        for path in named_paths().into_iter().chain(process_paths()) {
+            // Namespaces come and go while we look: one that vanished is not a candidate.
+            let Ok(netns) = Self::open(&path) else {
+                continue;
+            };
+            if !seen.insert(netns.id) {
+                continue;
+            }
+            let Ok(addresses) = netns.run_in(local_addresses) else {
+                continue;
+            };
+            for address in addresses {
+                if let Entry::Vacant(entry) = found.entry(address)
+                    && let Ok(netns) = netns.try_clone()
+                {
+                    entry.insert(netns);
                 }
             }
-            if let Some(found) = Self::holding(ip, candidates) {
-                return Ok(Some(found));
-            }
         }
-        Ok(None)
+        Ok(found)
     }
 
-    /// The first of `candidates` in which `ip` is local. A candidate that cannot be entered is
-    /// passed over: a file of `ip netns add` is not a namespace until its bind mount is in.
-    fn holding(ip: IpAddr, candidates: Vec<Self>) -> Option<Self> {
-        thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    candidates.into_iter().find(|netns| {
-                        nix::sched::setns(netns.fd.as_fd(), CloneFlags::CLONE_NEWNET).is_ok()
-                            && is_local(ip)
-                    })
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    /// Another descriptor of the same namespace.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            fd: self.fd.try_clone()?,
+            id: self.id,
         })
+    }
+
+    /// Runs `f` on the calling thread inside this namespace, then takes the thread back to the
+    /// namespace it was in, also when `f` panics. For work that must see the namespace (creating
+    /// sockets, reading its interfaces and rules); sockets created inside stay in it.
+    pub fn run_in<R>(&self, f: impl FnOnce() -> R) -> Result<R, NetnsError> {
+        let home = Self::current()?;
+        if home.id == self.id {
+            return Ok(f());
+        }
+        nix::sched::setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET)
+            .map_err(|e| NetnsError::Enter(self.id, e))?;
+        let _home = GoHome(home);
+        Ok(f())
+    }
+}
+
+/// Takes the thread back to its namespace when dropped.
+struct GoHome(Netns);
+
+impl Drop for GoHome {
+    fn drop(&mut self) {
+        if let Err(error) = nix::sched::setns(self.0.fd.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // A thread of the agent left in a pod's namespace would open the agent's sockets
+            // there: stopping is the only safe way out. Capture stays and fails closed.
+            tracing::error!(netns = %self.0.id, %error, "failed to leave a pod's network namespace; aborting");
+            std::process::abort();
+        }
     }
 }
 
@@ -167,8 +184,13 @@ fn process_paths() -> Vec<PathBuf> {
 /// Whether an interface of the calling thread's namespace has `ip`. (Binding to `ip` is no test:
 /// in a namespace whose loopback is down, as while it is being set up, any address binds.)
 fn is_local(ip: IpAddr) -> bool {
+    local_addresses().contains(&ip)
+}
+
+/// The addresses of the calling thread's namespace's interfaces; none when they cannot be read.
+fn local_addresses() -> Vec<IpAddr> {
     let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
-        return false;
+        return Vec::new();
     };
     addresses
         .filter_map(|interface| interface.address)
@@ -178,61 +200,49 @@ fn is_local(ip: IpAddr) -> bool {
                 .map(|v4| IpAddr::V4(v4.ip()))
                 .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
         })
-        .any(|local| local == ip)
+        .collect()
 }
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// A pod's namespace with a thread that lives in it: work that must happen inside the pod
-/// (creating sockets, changing its rules) is sent there. Cloning shares the thread, which ends
-/// when the last clone is dropped.
+/// A pod's namespace, where the agent creates its sockets for the pod and changes the pod's
+/// capture. Work in it runs on the thread that asks ([`run_here`](Self::run_here)), or on the
+/// runtime's blocking threads ([`run`](Self::run)), each entering the namespace for that work
+/// only. Cloning shares the descriptor.
 #[derive(Debug, Clone)]
 pub struct PodNetns {
-    id: NetnsId,
-    jobs: mpsc::Sender<Job>,
+    netns: Arc<Netns>,
 }
 
 impl PodNetns {
+    /// Checks that the namespace can be entered, and keeps it for work in it.
     pub fn enter(netns: Netns) -> Result<Self, NetnsError> {
-        let id = netns.id;
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let (entered, outcome) = mpsc::sync_channel(1);
-        thread::Builder::new()
-            .name(format!("netns-{}", id.ino))
-            .spawn(move || {
-                let result = nix::sched::setns(netns.fd.as_fd(), CloneFlags::CLONE_NEWNET);
-                let ok = result.is_ok();
-                let _ = entered.send(result);
-                if ok {
-                    for job in queue {
-                        job();
-                    }
-                }
-            })
-            .map_err(|e| NetnsError::SpawnThread(id, e))?;
-        outcome
-            .recv()
-            .map_err(|_| NetnsError::ThreadGone(id))?
-            .map_err(|e| NetnsError::Enter(id, e))?;
-        Ok(Self { id, jobs })
+        netns.run_in(|| ())?;
+        Ok(Self {
+            netns: Arc::new(netns),
+        })
     }
 
     pub fn id(&self) -> NetnsId {
-        self.id
+        self.netns.id
     }
 
-    /// Runs `f` inside the namespace and returns its result.
+    /// Runs `f`, which may block (commands, netlink, connecting), inside the namespace on a
+    /// blocking thread of the runtime, and returns its result.
     pub async fn run<R, F>(&self, f: F) -> Result<R, NetnsError>
     where
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
-        let (result, outcome) = tokio::sync::oneshot::channel();
-        self.jobs
-            .send(Box::new(move || {
-                let _ = result.send(f());
-            }))
-            .map_err(|_| NetnsError::ThreadGone(self.id))?;
-        outcome.await.map_err(|_| NetnsError::ThreadGone(self.id))
+        let netns = self.netns.clone();
+        match tokio::task::spawn_blocking(move || netns.run_in(f)).await {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_) => Err(NetnsError::Stopping(self.netns.id)),
+        }
+    }
+
+    /// Runs `f`, a few system calls that do not block (creating and binding a socket), inside
+    /// the namespace on the calling thread: no hop to another thread on the way.
+    pub fn run_here<R>(&self, f: impl FnOnce() -> R) -> Result<R, NetnsError> {
+        self.netns.run_in(f)
     }
 }

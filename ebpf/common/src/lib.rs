@@ -27,7 +27,10 @@ pub const REPLY_MARK: u32 = 0x111;
 /// connmark of the inbound flows that nftables capture hands to the agent.
 pub const CAPTURED_MARK: u32 = 0x222;
 
-/// Where the agent's listeners sit in the eBPF programs' socket map, by index.
+/// The agent's listeners in a pod, by the index the eBPF programs find them under: in the
+/// outbound program's socket map of the pod (`OUTBOUND`, `DNS_UDP`, `DNS_TCP`), and, through
+/// [`listener_key`], in the inbound program's socket hash of every pod (`INBOUND_PLAINTEXT`,
+/// `HBONE`).
 pub mod listener {
     /// 15001: connections the pod's apps open.
     pub const OUTBOUND: u32 = 0;
@@ -39,15 +42,29 @@ pub mod listener {
     pub const DNS_UDP: u32 = 3;
     /// 15053, TCP: the pod's DNS queries.
     pub const DNS_TCP: u32 = 4;
-    /// Entries in the map.
+    /// Entries in the outbound program's map.
     pub const COUNT: u32 = 5;
+    /// Entries per pod in the inbound program's socket hash.
+    pub const INBOUND_PER_POD: u32 = 2;
 }
 
-/// The eBPF programs' counters, by index in their per-CPU array.
+/// The pods one agent captures at most with eBPF: the inbound program's socket hash has room
+/// for their listeners.
+pub const MAX_CAPTURED_PODS: u32 = 2048;
+
+/// The key of a pod's inbound `listener` in the inbound program's socket hash: the pod's IPv4
+/// address, as its octets, and the listener's index.
+pub const fn listener_key(pod_ip: [u8; 4], listener: u32) -> u64 {
+    (u32::from_be_bytes(pod_ip) as u64) << 32 | listener as u64
+}
+
+/// The eBPF programs' counters, by index in their per-CPU arrays: the inbound object counts the
+/// `INBOUND_*` ones, each pod's outbound object the `OUTBOUND_*` ones.
 pub mod counter {
     /// New inbound connections handed to the agent's listeners.
     pub const INBOUND_STEERED: u32 = 0;
-    /// New inbound connections dropped because no listener was there (the agent is down).
+    /// New inbound connections dropped because no listener was there: the agent is down, or
+    /// the destination is not the address of the pod it captured.
     pub const INBOUND_DROPPED: u32 = 1;
     /// New outbound connections handed to the outbound listener.
     pub const OUTBOUND_STEERED: u32 = 2;
@@ -68,7 +85,11 @@ pub const KUBELET_PROBE_SOURCE: [u8; 4] = [169, 254, 7, 127];
 pub mod names {
     pub const INBOUND_PROGRAM: &str = "ambit_inbound";
     pub const OUTBOUND_PROGRAM: &str = "ambit_outbound";
-    pub const LISTENERS_MAP: &str = "AMBIT_LISTENERS";
+    /// The inbound object's socket hash.
+    pub const INBOUND_LISTENERS_MAP: &str = "AMBIT_INBOUND_LISTENERS";
+    /// The outbound object's socket map.
+    pub const POD_LISTENERS_MAP: &str = "AMBIT_POD_LISTENERS";
+    /// Both objects have their counters.
     pub const COUNTERS_MAP: &str = "AMBIT_COUNTERS";
     /// The pod's IPv4 address, as the kernel stores it (network order in memory).
     pub const POD_IP_GLOBAL: &str = "AMBIT_POD_IP";

@@ -1,9 +1,15 @@
-//! Capture with eBPF (the `ambit-ebpf` programs, built by `build.rs` and embedded): per pod, one
-//! instance of the programs, its own socket map holding the agent's listeners in the pod, and
-//! policy routing that delivers the pod's outbound TCP locally ([`Steering::AllTcp`]).
+//! Capture with eBPF (the `ambit-ebpf` objects, built by `build.rs` and embedded), with policy
+//! routing that delivers the pod's outbound TCP locally ([`Steering::AllTcp`]):
+//!
+//! - the inbound object is loaded once: its tc program is attached to every captured pod's
+//!   interfaces, and its socket hash holds every pod's inbound listeners, by pod address;
+//! - per pod, a small outbound object: its sk_lookup program, attached to the pod's namespace,
+//!   knows the pod's address and has its own socket map. Once attached, only the link and the
+//!   counters are kept; the kernel holds the rest. No kernel BTF is read: the programs need no
+//!   relocation.
 //!
 //! Restarts fail closed without pinning anything. The tc filter is attached through netlink and
-//! outlives the agent: while no agent runs, its socket map is empty (the listeners closed with
+//! outlives the agent: while no agent runs, its socket hash is empty (the listeners closed with
 //! the agent), so new inbound connections are dropped. The sk_lookup link goes away with the
 //! agent, and the routing, which stays, then delivers outbound connections to no socket: they are
 //! refused. The next agent replaces the filter's program atomically and attaches a new link.
@@ -14,14 +20,17 @@
 mod links;
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use ambit_ebpf_common::{counter, listener, names};
-use aya::maps::{MapData, PerCpuArray, SockMap};
+use ambit_ebpf_common::{counter, listener, listener_key, names};
+use aya::maps::{MapData, PerCpuArray, SockHash, SockMap};
+use aya::programs::sk_lookup::SkLookupLink;
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, SkLookup, TcAttachType};
 use aya::{EbpfLoader, include_bytes_aligned};
@@ -32,8 +41,9 @@ use crate::AGENT_MARK;
 use crate::netns::{Netns, NetnsId};
 use crate::routing::{self, Steering};
 
-/// The programs, or nothing when the agent was built without the eBPF toolchain.
-static PROGRAMS: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-ebpf"));
+/// The objects, or nothing when the agent was built without the eBPF toolchain.
+static INBOUND_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-inbound"));
+static OUTBOUND_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-outbound"));
 
 /// Where ambit's filter sits on each of the pod's interfaces, so that the next agent replaces it.
 const FILTER_PRIORITY: u16 = 1;
@@ -61,42 +71,69 @@ pub enum EbpfUnavailable {
     InspectSysctls(PathBuf, #[source] nix::Error),
 }
 
-/// The captured pods, shared with their link watchers.
-type Pods = Arc<Mutex<HashMap<NetnsId, PodCapture>>>;
-
 /// Numbers each capture, so that a link watcher acts only for the capture it was started with.
 static GENERATIONS: AtomicU64 = AtomicU64::new(0);
 
 /// The eBPF capture backend.
 #[derive(Debug)]
 pub struct Ebpf {
-    pods: Pods,
-    /// What the programs of released pods counted.
+    shared: Arc<Shared>,
+    /// What the outbound programs of released pods counted.
     retired: Mutex<CaptureCounters>,
+}
+
+/// What the backend shares with the pods' link watchers.
+#[derive(Debug)]
+struct Shared {
+    /// The inbound object: attaching its program and filling its socket hash go through it.
+    inbound: Mutex<aya::Ebpf>,
+    pods: Mutex<Pods>,
     sysctls: NetSysctls,
+}
+
+/// The captured pods, and whose listeners the inbound socket hash holds for each address.
+#[derive(Debug, Default)]
+struct Pods {
+    captures: HashMap<NetnsId, PodCapture>,
+    addresses: HashMap<Ipv4Addr, NetnsId>,
 }
 
 /// One pod's capture.
 #[derive(Debug)]
 struct PodCapture {
-    /// Dropping them detaches the sk_lookup link.
-    programs: aya::Ebpf,
+    /// The pod's address in the cluster.
+    pod_ip: Ipv4Addr,
+    /// Dropping it detaches the pod's outbound program.
+    _outbound: SkLookupLink,
+    outbound_counters: OutboundCounters,
     /// The indexes of the interfaces the inbound program is attached to.
     interfaces: HashSet<u32>,
     generation: u64,
-    sysctls: NetSysctls,
     /// Captures the interfaces added later; stops when dropped.
     _links: links::Watcher,
 }
 
+/// What a pod's outbound program counted.
+struct OutboundCounters(PerCpuArray<MapData, u64>);
+
+impl fmt::Debug for OutboundCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OutboundCounters")
+    }
+}
+
 impl Ebpf {
-    /// Checks that the programs are built in and that the kernel accepts them, by loading them
-    /// once, and that pods' sysctls can be written through `sysctls`.
+    /// Loads the inbound object, which checks that the programs are built in and that the
+    /// kernel accepts them, and checks that pods' sysctls can be written through `sysctls`.
     pub fn new(sysctls: NetSysctls) -> Result<Self, EbpfUnavailable> {
-        load(Ipv4Addr::UNSPECIFIED).map_err(|error| match error {
+        let unavailable = |error| match error {
             LoadError::NotBuilt => EbpfUnavailable::NotBuilt,
             LoadError::Kernel(reason) => EbpfUnavailable::Load(reason),
-        })?;
+        };
+        let inbound = load_inbound().map_err(unavailable)?;
+        // The outbound object too, for a pod that is never enrolled: a kernel that refuses it
+        // is found now, not at the first pod.
+        load_outbound(Ipv4Addr::UNSPECIFIED).map_err(unavailable)?;
         // Refused now rather than pod by pod: `auto` then falls back to nftables, which writes
         // sysctls only to undo an earlier eBPF capture.
         match sysctls.is_read_only() {
@@ -107,20 +144,104 @@ impl Ebpf {
             }
         }
         Ok(Self {
-            pods: Pods::default(),
+            shared: Arc::new(Shared {
+                inbound: Mutex::new(inbound),
+                pods: Mutex::default(),
+                sysctls,
+            }),
             retired: Mutex::default(),
-            sysctls,
         })
     }
 
-    fn pods(&self) -> MutexGuard<'_, HashMap<NetnsId, PodCapture>> {
-        lock(&self.pods)
+    /// Keeps what a pod's outbound program counted once it is gone.
+    fn retire(&self, capture: &PodCapture) {
+        let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        add(&mut retired, counted(&capture.outbound_counters.0));
+    }
+}
+
+impl Shared {
+    fn pods(&self) -> MutexGuard<'_, Pods> {
+        self.pods.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Keeps what a pod's programs counted once they are gone.
-    fn retire(&self, programs: &aya::Ebpf) {
-        let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
-        add(&mut retired, counted(programs));
+    fn inbound(&self) -> MutexGuard<'_, aya::Ebpf> {
+        self.inbound.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Pods {
+    /// Registers the inbound listeners of the pod in `netns` under its addresses: its cluster
+    /// address, which it takes from any other pod, and the other IPv4 addresses the calling
+    /// thread's namespace has now, but loopback's, which stay another captured pod's where one
+    /// holds them: a pod cannot take a neighbour's traffic by adding its address. The socket
+    /// hash holds no reference that would keep a closed listener open, nor can a listener be
+    /// copied within it, so an address the pod gains later has no listener until the pod is
+    /// captured again: connections to it are dropped.
+    fn register_addresses(
+        &mut self,
+        shared: &Shared,
+        netns: NetnsId,
+        target: &CaptureTarget,
+    ) -> Result<(), CaptureError> {
+        let Some(pod) = self.captures.get(&netns) else {
+            return Ok(());
+        };
+        let mut addresses = local_ipv4_addresses()?;
+        addresses.insert(pod.pod_ip);
+        let mut inbound = shared.inbound();
+        let mut listeners = inbound_listeners(&mut inbound)?;
+        let released: Vec<Ipv4Addr> = self
+            .addresses
+            .iter()
+            .filter(|(address, owner)| **owner == netns && !addresses.contains(address))
+            .map(|(address, _)| *address)
+            .collect();
+        for address in released {
+            self.addresses.remove(&address);
+            forget(&mut listeners, address);
+        }
+        for address in addresses {
+            let owner = self.addresses.get(&address);
+            if owner.is_some_and(|owner| *owner != netns) && address != pod.pod_ip {
+                continue;
+            }
+            for (index, socket) in [
+                (listener::INBOUND_PLAINTEXT, &target.inbound_plaintext),
+                (listener::HBONE, &target.hbone),
+            ] {
+                listeners
+                    .insert(listener_key(address.octets(), index), socket.as_raw_fd(), 0)
+                    .map_err(|e| ebpf_error("adding an inbound listener to the socket hash", e))?;
+            }
+            self.addresses.insert(address, netns);
+        }
+        Ok(())
+    }
+
+    /// Removes the pod's capture and its listeners from the socket hash.
+    fn remove(&mut self, shared: &Shared, netns: NetnsId) -> Option<PodCapture> {
+        let capture = self.captures.remove(&netns)?;
+        let mut inbound = shared.inbound();
+        let mut listeners = inbound_listeners(&mut inbound).ok();
+        self.addresses.retain(|address, owner| {
+            if *owner != netns {
+                return true;
+            }
+            if let Some(listeners) = &mut listeners {
+                forget(listeners, *address);
+            }
+            false
+        });
+        Some(capture)
+    }
+}
+
+/// Removes the inbound listeners registered under `address`.
+fn forget(listeners: &mut SockHash<&mut MapData, u64>, address: Ipv4Addr) {
+    for index in [listener::INBOUND_PLAINTEXT, listener::HBONE] {
+        // Gone already when the sockets closed.
+        let _ = listeners.remove(&listener_key(address.octets(), index));
     }
 }
 
@@ -134,20 +255,6 @@ impl CaptureBackend for Ebpf {
             return Err(CaptureError::Ipv6Pod(target.pod_ip));
         };
         let netns = Netns::current().map_err(CaptureError::Netns)?;
-        let mut programs = load(pod_ip).map_err(|e| CaptureError::Ebpf(e.to_string()))?;
-        let mut listeners: SockMap<&mut MapData> = map_mut(&mut programs, names::LISTENERS_MAP)?;
-        for (index, socket) in [
-            (listener::OUTBOUND, &target.outbound),
-            (listener::INBOUND_PLAINTEXT, &target.inbound_plaintext),
-            (listener::HBONE, &target.hbone),
-            (listener::DNS_UDP, &target.dns_udp),
-            (listener::DNS_TCP, &target.dns_tcp),
-        ] {
-            listeners
-                .set(index, socket, 0)
-                .map_err(|e| ebpf_error("adding a listener to the socket map", e))?;
-        }
-
         // The inbound listeners' packets (and their accepted connections') go out by the main
         // table, not to the local delivery that catches the pod's own outbound TCP.
         for listener in [&target.inbound_plaintext, &target.hbone] {
@@ -155,89 +262,136 @@ impl CaptureBackend for Ebpf {
                 .set_mark(AGENT_MARK)
                 .map_err(|e| ebpf_error("marking an inbound listener", e))?;
         }
+        let mut outbound = load_outbound(pod_ip).map_err(|e| CaptureError::Ebpf(e.to_string()))?;
+        let mut pod_listeners: SockMap<&mut MapData> =
+            map_mut(&mut outbound, names::POD_LISTENERS_MAP)?;
+        for (index, socket) in [
+            (listener::OUTBOUND, &target.outbound),
+            (listener::DNS_UDP, &target.dns_udp),
+            (listener::DNS_TCP, &target.dns_tcp),
+        ] {
+            pod_listeners
+                .set(index, socket, 0)
+                .map_err(|e| ebpf_error("adding a listener to the pod's socket map", e))?;
+        }
+
         super::nftables::remove_table()?;
         routing::install(Steering::AllTcp { pod_ip }).map_err(CaptureError::Routing)?;
-        let outbound: &mut SkLookup = program(&mut programs, names::OUTBOUND_PROGRAM)?;
-        outbound
+        let program: &mut SkLookup = program(&mut outbound, names::OUTBOUND_PROGRAM)?;
+        let link = program
             .attach(&netns)
             .map_err(|e| ebpf_error("attaching the outbound program", e))?;
+        let link = program
+            .take_link(link)
+            .map_err(|e| ebpf_error("taking the outbound link", e))?;
+        let outbound_counters = outbound
+            .take_map(names::COUNTERS_MAP)
+            .ok_or_else(|| CaptureError::Ebpf(format!("no map {}", names::COUNTERS_MAP)))
+            .and_then(|map| PerCpuArray::try_from(map).map_err(|e| ebpf_error("counters", e)))
+            .map(OutboundCounters)?;
+        // The rest of the object goes: the link holds the program, and the program its maps.
+        drop(outbound);
 
         // Subscribed before the interfaces are listed, the watcher hears of any added since.
         let subscription = links::Subscription::new()?;
         let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
-        let watcher =
-            links::Watcher::start(subscription, self.pods.clone(), netns.id(), generation)?;
-        let mut capture = PodCapture {
-            programs,
+        let id = netns.id();
+        let watcher = links::Watcher::start(subscription, self.shared.clone(), netns, generation)?;
+        let capture = PodCapture {
+            pod_ip,
+            _outbound: link,
+            outbound_counters,
             interfaces: HashSet::new(),
             generation,
-            sysctls: self.sysctls.clone(),
             _links: watcher,
         };
         // Under the lock, so that the watcher of a capture this one replaces cannot attach its
         // program in between.
-        let mut pods = self.pods();
-        capture.capture_interfaces()?;
-        if let Some(replaced) = pods.insert(netns.id(), capture) {
-            self.retire(&replaced.programs);
+        let mut pods = self.shared.pods();
+        if let Some(replaced) = pods.captures.insert(id, capture) {
+            self.retire(&replaced);
         }
-        Ok(())
+        let captured = pods
+            .register_addresses(&self.shared, id, target)
+            .and_then(|()| pods.capture_interfaces(&self.shared, id));
+        if captured.is_err()
+            && let Some(failed) = pods.remove(&self.shared, id)
+        {
+            self.retire(&failed);
+        }
+        captured
     }
 
     fn disable(&self) -> Result<(), CaptureError> {
         let netns = Netns::current().map_err(CaptureError::Netns)?;
-        if let Some(capture) = self.pods().remove(&netns.id()) {
-            self.retire(&capture.programs);
+        let removed = self.shared.pods().remove(&self.shared, netns.id());
+        if let Some(capture) = removed {
+            self.retire(&capture);
         }
-        super::remove_all(&self.sysctls)
+        super::remove_all(&self.shared.sysctls)
     }
 
     fn counters(&self) -> Option<CaptureCounters> {
         let mut total = *self.retired.lock().unwrap_or_else(PoisonError::into_inner);
-        for capture in self.pods().values() {
-            add(&mut total, counted(&capture.programs));
+        for capture in self.shared.pods().captures.values() {
+            add(&mut total, counted(&capture.outbound_counters.0));
+        }
+        let mut inbound = self.shared.inbound();
+        if let Some(Ok(counters)) = inbound
+            .map_mut(names::COUNTERS_MAP)
+            .map(PerCpuArray::<&mut MapData, u64>::try_from)
+        {
+            add(&mut total, counted(&counters));
         }
         Some(total)
     }
 }
 
-impl PodCapture {
-    /// Captures every interface of the calling thread's namespace but loopback.
-    fn capture_interfaces(&mut self) -> Result<(), CaptureError> {
-        let inbound: &mut SchedClassifier = program(&mut self.programs, names::INBOUND_PROGRAM)?;
+impl Pods {
+    /// Captures every interface of the calling thread's namespace, the pod's, but loopback.
+    fn capture_interfaces(&mut self, shared: &Shared, netns: NetnsId) -> Result<(), CaptureError> {
+        let Some(pod) = self.captures.get_mut(&netns) else {
+            return Ok(());
+        };
+        let mut inbound = shared.inbound();
+        let program: &mut SchedClassifier = program(&mut inbound, names::INBOUND_PROGRAM)?;
         for interface in interfaces()? {
-            capture_interface(inbound, &self.sysctls, &interface.name)?;
-            self.interfaces.insert(interface.index);
+            capture_interface(program, &shared.sysctls, &interface.name)?;
+            pod.interfaces.insert(interface.index);
         }
         Ok(())
     }
 
-    /// After a change of links: captures the interfaces again, logging those that are new. An
-    /// interface that cannot be captured is tried again at the next change.
-    fn capture_new_interfaces(&mut self, netns: NetnsId) {
-        let (inbound, current) = match (
-            program::<SchedClassifier>(&mut self.programs, names::INBOUND_PROGRAM),
+    /// After a change of the pod's links: captures the interfaces again, logging those that are
+    /// new. An interface that cannot be captured is tried again at the next change.
+    fn capture_new_interfaces(&mut self, shared: &Shared, netns: NetnsId) {
+        let Some(pod) = self.captures.get_mut(&netns) else {
+            return;
+        };
+        let mut inbound = shared.inbound();
+        let (program, current) = match (
+            program::<SchedClassifier>(&mut inbound, names::INBOUND_PROGRAM),
             interfaces(),
         ) {
-            (Ok(inbound), Ok(current)) => (inbound, current),
+            (Ok(program), Ok(current)) => (program, current),
             (Err(error), _) | (_, Err(error)) => {
                 tracing::warn!(%netns, error = %chain(&error), "failed to capture the pod's new interfaces");
                 return;
             }
         };
-        self.interfaces
+        pod.interfaces
             .retain(|index| current.iter().any(|interface| interface.index == *index));
         for interface in current {
             // Where the program is attached already, it is replaced in place: an interface
             // removed and added again under the same index is captured too.
-            match capture_interface(inbound, &self.sysctls, &interface.name) {
+            match capture_interface(program, &shared.sysctls, &interface.name) {
                 Ok(()) => {
-                    if self.interfaces.insert(interface.index) {
+                    if pod.interfaces.insert(interface.index) {
                         tracing::info!(%netns, interface = %interface.name, "captured a new interface of the pod");
                     }
                 }
                 Err(error) => {
-                    self.interfaces.remove(&interface.index);
+                    pod.interfaces.remove(&interface.index);
                     tracing::warn!(%netns, interface = %interface.name, error = %chain(&error), "failed to capture a new interface of the pod");
                 }
             }
@@ -245,11 +399,7 @@ impl PodCapture {
     }
 }
 
-fn lock(pods: &Pods) -> MutexGuard<'_, HashMap<NetnsId, PodCapture>> {
-    pods.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Why the programs could not be loaded.
+/// Why an object could not be loaded.
 #[derive(Debug, thiserror::Error)]
 enum LoadError {
     #[error("the programs are not built in")]
@@ -258,30 +408,66 @@ enum LoadError {
     Kernel(String),
 }
 
-/// Loads one instance of the programs into the kernel, for the pod at `pod_ip`.
-fn load(pod_ip: Ipv4Addr) -> Result<aya::Ebpf, LoadError> {
-    if PROGRAMS.is_empty() {
+/// Loads the inbound object and its program into the kernel.
+fn load_inbound() -> Result<aya::Ebpf, LoadError> {
+    let mut object = load_object(INBOUND_OBJECT, &mut EbpfLoader::new())?;
+    load_program::<SchedClassifier>(&mut object, names::INBOUND_PROGRAM)?;
+    Ok(object)
+}
+
+/// Loads an outbound object and its program into the kernel, for the pod at `pod_ip`.
+fn load_outbound(pod_ip: Ipv4Addr) -> Result<aya::Ebpf, LoadError> {
+    let address = u32::from_ne_bytes(pod_ip.octets());
+    let mut loader = EbpfLoader::new();
+    loader.override_global(names::POD_IP_GLOBAL, &address, true);
+    let mut object = load_object(OUTBOUND_OBJECT, &mut loader)?;
+    load_program::<SkLookup>(&mut object, names::OUTBOUND_PROGRAM)?;
+    Ok(object)
+}
+
+/// Creates the object's maps, without reading the kernel's BTF: the programs need no
+/// relocation, and parsing it costs megabytes.
+fn load_object(object: &[u8], loader: &mut EbpfLoader<'_>) -> Result<aya::Ebpf, LoadError> {
+    if object.is_empty() {
         return Err(LoadError::NotBuilt);
     }
-    let kernel = |what: &str, error: &dyn std::error::Error| {
-        LoadError::Kernel(format!("{what}: {}", chain(error)))
-    };
-    let address = u32::from_ne_bytes(pod_ip.octets());
-    let mut programs = EbpfLoader::new()
-        .override_global(names::POD_IP_GLOBAL, &address, true)
-        .load(PROGRAMS)
-        .map_err(|e| kernel("loading the object", &e))?;
-    let inbound: &mut SchedClassifier =
-        program(&mut programs, names::INBOUND_PROGRAM).map_err(|e| kernel("", &e))?;
-    inbound
-        .load()
-        .map_err(|e| kernel(names::INBOUND_PROGRAM, &e))?;
-    let outbound: &mut SkLookup =
-        program(&mut programs, names::OUTBOUND_PROGRAM).map_err(|e| kernel("", &e))?;
-    outbound
-        .load()
-        .map_err(|e| kernel(names::OUTBOUND_PROGRAM, &e))?;
-    Ok(programs)
+    loader
+        .btf(None)
+        .load(object)
+        .map_err(|e| LoadError::Kernel(format!("loading the object: {}", chain(&e))))
+}
+
+fn load_program<'e, P>(object: &'e mut aya::Ebpf, name: &str) -> Result<(), LoadError>
+where
+    &'e mut P: TryFrom<&'e mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    P: Loadable + 'e,
+{
+    let program: &mut P = program(object, name).map_err(|e| LoadError::Kernel(chain(&e)))?;
+    program
+        .load_program()
+        .map_err(|e| LoadError::Kernel(format!("{name}: {}", chain(&e))))
+}
+
+/// The programs' `load`, which aya gives each program type but no trait.
+trait Loadable {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+impl Loadable for SchedClassifier {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+impl Loadable for SkLookup {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+/// The inbound object's socket hash.
+fn inbound_listeners(inbound: &mut aya::Ebpf) -> Result<SockHash<&mut MapData, u64>, CaptureError> {
+    map_mut(inbound, names::INBOUND_LISTENERS_MAP)
 }
 
 /// Steers the new inbound connections that arrive by `interface` to the agent.
@@ -371,6 +557,16 @@ fn interfaces() -> Result<Vec<Interface>, CaptureError> {
         .collect())
 }
 
+/// The IPv4 addresses of the calling thread's namespace, but loopback's.
+fn local_ipv4_addresses() -> Result<HashSet<Ipv4Addr>, CaptureError> {
+    let addresses =
+        nix::ifaddrs::getifaddrs().map_err(|e| ebpf_error("listing the pod's addresses", e))?;
+    Ok(addresses
+        .filter_map(|interface| interface.address?.as_sockaddr_in().map(|v4| v4.ip()))
+        .filter(|address| !address.is_loopback())
+        .collect())
+}
+
 /// `net.ipv4.conf.<interface>.accept_local` of the calling thread's namespace.
 fn set_accept_local(
     sysctls: &NetSysctls,
@@ -405,14 +601,8 @@ where
         .map_err(|e| ebpf_error(name, e))
 }
 
-/// What one pod's programs counted; zero where a counter cannot be read.
-fn counted(programs: &aya::Ebpf) -> CaptureCounters {
-    let Some(Ok(counters)) = programs
-        .map(names::COUNTERS_MAP)
-        .map(PerCpuArray::<&MapData, u64>::try_from)
-    else {
-        return CaptureCounters::default();
-    };
+/// What a program counted; zero where a counter cannot be read.
+fn counted<T: std::borrow::Borrow<MapData>>(counters: &PerCpuArray<T, u64>) -> CaptureCounters {
     let read = |index| {
         counters
             .get(&index, 0)

@@ -8,12 +8,9 @@ use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::net::IpAddr;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::thread;
 
 use nix::fcntl::OFlag;
-use nix::sched::CloneFlags;
 use nix::sys::stat::Mode;
 
 use super::pod_cgroup::{MAX_UID_LEN, PodUid};
@@ -203,21 +200,9 @@ fn process_ended(error: &io::Error) -> bool {
     error.kind() == io::ErrorKind::NotFound || error.raw_os_error() == Some(nix::libc::ESRCH)
 }
 
-/// The first of `ips` that no interface of `netns` has, looked up from a thread inside it.
+/// The first of `ips` that no interface of `netns` has.
 fn first_missing_address(netns: &Netns, ips: &[IpAddr]) -> Result<Option<IpAddr>, NetnsError> {
-    let id = netns.id;
-    thread::scope(|scope| {
-        thread::Builder::new()
-            .name(format!("netns-check-{}", id.ino))
-            .spawn_scoped(scope, || {
-                nix::sched::setns(netns.fd.as_fd(), CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| NetnsError::Enter(id, e))?;
-                Ok(ips.iter().copied().find(|ip| !is_local(*ip)))
-            })
-            .map_err(|e| NetnsError::SpawnThread(id, e))?
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    netns.run_in(|| ips.iter().copied().find(|ip| !is_local(*ip)))
 }
 
 /// Namespace ids separated by commas.

@@ -1,30 +1,30 @@
-//! Keeps a captured pod's new interfaces captured: a thread per pod, in the pod's namespace,
-//! listens to link notifications (rtnetlink, `RTMGRP_LINK`) and hands every interface that
-//! appears to the inbound program, as enabling did for those that existed then. Without it, an
-//! interface added later (a secondary network, a veth moved in) would carry inbound TCP past
-//! the program.
+//! Keeps a captured pod's new interfaces captured: a task per pod listens to the link
+//! notifications (rtnetlink, `RTMGRP_LINK`) of a socket opened in the pod's namespace and hands
+//! every interface that appears to the inbound program, as enabling did for those that existed
+//! then. Without it, an interface added later (a secondary network, a veth moved in) would carry
+//! inbound TCP past the program.
 //!
 //! The watcher does not parse notifications: any of them means "the links changed", and the
 //! interfaces are listed again. So it cannot be confused by a message it does not understand,
 //! nor miss a link when the socket overflows and notifications are lost.
 //!
-//! It stops when its [`Watcher`] is dropped (with the pod's capture): the thread waits on the
-//! read end of a pipe whose write end the handle holds.
+//! It stops when its [`Watcher`] is dropped (with the pod's capture).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::thread;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, socket,
 };
+use tokio::io::unix::AsyncFd;
+use tokio::runtime::Handle;
+use tokio::task::AbortHandle;
 
-use super::Pods;
+use super::Shared;
 use crate::capture::CaptureError;
-use crate::netns::NetnsId;
+use crate::netns::Netns;
 
 /// Link notifications of the socket's namespace.
 const RTMGRP_LINK: u32 = 1;
@@ -39,7 +39,7 @@ impl Subscription {
         let socket = socket(
             AddressFamily::Netlink,
             SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             SockProtocol::NetlinkRoute,
         )
         .map_err(CaptureError::SubscribeToLinks)?;
@@ -49,98 +49,100 @@ impl Subscription {
     }
 }
 
-/// A pod's link watcher; dropping it stops the thread, which attaches nothing after that.
+/// A pod's link watcher; dropping it stops the task, which attaches nothing after that.
 #[derive(Debug)]
 pub(super) struct Watcher {
-    _stop: OwnedFd,
+    task: AbortHandle,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl Watcher {
-    /// Starts watching for the pod whose capture `pods` holds under `netns` with `generation`.
-    /// Call from the pod's namespace thread: the watcher's thread inherits its namespace, where
-    /// it attaches programs and writes sysctls.
+    /// Starts watching for the pod whose capture `shared` holds under `netns` with
+    /// `generation`, on the runtime of the calling thread.
     pub(super) fn start(
         subscription: Subscription,
-        pods: Pods,
-        netns: NetnsId,
+        shared: Arc<Shared>,
+        netns: Netns,
         generation: u64,
     ) -> Result<Self, CaptureError> {
-        let (stopped, stop) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-            .map_err(|e| CaptureError::StartLinkWatcher(e.into()))?;
-        thread::Builder::new()
-            .name(format!("links-{}", netns.inode()))
-            .spawn(move || watch(&subscription, &stopped, &pods, netns, generation))
-            .map_err(CaptureError::StartLinkWatcher)?;
-        Ok(Self { _stop: stop })
+        let runtime = Handle::try_current()
+            .map_err(|e| CaptureError::StartLinkWatcher(io::Error::other(e)))?;
+        let _entered = runtime.enter();
+        #[expect(
+            unsafe_code,
+            reason = "tokio registers a descriptor only through an unsafe function"
+        )]
+        // SAFETY: the `AsyncFd` owns the socket, an `OwnedFd`: it stays open while registered,
+        // and nothing else can close it.
+        let registered = unsafe { AsyncFd::register(subscription.0) };
+        let subscription = registered.map_err(|e| CaptureError::StartLinkWatcher(e.into()))?;
+        let task = runtime.spawn(watch(subscription, shared, Arc::new(netns), generation));
+        Ok(Self {
+            task: task.abort_handle(),
+        })
     }
 }
 
 /// Captures the pod's new interfaces each time its links change, until the watcher is dropped.
-fn watch(
-    subscription: &Subscription,
-    stopped: &OwnedFd,
-    pods: &Pods,
-    netns: NetnsId,
+async fn watch(
+    subscription: AsyncFd<OwnedFd>,
+    shared: Arc<Shared>,
+    netns: Arc<Netns>,
     generation: u64,
 ) {
+    let id = netns.id();
     let mut buffer = vec![0; 32 * 1024];
     loop {
-        match wait(subscription, stopped) {
-            Ok(Wake::Stop) => return,
-            Ok(Wake::Links) => {}
-            Err(error) => {
-                tracing::error!(%netns, %error, "stopped watching the pod's interfaces: new ones will not be captured");
-                return;
+        let drained = match subscription.readable().await {
+            Ok(mut ready) => {
+                let drained = drain(subscription.get_ref(), &mut buffer);
+                ready.clear_ready();
+                drained
             }
-        }
-        if let Err(error) = drain(subscription, &mut buffer) {
-            tracing::error!(%netns, %error, "stopped watching the pod's interfaces: new ones will not be captured");
+            Err(error) => Err(error),
+        };
+        if let Err(error) = drained {
+            tracing::error!(netns = %id, %error, "stopped watching the pod's interfaces: new ones will not be captured");
             return;
         }
-        // Under the lock, and only while this watcher's capture is the pod's: a capture that
-        // replaced it attaches its own program, which must not be overwritten with this one.
-        let mut pods = super::lock(pods);
-        if let Some(pod) = pods.get_mut(&netns)
-            && pod.generation == generation
-        {
-            pod.capture_new_interfaces(netns);
-        }
-    }
-}
-
-enum Wake {
-    /// The links changed.
-    Links,
-    /// The watcher was dropped.
-    Stop,
-}
-
-fn wait(subscription: &Subscription, stopped: &OwnedFd) -> io::Result<Wake> {
-    loop {
-        let mut fds = [
-            PollFd::new(subscription.0.as_fd(), PollFlags::POLLIN),
-            PollFd::new(stopped.as_fd(), PollFlags::POLLIN),
-        ];
-        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
-            Err(Errno::EINTR) => continue,
-            Err(error) => return Err(error.into()),
-            Ok(_) => {}
-        }
-        // The write end closed: POLLHUP, whether asked for or not.
-        if fds[1].revents().is_some_and(|events| !events.is_empty()) {
-            return Ok(Wake::Stop);
-        }
-        if fds[0].revents().is_some_and(|events| !events.is_empty()) {
-            return Ok(Wake::Links);
+        let (shared, netns) = (shared.clone(), netns.clone());
+        let captured = tokio::task::spawn_blocking(move || {
+            netns.run_in(|| {
+                // Under the lock, and only while this watcher's capture is the pod's: a capture
+                // that replaced it attaches the program itself.
+                let mut pods = shared.pods();
+                if pods
+                    .captures
+                    .get(&id)
+                    .is_some_and(|pod| pod.generation == generation)
+                {
+                    pods.capture_new_interfaces(&shared, id);
+                }
+            })
+        })
+        .await;
+        match captured {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(netns = %id, error = %super::chain(&error), "failed to capture the pod's new interfaces");
+            }
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // The runtime is stopping.
+            Err(_) => return,
         }
     }
 }
 
 /// Reads every queued notification, to wait for the next ones. An overrun (`ENOBUFS`: some
 /// were lost) is no error: the interfaces are listed again anyway.
-fn drain(subscription: &Subscription, buffer: &mut [u8]) -> io::Result<()> {
+fn drain(subscription: &OwnedFd, buffer: &mut [u8]) -> io::Result<()> {
     loop {
-        match recv(subscription.0.as_raw_fd(), buffer, MsgFlags::MSG_DONTWAIT) {
+        match recv(subscription.as_raw_fd(), buffer, MsgFlags::MSG_DONTWAIT) {
             Ok(_) | Err(Errno::ENOBUFS | Errno::EINTR) => {}
             Err(Errno::EAGAIN) => return Ok(()),
             Err(error) => return Err(error.into()),

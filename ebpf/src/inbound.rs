@@ -1,21 +1,22 @@
-//! The programs themselves; see the crate's documentation.
+//! `ambit_inbound`; see the crate's documentation.
 
 use core::ffi::c_void;
 use core::mem::MaybeUninit;
 
-use ambit_ebpf_common::{CAPTURED_DNS_PORT, KUBELET_PROBE_SOURCE, counter, listener};
+use ambit_ebpf::count;
+use ambit_ebpf_common::{KUBELET_PROBE_SOURCE, MAX_CAPTURED_PODS, counter, listener, listener_key};
 use aya_ebpf::bindings::bpf_hdr_start_off::BPF_HDR_START_NET;
 use aya_ebpf::bindings::{
     BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple,
-    bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, sk_action,
+    bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
 };
 use aya_ebpf::helpers::{
     bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skb_load_bytes_relative,
     bpf_skc_lookup_tcp,
 };
-use aya_ebpf::macros::{classifier, map, sk_lookup};
-use aya_ebpf::maps::{PerCpuArray, SockMap};
-use aya_ebpf::programs::{SkLookupContext, TcContext};
+use aya_ebpf::macros::{classifier, map};
+use aya_ebpf::maps::{PerCpuArray, SockHash};
+use aya_ebpf::programs::TcContext;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -23,26 +24,22 @@ const IPV4_HEADER: usize = 20;
 const IP_MORE_FRAGMENTS: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_DESTINATION: u8 = 60;
-const AF_INET: u32 = 2;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const TCP_RST: u8 = 0x04;
 const HBONE_PORT: u16 = ambit_ebpf_common::HBONE_PORT;
 
-/// The pod's IPv4 address as the kernel stores it; set by the agent when it loads the programs.
-#[unsafe(no_mangle)]
-static AMBIT_POD_IP: u32 = 0;
-
-/// The agent's listeners in the pod, by `listener::*` index.
+/// The agent's inbound listeners in every captured pod, by [`listener_key`] of the pod's address
+/// and `listener::INBOUND_PLAINTEXT` or `listener::HBONE`.
 #[map]
-static AMBIT_LISTENERS: SockMap = SockMap::with_max_entries(listener::COUNT, 0);
+static AMBIT_INBOUND_LISTENERS: SockHash<u64> =
+    SockHash::with_max_entries(MAX_CAPTURED_PODS * listener::INBOUND_PER_POD, 0);
 
-/// What the programs did, by `counter::*` index.
+/// What the program did, by `counter::*` index.
 #[map]
 static AMBIT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
@@ -57,16 +54,18 @@ fn ambit_inbound(ctx: TcContext) -> i32 {
     }
 }
 
-/// Steers a new TCP connection into the pod to the agent, whichever of the pod's addresses it
-/// is for (the agent refuses those not for its main one). TCP that cannot be classified (a
-/// fragment, whose reassembly would bypass this program, or a malformed header) is dropped:
-/// capture fails closed.
+/// Steers a new TCP connection into the pod to the agent's listener for the pod's address. One
+/// to another address of the pod has no listener and is dropped, as is TCP that cannot be
+/// classified (a fragment, whose reassembly would bypass this program, or a malformed header):
+/// capture fails closed. The kernel assigns only a socket of the packet's own namespace, so a
+/// packet that reaches a pod for another pod's address finds no listener either.
 fn ipv4(ctx: &TcContext) -> i32 {
     let Ok(header) = load::<[u8; IPV4_HEADER]>(ctx, 0) else {
         // Too short to be addressed to anyone.
         return TC_ACT_SHOT;
     };
     let source = [header[12], header[13], header[14], header[15]];
+    let destination = [header[16], header[17], header[18], header[19]];
     if header[9] != IPPROTO_TCP || source == KUBELET_PROBE_SOURCE {
         return TC_ACT_OK;
     }
@@ -97,11 +96,11 @@ fn ipv4(ctx: &TcContext) -> i32 {
     } else {
         listener::INBOUND_PLAINTEXT
     };
-    if assign(ctx.skb.skb.cast(), index) {
-        count(counter::INBOUND_STEERED);
+    if assign(ctx.skb.skb.cast(), listener_key(destination, index)) {
+        count(&AMBIT_COUNTERS, counter::INBOUND_STEERED);
         TC_ACT_OK
     } else {
-        count(counter::INBOUND_DROPPED);
+        count(&AMBIT_COUNTERS, counter::INBOUND_DROPPED);
         TC_ACT_SHOT
     }
 }
@@ -153,7 +152,7 @@ fn ipv6(ctx: &TcContext) -> i32 {
 }
 
 fn unclassified() -> i32 {
-    count(counter::INBOUND_UNCLASSIFIED);
+    count(&AMBIT_COUNTERS, counter::INBOUND_UNCLASSIFIED);
     TC_ACT_SHOT
 }
 
@@ -179,49 +178,15 @@ fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
     }
 }
 
-#[sk_lookup]
-fn ambit_outbound(ctx: SkLookupContext) -> u32 {
-    // SAFETY: the kernel hands the program a valid `bpf_sk_lookup` for its whole run.
-    let lookup = unsafe { &*ctx.lookup };
-    let pod = pod_ip();
-    let from_pod = lookup.family == AF_INET
-        && lookup.remote_ip4 == pod
-        && lookup.local_ip4 != pod
-        && lookup.local_ip4.to_ne_bytes()[0] != 127;
-    if !from_pod {
-        return sk_action::SK_PASS;
-    }
-    // In host byte order, unlike the remote port.
-    let dns = lookup.local_port == u32::from(CAPTURED_DNS_PORT);
-    let index = match (lookup.protocol, dns) {
-        (protocol, false) if protocol == u32::from(IPPROTO_TCP) => listener::OUTBOUND,
-        (protocol, true) if protocol == u32::from(IPPROTO_TCP) => listener::DNS_TCP,
-        // Routing delivers the pod's UDP locally only for DNS.
-        (protocol, true) if protocol == u32::from(IPPROTO_UDP) => listener::DNS_UDP,
-        _ => return sk_action::SK_PASS,
-    };
-    let steered = AMBIT_LISTENERS.redirect_sk_lookup(&ctx, index, 0).is_ok();
-    // Datagrams are not connections: the counters count TCP.
-    if lookup.protocol == u32::from(IPPROTO_TCP) {
-        count(if steered {
-            counter::OUTBOUND_STEERED
-        } else {
-            counter::OUTBOUND_DROPPED
-        });
-    }
-    if steered {
-        sk_action::SK_PASS
-    } else {
-        sk_action::SK_DROP
-    }
-}
-
-/// Assigns the packet to the listener at `index`; false when there is none.
-fn assign(skb: *mut c_void, index: u32) -> bool {
-    let map = core::ptr::addr_of!(AMBIT_LISTENERS).cast_mut().cast();
-    // SAFETY: a lookup in a socket map returns a referenced socket or null; a socket is
+/// Assigns the packet to the listener under `key`; false when there is none, or when it is not
+/// in the packet's namespace.
+fn assign(skb: *mut c_void, key: u64) -> bool {
+    let map = core::ptr::addr_of!(AMBIT_INBOUND_LISTENERS)
+        .cast_mut()
+        .cast();
+    // SAFETY: a lookup in a socket hash returns a referenced socket or null; a socket is
     // released below on every path.
-    let socket = unsafe { bpf_map_lookup_elem(map, core::ptr::from_ref(&index).cast()) };
+    let socket = unsafe { bpf_map_lookup_elem(map, core::ptr::from_ref(&key).cast()) };
     if socket.is_null() {
         return false;
     }
@@ -230,22 +195,4 @@ fn assign(skb: *mut c_void, index: u32) -> bool {
     // SAFETY: `socket` came from the lookup above and is released once.
     unsafe { bpf_sk_release(socket) };
     assigned == 0
-}
-
-fn pod_ip() -> u32 {
-    // SAFETY: a read of a global the loader set; volatile, so the compiler does not fold it to
-    // its initial value.
-    unsafe { core::ptr::read_volatile(&AMBIT_POD_IP) }
-}
-
-fn count(index: u32) {
-    if let Some(counter) = AMBIT_COUNTERS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU slot: nothing else writes it while this program runs on this CPU.
-        unsafe { *counter += 1 };
-    }
-}
-
-#[panic_handler]
-fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
-    loop {}
 }
