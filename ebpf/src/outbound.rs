@@ -4,16 +4,18 @@ use ambit_ebpf::count;
 use ambit_ebpf_common::{CAPTURED_DNS_PORT, counter, listener};
 use aya_ebpf::bindings::sk_action;
 use aya_ebpf::macros::{map, sk_lookup};
-use aya_ebpf::maps::{PerCpuArray, SockMap};
+use aya_ebpf::maps::{Array, PerCpuArray, SockMap};
 use aya_ebpf::programs::SkLookupContext;
 
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 const AF_INET: u32 = 2;
 
-/// The pod's IPv4 address as the kernel stores it; set by the agent when it loads the program.
-#[unsafe(no_mangle)]
-static AMBIT_POD_IP: u32 = 0;
+/// The pod's IPv4 address as the kernel stores it, at index 0; set by the agent before it
+/// attaches the program. (A map, not a global: then every pod's instance loads from the same
+/// object, with the same loader.)
+#[map]
+static AMBIT_POD_IP: Array<u32> = Array::with_max_entries(1, 0);
 
 /// The agent's listeners in the pod that this program steers to, by `listener::*` index.
 #[map]
@@ -27,7 +29,9 @@ static AMBIT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter:
 fn ambit_outbound(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands the program a valid `bpf_sk_lookup` for its whole run.
     let lookup = unsafe { &*ctx.lookup };
-    let pod = pod_ip();
+    let Some(&pod) = AMBIT_POD_IP.get(0) else {
+        return sk_action::SK_PASS;
+    };
     let from_pod = lookup.family == AF_INET
         && lookup.remote_ip4 == pod
         && lookup.local_ip4 != pod
@@ -61,10 +65,4 @@ fn ambit_outbound(ctx: SkLookupContext) -> u32 {
     } else {
         sk_action::SK_DROP
     }
-}
-
-fn pod_ip() -> u32 {
-    // SAFETY: a read of a global the loader set; volatile, so the compiler does not fold it to
-    // its initial value.
-    unsafe { core::ptr::read_volatile(&AMBIT_POD_IP) }
 }

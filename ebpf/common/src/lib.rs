@@ -80,8 +80,8 @@ pub mod counter {
 /// Kubernetes nodes send kubelet's probes from this address; capture leaves them alone.
 pub const KUBELET_PROBE_SOURCE: [u8; 4] = [169, 254, 7, 127];
 
-/// The names the agent finds the programs, maps and globals by: the programs' functions and
-/// statics carry exactly these names.
+/// The names the agent finds the programs and maps by: the programs' functions and statics
+/// carry exactly these names.
 pub mod names {
     pub const INBOUND_PROGRAM: &str = "ambit_inbound";
     pub const OUTBOUND_PROGRAM: &str = "ambit_outbound";
@@ -91,6 +91,7 @@ pub mod names {
     pub const POD_LISTENERS_MAP: &str = "AMBIT_POD_LISTENERS";
     /// Both objects have their counters.
     pub const COUNTERS_MAP: &str = "AMBIT_COUNTERS";
-    /// The pod's IPv4 address, as the kernel stores it (network order in memory).
-    pub const POD_IP_GLOBAL: &str = "AMBIT_POD_IP";
+    /// The outbound object's one-entry array of the pod's IPv4 address, as the kernel stores
+    /// it (network order in memory).
+    pub const POD_IP_MAP: &str = "AMBIT_POD_IP";
 }

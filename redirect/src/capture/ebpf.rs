@@ -4,9 +4,9 @@
 //! - the inbound object is loaded once: its tc program is attached to every captured pod's
 //!   interfaces, and its socket hash holds every pod's inbound listeners, by pod address;
 //! - per pod, a small outbound object: its sk_lookup program, attached to the pod's namespace,
-//!   knows the pod's address and has its own socket map. Once attached, only the link and the
-//!   counters are kept; the kernel holds the rest. No kernel BTF is read: the programs need no
-//!   relocation.
+//!   has the pod's address and its listeners in maps of its own. Once attached, only the link
+//!   and the counters are kept; the kernel holds the rest. One loader loads every object, and
+//!   keeps no kernel BTF: the programs need no relocation.
 //!
 //! Restarts fail closed without pinning anything. The tc filter is attached through netlink and
 //! outlives the agent: while no agent runs, its socket hash is empty (the listeners closed with
@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ambit_ebpf_common::{counter, listener, listener_key, names};
-use aya::maps::{MapData, PerCpuArray, SockHash, SockMap};
+use aya::maps::{Array, MapData, PerCpuArray, SockHash, SockMap};
 use aya::programs::sk_lookup::SkLookupLink;
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, SkLookup, TcAttachType};
@@ -85,6 +85,8 @@ pub struct Ebpf {
 /// What the backend shares with the pods' link watchers.
 #[derive(Debug)]
 struct Shared {
+    /// Loads every pod's outbound object.
+    loader: Mutex<EbpfLoader<'static>>,
     /// The inbound object: attaching its program and filling its socket hash go through it.
     inbound: Mutex<aya::Ebpf>,
     pods: Mutex<Pods>,
@@ -130,10 +132,11 @@ impl Ebpf {
             LoadError::NotBuilt => EbpfUnavailable::NotBuilt,
             LoadError::Kernel(reason) => EbpfUnavailable::Load(reason),
         };
-        let inbound = load_inbound().map_err(unavailable)?;
+        let mut loader = loader();
+        let inbound = load_inbound(&mut loader).map_err(unavailable)?;
         // The outbound object too, for a pod that is never enrolled: a kernel that refuses it
         // is found now, not at the first pod.
-        load_outbound(Ipv4Addr::UNSPECIFIED).map_err(unavailable)?;
+        load_outbound(&mut loader).map_err(unavailable)?;
         // Refused now rather than pod by pod: `auto` then falls back to nftables, which writes
         // sysctls only to undo an earlier eBPF capture.
         match sysctls.is_read_only() {
@@ -145,6 +148,7 @@ impl Ebpf {
         }
         Ok(Self {
             shared: Arc::new(Shared {
+                loader: Mutex::new(loader),
                 inbound: Mutex::new(inbound),
                 pods: Mutex::default(),
                 sysctls,
@@ -167,6 +171,19 @@ impl Shared {
 
     fn inbound(&self) -> MutexGuard<'_, aya::Ebpf> {
         self.inbound.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Loads an outbound object for the pod at `pod_ip`.
+    fn load_outbound(&self, pod_ip: Ipv4Addr) -> Result<aya::Ebpf, CaptureError> {
+        let mut loader = self.loader.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut outbound =
+            load_outbound(&mut loader).map_err(|e| CaptureError::Ebpf(e.to_string()))?;
+        drop(loader);
+        let mut address: Array<&mut MapData, u32> = map_mut(&mut outbound, names::POD_IP_MAP)?;
+        address
+            .set(0, u32::from_ne_bytes(pod_ip.octets()), 0)
+            .map_err(|e| ebpf_error("setting the pod's address", e))?;
+        Ok(outbound)
     }
 }
 
@@ -262,7 +279,7 @@ impl CaptureBackend for Ebpf {
                 .set_mark(AGENT_MARK)
                 .map_err(|e| ebpf_error("marking an inbound listener", e))?;
         }
-        let mut outbound = load_outbound(pod_ip).map_err(|e| CaptureError::Ebpf(e.to_string()))?;
+        let mut outbound = self.shared.load_outbound(pod_ip)?;
         let mut pod_listeners: SockMap<&mut MapData> =
             map_mut(&mut outbound, names::POD_LISTENERS_MAP)?;
         for (index, socket) in [
@@ -408,31 +425,34 @@ enum LoadError {
     Kernel(String),
 }
 
+/// The loader of every object, without the kernel's BTF: the programs need no relocation, and
+/// the parsed BTF takes megabytes (aya parses it when a loader is made, once here).
+fn loader() -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    loader
+}
+
 /// Loads the inbound object and its program into the kernel.
-fn load_inbound() -> Result<aya::Ebpf, LoadError> {
-    let mut object = load_object(INBOUND_OBJECT, &mut EbpfLoader::new())?;
+fn load_inbound(loader: &mut EbpfLoader<'_>) -> Result<aya::Ebpf, LoadError> {
+    let mut object = load_object(INBOUND_OBJECT, loader)?;
     load_program::<SchedClassifier>(&mut object, names::INBOUND_PROGRAM)?;
     Ok(object)
 }
 
-/// Loads an outbound object and its program into the kernel, for the pod at `pod_ip`.
-fn load_outbound(pod_ip: Ipv4Addr) -> Result<aya::Ebpf, LoadError> {
-    let address = u32::from_ne_bytes(pod_ip.octets());
-    let mut loader = EbpfLoader::new();
-    loader.override_global(names::POD_IP_GLOBAL, &address, true);
-    let mut object = load_object(OUTBOUND_OBJECT, &mut loader)?;
+/// Loads an outbound object and its program into the kernel; its pod's address is not set.
+fn load_outbound(loader: &mut EbpfLoader<'_>) -> Result<aya::Ebpf, LoadError> {
+    let mut object = load_object(OUTBOUND_OBJECT, loader)?;
     load_program::<SkLookup>(&mut object, names::OUTBOUND_PROGRAM)?;
     Ok(object)
 }
 
-/// Creates the object's maps, without reading the kernel's BTF: the programs need no
-/// relocation, and parsing it costs megabytes.
+/// Creates the object's maps.
 fn load_object(object: &[u8], loader: &mut EbpfLoader<'_>) -> Result<aya::Ebpf, LoadError> {
     if object.is_empty() {
         return Err(LoadError::NotBuilt);
     }
     loader
-        .btf(None)
         .load(object)
         .map_err(|e| LoadError::Kernel(format!("loading the object: {}", chain(&e))))
 }
