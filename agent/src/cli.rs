@@ -80,10 +80,15 @@ fn run_demo() -> ExitCode {
 /// How long the runtime waits for blocking work once the command is done.
 const RUNTIME_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Threads for blocking work (in pods' namespaces: capture, netlink, finding namespaces), at
+/// most, whatever the number of pods; work beyond waits its turn. Idle ones exit after 10 s.
+const BLOCKING_THREADS: usize = 32;
+
 /// Runs `task` on a multi-threaded runtime; an error is logged with its causes.
 pub(crate) fn block_on(task: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()
     {
         Ok(runtime) => runtime,

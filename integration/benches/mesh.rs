@@ -177,7 +177,7 @@ async fn measure_backend(binary: &std::path::Path, backend: &str) -> Measured {
         .await
         .unwrap();
     let pid = cluster.agent("node1").unwrap().pid();
-    let at_start = footprint(pid);
+    let at_start = footprint(pid).await;
     let mut apps = Vec::new();
     for server in ["server", "direct-server"] {
         let pod = cluster.in_pod(server).unwrap();
@@ -196,11 +196,9 @@ async fn measure_backend(binary: &std::path::Path, backend: &str) -> Measured {
     let memory = held_connection_memory(&cluster, &mesh).await;
     let direct = numbers(&direct).await;
     let mesh = numbers(&mesh).await;
-    let before_burst = footprint(pid);
+    let before_burst = footprint(pid).await;
     let enrolment = enrolment(&mut cluster).await;
-    // Settled: what enrolling allocated for a while only is freed.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let after_burst = footprint(pid);
+    let after_burst = footprint(pid).await;
     Measured {
         direct,
         mesh,
@@ -314,7 +312,10 @@ fn resident_kib(pid: u32) -> u64 {
     status_field(pid, "VmRSS")
 }
 
-fn footprint(pid: u32) -> Footprint {
+/// The agent's footprint once what it freed is returned to the kernel (a second after, with
+/// the agent's allocator options).
+async fn footprint(pid: u32) -> Footprint {
+    tokio::time::sleep(Duration::from_secs(2)).await;
     Footprint {
         resident_kib: resident_kib(pid),
         threads: status_field(pid, "Threads"),
