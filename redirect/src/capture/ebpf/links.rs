@@ -96,11 +96,10 @@ async fn watch(
     generation: u64,
 ) {
     let id = netns.id();
-    let mut buffer = vec![0; 32 * 1024];
     loop {
         let drained = match subscription.readable().await {
             Ok(mut ready) => {
-                let drained = drain(subscription.get_ref(), &mut buffer);
+                let drained = drain(subscription.get_ref());
                 ready.clear_ready();
                 drained
             }
@@ -139,10 +138,12 @@ async fn watch(
 }
 
 /// Reads every queued notification, to wait for the next ones. An overrun (`ENOBUFS`: some
-/// were lost) is no error: the interfaces are listed again anyway.
-fn drain(subscription: &OwnedFd, buffer: &mut [u8]) -> io::Result<()> {
+/// were lost) is no error: the interfaces are listed again anyway. Nor is a notification longer
+/// than the buffer: it is not read, only discarded.
+fn drain(subscription: &OwnedFd) -> io::Result<()> {
+    let mut buffer = [0; 4096];
     loop {
-        match recv(subscription.as_raw_fd(), buffer, MsgFlags::MSG_DONTWAIT) {
+        match recv(subscription.as_raw_fd(), &mut buffer, MsgFlags::MSG_DONTWAIT) {
             Ok(_) | Err(Errno::ENOBUFS | Errno::EINTR) => {}
             Err(Errno::EAGAIN) => return Ok(()),
             Err(error) => return Err(error.into()),
