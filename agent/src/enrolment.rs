@@ -142,13 +142,12 @@ impl AddressIndex {
             None => listed.insert(Netns::by_address().map_err(EnrolError::FindNetns)?),
         };
         let netns = namespaces.get(&ip).ok_or(EnrolError::NetnsNotFound)?;
-        netns
-            .try_clone()
-            .map_err(|e| EnrolError::FindNetns(NetnsError::Open("a pod's namespace".into(), e)))
+        netns.try_clone().map_err(EnrolError::FindNetns)
     }
 
-    /// Forgets the listing: the next pass lists the namespaces again.
-    fn new_pass(&self) {
+    /// Forgets the listing (and lets go of the namespaces it holds): the next pass lists them
+    /// again.
+    fn forget(&self) {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 }
@@ -170,10 +169,10 @@ impl Discovery {
         }
     }
 
-    /// Starts an enrolment pass: what the node's namespaces looked like before is forgotten.
-    fn new_pass(&self) {
+    /// Forgets what the node's namespaces looked like during an enrolment pass, at its end.
+    fn end_pass(&self) {
         if let Self::ByAddress(index) = self {
-            index.new_pass();
+            index.forget();
         }
     }
 
@@ -299,7 +298,6 @@ impl Enrolment {
     /// goes: enrolling many pods takes a while.
     async fn reconcile(&mut self, pods: &mut HashMap<WorkloadUid, EnrolledPod>) {
         let state = self.states.borrow_and_update().clone();
-        self.discovery.new_pass();
         let torn_down = |uid: &WorkloadUid| {
             self.discovery
                 .sandboxes()
@@ -353,6 +351,7 @@ impl Enrolment {
             this.publish(&workload, capture);
         }
         drop(enrolments);
+        self.discovery.end_pass();
         self.release_unused_certificates(pods);
     }
 

@@ -29,8 +29,10 @@ static AMBIT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter:
 fn ambit_outbound(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands the program a valid `bpf_sk_lookup` for its whole run.
     let lookup = unsafe { &*ctx.lookup };
+    // Always there (a one-entry array); the verifier wants the check. Failing closed all the
+    // same.
     let Some(&pod) = AMBIT_POD_IP.get(0) else {
-        return sk_action::SK_PASS;
+        return sk_action::SK_DROP;
     };
     let from_pod = lookup.family == AF_INET
         && lookup.remote_ip4 == pod

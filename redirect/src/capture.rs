@@ -80,7 +80,7 @@ pub struct CaptureCounters {
 }
 
 /// A way of capturing a pod's traffic. `enable`, `disable` and `is_enabled` run inside the
-/// pod's namespace (on its [`PodNetns`](crate::PodNetns) thread), are idempotent, and replace
+/// pod's namespace (through [`PodNetns::run`](crate::PodNetns::run)), are idempotent, and replace
 /// whatever an earlier run of the agent left behind, with either backend.
 pub trait CaptureBackend: Send + Sync + std::fmt::Debug + 'static {
     /// `ebpf` or `nftables`, as `--redirect` names it.

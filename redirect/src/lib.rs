@@ -4,8 +4,9 @@
 //! ([`CaptureBackend`]: [`Ebpf`], [`Nftables`]), with the policy routing they rely on and the
 //! pods' sysctls they set ([`NetSysctls`]).
 //!
-//! Everything that must happen inside a pod's namespace runs on that pod's [`PodNetns`] thread;
-//! the rest of the agent stays in the node's namespace.
+//! Everything that must happen inside a pod's namespace runs through its [`PodNetns`], on a
+//! thread that enters the namespace for that work only; the rest of the agent stays in the
+//! node's namespace.
 
 mod capture;
 mod netns;

@@ -32,6 +32,8 @@ pub enum NetnsError {
     Enter(NetnsId, #[source] nix::Error),
     #[error("the agent is stopping: work in the network namespace {0} did not run")]
     Stopping(NetnsId),
+    #[error("failed to duplicate the descriptor of the network namespace {0}")]
+    Duplicate(NetnsId, #[source] io::Error),
 }
 
 /// A namespace's identity: the device and inode of its nsfs file, the same from every path.
@@ -121,9 +123,12 @@ impl Netns {
     }
 
     /// Another descriptor of the same namespace.
-    pub fn try_clone(&self) -> io::Result<Self> {
+    pub fn try_clone(&self) -> Result<Self, NetnsError> {
         Ok(Self {
-            fd: self.fd.try_clone()?,
+            fd: self
+                .fd
+                .try_clone()
+                .map_err(|e| NetnsError::Duplicate(self.id, e))?,
             id: self.id,
         })
     }

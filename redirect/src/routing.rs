@@ -14,7 +14,7 @@
 //!   over UDP is delivered locally too, for the DNS proxy: `ipproto udp dport 53 lookup 100`
 //!   (32763), and over IPv6 `prohibit`.
 //!
-//! Blocking: call from the pod's namespace thread.
+//! Blocking: call from a thread inside the pod's namespace ([`PodNetns::run`](crate::PodNetns::run)).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};

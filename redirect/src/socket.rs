@@ -1,5 +1,6 @@
 //! The sockets the agent opens inside a pod. Each is created by the calling thread, so in its
-//! namespace: call these through [`PodNetns::run`](crate::PodNetns::run).
+//! namespace: call these through [`PodNetns::run_here`](crate::PodNetns::run_here) (they do not
+//! block) or [`PodNetns::run`](crate::PodNetns::run).
 //!
 //! The sockets that open connections carry [`AGENT_MARK`], which the capture rules let through
 //! untouched. Listeners do not: a marked listener would mark its replies to a redirected

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ambit_redirect::{Netns, NetnsError, PodNetns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 
 /// How long an app waits for a connection to be accepted.
@@ -44,17 +44,20 @@ impl InPod {
         TcpListener::from_std(listener)
     }
 
-    /// Connects from the pod, as one of its apps would.
+    /// Connects from the pod, as one of its apps would. The socket is made in the pod and
+    /// connects from the caller's runtime, so a connection that is dropped ties up no thread.
     pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
         let socket = self
-            .run(move || {
-                let socket = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
-                socket.set_nonblocking(true)?;
-                socket.set_nodelay(true)?;
-                Ok::<_, io::Error>(socket)
+            .0
+            .run_here(|| match addr {
+                SocketAddr::V4(_) => TcpSocket::new_v4(),
+                SocketAddr::V6(_) => TcpSocket::new_v6(),
             })
-            .await??;
-        TcpStream::from_std(socket)
+            .map_err(io::Error::other)??;
+        socket.set_nodelay(true)?;
+        tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}")))?
     }
 
     /// A server that answers every connection with the address it sees the client at, one

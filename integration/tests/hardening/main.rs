@@ -134,7 +134,8 @@ async fn relabelling_a_pod_never_opens_it(backend: Backend) {
 }
 
 /// Plaintext connections from one pod to a list of addresses, over and over, each waiting
-/// briefly for the app's greeting, until stopped.
+/// briefly to be accepted (20 ms: a SYN that is dropped is not waited for long) and for the
+/// app's greeting, until stopped.
 struct Hammer {
     stop: Arc<AtomicBool>,
     attempts: Arc<AtomicUsize>,
@@ -156,7 +157,7 @@ impl Hammer {
                     attempts.fetch_add(1, Ordering::Relaxed);
                     let connect = client.connect(*target);
                     if let Ok(Ok(mut stream)) =
-                        tokio::time::timeout(Duration::from_secs(1), connect).await
+                        tokio::time::timeout(Duration::from_millis(20), connect).await
                     {
                         let greeting = read_peer_line(&mut stream);
                         let _ = tokio::time::timeout(Duration::from_millis(200), greeting).await;

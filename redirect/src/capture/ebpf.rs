@@ -93,7 +93,7 @@ struct Shared {
     sysctls: NetSysctls,
 }
 
-/// The captured pods, and whose listeners the inbound socket hash holds for each address.
+/// The captured pods, and whose listeners the inbound socket hash holds at each pod address.
 #[derive(Debug, Default)]
 struct Pods {
     captures: HashMap<NetnsId, PodCapture>,
@@ -188,14 +188,12 @@ impl Shared {
 }
 
 impl Pods {
-    /// Registers the inbound listeners of the pod in `netns` under its addresses: its cluster
-    /// address, which it takes from any other pod, and the other IPv4 addresses the calling
-    /// thread's namespace has now, but loopback's, which stay another captured pod's where one
-    /// holds them: a pod cannot take a neighbour's traffic by adding its address. The socket
-    /// hash holds no reference that would keep a closed listener open, nor can a listener be
-    /// copied within it, so an address the pod gains later has no listener until the pod is
-    /// captured again: connections to it are dropped.
-    fn register_addresses(
+    /// Registers the inbound listeners of the pod in `netns` under its cluster address, which
+    /// it takes from any pod that held it before (a pod reusing the address of one still being
+    /// torn down). Its other addresses get no listener, so connections to them are dropped (the
+    /// agent would refuse them): registering every address a pod claims would let one pod fill
+    /// the socket hash, or take a neighbour's traffic by adding its address.
+    fn register_address(
         &mut self,
         shared: &Shared,
         netns: NetnsId,
@@ -204,34 +202,25 @@ impl Pods {
         let Some(pod) = self.captures.get(&netns) else {
             return Ok(());
         };
-        let mut addresses = local_ipv4_addresses()?;
-        addresses.insert(pod.pod_ip);
+        let address = pod.pod_ip;
         let mut inbound = shared.inbound();
         let mut listeners = inbound_listeners(&mut inbound)?;
-        let released: Vec<Ipv4Addr> = self
-            .addresses
-            .iter()
-            .filter(|(address, owner)| **owner == netns && !addresses.contains(address))
-            .map(|(address, _)| *address)
-            .collect();
-        for address in released {
-            self.addresses.remove(&address);
-            forget(&mut listeners, address);
-        }
-        for address in addresses {
-            let owner = self.addresses.get(&address);
-            if owner.is_some_and(|owner| *owner != netns) && address != pod.pod_ip {
-                continue;
+        self.addresses.insert(address, netns);
+        for (index, socket) in [
+            (listener::INBOUND_PLAINTEXT, &target.inbound_plaintext),
+            (listener::HBONE, &target.hbone),
+        ] {
+            if let Err(error) =
+                listeners.insert(listener_key(address.octets(), index), socket.as_raw_fd(), 0)
+            {
+                // Neither listener then: the pod's inbound fails closed, whatever its port.
+                forget(&mut listeners, address);
+                self.addresses.remove(&address);
+                return Err(ebpf_error(
+                    "adding an inbound listener to the socket hash (full at 2,048 pods?)",
+                    error,
+                ));
             }
-            for (index, socket) in [
-                (listener::INBOUND_PLAINTEXT, &target.inbound_plaintext),
-                (listener::HBONE, &target.hbone),
-            ] {
-                listeners
-                    .insert(listener_key(address.octets(), index), socket.as_raw_fd(), 0)
-                    .map_err(|e| ebpf_error("adding an inbound listener to the socket hash", e))?;
-            }
-            self.addresses.insert(address, netns);
         }
         Ok(())
     }
@@ -240,25 +229,31 @@ impl Pods {
     fn remove(&mut self, shared: &Shared, netns: NetnsId) -> Option<PodCapture> {
         let capture = self.captures.remove(&netns)?;
         let mut inbound = shared.inbound();
-        let mut listeners = inbound_listeners(&mut inbound).ok();
-        self.addresses.retain(|address, owner| {
-            if *owner != netns {
-                return true;
+        if self.addresses.get(&capture.pod_ip) == Some(&netns) {
+            self.addresses.remove(&capture.pod_ip);
+            match inbound_listeners(&mut inbound) {
+                Ok(mut listeners) => forget(&mut listeners, capture.pod_ip),
+                Err(error) => {
+                    tracing::warn!(%netns, error = %chain(&error), "failed to remove the pod's inbound listeners");
+                }
             }
-            if let Some(listeners) = &mut listeners {
-                forget(listeners, *address);
-            }
-            false
-        });
+        }
         Some(capture)
     }
 }
 
-/// Removes the inbound listeners registered under `address`.
+/// Removes the inbound listeners registered under `address`. One that is not there is gone
+/// already: a listener leaves the hash when it closes.
 fn forget(listeners: &mut SockHash<&mut MapData, u64>, address: Ipv4Addr) {
     for index in [listener::INBOUND_PLAINTEXT, listener::HBONE] {
-        // Gone already when the sockets closed.
-        let _ = listeners.remove(&listener_key(address.octets(), index));
+        match listeners.remove(&listener_key(address.octets(), index)) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(error))
+                if error.io_error.raw_os_error() == Some(nix::libc::ENOENT) => {}
+            Err(error) => {
+                tracing::warn!(%address, error = %chain(&error), "failed to remove an inbound listener");
+            }
+        }
     }
 }
 
@@ -329,7 +324,7 @@ impl CaptureBackend for Ebpf {
             self.retire(&replaced);
         }
         let captured = pods
-            .register_addresses(&self.shared, id, target)
+            .register_address(&self.shared, id, target)
             .and_then(|()| pods.capture_interfaces(&self.shared, id));
         if captured.is_err()
             && let Some(failed) = pods.remove(&self.shared, id)
@@ -435,26 +430,30 @@ fn loader() -> EbpfLoader<'static> {
 
 /// Loads the inbound object and its program into the kernel.
 fn load_inbound(loader: &mut EbpfLoader<'_>) -> Result<aya::Ebpf, LoadError> {
-    let mut object = load_object(INBOUND_OBJECT, loader)?;
+    let mut object = load_object("ambit-inbound", INBOUND_OBJECT, loader)?;
     load_program::<SchedClassifier>(&mut object, names::INBOUND_PROGRAM)?;
     Ok(object)
 }
 
 /// Loads an outbound object and its program into the kernel; its pod's address is not set.
 fn load_outbound(loader: &mut EbpfLoader<'_>) -> Result<aya::Ebpf, LoadError> {
-    let mut object = load_object(OUTBOUND_OBJECT, loader)?;
+    let mut object = load_object("ambit-outbound", OUTBOUND_OBJECT, loader)?;
     load_program::<SkLookup>(&mut object, names::OUTBOUND_PROGRAM)?;
     Ok(object)
 }
 
-/// Creates the object's maps.
-fn load_object(object: &[u8], loader: &mut EbpfLoader<'_>) -> Result<aya::Ebpf, LoadError> {
+/// Creates the maps of the object `name`.
+fn load_object(
+    name: &str,
+    object: &[u8],
+    loader: &mut EbpfLoader<'_>,
+) -> Result<aya::Ebpf, LoadError> {
     if object.is_empty() {
         return Err(LoadError::NotBuilt);
     }
     loader
         .load(object)
-        .map_err(|e| LoadError::Kernel(format!("loading the object: {}", chain(&e))))
+        .map_err(|e| LoadError::Kernel(format!("loading the object {name}: {}", chain(&e))))
 }
 
 fn load_program<'e, P>(object: &'e mut aya::Ebpf, name: &str) -> Result<(), LoadError>
@@ -574,16 +573,6 @@ fn interfaces() -> Result<Vec<Interface>, CaptureError> {
             name: interface.name().to_string_lossy().into_owned(),
         })
         .filter(|interface| interface.name != "lo")
-        .collect())
-}
-
-/// The IPv4 addresses of the calling thread's namespace, but loopback's.
-fn local_ipv4_addresses() -> Result<HashSet<Ipv4Addr>, CaptureError> {
-    let addresses =
-        nix::ifaddrs::getifaddrs().map_err(|e| ebpf_error("listing the pod's addresses", e))?;
-    Ok(addresses
-        .filter_map(|interface| interface.address?.as_sockaddr_in().map(|v4| v4.ip()))
-        .filter(|address| !address.is_loopback())
         .collect())
 }
 

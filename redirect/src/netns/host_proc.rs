@@ -72,8 +72,8 @@ impl HostProc {
     /// The network namespace of the pod `pod_uid`: the one namespace its processes share,
     /// provided it holds every one of `pod_ips` and is not the agent's own.
     ///
-    /// Blocking: reads the cgroup file of every process, then looks at the namespace's
-    /// addresses from a short-lived thread inside it. Call it through `spawn_blocking`.
+    /// Blocking: reads the cgroup file of every process, then enters the namespace to look at
+    /// its addresses. Call it through `spawn_blocking`.
     pub fn find_pod_netns(
         &self,
         pod_uid: &str,

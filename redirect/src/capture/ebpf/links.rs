@@ -128,7 +128,7 @@ async fn watch(
         match captured {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                tracing::warn!(netns = %id, error = %super::chain(&error), "failed to capture the pod's new interfaces");
+                tracing::warn!(netns = %id, error = %super::chain(&error), "failed to enter the pod's namespace to capture its new interfaces");
             }
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             // The runtime is stopping.
@@ -143,7 +143,11 @@ async fn watch(
 fn drain(subscription: &OwnedFd) -> io::Result<()> {
     let mut buffer = [0; 4096];
     loop {
-        match recv(subscription.as_raw_fd(), &mut buffer, MsgFlags::MSG_DONTWAIT) {
+        match recv(
+            subscription.as_raw_fd(),
+            &mut buffer,
+            MsgFlags::MSG_DONTWAIT,
+        ) {
             Ok(_) | Err(Errno::ENOBUFS | Errno::EINTR) => {}
             Err(Errno::EAGAIN) => return Ok(()),
             Err(error) => return Err(error.into()),
