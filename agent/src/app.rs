@@ -22,7 +22,7 @@ use crate::cni_server::{self, CniServer};
 use crate::config::{AgentConfig, CaConfig, RedirectKind, SourceConfig};
 use crate::dns::NodeDns;
 use crate::drain::{self, DrainTrigger, DrainWatcher};
-use crate::enrolment::{AddressIndex, CaptureStatus, Discovery, Enrolment};
+use crate::enrolment::{CaptureStatus, Discovery, Enrolment, PassListing};
 use crate::error_chain::ErrorChain;
 use crate::hbone::{ClientSettings, HboneClient};
 use crate::http_server;
@@ -211,8 +211,9 @@ async fn open_source(config: &AgentConfig) -> anyhow::Result<(Source, Discovery)
         Some(sandboxes) => Discovery::InCluster {
             sandboxes,
             host_proc: HostProc::new(&config.host_proc),
+            processes: PassListing::default(),
         },
-        None => Discovery::ByAddress(AddressIndex::default()),
+        None => Discovery::ByAddress(PassListing::default()),
     };
     Ok((source, discovery))
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use ambit_identity::{CertificateManager, Identity, IdentityError, TrustDomain};
 use ambit_redirect::{
     CaptureBackend, CaptureError, HostProc, Netns, NetnsError, PodNetns, PodNetnsError,
+    PodProcesses,
 };
 use futures_util::{StreamExt, stream};
 use tokio::sync::watch;
@@ -67,6 +68,18 @@ pub enum EnrolError {
 }
 
 impl EnrolError {
+    /// Why the search for the pod's processes' namespace failed.
+    fn from_search(error: PodNetnsError) -> Self {
+        match error {
+            PodNetnsError::NoProcess => Self::NoProcess,
+            PodNetnsError::NoAddress => Self::NoIp,
+            PodNetnsError::Ambiguous { .. }
+            | PodNetnsError::HostNamespace(_)
+            | PodNetnsError::AddressMismatch { .. } => Self::Refused(error),
+            error => Self::FindProcess(error),
+        }
+    }
+
     /// The step that failed, as `ambit_capture_failures_total` labels it; `None` for a pod
     /// that is still starting (no IP or no namespace yet).
     fn stage(&self) -> Option<&'static str> {
@@ -119,34 +132,49 @@ pub(crate) enum Capture {
 pub(crate) enum Discovery {
     /// The namespace that holds the pod's IP: for the file source's lab, whose pods have no
     /// processes. Any namespace can claim any IP, so a cluster never uses it.
-    ByAddress(AddressIndex),
+    ByAddress(PassListing<HashMap<IpAddr, Netns>>),
     /// The namespace the container runtime gave the CNI plugin for the pod's sandbox; else that
     /// of the pod's processes, found by the pod's UID in their cgroups and confirmed by its IPs.
     InCluster {
         sandboxes: Sandboxes,
         host_proc: HostProc,
+        processes: PassListing<PodProcesses>,
     },
 }
 
-/// The node's namespaces by the addresses they hold, listed once per enrolment pass (when a
-/// pod of the pass first needs it) rather than once per pod.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct AddressIndex(Arc<Mutex<Option<HashMap<IpAddr, Netns>>>>);
+/// What the node's namespaces look like, listed once per enrolment pass (when a pod of the pass
+/// first needs it) rather than once per pod, and forgotten at the pass's end.
+#[derive(Debug)]
+pub(crate) struct PassListing<T>(Arc<Mutex<Option<T>>>);
 
-impl AddressIndex {
-    /// The namespace that holds `ip`, from this pass's listing.
-    fn find(&self, ip: IpAddr) -> Result<Netns, EnrolError> {
+impl<T> Default for PassListing<T> {
+    fn default() -> Self {
+        Self(Arc::default())
+    }
+}
+
+impl<T> Clone for PassListing<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> PassListing<T> {
+    /// Looks `find` up in this pass's listing, listing first if no pod of the pass did.
+    fn find<R>(
+        &self,
+        list: impl FnOnce() -> Result<T, EnrolError>,
+        find: impl FnOnce(&T) -> Result<R, EnrolError>,
+    ) -> Result<R, EnrolError> {
         let mut listed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let namespaces = match &mut *listed {
-            Some(namespaces) => namespaces,
-            None => listed.insert(Netns::by_address().map_err(EnrolError::FindNetns)?),
+        let listing = match &mut *listed {
+            Some(listing) => listing,
+            None => listed.insert(list()?),
         };
-        let netns = namespaces.get(&ip).ok_or(EnrolError::NetnsNotFound)?;
-        netns.try_clone().map_err(EnrolError::FindNetns)
+        find(listing)
     }
 
-    /// Forgets the listing (and lets go of the namespaces it holds): the next pass lists them
-    /// again.
+    /// Forgets the listing, and lets go of the namespaces it holds.
     fn forget(&self) {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
@@ -171,8 +199,9 @@ impl Discovery {
 
     /// Forgets what the node's namespaces looked like during an enrolment pass, at its end.
     fn end_pass(&self) {
-        if let Self::ByAddress(index) = self {
-            index.forget();
+        match self {
+            Self::ByAddress(namespaces) => namespaces.forget(),
+            Self::InCluster { processes, .. } => processes.forget(),
         }
     }
 
@@ -189,29 +218,35 @@ impl Discovery {
         ips: &[IpAddr],
     ) -> Result<(Netns, FoundBy), EnrolError> {
         match self {
-            Self::ByAddress(index) => {
+            Self::ByAddress(namespaces) => {
                 let ip = *ips.first().ok_or(EnrolError::NoIp)?;
-                Ok((index.find(ip)?, FoundBy::Search))
+                let netns = namespaces.find(
+                    || Netns::by_address().map_err(EnrolError::FindNetns),
+                    |namespaces| {
+                        let netns = namespaces.get(&ip).ok_or(EnrolError::NetnsNotFound)?;
+                        netns.try_clone().map_err(EnrolError::FindNetns)
+                    },
+                )?;
+                Ok((netns, FoundBy::Search))
             }
             Self::InCluster {
                 sandboxes,
                 host_proc,
+                processes,
             } => {
                 if let Some(sandbox) = sandboxes.get(uid) {
                     let netns = Netns::open(&sandbox.netns).map_err(EnrolError::EnterNetns)?;
                     return Ok((netns, FoundBy::Plugin));
                 }
-                host_proc
-                    .find_pod_netns(&uid.0, ips)
-                    .map_err(|error| match error {
-                        PodNetnsError::NoProcess => EnrolError::NoProcess,
-                        PodNetnsError::NoAddress => EnrolError::NoIp,
-                        PodNetnsError::Ambiguous { .. }
-                        | PodNetnsError::HostNamespace(_)
-                        | PodNetnsError::AddressMismatch { .. } => EnrolError::Refused(error),
-                        error => EnrolError::FindProcess(error),
-                    })
-                    .map(|netns| (netns, FoundBy::Search))
+                let netns = processes.find(
+                    || host_proc.scan().map_err(EnrolError::from_search),
+                    |processes| {
+                        processes
+                            .find_pod_netns(&uid.0, ips)
+                            .map_err(EnrolError::from_search)
+                    },
+                )?;
+                Ok((netns, FoundBy::Search))
             }
         }
     }

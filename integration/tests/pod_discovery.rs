@@ -89,6 +89,15 @@ fn the_namespace_of_the_pods_processes_is_found_and_confirmed_by_its_address() {
 
     assert_eq!(proc.find(&a, &[ip(&a)]).unwrap().id(), id(&a));
     assert_eq!(proc.find(&b, &[ip(&b)]).unwrap().id(), id(&b));
+
+    // One pass over the processes finds both, as an enrolment pass does.
+    let scan = HostProc::new(proc.0.path()).scan().unwrap();
+    assert_eq!(scan.find_pod_netns(&a.uid, &[ip(&a)]).unwrap().id(), id(&a));
+    assert_eq!(scan.find_pod_netns(&b.uid, &[ip(&b)]).unwrap().id(), id(&b));
+    assert!(matches!(
+        scan.find_pod_netns(&a.uid, &[ip(&b)]),
+        Err(PodNetnsError::AddressMismatch { .. })
+    ));
 }
 
 #[test]

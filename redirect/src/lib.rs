@@ -21,5 +21,5 @@ pub use capture::{
     CaptureBackend, CaptureCounters, CaptureError, CaptureTarget, Ebpf, EbpfUnavailable,
     NetSysctls, Nftables,
 };
-pub use netns::{HostProc, Netns, NetnsError, NetnsId, PodNetns, PodNetnsError};
+pub use netns::{HostProc, Netns, NetnsError, NetnsId, PodNetns, PodNetnsError, PodProcesses};
 pub use routing::RoutingError;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use nix::sched::CloneFlags;
 
-pub use host_proc::{HostProc, PodNetnsError};
+pub use host_proc::{HostProc, PodNetnsError, PodProcesses};
 
 /// Where `ip netns` (and CNI plugins) keep named namespaces.
 const NAMED_NETNS_DIR: &str = "/var/run/netns";

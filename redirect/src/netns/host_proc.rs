@@ -4,6 +4,7 @@
 //! An address proves nothing on its own: any pod can add another pod's IP to its interface.
 //! Only kubelet (and the runtime it drives) puts processes in a pod's cgroup.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -73,47 +74,26 @@ impl HostProc {
     /// provided it holds every one of `pod_ips` and is not the agent's own.
     ///
     /// Blocking: reads the cgroup file of every process, then enters the namespace to look at
-    /// its addresses. Call it through `spawn_blocking`.
+    /// its addresses. Call it through `spawn_blocking`; for many pods at once, [`scan`](Self::scan)
+    /// once.
     pub fn find_pod_netns(
         &self,
         pod_uid: &str,
         pod_ips: &[IpAddr],
     ) -> Result<Netns, PodNetnsError> {
-        let uid =
-            PodUid::parse(pod_uid).ok_or_else(|| PodNetnsError::InvalidUid(pod_uid.to_owned()))?;
-        if pod_ips.is_empty() {
-            return Err(PodNetnsError::NoAddress);
-        }
-        let own = Netns::current().map_err(PodNetnsError::OpenOwnNetns)?.id();
-        let mut namespaces = self.namespaces_of(&uid)?;
-        let netns = match namespaces.len() {
-            0 => return Err(PodNetnsError::NoProcess),
-            1 => namespaces.swap_remove(0),
-            _ => {
-                return Err(PodNetnsError::Ambiguous {
-                    namespaces: namespaces.iter().map(Netns::id).collect(),
-                });
-            }
-        };
-        if netns.id == own {
-            return Err(PodNetnsError::HostNamespace(own));
-        }
-        match first_missing_address(&netns, pod_ips).map_err(PodNetnsError::CheckAddresses)? {
-            Some(ip) => Err(PodNetnsError::AddressMismatch {
-                netns: netns.id,
-                ip,
-            }),
-            None => Ok(netns),
-        }
+        let uid = checked(pod_uid, pod_ips)?;
+        self.scan()?.find(&uid, pod_ips)
     }
 
-    /// The distinct network namespaces of the processes in the pod's cgroup.
-    fn namespaces_of(&self, uid: &PodUid) -> Result<Vec<Netns>, PodNetnsError> {
+    /// The network namespaces of every pod's processes, from one pass over the processes.
+    /// Blocking, as [`find_pod_netns`](Self::find_pod_netns).
+    pub fn scan(&self) -> Result<PodProcesses, PodNetnsError> {
         let list_error = |source| PodNetnsError::ListProcesses {
             path: self.0.clone(),
             source,
         };
-        let mut namespaces: Vec<Netns> = Vec::new();
+        let own = Netns::current().map_err(PodNetnsError::OpenOwnNetns)?.id();
+        let mut namespaces: HashMap<PodUid, Vec<Netns>> = HashMap::new();
         // One buffer for every cgroup file: they are a few hundred bytes each.
         let mut cgroup = Vec::new();
         for entry in fs::read_dir(&self.0).map_err(list_error)? {
@@ -135,20 +115,74 @@ impl HostProc {
                 Err(error) if process_ended(&error) => continue,
                 Err(source) => return Err(list_error(source)),
             };
-            if !read_while_running(&directory, &process, "cgroup", &mut cgroup)?
-                || !uid.owns(&String::from_utf8_lossy(&cgroup))
-            {
+            if !read_while_running(&directory, &process, "cgroup", &mut cgroup)? {
                 continue;
             }
+            let Some(pod) = PodUid::owning(&String::from_utf8_lossy(&cgroup)) else {
+                continue;
+            };
             let Some(netns) = open_while_running(&directory, &process, "ns/net")? else {
                 continue;
             };
-            if namespaces.iter().all(|seen| seen.id != netns.id) {
-                namespaces.push(netns);
+            let seen = namespaces.entry(pod).or_default();
+            if seen.iter().all(|known| known.id != netns.id) {
+                seen.push(netns);
             }
         }
-        Ok(namespaces)
+        Ok(PodProcesses { own, namespaces })
     }
+}
+
+/// The network namespaces of the node's pods' processes, by pod, as one
+/// [`scan`](HostProc::scan) found them.
+#[derive(Debug)]
+pub struct PodProcesses {
+    /// The agent's own namespace.
+    own: NetnsId,
+    namespaces: HashMap<PodUid, Vec<Netns>>,
+}
+
+impl PodProcesses {
+    /// As [`HostProc::find_pod_netns`], from this scan. Blocking: it enters the namespace found.
+    pub fn find_pod_netns(
+        &self,
+        pod_uid: &str,
+        pod_ips: &[IpAddr],
+    ) -> Result<Netns, PodNetnsError> {
+        self.find(&checked(pod_uid, pod_ips)?, pod_ips)
+    }
+
+    fn find(&self, uid: &PodUid, pod_ips: &[IpAddr]) -> Result<Netns, PodNetnsError> {
+        let netns = match self.namespaces.get(uid).map(Vec::as_slice) {
+            None | Some([]) => return Err(PodNetnsError::NoProcess),
+            Some([netns]) => netns,
+            Some(namespaces) => {
+                return Err(PodNetnsError::Ambiguous {
+                    namespaces: namespaces.iter().map(Netns::id).collect(),
+                });
+            }
+        };
+        if netns.id == self.own {
+            return Err(PodNetnsError::HostNamespace(self.own));
+        }
+        match first_missing_address(netns, pod_ips).map_err(PodNetnsError::CheckAddresses)? {
+            Some(ip) => Err(PodNetnsError::AddressMismatch {
+                netns: netns.id,
+                ip,
+            }),
+            None => netns.try_clone().map_err(PodNetnsError::OpenNetns),
+        }
+    }
+}
+
+/// The pod's UID, if it is one, provided the pod has an address to confirm its namespace with.
+fn checked(pod_uid: &str, pod_ips: &[IpAddr]) -> Result<PodUid, PodNetnsError> {
+    let uid =
+        PodUid::parse(pod_uid).ok_or_else(|| PodNetnsError::InvalidUid(pod_uid.to_owned()))?;
+    if pod_ips.is_empty() {
+        return Err(PodNetnsError::NoAddress);
+    }
+    Ok(uid)
 }
 
 /// Opens `name` in a process's `directory`.

@@ -14,42 +14,39 @@
 pub(super) const MAX_UID_LEN: usize = 64;
 
 /// A pod UID that can only be read one way in a cgroup path: hexadecimal digits and dashes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct PodUid {
-    uid: String,
-    /// The UID as the systemd driver writes it in slice names: `-` becomes `_`.
-    systemd_escaped: String,
-}
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct PodUid(String);
 
 impl PodUid {
     /// `None` for a UID with other characters, which could mean something else in a cgroup
     /// path or a slice name, or for an empty or overlong one.
     pub(super) fn parse(uid: &str) -> Option<Self> {
         let valid = uid.len() <= MAX_UID_LEN && is_uid_shaped(uid, b'-');
-        valid.then(|| Self {
-            uid: uid.to_owned(),
-            systemd_escaped: uid.replace('-', "_"),
-        })
+        valid.then(|| Self(uid.to_owned()))
     }
 
-    /// Whether a process whose cgroup file reads `cgroup_file` is one of this pod's: a line of
-    /// some hierarchy (v1 or the v2 `0::` line) places it in the pod's cgroup, and no line places
-    /// it in another pod's (hierarchies of cgroup v1 can disagree; then it is nobody's).
-    /// Malformed lines place it nowhere.
-    pub(super) fn owns(&self, cgroup_file: &str) -> bool {
+    /// The pod a process whose cgroup file reads `cgroup_file` belongs to: a line of some
+    /// hierarchy (v1 or the v2 `0::` line) places it in the pod's cgroup, and no line places it
+    /// in another pod's (hierarchies of cgroup v1 can disagree; then it is nobody's). Malformed
+    /// lines place it nowhere.
+    pub(super) fn owning(cgroup_file: &str) -> Option<Self> {
         let mut pods = cgroup_file
             .lines()
             .filter_map(cgroup_path)
             .filter_map(outermost_pod)
-            .peekable();
-        pods.peek().is_some() && pods.all(|pod| self.is(pod))
+            .map(|pod| match pod {
+                PodCgroup::Cgroupfs(uid) => Self(uid.to_owned()),
+                // The systemd driver writes the UID's `-` as `_` in slice names.
+                PodCgroup::Systemd(escaped) => Self(escaped.replace('_', "-")),
+            });
+        let first = pods.next()?;
+        pods.all(|pod| pod == first).then_some(first)
     }
 
-    fn is(&self, pod: PodCgroup<'_>) -> bool {
-        match pod {
-            PodCgroup::Cgroupfs(uid) => uid == self.uid,
-            PodCgroup::Systemd(escaped) => escaped == self.systemd_escaped,
-        }
+    /// Whether a process whose cgroup file reads `cgroup_file` is one of this pod's.
+    #[cfg(test)]
+    fn owns(&self, cgroup_file: &str) -> bool {
+        Self::owning(cgroup_file).as_ref() == Some(self)
     }
 }
 
