@@ -132,9 +132,8 @@ impl PodServer {
         replies: Arc<dyn ReplySockets>,
     ) -> io::Result<()> {
         let own = socket.local_addr()?.ip();
-        let mut buffer = vec![0; MAX_UDP_QUERY];
         loop {
-            let (len, peer, local) = match receive(&socket, &mut buffer).await {
+            let (query, peer, local) = match receive(&socket).await {
                 Ok(Some(received)) => received,
                 Ok(None) => continue,
                 Err(error) => {
@@ -151,7 +150,6 @@ impl PodServer {
                 self.proxy.metrics().dropped(Dropped::TooManyPending);
                 continue;
             };
-            let query = buffer[..len].to_vec();
             let (server, socket, replies) = (self.clone(), socket.clone(), replies.clone());
             tokio::spawn(async move {
                 let reply = server
@@ -296,13 +294,12 @@ impl Bucket {
 
 /// One datagram, with who sent it and the address it was sent to; `None` for one to ignore
 /// (too long, or not IPv4).
-async fn receive(
-    socket: &UdpSocket,
-    buffer: &mut [u8],
-) -> io::Result<Option<(usize, SocketAddrV4, Ipv4Addr)>> {
+async fn receive(socket: &UdpSocket) -> io::Result<Option<(Vec<u8>, SocketAddrV4, Ipv4Addr)>> {
     socket
         .async_io(Interest::READABLE, || {
-            let mut iov = [IoSliceMut::new(buffer)];
+            // On the stack while the datagram is read: an idle pod's server holds no buffer.
+            let mut buffer = [0; MAX_UDP_QUERY];
+            let mut iov = [IoSliceMut::new(&mut buffer)];
             let mut control = nix::cmsg_space!(libc::in_pktinfo);
             let message = nix::sys::socket::recvmsg::<SockaddrIn>(
                 socket.as_raw_fd(),
@@ -321,9 +318,10 @@ async fn receive(
                     _ => None,
                 });
             let truncated = message.flags.contains(MsgFlags::MSG_TRUNC);
-            Ok(match (message.address, local) {
+            let (bytes, peer) = (message.bytes, message.address);
+            Ok(match (peer, local) {
                 (Some(peer), Some(local)) if !truncated => Some((
-                    message.bytes,
+                    buffer[..bytes].to_vec(),
                     SocketAddrV4::new(peer.ip(), peer.port()),
                     local,
                 )),
