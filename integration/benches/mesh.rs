@@ -325,11 +325,7 @@ async fn footprint(pid: u32) -> Footprint {
 /// A number of `/proc/<pid>/status`, without its unit.
 fn status_field(pid: u32, name: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+    measure::status_field(&status, name).unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
 }
 
 /// Several thousand sockets are open at once: the bench's, and the agents' (who inherit it).

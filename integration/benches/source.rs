@@ -38,6 +38,7 @@ use ambit_agent::READY_PATH;
 use ambit_agent::lab::topology::Topology;
 use ambit_agent::lab::{ISTIO_CRDS, InPod};
 use ambit_integration::agent_binary;
+use ambit_test_support::measure;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -325,10 +326,12 @@ async fn resident(pid: u32, readings: usize) -> anyhow::Result<Memory> {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .with_context(|| format!("reading the status of process {pid}"))?;
         let field = |name: &str| {
-            kib(&status, name).with_context(|| format!("{name} in /proc/{pid}/status"))
+            measure::status_field(&status, name)
+                .map(|kib| kib as f64)
+                .with_context(|| format!("{name} in /proc/{pid}/status"))
         };
-        sum.rss += field("VmRSS:")?;
-        sum.anon += field("RssAnon:")?;
+        sum.rss += field("VmRSS")?;
+        sum.anon += field("RssAnon")?;
         tokio::time::sleep(READING_INTERVAL).await;
     }
     let readings = readings as f64;
@@ -336,12 +339,6 @@ async fn resident(pid: u32, readings: usize) -> anyhow::Result<Memory> {
         rss: sum.rss / readings,
         anon: sum.anon / readings,
     })
-}
-
-/// The value of the `name` line of `/proc/<pid>/status`, in KiB.
-fn kib(status: &str, name: &str) -> Option<f64> {
-    let value = status.lines().find_map(|line| line.strip_prefix(name))?;
-    value.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 /// A child process logging to a file; killed when dropped.

@@ -7,6 +7,15 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The number on the `name` line (`VmRSS`, `Threads`, ...) of a process's `/proc/<pid>/status`
+/// text, without its unit (KiB for sizes).
+pub fn status_field(status: &str, name: &str) -> Option<u64> {
+    let value = status
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?;
+    value.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
 /// The request and response size of the latency and connection-rate measurements.
 pub const MESSAGE: usize = 1024;
 

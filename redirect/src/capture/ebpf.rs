@@ -93,11 +93,10 @@ struct Shared {
     sysctls: NetSysctls,
 }
 
-/// The captured pods, and whose listeners the inbound socket hash holds at each pod address.
+/// The captured pods, by namespace.
 #[derive(Debug, Default)]
 struct Pods {
     captures: HashMap<NetnsId, PodCapture>,
-    addresses: HashMap<Ipv4Addr, NetnsId>,
 }
 
 /// One pod's capture.
@@ -110,6 +109,8 @@ struct PodCapture {
     outbound_counters: OutboundCounters,
     /// The indexes of the interfaces the inbound program is attached to.
     interfaces: HashSet<u32>,
+    /// Also tells, of two pods at one address, which was captured last: its listeners are the
+    /// ones in the inbound socket hash.
     generation: u64,
     /// Captures the interfaces added later; stops when dropped.
     _links: links::Watcher,
@@ -187,51 +188,47 @@ impl Shared {
     }
 }
 
-impl Pods {
-    /// Registers the inbound listeners of the pod in `netns` under its cluster address, which
-    /// it takes from any pod that held it before (a pod reusing the address of one still being
-    /// torn down). Its other addresses get no listener, so connections to them are dropped (the
-    /// agent would refuse them): registering every address a pod claims would let one pod fill
-    /// the socket hash, or take a neighbour's traffic by adding its address.
-    fn register_address(
-        &mut self,
-        shared: &Shared,
-        netns: NetnsId,
-        target: &CaptureTarget,
-    ) -> Result<(), CaptureError> {
-        let Some(pod) = self.captures.get(&netns) else {
-            return Ok(());
-        };
-        let address = pod.pod_ip;
-        let mut inbound = shared.inbound();
-        let mut listeners = inbound_listeners(&mut inbound)?;
-        self.addresses.insert(address, netns);
-        for (index, socket) in [
-            (listener::INBOUND_PLAINTEXT, &target.inbound_plaintext),
-            (listener::HBONE, &target.hbone),
-        ] {
-            if let Err(error) =
-                listeners.insert(listener_key(address.octets(), index), socket.as_raw_fd(), 0)
-            {
-                // Neither listener then: the pod's inbound fails closed, whatever its port.
-                forget(&mut listeners, address);
-                self.addresses.remove(&address);
-                return Err(ebpf_error(
-                    "adding an inbound listener to the socket hash (full at 2,048 pods?)",
-                    error,
-                ));
-            }
+/// Registers a pod's inbound listeners under its cluster address `pod_ip`, which it takes from
+/// any pod that held it before (a pod reusing the address of one still being torn down). Its
+/// other addresses get no listener, so connections to them are dropped (the agent would refuse
+/// them): registering every address a pod claims would let one pod fill the socket hash, or
+/// take a neighbour's traffic by adding its address.
+fn register_listeners(
+    shared: &Shared,
+    pod_ip: Ipv4Addr,
+    target: &CaptureTarget,
+) -> Result<(), CaptureError> {
+    let mut inbound = shared.inbound();
+    let mut listeners = inbound_listeners(&mut inbound)?;
+    for (index, socket) in [
+        (listener::INBOUND_PLAINTEXT, &target.inbound_plaintext),
+        (listener::HBONE, &target.hbone),
+    ] {
+        if let Err(error) =
+            listeners.insert(listener_key(pod_ip.octets(), index), socket.as_raw_fd(), 0)
+        {
+            // Neither listener then: the pod's inbound fails closed, whatever its port.
+            forget(&mut listeners, pod_ip);
+            return Err(ebpf_error(
+                "adding an inbound listener to the socket hash (full at 2,048 pods?)",
+                error,
+            ));
         }
-        Ok(())
     }
+    Ok(())
+}
 
-    /// Removes the pod's capture and its listeners from the socket hash.
+impl Pods {
+    /// Removes the pod's capture, and its listeners from the socket hash unless a pod captured
+    /// after it holds its address.
     fn remove(&mut self, shared: &Shared, netns: NetnsId) -> Option<PodCapture> {
         let capture = self.captures.remove(&netns)?;
-        let mut inbound = shared.inbound();
-        if self.addresses.get(&capture.pod_ip) == Some(&netns) {
-            self.addresses.remove(&capture.pod_ip);
-            match inbound_listeners(&mut inbound) {
+        let taken = self
+            .captures
+            .values()
+            .any(|pod| pod.pod_ip == capture.pod_ip && pod.generation > capture.generation);
+        if !taken {
+            match inbound_listeners(&mut shared.inbound()) {
                 Ok(mut listeners) => forget(&mut listeners, capture.pod_ip),
                 Err(error) => {
                     tracing::warn!(%netns, error = %chain(&error), "failed to remove the pod's inbound listeners");
@@ -323,8 +320,7 @@ impl CaptureBackend for Ebpf {
         if let Some(replaced) = pods.captures.insert(id, capture) {
             self.retire(&replaced);
         }
-        let captured = pods
-            .register_address(&self.shared, id, target)
+        let captured = register_listeners(&self.shared, pod_ip, target)
             .and_then(|()| pods.capture_interfaces(&self.shared, id));
         if captured.is_err()
             && let Some(failed) = pods.remove(&self.shared, id)
