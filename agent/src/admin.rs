@@ -20,6 +20,7 @@ use crate::balance::Balancer;
 use crate::dns::NodeDns;
 use crate::egress::OutboundTrafficPolicy;
 use crate::enrolment::{Capture, CaptureStatus, FoundBy};
+use crate::handover::HandoverStatus;
 use crate::http_server::{Body, Handler, json, respond, text};
 use crate::logging::LogLevel;
 use crate::policy::{Action, MtlsMode, Scope};
@@ -61,6 +62,8 @@ pub(crate) struct AdminApi {
     pub(crate) balancer: Arc<Balancer>,
     pub(crate) log_level: LogLevel,
     pub(crate) egress: EgressContext,
+    /// This agent, and the one it replaced.
+    pub(crate) handover: Arc<HandoverStatus>,
 }
 
 /// What egress decisions are made with: the default outbound traffic policy, and what each pod
@@ -87,6 +90,7 @@ impl Handler for AdminApi {
                 level: self.log_level.get(),
             }),
             (&Method::POST, "/logging") => self.set_log_level(query),
+            (&Method::GET, "/debug/agent") => json(&self.handover.view()),
             (&Method::GET, "/debug/workloads") => json(&self.workloads()),
             (&Method::GET, "/debug/services") => {
                 json(&services(&self.states.borrow(), &self.balancer))

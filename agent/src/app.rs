@@ -12,21 +12,23 @@ use ambit_redirect::{CaptureBackend, Ebpf, HostProc, NetSysctls, Nftables};
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::views::EffectiveConfig;
 use crate::admin::{AdminApi, EgressContext, MetricsEndpoint};
 use crate::admission::Admission;
 use crate::balance::Balancer;
-use crate::cni_server::{self, CniServer};
+use crate::cni_server::CniServer;
 use crate::config::{AgentConfig, CaConfig, RedirectKind, SourceConfig};
 use crate::dns::NodeDns;
 use crate::drain::{self, DrainTrigger, DrainWatcher};
 use crate::enrolment::{CaptureStatus, Discovery, Enrolment, PassListing};
 use crate::error_chain::ErrorChain;
+use crate::handover::{self, HandoverMetrics, HandoverServer, HandoverStatus, Predecessor};
 use crate::hbone::{ClientSettings, HboneClient};
 use crate::http_server;
 use crate::logging::Logging;
+use crate::node_listeners::NodeListeners;
 use crate::readiness::Readiness;
 use crate::revocation::Revocations;
 use crate::sandboxes::Sandboxes;
@@ -37,7 +39,8 @@ use crate::telemetry::{self, Metrics, Telemetry};
 /// How long the control plane gets to finish what it is doing once the data plane drained.
 const CONTROL_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
-/// Runs the node agent until SIGTERM or SIGINT, then drains it.
+/// Runs the node agent until SIGTERM or SIGINT, or until a successor replaces it, then drains
+/// it.
 pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result<()> {
     raise_file_limit();
     let mut stop = StopSignals::install()?;
@@ -49,19 +52,20 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     let (source, discovery) = open_source(&config).await?;
     let capture = capture_backend(config.redirect, &config.host_proc)?;
     let capture_name = capture.name();
-    let readiness_listener = bind("--readiness-addr", config.readiness_addr).await?;
-    let metrics_listener = bind("--metrics-addr", config.metrics_addr).await?;
-    let admin_listener = bind("--admin-addr", config.admin_addr).await?;
-    let cni_listener = match &config.source {
-        SourceConfig::Kubernetes {
-            cni_socket: Some(path),
-            ..
-        } => Some(cni_server::bind(path).context("--cni-socket")?),
-        _ => None,
+    let mut metrics = Metrics::new();
+    let handover_metrics = HandoverMetrics::register(metrics.ambit_registry());
+    let mut predecessor = match config.take_over {
+        true => handover::take_over(&config.handover_socket, capture_name, &handover_metrics)
+            .await
+            .context("--take-over")?,
+        false => None,
     };
+    let listeners = NodeListeners::open(&config, predecessor.as_mut()).await?;
+    let handed_listeners = listeners
+        .duplicates()
+        .context("duplicating the node's listeners")?;
 
     let client = HboneClient::new(certificates.clone(), ClientSettings::default());
-    let mut metrics = Metrics::new();
     metrics.register_node(certificates.clone(), client.clone(), capture.clone());
     let forwarder = Forwarder::from_resolv_conf(&config.dns_upstream).context("--dns-upstream")?;
     let dns = Arc::new(NodeDns::new(
@@ -79,12 +83,14 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         config.baseline_learn,
         config.cluster_id.clone(),
     ));
+    let handover_status = Arc::new(HandoverStatus::new(capture_name));
 
     // The data plane drains first. The control plane keeps working meanwhile and stops after
     // it: the source and revocation, so that a policy change still closes draining connections
-    // it denies, and the HTTP servers (readiness says "not ready", metrics are scraped).
+    // it denies. The node's listeners stop with it, or at once when a successor takes them.
     let (trigger, watcher) = drain::channel();
     let (control_trigger, control) = drain::channel();
+    let (listeners_trigger, listeners_watcher) = drain::channel();
     let (states, states_rx) = watch::channel(Arc::new(ClusterState::default()));
     let (capture_status, capture_status_rx) = watch::channel(CaptureStatus::new());
     // Made before the source runs, so that its first state counts as a change.
@@ -105,24 +111,29 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
             default: config.outbound_traffic_policy,
             dns: dns.clone(),
         },
+        handover: handover_status.clone(),
     };
-    let servers = HttpServers {
-        readiness: (readiness_listener, readiness.clone()),
-        metrics: (metrics_listener, MetricsEndpoint(telemetry.clone())),
-        admin: (admin_listener, admin),
-    };
-    servers.spawn(control.clone());
-    let cni = cni_listener
-        .zip(discovery.sandboxes().cloned())
-        .map(|(listener, sandboxes)| {
-            let server = CniServer {
-                sandboxes,
-                states: states_rx.clone(),
-                capture_status: capture_status_rx.clone(),
-                capture: capture.clone(),
-            };
-            (server, listener)
+    let cni = listeners.cni.map(|listener| {
+        let server = discovery.sandboxes().cloned().map(|sandboxes| CniServer {
+            sandboxes,
+            states: states_rx.clone(),
+            capture_status: capture_status_rx.clone(),
+            capture: capture.clone(),
         });
+        (server, listener)
+    });
+    let servers = HttpServers {
+        readiness: (listeners.readiness, readiness.clone()),
+        metrics: (listeners.metrics, MetricsEndpoint(telemetry.clone())),
+        admin: (listeners.admin, admin),
+    };
+    // While a predecessor still accepts on the listeners it handed over, it answers them: this
+    // agent serves them once it has taken over.
+    let taking_over = predecessor.as_ref().is_some_and(|p| !p.was_stopped());
+    let mut servers = Some(servers);
+    if !taking_over && let Some(servers) = servers.take() {
+        servers.spawn(listeners_watcher.clone());
+    }
 
     // Nothing is enrolled, and readiness stays off, until the source has the whole cluster: a
     // state without its policies would let through what they deny.
@@ -133,8 +144,8 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
             return Ok(());
         }
     }
-    if let Some((server, listener)) = cni {
-        tokio::spawn(server.serve(listener, control.clone()));
+    if let Some((Some(server), listener)) = cni {
+        tokio::spawn(server.serve(listener, listeners_watcher.clone()));
     }
     tokio::spawn(telemetry::remove_departed(
         telemetry.clone(),
@@ -145,6 +156,8 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     // Ends with the source.
     let revocations = Arc::new(Revocations::default());
     tokio::spawn(revocations.clone().run(states_rx.clone()));
+    let (offers, offer_requests) = mpsc::channel(1);
+    let (first_pass, first_pass_done) = oneshot::channel();
     let enrolment = Enrolment {
         node: config.node.clone(),
         trust_domain: config.trust_domain.clone(),
@@ -154,22 +167,67 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         certificates,
         states: states_rx,
         readiness: readiness.clone(),
-        telemetry,
+        telemetry: telemetry.clone(),
         admission,
         revocations,
         balancer,
         status: capture_status,
         dns,
         outbound_policy: config.outbound_traffic_policy,
+        handed_over: predecessor
+            .as_ref()
+            .map(Predecessor::pods)
+            .unwrap_or_default(),
+        first_pass: Some(first_pass),
+        offers: offer_requests,
     };
     tokio::spawn(enrolment.run(watcher));
     tracing::info!(node = config.node, capture = capture_name, "agent started");
 
+    if let Some(predecessor) = predecessor {
+        // Every pod handed over is enrolled on its listeners before the predecessor stops
+        // accepting on them.
+        tokio::select! {
+            _ = first_pass_done => {}
+            () = stop.received() => {
+                tracing::info!("stopped before taking over; the running agent carries on");
+                return Ok(());
+            }
+        }
+        if let Some(servers) = servers.take() {
+            servers.spawn(listeners_watcher.clone());
+        }
+        tokio::spawn(predecessor.complete(handover_status, handover_metrics.clone()));
+    }
+    let (replaced, mut replaced_by) = oneshot::channel();
+    let handover_server = HandoverServer {
+        capture: capture_name,
+        listeners: handed_listeners,
+        enrolment: offers,
+        readiness: readiness.clone(),
+        telemetry,
+        metrics: handover_metrics,
+        drain_timeout: config.drain_timeout,
+    };
+    tokio::spawn(handover_server.serve(listeners.handover, replaced));
+    drop(listeners_watcher);
+
     // The source runs until the drain: if it ends before, the agent would go on with a frozen
     // view of the cluster. It exits instead; capture stays in place, failing closed, until it
     // is restarted.
+    let mut listeners_trigger = Some(listeners_trigger);
+    // Signals that end the drain at once: the second, or the first after a replacement (the
+    // successor's rollout then stops this agent's pod as it drains).
+    let mut cut_short_after = 1;
     tokio::select! {
         () = stop.received() => {}
+        Ok(_) = &mut replaced_by => {
+            // The successor accepts on the node's listeners now.
+            if let Some(listeners) = listeners_trigger.take() {
+                tokio::spawn(listeners.drain());
+            }
+            cut_short_after = 2;
+        }
         ended = source => return Err(match ended {
             Err(error) if error.is_panic() => anyhow::anyhow!("the source panicked"),
             _ => anyhow::anyhow!("the source stopped"),
@@ -179,8 +237,8 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         config.drain_timeout,
         &mut stop,
         &readiness,
-        trigger,
-        control_trigger,
+        (trigger, cut_short_after),
+        [Some(control_trigger), listeners_trigger],
     )
     .await
 }
@@ -270,14 +328,15 @@ impl StopSignals {
     }
 }
 
-/// Drains, once asked to stop: readiness off, the data plane's connections given `deadline` to
-/// finish (a second signal cuts that short), then the control plane stopped.
+/// Drains, once asked to stop (or replaced): readiness off, the data plane's connections given
+/// `deadline` to finish (`cut_short_after` signals end that at once), then the control plane and
+/// what else is left stopped.
 async fn shut_down(
     deadline: Duration,
     stop: &mut StopSignals,
     readiness: &Readiness,
-    data_plane: DrainTrigger,
-    control_plane: DrainTrigger,
+    (data_plane, cut_short_after): (DrainTrigger, usize),
+    then: [Option<DrainTrigger>; 2],
 ) -> anyhow::Result<()> {
     readiness.drain();
     tracing::info!(
@@ -289,9 +348,14 @@ async fn shut_down(
             Ok(()) => tracing::info!("drained"),
             Err(_) => tracing::warn!(?deadline, "connections still open at the drain deadline; closing them"),
         },
-        () = stop.received() => tracing::warn!("asked again to stop; closing the open connections"),
+        () = async {
+            for _ in 0..cut_short_after {
+                stop.received().await;
+            }
+        } => tracing::warn!("asked again to stop; closing the open connections"),
     }
-    let _ = tokio::time::timeout(CONTROL_SHUTDOWN_GRACE, control_plane.drain()).await;
+    let rest = futures_util::future::join_all(then.into_iter().flatten().map(DrainTrigger::drain));
+    let _ = tokio::time::timeout(CONTROL_SHUTDOWN_GRACE, rest).await;
     Ok(())
 }
 
@@ -404,6 +468,8 @@ fn effective_config(config: &AgentConfig, capture: &str) -> EffectiveConfig {
         metrics_series_grace_seconds: config.metrics_series_grace.as_secs(),
         log_format: format!("{:?}", config.log_format).to_lowercase(),
         drain_timeout_seconds: config.drain_timeout.as_secs(),
+        handover_socket: display(&config.handover_socket),
+        take_over: config.take_over,
         handshake_timeout_seconds: config.pending_limits.handshake_timeout.as_secs(),
         max_pending_connections: config.pending_limits.node,
         max_pending_per_source: config.pending_limits.per_source,

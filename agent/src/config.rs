@@ -146,6 +146,20 @@ pub struct AgentArgs {
     /// ends the wait at once).
     #[arg(long, env = "AMBIT_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// The Unix socket where this agent answers the next one, started beside it to take over.
+    #[arg(
+        long,
+        env = "AMBIT_HANDOVER_SOCKET",
+        default_value = "/run/ambit/handover.sock"
+    )]
+    pub handover_socket: PathBuf,
+    /// Take over from the agent running on this node (found at `--handover-socket`): it hands
+    /// over its listeners and drains, so that no connection is refused or reset. When it cannot
+    /// (another version of the protocol, another `--redirect`), it is stopped instead and the
+    /// node's pods fail closed until this agent captures them. With no agent running, starts as
+    /// usual.
+    #[arg(long, env = "AMBIT_TAKE_OVER")]
+    pub take_over: bool,
     /// How long a Service endpoint that failed a connection (refused, timed out, unreachable) is
     /// left out of the choice; each ejection in a row lasts this much longer, up to 5 minutes.
     /// `0s` never ejects.
@@ -249,6 +263,8 @@ pub struct AgentConfig {
     pub metrics_series_grace: Duration,
     pub log_format: LogFormat,
     pub drain_timeout: Duration,
+    pub handover_socket: PathBuf,
+    pub take_over: bool,
     pub outlier_ejection: Duration,
     pub pending_limits: PendingLimits,
     pub outbound_traffic_policy: OutboundTrafficPolicy,
@@ -350,6 +366,8 @@ impl TryFrom<AgentArgs> for AgentConfig {
             metrics_series_grace: args.metrics_series_grace,
             log_format: args.log_format,
             drain_timeout: args.drain_timeout,
+            handover_socket: args.handover_socket,
+            take_over: args.take_over,
             outlier_ejection: args.outlier_ejection,
             outbound_traffic_policy: args.outbound_traffic_policy,
             cluster_domain: args.cluster_domain,

@@ -41,6 +41,9 @@ enum Output {
 
 #[derive(Debug, Subcommand)]
 enum DebugCommand {
+    /// This agent (pid, version, capture backend), and the agent it replaced while that one
+    /// drains.
+    Agent,
     /// The workloads the agent knows, and whether this node's are captured.
     Workloads,
     /// The services the agent knows.
@@ -132,6 +135,7 @@ impl DebugArgs {
         let client = AdminClient::new(admin);
         let json = self.output == Output::Json;
         let text = match self.command {
+            DebugCommand::Agent => show(&client, "/debug/agent", json, render::agent).await?,
             DebugCommand::Workloads => {
                 show(&client, "/debug/workloads", json, render::workloads).await?
             }

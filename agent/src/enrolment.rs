@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use ambit_identity::{CertificateManager, Identity, IdentityError, TrustDomain};
 use ambit_redirect::{
-    CaptureBackend, CaptureError, HostProc, Netns, NetnsError, PodNetns, PodNetnsError,
-    PodProcesses,
+    CaptureBackend, CaptureError, CaptureTarget, HostProc, Netns, NetnsError, PodNetns,
+    PodNetnsError, PodProcesses,
 };
 use futures_util::{StreamExt, stream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admission::Admission;
 use crate::balance::Balancer;
@@ -26,6 +26,7 @@ use crate::dns::NodeDns;
 use crate::drain::{self, DrainTrigger, DrainWatcher};
 use crate::egress::OutboundTrafficPolicy;
 use crate::error_chain::ErrorChain;
+use crate::handover::{HandedPods, OfferRequest, OfferedPod};
 use crate::hbone::HboneClient;
 use crate::proxy::{self, Pod, ProxyError};
 use crate::readiness::Readiness;
@@ -273,6 +274,12 @@ pub(crate) struct Enrolment {
     pub(crate) status: watch::Sender<CaptureStatus>,
     pub(crate) dns: Arc<NodeDns>,
     pub(crate) outbound_policy: OutboundTrafficPolicy,
+    /// The listeners the agent this one replaced handed over, by pod.
+    pub(crate) handed_over: HandedPods,
+    /// Told once the first pass is over: every pod handed over is enrolled, or failed to be.
+    pub(crate) first_pass: Option<oneshot::Sender<()>>,
+    /// A successor asking for the pods' listeners.
+    pub(crate) offers: mpsc::Receiver<OfferRequest>,
 }
 
 #[derive(Debug)]
@@ -283,14 +290,17 @@ struct EnrolledPod {
     identity: watch::Sender<Option<Identity>>,
     netns: PodNetns,
     found_by: FoundBy,
+    /// What the proxies accept on, kept to hand over.
+    listeners: Arc<CaptureTarget>,
     /// Dropping it stops the pod's proxies.
     proxies: DrainTrigger,
 }
 
 impl Enrolment {
-    /// Keeps the node's pods captured until a drain starts. Then the proxies stop accepting
-    /// and the connections they carry are waited for (this task holds the agent's drain
-    /// watcher meanwhile); capture stays, so that new connections fail closed.
+    /// Keeps the node's pods captured until a drain starts, or a successor takes over. Then the
+    /// proxies stop accepting and the connections they carry are waited for (this task holds
+    /// the agent's drain watcher meanwhile); capture stays, so that new connections fail closed
+    /// (or go to the successor).
     pub(crate) async fn run(mut self, mut drain: DrainWatcher) {
         self.remove_leftovers().await;
         let mut pods = HashMap::new();
@@ -300,6 +310,9 @@ impl Enrolment {
             tokio::select! {
                 () = drain.signaled() => break,
                 () = self.reconcile(&mut pods) => {}
+            }
+            if let Some(first_pass) = self.first_pass.take() {
+                let _ = first_pass.send(());
             }
             let (pending, refused) = {
                 let status = self.status.borrow();
@@ -320,13 +333,41 @@ impl Enrolment {
                 () = drain.signaled() => break,
                 changed = self.states.changed() => if changed.is_err() { break },
                 () = tokio::time::sleep(RETRY_INTERVAL), if pending > 0 => {}
+                Some(offer) = self.offers.recv() => if Self::offer(&pods, offer, &mut drain).await {
+                    break;
+                },
             }
         }
+        self.capture.relinquish();
         let mut draining = tokio::task::JoinSet::new();
         for pod in pods.into_values() {
             draining.spawn(pod.proxies.drain());
         }
         draining.join_all().await;
+    }
+
+    /// Offers the pods' listeners to a successor, and waits, enrolling nothing, for the outcome:
+    /// whether the successor took over (or a drain started).
+    async fn offer(
+        pods: &HashMap<WorkloadUid, EnrolledPod>,
+        request: OfferRequest,
+        drain: &mut DrainWatcher,
+    ) -> bool {
+        let offered = pods
+            .values()
+            .map(|pod| OfferedPod {
+                uid: pod.workload.uid.clone(),
+                netns: pod.netns.clone(),
+                listeners: pod.listeners.clone(),
+            })
+            .collect();
+        if request.pods.send(offered).is_err() {
+            return false;
+        }
+        tokio::select! {
+            () = drain.signaled() => true,
+            outcome = request.outcome => outcome.is_ok(),
+        }
     }
 
     /// Brings the enrolled pods in line with the state, publishing where each pod stands as it
@@ -543,6 +584,10 @@ impl Enrolment {
             uid: workload.uid.clone(),
             ip,
         };
+        let listeners = Arc::new(match self.handed_over.take(&local.uid, &netns, ip) {
+            Some(listeners) => listeners,
+            None => proxy::listen(&netns, ip).await.map_err(EnrolError::Proxy)?,
+        });
         let names = self.dns.names(&local);
         let pod = Pod {
             workload: local.clone(),
@@ -559,14 +604,14 @@ impl Enrolment {
             dns: self.dns.clone(),
             outbound_policy: self.outbound_policy,
         };
-        let target = match proxy::start(pod, &netns, self.certificates.clone(), watcher).await {
-            Ok(target) => target,
-            Err(error) => {
-                self.dns.forget(&local.uid, &names);
-                return Err(EnrolError::Proxy(error));
-            }
-        };
+        let started =
+            proxy::start(pod, &listeners, &netns, self.certificates.clone(), watcher).await;
+        if let Err(error) = started {
+            self.dns.forget(&local.uid, &names);
+            return Err(EnrolError::Proxy(error));
+        }
         let capture = self.capture.clone();
+        let target = listeners.clone();
         netns
             .run(move || capture.enable(&target))
             .await
@@ -580,6 +625,7 @@ impl Enrolment {
             identity,
             netns,
             found_by,
+            listeners,
             proxies: trigger,
         })
     }

@@ -38,9 +38,11 @@ mod error_chain;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;
+mod handover;
 mod hbone;
 mod http_server;
 mod logging;
+mod node_listeners;
 mod proxy;
 mod readiness;
 mod revocation;

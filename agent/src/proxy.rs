@@ -5,7 +5,7 @@ mod inbound;
 mod outbound;
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsFd;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use ambit_dns::DnsSockets;
@@ -89,20 +89,22 @@ impl Pod {
     }
 }
 
-/// Opens the three listeners and the DNS proxy's sockets inside the pod, then runs their
-/// proxies until `drain` fires. Returns what capture steers to: the sockets (duplicated
-/// descriptors).
-pub(crate) async fn start(
-    pod: Pod,
-    netns: &PodNetns,
-    certificates: Arc<CertificateManager>,
-    drain: DrainWatcher,
-) -> Result<CaptureTarget, ProxyError> {
+/// Opens the three listeners and the DNS proxy's sockets inside the pod: what capture steers
+/// to, and what the proxies serve.
+pub(crate) async fn listen(netns: &PodNetns, ip: IpAddr) -> Result<CaptureTarget, ProxyError> {
     // Transparent, as capture hands them connections addressed to other addresses.
-    let ip = pod.workload.ip;
-    let outbound = listen(netns, ip, OUTBOUND_PORT).await?;
-    let hbone = listen(netns, ip, HBONE_PORT).await?;
-    let plaintext = listen(netns, ip, INBOUND_PLAINTEXT_PORT).await?;
+    let listener = |port| async move {
+        let addr: SocketAddr = socket::any(ip, port);
+        netns
+            .run(move || socket::listener(addr, true))
+            .await
+            .map_err(ProxyError::Netns)?
+            .map(OwnedFd::from)
+            .map_err(|source| ProxyError::Listen { port, source })
+    };
+    let outbound = listener(OUTBOUND_PORT).await?;
+    let hbone = listener(HBONE_PORT).await?;
+    let inbound_plaintext = listener(INBOUND_PLAINTEXT_PORT).await?;
     let (dns_udp, dns_tcp) = netns
         .run(|| socket::dns_sockets(DNS_PORT))
         .await
@@ -111,20 +113,39 @@ pub(crate) async fn start(
             port: DNS_PORT,
             source,
         })?;
-    let duplicate = |socket: &dyn AsFd, port| {
+    Ok(CaptureTarget {
+        pod_ip: ip,
+        outbound,
+        inbound_plaintext,
+        hbone,
+        dns_udp: dns_udp.into(),
+        dns_tcp: dns_tcp.into(),
+    })
+}
+
+/// Runs the pod's proxies on duplicates of `listeners` (opened by [`listen`], or handed over by
+/// the agent this one replaced) until `drain` fires.
+pub(crate) async fn start(
+    pod: Pod,
+    listeners: &CaptureTarget,
+    netns: &PodNetns,
+    certificates: Arc<CertificateManager>,
+    drain: DrainWatcher,
+) -> Result<(), ProxyError> {
+    let duplicate = |socket: &OwnedFd, port| {
         socket
-            .as_fd()
-            .try_clone_to_owned()
+            .try_clone()
             .map_err(|source| ProxyError::Listen { port, source })
     };
-    let target = CaptureTarget {
-        pod_ip: ip,
-        outbound: duplicate(&outbound, OUTBOUND_PORT)?,
-        inbound_plaintext: duplicate(&plaintext, INBOUND_PLAINTEXT_PORT)?,
-        hbone: duplicate(&hbone, HBONE_PORT)?,
-        dns_udp: duplicate(&dns_udp, DNS_PORT)?,
-        dns_tcp: duplicate(&dns_tcp, DNS_PORT)?,
+    let tcp = |socket: &OwnedFd, port| {
+        TcpListener::from_std(std::net::TcpListener::from(duplicate(socket, port)?))
+            .map_err(|source| ProxyError::Listen { port, source })
     };
+    let outbound = tcp(&listeners.outbound, OUTBOUND_PORT)?;
+    let hbone = tcp(&listeners.hbone, HBONE_PORT)?;
+    let plaintext = tcp(&listeners.inbound_plaintext, INBOUND_PLAINTEXT_PORT)?;
+    let dns_udp = std::net::UdpSocket::from(duplicate(&listeners.dns_udp, DNS_PORT)?);
+    let dns_tcp = std::net::TcpListener::from(duplicate(&listeners.dns_tcp, DNS_PORT)?);
     let dns_sockets = DnsSockets {
         udp: dns_udp,
         tcp: dns_tcp,
@@ -169,16 +190,5 @@ pub(crate) async fn start(
         drain.clone(),
     ));
     tokio::spawn(outbound::serve(pod, outbound, drain));
-    Ok(target)
-}
-
-async fn listen(netns: &PodNetns, ip: IpAddr, port: u16) -> Result<TcpListener, ProxyError> {
-    let listen_error = |source| ProxyError::Listen { port, source };
-    let addr: SocketAddr = socket::any(ip, port);
-    let listener = netns
-        .run(move || socket::listener(addr, true))
-        .await
-        .map_err(ProxyError::Netns)?
-        .map_err(listen_error)?;
-    TcpListener::from_std(listener).map_err(listen_error)
+    Ok(())
 }

@@ -1,5 +1,5 @@
 //! `GET /healthz/ready` on :15021: ready once the source has synced and every enrolled pod is
-//! captured, and not ready from the moment the agent starts draining.
+//! captured, and not ready from the moment the agent starts draining or handing over.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +18,7 @@ pub const READY_PATH: &str = "/healthz/ready";
 pub(crate) struct Readiness {
     captured: Arc<AtomicBool>,
     draining: Arc<AtomicBool>,
+    handing_over: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -31,8 +32,16 @@ impl Readiness {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Not ready while the agent hands its listeners over: the successor's readiness probe may
+    /// reach this agent on the node's shared port, and must not see it ready.
+    pub(crate) fn hand_over(&self, handing_over: bool) {
+        self.handing_over.store(handing_over, Ordering::Relaxed);
+    }
+
     fn ready(&self) -> bool {
-        self.captured.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
+        self.captured.load(Ordering::Relaxed)
+            && !self.draining.load(Ordering::Relaxed)
+            && !self.handing_over.load(Ordering::Relaxed)
     }
 }
 

@@ -97,6 +97,10 @@ pub trait CaptureBackend: Send + Sync + std::fmt::Debug + 'static {
         Ok(nftables::table_exists()? || routing::any_installed().map_err(CaptureError::Routing)?)
     }
 
+    /// Stops maintaining the pods' capture and lets go of what the agent holds for it, leaving
+    /// it in place: another agent has replaced (or is replacing) it in every pod.
+    fn relinquish(&self) {}
+
     /// What the backend's kernel programs counted; `None` for a backend without programs.
     fn counters(&self) -> Option<CaptureCounters> {
         None

@@ -11,7 +11,7 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -81,6 +81,33 @@ impl Netns {
             },
             fd: file.into(),
         })
+    }
+
+    /// The namespace of a descriptor received from elsewhere (another agent, over a Unix
+    /// socket).
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, NetnsError> {
+        Self::from_file(File::from(fd), Path::new("(a received descriptor)"))
+    }
+
+    /// The namespace a socket was created in.
+    pub fn of_socket(socket: BorrowedFd<'_>) -> Result<Self, NetnsError> {
+        let path = Path::new("(a socket's namespace)");
+        // The kernel's SIOCGSKNS: a new descriptor of the socket's network namespace.
+        const SIOCGSKNS: nix::libc::c_ulong = 0x894C;
+        #[expect(unsafe_code, reason = "SIOCGSKNS has no safe wrapper")]
+        // SAFETY: the ioctl takes no argument and only reads the socket `socket` names, which is
+        // open for the duration of the borrow.
+        let fd = unsafe { nix::libc::ioctl(socket.as_raw_fd(), SIOCGSKNS) };
+        if fd < 0 {
+            return Err(NetnsError::Open(
+                path.to_owned(),
+                io::Error::last_os_error(),
+            ));
+        }
+        #[expect(unsafe_code, reason = "a descriptor the kernel returned as an integer")]
+        // SAFETY: the ioctl succeeded, so `fd` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Self::from_file(File::from(fd), path)
     }
 
     /// The namespace of the calling thread.
@@ -215,6 +242,12 @@ fn local_addresses() -> Vec<IpAddr> {
 #[derive(Debug, Clone)]
 pub struct PodNetns {
     netns: Arc<Netns>,
+}
+
+impl AsFd for PodNetns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.netns.as_fd()
+    }
 }
 
 impl PodNetns {

@@ -193,6 +193,8 @@ pub struct EffectiveConfig {
     pub metrics_series_grace_seconds: u64,
     pub log_format: String,
     pub drain_timeout_seconds: u64,
+    pub handover_socket: String,
+    pub take_over: bool,
     pub handshake_timeout_seconds: u64,
     pub max_pending_connections: usize,
     pub max_pending_per_source: usize,
@@ -232,4 +234,27 @@ pub struct EgressView {
     pub policy: String,
     pub allowed: bool,
     pub reason: String,
+}
+
+/// What `ambit debug agent` shows of an agent this one replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PredecessorView {
+    pub pid: u32,
+    /// `taken over` (this agent has its listeners), `stopped` (it could not hand over), or
+    /// `exited`.
+    pub state: String,
+    /// The sockets it still carries.
+    pub open_sockets: u64,
+    /// How long until it closes them, as it last said.
+    pub deadline_seconds: u64,
+}
+
+/// `GET /debug/agent`: this agent, and the one it replaced, if it still drains or just exited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub pid: u32,
+    pub version: String,
+    pub capture: String,
+    pub uptime_seconds: u64,
+    pub predecessor: Option<PredecessorView>,
 }

@@ -5,8 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::admin::views::{
-    CertificateView, CheckView, ConnectionView, DnsView, Edge, PeerView, PoliciesView, ServiceView,
-    WorkloadView,
+    AgentView, CertificateView, CheckView, ConnectionView, DnsView, Edge, PeerView, PoliciesView,
+    ServiceView, WorkloadView,
 };
 
 /// `view` as pretty JSON, or as `table` renders it.
@@ -16,6 +16,52 @@ pub(super) fn output<T: Serialize>(view: &T, json: bool, table: impl Fn(&T) -> S
     } else {
         table(view)
     }
+}
+
+/// This agent, then the one it replaced, if any.
+pub(super) fn agent(view: &AgentView) -> String {
+    let mut table = Table::new(&[
+        "AGENT",
+        "PID",
+        "VERSION",
+        "CAPTURE",
+        "STATE",
+        "OPEN SOCKETS",
+        "DEADLINE",
+    ]);
+    table.row(vec![
+        "this".to_owned(),
+        view.pid.to_string(),
+        view.version.clone(),
+        view.capture.clone(),
+        format!(
+            "serving for {}",
+            span(Duration::from_secs(view.uptime_seconds))
+        ),
+        "-".to_owned(),
+        "-".to_owned(),
+    ]);
+    if let Some(predecessor) = &view.predecessor {
+        let draining = predecessor.state != "exited";
+        table.row(vec![
+            "previous".to_owned(),
+            predecessor.pid.to_string(),
+            "-".to_owned(),
+            "-".to_owned(),
+            if draining {
+                format!("draining ({})", predecessor.state)
+            } else {
+                predecessor.state.clone()
+            },
+            predecessor.open_sockets.to_string(),
+            if draining {
+                format!("{}s", predecessor.deadline_seconds)
+            } else {
+                "-".to_owned()
+            },
+        ]);
+    }
+    table.render()
 }
 
 /// Columns padded to their widest cell.

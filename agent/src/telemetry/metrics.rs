@@ -302,6 +302,20 @@ impl Metrics {
         OpenSocket(gauge)
     }
 
+    /// The sockets accepted and still open, as `istio_tcp_sockets_open` counts them.
+    pub(crate) fn open_sockets(&self) -> u64 {
+        let open: i64 = [Reporter::Source, Reporter::Destination]
+            .into_iter()
+            .map(|reporter| {
+                let labels = SocketLabels {
+                    reporter: reporter.as_str(),
+                };
+                self.open_sockets.get_or_create(&labels).get()
+            })
+            .sum();
+        u64::try_from(open).unwrap_or(0)
+    }
+
     /// Registers Istio's DNS metrics, and the DNS proxy's own.
     pub(crate) fn register_dns(&mut self) -> ambit_dns::DnsMetrics {
         ambit_dns::DnsMetrics::register(&mut self.registry)

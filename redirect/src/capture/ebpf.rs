@@ -339,6 +339,16 @@ impl CaptureBackend for Ebpf {
         super::remove_all(&self.shared.sysctls)
     }
 
+    /// Stops the link watchers, which would otherwise attach this agent's program over the
+    /// successor's, and drops the outbound links: the successor attached its own. The socket
+    /// hash and the filters are left as they are.
+    fn relinquish(&self) {
+        let captures = mem::take(&mut self.shared.pods().captures);
+        for capture in captures.values() {
+            self.retire(capture);
+        }
+    }
+
     fn counters(&self) -> Option<CaptureCounters> {
         let mut total = *self.retired.lock().unwrap_or_else(PoisonError::into_inner);
         for capture in self.shared.pods().captures.values() {

@@ -1,0 +1,241 @@
+//! The predecessor's side: every agent listens on the hand-over socket, and answers the agent
+//! that comes to replace it.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::wire::{Channel, Listener, Message, NodeListener, POD_SOCKETS, PROTOCOL, WireError};
+use super::{HandoverMetrics, OfferRequest, OfferedPod, Outcome, Replaced, Role};
+use crate::error_chain::ErrorChain;
+use crate::readiness::Readiness;
+use crate::telemetry::Telemetry;
+
+/// How long a successor may take to say hello, or to ask this agent to stop once refused.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a successor may take, once it has the listeners, to read the cluster and enrol the
+/// node's pods on them. Past it, this agent carries on as before and closes the connection.
+const TAKE_OVER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How often a replaced agent tells its successor what it still carries.
+const DRAIN_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What answering a successor needs.
+#[derive(Debug)]
+pub(crate) struct HandoverServer {
+    /// `--redirect`'s backend: a successor with another cannot take over capture in place.
+    pub(crate) capture: &'static str,
+    /// The node's listeners, duplicated, to hand over.
+    pub(crate) listeners: Vec<(NodeListener, OwnedFd)>,
+    /// Where the enrolment loop takes offer requests.
+    pub(crate) enrolment: mpsc::Sender<OfferRequest>,
+    pub(crate) readiness: Readiness,
+    /// Counts the sockets this agent still carries once replaced.
+    pub(crate) telemetry: Arc<Telemetry>,
+    pub(crate) metrics: HandoverMetrics,
+    /// How long this agent drains once replaced.
+    pub(crate) drain_timeout: Duration,
+}
+
+impl HandoverServer {
+    /// Answers successors, one at a time, until one replaces this agent: then says so through
+    /// `replaced`, stops listening, and reports its drain to that successor until it exits.
+    pub(crate) async fn serve(self, listener: Listener, replaced: oneshot::Sender<Replaced>) {
+        loop {
+            let channel = match listener.accept().await {
+                Ok(channel) => channel,
+                Err(error) => {
+                    tracing::warn!(error = %ErrorChain(&error), "hand-over socket: refused a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            match self.answer(&channel).await {
+                Ok(Some(how)) => {
+                    drop(listener);
+                    let _ = replaced.send(how);
+                    if how == Replaced::Stopped {
+                        // Once the listeners are closed: the successor binds its own.
+                        tokio::task::yield_now().await;
+                        let _ = channel.send(&Message::Released, &[]).await;
+                    }
+                    self.report_drain(&channel).await;
+                    return;
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    self.metrics.outcome(Role::Predecessor, Outcome::Failed);
+                    tracing::warn!(error = %ErrorChain(&error), "a hand-over failed; this agent carries on");
+                }
+            }
+        }
+    }
+
+    /// One successor's conversation: whether it replaced this agent, and how.
+    async fn answer(&self, channel: &Channel) -> Result<Option<Replaced>, WireError> {
+        let hello = channel.receive_within(HELLO_TIMEOUT).await;
+        let refusal = match &hello {
+            Ok((
+                Message::Hello {
+                    protocol,
+                    capture,
+                    pid,
+                },
+                _,
+            )) => {
+                tracing::info!(
+                    successor.pid = pid,
+                    protocol,
+                    capture,
+                    "an agent asks to take over"
+                );
+                if *protocol != PROTOCOL {
+                    Some(format!(
+                        "this agent speaks hand-over protocol {PROTOCOL}, the new one {protocol}"
+                    ))
+                } else if capture != self.capture {
+                    Some(format!(
+                        "this agent captures with {}, the new one with {capture}: one backend cannot take over the other's capture in place",
+                        self.capture
+                    ))
+                } else {
+                    None
+                }
+            }
+            Ok((other, _)) => Some(format!("expected a hello, got {other:?}")),
+            // A message of a version this one cannot read: refused, as the protocol's first
+            // message always is when it is not understood.
+            Err(WireError::Malformed(error)) => Some(format!("unreadable hello: {error}")),
+            Err(_) => return hello.map(|_| None),
+        };
+        match refusal {
+            Some(reason) => self.refuse(channel, reason).await,
+            None => self.offer(channel).await,
+        }
+    }
+
+    /// Says why this agent will not hand over, then stops if asked to.
+    async fn refuse(
+        &self,
+        channel: &Channel,
+        reason: String,
+    ) -> Result<Option<Replaced>, WireError> {
+        tracing::warn!(reason, "refusing to hand over");
+        self.metrics.outcome(Role::Predecessor, Outcome::Refused);
+        let refused = Message::Refused {
+            reason,
+            pid: std::process::id(),
+        };
+        channel.send(&refused, &[]).await?;
+        match channel.receive_within(HELLO_TIMEOUT).await? {
+            (Message::Stop, _) => {
+                tracing::info!("asked to stop by the agent replacing this one");
+                Ok(Some(Replaced::Stopped))
+            }
+            (other, _) => Err(WireError::Malformed(format!(
+                "expected stop, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Hands the listeners over and waits for the successor to take over.
+    async fn offer(&self, channel: &Channel) -> Result<Option<Replaced>, WireError> {
+        let (pods_sender, pods) = oneshot::channel();
+        let (outcome, outcome_receiver) = oneshot::channel();
+        let request = OfferRequest {
+            pods: pods_sender,
+            outcome: outcome_receiver,
+        };
+        let stopping = || WireError::Malformed("this agent is stopping".to_owned());
+        self.enrolment.send(request).await.map_err(|_| stopping())?;
+        let pods = pods.await.map_err(|_| stopping())?;
+        // From here the successor's readiness probe may reach this agent: it must not answer
+        // "ready" for it.
+        self.readiness.hand_over(true);
+        let handed = self.send_offer(channel, &pods).await;
+        drop(pods);
+        let answer = match handed {
+            Ok(()) => channel.receive_within(TAKE_OVER_TIMEOUT).await,
+            Err(error) => Err(error),
+        };
+        let replaced = match answer {
+            Ok((Message::TakenOver, _)) => Replaced::TakenOver,
+            Ok((Message::Stop, _)) => Replaced::Stopped,
+            Ok((other, _)) => {
+                self.readiness.hand_over(false);
+                return Err(WireError::Malformed(format!(
+                    "expected taken_over, got {other:?}"
+                )));
+            }
+            Err(error) => {
+                self.readiness.hand_over(false);
+                return Err(error);
+            }
+        };
+        let _ = outcome.send(replaced);
+        self.metrics.outcome(
+            Role::Predecessor,
+            match replaced {
+                Replaced::TakenOver => Outcome::TakenOver,
+                Replaced::Stopped => Outcome::Refused,
+            },
+        );
+        tracing::info!(?replaced, "replaced by a new agent; draining");
+        Ok(Some(replaced))
+    }
+
+    async fn send_offer(&self, channel: &Channel, pods: &[OfferedPod]) -> Result<(), WireError> {
+        let offer = Message::Offer {
+            pid: std::process::id(),
+            pods: u32::try_from(pods.len()).unwrap_or(u32::MAX),
+            listeners: self.listeners.iter().map(|(name, _)| *name).collect(),
+        };
+        let listeners: Vec<BorrowedFd<'_>> =
+            self.listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
+        channel.send(&offer, &listeners).await?;
+        for pod in pods {
+            let message = Message::Pod {
+                uid: pod.uid.0.clone(),
+                ip: pod.listeners.pod_ip,
+            };
+            let target = &pod.listeners;
+            let descriptors = [
+                pod.netns.as_fd(),
+                target.outbound.as_fd(),
+                target.inbound_plaintext.as_fd(),
+                target.hbone.as_fd(),
+                target.dns_udp.as_fd(),
+                target.dns_tcp.as_fd(),
+            ];
+            channel.send(&message, &descriptors).await?;
+        }
+        let sockets = self.listeners.len() + pods.len() * POD_SOCKETS;
+        self.metrics
+            .handed_over(Role::Predecessor, pods.len(), sockets);
+        tracing::info!(
+            pods = pods.len(),
+            listeners = self.listeners.len(),
+            "handed the listeners over"
+        );
+        Ok(())
+    }
+
+    /// Tells the successor, every second, the sockets this agent still carries, until it exits
+    /// or the successor goes away.
+    async fn report_drain(&self, channel: &Channel) {
+        let deadline = Instant::now() + self.drain_timeout;
+        loop {
+            let report = Message::Draining {
+                open_sockets: self.telemetry.metrics.open_sockets(),
+                deadline_seconds: deadline.saturating_duration_since(Instant::now()).as_secs(),
+            };
+            if channel.send(&report, &[]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(DRAIN_REPORT_INTERVAL).await;
+        }
+    }
+}
