@@ -43,7 +43,7 @@ pub(crate) struct HandoverServer {
 impl HandoverServer {
     /// Answers successors, one at a time, until one replaces this agent: then says so through
     /// `replaced`, stops listening, and reports its drain to that successor until it exits.
-    pub(crate) async fn serve(self, listener: Listener, replaced: oneshot::Sender<Replaced>) {
+    pub(crate) async fn serve(mut self, listener: Listener, replaced: oneshot::Sender<Replaced>) {
         loop {
             let channel = match listener.accept().await {
                 Ok(channel) => channel,
@@ -55,6 +55,8 @@ impl HandoverServer {
             };
             match self.answer(&channel).await {
                 Ok(Some(how)) => {
+                    // Stopped, this agent must not keep the node's ports open.
+                    self.listeners.clear();
                     drop(listener);
                     let _ = replaced.send(how);
                     if how == Replaced::Stopped {

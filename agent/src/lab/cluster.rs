@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 
@@ -13,10 +14,10 @@ use super::waypoint::WaypointProcess;
 
 /// What an agent logs when it has loaded a changed cluster file.
 const RELOADED: &str = "configuration reloaded";
-const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long agents may take to see a change through the API server: longer, as a watch that
 /// failed (the server restarted) is retried after a backoff of up to 30 s.
-const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(40);
+const API_TIMEOUT: Duration = Duration::from_secs(40);
 use super::apiserver::{ApiServerProcess, resource_version};
 use super::ca::{self, CaProcess};
 use super::pod::InPod;
@@ -221,6 +222,7 @@ impl ClusterBuilder {
             extra: self.objects,
             agent_args: self.agent_args,
             agents: BTreeMap::new(),
+            replaced: Vec::new(),
             pod_processes: BTreeMap::new(),
             pod_process_layout: self.pod_processes,
             apiserver: None,
@@ -275,6 +277,8 @@ impl ClusterBuilder {
 pub struct Cluster {
     // Field order is drop order: agents and waypoints go before the namespaces they run in.
     agents: BTreeMap<String, AgentProcess>,
+    /// Agents that a new one took over from (or stopped), draining until they exit.
+    replaced: Vec<AgentProcess>,
     /// Running waypoints, by name.
     waypoints: BTreeMap<String, WaypointProcess>,
     /// What the agents read the cluster from, when not the file.
@@ -591,7 +595,7 @@ impl Cluster {
             if loaded {
                 return Ok(());
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Err(anyhow!(
             "the agents did not reload the cluster file:\n{}",
@@ -631,7 +635,7 @@ impl Cluster {
             if self.reader_logs().all(seen) {
                 return Ok(());
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Err(anyhow!(
             "the agents did not see version {version} of the cluster:\n{}",
@@ -675,6 +679,54 @@ impl Cluster {
 
     /// Starts the agent of `node`, without waiting for it to be ready.
     pub fn launch_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let agent = self.spawn_agent(node, &[])?;
+        self.agents.insert(node.to_owned(), agent);
+        Ok(())
+    }
+
+    /// Starts a new agent of `node` with `--take-over` (and `extra_args`) beside the running
+    /// one, and waits until it has taken over, or stopped the old one, and is ready. The old
+    /// one drains until it exits ([`replaced_agents`](Self::replaced_agents)).
+    pub async fn replace_agent(&mut self, node: &str, extra_args: &[&str]) -> anyhow::Result<()> {
+        let mut args = vec!["--take-over"];
+        args.extend(extra_args);
+        let mut agent = self.spawn_agent(node, &args)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Until then, the old agent answers the node's readiness port.
+        while !agent.log().contains("took over from the running agent")
+            && !agent
+                .log()
+                .contains("cannot take over from the running agent")
+        {
+            if Instant::now() > deadline || agent.exited_within(Duration::ZERO).await? {
+                return Err(anyhow!(
+                    "the new agent of {node} did not take over:\n{}",
+                    agent.log()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Err(error) = agent.wait_ready().await {
+            let old = self.agents.get(node).map(AgentProcess::log);
+            return Err(error.context(format!(
+                "the agent it replaces:\n{}",
+                old.unwrap_or_default()
+            )));
+        }
+        if let Some(old) = self.agents.insert(node.to_owned(), agent) {
+            self.replaced.push(old);
+        }
+        Ok(())
+    }
+
+    /// The agents replaced so far, oldest first.
+    pub fn replaced_agents(&mut self) -> &mut [AgentProcess] {
+        &mut self.replaced
+    }
+
+    /// A new agent process for `node`, with the cluster's arguments and `extra_args`, whose
+    /// flags replace the cluster's.
+    fn spawn_agent(&mut self, node: &str, extra_args: &[&str]) -> anyhow::Result<AgentProcess> {
         let netns = self
             .topology
             .nodes()
@@ -682,8 +734,13 @@ impl Cluster {
             .find(|n| n.name == node)
             .map(|n| n.netns.clone())
             .ok_or_else(|| anyhow!("no node {node}"))?;
-        let log = self.dir.path().join(format!("agent-{node}.log"));
+        let started = self.replaced.len() + self.agents.len();
+        let log = self.dir.path().join(format!("agent-{node}-{started}.log"));
         let mut source = self.source_args();
+        source.extend([
+            "--handover-socket".into(),
+            self.dir.path().join(format!("handover-{node}.sock")).into(),
+        ]);
         if self.apiserver.is_some() {
             source.extend(["--cni-socket".into(), self.cni_socket(node).into()]);
         }
@@ -695,17 +752,18 @@ impl Cluster {
             }
             None => vec!["--ca-dir".into(), self.ca_dir.clone().into()],
         };
-        let agent = AgentProcess::start(
-            &self.agent_binary,
-            node,
-            &netns,
-            &source,
-            &ca,
-            &self.agent_args,
-            log,
-        )?;
-        self.agents.insert(node.to_owned(), agent);
-        Ok(())
+        // A flag of `extra_args` replaces the cluster's (`--flag value` pairs).
+        let mut args = Vec::new();
+        let mut cluster_args = self.agent_args.iter();
+        while let Some(arg) = cluster_args.next() {
+            if extra_args.contains(&arg.as_str()) {
+                cluster_args.next();
+            } else {
+                args.push(arg.clone());
+            }
+        }
+        args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
+        AgentProcess::start(&self.agent_binary, node, &netns, &source, &ca, &args, log)
     }
 
     /// Starts every waypoint in its pod, reading the cluster as the agents do.
@@ -770,10 +828,15 @@ impl Cluster {
 
     /// All agents' logs, and the API server's, for a failing test's message.
     pub fn logs(&self) -> String {
+        let replaced = self
+            .replaced
+            .iter()
+            .map(|agent| format!("--- replaced agent {}\n{}", agent.pid(), agent.log()));
         let agents = self
             .agents
             .iter()
-            .map(|(node, agent)| format!("--- agent {node}\n{}", agent.log()));
+            .map(|(node, agent)| format!("--- agent {node}\n{}", agent.log()))
+            .chain(replaced);
         let apiserver = self
             .apiserver
             .iter()

@@ -1,0 +1,354 @@
+//! Upgrading a node's agent on the namespace mesh, with each capture backend: a new agent taking
+//! over from the running one, again and again under load, refuses and resets nothing; one that
+//! cannot take over stops the old one instead and says why.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a helper that cannot observe the mesh fails the test"
+)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ambit_agent::lab::topology::Topology;
+use ambit_agent::lab::{Cluster, EchoApp, InPod, read_peer_line};
+use ambit_integration::{Backend, agent_binary, with_each_backend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const APP_PORT: u16 = 8080;
+const REPLACEMENTS: usize = 5;
+/// Long enough for every connection held across the replacements to finish first.
+const DRAIN_TIMEOUT: &str = "60s";
+
+/// `client` and `web` in the mesh on node1, whose agent is replaced; `server` in the mesh and
+/// `outsider` outside it on node2.
+async fn cluster(backend: Backend) -> Cluster {
+    Cluster::builder(&agent_binary())
+        .agent_args(&[
+            "--redirect",
+            backend.flag(),
+            "--drain-timeout",
+            DRAIN_TIMEOUT,
+        ])
+        .node("node1")
+        .node("node2")
+        .ambient_namespace("shop")
+        .namespace("legacy")
+        .pod("node1", "shop", "client")
+        .pod("node1", "shop", "web")
+        .pod("node2", "shop", "server")
+        .pod("node2", "legacy", "outsider")
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Every way a connection crosses node1's agent: out of a pod through a tunnel, into a pod
+/// through a tunnel, and into a pod in plaintext from outside the mesh.
+const FLOWS: [(&str, &str); 3] = [("client", "server"), ("server", "web"), ("outsider", "web")];
+
+/// Where a flow connects from and to.
+fn ends(cluster: &Cluster, (from, to): (&str, &str)) -> (InPod, SocketAddr) {
+    (
+        cluster.in_pod(from).unwrap(),
+        cluster.addr(to, APP_PORT).unwrap(),
+    )
+}
+
+/// Opens a connection from `from` to the echo app of `to` and reads the app's greeting.
+async fn open(cluster: &Cluster, from: &str, to: &str) -> std::io::Result<TcpStream> {
+    let (from, to) = ends(cluster, (from, to));
+    connect(&from, to).await
+}
+
+/// Opens a connection from the pod `from` to the echo app at `to` and reads its greeting.
+async fn connect(from: &InPod, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let connect = async {
+        let mut stream = from.connect(to).await?;
+        read_peer_line(&mut stream).await?;
+        Ok(stream)
+    };
+    tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// Sends `payload` and reads it back.
+async fn exchange(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<()> {
+    let round_trip = async {
+        stream.write_all(payload).await?;
+        let mut echoed = vec![0; payload.len()];
+        stream.read_exact(&mut echoed).await?;
+        if echoed != payload {
+            return Err(std::io::Error::other("the echo differs"));
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), round_trip)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// New connections on every flow, one after the other on two loops per flow, until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    opened: Arc<AtomicUsize>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(cluster: &Cluster) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let opened = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for flow in FLOWS.into_iter().flat_map(|flow| [flow, flow]) {
+            let (from, to) = ends(cluster, flow);
+            let (stop, opened, failures) = (stop.clone(), opened.clone(), failures.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let connected = async {
+                        let mut stream = connect(&from, to).await?;
+                        exchange(&mut stream, b"new").await
+                    };
+                    match connected.await {
+                        Ok(()) => opened.fetch_add(1, Ordering::Relaxed),
+                        Err(error) => {
+                            failures.lock().unwrap().push(format!("{flow:?}: {error}"));
+                            0
+                        }
+                    };
+                }
+            }));
+        }
+        Self {
+            stop,
+            opened,
+            failures,
+            tasks,
+        }
+    }
+
+    /// Stops the load: how many connections it opened, and every failure.
+    async fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.opened.load(Ordering::Relaxed), failures)
+    }
+}
+
+/// One connection held on each flow.
+async fn hold(cluster: &Cluster) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for (from, to) in FLOWS {
+        held.push(open(cluster, from, to).await.unwrap());
+    }
+    held
+}
+
+/// The inode of the network namespace named `netns`.
+fn netns_inode(netns: &str) -> u64 {
+    std::fs::metadata(Path::new("/var/run/netns").join(netns))
+        .unwrap()
+        .ino()
+}
+
+/// The BPF links attached to the network namespace `netns` (sk_lookup programs), by the
+/// descriptors of every process that holds one: such a link lives as long as they do.
+fn netns_links(netns: &str) -> usize {
+    let inode = format!("netns_ino:\t{}", netns_inode(netns));
+    let mut links = HashSet::new();
+    for process in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(fds) = std::fs::read_dir(process.path().join("fdinfo")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            if info.lines().any(|line| line == inode)
+                && let Some(id) = info.lines().find_map(|line| line.strip_prefix("link_id:"))
+            {
+                links.insert(id.trim().to_owned());
+            }
+        }
+    }
+    links.len()
+}
+
+/// The BPF filters on `interface`'s ingress in `netns`.
+fn tc_filters(netns: &str, interface: &str) -> usize {
+    let output = Topology::command_in(netns, "tc")
+        .args(["filter", "show", "dev", interface, "ingress"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains(" bpf ") && line.contains("handle"))
+        .count()
+}
+
+/// ambit's nftables tables in `netns`.
+fn nft_tables(netns: &str) -> usize {
+    let output = Topology::command_in(netns, "nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.trim() == "table inet ambit")
+        .count()
+}
+
+/// The captures installed in each of node1's pods: (sk_lookup links, tc filters, nftables
+/// tables).
+fn captures(cluster: &Cluster) -> Vec<(&'static str, (usize, usize, usize))> {
+    ["client", "web"]
+        .into_iter()
+        .map(|pod| {
+            let netns = &cluster.pod(pod).unwrap().netns;
+            (
+                pod,
+                (
+                    netns_links(netns),
+                    tc_filters(netns, "eth0"),
+                    nft_tables(netns),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// What one capture of `backend` installs in a pod.
+fn one_capture(backend: Backend) -> (usize, usize, usize) {
+    match backend {
+        Backend::Ebpf => (1, 1, 0),
+        Backend::Nftables => (0, 0, 1),
+    }
+}
+
+async fn echo_apps(cluster: &Cluster) -> Vec<EchoApp> {
+    let mut apps = Vec::new();
+    for pod in ["server", "web"] {
+        apps.push(cluster.in_pod(pod).unwrap().echo(APP_PORT).await.unwrap());
+    }
+    apps
+}
+
+/// node1's agent replaced five times in a row while new connections cross it without pause and
+/// older ones are held: no new connection fails, no held one breaks, and in the end one agent
+/// runs with one capture per pod.
+async fn replacing_the_agent_drops_no_connection(backend: Backend) {
+    let mut cluster = cluster(backend).await;
+    let _apps = echo_apps(&cluster).await;
+    // Held through every replacement, by the first agent.
+    let mut long_lived = hold(&cluster).await;
+    let load = Load::start(&cluster);
+    let started = Instant::now();
+    for replacement in 1..=REPLACEMENTS {
+        let mut held = hold(&cluster).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster
+            .replace_agent("node1", &[])
+            .await
+            .unwrap_or_else(|error| panic!("replacement {replacement}: {error:#}"));
+        for (index, stream) in held.iter_mut().chain(long_lived.iter_mut()).enumerate() {
+            if let Err(error) = exchange(stream, b"held").await {
+                panic!(
+                    "replacement {replacement}: held connection {index} broke: {error}\n{}",
+                    cluster.logs()
+                );
+            }
+        }
+        drop(held);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (opened, failures) = load.stop().await;
+    let elapsed = started.elapsed();
+    assert!(
+        failures.is_empty(),
+        "{} of {} new connections failed across {REPLACEMENTS} replacements: {failures:?}\n{}",
+        failures.len(),
+        opened + failures.len(),
+        cluster.logs()
+    );
+    report_load(opened, elapsed);
+    for stream in &mut long_lived {
+        exchange(stream, b"after all").await.unwrap();
+    }
+    drop(long_lived);
+
+    // Every connection the old agents carried is closed: each exits well before its deadline.
+    for old in cluster.replaced_agents() {
+        assert!(
+            old.exited_within(Duration::from_secs(15)).await.unwrap(),
+            "a replaced agent (pid {}) still runs:\n{}",
+            old.pid(),
+            old.log()
+        );
+    }
+    assert_eq!(cluster.replaced_agents().len(), REPLACEMENTS);
+    let expected = one_capture(backend);
+    for (pod, installed) in captures(&cluster) {
+        assert_eq!(
+            installed, expected,
+            "{pod}: (sk_lookup links, tc filters, nftables tables) after the last hand-over"
+        );
+    }
+    let metrics = cluster.agent("node1").unwrap().metrics().await.unwrap();
+    assert!(
+        metrics.contains(r#"ambit_handovers_total{role="successor",outcome="taken_over"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[expect(
+    clippy::print_stderr,
+    reason = "the load the test ran, shown with its output"
+)]
+fn report_load(opened: usize, elapsed: Duration) {
+    eprintln!(
+        "{opened} new connections in {elapsed:?} ({:.0}/s) across {REPLACEMENTS} replacements, none failed",
+        opened as f64 / elapsed.as_secs_f64(),
+    );
+}
+
+with_each_backend!(replacing_the_agent_drops_no_connection);
+
+/// A new agent with another capture backend cannot take over: it stops the running one, says
+/// why, and captures the pods with its own backend, once each. (Switching backends changes
+/// how the pods' packets are routed: connections the old agent carried do not survive it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_agent_that_cannot_take_over_stops_the_old_one_and_says_why() {
+    let mut cluster = cluster(Backend::Ebpf).await;
+    let _apps = echo_apps(&cluster).await;
+    cluster
+        .replace_agent("node1", &["--redirect", "nftables"])
+        .await
+        .unwrap();
+    let log = cluster.agent("node1").unwrap().log();
+    assert!(
+        log.contains("cannot take over from the running agent")
+            && log.contains("this agent captures with ebpf, the new one with nftables"),
+        "{log}"
+    );
+    for (from, to) in FLOWS {
+        let mut stream = open(&cluster, from, to).await.unwrap();
+        exchange(&mut stream, b"after").await.unwrap();
+    }
+    let old = &mut cluster.replaced_agents()[0];
+    assert!(old.exited_within(Duration::from_secs(15)).await.unwrap());
+    for (pod, installed) in captures(&cluster) {
+        assert_eq!(installed, one_capture(Backend::Nftables), "{pod}");
+    }
+}
