@@ -194,10 +194,15 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
                 return Ok(());
             }
         }
+        predecessor
+            .confirm(&handover_metrics)
+            .await
+            .context("the running agent gave up waiting to be taken over; it carries on")?;
+        // Connections that arrived meanwhile wait in the listeners' queues.
         if let Some(servers) = servers.take() {
             servers.spawn(listeners_watcher.clone());
         }
-        tokio::spawn(predecessor.complete(handover_status, handover_metrics.clone()));
+        tokio::spawn(predecessor.follow(handover_status, handover_metrics.clone()));
     }
     let (replaced, mut replaced_by) = oneshot::channel();
     let handover_server = HandoverServer {

@@ -270,6 +270,15 @@ async fn replacing_the_agent_drops_no_connection(backend: Backend) {
                 );
             }
         }
+        // The new agent shows the old one draining what it still carries: these.
+        let draining = wait_for_predecessor(&cluster, |predecessor| {
+            predecessor["state"] == "taken over" && predecessor["open_sockets"].as_u64() > Some(0)
+        })
+        .await;
+        assert!(
+            draining,
+            "ambit debug agent does not show the old agent draining"
+        );
         drop(held);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -298,6 +307,7 @@ async fn replacing_the_agent_drops_no_connection(backend: Backend) {
         );
     }
     assert_eq!(cluster.replaced_agents().len(), REPLACEMENTS);
+    assert!(wait_for_predecessor(&cluster, |predecessor| predecessor["state"] == "exited").await);
     let expected = one_capture(backend);
     for (pod, installed) in captures(&cluster) {
         assert_eq!(
@@ -310,6 +320,24 @@ async fn replacing_the_agent_drops_no_connection(backend: Backend) {
         metrics.contains(r#"ambit_handovers_total{role="successor",outcome="taken_over"} 1"#),
         "{metrics}"
     );
+}
+
+/// Whether `ambit debug agent` on node1 shows, within 5 s, an agent it replaced as `wanted`.
+async fn wait_for_predecessor(
+    cluster: &Cluster,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> bool {
+    let agent = cluster.agent("node1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let output = agent.debug(&["agent", "-o", "json"]).unwrap();
+        let view: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        if wanted(&view["predecessor"]) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 #[expect(

@@ -311,30 +311,32 @@ impl Predecessor {
         self.listeners.len() + self.pods.len() * POD_SOCKETS
     }
 
-    /// Tells the predecessor that this agent accepts on its listeners (if it handed them over),
-    /// then follows its drain until it exits, for `ambit debug agent` and the metrics.
-    pub(crate) async fn complete(self, status: Arc<HandoverStatus>, metrics: HandoverMetrics) {
+    /// Tells the predecessor that this agent accepts on the listeners it handed over, and
+    /// closes those of pods that were not enrolled. An error leaves both agents accepting: the
+    /// predecessor gave up waiting and carries on, so this agent must not.
+    pub(crate) async fn confirm(&self, metrics: &HandoverMetrics) -> Result<(), WireError> {
+        let unused = self.pods.forget();
+        if !self.handed_over {
+            return Ok(());
+        }
+        self.channel.send(&Message::TakenOver, &[]).await?;
+        metrics.outcome(Role::Successor, Outcome::TakenOver);
+        tracing::info!(
+            predecessor.pid = self.pid,
+            unused_pods = unused,
+            "took over from the running agent; it drains"
+        );
+        Ok(())
+    }
+
+    /// Follows the predecessor's drain until it exits, for `ambit debug agent` and the metrics.
+    pub(crate) async fn follow(self, status: Arc<HandoverStatus>, metrics: HandoverMetrics) {
         let Self {
             channel,
             pid,
             handed_over,
-            pods,
             ..
         } = self;
-        let unused = pods.forget();
-        if handed_over {
-            if let Err(error) = channel.send(&Message::TakenOver, &[]).await {
-                // It closed the connection: it gave up waiting, or stopped. Either way its
-                // listeners are this agent's now, and it no longer accepts on them.
-                tracing::warn!(predecessor.pid = pid, error = %ErrorChain(&error), "failed to tell the running agent it was taken over");
-            }
-            metrics.outcome(Role::Successor, Outcome::TakenOver);
-            tracing::info!(
-                predecessor.pid = pid,
-                unused_pods = unused,
-                "took over from the running agent; it drains"
-            );
-        }
         status.set_predecessor(PredecessorView {
             pid,
             state: if handed_over { "taken over" } else { "stopped" }.to_owned(),
