@@ -206,3 +206,17 @@ impl Drop for PacketCapture {
         let _ = self.child.wait();
     }
 }
+
+/// Waits (up to 10 s) until `log` holds `line`: a connection is logged once it has closed, by a
+/// thread of the agent's own.
+pub async fn logged(log: impl Fn() -> String, line: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !log().contains(line) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never logged {line}:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

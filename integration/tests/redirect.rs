@@ -44,7 +44,9 @@ fn unprivileged_agent(dir: &Path, redirect: &str) -> Command {
         .args(["--admin-addr", "127.0.0.1:0", "--config"])
         .arg(&config)
         .arg("--ca-dir")
-        .arg(dir.join("ca"));
+        .arg(dir.join("ca"))
+        .arg("--handover-socket")
+        .arg(dir.join("handover.sock"));
     command
 }
 

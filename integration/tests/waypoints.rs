@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ambit_agent::admin::views::{CheckView, ServiceView};
 use ambit_agent::lab::{Cluster, read_peer_line};
-use ambit_integration::{ServiceYaml, two_teams};
+use ambit_integration::{ServiceYaml, logged, two_teams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const APP_PORT: u16 = 8080;
@@ -150,19 +150,6 @@ spec:
     assert!(closed.is_ok(), "the held connection stayed open");
     let waypoint = cluster.waypoint("waypoint").unwrap();
     logged(|| waypoint.log(), "closed: a policy change denies it").await;
-}
-
-/// Waits until `log` holds `line`: a connection is logged once it has closed.
-async fn logged(log: impl Fn() -> String, line: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !log().contains(line) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never logged {line}:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 const HTTP_PORT: u16 = 8081;
