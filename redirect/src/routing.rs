@@ -154,10 +154,20 @@ impl Steering {
     }
 }
 
-/// Installs `steering` in place of whatever ambit had installed.
+/// Installs `steering` in place of whatever ambit had installed, make-before-break: the local
+/// route is replaced in one step, the rules it lacks are added before the rules it does not want
+/// are deleted, and rules already in place stay. So the pod's traffic is steered throughout,
+/// also when a new agent installs what the old one did.
 pub(crate) fn install(steering: Steering) -> Result<(), RoutingError> {
     with_netlink(|handle| async move {
-        delete_rules(&handle).await?;
+        handle
+            .route()
+            .add(steering.local_route())
+            .replace()
+            .execute()
+            .await
+            .map_err(RoutingError::AddRoute)?;
+        let mut stale = our_rules(&handle).await?;
         for rule in steering.rules() {
             let priority = rule.priority;
             let mut request = handle.rule().add().priority(priority).action(rule.action);
@@ -178,25 +188,72 @@ pub(crate) fn install(steering: Steering) -> Result<(), RoutingError> {
                 message.header.dst_len = 32;
             }
             message.attributes.extend(rule.attributes);
+            let wanted = RuleKey::of(message);
+            if let Some(existing) = stale.iter().position(|r| RuleKey::of(r) == wanted) {
+                stale.swap_remove(existing);
+                continue;
+            }
             request
                 .execute()
                 .await
                 .map_err(|source| RoutingError::AddRule { priority, source })?;
         }
-        handle
-            .route()
-            .add(steering.local_route())
-            .replace()
-            .execute()
-            .await
-            .map_err(RoutingError::AddRoute)
+        delete_rules(&handle, stale).await
     })
+}
+
+/// What makes two rules the same rule, whichever way the kernel spells it back.
+#[derive(Debug, PartialEq, Eq)]
+struct RuleKey {
+    family: netlink_packet_route::AddressFamily,
+    action: RuleAction,
+    dst_len: u8,
+    priority: Option<u32>,
+    table: u32,
+    matches: Vec<String>,
+}
+
+impl RuleKey {
+    fn of(rule: &RuleMessage) -> Self {
+        let table = rule
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RuleAttribute::Table(table) => Some(*table),
+                _ => None,
+            })
+            .unwrap_or(u32::from(rule.header.table));
+        let mut matches: Vec<String> = rule
+            .attributes
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    RuleAttribute::FwMark(_)
+                        | RuleAttribute::FwMask(_)
+                        | RuleAttribute::IpProtocol(_)
+                        | RuleAttribute::Destination(_)
+                        | RuleAttribute::DestinationPortRange(_)
+                )
+            })
+            .map(|a| format!("{a:?}"))
+            .collect();
+        matches.sort();
+        Self {
+            family: rule.header.family,
+            action: rule.header.action,
+            dst_len: rule.header.dst_len,
+            priority: found_priority(rule),
+            table,
+            matches,
+        }
+    }
 }
 
 /// Removes every rule ambit owns and the local route, if present.
 pub(crate) fn remove() -> Result<(), RoutingError> {
     with_netlink(|handle| async move {
-        delete_rules(&handle).await?;
+        delete_rules(&handle, our_rules(&handle).await?).await?;
         let route = Steering::Marked.local_route();
         match handle.route().del(route).execute().await {
             Err(error) if is_missing(&error) => Ok(()),
@@ -210,8 +267,8 @@ pub(crate) fn any_installed() -> Result<bool, RoutingError> {
     with_netlink(|handle| async move { Ok(!our_rules(&handle).await?.is_empty()) })
 }
 
-async fn delete_rules(handle: &Handle) -> Result<(), RoutingError> {
-    for rule in our_rules(handle).await? {
+async fn delete_rules(handle: &Handle, rules: Vec<RuleMessage>) -> Result<(), RoutingError> {
+    for rule in rules {
         match handle.rule().del(rule).execute().await {
             Err(error) if is_missing(&error) => {}
             result => result.map_err(RoutingError::DeleteRule)?,

@@ -1,43 +1,16 @@
 //! Finding a pod's namespace by its IP, on real namespaces (needs root).
 
+mod common;
+
 use std::net::IpAddr;
 use std::path::Path;
-use std::process::Command;
 
 use ambit_redirect::Netns;
-
-/// Named namespaces that are deleted when dropped, even when the test fails.
-struct Namespaces(Vec<String>);
-
-impl Namespaces {
-    fn add(&mut self, name: String) -> &str {
-        run(&["netns", "add", &name]);
-        self.0.push(name);
-        self.0.last().map_or("", String::as_str)
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for name in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
-    }
-}
-
-fn run(args: &[&str]) {
-    match Command::new("ip").args(args).status() {
-        Ok(status) => assert!(status.success(), "ip {args:?} failed"),
-        Err(error) => panic!("cannot run ip: {error}"),
-    }
-}
+use common::{Namespaces, require_root, run};
 
 #[test]
 fn finds_the_namespace_that_holds_the_ip_and_not_one_being_set_up() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test creates network namespaces: run it as root (CI does)"
-    );
+    require_root();
     let pid = std::process::id();
     let ip: IpAddr = format!("10.251.{}.{}", pid % 250, pid % 200 + 2)
         .parse()

@@ -284,7 +284,6 @@ impl CaptureBackend for Ebpf {
                 .map_err(|e| ebpf_error("adding a listener to the pod's socket map", e))?;
         }
 
-        super::nftables::remove_table()?;
         routing::install(Steering::AllTcp { pod_ip }).map_err(CaptureError::Routing)?;
         let program: &mut SkLookup = program(&mut outbound, names::OUTBOUND_PROGRAM)?;
         let link = program
@@ -327,7 +326,9 @@ impl CaptureBackend for Ebpf {
         {
             self.retire(&failed);
         }
-        captured
+        drop(pods);
+        // An nftables capture in place goes once this one is in: make-before-break.
+        captured.and_then(|()| super::nftables::remove_table())
     }
 
     fn disable(&self) -> Result<(), CaptureError> {

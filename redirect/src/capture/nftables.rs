@@ -94,10 +94,11 @@ impl CaptureBackend for Nftables {
         "nftables"
     }
 
+    /// Make-before-break: an eBPF capture in place is removed only once the table is in.
     fn enable(&self, _: &CaptureTarget) -> Result<(), CaptureError> {
-        super::ebpf::detach_filters(&self.sysctls)?;
         routing::install(Steering::Marked).map_err(CaptureError::Routing)?;
-        nft(&Self::replace_script(&Self::ruleset()))
+        nft(&Self::replace_script(&Self::ruleset()))?;
+        super::ebpf::detach_filters(&self.sysctls)
     }
 
     fn disable(&self) -> Result<(), CaptureError> {
