@@ -157,11 +157,11 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     let revocations = Arc::new(Revocations::default());
     tokio::spawn(revocations.clone().run(states_rx.clone()));
     let (offers, offer_requests) = mpsc::channel(1);
-    let (first_pass, first_pass_done) = oneshot::channel();
+    let (captured, all_captured) = oneshot::channel();
     let enrolment = Enrolment {
         node: config.node.clone(),
         trust_domain: config.trust_domain.clone(),
-        capture,
+        capture: capture.clone(),
         discovery,
         client,
         certificates,
@@ -178,17 +178,17 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
             .as_ref()
             .map(Predecessor::pods)
             .unwrap_or_default(),
-        first_pass: Some(first_pass),
+        captured: Some(captured),
         offers: offer_requests,
     };
     tokio::spawn(enrolment.run(watcher));
     tracing::info!(node = config.node, capture = capture_name, "agent started");
 
     if let Some(predecessor) = predecessor {
-        // Every pod handed over is enrolled on its listeners before the predecessor stops
+        // Every pod is enrolled, on the listeners handed over, before the predecessor stops
         // accepting on them.
         tokio::select! {
-            _ = first_pass_done => {}
+            _ = all_captured => {}
             () = stop.received() => {
                 tracing::info!("stopped before taking over; the running agent carries on");
                 return Ok(());
@@ -206,7 +206,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     }
     let (replaced, mut replaced_by) = oneshot::channel();
     let handover_server = HandoverServer {
-        capture: capture_name,
+        capture,
         listeners: handed_listeners,
         enrolment: offers,
         readiness: readiness.clone(),
@@ -220,30 +220,31 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     // The source runs until the drain: if it ends before, the agent would go on with a frozen
     // view of the cluster. It exits instead; capture stays in place, failing closed, until it
     // is restarted.
-    let mut listeners_trigger = Some(listeners_trigger);
     // Signals that end the drain at once: the second, or the first after a replacement (the
     // successor's rollout then stops this agent's pod as it drains).
     let mut cut_short_after = 1;
     tokio::select! {
         () = stop.received() => {}
-        Ok(_) = &mut replaced_by => {
-            // The successor accepts on the node's listeners now.
-            if let Some(listeners) = listeners_trigger.take() {
-                tokio::spawn(listeners.drain());
-            }
-            cut_short_after = 2;
-        }
+        Ok(_) = &mut replaced_by => cut_short_after = 2,
         ended = source => return Err(match ended {
             Err(error) if error.is_panic() => anyhow::anyhow!("the source panicked"),
             _ => anyhow::anyhow!("the source stopped"),
         }),
     }
+    // The node's listeners close once a successor has them, or has stopped this agent (also
+    // while it drains), and otherwise with the process.
+    tokio::spawn(async move {
+        let replaced = cut_short_after == 2;
+        if replaced || replaced_by.await.is_ok() {
+            listeners_trigger.drain().await;
+        }
+    });
     shut_down(
         config.drain_timeout,
         &mut stop,
         &readiness,
         (trigger, cut_short_after),
-        [Some(control_trigger), listeners_trigger],
+        control_trigger,
     )
     .await
 }
@@ -334,14 +335,14 @@ impl StopSignals {
 }
 
 /// Drains, once asked to stop (or replaced): readiness off, the data plane's connections given
-/// `deadline` to finish (`cut_short_after` signals end that at once), then the control plane and
-/// what else is left stopped.
+/// `deadline` to finish (`cut_short_after` signals end that at once), then the control plane
+/// stopped.
 async fn shut_down(
     deadline: Duration,
     stop: &mut StopSignals,
     readiness: &Readiness,
     (data_plane, cut_short_after): (DrainTrigger, usize),
-    then: [Option<DrainTrigger>; 2],
+    control_plane: DrainTrigger,
 ) -> anyhow::Result<()> {
     readiness.drain();
     tracing::info!(
@@ -359,8 +360,7 @@ async fn shut_down(
             }
         } => tracing::warn!("asked again to stop; closing the open connections"),
     }
-    let rest = futures_util::future::join_all(then.into_iter().flatten().map(DrainTrigger::drain));
-    let _ = tokio::time::timeout(CONTROL_SHUTDOWN_GRACE, rest).await;
+    let _ = tokio::time::timeout(CONTROL_SHUTDOWN_GRACE, control_plane.drain()).await;
     Ok(())
 }
 

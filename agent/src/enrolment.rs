@@ -26,7 +26,7 @@ use crate::dns::NodeDns;
 use crate::drain::{self, DrainTrigger, DrainWatcher};
 use crate::egress::OutboundTrafficPolicy;
 use crate::error_chain::ErrorChain;
-use crate::handover::{HandedPods, OfferRequest, OfferedPod};
+use crate::handover::{HandedPods, OfferRequest, OfferedPod, Replaced};
 use crate::hbone::HboneClient;
 use crate::proxy::{self, Pod, ProxyError};
 use crate::readiness::Readiness;
@@ -38,6 +38,10 @@ use crate::telemetry::Telemetry;
 
 /// How soon a pod that could not be enrolled is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How long a successor waits for every pod to be captured before it takes over anyway: a pod
+/// that cannot be captured must not keep the predecessor running.
+const TAKE_OVER_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Pods enrolled at once: enough to keep the blocking threads (finding namespaces, loading
 /// programs, netlink) busy while the runtime's workers start the pods' proxies.
@@ -276,8 +280,9 @@ pub(crate) struct Enrolment {
     pub(crate) outbound_policy: OutboundTrafficPolicy,
     /// The listeners the agent this one replaced handed over, by pod.
     pub(crate) handed_over: HandedPods,
-    /// Told once the first pass is over: every pod handed over is enrolled, or failed to be.
-    pub(crate) first_pass: Option<oneshot::Sender<()>>,
+    /// Told once every pod is captured (the agent would report ready), or after
+    /// [`TAKE_OVER_PATIENCE`]: what a successor waits for before it takes over.
+    pub(crate) captured: Option<oneshot::Sender<()>>,
     /// A successor asking for the pods' listeners.
     pub(crate) offers: mpsc::Receiver<OfferRequest>,
 }
@@ -302,6 +307,7 @@ impl Enrolment {
     /// the agent's drain watcher meanwhile); capture stays, so that new connections fail closed
     /// (or go to the successor).
     pub(crate) async fn run(mut self, mut drain: DrainWatcher) {
+        let started = tokio::time::Instant::now();
         self.remove_leftovers().await;
         let mut pods = HashMap::new();
         loop {
@@ -310,9 +316,6 @@ impl Enrolment {
             tokio::select! {
                 () = drain.signaled() => break,
                 () = self.reconcile(&mut pods) => {}
-            }
-            if let Some(first_pass) = self.first_pass.take() {
-                let _ = first_pass.send(());
             }
             let (pending, refused) = {
                 let status = self.status.borrow();
@@ -325,6 +328,11 @@ impl Enrolment {
                 )
             };
             self.readiness.set(pending == 0);
+            if (pending == 0 || started.elapsed() >= TAKE_OVER_PATIENCE)
+                && let Some(captured) = self.captured.take()
+            {
+                let _ = captured.send(());
+            }
             let refused = i64::try_from(refused).unwrap_or(i64::MAX);
             self.telemetry.metrics.refused_pods.set(refused);
             let enrolled = i64::try_from(pods.len()).unwrap_or(i64::MAX);
@@ -333,12 +341,16 @@ impl Enrolment {
                 () = drain.signaled() => break,
                 changed = self.states.changed() => if changed.is_err() { break },
                 () = tokio::time::sleep(RETRY_INTERVAL), if pending > 0 => {}
-                Some(offer) = self.offers.recv() => if Self::offer(&pods, offer, &mut drain).await {
-                    break;
+                Some(offer) = self.offers.recv() => match Self::offer(&pods, offer, &mut drain).await {
+                    Some(Replaced::TakenOver) => {
+                        self.capture.relinquish();
+                        break;
+                    }
+                    Some(Replaced::Stopped) => break,
+                    None => {}
                 },
             }
         }
-        self.capture.relinquish();
         let mut draining = tokio::task::JoinSet::new();
         for pod in pods.into_values() {
             draining.spawn(pod.proxies.drain());
@@ -347,12 +359,13 @@ impl Enrolment {
     }
 
     /// Offers the pods' listeners to a successor, and waits, enrolling nothing, for the outcome:
-    /// whether the successor took over (or a drain started).
+    /// taken over, stopped (a drain started: the successor has not taken over, and capture
+    /// stays this agent's until it exits), or `None`, to carry on.
     async fn offer(
         pods: &HashMap<WorkloadUid, EnrolledPod>,
         request: OfferRequest,
         drain: &mut DrainWatcher,
-    ) -> bool {
+    ) -> Option<Replaced> {
         let offered = pods
             .values()
             .map(|pod| OfferedPod {
@@ -362,11 +375,11 @@ impl Enrolment {
             })
             .collect();
         if request.pods.send(offered).is_err() {
-            return false;
+            return None;
         }
         tokio::select! {
-            () = drain.signaled() => true,
-            outcome = request.outcome => outcome.is_ok(),
+            () = drain.signaled() => Some(Replaced::Stopped),
+            outcome = request.outcome => outcome.ok(),
         }
     }
 

@@ -72,7 +72,6 @@ impl NodeListeners {
             _ => None,
         };
         let handover = handover(&config.handover_socket, handed(NodeListener::Handover))
-            .await
             .with_context(|| format!("--handover-socket {}", config.handover_socket.display()))?;
         Ok(Self {
             readiness,
@@ -154,11 +153,11 @@ fn cni(path: &Path, handed: Option<OwnedFd>) -> anyhow::Result<UnixListener> {
 
 /// The hand-over socket: the one handed over, else a new one at `path`, unless an agent answers
 /// there: it would be cut off from its successor.
-async fn handover(path: &Path, handed: Option<OwnedFd>) -> anyhow::Result<wire::Listener> {
+fn handover(path: &Path, handed: Option<OwnedFd>) -> anyhow::Result<wire::Listener> {
     if let Some(fd) = handed {
         return Ok(wire::Listener::from_fd(fd)?);
     }
-    match Channel::connect(path).await {
+    match Channel::connect(path) {
         Ok(_) => anyhow::bail!(
             "an agent already runs here: start this one with --take-over to replace it"
         ),

@@ -32,6 +32,10 @@ impl Readiness {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// Not ready while the agent hands its listeners over: the successor's readiness probe may
     /// reach this agent on the node's shared port, and must not see it ready.
     pub(crate) fn hand_over(&self, handing_over: bool) {

@@ -92,12 +92,22 @@ impl Netns {
     /// The namespace a socket was created in.
     pub fn of_socket(socket: BorrowedFd<'_>) -> Result<Self, NetnsError> {
         let path = Path::new("(a socket's namespace)");
+        // The ioctl's number may mean something else to a device: ask sockets only.
+        let mode = nix::sys::stat::fstat(socket)
+            .map_err(|e| NetnsError::Open(path.to_owned(), e.into()))?
+            .st_mode;
+        if mode & nix::libc::S_IFMT != nix::libc::S_IFSOCK {
+            return Err(NetnsError::Open(
+                path.to_owned(),
+                io::Error::new(io::ErrorKind::InvalidInput, "not a socket"),
+            ));
+        }
         // The kernel's SIOCGSKNS: a new descriptor of the socket's network namespace.
         const SIOCGSKNS: nix::libc::c_ulong = 0x894C;
         #[expect(unsafe_code, reason = "SIOCGSKNS has no safe wrapper")]
-        // SAFETY: the ioctl takes no argument and only reads the socket `socket` names, which is
-        // open for the duration of the borrow.
-        let fd = unsafe { nix::libc::ioctl(socket.as_raw_fd(), SIOCGSKNS) };
+        // SAFETY: `socket` is an open socket for the duration of the borrow, and for a socket
+        // SIOCGSKNS reads no argument (0 is passed) and returns a new descriptor or -1.
+        let fd = unsafe { nix::libc::ioctl(socket.as_raw_fd(), SIOCGSKNS, 0) };
         if fd < 0 {
             return Err(NetnsError::Open(
                 path.to_owned(),

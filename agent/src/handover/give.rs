@@ -5,6 +5,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ambit_redirect::CaptureBackend;
 use tokio::sync::{mpsc, oneshot};
 
 use super::wire::{Channel, Listener, Message, NodeListener, POD_SOCKETS, PROTOCOL, WireError};
@@ -20,6 +21,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// node's pods on them. Past it, this agent carries on as before and closes the connection.
 const TAKE_OVER_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The pause after a failed hand-over, before the next successor is answered.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
 /// How often a replaced agent tells its successor what it still carries.
 const DRAIN_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -27,7 +31,7 @@ const DRAIN_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) struct HandoverServer {
     /// `--redirect`'s backend: a successor with another cannot take over capture in place.
-    pub(crate) capture: &'static str,
+    pub(crate) capture: Arc<dyn CaptureBackend>,
     /// The node's listeners, duplicated, to hand over.
     pub(crate) listeners: Vec<(NodeListener, OwnedFd)>,
     /// Where the enrolment loop takes offer requests.
@@ -60,6 +64,9 @@ impl HandoverServer {
                     drop(listener);
                     let _ = replaced.send(how);
                     if how == Replaced::Stopped {
+                        // Taken over, the enrolment loop lets go of capture; stopped, it may be
+                        // mid-pass, and this agent's link watchers must not undo the successor's.
+                        self.capture.relinquish();
                         // Once the listeners are closed: the successor binds its own.
                         tokio::task::yield_now().await;
                         let _ = channel.send(&Message::Released, &[]).await;
@@ -68,9 +75,13 @@ impl HandoverServer {
                     return;
                 }
                 Ok(None) => {}
+                // Connected and gone without a word: an agent checking whether this one runs.
+                Err(WireError::Closed) => {}
                 Err(error) => {
                     self.metrics.outcome(Role::Predecessor, Outcome::Failed);
                     tracing::warn!(error = %ErrorChain(&error), "a hand-over failed; this agent carries on");
+                    // Each attempt pauses enrolment: one a second at most.
+                    tokio::time::sleep(RETRY_PAUSE).await;
                 }
             }
         }
@@ -94,14 +105,16 @@ impl HandoverServer {
                     capture,
                     "an agent asks to take over"
                 );
-                if *protocol != PROTOCOL {
+                if self.readiness.is_draining() {
+                    Some("this agent is stopping: its pods' listeners are closed".to_owned())
+                } else if *protocol != PROTOCOL {
                     Some(format!(
                         "this agent speaks hand-over protocol {PROTOCOL}, the new one {protocol}"
                     ))
-                } else if capture != self.capture {
+                } else if capture != self.capture.name() {
                     Some(format!(
                         "this agent captures with {}, the new one with {capture}: one backend cannot take over the other's capture in place",
-                        self.capture
+                        self.capture.name()
                     ))
                 } else {
                     None
@@ -163,9 +176,8 @@ impl HandoverServer {
             Ok(()) => channel.receive_within(TAKE_OVER_TIMEOUT).await,
             Err(error) => Err(error),
         };
-        let replaced = match answer {
-            Ok((Message::TakenOver, _)) => Replaced::TakenOver,
-            Ok((Message::Stop, _)) => Replaced::Stopped,
+        match answer {
+            Ok((Message::TakenOver, _)) => {}
             Ok((other, _)) => {
                 self.readiness.hand_over(false);
                 return Err(WireError::Malformed(format!(
@@ -177,16 +189,10 @@ impl HandoverServer {
                 return Err(error);
             }
         };
-        let _ = outcome.send(replaced);
-        self.metrics.outcome(
-            Role::Predecessor,
-            match replaced {
-                Replaced::TakenOver => Outcome::TakenOver,
-                Replaced::Stopped => Outcome::Refused,
-            },
-        );
-        tracing::info!(?replaced, "replaced by a new agent; draining");
-        Ok(Some(replaced))
+        let _ = outcome.send(Replaced::TakenOver);
+        self.metrics.outcome(Role::Predecessor, Outcome::TakenOver);
+        tracing::info!("taken over by a new agent; draining");
+        Ok(Some(Replaced::TakenOver))
     }
 
     async fn send_offer(&self, channel: &Channel, pods: &[OfferedPod]) -> Result<(), WireError> {

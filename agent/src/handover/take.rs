@@ -24,6 +24,9 @@ use crate::state::WorkloadUid;
 /// How long the predecessor may take for each answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long it may take to offer: it finishes the enrolment pass under way first.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The most pods one offer may hold: a node's worth and more.
 const MAX_PODS: u32 = 65_536;
 
@@ -147,14 +150,15 @@ fn check_socket(socket: &OwnedFd, kind: Type, port: u16, netns: &PodNetns) -> Re
 }
 
 /// Asks the agent listening at `path` to hand over. `None` when no agent runs there. When it
-/// cannot hand over, it is asked to stop, and says why: the predecessor returned then has
-/// released its listeners and handed over nothing.
+/// cannot hand over, it says why and is asked to stop: the predecessor returned then has
+/// released its listeners and handed over nothing. Any other answer, or none, is an error: the
+/// running agent carries on, and this one must not start beside it.
 pub(crate) async fn take_over(
     path: &Path,
     capture: &'static str,
     metrics: &HandoverMetrics,
 ) -> anyhow::Result<Option<Predecessor>> {
-    let channel = match Channel::connect(path).await {
+    let channel = match Channel::connect(path) {
         Ok(channel) => channel,
         Err(error) if error.is_absent() => {
             tracing::info!(socket = %path.display(), "no running agent to take over from");
@@ -170,17 +174,23 @@ pub(crate) async fn take_over(
         pid: std::process::id(),
     };
     channel.send(&hello, &[]).await.context("saying hello")?;
-    let mut pid = 0;
-    let refusal = match channel.receive_within(ANSWER_TIMEOUT).await {
-        Ok((
+    let answer = channel
+        .receive_within(OFFER_TIMEOUT)
+        .await
+        .context("waiting for the running agent's offer")?;
+    let (reason, pid) = match answer {
+        (
             Message::Offer {
                 pid,
                 pods,
                 listeners,
             },
             descriptors,
-        )) => match receive_offer(&channel, pods, &listeners, descriptors).await {
-            Ok((listeners, handed)) => {
+        ) => {
+            let (listeners, handed) = receive_offer(&channel, pods, &listeners, descriptors)
+                .await
+                .context("receiving the running agent's listeners")?;
+            {
                 let predecessor = Predecessor {
                     channel,
                     pid,
@@ -198,24 +208,13 @@ pub(crate) async fn take_over(
                 metrics.handed_over(Role::Successor, pods, predecessor.sockets());
                 return Ok(Some(predecessor));
             }
-            Err(error) => ErrorChain(&error).to_string(),
-        },
-        Ok((
-            Message::Refused {
-                reason,
-                pid: refused_by,
-            },
-            _,
-        )) => {
-            pid = refused_by;
-            reason
         }
-        Ok((other, _)) => format!("it answered {other:?}"),
-        Err(error) => ErrorChain(&error).to_string(),
+        (Message::Refused { reason, pid }, _) => (reason, pid),
+        (other, _) => anyhow::bail!("the running agent answered {other:?} to hello"),
     };
     metrics.outcome(Role::Successor, Outcome::Refused);
     tracing::warn!(
-        reason = refusal,
+        reason,
         "cannot take over from the running agent; stopping it instead: its pods fail closed until this agent captures them"
     );
     channel
@@ -320,6 +319,15 @@ impl Predecessor {
             return Ok(());
         }
         self.channel.send(&Message::TakenOver, &[]).await?;
+        // Its first drain report says it heard: it may have given up waiting just before.
+        match self.channel.receive_within(ANSWER_TIMEOUT).await? {
+            (Message::Draining { .. }, _) => {}
+            (other, _) => {
+                return Err(WireError::Malformed(format!(
+                    "expected draining, got {other:?}"
+                )));
+            }
+        }
         metrics.outcome(Role::Successor, Outcome::TakenOver);
         tracing::info!(
             predecessor.pid = self.pid,

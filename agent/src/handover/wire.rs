@@ -9,6 +9,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -29,6 +30,10 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 
 /// The most descriptors one message carries: a pod's six.
 pub(crate) const MAX_DESCRIPTORS: usize = 8;
+
+/// The most descriptors the kernel passes in one message (`SCM_MAX_FD`): room is made for all of
+/// them, so that none is ever cut off, unowned and leaked, by a message that carries too many.
+const SCM_MAX_FD: usize = 253;
 
 /// What the agents say to each other. The running agent is the *predecessor*, the one taking
 /// over the *successor*.
@@ -100,6 +105,8 @@ pub(crate) enum WireError {
     Io(#[from] io::Error),
     #[error("the other agent closed the hand-over connection")]
     Closed,
+    #[error("the running agent is busy: it has as many connections waiting as it takes")]
+    Busy,
     #[error("the other agent did not answer in time")]
     TimedOut,
     #[error("a hand-over message is too long or carries too many descriptors")]
@@ -154,6 +161,8 @@ impl Listener {
     pub(crate) fn bind(path: &Path) -> io::Result<Self> {
         let fd = seqpacket()?;
         socket::bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+        // Only its owner may connect (the peer's user is checked as well).
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         socket::listen(&fd, socket::Backlog::new(4)?)?;
         Self::from_fd(fd)
     }
@@ -197,18 +206,17 @@ impl AsFd for Listener {
 
 impl Channel {
     /// Connects to the agent listening at `path`.
-    pub(crate) async fn connect(path: &Path) -> Result<Self, WireError> {
+    pub(crate) fn connect(path: &Path) -> Result<Self, WireError> {
         let fd = seqpacket()?;
         match socket::connect(
             fd.as_raw_fd(),
             &UnixAddr::new(path).map_err(io::Error::from)?,
         ) {
-            Ok(()) | Err(Errno::EINPROGRESS | Errno::EAGAIN) => {}
-            Err(error) => return Err(io::Error::from(error).into()),
+            // A Unix socket connects at once, or not at all (EAGAIN: its queue is full).
+            Ok(()) => Self::checked(fd),
+            Err(Errno::EAGAIN) => Err(WireError::Busy),
+            Err(error) => Err(io::Error::from(error).into()),
         }
-        let channel = Self::checked(fd)?;
-        channel.0.writable().await?.retain_ready();
-        Ok(channel)
     }
 
     /// Only an agent running as this one may hand over or take over: the descriptors give
@@ -266,7 +274,7 @@ impl Channel {
         let (length, descriptors, truncated) = self
             .0
             .async_io(Interest::READABLE, |fd| {
-                let mut control = nix::cmsg_space!([RawFd; MAX_DESCRIPTORS]);
+                let mut control = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
                 let mut iov = [IoSliceMut::new(&mut buffer)];
                 let message = socket::recvmsg::<()>(
                     fd.as_raw_fd(),
@@ -293,7 +301,7 @@ impl Channel {
                 Ok((message.bytes, descriptors, truncated))
             })
             .await?;
-        if truncated {
+        if truncated || descriptors.len() > MAX_DESCRIPTORS {
             return Err(WireError::Truncated);
         }
         if length == 0 {

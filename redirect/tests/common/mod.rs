@@ -3,10 +3,10 @@
 use std::process::Command;
 
 /// Named namespaces that are deleted when dropped, even when the test fails.
-pub struct Namespaces(pub Vec<String>);
+pub(crate) struct Namespaces(pub(crate) Vec<String>);
 
 impl Namespaces {
-    pub fn add(&mut self, name: String) -> &str {
+    pub(crate) fn add(&mut self, name: String) -> &str {
         run(&["netns", "add", &name]);
         self.0.push(name);
         self.0.last().map_or("", String::as_str)
@@ -22,7 +22,7 @@ impl Drop for Namespaces {
 }
 
 /// `ip ARGS`, which must succeed.
-pub fn run(args: &[&str]) {
+pub(crate) fn run(args: &[&str]) {
     match Command::new("ip").args(args).status() {
         Ok(status) => assert!(status.success(), "ip {args:?} failed"),
         Err(error) => panic!("cannot run ip: {error}"),
@@ -30,7 +30,7 @@ pub fn run(args: &[&str]) {
 }
 
 /// Panics with a clear message unless the test runs as root.
-pub fn require_root() {
+pub(crate) fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
         "this test creates network namespaces: run it as root (CI does)"
