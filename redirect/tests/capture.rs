@@ -2,6 +2,11 @@
 //! every pod, on real namespaces (needs root): the pod's policy routing is left alone, no rule
 //! removed and added back, so its traffic is steered throughout.
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "a helper that cannot set up or watch the pod fails the test"
+)]
+
 mod common;
 
 use std::io::Read;
