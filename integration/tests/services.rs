@@ -8,7 +8,7 @@
 )]
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ambit_agent::admin::views::ServiceView;
 use ambit_agent::lab::{Cluster, read_peer_line};
@@ -109,6 +109,15 @@ async fn vip_traffic_spreads_by_load_and_skips_an_endpoint_that_stops_answering(
     // server3 stops answering: at most the one connection sent there fails, then it is
     // ejected and the others take everything.
     drop(apps.pop());
+    // The app's listener closes with its task, a moment later: until then the kernel still
+    // completes handshakes for it, which then fail otherwise than an endpoint that is gone.
+    let in_server3 = cluster.in_pod("server3").unwrap();
+    let local_app = SocketAddr::from(([127, 0, 0, 1], APP_PORT));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while in_server3.connect(local_app).await.is_ok() {
+        assert!(Instant::now() < deadline, "server3's app still listens");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let carried = || apps.iter().map(|app| app.accepted()).sum::<usize>();
     let before = carried();
     let mut failed = 0;
