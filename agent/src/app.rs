@@ -184,7 +184,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     tokio::spawn(enrolment.run(watcher));
     tracing::info!(node = config.node, capture = capture_name, "agent started");
 
-    if let Some(predecessor) = predecessor {
+    if let Some(mut predecessor) = predecessor {
         // Every pod is enrolled, on the listeners handed over, before the predecessor stops
         // accepting on them.
         tokio::select! {

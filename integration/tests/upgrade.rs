@@ -380,3 +380,135 @@ async fn a_new_agent_that_cannot_take_over_stops_the_old_one_and_says_why() {
         assert_eq!(installed, one_capture(Backend::Nftables), "{pod}");
     }
 }
+
+/// A raw client of an agent's hand-over socket, as a successor (or anything else on the node)
+/// would speak to it.
+struct HandoverClient(std::os::fd::OwnedFd);
+
+impl HandoverClient {
+    fn connect(path: &Path) -> Self {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &UnixAddr::new(path).unwrap(),
+        )
+        .unwrap();
+        Self(fd)
+    }
+
+    fn send(&self, message: &[u8]) {
+        nix::sys::socket::send(
+            std::os::fd::AsRawFd::as_raw_fd(&self.0),
+            message,
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+    }
+
+    /// The next message, parsed, and how many descriptors came with it (closed at once).
+    fn receive(&self) -> (serde_json::Value, usize) {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        let mut buffer = vec![0; 64 * 1024];
+        let mut iov = [std::io::IoSliceMut::new(&mut buffer)];
+        let mut control = nix::cmsg_space!([std::os::fd::RawFd; 16]);
+        let message = recvmsg::<()>(
+            std::os::fd::AsRawFd::as_raw_fd(&self.0),
+            &mut iov,
+            Some(&mut control),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .unwrap();
+        let mut descriptors = 0;
+        for control in message.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(fds) = control {
+                descriptors += fds.len();
+                for fd in fds {
+                    let _ = nix::unistd::close(fd);
+                }
+            }
+        }
+        let length = message.bytes;
+        (
+            serde_json::from_slice(&buffer[..length]).unwrap(),
+            descriptors,
+        )
+    }
+}
+
+/// Garbage on the hand-over socket is refused, and a successor that receives the listeners and
+/// goes away without taking over leaves the agent as it was: accepting throughout, ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_goes_away_leaves_the_agent_as_it_was() {
+    let cluster = cluster(Backend::Ebpf).await;
+    let _apps = echo_apps(&cluster).await;
+    let socket = cluster.handover_socket("node1");
+    let agent = cluster.agent("node1").unwrap();
+    let ready = async || {
+        agent
+            .get(15021, ambit_agent::READY_PATH)
+            .await
+            .unwrap()
+            .map(|(status, _)| status)
+    };
+
+    let garbage = HandoverClient::connect(&socket);
+    garbage.send(b"\xff{\"type\":\"take_everything\"");
+    let (refused, descriptors) = garbage.receive();
+    assert_eq!(
+        (refused["type"].as_str(), descriptors),
+        (Some("refused"), 0)
+    );
+    drop(garbage);
+
+    let successor = HandoverClient::connect(&socket);
+    successor.send(br#"{"type":"hello","protocol":1,"capture":"ebpf","pid":1}"#);
+    let (offer, node_listeners) = successor.receive();
+    assert_eq!(offer["type"], "offer", "{offer}");
+    // Readiness, metrics, admin and the hand-over socket; no CNI socket with the file source.
+    assert_eq!(node_listeners, 4);
+    assert_eq!(offer["pods"], 2, "{offer}");
+    for _ in 0..2 {
+        let (pod, descriptors) = successor.receive();
+        assert_eq!(
+            (pod["type"].as_str(), descriptors),
+            (Some("pod"), 6),
+            "{pod}"
+        );
+    }
+    assert_eq!(ready().await, Some(503), "ready while handing over");
+    for flow in FLOWS {
+        let mut stream = open(&cluster, flow.0, flow.1).await.unwrap();
+        exchange(&mut stream, b"while offered").await.unwrap();
+    }
+    drop(successor);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ready().await != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "never ready again\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for flow in FLOWS {
+        let mut stream = open(&cluster, flow.0, flow.1).await.unwrap();
+        exchange(&mut stream, b"after").await.unwrap();
+    }
+    let metrics = agent.metrics().await.unwrap();
+    assert!(
+        metrics.contains(r#"ambit_handovers_total{role="predecessor",outcome="failed"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ambit_handovers_total{role="predecessor",outcome="refused"} 1"#),
+        "{metrics}"
+    );
+}

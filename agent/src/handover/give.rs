@@ -75,8 +75,6 @@ impl HandoverServer {
                     return;
                 }
                 Ok(None) => {}
-                // Connected and gone without a word: an agent checking whether this one runs.
-                Err(WireError::Closed) => {}
                 Err(error) => {
                     self.metrics.outcome(Role::Predecessor, Outcome::Failed);
                     tracing::warn!(error = %ErrorChain(&error), "a hand-over failed; this agent carries on");
@@ -124,6 +122,8 @@ impl HandoverServer {
             // A message of a version this one cannot read: refused, as the protocol's first
             // message always is when it is not understood.
             Err(WireError::Malformed(error)) => Some(format!("unreadable hello: {error}")),
+            // Connected and gone without a word: an agent checking whether this one runs.
+            Err(WireError::Closed) => return Ok(None),
             Err(_) => return hello.map(|_| None),
         };
         match refusal {
@@ -145,14 +145,17 @@ impl HandoverServer {
             pid: std::process::id(),
         };
         channel.send(&refused, &[]).await?;
-        match channel.receive_within(HELLO_TIMEOUT).await? {
-            (Message::Stop, _) => {
+        match channel.receive_within(HELLO_TIMEOUT).await {
+            Ok((Message::Stop, _)) => {
                 tracing::info!("asked to stop by the agent replacing this one");
                 Ok(Some(Replaced::Stopped))
             }
-            (other, _) => Err(WireError::Malformed(format!(
+            // Refused, and left running: the refusal was the outcome.
+            Err(WireError::Closed) => Ok(None),
+            Ok((other, _)) => Err(WireError::Malformed(format!(
                 "expected stop, got {other:?}"
             ))),
+            Err(error) => Err(error),
         }
     }
 

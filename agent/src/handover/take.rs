@@ -37,6 +37,8 @@ pub(crate) struct Predecessor {
     pid: u32,
     /// Whether it handed over; if not, it was asked to stop.
     handed_over: bool,
+    /// Its latest drain report: the sockets it carries, and the seconds to its deadline.
+    draining: (u64, u64),
     listeners: HashMap<NodeListener, OwnedFd>,
     pods: HandedPods,
 }
@@ -195,6 +197,7 @@ pub(crate) async fn take_over(
                     channel,
                     pid,
                     handed_over: true,
+                    draining: (0, 0),
                     listeners,
                     pods: handed,
                 };
@@ -230,6 +233,7 @@ pub(crate) async fn take_over(
         channel,
         pid,
         handed_over: false,
+        draining: (0, 0),
         listeners: HashMap::new(),
         pods: HandedPods::default(),
     }))
@@ -313,7 +317,7 @@ impl Predecessor {
     /// Tells the predecessor that this agent accepts on the listeners it handed over, and
     /// closes those of pods that were not enrolled. An error leaves both agents accepting: the
     /// predecessor gave up waiting and carries on, so this agent must not.
-    pub(crate) async fn confirm(&self, metrics: &HandoverMetrics) -> Result<(), WireError> {
+    pub(crate) async fn confirm(&mut self, metrics: &HandoverMetrics) -> Result<(), WireError> {
         let unused = self.pods.forget();
         if !self.handed_over {
             return Ok(());
@@ -321,7 +325,13 @@ impl Predecessor {
         self.channel.send(&Message::TakenOver, &[]).await?;
         // Its first drain report says it heard: it may have given up waiting just before.
         match self.channel.receive_within(ANSWER_TIMEOUT).await? {
-            (Message::Draining { .. }, _) => {}
+            (
+                Message::Draining {
+                    open_sockets,
+                    deadline_seconds,
+                },
+                _,
+            ) => self.draining = (open_sockets, deadline_seconds),
             (other, _) => {
                 return Err(WireError::Malformed(format!(
                     "expected draining, got {other:?}"
@@ -343,13 +353,14 @@ impl Predecessor {
             channel,
             pid,
             handed_over,
+            draining: (open_sockets, deadline_seconds),
             ..
         } = self;
         status.set_predecessor(PredecessorView {
             pid,
             state: if handed_over { "taken over" } else { "stopped" }.to_owned(),
-            open_sockets: 0,
-            deadline_seconds: 0,
+            open_sockets,
+            deadline_seconds,
         });
         loop {
             match channel.receive().await {

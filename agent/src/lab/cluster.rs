@@ -684,6 +684,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// Where the agent of `node` answers the next one.
+    pub fn handover_socket(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("handover-{node}.sock"))
+    }
+
     /// Starts a new agent of `node` with `--take-over` (and `extra_args`) beside the running
     /// one, and waits until it has taken over, or stopped the old one, and is ready. The old
     /// one drains until it exits ([`replaced_agents`](Self::replaced_agents)).
@@ -739,7 +744,7 @@ impl Cluster {
         let mut source = self.source_args();
         source.extend([
             "--handover-socket".into(),
-            self.dir.path().join(format!("handover-{node}.sock")).into(),
+            self.handover_socket(node).into(),
         ]);
         if self.apiserver.is_some() {
             source.extend(["--cni-socket".into(), self.cni_socket(node).into()]);
