@@ -54,10 +54,16 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     let capture_name = capture.name();
     let mut metrics = Metrics::new();
     let handover_metrics = HandoverMetrics::register(metrics.ambit_registry());
+    let sandboxes = discovery.sandboxes().cloned();
     let mut predecessor = match config.take_over {
-        true => handover::take_over(&config.handover_socket, capture_name, &handover_metrics)
-            .await
-            .context("--take-over")?,
+        true => handover::take_over(
+            &config.handover_socket,
+            capture_name,
+            &handover_metrics,
+            sandboxes.as_ref(),
+        )
+        .await
+        .context("--take-over")?,
         false => None,
     };
     let listeners = NodeListeners::open(&config, predecessor.as_mut()).await?;
@@ -207,6 +213,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     let (replaced, mut replaced_by) = oneshot::channel();
     let handover_server = HandoverServer {
         capture,
+        sandboxes,
         listeners: handed_listeners,
         enrolment: offers,
         readiness: readiness.clone(),

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::state::WorkloadUid;
 
 /// Where the runtime put one pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Sandbox {
     /// The pod's namespace and name, as the runtime gave them.
     pub(crate) namespace: String,
@@ -80,6 +80,11 @@ impl Sandboxes {
         let live = known.live.iter();
         live.map(|(uid, sandbox)| (uid.clone(), sandbox.clone()))
             .collect()
+    }
+
+    /// The pods whose sandbox the runtime tore down, still kept from enrolment.
+    pub(crate) fn torn_down_pods(&self) -> Vec<WorkloadUid> {
+        self.known().torn_down.iter().cloned().collect()
     }
 
     pub(crate) fn is_torn_down(&self, uid: &WorkloadUid) -> bool {

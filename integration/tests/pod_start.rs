@@ -239,3 +239,38 @@ async fn a_pod_the_watch_has_not_brought_is_fetched() {
         cluster.logs()
     );
 }
+
+/// After an upgrade, the new agent answers the plugin on the socket the old one handed over, and
+/// keeps the pods the old one captured through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_upgrade_the_new_agent_answers_the_plugin() {
+    let (mut cluster, _server) = mesh(two_teams()).await;
+    let early = cluster.add_sandbox("node1", "shop", "early").unwrap();
+    cluster.apply().await.unwrap();
+    let added = plugin(&cluster, "ADD", &early);
+    assert!(added.status.success(), "{}", describe(&added));
+
+    cluster.replace_agent("node1", &[]).await.unwrap();
+    let log = cluster.agent("node1").unwrap().log();
+    assert!(
+        log.contains(r#""listeners":5"#) && log.contains("took over from the running agent"),
+        "the CNI socket is among the listeners handed over:\n{log}"
+    );
+    assert_eq!(
+        first_connection(&cluster, "early").await,
+        Some(early.ip.to_string()),
+        "{}",
+        cluster.logs()
+    );
+
+    let late = cluster.add_sandbox("node1", "shop", "late").unwrap();
+    cluster.apply().await.unwrap();
+    let added = plugin(&cluster, "ADD", &late);
+    assert!(added.status.success(), "{}", describe(&added));
+    assert_eq!(
+        first_connection(&cluster, "late").await,
+        Some(late.ip.to_string()),
+        "{}",
+        cluster.logs()
+    );
+}

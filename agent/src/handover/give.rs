@@ -12,6 +12,7 @@ use super::wire::{Channel, Listener, Message, NodeListener, POD_SOCKETS, PROTOCO
 use super::{HandoverMetrics, OfferRequest, OfferedPod, Outcome, Replaced, Role};
 use crate::error_chain::ErrorChain;
 use crate::readiness::Readiness;
+use crate::sandboxes::Sandboxes;
 use crate::telemetry::Telemetry;
 
 /// How long a successor may take to say hello, or to ask this agent to stop once refused.
@@ -34,6 +35,9 @@ pub(crate) struct HandoverServer {
     pub(crate) capture: Arc<dyn CaptureBackend>,
     /// The node's listeners, duplicated, to hand over.
     pub(crate) listeners: Vec<(NodeListener, OwnedFd)>,
+    /// The sandboxes the CNI plugin reported, which a successor needs to enrol pods whose
+    /// containers have not started; none without the plugin.
+    pub(crate) sandboxes: Option<Sandboxes>,
     /// Where the enrolment loop takes offer requests.
     pub(crate) enrolment: mpsc::Sender<OfferRequest>,
     pub(crate) readiness: Readiness,
@@ -199,9 +203,15 @@ impl HandoverServer {
     }
 
     async fn send_offer(&self, channel: &Channel, pods: &[OfferedPod]) -> Result<(), WireError> {
+        let (live, torn_down) = match &self.sandboxes {
+            Some(sandboxes) => (sandboxes.live(), sandboxes.torn_down_pods()),
+            None => (Vec::new(), Vec::new()),
+        };
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let offer = Message::Offer {
             pid: std::process::id(),
-            pods: u32::try_from(pods.len()).unwrap_or(u32::MAX),
+            pods: count(pods.len()),
+            sandboxes: count(live.len() + torn_down.len()),
             listeners: self.listeners.iter().map(|(name, _)| *name).collect(),
         };
         let listeners: Vec<BorrowedFd<'_>> =
@@ -222,6 +232,15 @@ impl HandoverServer {
                 target.dns_tcp.as_fd(),
             ];
             channel.send(&message, &descriptors).await?;
+        }
+        let live = live.into_iter().map(|(uid, sandbox)| (uid, Some(sandbox)));
+        let torn_down = torn_down.into_iter().map(|uid| (uid, None));
+        for (uid, sandbox) in live.chain(torn_down) {
+            let message = Message::Sandbox {
+                uid: uid.0,
+                sandbox,
+            };
+            channel.send(&message, &[]).await?;
         }
         let sockets = self.listeners.len() + pods.len() * POD_SOCKETS;
         self.metrics

@@ -19,6 +19,7 @@ use super::wire::{
 };
 use super::{HandoverMetrics, HandoverStatus, Outcome, PredecessorView, Role};
 use crate::error_chain::ErrorChain;
+use crate::sandboxes::Sandboxes;
 use crate::state::WorkloadUid;
 
 /// How long the predecessor may take for each answer.
@@ -159,6 +160,7 @@ pub(crate) async fn take_over(
     path: &Path,
     capture: &'static str,
     metrics: &HandoverMetrics,
+    sandboxes: Option<&Sandboxes>,
 ) -> anyhow::Result<Option<Predecessor>> {
     let channel = match Channel::connect(path) {
         Ok(channel) => channel,
@@ -185,32 +187,38 @@ pub(crate) async fn take_over(
             Message::Offer {
                 pid,
                 pods,
+                sandboxes: sandbox_count,
                 listeners,
             },
             descriptors,
         ) => {
-            let (listeners, handed) = receive_offer(&channel, pods, &listeners, descriptors)
+            let offer = Offer {
+                pods,
+                sandboxes: sandbox_count,
+                listeners: &listeners,
+            };
+            let (listeners, handed) = offer
+                .receive(&channel, descriptors, sandboxes)
                 .await
                 .context("receiving the running agent's listeners")?;
-            {
-                let predecessor = Predecessor {
-                    channel,
-                    pid,
-                    handed_over: true,
-                    draining: (0, 0),
-                    listeners,
-                    pods: handed,
-                };
-                let pods = predecessor.pods.len();
-                tracing::info!(
-                    predecessor.pid = pid,
-                    pods,
-                    listeners = predecessor.listeners.len(),
-                    "received the running agent's listeners"
-                );
-                metrics.handed_over(Role::Successor, pods, predecessor.sockets());
-                return Ok(Some(predecessor));
-            }
+            let predecessor = Predecessor {
+                channel,
+                pid,
+                handed_over: true,
+                draining: (0, 0),
+                listeners,
+                pods: handed,
+            };
+            let pods = predecessor.pods.len();
+            tracing::info!(
+                predecessor.pid = pid,
+                pods,
+                sandboxes = sandbox_count,
+                listeners = predecessor.listeners.len(),
+                "received the running agent's listeners"
+            );
+            metrics.handed_over(Role::Successor, pods, predecessor.sockets());
+            return Ok(Some(predecessor));
         }
         (Message::Refused { reason, pid }, _) => (reason, pid),
         (other, _) => anyhow::bail!("the running agent answered {other:?} to hello"),
@@ -239,59 +247,90 @@ pub(crate) async fn take_over(
     }))
 }
 
-/// Reads the rest of an offer: the node's listeners came with it, then `pods` pods follow.
-async fn receive_offer(
-    channel: &Channel,
+/// What an offer announces.
+struct Offer<'a> {
     pods: u32,
-    names: &[NodeListener],
-    descriptors: Vec<OwnedFd>,
-) -> Result<(HashMap<NodeListener, OwnedFd>, HandedPods), WireError> {
-    let malformed = |what: String| WireError::Malformed(what);
-    if names.len() != descriptors.len() {
-        return Err(malformed(format!(
-            "an offer names {} listeners and carries {}",
-            names.len(),
-            descriptors.len()
-        )));
-    }
-    if pods > MAX_PODS {
-        return Err(malformed(format!("an offer of {pods} pods")));
-    }
-    let listeners = names.iter().copied().zip(descriptors).collect();
-    let handed = HandedPods::default();
-    for _ in 0..pods {
-        let (message, descriptors) = channel.receive_within(ANSWER_TIMEOUT).await?;
-        let Message::Pod { uid, ip } = message else {
-            return Err(malformed(format!("{message:?} where a pod was due")));
-        };
-        let Ok([netns, outbound, inbound_plaintext, hbone, dns_udp, dns_tcp]) =
-            <[OwnedFd; POD_DESCRIPTORS.len()]>::try_from(descriptors)
-        else {
+    sandboxes: u32,
+    listeners: &'a [NodeListener],
+}
+
+impl Offer<'_> {
+    /// Reads the rest of the offer: the node's listeners came with it (`descriptors`), then the
+    /// pods and the sandboxes follow. The sandboxes go to `sandboxes`, when this agent has them.
+    async fn receive(
+        &self,
+        channel: &Channel,
+        descriptors: Vec<OwnedFd>,
+        sandboxes: Option<&Sandboxes>,
+    ) -> Result<(HashMap<NodeListener, OwnedFd>, HandedPods), WireError> {
+        let malformed = |what: String| WireError::Malformed(what);
+        if self.listeners.len() != descriptors.len() {
             return Err(malformed(format!(
-                "pod {uid} without its {} descriptors",
-                POD_DESCRIPTORS.len()
+                "an offer names {} listeners and carries {}",
+                self.listeners.len(),
+                descriptors.len()
             )));
-        };
-        let netns = Netns::from_fd(netns)
-            .map_err(|e| malformed(format!("pod {uid}: {}", ErrorChain(&e))))?;
-        let pod = HandedPod {
-            netns,
-            listeners: CaptureTarget {
-                pod_ip: ip,
-                outbound,
-                inbound_plaintext,
-                hbone,
-                dns_udp,
-                dns_tcp,
-            },
-        };
-        handed
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(WorkloadUid(uid), pod);
+        }
+        if self.pods > MAX_PODS || self.sandboxes > MAX_PODS {
+            return Err(malformed(format!(
+                "an offer of {} pods and {} sandboxes",
+                self.pods, self.sandboxes
+            )));
+        }
+        let listeners = self.listeners.iter().copied().zip(descriptors).collect();
+        let handed = HandedPods::default();
+        for _ in 0..self.pods {
+            let (uid, pod) = receive_pod(channel).await?;
+            handed
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(uid, pod);
+        }
+        for _ in 0..self.sandboxes {
+            let (message, _) = channel.receive_within(ANSWER_TIMEOUT).await?;
+            let Message::Sandbox { uid, sandbox } = message else {
+                return Err(malformed(format!("{message:?} where a sandbox was due")));
+            };
+            match (sandboxes, sandbox) {
+                (Some(sandboxes), Some(sandbox)) => sandboxes.created(WorkloadUid(uid), sandbox),
+                (Some(sandboxes), None) => sandboxes.torn_down(&WorkloadUid(uid)),
+                (None, _) => {}
+            }
+        }
+        Ok((listeners, handed))
     }
-    Ok((listeners, handed))
+}
+
+/// One pod of an offer: its message, with its namespace and listeners.
+async fn receive_pod(channel: &Channel) -> Result<(WorkloadUid, HandedPod), WireError> {
+    let malformed = |what: String| WireError::Malformed(what);
+    let (message, descriptors) = channel.receive_within(ANSWER_TIMEOUT).await?;
+    let Message::Pod { uid, ip } = message else {
+        return Err(malformed(format!("{message:?} where a pod was due")));
+    };
+    let Ok([netns, outbound, inbound_plaintext, hbone, dns_udp, dns_tcp]) =
+        <[OwnedFd; POD_DESCRIPTORS.len()]>::try_from(descriptors)
+    else {
+        return Err(malformed(format!(
+            "pod {uid} without its {} descriptors",
+            POD_DESCRIPTORS.len()
+        )));
+    };
+    let netns =
+        Netns::from_fd(netns).map_err(|e| malformed(format!("pod {uid}: {}", ErrorChain(&e))))?;
+    let pod = HandedPod {
+        netns,
+        listeners: CaptureTarget {
+            pod_ip: ip,
+            outbound,
+            inbound_plaintext,
+            hbone,
+            dns_udp,
+            dns_tcp,
+        },
+    };
+    Ok((WorkloadUid(uid), pod))
 }
 
 impl Predecessor {

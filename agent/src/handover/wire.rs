@@ -19,6 +19,8 @@ use nix::sys::socket::{
     UnixAddr, sockopt,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::sandboxes::Sandbox;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -53,11 +55,21 @@ pub(crate) enum Message {
     Offer {
         pid: u32,
         pods: u32,
+        /// How many [`Message::Sandbox`] follow the pods.
+        #[serde(default)]
+        sandboxes: u32,
         listeners: Vec<NodeListener>,
     },
     /// Predecessor, `pods` times: one pod; carries its namespace and its listeners, in the order
     /// of [`POD_DESCRIPTORS`].
     Pod { uid: String, ip: IpAddr },
+    /// Predecessor, `sandboxes` times: a pod sandbox the CNI plugin reported, which the
+    /// successor needs to enrol pods whose containers have not started, or `None` for one the
+    /// runtime tore down (the pod is kept from enrolment).
+    Sandbox {
+        uid: String,
+        sandbox: Option<Sandbox>,
+    },
     /// Successor: it accepts on everything it was given; the predecessor stops accepting.
     TakenOver,
     /// Successor: stop accepting and release every listener, without handing them over.
