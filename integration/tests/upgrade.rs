@@ -98,7 +98,8 @@ async fn exchange(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<()>
 /// New connections on every flow, one after the other on two loops per flow, until stopped.
 struct Load {
     stop: Arc<AtomicBool>,
-    opened: Arc<AtomicUsize>,
+    /// By flow, in the order of [`FLOWS`].
+    opened: Arc<[AtomicUsize; FLOWS.len()]>,
     failures: Arc<std::sync::Mutex<Vec<String>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -106,10 +107,10 @@ struct Load {
 impl Load {
     fn start(cluster: &Cluster) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let opened = Arc::new(AtomicUsize::new(0));
+        let opened = Arc::new([const { AtomicUsize::new(0) }; FLOWS.len()]);
         let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
-        for flow in FLOWS.into_iter().flat_map(|flow| [flow, flow]) {
+        for (index, flow) in FLOWS.into_iter().enumerate().flat_map(|f| [f, f]) {
             let (from, to) = ends(cluster, flow);
             let (stop, opened, failures) = (stop.clone(), opened.clone(), failures.clone());
             tasks.push(tokio::spawn(async move {
@@ -119,7 +120,7 @@ impl Load {
                         exchange(&mut stream, b"new").await
                     };
                     match connected.await {
-                        Ok(()) => opened.fetch_add(1, Ordering::Relaxed),
+                        Ok(()) => opened[index].fetch_add(1, Ordering::Relaxed),
                         Err(error) => {
                             failures.lock().unwrap().push(format!("{flow:?}: {error}"));
                             0
@@ -136,14 +137,15 @@ impl Load {
         }
     }
 
-    /// Stops the load: how many connections it opened, and every failure.
-    async fn stop(self) -> (usize, Vec<String>) {
+    /// Stops the load: how many connections it opened on each flow, and every failure.
+    async fn stop(self) -> ([usize; FLOWS.len()], Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
             task.await.unwrap();
         }
         let failures = self.failures.lock().unwrap().clone();
-        (self.opened.load(Ordering::Relaxed), failures)
+        let opened = self.opened.each_ref().map(|n| n.load(Ordering::Relaxed));
+        (opened, failures)
     }
 }
 
@@ -284,14 +286,15 @@ async fn replacing_the_agent_drops_no_connection(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (opened, failures) = load.stop().await;
     let elapsed = started.elapsed();
+    let total: usize = opened.iter().sum();
     assert!(
         failures.is_empty(),
         "{} of {} new connections failed across {REPLACEMENTS} replacements: {failures:?}\n{}",
         failures.len(),
-        opened + failures.len(),
+        total + failures.len(),
         cluster.logs()
     );
-    report_load(opened, elapsed);
+    report_load(total, elapsed);
     for stream in &mut long_lived {
         exchange(stream, b"after all").await.unwrap();
     }
@@ -307,6 +310,17 @@ async fn replacing_the_agent_drops_no_connection(backend: Backend) {
         );
     }
     assert_eq!(cluster.replaced_agents().len(), REPLACEMENTS);
+    // Every connection went through node1's agents, none past them: each is in their access
+    // logs, those of the load and the held ones (one per flow before each replacement, and
+    // before the first).
+    for (index, flow) in FLOWS.into_iter().enumerate() {
+        let expected = opened[index] + REPLACEMENTS + 1;
+        let carried = node1_access_log(&mut cluster, flow).await;
+        assert_eq!(
+            carried, expected,
+            "{flow:?}: connections in node1's access logs"
+        );
+    }
     assert!(wait_for_predecessor(&cluster, |predecessor| predecessor["state"] == "exited").await);
     let expected = one_capture(backend);
     for (pod, installed) in captures(&cluster) {
@@ -320,6 +334,44 @@ async fn replacing_the_agent_drops_no_connection(backend: Backend) {
         metrics.contains(r#"ambit_handovers_total{role="successor",outcome="taken_over"} 1"#),
         "{metrics}"
     );
+}
+
+/// The connections of `flow` in the access logs of node1's agents, the current one and those it
+/// replaced, once the current one has logged as many as the others (it logs each as it closes).
+async fn node1_access_log(cluster: &mut Cluster, (from, to): (&str, &str)) -> usize {
+    let (from, to) = (cluster.pod(from).unwrap().ip, cluster.pod(to).unwrap().ip);
+    let count = |log: &str| {
+        log.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|line| line["message"] == "connection closed")
+            .filter(|line| {
+                let ip = |field: &str| {
+                    line[field]
+                        .as_str()
+                        .and_then(|addr| addr.parse::<SocketAddr>().ok())
+                        .map(|addr| addr.ip())
+                };
+                ip("src.addr") == Some(from.into()) && ip("dst.addr") == Some(to.into())
+            })
+            .count()
+    };
+    let replaced: usize = cluster
+        .replaced_agents()
+        .iter()
+        .map(|agent| count(&agent.log()))
+        .sum();
+    let current = cluster.agent("node1").unwrap();
+    let mut settled = count(&current.log());
+    // The current agent's last lines may still be on their way.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = count(&current.log());
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    replaced + settled
 }
 
 /// Whether `ambit debug agent` on node1 shows, within 5 s, an agent it replaced as `wanted`.
@@ -511,4 +563,25 @@ async fn a_successor_that_goes_away_leaves_the_agent_as_it_was() {
         metrics.contains(r#"ambit_handovers_total{role="predecessor",outcome="refused"} 1"#),
         "{metrics}"
     );
+}
+
+/// An agent that carries nothing drains at once once taken over, and exits: it has told its
+/// successor first, each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_is_replaced_and_exits_at_once() {
+    let mut cluster = cluster(Backend::Nftables).await;
+    for replacement in 1..=3 {
+        cluster
+            .replace_agent("node1", &[])
+            .await
+            .unwrap_or_else(|error| panic!("replacement {replacement}: {error:#}"));
+    }
+    for old in cluster.replaced_agents() {
+        assert!(old.exited_within(Duration::from_secs(5)).await.unwrap());
+    }
+    let _apps = echo_apps(&cluster).await;
+    for (from, to) in FLOWS {
+        let mut stream = open(&cluster, from, to).await.unwrap();
+        exchange(&mut stream, b"after").await.unwrap();
+    }
 }

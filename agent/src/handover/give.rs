@@ -66,16 +66,22 @@ impl HandoverServer {
                     // Stopped, this agent must not keep the node's ports open.
                     self.listeners.clear();
                     drop(listener);
+                    let deadline = Instant::now() + self.drain_timeout;
+                    // Answered before the agent drains: with nothing to drain, it exits at once.
+                    let answer = match how {
+                        Replaced::TakenOver => self.drain_report(deadline),
+                        Replaced::Stopped => {
+                            // Taken over, the enrolment loop lets go of capture; stopped, it may
+                            // be mid-pass, and this agent's link watchers must not undo the
+                            // successor's. The node's listeners close as the drain starts: the
+                            // successor waits for their ports.
+                            self.capture.relinquish();
+                            Message::Released
+                        }
+                    };
+                    let _ = channel.send(&answer, &[]).await;
                     let _ = replaced.send(how);
-                    if how == Replaced::Stopped {
-                        // Taken over, the enrolment loop lets go of capture; stopped, it may be
-                        // mid-pass, and this agent's link watchers must not undo the successor's.
-                        self.capture.relinquish();
-                        // Once the listeners are closed: the successor binds its own.
-                        tokio::task::yield_now().await;
-                        let _ = channel.send(&Message::Released, &[]).await;
-                    }
-                    self.report_drain(&channel).await;
+                    self.report_drain(&channel, deadline).await;
                     return;
                 }
                 Ok(None) => {}
@@ -255,17 +261,24 @@ impl HandoverServer {
 
     /// Tells the successor, every second, the sockets this agent still carries, until it exits
     /// or the successor goes away.
-    async fn report_drain(&self, channel: &Channel) {
-        let deadline = Instant::now() + self.drain_timeout;
+    async fn report_drain(&self, channel: &Channel, deadline: Instant) {
         loop {
-            let report = Message::Draining {
-                open_sockets: self.telemetry.metrics.open_sockets(),
-                deadline_seconds: deadline.saturating_duration_since(Instant::now()).as_secs(),
-            };
-            if channel.send(&report, &[]).await.is_err() {
+            tokio::time::sleep(DRAIN_REPORT_INTERVAL).await;
+            if channel
+                .send(&self.drain_report(deadline), &[])
+                .await
+                .is_err()
+            {
                 return;
             }
-            tokio::time::sleep(DRAIN_REPORT_INTERVAL).await;
+        }
+    }
+
+    /// The sockets this agent carries, and the time left to `deadline`.
+    fn drain_report(&self, deadline: Instant) -> Message {
+        Message::Draining {
+            open_sockets: self.telemetry.metrics.open_sockets(),
+            deadline_seconds: deadline.saturating_duration_since(Instant::now()).as_secs(),
         }
     }
 }
