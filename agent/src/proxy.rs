@@ -132,10 +132,15 @@ pub(crate) async fn start(
     certificates: Arc<CertificateManager>,
     drain: DrainWatcher,
 ) -> Result<(), ProxyError> {
+    // Non-blocking, as the runtime needs them, whoever made them (an agent of another version
+    // may have handed them over): the flag belongs to the socket, shared by every duplicate.
+    let duplicate = |socket: &OwnedFd| {
+        let duplicate = socket.try_clone()?;
+        socket2::SockRef::from(&duplicate).set_nonblocking(true)?;
+        Ok(duplicate)
+    };
     let duplicate = |socket: &OwnedFd, port| {
-        socket
-            .try_clone()
-            .map_err(|source| ProxyError::Listen { port, source })
+        duplicate(socket).map_err(|source| ProxyError::Listen { port, source })
     };
     let tcp = |socket: &OwnedFd, port| {
         TcpListener::from_std(std::net::TcpListener::from(duplicate(socket, port)?))

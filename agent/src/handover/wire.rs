@@ -179,7 +179,7 @@ impl Listener {
         Self::from_fd(fd)
     }
 
-    /// A listening socket received from the predecessor.
+    /// A listening socket received from the predecessor (or just bound).
     pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Self> {
         let kind = socket::getsockopt(&fd, sockopt::SockType)?;
         let listening = socket::getsockopt(&fd, sockopt::AcceptConn)?;
@@ -189,6 +189,7 @@ impl Listener {
                 "not a listening SOCK_SEQPACKET socket",
             ));
         }
+        socket2::SockRef::from(&fd).set_nonblocking(true)?;
         Ok(Self(register(fd)?))
     }
 
