@@ -193,11 +193,14 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     if let Some(mut predecessor) = predecessor {
         // Every pod is enrolled, on the listeners handed over, before the predecessor stops
         // accepting on them.
-        tokio::select! {
-            _ = all_captured => {}
-            () = stop.received() => {
-                tracing::info!("stopped before taking over; the running agent carries on");
-                return Ok(());
+        if taking_over {
+            tokio::select! {
+                captured = all_captured => captured.context("enrolment stopped before the pods were captured")?,
+                gone = predecessor.gave_up() => return Err(gone).context("the running agent gave up waiting to be taken over; it carries on"),
+                () = stop.received() => {
+                    tracing::info!("stopped before taking over; the running agent carries on");
+                    return Ok(());
+                }
             }
         }
         predecessor
@@ -210,7 +213,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
         }
         tokio::spawn(predecessor.follow(handover_status, handover_metrics.clone()));
     }
-    let (replaced, mut replaced_by) = oneshot::channel();
+    let (replaced, mut replaced_by) = watch::channel(None);
     let handover_server = HandoverServer {
         capture,
         sandboxes,
@@ -227,12 +230,13 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     // The source runs until the drain: if it ends before, the agent would go on with a frozen
     // view of the cluster. It exits instead; capture stays in place, failing closed, until it
     // is restarted.
-    // Signals that end the drain at once: the second, or the first after a replacement (the
-    // successor's rollout then stops this agent's pod as it drains).
+    // Signals that end the drain at once: the second; once replaced, the second after it (the
+    // successor's rollout sends one as it deletes this agent's pod, which must not cut the drain
+    // short).
     let mut cut_short_after = 1;
     tokio::select! {
         () = stop.received() => {}
-        Ok(_) = &mut replaced_by => cut_short_after = 2,
+        Ok(_) = replaced_by.wait_for(Option::is_some) => cut_short_after = 2,
         ended = source => return Err(match ended {
             Err(error) if error.is_panic() => anyhow::anyhow!("the source panicked"),
             _ => anyhow::anyhow!("the source stopped"),
@@ -242,7 +246,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     // while it drains), and otherwise with the process.
     tokio::spawn(async move {
         let replaced = cut_short_after == 2;
-        if replaced || replaced_by.await.is_ok() {
+        if replaced || replaced_by.wait_for(Option::is_some).await.is_ok() {
             listeners_trigger.drain().await;
         }
     });

@@ -597,50 +597,63 @@ impl Enrolment {
             uid: workload.uid.clone(),
             ip,
         };
-        let listeners = Arc::new(match self.handed_over.take(&local.uid, &netns, ip) {
+        let handed = self.handed_over.take(&local.uid, &netns, ip);
+        let from_predecessor = handed.is_some();
+        let listeners = Arc::new(match handed {
             Some(listeners) => listeners,
             None => proxy::listen(&netns, ip).await.map_err(EnrolError::Proxy)?,
         });
-        let names = self.dns.names(&local);
-        let pod = Pod {
-            workload: local.clone(),
-            identity: identity_updates,
-            sockets: Arc::new(PodSockets(netns.clone())),
-            state: self.states.clone(),
-            client: self.client.clone(),
-            trust_domain: self.trust_domain.clone(),
-            telemetry: self.telemetry.clone(),
-            admission: self.admission.clone(),
-            revocations: self.revocations.clone(),
-            balancer: self.balancer.clone(),
-            names: names.clone(),
-            dns: self.dns.clone(),
-            outbound_policy: self.outbound_policy,
-        };
-        let started =
-            proxy::start(pod, &listeners, &netns, self.certificates.clone(), watcher).await;
-        if let Err(error) = started {
-            self.dns.forget(&local.uid, &names);
-            return Err(EnrolError::Proxy(error));
+        let enrolled = async {
+            let names = self.dns.names(&local);
+            let pod = Pod {
+                workload: local.clone(),
+                identity: identity_updates,
+                sockets: Arc::new(PodSockets(netns.clone())),
+                state: self.states.clone(),
+                client: self.client.clone(),
+                trust_domain: self.trust_domain.clone(),
+                telemetry: self.telemetry.clone(),
+                admission: self.admission.clone(),
+                revocations: self.revocations.clone(),
+                balancer: self.balancer.clone(),
+                names: names.clone(),
+                dns: self.dns.clone(),
+                outbound_policy: self.outbound_policy,
+            };
+            let started =
+                proxy::start(pod, &listeners, &netns, self.certificates.clone(), watcher).await;
+            if let Err(error) = started {
+                self.dns.forget(&local.uid, &names);
+                return Err(EnrolError::Proxy(error));
+            }
+            let capture = self.capture.clone();
+            let target = listeners.clone();
+            netns
+                .run(move || capture.enable(&target))
+                .await
+                .map_err(|e| EnrolError::Capture(CaptureError::Netns(e)))?
+                .map_err(EnrolError::Capture)?;
+            if let Some(sandboxes) = self.discovery.sandboxes() {
+                sandboxes.captured(&local.uid, netns.id());
+            }
+            Ok(EnrolledPod {
+                workload: local.clone(),
+                identity,
+                netns: netns.clone(),
+                found_by,
+                listeners: listeners.clone(),
+                proxies: trigger,
+            })
         }
-        let capture = self.capture.clone();
-        let target = listeners.clone();
-        netns
-            .run(move || capture.enable(&target))
-            .await
-            .map_err(|e| EnrolError::Capture(CaptureError::Netns(e)))?
-            .map_err(EnrolError::Capture)?;
-        if let Some(sandboxes) = self.discovery.sandboxes() {
-            sandboxes.captured(&local.uid, netns.id());
+        .await;
+        if enrolled.is_err()
+            && from_predecessor
+            && let Ok(listeners) = Arc::try_unwrap(listeners)
+        {
+            // The predecessor holds the pod's ports: the next attempt needs these.
+            self.handed_over.put_back(local.uid, &netns, listeners);
         }
-        Ok(EnrolledPod {
-            workload: local,
-            identity,
-            netns,
-            found_by,
-            listeners,
-            proxies: trigger,
-        })
+        enrolled
     }
 
     /// Stops the pod's proxies and removes its capture.

@@ -22,7 +22,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures_util::TryStreamExt;
 use netlink_packet_route::IpProtocol;
 use netlink_packet_route::route::{RouteMessage, RouteScope, RouteType};
-use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange};
+use netlink_packet_route::rule::{
+    RuleAction, RuleAttribute, RuleFlags, RuleMessage, RulePortRange,
+};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
 use crate::{AGENT_MARK, CAPTURED_DNS_PORT, KUBELET_PROBE_SOURCE, MARK_MASK, REPLY_MARK};
@@ -202,12 +204,17 @@ pub(crate) fn install(steering: Steering) -> Result<(), RoutingError> {
     })
 }
 
-/// What makes two rules the same rule, whichever way the kernel spells it back.
+/// What makes two rules the same rule, whichever way the kernel spells it back: the header, the
+/// priority and table, and every selector (a dump carries attributes of the kernel's own, such as
+/// the protocol that added the rule, which do not make it another rule).
 #[derive(Debug, PartialEq, Eq)]
 struct RuleKey {
     family: netlink_packet_route::AddressFamily,
     action: RuleAction,
+    flags: RuleFlags,
+    src_len: u8,
     dst_len: u8,
+    tos: u8,
     priority: Option<u32>,
     table: u32,
     matches: Vec<String>,
@@ -232,8 +239,14 @@ impl RuleKey {
                     RuleAttribute::FwMark(_)
                         | RuleAttribute::FwMask(_)
                         | RuleAttribute::IpProtocol(_)
+                        | RuleAttribute::Source(_)
                         | RuleAttribute::Destination(_)
+                        | RuleAttribute::SourcePortRange(_)
                         | RuleAttribute::DestinationPortRange(_)
+                        | RuleAttribute::Iifname(_)
+                        | RuleAttribute::Oifname(_)
+                        | RuleAttribute::UidRange(_)
+                        | RuleAttribute::Goto(_)
                 )
             })
             .map(|a| format!("{a:?}"))
@@ -242,7 +255,10 @@ impl RuleKey {
         Self {
             family: rule.header.family,
             action: rule.header.action,
+            flags: rule.header.flags,
+            src_len: rule.header.src_len,
             dst_len: rule.header.dst_len,
+            tos: rule.header.tos,
             priority: found_priority(rule),
             table,
             matches,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_redirect::CaptureBackend;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::wire::{Channel, Listener, Message, NodeListener, POD_SOCKETS, PROTOCOL, WireError};
 use super::{HandoverMetrics, OfferRequest, OfferedPod, Outcome, Replaced, Role};
@@ -51,7 +51,11 @@ pub(crate) struct HandoverServer {
 impl HandoverServer {
     /// Answers successors, one at a time, until one replaces this agent: then says so through
     /// `replaced`, stops listening, and reports its drain to that successor until it exits.
-    pub(crate) async fn serve(mut self, listener: Listener, replaced: oneshot::Sender<Replaced>) {
+    pub(crate) async fn serve(
+        mut self,
+        listener: Listener,
+        replaced: watch::Sender<Option<Replaced>>,
+    ) {
         loop {
             let channel = match listener.accept().await {
                 Ok(channel) => channel,
@@ -66,21 +70,19 @@ impl HandoverServer {
                     // Stopped, this agent must not keep the node's ports open.
                     self.listeners.clear();
                     drop(listener);
+                    // This agent's link watchers must not undo the successor's capture. (The
+                    // enrolment loop lets go too, once it hears; it may be mid-pass when stopped.)
+                    self.capture.relinquish();
                     let deadline = Instant::now() + self.drain_timeout;
                     // Answered before the agent drains: with nothing to drain, it exits at once.
+                    // Stopped, the node's listeners close as the drain starts: the successor
+                    // waits for their ports.
                     let answer = match how {
                         Replaced::TakenOver => self.drain_report(deadline),
-                        Replaced::Stopped => {
-                            // Taken over, the enrolment loop lets go of capture; stopped, it may
-                            // be mid-pass, and this agent's link watchers must not undo the
-                            // successor's. The node's listeners close as the drain starts: the
-                            // successor waits for their ports.
-                            self.capture.relinquish();
-                            Message::Released
-                        }
+                        Replaced::Stopped => Message::Released,
                     };
                     let _ = channel.send(&answer, &[]).await;
-                    let _ = replaced.send(how);
+                    replaced.send_replace(Some(how));
                     self.report_drain(&channel, deadline).await;
                     return;
                 }

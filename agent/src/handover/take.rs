@@ -73,8 +73,29 @@ impl HandedPods {
         match pod.check(netns, ip) {
             Ok(()) => Some(pod.listeners),
             Err(reason) => {
-                tracing::warn!(workload.uid = %uid, reason, "refusing the listeners handed over for the pod; opening new ones");
+                tracing::warn!(workload.uid = %uid, reason, "refusing the listeners handed over for the pod; it is captured anew once the running agent lets go of its ports");
                 None
+            }
+        }
+    }
+
+    /// Gives back the listeners of a pod whose enrolment failed, for the next attempt.
+    pub(crate) fn put_back(&self, uid: WorkloadUid, netns: &PodNetns, listeners: CaptureTarget) {
+        let netns = netns
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| e.to_string())
+            .and_then(|fd| Netns::from_fd(fd).map_err(|e| ErrorChain(&e).to_string()));
+        match netns {
+            Ok(netns) => {
+                let pod = HandedPod { netns, listeners };
+                self.0
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(uid, pod);
+            }
+            Err(error) => {
+                tracing::warn!(workload.uid = %uid, error, "failed to keep the listeners handed over for the pod");
             }
         }
     }
@@ -343,6 +364,15 @@ impl Predecessor {
         self.pods.clone()
     }
 
+    /// Resolves if the predecessor stops waiting to be taken over: it says nothing until then, so
+    /// any message, or the connection closing, means it gave up and carries on.
+    pub(crate) async fn gave_up(&self) -> WireError {
+        match self.channel.receive().await {
+            Ok((message, _)) => WireError::Malformed(format!("{message:?} before taken_over")),
+            Err(error) => error,
+        }
+    }
+
     /// Whether it was stopped rather than taken over from: its listeners are closed, and this
     /// agent binds its own.
     pub(crate) fn was_stopped(&self) -> bool {
@@ -395,6 +425,7 @@ impl Predecessor {
             draining: (open_sockets, deadline_seconds),
             ..
         } = self;
+        metrics.predecessor_open_sockets(open_sockets);
         status.set_predecessor(PredecessorView {
             pid,
             state: if handed_over { "taken over" } else { "stopped" }.to_owned(),

@@ -74,7 +74,8 @@ pub(crate) enum Message {
     TakenOver,
     /// Successor: stop accepting and release every listener, without handing them over.
     Stop,
-    /// Predecessor: it no longer accepts on any listener, and has closed them.
+    /// Predecessor: it no longer accepts on any listener, and closes them as its drain starts
+    /// (the successor waits for their ports).
     Released,
     /// Predecessor, every second after it was taken over or stopped: the sockets it still
     /// carries, and how long until it closes them.

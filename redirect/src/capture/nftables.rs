@@ -94,10 +94,11 @@ impl CaptureBackend for Nftables {
         "nftables"
     }
 
-    /// Make-before-break: an eBPF capture in place is removed only once the table is in.
+    /// Make-before-break: the table goes in first, so that the pod's TCP is redirected before an
+    /// eBPF capture's routing is replaced, and its filters go last.
     fn enable(&self, _: &CaptureTarget) -> Result<(), CaptureError> {
-        routing::install(Steering::Marked).map_err(CaptureError::Routing)?;
         nft(&Self::replace_script(&Self::ruleset()))?;
+        routing::install(Steering::Marked).map_err(CaptureError::Routing)?;
         super::ebpf::detach_filters(&self.sysctls)
     }
 
