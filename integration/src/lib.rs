@@ -22,13 +22,16 @@ pub use prometheus::{Prometheus, Sample};
 pub use service_yaml::ServiceYaml;
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use ambit_agent::lab::topology::{PodNs, Topology};
-use ambit_agent::lab::{Cluster, ClusterBuilder};
+use ambit_agent::lab::{Cluster, ClusterBuilder, InPod, read_peer_line};
 use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// The `ambit` binary built next to the running test or benchmark (`AMBIT_BIN` overrides it).
 /// Cargo builds it with the workspace's tests; on its own, `cargo build -p ambit-agent`.
@@ -219,4 +222,32 @@ pub async fn logged(log: impl Fn() -> String, line: &str) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A connection from the pod `from` to the echo app at `to`, once the app's greeting (the
+/// address it sees the client at) is read; within 5 s.
+pub async fn greeted(from: &InPod, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let connect = async {
+        let mut stream = from.connect(to).await?;
+        read_peer_line(&mut stream).await?;
+        Ok(stream)
+    };
+    tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// Sends `payload` on an open connection to an echo app and reads it back, within 5 s; an echo
+/// that differs fails the test.
+pub async fn exchange(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<()> {
+    let round_trip = async {
+        stream.write_all(payload).await?;
+        let mut echoed = vec![0; payload.len()];
+        stream.read_exact(&mut echoed).await?;
+        assert_eq!(echoed, payload, "the echo differs");
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), round_trip)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }

@@ -126,6 +126,17 @@ async fn first_connection(cluster: &Cluster, from: &str) -> Option<String> {
         .ok()
 }
 
+/// Asserts that `pod`'s first connection to the STRICT server is tunneled (plaintext would be
+/// refused) and keeps the pod's address.
+async fn reaches_the_server_as_itself(cluster: &Cluster, pod: &PodNs) {
+    assert_eq!(
+        first_connection(cluster, &pod.name).await,
+        Some(pod.ip.to_string()),
+        "{}",
+        cluster.logs()
+    );
+}
+
 /// `cluster` read from the fake API server, STRICT in `shop`, with the server's echo app.
 async fn mesh(cluster: ClusterBuilder) -> (Cluster, EchoApp) {
     let cluster = cluster
@@ -232,12 +243,7 @@ async fn a_pod_the_watch_has_not_brought_is_fetched() {
 
     let added = plugin(&cluster, "ADD", &late);
     assert!(added.status.success(), "{}", describe(&added));
-    assert_eq!(
-        first_connection(&cluster, "late").await,
-        Some(late.ip.to_string()),
-        "{}",
-        cluster.logs()
-    );
+    reaches_the_server_as_itself(&cluster, &late).await;
 }
 
 /// After an upgrade, the new agent answers the plugin on the socket the old one handed over, and
@@ -256,21 +262,11 @@ async fn after_an_upgrade_the_new_agent_answers_the_plugin() {
         log.contains(r#""listeners":5"#) && log.contains("took over from the running agent"),
         "the CNI socket is among the listeners handed over:\n{log}"
     );
-    assert_eq!(
-        first_connection(&cluster, "early").await,
-        Some(early.ip.to_string()),
-        "{}",
-        cluster.logs()
-    );
+    reaches_the_server_as_itself(&cluster, &early).await;
 
     let late = cluster.add_sandbox("node1", "shop", "late").unwrap();
     cluster.apply().await.unwrap();
     let added = plugin(&cluster, "ADD", &late);
     assert!(added.status.success(), "{}", describe(&added));
-    assert_eq!(
-        first_connection(&cluster, "late").await,
-        Some(late.ip.to_string()),
-        "{}",
-        cluster.logs()
-    );
+    reaches_the_server_as_itself(&cluster, &late).await;
 }

@@ -16,9 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ambit_agent::lab::topology::Topology;
-use ambit_agent::lab::{Cluster, EchoApp, InPod, read_peer_line};
-use ambit_integration::{Backend, agent_binary, with_each_backend};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ambit_agent::lab::{Cluster, EchoApp, InPod};
+use ambit_integration::{Backend, agent_binary, exchange, greeted, with_each_backend};
 use tokio::net::TcpStream;
 
 const APP_PORT: u16 = 8080;
@@ -64,35 +63,7 @@ fn ends(cluster: &Cluster, (from, to): (&str, &str)) -> (InPod, SocketAddr) {
 /// Opens a connection from `from` to the echo app of `to` and reads the app's greeting.
 async fn open(cluster: &Cluster, from: &str, to: &str) -> std::io::Result<TcpStream> {
     let (from, to) = ends(cluster, (from, to));
-    connect(&from, to).await
-}
-
-/// Opens a connection from the pod `from` to the echo app at `to` and reads its greeting.
-async fn connect(from: &InPod, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let connect = async {
-        let mut stream = from.connect(to).await?;
-        read_peer_line(&mut stream).await?;
-        Ok(stream)
-    };
-    tokio::time::timeout(Duration::from_secs(5), connect)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-}
-
-/// Sends `payload` and reads it back.
-async fn exchange(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<()> {
-    let round_trip = async {
-        stream.write_all(payload).await?;
-        let mut echoed = vec![0; payload.len()];
-        stream.read_exact(&mut echoed).await?;
-        if echoed != payload {
-            return Err(std::io::Error::other("the echo differs"));
-        }
-        Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(5), round_trip)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    greeted(&from, to).await
 }
 
 /// New connections on every flow, one after the other on two loops per flow, until stopped.
@@ -116,7 +87,7 @@ impl Load {
             tasks.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let connected = async {
-                        let mut stream = connect(&from, to).await?;
+                        let mut stream = greeted(&from, to).await?;
                         exchange(&mut stream, b"new").await
                     };
                     match connected.await {

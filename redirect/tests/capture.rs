@@ -20,7 +20,7 @@ use ambit_redirect::{
     CaptureBackend, CaptureTarget, DNS_PORT, Ebpf, HBONE_PORT, INBOUND_PLAINTEXT_PORT, NetSysctls,
     Netns, Nftables, OUTBOUND_PORT, socket,
 };
-use common::{Namespaces, require_root, run};
+use common::{Namespaces, require_root, run, veth};
 
 /// The agent's sockets in the calling thread's namespace, for a pod at `ip`.
 fn listeners(ip: IpAddr) -> std::io::Result<CaptureTarget> {
@@ -85,19 +85,7 @@ fn enable_twice(backend: &dyn CaptureBackend, pid: u32, ip: IpAddr) {
     let peer = namespaces
         .add(format!("ambit-test-{pid}-{}-peer", backend.name()))
         .to_owned();
-    run(&[
-        "link", "add", "eth0", "netns", &pod, "type", "veth", "peer", "name", "eth0", "netns",
-        &peer,
-    ]);
-    run(&[
-        "-n",
-        &pod,
-        "addr",
-        "add",
-        &format!("{ip}/24"),
-        "dev",
-        "eth0",
-    ]);
+    veth(&pod, &peer, &format!("{ip}/24"));
     run(&["-n", &pod, "link", "set", "eth0", "up"]);
     run(&["-n", &pod, "link", "set", "lo", "up"]);
     let netns = Netns::open(&Path::new("/var/run/netns").join(&pod)).unwrap();

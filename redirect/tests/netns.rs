@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use ambit_redirect::Netns;
-use common::{Namespaces, require_root, run};
+use common::{Namespaces, require_root, run, veth};
 
 #[test]
 fn finds_the_namespace_that_holds_the_ip_and_not_one_being_set_up() {
@@ -20,19 +20,7 @@ fn finds_the_namespace_that_holds_the_ip_and_not_one_being_set_up() {
     let fresh = namespaces.add(format!("ambit-test-{pid}-fresh")).to_owned();
     let pod = namespaces.add(format!("ambit-test-{pid}-pod")).to_owned();
     let peer = namespaces.add(format!("ambit-test-{pid}-peer")).to_owned();
-    run(&[
-        "link", "add", "eth0", "netns", &pod, "type", "veth", "peer", "name", "eth0", "netns",
-        &peer,
-    ]);
-    run(&[
-        "-n",
-        &pod,
-        "addr",
-        "add",
-        &format!("{ip}/32"),
-        "dev",
-        "eth0",
-    ]);
+    veth(&pod, &peer, &format!("{ip}/32"));
     run(&["-n", &pod, "link", "set", "eth0", "up"]);
 
     let mut namespaces = Netns::by_address().unwrap();

@@ -333,15 +333,21 @@ mod tests {
 
     use super::*;
 
-    fn pair() -> (Channel, Channel) {
-        let (a, b) = socket::socketpair(
+    /// A connected pair: a bare socket to write anything on, and a channel.
+    fn raw_pair() -> (OwnedFd, Channel) {
+        let (raw, channel) = socket::socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
             None,
             SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         )
         .unwrap();
-        (Channel::checked(a).unwrap(), Channel::checked(b).unwrap())
+        (raw, Channel::checked(channel).unwrap())
+    }
+
+    fn pair() -> (Channel, Channel) {
+        let (raw, channel) = raw_pair();
+        (Channel::checked(raw).unwrap(), channel)
     }
 
     #[tokio::test]
@@ -368,14 +374,7 @@ mod tests {
 
     #[tokio::test]
     async fn what_is_not_a_message_is_refused_and_a_close_is_seen() {
-        let (raw, successor) = socket::socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
-        let successor = Channel::checked(successor).unwrap();
+        let (raw, successor) = raw_pair();
         for garbage in [&b"{\"type\":\"take_everything\"}"[..], b"\xff\x00", b"{}"] {
             nix::unistd::write(&raw, garbage).unwrap();
             assert!(matches!(
@@ -389,14 +388,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_past_the_limit_is_refused_not_cut() {
-        let (raw, successor) = socket::socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
-        let successor = Channel::checked(successor).unwrap();
+        let (raw, successor) = raw_pair();
         nix::unistd::write(&raw, &vec![b' '; MAX_MESSAGE_BYTES + 1]).unwrap();
         assert!(matches!(
             successor.receive().await,

@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 use ambit_agent::READY_PATH;
 use ambit_agent::lab::topology::Topology;
 use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
-use ambit_integration::{Backend, PacketCapture, STRICT_SHOP, agent_binary, with_each_backend};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ambit_integration::{
+    Backend, PacketCapture, STRICT_SHOP, agent_binary, exchange, greeted, with_each_backend,
+};
 use tokio::net::TcpStream;
 
 const APP_PORT: u16 = 8080;
@@ -61,32 +62,8 @@ fn ip(cluster: &Cluster, pod: &str) -> IpAddr {
 
 /// Opens a connection from `from` to the app of `to` and reads the app's greeting.
 async fn open(cluster: &Cluster, from: &str, to: &str) -> std::io::Result<TcpStream> {
-    let connect = async {
-        let mut stream = cluster
-            .in_pod(from)
-            .unwrap()
-            .connect(cluster.addr(to, APP_PORT).unwrap())
-            .await?;
-        read_peer_line(&mut stream).await?;
-        Ok(stream)
-    };
-    tokio::time::timeout(Duration::from_secs(5), connect)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-}
-
-/// Sends `payload` on an open connection to an echo app and reads it back.
-async fn exchange(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<()> {
-    let round_trip = async {
-        stream.write_all(payload).await?;
-        let mut echoed = vec![0; payload.len()];
-        stream.read_exact(&mut echoed).await?;
-        assert_eq!(echoed, payload);
-        Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(5), round_trip)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    let to = cluster.addr(to, APP_PORT).unwrap();
+    greeted(&cluster.in_pod(from).unwrap(), to).await
 }
 
 async fn round_trip(cluster: &Cluster, from: &str, to: &str) -> std::io::Result<()> {

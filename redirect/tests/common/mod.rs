@@ -21,6 +21,15 @@ impl Drop for Namespaces {
     }
 }
 
+/// A veth pair, `eth0` in `pod` and `eth0` in `peer`, with `address` (`IP/len`) on the pod's
+/// end.
+pub(crate) fn veth(pod: &str, peer: &str, address: &str) {
+    run(&[
+        "link", "add", "eth0", "netns", pod, "type", "veth", "peer", "name", "eth0", "netns", peer,
+    ]);
+    run(&["-n", pod, "addr", "add", address, "dev", "eth0"]);
+}
+
 /// `ip ARGS`, which must succeed.
 pub(crate) fn run(args: &[&str]) {
     match Command::new("ip").args(args).status() {
