@@ -175,6 +175,16 @@ fn log(listed: &Listed, flags: Option<ResponseFlags>, policy: Option<&str>, erro
         response_flags = flags.map(ResponseFlags::as_str),
         policy,
         error,
+        trace_id = endpoints.trace_id.map(|id| tracing::field::display(TraceId(id))),
         "connection closed"
     );
+}
+
+/// A W3C trace id as `traceparent` writes it: 32 lowercase hex digits.
+struct TraceId(u128);
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
 }

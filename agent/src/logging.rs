@@ -2,11 +2,17 @@
 //!
 //! Lines go to stderr through a bounded queue and a thread of their own: a stalled stderr (a full
 //! pipe, a stuck log collector) costs lines, counted in `ambit_log_lines_dropped_total`, and never
-//! blocks a proxy that logs a connection.
+//! blocks a proxy that logs a connection. The thread writes lines out in batches: the first line
+//! of a batch wakes it, the others only append, so that logging a connection costs no wake-up of
+//! another thread and no system call.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, fmt, reload};
@@ -18,6 +24,13 @@ const FILTER_ENV: &str = "AMBIT_LOG";
 
 /// How many lines wait for stderr before new ones are dropped: a few MiB of access-log lines.
 const QUEUED_LINES: usize = 16_384;
+/// How long the writing thread lets a batch gather once its first line woke it: the delay of a
+/// line on its way to stderr, at most, while stderr keeps up.
+const BATCH_DELAY: Duration = Duration::from_millis(10);
+/// How long lines still queued at exit may take to be written out.
+const FLUSH_AT_EXIT: Duration = Duration::from_secs(1);
+/// A batch buffer that grew past this (a burst) is not kept for the next batch.
+const KEPT_BUFFER: usize = 1024 * 1024;
 
 /// The installed logger, less the guard that flushes it.
 #[derive(Debug)]
@@ -28,7 +41,7 @@ pub(crate) struct Logging {
 
 /// Lines dropped because the queue to stderr was full.
 #[derive(Debug, Clone)]
-pub(crate) struct DroppedLines(ErrorCounter);
+pub(crate) struct DroppedLines(Arc<LogQueue>);
 
 /// Changes the filter of the installed logger.
 #[derive(Debug, Clone)]
@@ -45,9 +58,9 @@ pub(crate) enum LogLevelError {
 
 /// Logs to stderr as text or JSON, filtered by `AMBIT_LOG`. The guard writes out the queued lines
 /// when dropped (waiting a second at most): hold it until the process exits.
-pub(crate) fn init(format: LogFormat) -> (Logging, WorkerGuard) {
+pub(crate) fn init(format: LogFormat) -> (Logging, FlushOnDrop) {
     let (writer, flush) = queue(std::io::stderr());
-    let dropped = DroppedLines(writer.error_counter());
+    let dropped = DroppedLines(writer.0.clone());
     let filter = EnvFilter::try_from_env(FILTER_ENV).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     // Colours only for a terminal: log collectors store escape codes as they are.
@@ -67,18 +80,138 @@ pub(crate) fn init(format: LogFormat) -> (Logging, WorkerGuard) {
 
 /// A writer that hands lines to a thread writing them to `sink`, dropping them when
 /// [`QUEUED_LINES`] already wait.
-fn queue(sink: impl Write + Send + 'static) -> (NonBlocking, WorkerGuard) {
-    NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(QUEUED_LINES)
-        .thread_name("ambit-log")
-        .finish(sink)
+fn queue(sink: impl Write + Send + 'static) -> (QueueWriter, FlushOnDrop) {
+    let queue = Arc::new(LogQueue::default());
+    let writing = queue.clone();
+    let thread = std::thread::Builder::new()
+        .name("ambit-log".to_owned())
+        .spawn(move || writing.write_out(sink));
+    let thread = match thread {
+        Ok(thread) => Some(thread),
+        Err(error) => {
+            // Nothing can say so but stderr itself, which is all the queue was for.
+            let _ = writeln!(std::io::stderr(), "no thread to write the log: {error}");
+            None
+        }
+    };
+    (QueueWriter(queue.clone()), FlushOnDrop { queue, thread })
+}
+
+/// Lines on their way to stderr.
+#[derive(Debug, Default)]
+struct LogQueue {
+    queued: Mutex<Queued>,
+    /// Signalled by the first line of a batch, and at exit.
+    woken: Condvar,
+    dropped: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Queued {
+    /// Whole lines, as the formatter wrote them.
+    bytes: Vec<u8>,
+    lines: usize,
+    closing: bool,
+}
+
+impl LogQueue {
+    fn lock(&self) -> MutexGuard<'_, Queued> {
+        self.queued.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, line: &[u8]) {
+        let mut queued = self.lock();
+        if queued.lines >= QUEUED_LINES {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        queued.bytes.extend_from_slice(line);
+        queued.lines += 1;
+        if queued.lines == 1 {
+            self.woken.notify_one();
+        }
+    }
+
+    /// The writing thread: batch after batch until the process is exiting and none is left.
+    fn write_out(&self, mut sink: impl Write) {
+        let mut batch = Vec::new();
+        loop {
+            let mut queued = self.lock();
+            while queued.lines == 0 && !queued.closing {
+                queued = self
+                    .woken
+                    .wait(queued)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            if !queued.closing {
+                drop(queued);
+                std::thread::sleep(BATCH_DELAY);
+                queued = self.lock();
+            }
+            if queued.lines == 0 {
+                return;
+            }
+            std::mem::swap(&mut batch, &mut queued.bytes);
+            queued.lines = 0;
+            drop(queued);
+            // A line stderr refuses is lost either way: there is nowhere else to say so.
+            let _ = sink.write_all(&batch).and_then(|()| sink.flush());
+            batch.clear();
+            if batch.capacity() > KEPT_BUFFER {
+                batch = Vec::new();
+            }
+        }
+    }
+}
+
+/// What the formatter writes each line into.
+#[derive(Debug, Clone)]
+struct QueueWriter(Arc<LogQueue>);
+
+impl Write for &QueueWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        self.0.push(line);
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for QueueWriter {
+    type Writer = &'a QueueWriter;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self
+    }
+}
+
+/// Writes out the queued lines when dropped, waiting [`FLUSH_AT_EXIT`] at most.
+#[derive(Debug)]
+pub(crate) struct FlushOnDrop {
+    queue: Arc<LogQueue>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        self.queue.lock().closing = true;
+        self.queue.woken.notify_one();
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let deadline = Instant::now() + FLUSH_AT_EXIT;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 impl DroppedLines {
     /// How many lines were dropped since the start.
     pub(crate) fn count(&self) -> u64 {
-        u64::try_from(self.0.dropped_lines()).unwrap_or(u64::MAX)
+        self.0.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -122,7 +255,7 @@ mod tests {
     fn log_to_stalled_sink(lines: usize) -> Option<DroppedLines> {
         let (release, stalled) = mpsc::channel();
         let (writer, flush) = queue(Stalled(stalled));
-        let dropped = DroppedLines(writer.error_counter());
+        let dropped = DroppedLines(writer.0.clone());
         let subscriber = fmt().with_writer(writer).finish();
         let (done, finished) = mpsc::channel();
         std::thread::spawn(move || {
@@ -141,19 +274,62 @@ mod tests {
 
     #[test]
     fn a_stalled_stderr_costs_lines_not_time() {
-        let dropped = log_to_stalled_sink(QUEUED_LINES + 10_000)
-            .expect("logging blocked on a stalled writer");
-        // The writing thread holds one line, the queue the next QUEUED_LINES.
+        let lines = 3 * QUEUED_LINES;
+        let dropped = log_to_stalled_sink(lines).expect("logging blocked on a stalled writer");
+        // The writing thread holds one batch (a line at least, QUEUED_LINES at most), the queue
+        // the next QUEUED_LINES.
+        let kept = lines as u64 - dropped.count();
         assert!(
-            (9_999..=10_000).contains(&dropped.count()),
-            "{}",
-            dropped.count()
+            (QUEUED_LINES as u64 + 1..=2 * QUEUED_LINES as u64).contains(&kept),
+            "{kept} lines kept"
         );
+    }
+
+    /// A sink that keeps what it is given.
+    #[derive(Clone, Default)]
+    struct Collected(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Collected {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("not poisoned").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_arrive_whole_and_in_order_and_the_last_ones_at_exit() {
+        let sink = Collected::default();
+        let (writer, flush) = queue(sink.clone());
+        let subscriber = fmt().with_writer(writer).with_ansi(false).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for line in 0..1000 {
+                tracing::info!(line, "connection closed");
+                if line == 500 {
+                    // A batch goes out meanwhile.
+                    std::thread::sleep(BATCH_DELAY * 3);
+                }
+            }
+        });
+        drop(flush);
+        let written =
+            String::from_utf8(sink.0.lock().expect("not poisoned").clone()).expect("text");
+        let numbers: Vec<usize> = written
+            .lines()
+            .map(|l| {
+                let (_, number) = l.rsplit_once("line=").expect("a whole line");
+                number.parse().expect("a line number")
+            })
+            .collect();
+        assert_eq!(numbers, (0..1000).collect::<Vec<_>>());
     }
 
     #[test]
     fn dropped_lines_are_exported() {
-        let dropped = log_to_stalled_sink(QUEUED_LINES + 10).expect("logging returned");
+        let dropped = log_to_stalled_sink(3 * QUEUED_LINES).expect("logging returned");
         assert!(dropped.count() > 0);
         let mut metrics = Metrics::new();
         metrics.register_logging(dropped.clone());

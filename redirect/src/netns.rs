@@ -174,28 +174,60 @@ impl Netns {
     /// namespace it was in, also when `f` panics. For work that must see the namespace (creating
     /// sockets, reading its interfaces and rules); sockets created inside stay in it.
     pub fn run_in<R>(&self, f: impl FnOnce() -> R) -> Result<R, NetnsError> {
-        let home = Self::current()?;
+        let home = ThreadNetns::take()?;
         if home.id == self.id {
-            return Ok(f());
+            let result = f();
+            ThreadNetns::put_back(home);
+            return Ok(result);
         }
-        nix::sched::setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET)
-            .map_err(|e| NetnsError::Enter(self.id, e))?;
-        let _home = GoHome(home);
+        if let Err(error) = nix::sched::setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET) {
+            ThreadNetns::put_back(home);
+            return Err(NetnsError::Enter(self.id, error));
+        }
+        let _home = GoHome(Some(home));
         Ok(f())
     }
 }
 
+thread_local! {
+    /// The namespace the thread is in between two `run_in`, opened at its first: a connection
+    /// made in a pod would otherwise cost three more system calls to find its way back. Only
+    /// `run_in` moves a thread between namespaces, so this stays true; inside `f` it is empty
+    /// and a nested `run_in` opens the thread's namespace again.
+    static THREAD_NETNS: std::cell::RefCell<Option<Netns>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The calling thread's namespace, as [`THREAD_NETNS`] keeps it.
+struct ThreadNetns;
+
+impl ThreadNetns {
+    fn take() -> Result<Netns, NetnsError> {
+        match THREAD_NETNS.with_borrow_mut(Option::take) {
+            Some(netns) => Ok(netns),
+            None => Netns::current(),
+        }
+    }
+
+    fn put_back(netns: Netns) {
+        THREAD_NETNS.set(Some(netns));
+    }
+}
+
 /// Takes the thread back to its namespace when dropped.
-struct GoHome(Netns);
+struct GoHome(Option<Netns>);
 
 impl Drop for GoHome {
     fn drop(&mut self) {
-        if let Err(error) = nix::sched::setns(self.0.fd.as_fd(), CloneFlags::CLONE_NEWNET) {
+        let Some(home) = self.0.take() else {
+            return;
+        };
+        if let Err(error) = nix::sched::setns(home.fd.as_fd(), CloneFlags::CLONE_NEWNET) {
             // A thread of the agent left in a pod's namespace would open the agent's sockets
             // there: stopping is the only safe way out. Capture stays and fails closed.
-            tracing::error!(netns = %self.0.id, %error, "failed to leave a pod's network namespace; aborting");
+            tracing::error!(netns = %home.id, %error, "failed to leave a pod's network namespace; aborting");
             std::process::abort();
         }
+        ThreadNetns::put_back(home);
     }
 }
 

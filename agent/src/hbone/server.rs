@@ -15,7 +15,6 @@ use http::{Request, Response, StatusCode};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::Instrument;
 
 use super::headers::{self, Baggage, TraceParent};
 use super::keepalive::{self, KeepaliveError};
@@ -321,13 +320,48 @@ async fn serve_stream(
     peer: Arc<Peer>,
     server: Arc<Inbound>,
 ) {
-    let src_identity = peer.identity.as_ref().map(ToString::to_string);
-    let destination = match headers::destination(&request, peer.local_ip, &AGENT_POD_PORTS) {
+    // Decided before the first await, so that nothing of the request but its body (headers,
+    // baggage, formatted identities) stays in the task for as long as the tunnel lasts.
+    let Some(admitted) = admit(&request, &mut respond, &peer, &server) else {
+        return;
+    };
+    let app = App {
+        client: SocketAddr::new(peer.addr.ip(), 0),
+        destination: admitted.destination,
+        sockets: server.sockets.as_ref(),
+    };
+    tunnel_to_app(
+        app,
+        request.into_body(),
+        respond,
+        admitted.record,
+        admitted.revoked,
+    )
+    .await;
+}
+
+/// A CONNECT the destination's policy allows.
+struct Admitted {
+    destination: SocketAddr,
+    record: ConnectionRecord,
+    revoked: RevokedFuture,
+}
+
+/// Checks the CONNECT's destination and the policy, and opens the connection's record; a
+/// refused stream is answered here.
+fn admit(
+    request: &Request<RecvStream>,
+    respond: &mut SendResponse<Bytes>,
+    peer: &Peer,
+    server: &Inbound,
+) -> Option<Admitted> {
+    let destination = match headers::destination(request, peer.local_ip, &AGENT_POD_PORTS) {
         Ok(destination) => destination,
         Err(error) => {
+            let src_identity = peer.identity.as_ref().map(tracing::field::display);
             tracing::info!(src.addr = %peer.addr, src.identity = src_identity, %error, "refused CONNECT");
-            reply(&mut respond, error.status());
-            return;
+            reply(respond, error.status());
+            return None;
         }
     };
     let header = |name| request.headers().get(name).and_then(|v| v.to_str().ok());
@@ -335,14 +369,6 @@ async fn serve_stream(
         .map(Baggage::parse)
         .unwrap_or_default();
     let trace = header(headers::TRACEPARENT).and_then(|v| v.parse::<TraceParent>().ok());
-    let span = tracing::info_span!(
-        "inbound",
-        src.addr = %peer.addr,
-        src.identity = src_identity,
-        src.namespace = baggage.namespace,
-        dst.addr = %destination,
-        trace_id = trace.map(|t| format!("{:032x}", t.trace_id)),
-    );
     let inbound = InboundRequest {
         source_ip: peer.addr.ip(),
         source_identity: peer.identity.clone(),
@@ -373,25 +399,23 @@ async fn serve_stream(
                 Some(format!("{namespace}/{name}"))
             }),
         dst_workload: peers.destination.as_ref().map(|w| w.qualified_name()),
+        trace_id: trace.map(|t| t.trace_id),
     };
     let record = ConnectionRecord::open(&server.telemetry, endpoints, labels);
     if let Verdict::Deny { policy, reason } = server.authorizer.authorize(&inbound) {
-        reply(&mut respond, StatusCode::UNAUTHORIZED);
-        return record.deny(policy.as_deref(), reason);
+        reply(respond, StatusCode::UNAUTHORIZED);
+        record.deny(policy.as_deref(), reason);
+        return None;
     }
     if let (Some(source), Some(workload)) = (&peer.identity, &peers.destination) {
         let baseline = &server.telemetry.baseline;
         baseline.observe(source, workload, &peer.server_identity, destination.port());
     }
-    let revoked = server.authorizer.revoked(inbound);
-    let app = App {
-        client: SocketAddr::new(peer.addr.ip(), 0),
+    Some(Admitted {
         destination,
-        sockets: server.sockets.as_ref(),
-    };
-    tunnel_to_app(app, request.into_body(), respond, record, revoked)
-        .instrument(span)
-        .await;
+        record,
+        revoked: server.authorizer.revoked(inbound),
+    })
 }
 
 /// Where a tunnel ends: the app, reached from the client's address.

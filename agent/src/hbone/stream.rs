@@ -10,7 +10,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
@@ -74,24 +74,44 @@ async fn tcp_to_stream(
     let mut total = 0;
     loop {
         tcp.readable().await.map_err(CopyError::ReadTcp)?;
-        let mut buf = BytesMut::with_capacity(read_size);
-        match tcp.try_read_buf(&mut buf) {
-            Ok(0) => {
-                send.send_data(Bytes::new(), true)
-                    .map_err(CopyError::Stream)?;
-                return Ok(total);
-            }
-            Ok(n) => {
-                if n == read_size {
-                    read_size = (read_size * 2).min(MAX_READ);
-                }
-                total += n as u64;
-                send_all(&mut send, buf.freeze()).await?;
-                meter.sent(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(CopyError::ReadTcp(e)),
+        let Some(buf) = read_available(tcp, read_size).map_err(CopyError::ReadTcp)? else {
+            continue;
+        };
+        let n = buf.len();
+        if n == 0 {
+            send.send_data(Bytes::new(), true)
+                .map_err(CopyError::Stream)?;
+            return Ok(total);
         }
+        if n == read_size {
+            read_size = (read_size * 2).min(MAX_READ);
+        }
+        total += n as u64;
+        send_all(&mut send, buf.freeze()).await?;
+        meter.sent(n);
+    }
+}
+
+/// Reads what `tcp` has, up to `capacity`, into a new buffer: empty at end of stream, `None`
+/// when it had nothing after all.
+fn read_available(tcp: &TcpStream, capacity: usize) -> io::Result<Option<BytesMut>> {
+    let mut buf = BytesMut::with_capacity(capacity);
+    // A short read emptied the socket: its readiness is cleared, as tokio's own `poll_read`
+    // does, so that the next wait does not cost a read that says `EAGAIN`. Answering
+    // `WouldBlock` to `try_io` clears it as of before the read: bytes that arrive meanwhile
+    // still wake the task.
+    let read = tcp.try_io(Interest::READABLE, || {
+        let n = tcp.try_read_buf(&mut buf)?;
+        if n > 0 && n < capacity {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match read {
+        Ok(()) => Ok(Some(buf)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((!buf.is_empty()).then_some(buf)),
+        Err(e) => Err(e),
     }
 }
 

@@ -76,6 +76,7 @@ async fn proxy(
         dst_identity: Some(identity),
         src_workload: peers.source.as_ref().map(|w| w.qualified_name()),
         dst_workload: Some(workload.qualified_name()),
+        trace_id: None,
     };
     let record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
     if destination.ip() != pod.workload.ip || AGENT_POD_PORTS.contains(&destination.port()) {

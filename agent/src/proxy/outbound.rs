@@ -75,7 +75,7 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
                 expected_identities: expected.into_iter().collect(),
                 baggage: Some(baggage(&source)),
             };
-            tunnel(&pod, &mut tcp, &request, attempt).await;
+            tunnel(&pod, &mut tcp, request, attempt).await;
         }
         // Judged on where the pod connected: a Service's cluster IP is in the mesh, whichever
         // endpoint (inside or outside the cluster) carries it.
@@ -188,6 +188,7 @@ fn route(
         dst_identity: principals.1.cloned(),
         src_workload: Some(source.qualified_name()),
         dst_workload: workload.as_ref().map(|w| w.qualified_name()),
+        trace_id: None,
     };
     let record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
     Route {
@@ -199,11 +200,15 @@ fn route(
     }
 }
 
-/// Through HBONE; the connection stops pending once the tunnel is open.
-async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: &ConnectRequest, attempt: Attempt) {
+/// Through HBONE; the connection stops pending once the tunnel is open. The request is dropped
+/// then: its headers' strings are not held for as long as the connection lasts.
+async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: ConnectRequest, attempt: Attempt) {
     // Boxed: the connect phase's state is large and would otherwise stay allocated in every
     // connection's task for as long as it is copying.
-    match Box::pin(pod.client.connect(request, pod.sockets.as_ref())).await {
+    let connected = Box::pin(pod.client.connect(&request, pod.sockets.as_ref())).await;
+    let through_waypoint = request.authority.ip() != request.hbone_addr.ip();
+    drop(request);
+    match connected {
         Ok(tunnel) => {
             let (connection, _lease) = attempt.establish();
             let copied = tunnel.copy_bidirectional(tcp, connection.meter()).await;
@@ -212,7 +217,6 @@ async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: &ConnectRequest, attemp
         // The endpoint answered: its policy refused, which is no reason to eject it.
         Err(error) if error.is_denied() => attempt.record.fail_denied(error),
         Err(error) => {
-            let through_waypoint = request.authority.ip() != request.hbone_addr.ip();
             let fault = error.is_server_fault(through_waypoint);
             attempt.fail(error, fault);
         }

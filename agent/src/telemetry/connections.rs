@@ -49,6 +49,8 @@ pub(crate) struct Endpoints {
     /// `namespace/pod`.
     pub(crate) src_workload: Option<String>,
     pub(crate) dst_workload: Option<String>,
+    /// The W3C trace the connection belongs to, when the tunnel carried one.
+    pub(crate) trace_id: Option<u128>,
 }
 
 /// One open connection; its bytes are counted as they are copied.

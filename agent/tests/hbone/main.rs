@@ -368,3 +368,47 @@ async fn a_denied_stream_gets_401_and_never_reaches_the_app() {
     let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
     assert!(accepted.is_err(), "the app was reached");
 }
+
+/// The server's access-log line names the trace the client's `traceparent` carried, so that
+/// the two ends' lines of one connection can be joined.
+#[tokio::test]
+async fn the_inbound_access_log_carries_the_trace_id() {
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // The test's runtime has one thread: the server's tasks log through this subscriber.
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let mesh = Mesh::start().await;
+    let echo = EchoServer::start().await;
+    let mut app = mesh.open(echo.addr()).await.unwrap();
+    app.shutdown().await.unwrap();
+    app.read_to_end(&mut Vec::new()).await.unwrap();
+
+    let inbound = loop {
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        if let Some(line) = text.lines().find(|l| l.contains("direction=\"inbound\"")) {
+            break line.to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (_, trace_id) = inbound.split_once("trace_id=").expect(&inbound);
+    let trace_id = trace_id.split_whitespace().next().unwrap_or_default();
+    assert!(
+        trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{inbound}"
+    );
+}
