@@ -66,7 +66,8 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
             authority,
             ..
         } => {
-            let request = ConnectRequest {
+            // Boxed: the connection's task keeps a pointer, not the request, while it copies.
+            let request = Box::new(ConnectRequest {
                 source: identity,
                 source_addr: peer,
                 hbone_addr,
@@ -74,7 +75,7 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
                 service,
                 expected_identities: expected.into_iter().collect(),
                 baggage: Some(baggage(&source)),
-            };
+            });
             tunnel(&pod, &mut tcp, request, attempt).await;
         }
         // Judged on where the pod connected: a Service's cluster IP is in the mesh, whichever
@@ -202,7 +203,7 @@ fn route(
 
 /// Through HBONE; the connection stops pending once the tunnel is open. The request is dropped
 /// then: its headers' strings are not held for as long as the connection lasts.
-async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: ConnectRequest, attempt: Attempt) {
+async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: Box<ConnectRequest>, attempt: Attempt) {
     // Boxed: the connect phase's state is large and would otherwise stay allocated in every
     // connection's task for as long as it is copying.
     let connected = Box::pin(pod.client.connect(&request, pod.sockets.as_ref())).await;
