@@ -19,7 +19,9 @@ use ambit_agent::authorize::AllowAll;
 use ambit_agent::drain;
 use ambit_agent::sockets::LocalSockets;
 use ambit_agent::telemetry::Meter;
-use ambit_agent::{ClientSettings, ConnectRequest, HboneClient, HboneServer, Keepalive};
+use ambit_agent::{
+    ClientSettings, ConnectRequest, HboneClient, HboneServer, Keepalive, TraceParent,
+};
 use ambit_test_support::measure::{self, Comparison};
 use ambit_test_support::{EchoServer, TestPki};
 use tokio::net::{TcpListener, TcpStream};
@@ -111,6 +113,7 @@ async fn start_tunnel(pki: &TestPki, app: SocketAddr) -> (drain::DrainTrigger, S
                 service: None,
                 expected_identities: vec![server_identity.clone()],
                 baggage: None,
+                trace: TraceParent::random(),
             };
             let client = client.clone();
             tokio::spawn(async move {

@@ -22,7 +22,8 @@ use crate::config::LogFormat;
 /// The environment variable with the initial filter (default `info`).
 const FILTER_ENV: &str = "AMBIT_LOG";
 
-/// How many lines wait for stderr before new ones are dropped: a few MiB of access-log lines.
+/// How many lines wait for stderr before new ones are dropped: a few MiB of access-log lines,
+/// and as many again in the batch being written.
 const QUEUED_LINES: usize = 16_384;
 /// How long the writing thread lets a batch gather once its first line woke it: the delay of a
 /// line on its way to stderr, at most, while stderr keeps up.

@@ -13,7 +13,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ambit_agent::lab::{CgroupLayout, Cluster, ClusterBuilder, EchoApp, read_peer_line};
-use ambit_integration::{ALLOW_CLIENT, PacketCapture, STRICT_SHOP, agent_listens_in, two_teams};
+use ambit_integration::{
+    ALLOW_CLIENT, PacketCapture, STRICT_SHOP, agent_listens_in, logged, two_teams,
+};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
@@ -277,7 +279,7 @@ async fn without_istio_crds_the_agent_works_and_waits_for_them() {
         "{}",
         cluster.logs()
     );
-    assert!(cluster.logs().contains("are Istio's CRDs installed?"));
+    logged(|| cluster.logs(), "are Istio's CRDs installed?").await;
     // The CRDs and a policy arrive together: the agents find them on their next try.
     cluster.set_istio_crds(true);
     cluster.set_extra_objects(ALLOW_CLIENT);

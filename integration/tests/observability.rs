@@ -17,7 +17,7 @@ use ambit_agent::admin::views::{
     ServiceView, WorkloadView,
 };
 use ambit_agent::lab::{AgentProcess, Cluster, ClusterBuilder, EchoApp, read_peer_line};
-use ambit_integration::{ALLOW_CLIENT, Prometheus, ServiceYaml, two_teams};
+use ambit_integration::{ALLOW_CLIENT, Prometheus, ServiceYaml, logged, two_teams};
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -334,7 +334,11 @@ async fn both_reporters_export_the_traffic_and_the_debug_cli_explains_it() {
     assert!(!node2.contains(&client_ip), "no IP in any label");
 
     // The access log: one line per connection, at close, from each end.
-    let log = agent(&cluster, "node2").log();
+    let node2 = agent(&cluster, "node2");
+    for source in [identity("shop", "client"), identity("ops", "admin")] {
+        logged(|| node2.log(), &format!(r#""src.identity":"{source}""#)).await;
+    }
+    let log = node2.log();
     let lines: Vec<serde_json::Value> = log
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -356,6 +360,11 @@ async fn both_reporters_export_the_traffic_and_the_debug_cli_explains_it() {
     }
     assert_eq!(inbound["bytes_received"], PAYLOAD);
     assert_eq!(inbound["bytes_sent"], from_server);
+    // The source's line names the same trace: the two ends' lines of a connection join on it.
+    let trace_id = inbound["trace_id"].as_str().unwrap_or_default();
+    assert_eq!(trace_id.len(), 32, "{inbound}");
+    let node1 = agent(&cluster, "node1");
+    logged(|| node1.log(), &format!("\"trace_id\":\"{trace_id}\"")).await;
     let denied = lines
         .iter()
         .find(|l| l["src.identity"] == identity("ops", "admin").as_str())
@@ -631,6 +640,7 @@ async fn new_edges_stand_out_and_suggested_policies_keep_exactly_the_baseline() 
     assert!(exchange(&cluster, "client", OTHER_PORT).await);
     let node2 = agent(&cluster, "node2");
     metrics_with(node2, &["ambit_new_edges_total 1\n".to_owned()]).await;
+    logged(|| node2.log(), "new edge").await;
     let log = node2.log();
     let new_edge = log
         .lines()

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ambit_agent::lab::topology::PodNs;
 use ambit_agent::lab::{Cluster, ClusterBuilder, EchoApp, read_peer_line};
-use ambit_integration::{agent_listens_in, cni_binary, two_teams};
+use ambit_integration::{agent_listens_in, cni_binary, logged, two_teams};
 
 const APP_PORT: u16 = 8080;
 
@@ -257,10 +257,16 @@ async fn after_an_upgrade_the_new_agent_answers_the_plugin() {
     assert!(added.status.success(), "{}", describe(&added));
 
     cluster.replace_agent("node1", &[]).await.unwrap();
-    let log = cluster.agent("node1").unwrap().log();
+    // The CNI socket is among the listeners handed over.
+    let agent = cluster.agent("node1").unwrap();
+    logged(|| agent.log(), "took over from the running agent").await;
+    let log = agent.log();
+    let received = log
+        .lines()
+        .find(|l| l.contains("received the running agent's listeners"));
     assert!(
-        log.contains(r#""listeners":5"#) && log.contains("took over from the running agent"),
-        "the CNI socket is among the listeners handed over:\n{log}"
+        received.is_some_and(|l| l.contains(r#""listeners":5"#)),
+        "{log}"
     );
     reaches_the_server_as_itself(&cluster, &early).await;
 

@@ -128,9 +128,10 @@ async fn vip_traffic_spreads_by_load_and_skips_an_endpoint_that_stops_answering(
     }
     assert_eq!(failed, 1, "{}", cluster.logs());
     let node1 = cluster.agent("node1").unwrap();
-    let log = node1.log();
     let server3 = cluster.addr("server3", APP_PORT).unwrap();
     let ejection = format!("endpoint {server3} ejected for 30s");
+    logged(|| node1.log(), &ejection).await;
+    let log = node1.log();
     assert!(
         log.lines()
             .any(|l| l.contains("\"connection closed\"") && l.contains(&ejection)),

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use ambit_agent::lab::topology::Topology;
 use ambit_agent::lab::{Cluster, EchoApp, InPod};
-use ambit_integration::{Backend, agent_binary, exchange, greeted, with_each_backend};
+use ambit_integration::{Backend, agent_binary, exchange, greeted, logged, with_each_backend};
 use tokio::net::TcpStream;
 
 const APP_PORT: u16 = 8080;
@@ -387,12 +387,13 @@ async fn a_new_agent_that_cannot_take_over_stops_the_old_one_and_says_why() {
         .replace_agent("node1", &["--redirect", "nftables"])
         .await
         .unwrap();
-    let log = cluster.agent("node1").unwrap().log();
-    assert!(
-        log.contains("cannot take over from the running agent")
-            && log.contains("this agent captures with ebpf, the new one with nftables"),
-        "{log}"
-    );
+    let node1 = cluster.agent("node1").unwrap();
+    logged(|| node1.log(), "cannot take over from the running agent").await;
+    logged(
+        || node1.log(),
+        "this agent captures with ebpf, the new one with nftables",
+    )
+    .await;
     for (from, to) in FLOWS {
         let mut stream = open(&cluster, from, to).await.unwrap();
         exchange(&mut stream, b"after").await.unwrap();

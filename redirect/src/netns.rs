@@ -9,7 +9,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -223,8 +223,14 @@ impl Drop for GoHome {
         };
         if let Err(error) = nix::sched::setns(home.fd.as_fd(), CloneFlags::CLONE_NEWNET) {
             // A thread of the agent left in a pod's namespace would open the agent's sockets
-            // there: stopping is the only safe way out. Capture stays and fails closed.
-            tracing::error!(netns = %home.id, %error, "failed to leave a pod's network namespace; aborting");
+            // there: stopping is the only safe way out. Capture stays and fails closed. Said on
+            // stderr directly too: an abort does not wait for a log queue.
+            let reason = format!(
+                "failed to leave a pod's network namespace ({}): {error}; aborting",
+                home.id
+            );
+            tracing::error!("{reason}");
+            let _ = writeln!(io::stderr(), "{reason}");
             std::process::abort();
         }
         ThreadNetns::put_back(home);

@@ -37,6 +37,8 @@ pub struct ConnectRequest {
     /// The identities the server may prove; any other is refused.
     pub expected_identities: Vec<Identity>,
     pub baggage: Option<Baggage>,
+    /// The trace the tunnel belongs to, sent as `traceparent`.
+    pub trace: TraceParent,
 }
 
 /// Why no tunnel was opened.
@@ -255,7 +257,7 @@ impl HboneClient {
             request.source_addr,
             request.service.as_deref(),
             request.baggage.as_ref(),
-            &TraceParent::random(),
+            &request.trace,
         );
         let opened = tokio::time::timeout(self.response_timeout, send_connect(&claim, connect))
             .await

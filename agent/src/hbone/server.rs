@@ -112,7 +112,24 @@ impl StreamHandler for Inbound {
         respond: SendResponse<Bytes>,
         peer: Arc<Peer>,
     ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
-        Box::pin(serve_stream(request, respond, peer, self))
+        let mut respond = respond;
+        // Decided before the stream's task starts: nothing of the request but its body
+        // (headers, baggage) stays in the task for as long as the tunnel lasts.
+        let Some(admitted) = admit(&request, &mut respond, &peer, &self) else {
+            return Box::pin(std::future::ready(()));
+        };
+        let target = App {
+            client: SocketAddr::new(peer.addr.ip(), 0),
+            destination: admitted.destination,
+            sockets: self.sockets.clone(),
+        };
+        Box::pin(tunnel_to_app(
+            target,
+            request.into_body(),
+            respond,
+            admitted.record,
+            admitted.revoked,
+        ))
     }
 }
 
@@ -313,33 +330,6 @@ impl HboneServer {
     }
 }
 
-/// Validates one CONNECT, connects to the app, answers 200 and copies until both sides close.
-async fn serve_stream(
-    request: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
-    peer: Arc<Peer>,
-    server: Arc<Inbound>,
-) {
-    // Decided before the first await, so that nothing of the request but its body (headers,
-    // baggage, formatted identities) stays in the task for as long as the tunnel lasts.
-    let Some(admitted) = admit(&request, &mut respond, &peer, &server) else {
-        return;
-    };
-    let app = App {
-        client: SocketAddr::new(peer.addr.ip(), 0),
-        destination: admitted.destination,
-        sockets: server.sockets.as_ref(),
-    };
-    tunnel_to_app(
-        app,
-        request.into_body(),
-        respond,
-        admitted.record,
-        admitted.revoked,
-    )
-    .await;
-}
-
 /// A CONNECT the destination's policy allows.
 struct Admitted {
     destination: SocketAddr,
@@ -347,8 +337,8 @@ struct Admitted {
     revoked: RevokedFuture,
 }
 
-/// Checks the CONNECT's destination and the policy, and opens the connection's record; a
-/// refused stream is answered here.
+/// Validates one CONNECT: its destination and the policy; opens the connection's record. A
+/// refused stream is answered here; an admitted one goes to the app ([`tunnel_to_app`]).
 fn admit(
     request: &Request<RecvStream>,
     respond: &mut SendResponse<Bytes>,
@@ -419,22 +409,27 @@ fn admit(
 }
 
 /// Where a tunnel ends: the app, reached from the client's address.
-struct App<'a> {
+struct App {
     client: SocketAddr,
     destination: SocketAddr,
-    sockets: &'a dyn SocketFactory,
+    sockets: Arc<dyn SocketFactory>,
 }
 
 /// Connects to the app as the client (the app sees the client's IP), then copies until both
 /// sides close or a policy change revokes the connection.
 async fn tunnel_to_app(
-    target: App<'_>,
+    target: App,
     recv: RecvStream,
     mut respond: SendResponse<Bytes>,
     record: ConnectionRecord,
     revoked: RevokedFuture,
 ) {
-    let connect = sockets::connect(target.sockets, target.client, true, target.destination);
+    let connect = sockets::connect(
+        target.sockets.as_ref(),
+        target.client,
+        true,
+        target.destination,
+    );
     let mut app = match connect.await {
         Ok(app) => app,
         Err(error) => {

@@ -14,7 +14,7 @@ use crate::access::{ConnectionRecord, Established};
 use crate::admission::{Listener, Pending};
 use crate::balance::Lease;
 use crate::drain::DrainWatcher;
-use crate::hbone::{Baggage, ConnectRequest, WorkloadKind};
+use crate::hbone::{Baggage, ConnectRequest, TraceParent, WorkloadKind};
 use crate::sockets;
 use crate::state::{Upstream, WaypointRef, Workload};
 use crate::telemetry::{Direction, Endpoints, Metered, Reporter, TrafficLabels};
@@ -44,13 +44,14 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
         tracing::info!(src.addr = %peer, dst.addr = %destination, "the pod is leaving the mesh; closing");
         return;
     };
+    let trace = TraceParent::random();
     let Route {
         upstream,
         lease,
         service,
         record,
         expected,
-    } = route(&pod, &source, &identity, peer, destination);
+    } = route(&pod, &source, &identity, (peer, destination), &trace);
     let expected = match expected {
         Ok(expected) => expected,
         Err(error) => return record.fail(error),
@@ -75,6 +76,7 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
                 service,
                 expected_identities: expected.into_iter().collect(),
                 baggage: Some(baggage(&source)),
+                trace,
             });
             tunnel(&pod, &mut tcp, request, attempt).await;
         }
@@ -140,13 +142,14 @@ impl Attempt {
     }
 }
 
-/// Where a connection from `source` to `destination` goes, its record labelled with both ends.
+/// Where a connection from `source` (at `peer`) to `destination` goes, its record labelled with
+/// both ends and, for a tunnel, with its `trace`.
 fn route(
     pod: &Pod,
     source: &Arc<Workload>,
     identity: &Identity,
-    peer: SocketAddr,
-    destination: SocketAddr,
+    (peer, destination): (SocketAddr, SocketAddr),
+    trace: &TraceParent,
 ) -> Route {
     let ((upstream, lease), workload, service, addressed) = {
         let state = pod.state.borrow();
@@ -189,7 +192,7 @@ fn route(
         dst_identity: principals.1.cloned(),
         src_workload: Some(source.qualified_name()),
         dst_workload: workload.as_ref().map(|w| w.qualified_name()),
-        trace_id: None,
+        trace_id: matches!(upstream, Upstream::Hbone { .. }).then_some(trace.trace_id),
     };
     let record = ConnectionRecord::open(&pod.telemetry, endpoints, labels);
     Route {

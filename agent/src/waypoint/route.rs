@@ -18,7 +18,9 @@ use tokio::sync::watch;
 
 use crate::balance::{Balancer, Lease};
 use crate::error_chain::ErrorChain;
-use crate::hbone::{self, ConnectRequest, H2Io, H2Stream, HboneClient, Peer, StreamHandler, reply};
+use crate::hbone::{
+    self, ConnectRequest, H2Io, H2Stream, HboneClient, Peer, StreamHandler, TraceParent, reply,
+};
 use crate::sockets::{self, LocalSockets};
 use crate::state::{AppProtocol, ClusterState, Service, Upstream, WaypointRef};
 use crate::telemetry::{Reporter, RequestMetrics, Telemetry, TrafficLabels};
@@ -138,6 +140,7 @@ impl Router {
                     service: route.service.as_ref().map(|s| s.hostname.clone()),
                     expected_identities: expected.into_iter().collect(),
                     baggage: None,
+                    trace: TraceParent::random(),
                 };
                 match self.client.connect(&connect, &LocalSockets).await {
                     Ok(tunnel) => {

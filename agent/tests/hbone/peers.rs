@@ -17,7 +17,7 @@ use ambit_agent::sockets::LocalSockets;
 use ambit_agent::telemetry::Meter;
 use ambit_agent::{
     Baggage, ClientSettings, ConnectError, ConnectRequest, HboneClient, HboneServer, Keepalive,
-    Tunnel, WorkloadKind,
+    TraceParent, Tunnel, WorkloadKind,
 };
 use ambit_identity::{CertificateManager, Identity, WorkloadCertificate};
 use ambit_test_support::{EchoServer, TestPki};
@@ -43,6 +43,13 @@ pub(crate) struct Mesh {
     pub(crate) server_addr: SocketAddr,
     _drain: DrainTrigger,
 }
+
+/// The trace of every tunnel [`Mesh::request`] describes.
+pub(crate) const TRACE: TraceParent = TraceParent {
+    trace_id: 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736,
+    parent_id: 0x00f0_67aa_0ba9_02b7,
+    sampled: false,
+};
 
 impl Mesh {
     pub(crate) async fn start() -> Self {
@@ -100,6 +107,7 @@ impl Mesh {
                 workload: Some((WorkloadKind::Deployment, "frontend".into())),
                 ..Baggage::default()
             }),
+            trace: TRACE,
         }
     }
 
