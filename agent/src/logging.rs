@@ -25,6 +25,9 @@ const FILTER_ENV: &str = "AMBIT_LOG";
 /// How many lines wait for stderr before new ones are dropped: a few MiB of access-log lines,
 /// and as many again in the batch being written.
 const QUEUED_LINES: usize = 16_384;
+/// How many bytes of lines wait, at most, whatever their number: long lines (error chains) fill
+/// the queue sooner.
+const QUEUED_BYTES: usize = 8 * 1024 * 1024;
 /// How long the writing thread lets a batch gather once its first line woke it: the delay of a
 /// line on its way to stderr, at most, while stderr keeps up.
 const BATCH_DELAY: Duration = Duration::from_millis(10);
@@ -80,7 +83,7 @@ pub(crate) fn init(format: LogFormat) -> (Logging, FlushOnDrop) {
 }
 
 /// A writer that hands lines to a thread writing them to `sink`, dropping them when
-/// [`QUEUED_LINES`] already wait.
+/// [`QUEUED_LINES`] or [`QUEUED_BYTES`] already wait.
 fn queue(sink: impl Write + Send + 'static) -> (QueueWriter, FlushOnDrop) {
     let queue = Arc::new(LogQueue::default());
     let writing = queue.clone();
@@ -122,7 +125,7 @@ impl LogQueue {
 
     fn push(&self, line: &[u8]) {
         let mut queued = self.lock();
-        if queued.lines >= QUEUED_LINES {
+        if queued.lines >= QUEUED_LINES || queued.bytes.len() + line.len() > QUEUED_BYTES {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -326,6 +329,23 @@ mod tests {
             })
             .collect();
         assert_eq!(numbers, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_lines_and_in_bytes() {
+        let queue = LogQueue::default();
+        for _ in 0..QUEUED_LINES + 5 {
+            queue.push(b"short\n");
+        }
+        assert_eq!(queue.dropped.load(Ordering::Relaxed), 5);
+
+        let queue = LogQueue::default();
+        let long = vec![b'x'; QUEUED_BYTES / 4];
+        for _ in 0..6 {
+            queue.push(&long);
+        }
+        assert_eq!(queue.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(queue.lock().bytes.len(), QUEUED_BYTES);
     }
 
     #[test]
