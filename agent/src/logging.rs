@@ -237,6 +237,8 @@ mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
 
+    use ambit_test_support::SharedBuffer;
+
     use super::*;
     use crate::telemetry::Metrics;
 
@@ -289,24 +291,9 @@ mod tests {
         );
     }
 
-    /// A sink that keeps what it is given.
-    #[derive(Clone, Default)]
-    struct Collected(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Collected {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("not poisoned").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn lines_arrive_whole_and_in_order_and_the_last_ones_at_exit() {
-        let sink = Collected::default();
+        let sink = SharedBuffer::default();
         let (writer, flush) = queue(sink.clone());
         let subscriber = fmt().with_writer(writer).with_ansi(false).finish();
         tracing::subscriber::with_default(subscriber, || {
@@ -319,9 +306,8 @@ mod tests {
             }
         });
         drop(flush);
-        let written =
-            String::from_utf8(sink.0.lock().expect("not poisoned").clone()).expect("text");
-        let numbers: Vec<usize> = written
+        let numbers: Vec<usize> = sink
+            .text()
             .lines()
             .map(|l| {
                 let (_, number) = l.rsplit_once("line=").expect("a whole line");

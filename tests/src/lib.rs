@@ -1,6 +1,6 @@
 //! Fixtures for ambit's tests and benchmarks: a throwaway PKI built at test time
-//! ([`TestPki`]), plain TCP peers ([`EchoServer`]), and the measurements the benchmarks share
-//! ([`measure`]). Nothing here is checked in as a blob: every key and certificate is generated
+//! ([`TestPki`]), plain TCP peers ([`EchoServer`]), a writer to read a logger's output back
+//! ([`SharedBuffer`]), and the measurements the benchmarks share ([`measure`]). Nothing here is checked in as a blob: every key and certificate is generated
 //! when a test runs.
 
 #![expect(
@@ -11,7 +11,7 @@
 pub mod measure;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ambit_identity::{CertificateManager, Identity, LocalCa, TrustDomain, WorkloadCertificate};
@@ -117,4 +117,29 @@ async fn echo(mut stream: TcpStream) {
 pub async fn refused_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind probe");
     listener.local_addr().expect("probe address")
+}
+
+/// A writer whose clones all append to one buffer: what a logger under test wrote, read back
+/// with [`SharedBuffer::text`].
+#[derive(Debug, Clone, Default)]
+pub struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl SharedBuffer {
+    /// What was written so far, as text (invalid UTF-8 replaced).
+    pub fn text(&self) -> String {
+        let bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl std::io::Write for SharedBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -109,10 +109,9 @@ impl StreamHandler for Inbound {
     fn serve(
         self: Arc<Self>,
         request: Request<RecvStream>,
-        respond: SendResponse<Bytes>,
+        mut respond: SendResponse<Bytes>,
         peer: Arc<Peer>,
     ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
-        let mut respond = respond;
         // Decided before the stream's task starts: nothing of the request but its body
         // (headers, baggage) stays in the task for as long as the tunnel lasts.
         let Some(admitted) = admit(&request, &mut respond, &peer, &self) else {

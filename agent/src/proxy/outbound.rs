@@ -51,7 +51,7 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
         service,
         record,
         expected,
-    } = route(&pod, &source, &identity, (peer, destination), &trace);
+    } = route(&pod, &source, &identity, peer, destination, &trace);
     let expected = match expected {
         Ok(expected) => expected,
         Err(error) => return record.fail(error),
@@ -148,7 +148,8 @@ fn route(
     pod: &Pod,
     source: &Arc<Workload>,
     identity: &Identity,
-    (peer, destination): (SocketAddr, SocketAddr),
+    peer: SocketAddr,
+    destination: SocketAddr,
     trace: &TraceParent,
 ) -> Route {
     let ((upstream, lease), workload, service, addressed) = {

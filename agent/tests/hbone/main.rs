@@ -13,7 +13,7 @@ use ambit_agent::authorize::{
 use ambit_agent::sockets::LocalSockets;
 use ambit_agent::{ClientSettings, ConnectError, Keepalive};
 use ambit_identity::PeerVerifyError;
-use ambit_test_support::{EchoServer, TestPki, refused_addr};
+use ambit_test_support::{EchoServer, SharedBuffer, TestPki, refused_addr};
 use http::{Method, StatusCode};
 use peers::{Mesh, h2_frame_types, raw_h2, server_verdict, tls_client};
 use rustls::AlertDescription;
@@ -372,18 +372,7 @@ async fn a_denied_stream_gets_401_and_never_reaches_the_app() {
 /// Both ends' access-log lines name the trace of the tunnel's `traceparent`.
 #[tokio::test]
 async fn the_inbound_access_log_carries_the_trace_id() {
-    #[derive(Clone, Default)]
-    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let lines = Lines::default();
+    let lines = SharedBuffer::default();
     let writer = lines.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(move || writer.clone())
@@ -403,7 +392,7 @@ async fn the_inbound_access_log_carries_the_trace_id() {
             tokio::time::Instant::now() < deadline,
             "no inbound access-log line"
         );
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let text = lines.text();
         if let Some(line) = text.lines().find(|l| l.contains("direction=\"inbound\"")) {
             break line.to_owned();
         }
