@@ -74,7 +74,7 @@ impl SocketFactory for LocalSockets {
                 TcpSocket::new_v6()?
             };
             socket.set_nodelay(true)?;
-            socket.bind(local)?;
+            ambit_redirect::socket::bind_for_connect(&socket, local)?;
             Ok(socket)
         })
     }

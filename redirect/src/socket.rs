@@ -8,7 +8,9 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsFd;
 
+use nix::sys::socket::sockopt;
 use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::AGENT_MARK;
@@ -31,14 +33,25 @@ pub fn listener(addr: SocketAddr, transparent: bool) -> io::Result<std::net::Tcp
 pub fn connector(local: SocketAddr, transparent: bool) -> io::Result<std::net::TcpStream> {
     let socket = tcp_socket(local.ip(), transparent)?;
     socket.set_mark(AGENT_MARK)?;
-    socket.bind(&local.into())?;
+    bind_for_connect(&socket, local)?;
     Ok(socket.into())
+}
+
+/// Binds a socket that is going to connect out to `local`. Port 0 leaves the port to `connect`,
+/// which picks it for the destination (`IP_BIND_ADDRESS_NO_PORT`): a port `bind` picked would be
+/// reserved against every destination, so one busy client address would run through the range,
+/// ports in TIME_WAIT included, at a few hundred connections a second.
+pub fn bind_for_connect(socket: impl AsFd, local: SocketAddr) -> io::Result<()> {
+    if local.port() == 0 {
+        nix::sys::socket::setsockopt(&socket, sockopt::IpBindAddressNoPort, &true)?;
+    }
+    SockRef::from(&socket).bind(&local.into())
 }
 
 /// Where a connection that capture steered to the agent was originally going. NAT (nftables'
 /// REDIRECT) records it in conntrack; a socket assigned without NAT (eBPF) has it as its own
 /// local address.
-pub fn original_destination(stream: impl std::os::fd::AsFd) -> io::Result<SocketAddr> {
+pub fn original_destination(stream: impl AsFd) -> io::Result<SocketAddr> {
     let socket = SockRef::from(&stream);
     let local = socket
         .local_addr()?
@@ -67,7 +80,7 @@ pub fn dns_sockets(port: u16) -> io::Result<(std::net::UdpSocket, std::net::TcpL
     let addr = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
     let udp = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
     udp.set_nonblocking(true)?;
-    nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::Ipv4PacketInfo, &true)?;
+    nix::sys::socket::setsockopt(&udp, sockopt::Ipv4PacketInfo, &true)?;
     udp.bind(&addr.into())?;
     Ok((udp.into(), listener(addr, true)?))
 }
