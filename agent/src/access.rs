@@ -181,7 +181,7 @@ fn log(listed: &Listed, flags: Option<ResponseFlags>, policy: Option<&str>, erro
 }
 
 /// A W3C trace id as `traceparent` writes it: 32 lowercase hex digits.
-struct TraceId(u128);
+pub(crate) struct TraceId(pub(crate) u128);
 
 impl std::fmt::Display for TraceId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -15,10 +15,10 @@ mod stream;
 use std::time::Duration;
 
 pub use client::{ConnectError, ConnectRequest, DialStage, HboneClient, Tunnel};
-pub(crate) use headers::authority;
 #[cfg(fuzzing)]
 pub(crate) use headers::{BAGGAGE, TRACEPARENT, connect_request, destination};
 pub use headers::{Baggage, TraceParent, WorkloadKind};
+pub(crate) use headers::{authority, trace};
 pub use keepalive::KeepaliveError;
 pub use server::{HboneServer, ServerError};
 pub(crate) use server::{Peer, StreamHandler, reply};

@@ -81,6 +81,15 @@ async fn service_traffic_goes_through_the_waypoint_and_nothing_goes_around_it() 
     let waypoint = cluster.waypoint("waypoint").unwrap();
     let endpoint = format!("\"dst.endpoint\":\"{server}\"");
     logged(|| waypoint.log(), &endpoint).await;
+    // One trace across the three hops: the waypoint continues the one the client's agent began.
+    let log = waypoint.log();
+    let line = log.lines().find(|l| l.contains(&endpoint)).unwrap();
+    let line: serde_json::Value = serde_json::from_str(line).unwrap();
+    let trace_id = format!("\"trace_id\":\"{}\"", line["trace_id"].as_str().unwrap());
+    for node in ["node1", "node2"] {
+        let agent = cluster.agent(node).unwrap();
+        logged(|| agent.log(), &trace_id).await;
+    }
 
     // Around the waypoint, to the pod itself: refused by the destination, saying why.
     assert_eq!(greeting(&cluster, "client", server).await, None);

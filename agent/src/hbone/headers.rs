@@ -70,6 +70,12 @@ pub(crate) fn authority<B>(request: &Request<B>) -> Result<SocketAddr, RequestEr
         .map_err(|_| RequestError::BadAuthority(authority.to_owned()))
 }
 
+/// The trace a CONNECT request belongs to; `None` when it names none or a malformed one.
+pub(crate) fn trace<B>(request: &Request<B>) -> Option<TraceParent> {
+    let header = request.headers().get(TRACEPARENT)?.to_str().ok()?;
+    header.parse().ok()
+}
+
 /// The CONNECT request for a stream to `authority` on behalf of the client at `source`, which
 /// addressed the Service `service` if any.
 pub(crate) fn connect_request(
@@ -255,6 +261,17 @@ impl TraceParent {
             trace_id: fastrand::u128(1..),
             parent_id: fastrand::u64(1..),
             sampled: false,
+        }
+    }
+}
+
+impl TraceParent {
+    /// The same trace, carried one hop further: a proxy that forwards a tunnel is the parent of
+    /// the next one.
+    pub(crate) fn next_hop(self) -> Self {
+        Self {
+            parent_id: fastrand::u64(1..),
+            ..self
         }
     }
 }
@@ -480,5 +497,17 @@ mod tests {
         ] {
             assert!(bad.parse::<TraceParent>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_next_hop_continues_the_trace_under_a_new_parent() {
+        let received: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap();
+        let forwarded = received.next_hop();
+        assert_eq!(forwarded.trace_id, received.trace_id);
+        assert_eq!(forwarded.sampled, received.sampled);
+        assert_ne!(forwarded.parent_id, received.parent_id);
+        assert_ne!(forwarded.parent_id, 0, "zero is not a valid parent id");
     }
 }

@@ -16,7 +16,7 @@ use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::headers::{self, Baggage, TraceParent};
+use super::headers::{self, Baggage};
 use super::keepalive::{self, KeepaliveError};
 use super::stream::{self, H2Stream};
 use super::{CONNECTION_WINDOW, Keepalive, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW};
@@ -357,7 +357,7 @@ fn admit(
     let baggage = header(headers::BAGGAGE)
         .map(Baggage::parse)
         .unwrap_or_default();
-    let trace = header(headers::TRACEPARENT).and_then(|v| v.parse::<TraceParent>().ok());
+    let trace = headers::trace(request);
     let inbound = InboundRequest {
         source_ip: peer.addr.ip(),
         source_identity: peer.identity.clone(),

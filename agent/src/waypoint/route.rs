@@ -16,6 +16,7 @@ use http::{Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
+use crate::access::TraceId;
 use crate::balance::{Balancer, Lease};
 use crate::error_chain::ErrorChain;
 use crate::hbone::{
@@ -80,6 +81,9 @@ impl Router {
                 return reply(&mut respond, error.status());
             }
         };
+        // The client's trace, continued upstream: the lines of both agents and of the waypoint
+        // join on its id.
+        let trace = hbone::trace(&request).map_or_else(TraceParent::random, TraceParent::next_hop);
         let log = |endpoint: Option<SocketAddr>, bytes: (u64, u64), error: Option<String>| {
             tracing::info!(
                 target: "access",
@@ -89,6 +93,7 @@ impl Router {
                 src.identity = src_identity,
                 dst.addr = %authority,
                 dst.endpoint = endpoint.map(tracing::field::display),
+                trace_id = %TraceId(trace.trace_id),
                 bytes_sent = bytes.0,
                 bytes_received = bytes.1,
                 duration_ms = started.elapsed().as_millis() as u64,
@@ -140,7 +145,7 @@ impl Router {
                     service: route.service.as_ref().map(|s| s.hostname.clone()),
                     expected_identities: expected.into_iter().collect(),
                     baggage: None,
-                    trace: TraceParent::random(),
+                    trace,
                 };
                 match self.client.connect(&connect, &LocalSockets).await {
                     Ok(tunnel) => {
