@@ -22,8 +22,6 @@ use crate::telemetry::{
 pub(crate) struct ConnectionRecord {
     telemetry: Arc<Telemetry>,
     listed: Listed,
-    /// Shared by every connection under the same labels.
-    labels: Arc<TrafficLabels>,
 }
 
 /// A connection carrying bytes; it holds the counters its labels selected.
@@ -32,8 +30,6 @@ pub(crate) struct Established {
     listed: Listed,
     meter: Meter,
     closed: Counter,
-    /// Held, not read: its series are not removed while the connection is open.
-    _labels: Arc<TrafficLabels>,
 }
 
 impl ConnectionRecord {
@@ -43,29 +39,27 @@ impl ConnectionRecord {
         endpoints: Endpoints,
         labels: TrafficLabels,
     ) -> Self {
-        let labels = telemetry.metrics.opened(labels);
+        let series = telemetry.metrics.opened(labels);
         Self {
-            listed: telemetry.connections.open(endpoints, labels.clone()),
-            labels,
+            listed: telemetry.connections.open(endpoints, series),
             telemetry: telemetry.clone(),
         }
     }
 
     /// The connection carries bytes from now on.
     pub(crate) fn establish(self) -> Established {
-        let traffic = &self.telemetry.metrics.traffic;
-        let client_bytes = traffic.received.get_or_create(&self.labels).clone();
-        let server_bytes = traffic.sent.get_or_create(&self.labels).clone();
+        let connection = &self.listed.connection;
+        let carried = connection.series.carried(&self.telemetry.metrics.traffic);
+        let (client_bytes, server_bytes) = (&carried.client_bytes, &carried.server_bytes);
         // The metrics count from the client's side, the meter from the local pod's.
-        let (sent, received) = match self.listed.connection.endpoints.direction.reporter() {
+        let (sent, received) = match connection.endpoints.direction.reporter() {
             Reporter::Source => (client_bytes, server_bytes),
             Reporter::Destination => (server_bytes, client_bytes),
         };
         Established {
-            meter: Meter::new(self.listed.connection.clone(), sent, received),
-            closed: traffic.closed.get_or_create(&self.labels).clone(),
+            meter: Meter::new(connection.clone(), sent.clone(), received.clone()),
+            closed: carried.closed.clone(),
             listed: self.listed,
-            _labels: self.labels,
         }
     }
 
@@ -88,7 +82,7 @@ impl ConnectionRecord {
 
     fn refuse(self, flags: ResponseFlags, policy: Option<&str>, error: String) {
         let traffic = &self.telemetry.metrics.traffic;
-        let labels = self.labels.with_flags(flags);
+        let labels = self.listed.connection.series.labels().with_flags(flags);
         traffic.closed.get_or_create(&labels).inc();
         traffic.failed.get_or_create(&labels).inc();
         log(&self.listed, Some(flags), policy, Some(error));
@@ -153,7 +147,7 @@ fn log(listed: &Listed, flags: Option<ResponseFlags>, policy: Option<&str>, erro
     let connection = &listed.connection;
     let endpoints = &connection.endpoints;
     let (sent, received) = connection.bytes();
-    let [src, dst] = connection.labels.placements();
+    let [src, dst] = connection.series.labels().placements();
     tracing::info!(
         target: "access",
         direction = endpoints.direction.as_str(),

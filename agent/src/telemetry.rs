@@ -19,6 +19,7 @@ pub(crate) use connections::{Connections, Endpoints, Listed, Metered};
 pub use labels::{Reporter, ResponseFlags, TrafficLabels};
 pub use metrics::Metrics;
 pub(crate) use metrics::RequestMetrics;
+pub use series::Series;
 pub(crate) use series::remove_departed;
 pub use suggest::suggest_policies;
 

@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::TrafficLabels;
+use super::Series;
 
 /// Which proxy carries a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,8 +57,8 @@ pub(crate) struct Endpoints {
 #[derive(Debug)]
 pub(crate) struct LiveConnection {
     pub(crate) endpoints: Endpoints,
-    /// Its Istio labels: where each end is (cluster, region, zone).
-    pub(crate) labels: Arc<TrafficLabels>,
+    /// Its Istio series, whose labels say where each end is (cluster, region, zone).
+    pub(crate) series: Arc<Series>,
     pub(crate) started: Instant,
     opened_at: SystemTime,
     /// Bytes the local pod sent and received.
@@ -84,14 +84,10 @@ pub(crate) struct Connections {
 
 impl Connections {
     /// Lists a connection until the returned guard is dropped.
-    pub(crate) fn open(
-        self: &Arc<Self>,
-        endpoints: Endpoints,
-        labels: Arc<TrafficLabels>,
-    ) -> Listed {
+    pub(crate) fn open(self: &Arc<Self>, endpoints: Endpoints, series: Arc<Series>) -> Listed {
         let connection = Arc::new(LiveConnection {
             endpoints,
-            labels,
+            series,
             started: Instant::now(),
             opened_at: SystemTime::now(),
             sent: AtomicU64::new(0),
@@ -254,7 +250,7 @@ impl ConnectionView {
     fn of(connection: &LiveConnection) -> Self {
         let endpoints = &connection.endpoints;
         let (bytes_sent, bytes_received) = connection.bytes();
-        let [src, dst] = connection.labels.placements();
+        let [src, dst] = connection.series.labels().placements();
         Self {
             direction: endpoints.direction,
             src: endpoints.src,

@@ -17,7 +17,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::labels::{Reporter, RequestLabels, ResponseFlags, TrafficLabels};
-use super::series::{SeriesIndex, Workloads};
+use super::series::{Series, SeriesIndex, Workloads};
 use crate::egress::EgressDenied;
 use crate::hbone::HboneClient;
 use crate::logging::DroppedLines;
@@ -340,12 +340,10 @@ impl Metrics {
         text
     }
 
-    /// Counts a connection opened, under `labels`. The connection holds the returned labels
-    /// while it is open: its series stay as long as they are held.
-    pub fn opened(&self, labels: TrafficLabels) -> Arc<TrafficLabels> {
-        let labels = self.series.intern(labels);
-        self.traffic.opened.get_or_create(&labels).inc();
-        labels
+    /// Counts a connection opened, under `labels`. The connection holds the returned series
+    /// while it is open, and counts into it: the series stays as long as it is held.
+    pub fn opened(&self, labels: TrafficLabels) -> Arc<Series> {
+        self.series.open(labels, &self.traffic)
     }
 
     /// Removes the Istio series that no open connection holds and that name a workload missing

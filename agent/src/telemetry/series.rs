@@ -1,22 +1,26 @@
-//! Removing the Istio series of workloads that left the cluster, so that their number follows
-//! the workloads there are, not every workload there ever was. prometheus-client's `Family` can
-//! remove a label set but not list them, so [`SeriesIndex`] keeps each label set under which
-//! series were created, shared with the connections open under it, and notes since when each
-//! workload it names has been missing from the cluster state. [`remove_departed`] looks at the
-//! state on each change and periodically, and removes the series of a workload that has been
-//! missing for the grace period.
+//! Istio's series, one per label set, shared by the connections open under it, and their
+//! removal once the workloads they name left the cluster, so that their number follows the
+//! workloads there are, not every workload there ever was.
 //!
-//! A series is removed only once no open connection holds its labels. A connection that outlives
-//! its workload's departure (a pod being deleted, draining) keeps counting into its series, and
-//! the series goes at the first sweep after it closes. Removing it under the connection would
-//! cost no memory (the connection keeps its own handle on the counters until it closes) but would
-//! lose the bytes and the close it still has to count.
+//! A connection finds its [`Series`] with one hash lookup in the [`SeriesIndex`], and counts
+//! through the counters the series holds: the families are looked up when a label set is new,
+//! not per connection. prometheus-client's `Family` can remove a label set but not list them,
+//! so the index is also what [`remove_departed`] sweeps: it notes since when each workload a
+//! label set names has been missing from the cluster state, on each change and periodically,
+//! and removes the series of a workload that has been missing for the grace period.
+//!
+//! A series is removed only once no open connection holds it. A connection that outlives its
+//! workload's departure (a pod being deleted, draining) keeps counting into its series, and the
+//! series goes at the first sweep after it closes. Removing it under the connection would lose
+//! the bytes and the close it still has to count.
 
-use std::collections::hash_map::Entry;
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -26,11 +30,69 @@ use super::metrics::TrafficMetrics;
 use crate::drain::DrainWatcher;
 use crate::state::ClusterState;
 
-/// The label sets of Istio's series, each with since when its workloads have been missing.
+/// The series of one label set: its labels and the counters they select in Istio's families.
+#[derive(Debug)]
+pub struct Series {
+    labels: TrafficLabels,
+    opened: Counter,
+    /// Taken when a connection under the labels first carries bytes: labels whose connections
+    /// were all refused have no byte series, nor a close without response flags.
+    carried: OnceLock<Carried>,
+}
+
+/// The counters of the connections that carried bytes under a label set.
+#[derive(Debug)]
+pub(crate) struct Carried {
+    pub(crate) closed: Counter,
+    /// What the client sent (Istio's "received during request").
+    pub(crate) client_bytes: Counter,
+    /// What the server sent (Istio's "sent during response").
+    pub(crate) server_bytes: Counter,
+}
+
+impl Series {
+    pub(crate) fn labels(&self) -> &TrafficLabels {
+        &self.labels
+    }
+
+    pub(crate) fn carried(&self, traffic: &TrafficMetrics) -> &Carried {
+        self.carried.get_or_init(|| Carried {
+            closed: traffic.closed.get_or_create(&self.labels).clone(),
+            client_bytes: traffic.received.get_or_create(&self.labels).clone(),
+            server_bytes: traffic.sent.get_or_create(&self.labels).clone(),
+        })
+    }
+}
+
+/// The series there are, each with since when its workloads have been missing.
 #[derive(Debug, Default)]
 pub(crate) struct SeriesIndex {
-    sets: Mutex<HashMap<Arc<TrafficLabels>, Departures>>,
+    sets: Mutex<HashMap<Indexed, Departures>>,
 }
+
+/// A series in the index, found by its labels.
+#[derive(Debug)]
+struct Indexed(Arc<Series>);
+
+impl Borrow<TrafficLabels> for Indexed {
+    fn borrow(&self) -> &TrafficLabels {
+        &self.0.labels
+    }
+}
+
+impl Hash for Indexed {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.labels.hash(state);
+    }
+}
+
+impl PartialEq for Indexed {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.labels == other.0.labels
+    }
+}
+
+impl Eq for Indexed {}
 
 /// Since when the source's and the destination's workloads have been missing from the cluster
 /// state, as far as the sweeps have seen; `None` while present (or `unknown`).
@@ -42,23 +104,29 @@ struct Departures([Option<Instant>; 2]);
 pub(crate) struct Workloads(HashMap<String, HashSet<String>>);
 
 impl SeriesIndex {
-    /// The shared label set equal to `labels`, added if it is new. One hash lookup: the labels
-    /// are moved into their `Arc` before it, and that allocation is the connection's only one
-    /// for its labels.
-    pub(crate) fn intern(&self, labels: TrafficLabels) -> Arc<TrafficLabels> {
-        match self.lock().entry(Arc::new(labels)) {
-            Entry::Occupied(known) => known.key().clone(),
-            Entry::Vacant(new) => {
-                let labels = new.key().clone();
-                new.insert(Departures::default());
-                labels
+    /// The series of `labels` in `traffic`, added if it is new, counted as opened.
+    pub(crate) fn open(&self, labels: TrafficLabels, traffic: &TrafficMetrics) -> Arc<Series> {
+        let mut sets = self.lock();
+        let series = match sets.get_key_value(&labels) {
+            Some((known, _)) => known.0.clone(),
+            None => {
+                let series = Arc::new(Series {
+                    opened: traffic.opened.get_or_create(&labels).clone(),
+                    labels,
+                    carried: OnceLock::new(),
+                });
+                sets.insert(Indexed(series.clone()), Departures::default());
+                series
             }
-        }
+        };
+        drop(sets);
+        series.opened.inc();
+        series
     }
 
     /// Notes, as of `now`, which workloads are missing from `present`, and removes from
-    /// `traffic` the series of every label set that no connection holds and one of whose
-    /// workloads has been missing for `grace`. Returns how many label sets it removed.
+    /// `traffic` the series that no connection holds and one of whose workloads has been
+    /// missing for `grace`. Returns how many series it removed.
     pub(crate) fn sweep(
         &self,
         traffic: &TrafficMetrics,
@@ -68,20 +136,20 @@ impl SeriesIndex {
     ) -> usize {
         let mut sets = self.lock();
         let before = sets.len();
-        sets.retain(|labels, departures| {
-            let departed = departures.observe(labels, present, now, grace);
-            // Only the index holds the labels: no connection is open under them. A new one
-            // would take them from the index, under the same lock.
-            let remove = departed && Arc::strong_count(labels) == 1;
+        sets.retain(|Indexed(series), departures| {
+            let departed = departures.observe(&series.labels, present, now, grace);
+            // Only the index holds the series: no connection is open under it. A new one would
+            // take it from the index, under the same lock.
+            let remove = departed && Arc::strong_count(series) == 1;
             if remove {
-                traffic.remove(labels);
+                traffic.remove(&series.labels);
             }
             !remove
         });
         before - sets.len()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<TrafficLabels>, Departures>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Indexed, Departures>> {
         self.sets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

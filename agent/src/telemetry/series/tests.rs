@@ -55,10 +55,14 @@ async fn series_of_workloads_gone_for_the_grace_are_removed() {
     let (states, states_rx) = watch::channel(state(&everyone));
     // Closed connections: only the index holds their labels.
     let frontend = metrics.opened(labels(Some("frontend"), "backend"));
-    let denied = frontend.with_flags(ResponseFlags::Deny);
+    let denied = frontend.labels().with_flags(ResponseFlags::Deny);
     metrics.traffic.closed.get_or_create(&denied).inc();
     metrics.traffic.failed.get_or_create(&denied).inc();
-    metrics.traffic.sent.get_or_create(&frontend).inc_by(10);
+    metrics
+        .traffic
+        .sent
+        .get_or_create(frontend.labels())
+        .inc_by(10);
     drop(frontend);
     drop(metrics.opened(labels(Some("jobs"), "db")));
     drop(metrics.opened(labels(None, "db")));
@@ -111,4 +115,28 @@ async fn series_of_workloads_gone_for_the_grace_are_removed() {
         .find(|l| l.starts_with("istio_tcp_connections_opened_total{") && has_source(l, "frontend"))
         .unwrap();
     assert!(opened.ends_with(" 1"), "{opened}");
+}
+
+#[test]
+fn connections_under_one_label_set_count_into_one_series() {
+    let metrics = crate::telemetry::Metrics::new();
+    let refused = metrics.opened(labels(Some("frontend"), "backend"));
+    let text = metrics.encode();
+    assert!(
+        !text.contains("istio_tcp_received_bytes_total{"),
+        "no connection carried bytes yet: {text}"
+    );
+    let carrying = metrics.opened(labels(Some("frontend"), "backend"));
+    assert!(Arc::ptr_eq(&refused, &carrying));
+    carrying.carried(&metrics.traffic).client_bytes.inc_by(5);
+    let other = metrics.opened(labels(Some("frontend"), "backend"));
+    other.carried(&metrics.traffic).client_bytes.inc_by(7);
+
+    let text = metrics.encode();
+    let value = |name: &str| {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap();
+        line.rsplit(' ').next().unwrap().to_owned()
+    };
+    assert_eq!(value("istio_tcp_connections_opened_total{"), "3", "{text}");
+    assert_eq!(value("istio_tcp_received_bytes_total{"), "12", "{text}");
 }
