@@ -33,8 +33,11 @@ const QUEUED_BYTES: usize = 8 * 1024 * 1024;
 const BATCH_DELAY: Duration = Duration::from_millis(10);
 /// How long lines still queued at exit may take to be written out.
 const FLUSH_AT_EXIT: Duration = Duration::from_secs(1);
-/// A batch buffer that grew past this (a burst) is not kept for the next batch.
-const KEPT_BUFFER: usize = 1024 * 1024;
+/// Lines queue in chunks of this size: a burst adds chunks rather than moving the lines already
+/// queued into a larger buffer, under the lock every logging thread takes.
+const CHUNK: usize = 64 * 1024;
+/// How many written chunks are kept for the next lines (a burst's others are freed).
+const KEPT_CHUNKS: usize = 16;
 
 /// The installed logger, less the guard that flushes it.
 #[derive(Debug)]
@@ -113,9 +116,12 @@ struct LogQueue {
 #[derive(Debug, Default)]
 struct Queued {
     /// Whole lines, as the formatter wrote them.
-    bytes: Vec<u8>,
+    chunks: Vec<Vec<u8>>,
+    bytes: usize,
     lines: usize,
     closing: bool,
+    /// Chunks written out and emptied, for the next lines.
+    spare: Vec<Vec<u8>>,
 }
 
 impl LogQueue {
@@ -125,11 +131,23 @@ impl LogQueue {
 
     fn push(&self, line: &[u8]) {
         let mut queued = self.lock();
-        if queued.lines >= QUEUED_LINES || queued.bytes.len() + line.len() > QUEUED_BYTES {
+        if queued.lines >= QUEUED_LINES || queued.bytes + line.len() > QUEUED_BYTES {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        queued.bytes.extend_from_slice(line);
+        let queued = &mut *queued;
+        match queued.chunks.last_mut() {
+            Some(chunk) if chunk.capacity() - chunk.len() >= line.len() => {
+                chunk.extend_from_slice(line);
+            }
+            _ => {
+                let spare = (line.len() <= CHUNK).then(|| queued.spare.pop()).flatten();
+                let mut chunk = spare.unwrap_or_else(|| Vec::with_capacity(line.len().max(CHUNK)));
+                chunk.extend_from_slice(line);
+                queued.chunks.push(chunk);
+            }
+        }
+        queued.bytes += line.len();
         queued.lines += 1;
         if queued.lines == 1 {
             self.woken.notify_one();
@@ -138,7 +156,7 @@ impl LogQueue {
 
     /// The writing thread: batch after batch until the process is exiting and none is left.
     fn write_out(&self, mut sink: impl Write) {
-        let mut batch = Vec::new();
+        let mut batch: Vec<Vec<u8>> = Vec::new();
         loop {
             let mut queued = self.lock();
             while queued.lines == 0 && !queued.closing {
@@ -155,14 +173,21 @@ impl LogQueue {
             if queued.lines == 0 {
                 return;
             }
-            std::mem::swap(&mut batch, &mut queued.bytes);
+            std::mem::swap(&mut batch, &mut queued.chunks);
+            queued.bytes = 0;
             queued.lines = 0;
             drop(queued);
             // A line stderr refuses is lost either way: there is nowhere else to say so.
-            let _ = sink.write_all(&batch).and_then(|()| sink.flush());
-            batch.clear();
-            if batch.capacity() > KEPT_BUFFER {
-                batch = Vec::new();
+            let _ = batch
+                .iter()
+                .try_for_each(|chunk| sink.write_all(chunk))
+                .and_then(|()| sink.flush());
+            let mut queued = self.lock();
+            for mut chunk in batch.drain(..) {
+                if queued.spare.len() < KEPT_CHUNKS && chunk.capacity() == CHUNK {
+                    chunk.clear();
+                    queued.spare.push(chunk);
+                }
             }
         }
     }
@@ -331,7 +356,27 @@ mod tests {
             queue.push(&long);
         }
         assert_eq!(queue.dropped.load(Ordering::Relaxed), 2);
-        assert_eq!(queue.lock().bytes.len(), QUEUED_BYTES);
+        assert_eq!(queue.lock().bytes, QUEUED_BYTES);
+    }
+
+    #[test]
+    fn lines_across_chunks_and_longer_than_one_arrive_whole_and_in_order() {
+        let queue = LogQueue::default();
+        let mut expected = Vec::new();
+        // Two chunks' worth of 1,000-byte lines, then a line of two chunks.
+        let lines = (0..2 * (CHUNK / 1000)).map(|n| format!("{n:>999}\n").into_bytes());
+        for line in lines.chain([vec![b'x'; 2 * CHUNK]]) {
+            queue.push(&line);
+            expected.extend_from_slice(&line);
+        }
+        queue.lock().closing = true;
+        let mut written = Vec::new();
+        queue.write_out(&mut written);
+        assert!(written == expected, "{} bytes written", written.len());
+        // The chunks are kept for the next lines, but not the long line's.
+        let spare = &queue.lock().spare;
+        assert_eq!(spare.len(), 2);
+        assert!(spare.iter().all(|c| c.is_empty() && c.capacity() == CHUNK));
     }
 
     #[test]
