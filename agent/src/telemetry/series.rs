@@ -15,6 +15,7 @@
 //! the bytes and the close it still has to count.
 
 use std::borrow::Borrow;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -55,6 +56,8 @@ impl Series {
         &self.labels
     }
 
+    /// The counters of connections that carry bytes, taken from `traffic` (the families the
+    /// series was opened in) the first time.
     pub(crate) fn carried(&self, traffic: &TrafficMetrics) -> &Carried {
         self.carried.get_or_init(|| Carried {
             closed: traffic.closed.get_or_create(&self.labels).clone(),
@@ -67,7 +70,15 @@ impl Series {
 /// The series there are, each with since when its workloads have been missing.
 #[derive(Debug, Default)]
 pub(crate) struct SeriesIndex {
-    sets: Mutex<HashMap<Indexed, Departures>>,
+    indexed: Mutex<Indexes>,
+}
+
+#[derive(Debug, Default)]
+struct Indexes {
+    sets: HashMap<Indexed, Departures>,
+    /// How many sweeps removed series: a counter taken from a family while it did not change
+    /// is still in the family.
+    removals: u64,
 }
 
 /// A series in the index, found by its labels.
@@ -106,20 +117,36 @@ pub(crate) struct Workloads(HashMap<String, HashSet<String>>);
 impl SeriesIndex {
     /// The series of `labels` in `traffic`, added if it is new, counted as opened.
     pub(crate) fn open(&self, labels: TrafficLabels, traffic: &TrafficMetrics) -> Arc<Series> {
-        let mut sets = self.lock();
-        let series = match sets.get_key_value(&labels) {
-            Some((known, _)) => known.0.clone(),
-            None => {
-                let series = Arc::new(Series {
-                    opened: traffic.opened.get_or_create(&labels).clone(),
-                    labels,
-                    carried: OnceLock::new(),
-                });
-                sets.insert(Indexed(series.clone()), Departures::default());
-                series
+        let series = loop {
+            let removals = {
+                let indexes = self.lock();
+                if let Some((known, _)) = indexes.sets.get_key_value(&labels) {
+                    break known.0.clone();
+                }
+                indexes.removals
+            };
+            // Outside the lock: a new label set waits for the family, which a scrape holds while
+            // it encodes, and other connections need not wait with it.
+            let opened = traffic.opened.get_or_create(&labels).clone();
+            let mut indexes = self.lock();
+            if indexes.removals != removals {
+                continue;
+            }
+            let series = Arc::new(Series {
+                labels,
+                opened,
+                carried: OnceLock::new(),
+            });
+            // Another connection may have added the same labels meanwhile: theirs is as good.
+            match indexes.sets.entry(Indexed(series)) {
+                Entry::Occupied(known) => break known.key().0.clone(),
+                Entry::Vacant(new) => {
+                    let series = new.key().0.clone();
+                    new.insert(Departures::default());
+                    break series;
+                }
             }
         };
-        drop(sets);
         series.opened.inc();
         series
     }
@@ -134,9 +161,9 @@ impl SeriesIndex {
         now: Instant,
         grace: Duration,
     ) -> usize {
-        let mut sets = self.lock();
-        let before = sets.len();
-        sets.retain(|Indexed(series), departures| {
+        let mut indexes = self.lock();
+        let before = indexes.sets.len();
+        indexes.sets.retain(|Indexed(series), departures| {
             let departed = departures.observe(&series.labels, present, now, grace);
             // Only the index holds the series: no connection is open under it. A new one would
             // take it from the index, under the same lock.
@@ -146,11 +173,15 @@ impl SeriesIndex {
             }
             !remove
         });
-        before - sets.len()
+        let removed = before - indexes.sets.len();
+        if removed > 0 {
+            indexes.removals += 1;
+        }
+        removed
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Indexed, Departures>> {
-        self.sets.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Indexes> {
+        self.indexed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
