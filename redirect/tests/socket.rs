@@ -1,10 +1,12 @@
 //! The sockets the agent connects out with, in a real namespace (needs root).
 
+#![expect(clippy::unwrap_used, reason = "a failed setup step fails the test")]
+
 #[expect(dead_code, reason = "this test needs no veth")]
 mod common;
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::Path;
 
 use ambit_redirect::Netns;
@@ -16,24 +18,39 @@ use tokio::net::{TcpSocket, TcpStream};
 const PORTS: (u16, u16) = (40000, 40007);
 
 #[tokio::test]
-async fn a_connector_bound_to_port_0_shares_its_ports_across_destinations() {
+async fn an_ipv4_connector_shares_its_ports_across_destinations() {
+    shares_ports_across_destinations("127.0.0.1".parse().unwrap(), "v4").await;
+}
+
+#[tokio::test]
+async fn an_ipv6_connector_shares_its_ports_across_destinations() {
+    shares_ports_across_destinations("::1".parse().unwrap(), "v6").await;
+}
+
+/// Connectors bound to `ip` and port 0, as the agent's in a pod, transparent as the inbound
+/// path's: every port of the range connects to one destination, and another still connects.
+async fn shares_ports_across_destinations(ip: IpAddr, name: &str) {
     require_root();
     let mut namespaces = Namespaces(Vec::new());
     let name = namespaces
-        .add(format!("ambit-test-{}-ports", std::process::id()))
+        .add(format!("ambit-test-{}-ports-{name}", std::process::id()))
         .to_owned();
     run(&["-n", &name, "link", "set", "lo", "up"]);
-    let range = format!("net.ipv4.ip_local_port_range={} {}", PORTS.0, PORTS.1);
-    run(&["netns", "exec", &name, "sysctl", "-q", "-w", &range]);
     let netns = Netns::open(&Path::new("/var/run/netns").join(&name)).unwrap();
     let listeners = netns
-        .run_in(|| ["127.0.0.1:8080", "127.0.0.1:8081"].map(|a| TcpListener::bind(a).unwrap()))
+        .run_in(|| {
+            // The range of the thread's namespace, which `run_in` entered (IPv6 shares it).
+            let range = format!("{} {}", PORTS.0, PORTS.1);
+            std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", range).unwrap();
+            [8080, 8081].map(|port| TcpListener::bind((ip, port)).unwrap())
+        })
         .unwrap();
     let [busy, other] = listeners.each_ref().map(|l| l.local_addr().unwrap());
     let netns = &netns;
     let connect = |destination: SocketAddr| async move {
-        let local = SocketAddr::from(([127, 0, 0, 1], 0));
-        let socket = netns.run_in(|| connector(local, false)).unwrap()?;
+        let socket = netns
+            .run_in(|| connector(SocketAddr::new(ip, 0), true))
+            .unwrap()?;
         TcpSocket::from_std_stream(socket)
             .connect(destination)
             .await
@@ -50,9 +67,10 @@ async fn a_connector_bound_to_port_0_shares_its_ports_across_destinations() {
         "every port is in use towards {busy}: {exhausted}"
     );
     // A port chosen at bind would be taken for every destination.
-    let shared = connect(other).await.unwrap();
+    let shared = connect(other).await.unwrap().local_addr().unwrap().port();
     assert!(
-        (PORTS.0..=PORTS.1).contains(&shared.local_addr().unwrap().port()),
-        "the connection to {other} reuses a port of the range"
+        held.iter()
+            .any(|h| h.local_addr().unwrap().port() == shared),
+        "the connection to {other} shares port {shared} with one to {busy}"
     );
 }
