@@ -36,15 +36,42 @@ pub(crate) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.
 
 /// `/metrics` and `/stats/prometheus`.
 #[derive(Debug)]
-pub(crate) struct MetricsEndpoint(pub(crate) Arc<Telemetry>);
+pub(crate) struct MetricsEndpoint {
+    telemetry: Arc<Telemetry>,
+    /// Held while a scrape is encoded: scrapes that arrive meanwhile wait their turn.
+    encoding: tokio::sync::Mutex<()>,
+}
+
+impl MetricsEndpoint {
+    pub(crate) fn new(telemetry: Arc<Telemetry>) -> Self {
+        Self {
+            telemetry,
+            encoding: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The exposition text, encoded on a blocking thread, one scrape at a time. On a busy node
+    /// encoding takes milliseconds (thousands of series, and the capture programs' counters,
+    /// read under the locks that enrolment holds while it works): on an async worker, the
+    /// connections it carries would wait that long. `None` when the runtime is stopping.
+    async fn encode(&self) -> Option<String> {
+        let _turn = self.encoding.lock().await;
+        let telemetry = self.telemetry.clone();
+        match tokio::task::spawn_blocking(move || telemetry.metrics.encode()).await {
+            Ok(text) => Some(text),
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_) => None,
+        }
+    }
+}
 
 impl Handler for MetricsEndpoint {
     async fn handle(&self, request: Request<Incoming>, _: SocketAddr) -> Response<Body> {
         match request.uri().path() {
-            "/metrics" | "/stats/prometheus" => {
-                let text = self.0.metrics.encode();
-                respond(StatusCode::OK, OPENMETRICS, Bytes::from(text))
-            }
+            "/metrics" | "/stats/prometheus" => match self.encode().await {
+                Some(text) => respond(StatusCode::OK, OPENMETRICS, Bytes::from(text)),
+                None => text(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n"),
+            },
             _ => text(StatusCode::NOT_FOUND, "not found: try /metrics\n"),
         }
     }
@@ -336,3 +363,6 @@ fn error(status: StatusCode, message: &str) -> Response<Body> {
     *response.status_mut() = status;
     response
 }
+
+#[cfg(test)]
+mod tests;

@@ -130,7 +130,7 @@ pub(crate) async fn run(config: AgentConfig, logging: Logging) -> anyhow::Result
     });
     let servers = HttpServers {
         readiness: (listeners.readiness, readiness.clone()),
-        metrics: (listeners.metrics, MetricsEndpoint(telemetry.clone())),
+        metrics: (listeners.metrics, MetricsEndpoint::new(telemetry.clone())),
         admin: (listeners.admin, admin),
     };
     // While a predecessor still accepts on the listeners it handed over, it answers them: this

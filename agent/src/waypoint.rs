@@ -154,7 +154,7 @@ async fn serve(config: WaypointConfig) -> anyhow::Result<()> {
         metrics_listener,
         control,
         "metrics",
-        MetricsEndpoint(telemetry.clone()),
+        MetricsEndpoint::new(telemetry.clone()),
     ));
     let router = Router {
         waypoint: config.waypoint.clone(),
