@@ -263,9 +263,7 @@ impl TraceParent {
             sampled: false,
         }
     }
-}
 
-impl TraceParent {
     /// The same trace, carried one hop further: a proxy that forwards a tunnel is the parent of
     /// the next one.
     pub(crate) fn next_hop(self) -> Self {
