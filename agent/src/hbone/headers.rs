@@ -12,7 +12,7 @@ pub(crate) const TRACEPARENT: &str = "traceparent";
 
 /// The longest `baggage` header read, as W3C baggage limits it; a longer one is ignored whole.
 const MAX_BAGGAGE_LEN: usize = 8192;
-/// The length of a version 00 `traceparent`; anything else is malformed.
+/// The length of a version 00 `traceparent`, and the part of a later version that is read.
 const TRACEPARENT_LEN: usize = 55;
 
 /// Why the server refuses a CONNECT request before connecting anywhere.
@@ -297,16 +297,16 @@ impl FromStr for TraceParent {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         // A peer may send anything up to the header list limit: keep no more than a valid one.
         let invalid = || TraceParentError(s.chars().take(TRACEPARENT_LEN).collect());
-        if s.len() != TRACEPARENT_LEN {
-            return Err(invalid());
-        }
+        // A later version may add fields after a dash: read the ones version 00 defines, ignore
+        // the rest (W3C Trace Context, "Versioning of traceparent"). Forwarded, it is version 00.
+        let (known, later) = s.split_at_checked(TRACEPARENT_LEN).ok_or_else(invalid)?;
         let hex = |field: &str, len: usize| {
             (field.len() == len && field.bytes().all(|b| b.is_ascii_hexdigit()))
                 .then(|| u128::from_str_radix(field, 16).ok())
                 .flatten()
         };
-        let mut fields = s.split('-');
-        let (Some("00"), Some(trace), Some(parent), Some(flags), None) = (
+        let mut fields = known.split('-');
+        let (Some(version), Some(trace), Some(parent), Some(flags), None) = (
             fields.next(),
             fields.next(),
             fields.next(),
@@ -315,6 +315,11 @@ impl FromStr for TraceParent {
         ) else {
             return Err(invalid());
         };
+        match hex(version, 2) {
+            Some(0) if later.is_empty() => {}
+            Some(1..0xff) if later.is_empty() || later.starts_with('-') => {}
+            _ => return Err(invalid()),
+        }
         let trace_id = hex(trace, 32).filter(|&id| id != 0).ok_or_else(invalid)?;
         let parent_id = hex(parent, 16)
             .and_then(|id| u64::try_from(id).ok())
@@ -478,15 +483,22 @@ mod tests {
 
     #[test]
     fn traceparent_parses_the_w3c_form_only() {
-        let parsed: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-            .parse()
-            .unwrap();
-        assert_eq!(parsed.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
-        assert_eq!(parsed.parent_id, 0x00f067aa0ba902b7);
-        assert!(parsed.sampled);
+        for good in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            // Later versions: what version 00 defines is read, the fields they add ignored.
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-09-what-the-future-adds",
+        ] {
+            let parsed: TraceParent = good.parse().unwrap();
+            assert_eq!(parsed.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+            assert_eq!(parsed.parent_id, 0x00f067aa0ba902b7);
+            assert!(parsed.sampled);
+        }
         for bad in [
             "",
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01extra",
+            "0x-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
