@@ -24,6 +24,7 @@ use ambit_agent::{
 };
 use ambit_test_support::measure::{self, Comparison};
 use ambit_test_support::{EchoServer, TestPki};
+use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 
 #[global_allocator]
@@ -117,7 +118,10 @@ async fn start_tunnel(pki: &TestPki, app: SocketAddr) -> (drain::DrainTrigger, S
             };
             let client = client.clone();
             tokio::spawn(async move {
-                let tunnel = client.connect(&request, &LocalSockets).await.unwrap();
+                let tunnel = client
+                    .connect(&request, &LocalSockets, Bytes::new())
+                    .await
+                    .unwrap();
                 let _ = tunnel.copy_bidirectional(&mut tcp, &Meter::default()).await;
             });
         }

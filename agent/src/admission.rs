@@ -18,6 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpStream;
 
+use crate::sockets;
+
 /// How often, at most, failed handshakes are summed up in a warning.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -188,8 +190,7 @@ impl Admission {
                 reason,
             };
             self.refused.get_or_create(&labels).inc();
-            // A reset frees the socket at once, with no TIME_WAIT left on this side.
-            let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+            sockets::reset_on_close(tcp);
             tracing::debug!(src.addr = %peer, listener = listener.as_str(), reason, "connection refused: too many pending");
             return None;
         }

@@ -23,7 +23,7 @@ pub use keepalive::KeepaliveError;
 pub use server::{HboneServer, ServerError};
 pub(crate) use server::{Peer, StreamHandler, reply};
 pub use stream::{CopyError, Transferred};
-pub(crate) use stream::{H2Io, H2Stream};
+pub(crate) use stream::{H2Io, H2Stream, read_early};
 
 /// Per-stream receive window.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;

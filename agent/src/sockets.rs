@@ -48,6 +48,13 @@ pub(crate) async fn connect(
         })
 }
 
+/// Makes closing `tcp` reset it: the peer sees an error rather than an end of stream, and
+/// this side keeps no TIME_WAIT.
+pub(crate) fn reset_on_close(tcp: &TcpStream) {
+    // Failing leaves a graceful close, which is all a closed socket can do anyway.
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
+
 /// Whether a failed connect is the destination's fault: nothing listens, or nothing answers.
 pub(crate) fn is_unreachable(error: &io::Error) -> bool {
     matches!(

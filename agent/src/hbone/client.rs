@@ -164,17 +164,22 @@ impl std::fmt::Display for DialStage {
 pub struct Tunnel {
     stream: H2Stream,
     claim: StreamClaim,
+    /// How many bytes went with the request (the `early` of [`HboneClient::connect`]).
+    early: usize,
 }
 
 impl Tunnel {
     /// Carries `tcp` through the tunnel until both sides have closed, counting the bytes with
-    /// `meter`.
+    /// `meter`, those that went with the request first.
     pub async fn copy_bidirectional(
         self,
         tcp: &mut TcpStream,
         meter: &Meter,
     ) -> Result<Transferred, CopyError> {
-        stream::copy_bidirectional(tcp, self.stream, meter).await
+        meter.sent(self.early);
+        let mut copied = stream::copy_bidirectional(tcp, self.stream, meter).await?;
+        copied.sent += self.early as u64;
+        Ok(copied)
     }
 
     /// The tunnel as a byte stream, with the claim on its pooled connection to hold while it
@@ -204,11 +209,15 @@ impl HboneClient {
     }
 
     /// Opens a tunnel; a new pooled connection, if one is needed, is dialed from a socket of
-    /// `sockets` (the source workload's namespace).
+    /// `sockets` (the source workload's namespace). `early` are bytes the client has sent
+    /// already: they go right behind the request instead of after the server's answer, so that
+    /// the server's app has them a round trip sooner. The server holds them until it has
+    /// authorized the tunnel and connected its app, and drops them if it refuses.
     pub async fn connect(
         &self,
         request: &ConnectRequest,
         sockets: &dyn SocketFactory,
+        early: Bytes,
     ) -> Result<Tunnel, ConnectError> {
         if request.expected_identities.is_empty() {
             return Err(ConnectError::NoExpectedIdentity);
@@ -233,7 +242,7 @@ impl HboneClient {
                 .pool
                 .checkout(&key, || Box::pin(self.dial(&key, sockets)))
                 .await?;
-            match self.open_stream(request, claim).await {
+            match self.open_stream(request, claim, &early).await {
                 Ok(tunnel) => return Ok(tunnel),
                 Err(Refusal::Unprocessed(error)) if !retried => {
                     tracing::debug!(dst.addr = %key.destination, error = %error, "retrying a stream on another HBONE connection");
@@ -244,12 +253,13 @@ impl HboneClient {
         }
     }
 
-    /// Sends the CONNECT on the claimed connection and waits, up to the response timeout, for
-    /// the answer. A connection that refuses the stream is retired.
+    /// Sends the CONNECT on the claimed connection, `early` behind it, and waits, up to the
+    /// response timeout, for the answer. A connection that refuses the stream is retired.
     async fn open_stream(
         &self,
         request: &ConnectRequest,
         claim: StreamClaim,
+        early: &Bytes,
     ) -> Result<Tunnel, Refusal> {
         let (addr, authority) = (request.hbone_addr, request.authority);
         let connect = headers::connect_request(
@@ -259,15 +269,16 @@ impl HboneClient {
             request.baggage.as_ref(),
             &request.trace,
         );
-        let opened = tokio::time::timeout(self.response_timeout, send_connect(&claim, connect))
-            .await
-            .map_err(|_| {
-                Refusal::Failed(ConnectError::ResponseTimeout {
-                    addr,
-                    authority,
-                    timeout: self.response_timeout,
-                })
-            })?;
+        let opened =
+            tokio::time::timeout(self.response_timeout, send_connect(&claim, connect, early))
+                .await
+                .map_err(|_| {
+                    Refusal::Failed(ConnectError::ResponseTimeout {
+                        addr,
+                        authority,
+                        timeout: self.response_timeout,
+                    })
+                })?;
         let (response, send) = opened.map_err(|(source, unprocessed)| {
             let error = ConnectError::OpenStream { addr, source };
             if unprocessed {
@@ -290,6 +301,7 @@ impl HboneClient {
                 recv: response.into_body(),
             },
             claim,
+            early: early.len(),
         })
     }
 
@@ -401,11 +413,12 @@ enum Refusal {
     Failed(ConnectError),
 }
 
-/// Opens the stream and waits for the response head. The error says whether the server never
-/// processed the stream.
+/// Opens the stream, sends `early` on it, and waits for the response head. The error says
+/// whether the server never processed the stream.
 async fn send_connect(
     claim: &StreamClaim,
     connect: http::Request<()>,
+    early: &Bytes,
 ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), (h2::Error, bool)> {
     // Errors before anything is sent are the connection's (GOAWAY received, closed), except
     // for a request h2 refuses to encode, which no other connection would take either.
@@ -413,13 +426,17 @@ async fn send_connect(
         let unprocessed = error.is_go_away() || error.is_io();
         (error, unprocessed)
     };
-    let (response, send) = claim
+    let (response, mut send) = claim
         .sender()
         .ready()
         .await
         .map_err(unsent)?
         .send_request(connect, false)
         .map_err(unsent)?;
+    // At most one read's worth, within any stream window: h2 buffers it until it is sent.
+    if !early.is_empty() {
+        send.send_data(early.clone(), false).map_err(unsent)?;
+    }
     let response = response.await.map_err(|error| {
         // A stream above a graceful GOAWAY's last stream id, or refused, was not processed.
         let unprocessed = error.reason() == Some(h2::Reason::REFUSED_STREAM)

@@ -10,6 +10,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
+use socket2::SockRef;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
@@ -111,6 +112,21 @@ fn read_available(tcp: &TcpStream, capacity: usize) -> io::Result<Option<BytesMu
     match read {
         Ok(()) => Ok(Some(buf)),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((!buf.is_empty()).then_some(buf)),
+        Err(e) => Err(e),
+    }
+}
+
+/// What `tcp` holds already, up to one first read, without waiting: empty when it holds
+/// nothing, or when the client closed without sending. Read past the runtime's readiness, which
+/// for a socket accepted a moment ago has not caught up yet.
+pub(crate) fn read_early(tcp: &TcpStream) -> io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(INITIAL_READ);
+    match io::Read::read(&mut &*SockRef::from(tcp), &mut buf) {
+        Ok(n) => {
+            buf.truncate(n);
+            Ok(buf.freeze())
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Bytes::new()),
         Err(e) => Err(e),
     }
 }

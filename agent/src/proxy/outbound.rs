@@ -2,6 +2,7 @@
 //! destinations are reached through HBONE; anything else directly, from the pod's address.
 
 use std::error::Error;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use crate::access::{ConnectionRecord, Established};
 use crate::admission::{Listener, Pending};
 use crate::balance::Lease;
 use crate::drain::DrainWatcher;
-use crate::hbone::{Baggage, ConnectRequest, TraceParent, WorkloadKind};
+use crate::hbone::{self, Baggage, ConnectRequest, TraceParent, WorkloadKind};
 use crate::sockets;
 use crate::state::{Upstream, WaypointRef, Workload};
 use crate::telemetry::{Direction, Endpoints, Metered, Reporter, TrafficLabels};
@@ -208,23 +209,36 @@ fn route(
 /// Through HBONE; the connection stops pending once the tunnel is open. The request is dropped
 /// then: its headers' strings are not held for as long as the connection lasts.
 async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: Box<ConnectRequest>, attempt: Attempt) {
+    // What the app has sent already goes with the request: where the client speaks first
+    // (HTTP, TLS), the server's app has it a round trip between the nodes sooner.
+    let early = match hbone::read_early(tcp) {
+        Ok(early) => early,
+        Err(error) => return attempt.fail(ClientFailed(error), false),
+    };
+    let read_early = !early.is_empty();
     // Boxed: the connect phase's state is large and would otherwise stay allocated in every
     // connection's task for as long as it is copying.
-    let connected = Box::pin(pod.client.connect(&request, pod.sockets.as_ref())).await;
+    let connected = Box::pin(pod.client.connect(&request, pod.sockets.as_ref(), early)).await;
     let through_waypoint = request.authority.ip() != request.hbone_addr.ip();
     drop(request);
-    match connected {
+    let error = match connected {
         Ok(tunnel) => {
             let (connection, _lease) = attempt.establish();
             let copied = tunnel.copy_bidirectional(tcp, connection.meter()).await;
-            connection.finish(copied);
+            return connection.finish(copied);
         }
+        Err(error) => error,
+    };
+    // Closed with its bytes unread, the client's socket would be reset: so it is with them read.
+    if read_early {
+        sockets::reset_on_close(tcp);
+    }
+    if error.is_denied() {
         // The endpoint answered: its policy refused, which is no reason to eject it.
-        Err(error) if error.is_denied() => attempt.record.fail_denied(error),
-        Err(error) => {
-            let fault = error.is_server_fault(through_waypoint);
-            attempt.fail(error, fault);
-        }
+        attempt.record.fail_denied(error);
+    } else {
+        let fault = error.is_server_fault(through_waypoint);
+        attempt.fail(error, fault);
     }
 }
 
@@ -253,6 +267,10 @@ async fn passthrough(
         }
     }
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("the client's connection failed before the tunnel opened")]
+struct ClientFailed(#[source] io::Error);
 
 #[derive(Debug, thiserror::Error)]
 #[error("service {service} has no ready endpoint for port {port}")]

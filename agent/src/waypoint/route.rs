@@ -147,7 +147,11 @@ impl Router {
                     baggage: None,
                     trace,
                 };
-                match self.client.connect(&connect, &LocalSockets).await {
+                match self
+                    .client
+                    .connect(&connect, &LocalSockets, Bytes::new())
+                    .await
+                {
                     Ok(tunnel) => {
                         let (upstream, _claim) = tunnel.into_io();
                         answer(respond, recv, upstream, route.lease, carry).await

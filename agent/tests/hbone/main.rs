@@ -14,6 +14,7 @@ use ambit_agent::sockets::LocalSockets;
 use ambit_agent::{ClientSettings, ConnectError, Keepalive};
 use ambit_identity::PeerVerifyError;
 use ambit_test_support::{EchoServer, SharedBuffer, TestPki, refused_addr};
+use bytes::Bytes;
 use http::{Method, StatusCode};
 use peers::{Mesh, h2_frame_types, raw_h2, server_verdict, tls_client};
 use rustls::AlertDescription;
@@ -193,7 +194,10 @@ async fn a_client_certificate_from_another_trust_domain_is_refused() {
     let client = ambit_agent::HboneClient::new(mesh.pki.manager(), ClientSettings::default());
     let mut request = mesh.request(EchoServer::start().await.addr());
     request.source = foreign;
-    let err = client.connect(&request, &LocalSockets).await.unwrap_err();
+    let err = client
+        .connect(&request, &LocalSockets, Bytes::new())
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             err,
@@ -210,7 +214,7 @@ async fn a_server_with_an_unexpected_identity_is_refused() {
     request.expected_identities = vec![mesh.pki.identity("shop", "payments")];
     let err = mesh
         .client
-        .connect(&request, &LocalSockets)
+        .connect(&request, &LocalSockets, Bytes::new())
         .await
         .unwrap_err();
     let ConnectError::Tls { source, .. } = &err else {
@@ -258,7 +262,7 @@ async fn unreachable_destinations_get_503() {
     for destination in [refused, "127.0.0.1:15008".parse().unwrap()] {
         let err = mesh
             .client
-            .connect(&mesh.request(destination), &LocalSockets)
+            .connect(&mesh.request(destination), &LocalSockets, Bytes::new())
             .await
             .unwrap_err();
         assert!(
@@ -317,7 +321,7 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
     request.hbone_addr = frozen.addr();
     let err = mesh
         .client
-        .connect(&request, &LocalSockets)
+        .connect(&request, &LocalSockets, Bytes::new())
         .await
         .unwrap_err();
     assert!(matches!(err, ConnectError::OpenStream { .. }), "{err}");
@@ -352,7 +356,11 @@ async fn a_denied_stream_gets_401_and_never_reaches_the_app() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let err = mesh
         .client
-        .connect(&mesh.request(listener.local_addr().unwrap()), &LocalSockets)
+        .connect(
+            &mesh.request(listener.local_addr().unwrap()),
+            &LocalSockets,
+            Bytes::new(),
+        )
         .await
         .unwrap_err();
     assert!(

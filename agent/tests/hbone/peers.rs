@@ -16,8 +16,8 @@ use ambit_agent::drain::{self, DrainTrigger};
 use ambit_agent::sockets::LocalSockets;
 use ambit_agent::telemetry::Meter;
 use ambit_agent::{
-    Baggage, ClientSettings, ConnectError, ConnectRequest, HboneClient, HboneServer, Keepalive,
-    TraceParent, Tunnel, WorkloadKind,
+    Baggage, ClientSettings, ConnectError, ConnectRequest, CopyError, HboneClient, HboneServer,
+    Keepalive, TraceParent, Transferred, Tunnel, WorkloadKind,
 };
 use ambit_identity::{CertificateManager, Identity, WorkloadCertificate};
 use ambit_test_support::{EchoServer, TestPki};
@@ -116,7 +116,7 @@ impl Mesh {
     pub(crate) async fn open(&self, destination: SocketAddr) -> Result<TcpStream, ConnectError> {
         let tunnel = self
             .client
-            .connect(&self.request(destination), &LocalSockets)
+            .connect(&self.request(destination), &LocalSockets, Bytes::new())
             .await?;
         Ok(carry(tunnel).await)
     }
@@ -134,17 +134,24 @@ impl Mesh {
 
 /// Copies a loopback socket pair through `tunnel` and hands back the app side.
 pub(crate) async fn carry(tunnel: Tunnel) -> TcpStream {
+    carry_counted(tunnel).await.0
+}
+
+/// [`carry`], with the copy's outcome once both sides have closed.
+pub(crate) async fn carry_counted(
+    tunnel: Tunnel,
+) -> (TcpStream, JoinHandle<Result<Transferred, CopyError>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = TcpStream::connect(listener.local_addr().unwrap())
         .await
         .unwrap();
     let (mut agent_side, _) = listener.accept().await.unwrap();
-    tokio::spawn(async move {
-        let _ = tunnel
+    let copy = tokio::spawn(async move {
+        tunnel
             .copy_bidirectional(&mut agent_side, &Meter::default())
-            .await;
+            .await
     });
-    app
+    (app, copy)
 }
 
 /// Polls `condition` until it holds; fails the test after ten seconds.
@@ -268,6 +275,8 @@ pub(crate) const H2_SERVER_MAX_STREAMS: u32 = 3;
 pub(crate) enum Answer {
     /// 200, then echoes the stream's bytes.
     Echo,
+    /// 200 only once the stream's first bytes have arrived, then echoes them and the rest.
+    EchoAfterData,
     /// Never answers; holds the stream open.
     Silent,
     /// Resets every stream with REFUSED_STREAM on the first `n` connections; echoes on later
@@ -374,7 +383,10 @@ async fn serve_h2(
             request = connection.accept() => match request {
                 Some(Ok((request, mut respond))) => match answer {
                     Answer::Echo => {
-                        tokio::spawn(echo(request.into_body(), respond));
+                        tokio::spawn(echo(request.into_body(), respond, Bytes::new()));
+                    }
+                    Answer::EchoAfterData => {
+                        tokio::spawn(echo_after_data(request.into_body(), respond));
                     }
                     Answer::Silent => silent.push((request, respond)),
                     Answer::RefuseOnFirst(_) => respond.send_reset(h2::Reason::REFUSED_STREAM),
@@ -386,11 +398,15 @@ async fn serve_h2(
     }
 }
 
-/// Answers 200, then sends back every byte received.
-async fn echo(mut recv: RecvStream, mut respond: SendResponse<Bytes>) {
+/// Answers 200, then sends back every byte received, beginning with `first` (received before
+/// the answer).
+async fn echo(mut recv: RecvStream, mut respond: SendResponse<Bytes>, first: Bytes) {
     let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
         return;
     };
+    if !first.is_empty() && send.send_data(first, false).is_err() {
+        return;
+    }
     while let Some(Ok(chunk)) = recv.data().await {
         let _ = recv.flow_control().release_capacity(chunk.len());
         if send.send_data(chunk, false).is_err() {
@@ -398,6 +414,15 @@ async fn echo(mut recv: RecvStream, mut respond: SendResponse<Bytes>) {
         }
     }
     let _ = send.send_data(Bytes::new(), true);
+}
+
+/// Waits for the stream's first bytes, then answers and echoes them and the rest.
+async fn echo_after_data(mut recv: RecvStream, respond: SendResponse<Bytes>) {
+    let Some(Ok(first)) = recv.data().await else {
+        return;
+    };
+    let _ = recv.flow_control().release_capacity(first.len());
+    echo(recv, respond, first).await;
 }
 
 /// A TCP listener that accepts connections, counts them and never says a word.

@@ -11,11 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_agent::sockets::LocalSockets;
-use ambit_agent::{ClientSettings, ConnectError, DialStage};
+use ambit_agent::{ClientSettings, ConnectError, CopyError, DialStage, Transferred};
 use ambit_test_support::TestPki;
+use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 use crate::peers::{self, Answer, H2_SERVER_MAX_STREAMS, H2Server, Mesh, MuteListener};
 
@@ -23,7 +25,10 @@ use crate::peers::{self, Answer, H2_SERVER_MAX_STREAMS, H2Server, Mesh, MuteList
 async fn open_via(mesh: &Mesh, hbone: SocketAddr) -> Result<TcpStream, ConnectError> {
     let mut request = mesh.request(hbone);
     request.hbone_addr = hbone;
-    let tunnel = mesh.client.connect(&request, &LocalSockets).await?;
+    let tunnel = mesh
+        .client
+        .connect(&request, &LocalSockets, Bytes::new())
+        .await?;
     Ok(peers::carry(tunnel).await)
 }
 
@@ -93,6 +98,52 @@ async fn a_refused_stream_is_retried_once_on_a_new_connection() {
         "{err}"
     );
     assert_eq!(refusing.accepted(), 2, "one attempt and one retry");
+}
+
+/// Opens a tunnel to `server` with `early` sent along, and reads the echo of `early` back; with
+/// the copy's outcome once both sides have closed.
+async fn open_early(
+    mesh: &Mesh,
+    server: &H2Server,
+    early: &'static [u8],
+) -> (TcpStream, JoinHandle<Result<Transferred, CopyError>>) {
+    let mut request = mesh.request(server.addr());
+    request.hbone_addr = server.addr();
+    let tunnel = mesh
+        .client
+        .connect(&request, &LocalSockets, Bytes::from_static(early))
+        .await
+        .unwrap();
+    let (mut app, copy) = peers::carry_counted(tunnel).await;
+    let mut echoed = vec![0; early.len()];
+    let read = tokio::time::timeout(Duration::from_secs(10), app.read_exact(&mut echoed)).await;
+    assert!(read.is_ok(), "the early bytes never came back");
+    read.unwrap().unwrap();
+    assert_eq!(echoed, early);
+    (app, copy)
+}
+
+#[tokio::test]
+async fn early_bytes_go_with_the_request_before_its_answer() {
+    let mesh = Mesh::start().await;
+    // Answers once bytes arrived: a client that waited for the answer first would time out.
+    let server = h2_server(&mesh, Answer::EchoAfterData).await;
+    let (mut app, copy) = open_early(&mesh, &server, b"hello").await;
+    assert_echoes(&mut app).await;
+    app.shutdown().await.unwrap();
+    app.read_to_end(&mut Vec::new()).await.unwrap();
+    let copied = copy.await.unwrap().unwrap();
+    assert_eq!(copied.sent, 9, "the early bytes count as the app's");
+    assert_eq!(copied.received, 9);
+}
+
+#[tokio::test]
+async fn early_bytes_go_again_with_a_retried_stream() {
+    let mesh = Mesh::start().await;
+    let server = h2_server(&mesh, Answer::RefuseOnFirst(1)).await;
+    let (mut app, _) = open_early(&mesh, &server, b"hello").await;
+    assert_echoes(&mut app).await;
+    assert_eq!(server.accepted(), 2);
 }
 
 #[tokio::test]
