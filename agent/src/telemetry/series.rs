@@ -70,15 +70,12 @@ impl Series {
 /// The series there are, each with since when its workloads have been missing.
 #[derive(Debug, Default)]
 pub(crate) struct SeriesIndex {
-    indexed: Mutex<Indexes>,
-}
-
-#[derive(Debug, Default)]
-struct Indexes {
-    sets: HashMap<Indexed, Departures>,
-    /// How many sweeps removed series: a counter taken from a family while it did not change
-    /// is still in the family.
-    removals: u64,
+    sets: Mutex<HashMap<Indexed, Departures>>,
+    /// Held by a new label set while it takes its counter from a family, and by a sweep while
+    /// it removes series from the families: a counter taken meanwhile could be one the family
+    /// is dropping, and would count into nothing. Connections under known labels never take it;
+    /// whoever does, takes it before `sets`.
+    family_changes: Mutex<()>,
 }
 
 /// A series in the index, found by its labels.
@@ -117,38 +114,33 @@ pub(crate) struct Workloads(HashMap<String, HashSet<String>>);
 impl SeriesIndex {
     /// The series of `labels` in `traffic`, added if it is new, counted as opened.
     pub(crate) fn open(&self, labels: TrafficLabels, traffic: &TrafficMetrics) -> Arc<Series> {
-        let series = loop {
-            let removals = {
-                let indexes = self.lock();
-                if let Some((known, _)) = indexes.sets.get_key_value(&labels) {
-                    break known.0.clone();
-                }
-                indexes.removals
-            };
-            // Outside the lock: a new label set waits for the family, which a scrape holds while
-            // it encodes, and other connections need not wait with it.
-            let opened = traffic.opened.get_or_create(&labels).clone();
-            let mut indexes = self.lock();
-            if indexes.removals != removals {
-                continue;
-            }
-            let series = Arc::new(Series {
-                labels,
-                opened,
-                carried: OnceLock::new(),
-            });
-            // Another connection may have added the same labels meanwhile: theirs is as good.
-            match indexes.sets.entry(Indexed(series)) {
-                Entry::Occupied(known) => break known.key().0.clone(),
-                Entry::Vacant(new) => {
-                    let series = new.key().0.clone();
-                    new.insert(Departures::default());
-                    break series;
-                }
-            }
-        };
+        let known = lock(&self.sets)
+            .get_key_value(&labels)
+            .map(|(known, _)| known.0.clone());
+        let series = known.unwrap_or_else(|| self.add(labels, traffic));
         series.opened.inc();
         series
+    }
+
+    /// Adds the series of `labels`, new a moment ago. Not under the index's lock: a new label
+    /// set may wait for a family, which a scrape holds while it encodes, and connections under
+    /// known labels need not wait with it.
+    fn add(&self, labels: TrafficLabels, traffic: &TrafficMetrics) -> Arc<Series> {
+        let _changes = lock(&self.family_changes);
+        let series = Arc::new(Series {
+            opened: traffic.opened.get_or_create(&labels).clone(),
+            labels,
+            carried: OnceLock::new(),
+        });
+        // Another connection may have added the same labels meanwhile: theirs is as good.
+        match lock(&self.sets).entry(Indexed(series)) {
+            Entry::Occupied(known) => known.key().0.clone(),
+            Entry::Vacant(new) => {
+                let series = new.key().0.clone();
+                new.insert(Departures::default());
+                series
+            }
+        }
     }
 
     /// Notes, as of `now`, which workloads are missing from `present`, and removes from
@@ -161,28 +153,26 @@ impl SeriesIndex {
         now: Instant,
         grace: Duration,
     ) -> usize {
-        let mut indexes = self.lock();
-        let before = indexes.sets.len();
-        indexes.sets.retain(|Indexed(series), departures| {
-            let departed = departures.observe(&series.labels, present, now, grace);
-            // Only the index holds the series: no connection is open under it. A new one would
-            // take it from the index, under the same lock.
-            let remove = departed && Arc::strong_count(series) == 1;
-            if remove {
-                traffic.remove(&series.labels);
-            }
-            !remove
-        });
-        let removed = before - indexes.sets.len();
-        if removed > 0 {
-            indexes.removals += 1;
+        let _changes = lock(&self.family_changes);
+        let departed: Vec<Indexed> = lock(&self.sets)
+            .extract_if(|Indexed(series), departures| {
+                // Only the index holds the series: no connection is open under it, and a new
+                // one would take it from the index, under the same lock.
+                departures.observe(&series.labels, present, now, grace)
+                    && Arc::strong_count(series) == 1
+            })
+            .map(|(series, _)| series)
+            .collect();
+        // Not under the index's lock either: removing waits for a scrape that holds a family.
+        for Indexed(series) in &departed {
+            traffic.remove(&series.labels);
         }
-        removed
+        departed.len()
     }
+}
 
-    fn lock(&self) -> MutexGuard<'_, Indexes> {
-        self.indexed.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Departures {

@@ -4,9 +4,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::sleep;
 
-use super::remove_departed;
+use super::{SeriesIndex, Workloads, remove_departed};
 use crate::drain;
 use crate::state::{ClusterState, Locality, Protocol, Workload, WorkloadUid};
+use crate::telemetry::metrics::TrafficMetrics;
 use crate::telemetry::{Reporter, ResponseFlags, Telemetry, TrafficLabels};
 
 const GRACE: Duration = Duration::from_secs(300);
@@ -139,4 +140,52 @@ fn connections_under_one_label_set_count_into_one_series() {
     };
     assert_eq!(value("istio_tcp_connections_opened_total{"), "3", "{text}");
     assert_eq!(value("istio_tcp_received_bytes_total{"), "12", "{text}");
+}
+
+#[test]
+fn a_sweep_waiting_for_a_scrape_holds_up_new_label_sets_only() {
+    let traffic = TrafficMetrics::default();
+    let index = SeriesIndex::default();
+    let jobs = index.open(labels(Some("jobs"), "db"), &traffic);
+    drop(index.open(labels(Some("frontend"), "backend"), &traffic));
+    let present = Workloads::of(&state(&["jobs", "db", "backend"]));
+    let (traffic, index, present) = (&traffic, &index, &present);
+
+    let (reopened, removed) = std::thread::scope(|threads| {
+        // What a scrape does while it encodes a family: hold it. Dropped before the threads
+        // are joined, also when an assertion fails.
+        let scrape = traffic.opened.get_or_create(jobs.labels());
+        let sweep = threads.spawn(move || {
+            index.sweep(
+                traffic,
+                present,
+                tokio::time::Instant::now(),
+                Duration::ZERO,
+            )
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // The sweep has taken frontend's series out of the index; it waits for the family.
+        while !index.sets.try_lock().is_ok_and(|sets| sets.len() == 1) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sweep holds the index while it waits for the family"
+            );
+            std::thread::yield_now();
+        }
+        let (opened, known) = std::sync::mpsc::channel();
+        threads.spawn(move || opened.send(index.open(labels(Some("jobs"), "db"), traffic)));
+        let known = known.recv_timeout(Duration::from_secs(10));
+        assert!(
+            known.is_ok_and(|known| Arc::ptr_eq(&known, &jobs)),
+            "a connection under known labels waited for the sweep"
+        );
+        // A label set being removed comes back only once it is gone from the family.
+        let reopened =
+            threads.spawn(move || index.open(labels(Some("frontend"), "backend"), traffic));
+        drop(scrape);
+        (reopened.join().unwrap(), sweep.join().unwrap())
+    });
+    assert_eq!(removed, 1);
+    assert_eq!(reopened.opened.get(), 1);
+    assert_eq!(traffic.opened.get_or_create(reopened.labels()).get(), 1);
 }
