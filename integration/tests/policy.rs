@@ -5,11 +5,12 @@
     reason = "a helper that cannot observe the mesh fails the test"
 )]
 
+use std::io;
 use std::time::Duration;
 
 use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
 use ambit_integration::{ALLOW_CLIENT, STRICT_SHOP, logged, two_teams};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const APP_PORT: u16 = 8080;
@@ -63,6 +64,26 @@ async fn allowed_by_principal_and_nobody_else() {
     );
     // The denial is in the access log.
     logged(|| cluster.logs(), r#""response_flags":"DENY""#).await;
+}
+
+/// A client that speaks first and is denied is reset: its request went with the CONNECT and
+/// reached nothing, and a clean end of stream could pass for an empty answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_client_that_spoke_first_is_reset() {
+    let (cluster, apps) = cluster(ALLOW_CLIENT).await;
+    let mut stream = cluster
+        .in_pod("admin")
+        .unwrap()
+        .connect(cluster.addr("server", APP_PORT).unwrap())
+        .await
+        .unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut [0; 64])).await;
+    assert_eq!(
+        answer.unwrap().map_err(|error| error.kind()),
+        Err(io::ErrorKind::ConnectionReset)
+    );
+    assert_eq!(apps[0].accepted(), 0, "the app was reached");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -183,8 +183,9 @@ impl Tunnel {
     }
 
     /// The tunnel as a byte stream, with the claim on its pooled connection to hold while it
-    /// is used.
+    /// is used. For tunnels opened without early bytes: the stream does not count them.
     pub(crate) fn into_io(self) -> (H2Io, StreamClaim) {
+        debug_assert_eq!(self.early, 0, "early bytes would go uncounted");
         (H2Io::new(self.stream), self.claim)
     }
 }
@@ -433,9 +434,11 @@ async fn send_connect(
         .map_err(unsent)?
         .send_request(connect, false)
         .map_err(unsent)?;
-    // At most one read's worth, within any stream window: h2 buffers it until it is sent.
+    // At most one read's worth: h2 holds what the peer's window does not take yet. The
+    // request may have gone out already, so a failure here is not known to be unprocessed.
     if !early.is_empty() {
-        send.send_data(early.clone(), false).map_err(unsent)?;
+        send.send_data(early.clone(), false)
+            .map_err(|error| (error, false))?;
     }
     let response = response.await.map_err(|error| {
         // A stream above a graceful GOAWAY's last stream id, or refused, was not processed.

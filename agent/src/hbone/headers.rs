@@ -301,9 +301,12 @@ impl FromStr for TraceParent {
         // the rest (W3C Trace Context, "Versioning of traceparent"). Forwarded, it is version 00.
         let (known, later) = s.split_at_checked(TRACEPARENT_LEN).ok_or_else(invalid)?;
         let hex = |field: &str, len: usize| {
-            (field.len() == len && field.bytes().all(|b| b.is_ascii_hexdigit()))
-                .then(|| u128::from_str_radix(field, 16).ok())
-                .flatten()
+            (field.len() == len
+                && field
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| u128::from_str_radix(field, 16).ok())
+            .flatten()
         };
         let mut fields = known.split('-');
         let (Some(version), Some(trace), Some(parent), Some(flags), None) = (
@@ -499,6 +502,8 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01extra",
             "0x-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            // Lowercase only, as W3C writes them.
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",

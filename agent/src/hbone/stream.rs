@@ -120,12 +120,10 @@ fn read_available(tcp: &TcpStream, capacity: usize) -> io::Result<Option<BytesMu
 /// nothing, or when the client closed without sending. Read past the runtime's readiness, which
 /// for a socket accepted a moment ago has not caught up yet.
 pub(crate) fn read_early(tcp: &TcpStream) -> io::Result<Bytes> {
-    let mut buf = BytesMut::zeroed(INITIAL_READ);
+    // On the stack, so that what is kept until the tunnel opens is what was read.
+    let mut buf = [0; INITIAL_READ];
     match io::Read::read(&mut &*SockRef::from(tcp), &mut buf) {
-        Ok(n) => {
-            buf.truncate(n);
-            Ok(buf.freeze())
-        }
+        Ok(n) => Ok(Bytes::copy_from_slice(&buf[..n])),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Bytes::new()),
         Err(e) => Err(e),
     }

@@ -130,6 +130,12 @@ impl Attempt {
         (self.record.establish(), self.lease)
     }
 
+    /// The client went away before the upstream was tried: the connection ends as one that
+    /// carried nothing, with no verdict on the endpoint.
+    fn abandon(self, error: impl Error) {
+        self.record.establish().finish(Err::<(), _>(error));
+    }
+
     /// The upstream could not be reached; the endpoint chosen is ejected when that is its
     /// `fault`.
     fn fail(self, error: impl Error + 'static, fault: bool) {
@@ -213,9 +219,9 @@ async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: Box<ConnectRequest>, at
     // (HTTP, TLS), the server's app has it a round trip between the nodes sooner.
     let early = match hbone::read_early(tcp) {
         Ok(early) => early,
-        Err(error) => return attempt.fail(ClientFailed(error), false),
+        Err(error) => return attempt.abandon(ClientFailed(error)),
     };
-    let read_early = !early.is_empty();
+    let unread = ResetUnlessCarried((!early.is_empty()).then_some(&*tcp));
     // Boxed: the connect phase's state is large and would otherwise stay allocated in every
     // connection's task for as long as it is copying.
     let connected = Box::pin(pod.client.connect(&request, pod.sockets.as_ref(), early)).await;
@@ -223,22 +229,39 @@ async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: Box<ConnectRequest>, at
     drop(request);
     let error = match connected {
         Ok(tunnel) => {
+            unread.carried();
             let (connection, _lease) = attempt.establish();
             let copied = tunnel.copy_bidirectional(tcp, connection.meter()).await;
             return connection.finish(copied);
         }
         Err(error) => error,
     };
-    // Closed with its bytes unread, the client's socket would be reset: so it is with them read.
-    if read_early {
-        sockets::reset_on_close(tcp);
-    }
     if error.is_denied() {
         // The endpoint answered: its policy refused, which is no reason to eject it.
         attempt.record.fail_denied(error);
     } else {
         let fault = error.is_server_fault(through_waypoint);
         attempt.fail(error, fault);
+    }
+}
+
+/// The client's connection, when bytes were read from it before its tunnel opened: closed with
+/// them unread, its socket would be reset, so it is with them read unless the tunnel carries
+/// them, whichever way the attempt ends (an error, or a drain that stops it). A client that
+/// sees a clean end of stream instead might take it for an empty answer.
+struct ResetUnlessCarried<'a>(Option<&'a TcpStream>);
+
+impl ResetUnlessCarried<'_> {
+    fn carried(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ResetUnlessCarried<'_> {
+    fn drop(&mut self) {
+        if let Some(tcp) = self.0 {
+            sockets::reset_on_close(tcp);
+        }
     }
 }
 

@@ -354,12 +354,13 @@ async fn a_denied_stream_gets_401_and_never_reaches_the_app() {
     let pki = TestPki::new("cluster.local");
     let mesh = Mesh::with_authorizer(pki, ClientSettings::default(), Arc::new(DenyAll)).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // The client's first bytes, sent with the request: they reach nothing either.
     let err = mesh
         .client
         .connect(
             &mesh.request(listener.local_addr().unwrap()),
             &LocalSockets,
-            Bytes::new(),
+            Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"),
         )
         .await
         .unwrap_err();
