@@ -227,21 +227,19 @@ async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: Box<ConnectRequest>, at
     let connected = Box::pin(pod.client.connect(&request, pod.sockets.as_ref(), early)).await;
     let through_waypoint = request.authority.ip() != request.hbone_addr.ip();
     drop(request);
-    let error = match connected {
+    match connected {
         Ok(tunnel) => {
             unread.carried();
             let (connection, _lease) = attempt.establish();
             let copied = tunnel.copy_bidirectional(tcp, connection.meter()).await;
-            return connection.finish(copied);
+            connection.finish(copied);
         }
-        Err(error) => error,
-    };
-    if error.is_denied() {
         // The endpoint answered: its policy refused, which is no reason to eject it.
-        attempt.record.fail_denied(error);
-    } else {
-        let fault = error.is_server_fault(through_waypoint);
-        attempt.fail(error, fault);
+        Err(error) if error.is_denied() => attempt.record.fail_denied(error),
+        Err(error) => {
+            let fault = error.is_server_fault(through_waypoint);
+            attempt.fail(error, fault);
+        }
     }
 }
 

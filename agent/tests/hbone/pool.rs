@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_agent::sockets::LocalSockets;
-use ambit_agent::{ClientSettings, ConnectError, CopyError, DialStage, Transferred};
+use ambit_agent::{ClientSettings, ConnectError, CopyError, DialStage, Transferred, Tunnel};
 use ambit_test_support::TestPki;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -21,14 +21,16 @@ use tokio::task::JoinHandle;
 
 use crate::peers::{self, Answer, H2_SERVER_MAX_STREAMS, H2Server, Mesh, MuteListener};
 
-/// Opens a tunnel through the HBONE server at `hbone` and returns the app's end of it.
-async fn open_via(mesh: &Mesh, hbone: SocketAddr) -> Result<TcpStream, ConnectError> {
+/// Opens a tunnel through the HBONE server at `hbone`, with `early` sent along.
+async fn tunnel_via(mesh: &Mesh, hbone: SocketAddr, early: Bytes) -> Result<Tunnel, ConnectError> {
     let mut request = mesh.request(hbone);
     request.hbone_addr = hbone;
-    let tunnel = mesh
-        .client
-        .connect(&request, &LocalSockets, Bytes::new())
-        .await?;
+    mesh.client.connect(&request, &LocalSockets, early).await
+}
+
+/// Opens a tunnel through the HBONE server at `hbone` and returns the app's end of it.
+async fn open_via(mesh: &Mesh, hbone: SocketAddr) -> Result<TcpStream, ConnectError> {
+    let tunnel = tunnel_via(mesh, hbone, Bytes::new()).await?;
     Ok(peers::carry(tunnel).await)
 }
 
@@ -107,11 +109,7 @@ async fn open_early(
     server: &H2Server,
     early: &'static [u8],
 ) -> (TcpStream, JoinHandle<Result<Transferred, CopyError>>) {
-    let mut request = mesh.request(server.addr());
-    request.hbone_addr = server.addr();
-    let tunnel = mesh
-        .client
-        .connect(&request, &LocalSockets, Bytes::from_static(early))
+    let tunnel = tunnel_via(mesh, server.addr(), Bytes::from_static(early))
         .await
         .unwrap();
     let (mut app, copy) = peers::carry_counted(tunnel).await;
