@@ -1,8 +1,8 @@
 //! Pod-to-pod TCP across two nodes of a namespace mesh, with each capture backend: directly,
 //! between two pods outside the mesh, and through the mesh (capture, HBONE between the agents,
-//! capture), on the same path in one run; then the agent's footprint (resident memory and
-//! threads) and the time from a pod appearing in the cluster file to its capture being active,
-//! for 200 pods at once. Needs root and a release build of the agent:
+//! capture), on the same path in one run, the two taking turns; then the agent's footprint
+//! (resident memory and threads) and the time from a pod appearing in the cluster file to its
+//! capture being active, for 200 pods at once. Needs root and a release build of the agent:
 //!
 //! `cargo build --release -p ambit-agent && cargo bench -p ambit-integration --bench mesh`
 
@@ -19,11 +19,16 @@ use ambit_agent::lab::{Cluster, InPod, read_peer_line};
 use ambit_integration::agent_binary;
 use ambit_test_support::measure::{self, Comparison};
 use tokio::net::TcpStream;
+use tokio::runtime::Handle;
 
 const SINK_PORT: u16 = 9000;
 const ECHO_PORT: u16 = 8080;
+/// Rounds of the measurements, in each of which the direct path and the mesh take turns: a
+/// virtual machine's speed drifts by tens of percent within minutes, and a ratio of two paths
+/// measured minutes apart would carry that drift.
+const ROUNDS: usize = 5;
+/// Bytes of each round's bulk transfer; the throughput is the median of the rounds'.
 const BULK_BYTES: u64 = 512 << 20;
-const BULK_RUNS: usize = 3;
 const ROUND_TRIPS: usize = 10_000;
 const WARMUP: usize = 500;
 const NEW_CONNECTIONS: usize = 1_000;
@@ -33,11 +38,21 @@ const BURST: usize = 200;
 
 fn main() {
     raise_fd_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The clients on this thread and the servers on another, as apps on two nodes never share
+    // a thread: two tasks on one runtime worker can trade a message without waking anyone,
+    // which made the direct path's round trip flip between 24 and 60 us with the scheduler's
+    // placement of its two ends.
+    let servers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("servers")
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(run());
+    let clients = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    clients.block_on(run(servers.handle()));
 }
 
 struct Path {
@@ -75,7 +90,7 @@ struct Numbers {
     connection_rate: f64,
 }
 
-async fn run() {
+async fn run(servers: &Handle) {
     let binary = agent_binary();
     assert!(
         binary.exists(),
@@ -84,33 +99,31 @@ async fn run() {
     let backends = ["nftables", "ebpf"];
     let mut measured = Vec::new();
     for backend in backends {
-        measured.push(measure_backend(&binary, backend).await);
+        measured.push(measure_backend(&binary, backend, servers).await);
     }
 
-    // Each backend against the direct path of its own run, averaged over the runs.
-    let runs = measured.len() as f64;
-    let direct =
-        |value: fn(&Numbers) -> f64| measured.iter().map(|m| value(&m.direct)).sum::<f64>() / runs;
-    let mesh =
-        |value: fn(&Numbers) -> f64| measured.iter().map(|m| value(&m.mesh)).collect::<Vec<_>>();
+    // Each backend against the direct path measured in turns with it; the direct column is the
+    // mean of the runs'.
+    let pairs = |value: fn(&Numbers) -> f64| -> Vec<(f64, f64)> {
+        measured
+            .iter()
+            .map(|m| (value(&m.direct), value(&m.mesh)))
+            .collect()
+    };
     let p50 = |n: &Numbers| measure::percentile_us(&n.round_trips, 0.5);
     let p99 = |n: &Numbers| measure::percentile_us(&n.round_trips, 0.99);
     let mut table = Comparison::new("direct", &backends);
-    table.row(
-        "single-stream throughput (MiB/s)",
-        direct(|n| n.throughput),
-        &mesh(|n| n.throughput),
-    );
-    table.row("1 KiB round trip p50 (us)", direct(p50), &mesh(p50));
-    table.row("1 KiB round trip p99 (us)", direct(p99), &mesh(p99));
-    table.row(
+    table.paired_row("single-stream throughput (MiB/s)", &pairs(|n| n.throughput));
+    table.paired_row("1 KiB round trip p50 (us)", &pairs(p50));
+    table.paired_row("1 KiB round trip p99 (us)", &pairs(p99));
+    table.paired_row(
         "new connections/s (1 KiB round trip each)",
-        direct(|n| n.connection_rate),
-        &mesh(|n| n.connection_rate),
+        &pairs(|n| n.connection_rate),
     );
     println!(
         "Pod to pod across two nodes, direct vs through the mesh with each capture backend \
-         (one run; ratio = backend / direct)"
+         (one run each, taking turns with the direct path over {ROUNDS} rounds; ratio = backend / \
+         its direct path)"
     );
     print!("{}", table.render());
     println!("\nResident memory per held tunneled connection ({HELD_CONNECTIONS} held)");
@@ -162,7 +175,8 @@ async fn run() {
 }
 
 /// Everything, in a cluster whose agents capture with `backend`.
-async fn measure_backend(binary: &std::path::Path, backend: &str) -> Measured {
+/// The servers' apps run on `servers`.
+async fn measure_backend(binary: &std::path::Path, backend: &str, servers: &Handle) -> Measured {
     let mut cluster = Cluster::builder(binary)
         .node("node1")
         .node("node2")
@@ -181,8 +195,13 @@ async fn measure_backend(binary: &std::path::Path, backend: &str) -> Measured {
     let mut apps = Vec::new();
     for server in ["server", "direct-server"] {
         let pod = cluster.in_pod(server).unwrap();
-        apps.push(pod.echo(ECHO_PORT).await.unwrap());
-        tokio::spawn(measure::serve_sink(pod.listen(SINK_PORT).await.unwrap()));
+        let echo = servers.spawn(async move {
+            let app = pod.echo(ECHO_PORT).await.unwrap();
+            let sink = pod.listen(SINK_PORT).await.unwrap();
+            tokio::spawn(measure::serve_sink(sink));
+            app
+        });
+        apps.push(echo.await.unwrap());
     }
     let path = |client: &str, server: &str| Path {
         client: cluster.in_pod(client).unwrap(),
@@ -194,8 +213,7 @@ async fn measure_backend(binary: &std::path::Path, backend: &str) -> Measured {
 
     // Memory first: allocations of the other measurements would still be resident.
     let memory = held_connection_memory(&cluster, &mesh).await;
-    let direct = numbers(&direct).await;
-    let mesh = numbers(&mesh).await;
+    let [direct, mesh] = in_turns([&direct, &mesh]).await;
     let before_burst = footprint(pid).await;
     let enrolment = enrolment(&mut cluster).await;
     let after_burst = footprint(pid).await;
@@ -210,12 +228,38 @@ async fn measure_backend(binary: &std::path::Path, backend: &str) -> Measured {
     }
 }
 
-async fn numbers(path: &Path) -> Numbers {
-    Numbers {
-        throughput: throughput(path).await,
-        round_trips: round_trips(path).await,
-        connection_rate: connection_rate(path).await,
+/// The numbers of each path, over [`ROUNDS`] rounds in which the paths take turns at each
+/// measurement.
+async fn in_turns(paths: [&Path; 2]) -> [Numbers; 2] {
+    let mut throughputs = [const { Vec::new() }; 2];
+    let mut round_trips = [const { Vec::new() }; 2];
+    let mut connecting = [0.0; 2];
+    let mut streams = [echo_stream(paths[0]).await, echo_stream(paths[1]).await];
+    for stream in &mut streams {
+        measure::round_trips(stream, WARMUP, 0).await;
     }
+    for _ in 0..ROUNDS {
+        for (i, path) in paths.iter().enumerate() {
+            throughputs[i].push(throughput(path).await);
+        }
+        for (i, stream) in streams.iter_mut().enumerate() {
+            round_trips[i].extend(measure::round_trips(stream, 0, ROUND_TRIPS / ROUNDS).await);
+        }
+        for (i, path) in paths.iter().enumerate() {
+            let connections = NEW_CONNECTIONS / ROUNDS;
+            let rate = measure::connection_rate(connections, || echo_stream(path)).await;
+            connecting[i] += connections as f64 / rate;
+        }
+    }
+    [0, 1].map(|i| {
+        let mut round_trips = std::mem::take(&mut round_trips[i]);
+        round_trips.sort();
+        Numbers {
+            throughput: measure::median(std::mem::take(&mut throughputs[i])),
+            round_trips,
+            connection_rate: NEW_CONNECTIONS as f64 / connecting[i],
+        }
+    })
 }
 
 /// Lists `BURST` new pods of node1 in the cluster file at once and returns, for each, how long
@@ -250,12 +294,8 @@ async fn enrolment(cluster: &mut Cluster) -> Vec<Duration> {
 }
 
 async fn throughput(path: &Path) -> f64 {
-    let mut rates = Vec::with_capacity(BULK_RUNS);
-    for _ in 0..BULK_RUNS {
-        let mut tcp = path.client.connect(path.sink).await.unwrap();
-        rates.push(measure::bulk_send(&mut tcp, BULK_BYTES).await);
-    }
-    measure::median(rates)
+    let mut tcp = path.client.connect(path.sink).await.unwrap();
+    measure::bulk_send(&mut tcp, BULK_BYTES).await
 }
 
 /// A connection to the echo app, past its greeting line.
@@ -263,15 +303,6 @@ async fn echo_stream(path: &Path) -> TcpStream {
     let mut tcp = path.client.connect(path.echo).await.unwrap();
     read_peer_line(&mut tcp).await.unwrap();
     tcp
-}
-
-async fn round_trips(path: &Path) -> Vec<Duration> {
-    let mut tcp = echo_stream(path).await;
-    measure::round_trips(&mut tcp, WARMUP, ROUND_TRIPS).await
-}
-
-async fn connection_rate(path: &Path) -> f64 {
-    measure::connection_rate(NEW_CONNECTIONS, || echo_stream(path)).await
 }
 
 /// Opens `HELD_CONNECTIONS` tunneled connections, one round trip each, and reports how much each

@@ -104,7 +104,15 @@ pub fn median(mut values: Vec<f64>) -> f64 {
 pub struct Comparison {
     baseline: &'static str,
     subjects: Vec<&'static str>,
-    rows: Vec<(String, f64, Vec<f64>)>,
+    rows: Vec<Row>,
+}
+
+/// One metric: the baseline's value, and each subject's with its ratio.
+#[derive(Debug)]
+struct Row {
+    metric: String,
+    baseline: f64,
+    subjects: Vec<(f64, f64)>,
 }
 
 impl Comparison {
@@ -118,13 +126,22 @@ impl Comparison {
 
     /// One metric: the baseline's value and each subject's, in the order of `new`.
     pub fn row(&mut self, metric: &str, baseline: f64, subjects: &[f64]) {
-        assert_eq!(
-            subjects.len(),
-            self.subjects.len(),
-            "a value for each subject"
-        );
-        self.rows
-            .push((metric.to_owned(), baseline, subjects.to_vec()));
+        let pairs: Vec<(f64, f64)> = subjects.iter().map(|&s| (baseline, s)).collect();
+        self.paired_row(metric, &pairs);
+    }
+
+    /// One metric where each subject was measured with a baseline of its own, as (baseline,
+    /// subject) in the order of `new`: each ratio is to the subject's own baseline, and the
+    /// baseline column shows their mean.
+    pub fn paired_row(&mut self, metric: &str, pairs: &[(f64, f64)]) {
+        assert_eq!(pairs.len(), self.subjects.len(), "a value for each subject");
+        let mean = pairs.iter().map(|(baseline, _)| baseline).sum::<f64>() / pairs.len() as f64;
+        let subjects = pairs.iter().map(|&(b, s)| (s, s / b)).collect();
+        self.rows.push(Row {
+            metric: metric.to_owned(),
+            baseline: mean,
+            subjects,
+        });
     }
 
     /// The table, one row a metric; each ratio is subject / baseline.
@@ -137,13 +154,18 @@ impl Comparison {
             let _ = write!(table, " {:>10}", format!("{subject}/b"));
         }
         table.push('\n');
-        for (metric, baseline, subjects) in &self.rows {
+        for Row {
+            metric,
+            baseline,
+            subjects,
+        } in &self.rows
+        {
             let _ = write!(table, "{metric:<44} {baseline:>12.1}");
-            for subject in subjects {
+            for (subject, _) in subjects {
                 let _ = write!(table, " {subject:>12.1}");
             }
-            for subject in subjects {
-                let _ = write!(table, " {:>10.2}", subject / baseline);
+            for (_, ratio) in subjects {
+                let _ = write!(table, " {ratio:>10.2}");
             }
             table.push('\n');
         }
