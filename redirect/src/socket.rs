@@ -49,14 +49,18 @@ pub fn bind_for_connect(socket: impl AsFd, local: SocketAddr) -> io::Result<()> 
 }
 
 /// Where a connection that capture steered to the agent was originally going. NAT (nftables'
-/// REDIRECT) records it in conntrack; a socket assigned without NAT (eBPF) has it as its own
-/// local address.
-pub fn original_destination(stream: impl AsFd) -> io::Result<SocketAddr> {
+/// REDIRECT to `redirect_port`) records it in conntrack and leaves `redirect_port` as the
+/// connection's local port; a socket assigned without NAT (eBPF) has it as its own local
+/// address. Conntrack is asked only when the local port is `redirect_port`.
+pub fn original_destination(stream: impl AsFd, redirect_port: u16) -> io::Result<SocketAddr> {
     let socket = SockRef::from(&stream);
     let local = socket
         .local_addr()?
         .as_socket()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "local address is not IP"))?;
+    if local.port() != redirect_port {
+        return Ok(local);
+    }
     let original = if local.is_ipv6() {
         socket.original_dst_v6()
     } else {
@@ -101,13 +105,13 @@ pub fn dns_reply_socket(server: SocketAddr) -> io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
+/// Non-blocking from its creation: two `fcntl` fewer per connection.
 fn tcp_socket(ip: IpAddr, transparent: bool) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(SocketAddr::new(ip, 0)),
-        Type::STREAM,
+        Type::STREAM.nonblocking(),
         None,
     )?;
-    socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     if transparent {
         match ip {
@@ -123,5 +127,16 @@ pub fn any(ip: IpAddr, port: u16) -> SocketAddr {
     match ip {
         IpAddr::V4(_) => SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port).into(),
         IpAddr::V6(_) => SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, port, 0, 0).into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_are_non_blocking() {
+        let listener = listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        assert!(SockRef::from(&listener).nonblocking().unwrap());
     }
 }

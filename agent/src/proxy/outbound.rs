@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ambit_identity::{Identity, IdentityError};
+use ambit_redirect::OUTBOUND_PORT;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Pod;
@@ -34,7 +35,7 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
     let Some(pending) = pod.admission.admit(Listener::Outbound, &tcp, peer) else {
         return;
     };
-    let destination = match ambit_redirect::socket::original_destination(&tcp) {
+    let destination = match ambit_redirect::socket::original_destination(&tcp, OUTBOUND_PORT) {
         Ok(destination) => destination,
         Err(error) => {
             tracing::warn!(src.addr = %peer, %error, "no original destination; closing");
