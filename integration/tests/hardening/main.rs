@@ -252,7 +252,20 @@ async fn idle_connections_to_hbone_do_not_take_the_node_down(backend: Backend) {
         r#"ambit_handshake_failures_total{reason="timeout"} "#,
     );
     assert!(timed_out.unwrap_or(0.0) > 0.0, "{metrics}");
+    // The flood's allocations on every worker left one allocator thread purging them.
+    let purging = threads_named(agent_pid, "jemalloc_bg_thd");
+    assert!(purging <= 1, "{purging} allocator threads");
     drop(idle);
+}
+
+fn threads_named(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|task| {
+            let comm = task.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|comm| comm.trim_end() == name)
+        })
+        .count()
 }
 
 /// Connects to `target` until this process runs out of descriptors (or 19,000 connections),
