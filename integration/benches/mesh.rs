@@ -102,8 +102,8 @@ async fn run(servers: &Handle) {
         measured.push(measure_backend(&binary, backend, servers).await);
     }
 
-    // Each backend against the direct path measured in turns with it; the direct column is the
-    // mean of the runs'.
+    // Each backend against the direct path measured in turns with it; the direct column shows
+    // each run's, in the order of the backends.
     let pairs = |value: fn(&Numbers) -> f64| -> Vec<(f64, f64)> {
         measured
             .iter()
@@ -122,8 +122,8 @@ async fn run(servers: &Handle) {
     );
     println!(
         "Pod to pod across two nodes, direct vs through the mesh with each capture backend \
-         (one run each, taking turns with the direct path over {ROUNDS} rounds; ratio = backend / \
-         its direct path)"
+         (one run each, taking turns with the direct path over {ROUNDS} rounds; direct = each \
+         run's, ratio = backend / its direct path)"
     );
     print!("{}", table.render());
     println!("\nResident memory per held tunneled connection ({HELD_CONNECTIONS} held)");

@@ -107,11 +107,12 @@ pub struct Comparison {
     rows: Vec<Row>,
 }
 
-/// One metric: the baseline's value, and each subject's with its ratio.
+/// One metric: the baseline's value (one per subject when each had its own), and each subject's
+/// with its ratio.
 #[derive(Debug)]
 struct Row {
     metric: String,
-    baseline: f64,
+    baselines: Vec<f64>,
     subjects: Vec<(f64, f64)>,
 }
 
@@ -126,21 +127,27 @@ impl Comparison {
 
     /// One metric: the baseline's value and each subject's, in the order of `new`.
     pub fn row(&mut self, metric: &str, baseline: f64, subjects: &[f64]) {
-        let pairs: Vec<(f64, f64)> = subjects.iter().map(|&s| (baseline, s)).collect();
-        self.paired_row(metric, &pairs);
+        assert_eq!(
+            subjects.len(),
+            self.subjects.len(),
+            "a value for each subject"
+        );
+        self.rows.push(Row {
+            metric: metric.to_owned(),
+            baselines: vec![baseline],
+            subjects: subjects.iter().map(|&s| (s, s / baseline)).collect(),
+        });
     }
 
     /// One metric where each subject was measured with a baseline of its own, as (baseline,
     /// subject) in the order of `new`: each ratio is to the subject's own baseline, and the
-    /// baseline column shows their mean.
+    /// baseline column shows them all, in that order (a mean would hide a baseline that moved).
     pub fn paired_row(&mut self, metric: &str, pairs: &[(f64, f64)]) {
         assert_eq!(pairs.len(), self.subjects.len(), "a value for each subject");
-        let mean = pairs.iter().map(|(baseline, _)| baseline).sum::<f64>() / pairs.len() as f64;
-        let subjects = pairs.iter().map(|&(b, s)| (s, s / b)).collect();
         self.rows.push(Row {
             metric: metric.to_owned(),
-            baseline: mean,
-            subjects,
+            baselines: pairs.iter().map(|&(b, _)| b).collect(),
+            subjects: pairs.iter().map(|&(b, s)| (s, s / b)).collect(),
         });
     }
 
@@ -156,11 +163,12 @@ impl Comparison {
         table.push('\n');
         for Row {
             metric,
-            baseline,
+            baselines,
             subjects,
         } in &self.rows
         {
-            let _ = write!(table, "{metric:<44} {baseline:>12.1}");
+            let baseline: Vec<String> = baselines.iter().map(|b| format!("{b:.1}")).collect();
+            let _ = write!(table, "{metric:<44} {:>12}", baseline.join("/"));
             for (subject, _) in subjects {
                 let _ = write!(table, " {subject:>12.1}");
             }
@@ -170,5 +178,24 @@ impl Comparison {
             table.push('\n');
         }
         table
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paired_row_shows_each_baseline_and_ratios_to_it() {
+        let mut table = Comparison::new("direct", &["a", "b"]);
+        table.row("shared", 10.0, &[20.0, 5.0]);
+        table.paired_row("paired", &[(10.0, 20.0), (40.0, 20.0)]);
+        let rendered = table.render();
+        let cells = |metric: &str| -> Vec<String> {
+            let line = rendered.lines().find(|l| l.starts_with(metric)).unwrap();
+            line.split_whitespace().skip(1).map(str::to_owned).collect()
+        };
+        assert_eq!(cells("shared"), ["10.0", "20.0", "5.0", "2.00", "0.50"]);
+        assert_eq!(cells("paired"), ["10.0/40.0", "20.0", "20.0", "2.00", "0.50"]);
     }
 }
