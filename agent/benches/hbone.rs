@@ -119,7 +119,7 @@ async fn start_tunnel(pki: &TestPki, app: SocketAddr) -> (drain::DrainTrigger, S
             let client = client.clone();
             tokio::spawn(async move {
                 let tunnel = client
-                    .connect(&request, &LocalSockets, Bytes::new())
+                    .connect(&request, &LocalSockets, &mut Bytes::new())
                     .await
                     .unwrap();
                 let _ = tunnel.copy_bidirectional(&mut tcp, &Meter::default()).await;

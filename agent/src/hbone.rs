@@ -14,7 +14,7 @@ mod stream;
 
 use std::time::Duration;
 
-pub use client::{ConnectError, ConnectRequest, DialStage, HboneClient, Tunnel};
+pub use client::{ConnectError, ConnectRequest, DialStage, EarlyBytes, HboneClient, Tunnel};
 #[cfg(fuzzing)]
 pub(crate) use headers::{BAGGAGE, TRACEPARENT, connect_request, destination};
 pub use headers::{Baggage, TraceParent, WorkloadKind};

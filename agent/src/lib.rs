@@ -60,9 +60,9 @@ pub use config::{AgentArgs, AgentConfig, ConfigError, LogFormat, RedirectKind, S
 pub use debug::DebugArgs;
 pub use enrolment::EnrolError;
 pub use hbone::{
-    Baggage, ClientSettings, ConnectError, ConnectRequest, CopyError, DialStage, HboneClient,
-    HboneServer, Keepalive, KeepaliveError, ServerError, TraceParent, Transferred, Tunnel,
-    WorkloadKind,
+    Baggage, ClientSettings, ConnectError, ConnectRequest, CopyError, DialStage, EarlyBytes,
+    HboneClient, HboneServer, Keepalive, KeepaliveError, ServerError, TraceParent, Transferred,
+    Tunnel, WorkloadKind,
 };
 pub use proxy::ProxyError;
 pub use readiness::READY_PATH;

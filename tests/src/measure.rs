@@ -196,6 +196,9 @@ mod tests {
             line.split_whitespace().skip(1).map(str::to_owned).collect()
         };
         assert_eq!(cells("shared"), ["10.0", "20.0", "5.0", "2.00", "0.50"]);
-        assert_eq!(cells("paired"), ["10.0/40.0", "20.0", "20.0", "2.00", "0.50"]);
+        assert_eq!(
+            cells("paired"),
+            ["10.0/40.0", "20.0", "20.0", "2.00", "0.50"]
+        );
     }
 }

@@ -99,6 +99,9 @@ pub enum ConnectError {
         #[source]
         source: Arc<ConnectError>,
     },
+    /// Reading what the client had sent failed: it went away before its tunnel opened.
+    #[error("the client's connection failed before the tunnel opened")]
+    Client(#[source] io::Error),
     #[error("{addr} refused the tunnel to {authority} with status {status}")]
     Refused {
         addr: SocketAddr,
@@ -132,7 +135,7 @@ impl ConnectError {
             Self::Refused { status, .. } => {
                 !through_waypoint && *status == StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::NoExpectedIdentity | Self::Certificate(_) => false,
+            Self::NoExpectedIdentity | Self::Certificate(_) | Self::Client(_) => false,
         }
     }
 }
@@ -159,12 +162,28 @@ impl std::fmt::Display for DialStage {
     }
 }
 
+/// Where the bytes that go right behind a CONNECT come from: bytes a client has sent already,
+/// so that the server's app has them a round trip sooner.
+pub trait EarlyBytes: Send {
+    /// What there is to send, without waiting. Called once per tunnel, once the connection it
+    /// goes on is at hand: dialing a new one takes round trips, in which a client that speaks
+    /// first may speak.
+    fn take(&mut self) -> io::Result<Bytes>;
+}
+
+/// Bytes at hand (none, for a tunnel that starts empty).
+impl EarlyBytes for Bytes {
+    fn take(&mut self) -> io::Result<Bytes> {
+        Ok(std::mem::take(self))
+    }
+}
+
 /// An open tunnel: a CONNECT stream the server answered with 200.
 #[derive(Debug)]
 pub struct Tunnel {
     stream: H2Stream,
     claim: StreamClaim,
-    /// How many bytes went with the request (the `early` of [`HboneClient::connect`]).
+    /// How many bytes went with the request (from the `early` of [`HboneClient::connect`]).
     early: usize,
 }
 
@@ -210,15 +229,15 @@ impl HboneClient {
     }
 
     /// Opens a tunnel; a new pooled connection, if one is needed, is dialed from a socket of
-    /// `sockets` (the source workload's namespace). `early` are bytes the client has sent
-    /// already: they go right behind the request instead of after the server's answer, so that
-    /// the server's app has them a round trip sooner. The server holds them until it has
-    /// authorized the tunnel and connected its app, and drops them if it refuses.
+    /// `sockets` (the source workload's namespace). What `early` gives once that connection is
+    /// at hand goes right behind the request instead of after the server's answer. The server
+    /// holds it until it has authorized the tunnel and connected its app, and drops it if it
+    /// refuses.
     pub async fn connect(
         &self,
         request: &ConnectRequest,
         sockets: &dyn SocketFactory,
-        early: Bytes,
+        early: &mut dyn EarlyBytes,
     ) -> Result<Tunnel, ConnectError> {
         if request.expected_identities.is_empty() {
             return Err(ConnectError::NoExpectedIdentity);
@@ -236,6 +255,7 @@ impl HboneClient {
         // REFUSED_STREAM) was never processed, so it is tried once more, on a connection
         // dialed if need be.
         let mut retried = false;
+        let mut taken = None;
         loop {
             // Boxed: most tunnels reuse a pooled connection and never need the dial's large
             // state.
@@ -243,7 +263,12 @@ impl HboneClient {
                 .pool
                 .checkout(&key, || Box::pin(self.dial(&key, sockets)))
                 .await?;
-            match self.open_stream(request, claim, &early).await {
+            // A retry sends again what the first attempt took.
+            let early = match &mut taken {
+                Some(early) => early,
+                None => taken.insert(early.take().map_err(ConnectError::Client)?),
+            };
+            match self.open_stream(request, claim, early).await {
                 Ok(tunnel) => return Ok(tunnel),
                 Err(Refusal::Unprocessed(error)) if !retried => {
                     tracing::debug!(dst.addr = %key.destination, error = %error, "retrying a stream on another HBONE connection");

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use ambit_identity::{Identity, IdentityError};
 use ambit_redirect::OUTBOUND_PORT;
+use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Pod;
@@ -16,7 +17,9 @@ use crate::access::{ConnectionRecord, Established};
 use crate::admission::{Listener, Pending};
 use crate::balance::Lease;
 use crate::drain::DrainWatcher;
-use crate::hbone::{self, Baggage, ConnectRequest, TraceParent, WorkloadKind};
+use crate::hbone::{
+    self, Baggage, ConnectError, ConnectRequest, EarlyBytes, TraceParent, WorkloadKind,
+};
 use crate::sockets;
 use crate::state::{Upstream, WaypointRef, Workload};
 use crate::telemetry::{Direction, Endpoints, Metered, Reporter, TrafficLabels};
@@ -216,25 +219,27 @@ fn route(
 /// Through HBONE; the connection stops pending once the tunnel is open. The request is dropped
 /// then: its headers' strings are not held for as long as the connection lasts.
 async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: Box<ConnectRequest>, attempt: Attempt) {
-    // What the app has sent already goes with the request: where the client speaks first
-    // (HTTP, TLS), the server's app has it a round trip between the nodes sooner.
-    let early = match hbone::read_early(tcp) {
-        Ok(early) => early,
-        Err(error) => return attempt.abandon(ClientFailed(error)),
+    let mut early = ClientEarlyBytes {
+        tcp: &*tcp,
+        read: false,
     };
-    let unread = ResetUnlessCarried((!early.is_empty()).then_some(&*tcp));
     // Boxed: the connect phase's state is large and would otherwise stay allocated in every
     // connection's task for as long as it is copying.
-    let connected = Box::pin(pod.client.connect(&request, pod.sockets.as_ref(), early)).await;
+    let connected = Box::pin(
+        pod.client
+            .connect(&request, pod.sockets.as_ref(), &mut early),
+    )
+    .await;
     let through_waypoint = request.authority.ip() != request.hbone_addr.ip();
     drop(request);
     match connected {
         Ok(tunnel) => {
-            unread.carried();
+            early.carried();
             let (connection, _lease) = attempt.establish();
             let copied = tunnel.copy_bidirectional(tcp, connection.meter()).await;
             connection.finish(copied);
         }
+        Err(error @ ConnectError::Client(_)) => attempt.abandon(error),
         // The endpoint answered: its policy refused, which is no reason to eject it.
         Err(error) if error.is_denied() => attempt.record.fail_denied(error),
         Err(error) => {
@@ -244,22 +249,36 @@ async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: Box<ConnectRequest>, at
     }
 }
 
-/// The client's connection, when bytes were read from it before its tunnel opened: closed with
-/// them unread, its socket would be reset, so it is with them read unless the tunnel carries
-/// them, whichever way the attempt ends (an error, or a drain that stops it). A client that
-/// sees a clean end of stream instead might take it for an empty answer.
-struct ResetUnlessCarried<'a>(Option<&'a TcpStream>);
+/// What the app has sent already, which goes with the request: where the client speaks first
+/// (HTTP, TLS), the server's app has it a round trip between the nodes sooner.
+///
+/// Once bytes were read from the client's connection, it is reset unless the tunnel carries
+/// them, whichever way the attempt ends (an error, or a drain that stops it): closed with them
+/// unread, its socket would be reset too, and a client that saw a clean end of stream instead
+/// might take it for an empty answer.
+struct ClientEarlyBytes<'a> {
+    tcp: &'a TcpStream,
+    read: bool,
+}
 
-impl ResetUnlessCarried<'_> {
-    fn carried(mut self) {
-        self.0 = None;
+impl EarlyBytes for ClientEarlyBytes<'_> {
+    fn take(&mut self) -> io::Result<Bytes> {
+        let early = hbone::read_early(self.tcp)?;
+        self.read = !early.is_empty();
+        Ok(early)
     }
 }
 
-impl Drop for ResetUnlessCarried<'_> {
+impl ClientEarlyBytes<'_> {
+    fn carried(mut self) {
+        self.read = false;
+    }
+}
+
+impl Drop for ClientEarlyBytes<'_> {
     fn drop(&mut self) {
-        if let Some(tcp) = self.0 {
-            sockets::reset_on_close(tcp);
+        if self.read {
+            sockets::reset_on_close(self.tcp);
         }
     }
 }
@@ -289,10 +308,6 @@ async fn passthrough(
         }
     }
 }
-
-#[derive(Debug, thiserror::Error)]
-#[error("the client's connection failed before the tunnel opened")]
-struct ClientFailed(#[source] io::Error);
 
 #[derive(Debug, thiserror::Error)]
 #[error("service {service} has no ready endpoint for port {port}")]

@@ -149,7 +149,7 @@ impl Router {
                 };
                 match self
                     .client
-                    .connect(&connect, &LocalSockets, Bytes::new())
+                    .connect(&connect, &LocalSockets, &mut Bytes::new())
                     .await
                 {
                     Ok(tunnel) => {

@@ -195,7 +195,7 @@ async fn a_client_certificate_from_another_trust_domain_is_refused() {
     let mut request = mesh.request(EchoServer::start().await.addr());
     request.source = foreign;
     let err = client
-        .connect(&request, &LocalSockets, Bytes::new())
+        .connect(&request, &LocalSockets, &mut Bytes::new())
         .await
         .unwrap_err();
     assert!(
@@ -214,7 +214,7 @@ async fn a_server_with_an_unexpected_identity_is_refused() {
     request.expected_identities = vec![mesh.pki.identity("shop", "payments")];
     let err = mesh
         .client
-        .connect(&request, &LocalSockets, Bytes::new())
+        .connect(&request, &LocalSockets, &mut Bytes::new())
         .await
         .unwrap_err();
     let ConnectError::Tls { source, .. } = &err else {
@@ -262,7 +262,7 @@ async fn unreachable_destinations_get_503() {
     for destination in [refused, "127.0.0.1:15008".parse().unwrap()] {
         let err = mesh
             .client
-            .connect(&mesh.request(destination), &LocalSockets, Bytes::new())
+            .connect(&mesh.request(destination), &LocalSockets, &mut Bytes::new())
             .await
             .unwrap_err();
         assert!(
@@ -321,7 +321,7 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
     request.hbone_addr = frozen.addr();
     let err = mesh
         .client
-        .connect(&request, &LocalSockets, Bytes::new())
+        .connect(&request, &LocalSockets, &mut Bytes::new())
         .await
         .unwrap_err();
     assert!(matches!(err, ConnectError::OpenStream { .. }), "{err}");
@@ -360,7 +360,7 @@ async fn a_denied_stream_gets_401_and_never_reaches_the_app() {
         .connect(
             &mesh.request(listener.local_addr().unwrap()),
             &LocalSockets,
-            Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"),
+            &mut Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"),
         )
         .await
         .unwrap_err();

@@ -116,7 +116,7 @@ impl Mesh {
     pub(crate) async fn open(&self, destination: SocketAddr) -> Result<TcpStream, ConnectError> {
         let tunnel = self
             .client
-            .connect(&self.request(destination), &LocalSockets, Bytes::new())
+            .connect(&self.request(destination), &LocalSockets, &mut Bytes::new())
             .await?;
         Ok(carry(tunnel).await)
     }

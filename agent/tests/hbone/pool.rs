@@ -6,12 +6,15 @@
     reason = "a helper whose peer misbehaves unexpectedly fails the test"
 )]
 
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ambit_agent::sockets::LocalSockets;
-use ambit_agent::{ClientSettings, ConnectError, CopyError, DialStage, Transferred, Tunnel};
+use ambit_agent::{
+    ClientSettings, ConnectError, CopyError, DialStage, EarlyBytes, Transferred, Tunnel,
+};
 use ambit_test_support::TestPki;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -22,10 +25,16 @@ use tokio::task::JoinHandle;
 use crate::peers::{self, Answer, H2_SERVER_MAX_STREAMS, H2Server, Mesh, MuteListener};
 
 /// Opens a tunnel through the HBONE server at `hbone`, with `early` sent along.
-async fn tunnel_via(mesh: &Mesh, hbone: SocketAddr, early: Bytes) -> Result<Tunnel, ConnectError> {
+async fn tunnel_via(
+    mesh: &Mesh,
+    hbone: SocketAddr,
+    mut early: Bytes,
+) -> Result<Tunnel, ConnectError> {
     let mut request = mesh.request(hbone);
     request.hbone_addr = hbone;
-    mesh.client.connect(&request, &LocalSockets, early).await
+    mesh.client
+        .connect(&request, &LocalSockets, &mut early)
+        .await
 }
 
 /// Opens a tunnel through the HBONE server at `hbone` and returns the app's end of it.
@@ -133,6 +142,58 @@ async fn early_bytes_go_with_the_request_before_its_answer() {
     let copied = copy.await.unwrap().unwrap();
     assert_eq!(copied.sent, 9, "the early bytes count as the app's");
     assert_eq!(copied.received, 9);
+}
+
+/// Bytes a client sends while the connection its tunnel goes on is being dialed.
+struct SentDuringDial(Arc<Mutex<Bytes>>);
+
+impl EarlyBytes for SentDuringDial {
+    fn take(&mut self) -> io::Result<Bytes> {
+        Ok(std::mem::take(&mut *self.0.lock().unwrap()))
+    }
+}
+
+#[tokio::test]
+async fn early_bytes_sent_while_the_connection_is_dialed_go_with_the_request() {
+    let settings = ClientSettings {
+        response_timeout: Duration::from_secs(3),
+        ..ClientSettings::default()
+    };
+    let mesh = Mesh::start_with(settings).await;
+    let server = h2_server(&mesh, Answer::EchoAfterData).await;
+    // Holds the dial at its TLS handshake until the client has sent its bytes.
+    let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let (dialing, dial_started) = tokio::sync::oneshot::channel();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let opened = gate.clone();
+    let server_addr = server.addr();
+    tokio::spawn(async move {
+        let (mut dialed, _) = relay.accept().await.unwrap();
+        dialing.send(()).unwrap();
+        opened.notified().await;
+        let mut upstream = TcpStream::connect(server_addr).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut dialed, &mut upstream).await;
+    });
+
+    let sent = Arc::new(Mutex::new(Bytes::new()));
+    let mut early = SentDuringDial(sent.clone());
+    let mut request = mesh.request(relay_addr);
+    request.hbone_addr = relay_addr;
+    let send_during_dial = async {
+        dial_started.await.unwrap();
+        *sent.lock().unwrap() = Bytes::from_static(b"hello");
+        gate.notify_one();
+    };
+    let (tunnel, ()) = tokio::join!(
+        mesh.client.connect(&request, &LocalSockets, &mut early),
+        send_during_dial
+    );
+    // Taken before the dial, the bytes would have gone after an answer that never came.
+    let (mut app, _) = peers::carry_counted(tunnel.unwrap()).await;
+    let mut echoed = [0; 5];
+    app.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"hello");
 }
 
 #[tokio::test]
