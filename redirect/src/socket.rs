@@ -48,17 +48,17 @@ pub fn bind_for_connect(socket: impl AsFd, local: SocketAddr) -> io::Result<()> 
     SockRef::from(&socket).bind(&local.into())
 }
 
-/// Where a connection that capture steered to the agent was originally going. NAT (nftables'
-/// REDIRECT to `redirect_port`) records it in conntrack and leaves `redirect_port` as the
-/// connection's local port; a socket assigned without NAT (eBPF) has it as its own local
-/// address. Conntrack is asked only when the local port is `redirect_port`.
-pub fn original_destination(stream: impl AsFd, redirect_port: u16) -> io::Result<SocketAddr> {
+/// Where a connection that capture steered to the agent was originally going. nftables'
+/// REDIRECT (in the output hook) records it in conntrack and leaves a loopback address as the
+/// connection's local one; eBPF steers no loopback destination and leaves the original
+/// destination as the local address. Conntrack is asked only in the first case.
+pub fn original_destination(stream: impl AsFd) -> io::Result<SocketAddr> {
     let socket = SockRef::from(&stream);
     let local = socket
         .local_addr()?
         .as_socket()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "local address is not IP"))?;
-    if local.port() != redirect_port {
+    if !local.ip().is_loopback() {
         return Ok(local);
     }
     let original = if local.is_ipv6() {

@@ -165,15 +165,15 @@ impl std::fmt::Display for DialStage {
 /// Where the bytes that go right behind a CONNECT come from: bytes a client has sent already,
 /// so that the server's app has them a round trip sooner.
 pub trait EarlyBytes: Send {
-    /// What there is to send, without waiting. Called once per tunnel, once the connection it
-    /// goes on is at hand: dialing a new one takes round trips, in which a client that speaks
-    /// first may speak.
-    fn take(&mut self) -> io::Result<Bytes>;
+    /// What there is to send, without waiting. Called once the connection the tunnel goes on is
+    /// at hand (dialing a new one takes round trips, in which a client that speaks first may
+    /// speak), and again for a retry if it gave nothing.
+    fn take_early(&mut self) -> io::Result<Bytes>;
 }
 
 /// Bytes at hand (none, for a tunnel that starts empty).
 impl EarlyBytes for Bytes {
-    fn take(&mut self) -> io::Result<Bytes> {
+    fn take_early(&mut self) -> io::Result<Bytes> {
         Ok(std::mem::take(self))
     }
 }
@@ -255,7 +255,7 @@ impl HboneClient {
         // REFUSED_STREAM) was never processed, so it is tried once more, on a connection
         // dialed if need be.
         let mut retried = false;
-        let mut taken = None;
+        let mut bytes = Bytes::new();
         loop {
             // Boxed: most tunnels reuse a pooled connection and never need the dial's large
             // state.
@@ -264,11 +264,10 @@ impl HboneClient {
                 .checkout(&key, || Box::pin(self.dial(&key, sockets)))
                 .await?;
             // A retry sends again what the first attempt took.
-            let early = match &mut taken {
-                Some(early) => early,
-                None => taken.insert(early.take().map_err(ConnectError::Client)?),
-            };
-            match self.open_stream(request, claim, early).await {
+            if bytes.is_empty() {
+                bytes = early.take_early().map_err(ConnectError::Client)?;
+            }
+            match self.open_stream(request, claim, &bytes).await {
                 Ok(tunnel) => return Ok(tunnel),
                 Err(Refusal::Unprocessed(error)) if !retried => {
                     tracing::debug!(dst.addr = %key.destination, error = %error, "retrying a stream on another HBONE connection");

@@ -118,7 +118,7 @@ fn read_available(tcp: &TcpStream, capacity: usize) -> io::Result<Option<BytesMu
 
 /// What `tcp` holds already, up to one first read, without waiting: empty when it holds
 /// nothing, or when the client closed without sending. Read past the runtime's readiness, which
-/// for a socket accepted a moment ago has not caught up yet.
+/// for a socket just accepted may not have caught up yet.
 pub(crate) fn read_early(tcp: &TcpStream) -> io::Result<Bytes> {
     // On the stack, so that what is kept until the tunnel opens is what was read.
     let mut buf = [0; INITIAL_READ];

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ambit_identity::{Identity, IdentityError};
-use ambit_redirect::OUTBOUND_PORT;
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -38,13 +37,19 @@ async fn proxy(pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr, _held: Drain
     let Some(pending) = pod.admission.admit(Listener::Outbound, &tcp, peer) else {
         return;
     };
-    let destination = match ambit_redirect::socket::original_destination(&tcp, OUTBOUND_PORT) {
+    let destination = match ambit_redirect::socket::original_destination(&tcp) {
         Ok(destination) => destination,
         Err(error) => {
             tracing::warn!(src.addr = %peer, %error, "no original destination; closing");
             return;
         }
     };
+    // Capture steers no loopback destination: this is the pod reaching the agent's listener
+    // itself, and relaying it would connect to that listener again, and again.
+    if destination.ip().is_loopback() {
+        tracing::info!(src.addr = %peer, dst.addr = %destination, "connection to the agent's own listener; closing");
+        return;
+    }
     let Some((source, identity)) = pod.current() else {
         tracing::info!(src.addr = %peer, dst.addr = %destination, "the pod is leaving the mesh; closing");
         return;
@@ -134,8 +139,8 @@ impl Attempt {
         (self.record.establish(), self.lease)
     }
 
-    /// The client went away before the upstream was tried: the connection ends as one that
-    /// carried nothing, with no verdict on the endpoint.
+    /// The client went away before its tunnel opened: the connection ends as one that carried
+    /// nothing, with no verdict on the endpoint.
     fn abandon(self, error: impl Error) {
         self.record.establish().finish(Err::<(), _>(error));
     }
@@ -262,9 +267,9 @@ struct ClientEarlyBytes<'a> {
 }
 
 impl EarlyBytes for ClientEarlyBytes<'_> {
-    fn take(&mut self) -> io::Result<Bytes> {
+    fn take_early(&mut self) -> io::Result<Bytes> {
         let early = hbone::read_early(self.tcp)?;
-        self.read = !early.is_empty();
+        self.read |= !early.is_empty();
         Ok(early)
     }
 }

@@ -148,7 +148,7 @@ async fn early_bytes_go_with_the_request_before_its_answer() {
 struct SentDuringDial(Arc<Mutex<Bytes>>);
 
 impl EarlyBytes for SentDuringDial {
-    fn take(&mut self) -> io::Result<Bytes> {
+    fn take_early(&mut self) -> io::Result<Bytes> {
         Ok(std::mem::take(&mut *self.0.lock().unwrap()))
     }
 }
@@ -190,10 +190,14 @@ async fn early_bytes_sent_while_the_connection_is_dialed_go_with_the_request() {
         send_during_dial
     );
     // Taken before the dial, the bytes would have gone after an answer that never came.
-    let (mut app, _) = peers::carry_counted(tunnel.unwrap()).await;
+    let (mut app, copy) = peers::carry_counted(tunnel.unwrap()).await;
     let mut echoed = [0; 5];
     app.read_exact(&mut echoed).await.unwrap();
     assert_eq!(&echoed, b"hello");
+    app.shutdown().await.unwrap();
+    app.read_to_end(&mut Vec::new()).await.unwrap();
+    let copied = copy.await.unwrap().unwrap();
+    assert_eq!((copied.sent, copied.received), (5, 5));
 }
 
 #[tokio::test]

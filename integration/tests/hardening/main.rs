@@ -24,6 +24,7 @@ use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
 use ambit_integration::{
     Backend, PacketCapture, STRICT_SHOP, agent_binary, exchange, greeted, with_each_backend,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const APP_PORT: u16 = 8080;
@@ -298,6 +299,32 @@ async fn wait_for(limit: Duration, mut condition: impl AsyncFnMut() -> bool) -> 
     false
 }
 
+/// An app that connects to the agent's outbound listener itself, on loopback (capture steers
+/// no loopback destination there): the connection is closed, not relayed to that same
+/// listener over and over.
+async fn the_outbound_listener_reached_directly_relays_nothing(backend: Backend) {
+    let cluster = cluster(backend, &[]).await;
+    let agent_pid = cluster.agent("node1").unwrap().pid();
+    let descriptors_before = open_descriptors(agent_pid);
+    let client = cluster.in_pod("client").unwrap();
+    let mut tcp = client
+        .connect(([127, 0, 0, 1], 15001).into())
+        .await
+        .unwrap();
+    let _ = tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+    let mut reply = [0; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut reply)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the connection was not closed: {read:?}\n{}",
+        cluster.logs()
+    );
+    assert!(open_descriptors(agent_pid) < descriptors_before + 10);
+    // The pod's own traffic is unaffected.
+    let _server = echo(&cluster, "server").await;
+    round_trip(&cluster, "client", "server").await.unwrap();
+}
+
 /// SIGTERM to the agent of either end: readiness turns off at once, the held connection keeps
 /// flowing until the drain timeout, new connections fail closed, and the agent then exits.
 async fn a_held_connection_survives_sigterm_until_the_drain_deadline(backend: Backend) {
@@ -452,6 +479,7 @@ async fn a_syn_cookie_answer_never_reaches_the_app(backend: Backend) {
 
 with_each_backend!(
     relabelling_a_pod_never_opens_it,
+    the_outbound_listener_reached_directly_relays_nothing,
     idle_connections_to_hbone_do_not_take_the_node_down,
     a_held_connection_survives_sigterm_until_the_drain_deadline,
     a_syn_in_fragments_never_reaches_the_app,
