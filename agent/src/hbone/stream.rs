@@ -15,6 +15,7 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
+use crate::sockets;
 use crate::telemetry::Meter;
 
 /// The first read from TCP; doubled while reads fill the buffer, for bulk transfers.
@@ -58,11 +59,21 @@ pub(crate) async fn copy_bidirectional(
     meter: &Meter,
 ) -> Result<Transferred, CopyError> {
     let (read, write) = tcp.split();
-    let (sent, received) = tokio::try_join!(
+    let copied = tokio::try_join!(
         tcp_to_stream(read, stream.send, meter),
         stream_to_tcp(stream.recv, write, meter)
-    )?;
-    Ok(Transferred { sent, received })
+    );
+    match copied {
+        Ok((sent, received)) => Ok(Transferred { sent, received }),
+        Err(error) => {
+            // The tunnel broke (reset, or its connection lost): the TCP side is reset rather
+            // than closed, so that its app does not take what it got for all there was.
+            if matches!(error, CopyError::Stream(_) | CopyError::StreamClosed) {
+                sockets::reset_on_close(tcp);
+            }
+            Err(error)
+        }
+    }
 }
 
 async fn tcp_to_stream(

@@ -282,6 +282,8 @@ pub(crate) enum Answer {
     /// Resets every stream with REFUSED_STREAM on the first `n` connections; echoes on later
     /// ones.
     RefuseOnFirst(usize),
+    /// 200, echoes the stream's first bytes, and resets it when more arrive.
+    ResetAfterEcho,
 }
 
 /// An HTTP/2 server with a valid HBONE certificate that answers CONNECTs as told, counts the
@@ -390,6 +392,9 @@ async fn serve_h2(
                     }
                     Answer::Silent => silent.push((request, respond)),
                     Answer::RefuseOnFirst(_) => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                    Answer::ResetAfterEcho => {
+                        tokio::spawn(reset_after_echo(request.into_body(), respond));
+                    }
                 },
                 _ => return,
             },
@@ -414,6 +419,20 @@ async fn echo(mut recv: RecvStream, mut respond: SendResponse<Bytes>, first: Byt
         }
     }
     let _ = send.send_data(Bytes::new(), true);
+}
+
+/// Answers 200, echoes the first bytes received, and resets the stream when more arrive.
+async fn reset_after_echo(mut recv: RecvStream, mut respond: SendResponse<Bytes>) {
+    let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
+        return;
+    };
+    if let Some(Ok(first)) = recv.data().await {
+        let _ = recv.flow_control().release_capacity(first.len());
+        let _ = send.send_data(first, false);
+    }
+    if recv.data().await.is_some() {
+        send.send_reset(h2::Reason::INTERNAL_ERROR);
+    }
 }
 
 /// Waits for the stream's first bytes, then answers and echoes them and the rest.

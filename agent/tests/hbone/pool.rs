@@ -201,6 +201,21 @@ async fn early_bytes_sent_while_the_connection_is_dialed_go_with_the_request() {
 }
 
 #[tokio::test]
+async fn a_stream_reset_by_the_server_resets_the_app_connection() {
+    let mesh = Mesh::start().await;
+    let server = h2_server(&mesh, Answer::ResetAfterEcho).await;
+    let mut app = open_via(&mesh, server.addr()).await.unwrap();
+    assert_echoes(&mut app).await;
+    app.write_all(b"more").await.unwrap();
+    // A clean end of stream instead would pass a cut-off answer for a complete one.
+    let read = app.read(&mut [0; 8]).await;
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(io::ErrorKind::ConnectionReset)
+    );
+}
+
+#[tokio::test]
 async fn early_bytes_go_again_with_a_retried_stream() {
     let mesh = Mesh::start().await;
     let server = h2_server(&mesh, Answer::RefuseOnFirst(1)).await;
