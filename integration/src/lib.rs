@@ -31,7 +31,7 @@ use ambit_agent::lab::topology::{PodNs, Topology};
 use ambit_agent::lab::{Cluster, ClusterBuilder, InPod, read_peer_line};
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 /// The `ambit` binary built next to the running test or benchmark (`AMBIT_BIN` overrides it).
 /// Cargo builds it with the workspace's tests; on its own, `cargo build -p ambit-agent`.
@@ -250,4 +250,39 @@ pub async fn exchange(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result
     tokio::time::timeout(Duration::from_secs(5), round_trip)
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// What an app of [`serve_cut_off`] sends before it resets the connection, as an app that
+/// crashed mid-answer would.
+pub const CUT_OFF_REPLY: &[u8] = b"the first half of an answer";
+
+/// An app on `listener` that answers every connection with [`CUT_OFF_REPLY`] and then resets it.
+pub async fn serve_cut_off(listener: TcpListener) {
+    while let Ok((mut tcp, _)) = listener.accept().await {
+        let _ = tcp.write_all(CUT_OFF_REPLY).await;
+        let reset = nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        let _ = nix::sys::socket::setsockopt(&tcp, nix::sys::socket::sockopt::Linger, &reset);
+    }
+}
+
+/// Connects from `from` to an app of [`serve_cut_off`] at `to` and reads until the connection
+/// ends; within 5 s. The app resets the connection, and so must the mesh: an end of stream
+/// would pass the cut-off answer for a complete one. What was read before the reset is a
+/// prefix of the answer (a reset may overtake data still in flight).
+pub async fn assert_cut_off_is_reset(from: &InPod, to: SocketAddr) {
+    let mut read = Vec::new();
+    let ended = async {
+        let mut tcp = from.connect(to).await?;
+        tcp.read_to_end(&mut read).await
+    };
+    let ended = tokio::time::timeout(Duration::from_secs(5), ended).await;
+    assert!(
+        matches!(&ended, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the connection ended with {ended:?} after {:?}",
+        String::from_utf8_lossy(&read)
+    );
+    assert!(CUT_OFF_REPLY.starts_with(&read), "{read:?}");
 }

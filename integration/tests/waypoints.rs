@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ambit_agent::admin::views::{CheckView, ServiceView};
 use ambit_agent::lab::{Cluster, read_peer_line};
-use ambit_integration::{ServiceYaml, logged, two_teams};
+use ambit_integration::{ServiceYaml, assert_cut_off_is_reset, logged, serve_cut_off, two_teams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const APP_PORT: u16 = 8080;
@@ -204,6 +204,23 @@ async fn request(
     let status = response.status().as_u16();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An app that resets its connection mid-answer: through the waypoint, the client's connection
+/// is reset too, not closed as if the answer were complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_by_the_app_reaches_the_client_through_the_waypoint() {
+    let mut cluster = two_teams()
+        .waypoint("node1", "shop", "waypoint", "service")
+        .start()
+        .await
+        .unwrap();
+    cluster.set_extra_objects(&objects(&cluster, ""));
+    cluster.apply().await.unwrap();
+    let server = cluster.in_pod("server").unwrap();
+    tokio::spawn(serve_cut_off(server.listen(APP_PORT).await.unwrap()));
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    assert_cut_off_is_reset(&cluster.in_pod("client").unwrap(), vip).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -224,22 +224,22 @@ fn route(
 /// Through HBONE; the connection stops pending once the tunnel is open. The request is dropped
 /// then: its headers' strings are not held for as long as the connection lasts.
 async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: Box<ConnectRequest>, attempt: Attempt) {
-    let mut early = ClientEarlyBytes {
+    let mut client = ClientBeforeTunnel {
         tcp: &*tcp,
-        read: false,
+        opened: false,
     };
     // Boxed: the connect phase's state is large and would otherwise stay allocated in every
     // connection's task for as long as it is copying.
     let connected = Box::pin(
         pod.client
-            .connect(&request, pod.sockets.as_ref(), &mut early),
+            .connect(&request, pod.sockets.as_ref(), &mut client),
     )
     .await;
     let through_waypoint = request.authority.ip() != request.hbone_addr.ip();
     drop(request);
     match connected {
         Ok(tunnel) => {
-            early.carried();
+            client.opened();
             let (connection, _lease) = attempt.establish();
             let copied = tunnel.copy_bidirectional(tcp, connection.meter()).await;
             connection.finish(copied);
@@ -254,35 +254,33 @@ async fn tunnel(pod: &Pod, tcp: &mut TcpStream, request: Box<ConnectRequest>, at
     }
 }
 
-/// What the app has sent already, which goes with the request: where the client speaks first
-/// (HTTP, TLS), the server's app has it a round trip between the nodes sooner.
+/// The client's connection until its tunnel opens. What the app has sent by then goes with the
+/// request: where the client speaks first (HTTP, TLS), the server's app has it a round trip
+/// between the nodes sooner.
 ///
-/// Once bytes were read from the client's connection, it is reset unless the tunnel carries
-/// them, whichever way the attempt ends (an error, or a drain that stops it): closed with them
-/// unread, its socket would be reset too, and a client that saw a clean end of stream instead
-/// might take it for an empty answer.
-struct ClientEarlyBytes<'a> {
+/// If the attempt ends without a tunnel, whichever way (refused, unreachable, reset by the
+/// server, a drain that stops it), the connection is reset: without the mesh the client's
+/// connect would have failed, and a clean end of stream could pass for an empty answer.
+struct ClientBeforeTunnel<'a> {
     tcp: &'a TcpStream,
-    read: bool,
+    opened: bool,
 }
 
-impl EarlyBytes for ClientEarlyBytes<'_> {
+impl EarlyBytes for ClientBeforeTunnel<'_> {
     fn take_early(&mut self) -> io::Result<Bytes> {
-        let early = hbone::read_early(self.tcp)?;
-        self.read |= !early.is_empty();
-        Ok(early)
+        hbone::read_early(self.tcp)
     }
 }
 
-impl ClientEarlyBytes<'_> {
-    fn carried(mut self) {
-        self.read = false;
+impl ClientBeforeTunnel<'_> {
+    fn opened(mut self) {
+        self.opened = true;
     }
 }
 
-impl Drop for ClientEarlyBytes<'_> {
+impl Drop for ClientBeforeTunnel<'_> {
     fn drop(&mut self) {
-        if self.read {
+        if !self.opened {
             sockets::reset_on_close(self.tcp);
         }
     }

@@ -22,7 +22,8 @@ use ambit_agent::READY_PATH;
 use ambit_agent::lab::topology::Topology;
 use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
 use ambit_integration::{
-    Backend, PacketCapture, STRICT_SHOP, agent_binary, exchange, greeted, with_each_backend,
+    Backend, PacketCapture, STRICT_SHOP, agent_binary, assert_cut_off_is_reset, exchange, greeted,
+    serve_cut_off, with_each_backend,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -325,6 +326,16 @@ async fn the_outbound_listener_reached_directly_relays_nothing(backend: Backend)
     round_trip(&cluster, "client", "server").await.unwrap();
 }
 
+/// An app that resets its connection mid-answer: the client's connection through the mesh is
+/// reset too, not closed as if the answer were complete.
+async fn a_reset_by_the_app_reaches_the_client(backend: Backend) {
+    let cluster = cluster(backend, &[]).await;
+    let server = cluster.in_pod("server").unwrap();
+    tokio::spawn(serve_cut_off(server.listen(APP_PORT).await.unwrap()));
+    let to = cluster.addr("server", APP_PORT).unwrap();
+    assert_cut_off_is_reset(&cluster.in_pod("client").unwrap(), to).await;
+}
+
 /// SIGTERM to the agent of either end: readiness turns off at once, the held connection keeps
 /// flowing until the drain timeout, new connections fail closed, and the agent then exits.
 async fn a_held_connection_survives_sigterm_until_the_drain_deadline(backend: Backend) {
@@ -480,6 +491,7 @@ async fn a_syn_cookie_answer_never_reaches_the_app(backend: Backend) {
 with_each_backend!(
     relabelling_a_pod_never_opens_it,
     the_outbound_listener_reached_directly_relays_nothing,
+    a_reset_by_the_app_reaches_the_client,
     idle_connections_to_hbone_do_not_take_the_node_down,
     a_held_connection_survives_sigterm_until_the_drain_deadline,
     a_syn_in_fragments_never_reaches_the_app,
