@@ -252,6 +252,17 @@ pub async fn exchange(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
+/// Fails unless `open` is closed (an end of stream or an error) within five seconds.
+pub async fn assert_closed(cluster: &Cluster, mut open: TcpStream) {
+    let mut buf = [0; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the connection stayed open: {closed:?}\n{}",
+        cluster.logs()
+    );
+}
+
 /// What an app of [`serve_cut_off`] sends before it resets the connection, as an app that
 /// crashed mid-answer would.
 pub const CUT_OFF_REPLY: &[u8] = b"the first half of an answer";

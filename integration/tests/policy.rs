@@ -9,7 +9,7 @@ use std::io;
 use std::time::Duration;
 
 use ambit_agent::lab::{Cluster, EchoApp, read_peer_line};
-use ambit_integration::{ALLOW_CLIENT, STRICT_SHOP, logged, two_teams};
+use ambit_integration::{ALLOW_CLIENT, STRICT_SHOP, assert_closed, logged, two_teams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -172,17 +172,6 @@ async fn open_connection(cluster: &Cluster, from: &str) -> TcpStream {
         .unwrap();
     read_peer_line(&mut open).await.unwrap();
     open
-}
-
-/// Fails unless `open` is closed within five seconds.
-async fn assert_closed(cluster: &Cluster, mut open: TcpStream) {
-    let mut buf = [0; 16];
-    let closed = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buf)).await;
-    assert!(
-        matches!(closed, Ok(Ok(0) | Err(_))),
-        "the connection stayed open: {closed:?}\n{}",
-        cluster.logs()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

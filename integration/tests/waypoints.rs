@@ -33,6 +33,19 @@ fn objects(cluster: &Cluster, policies: &str) -> String {
     format!("{service}{policies}")
 }
 
+/// The two teams with the waypoint `shop/waypoint` on node1, and the Service `server` bound to
+/// it, with no policy.
+async fn bound_to_waypoint() -> Cluster {
+    let mut cluster = two_teams()
+        .waypoint("node1", "shop", "waypoint", "service")
+        .start()
+        .await
+        .unwrap();
+    cluster.set_extra_objects(&objects(&cluster, ""));
+    cluster.apply().await.unwrap();
+    cluster
+}
+
 /// Connects from `from` to `to`, and returns the client address the app saw, after one
 /// round trip; `None` when refused.
 async fn greeting(cluster: &Cluster, from: &str, to: SocketAddr) -> Option<String> {
@@ -52,13 +65,7 @@ async fn greeting(cluster: &Cluster, from: &str, to: SocketAddr) -> Option<Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_traffic_goes_through_the_waypoint_and_nothing_goes_around_it() {
-    let mut cluster = two_teams()
-        .waypoint("node1", "shop", "waypoint", "service")
-        .start()
-        .await
-        .unwrap();
-    cluster.set_extra_objects(&objects(&cluster, ""));
-    cluster.apply().await.unwrap();
+    let mut cluster = bound_to_waypoint().await;
     let _app = cluster
         .in_pod("server")
         .unwrap()
@@ -210,13 +217,7 @@ async fn request(
 /// is reset too, not closed as if the answer were complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_by_the_app_reaches_the_client_through_the_waypoint() {
-    let mut cluster = two_teams()
-        .waypoint("node1", "shop", "waypoint", "service")
-        .start()
-        .await
-        .unwrap();
-    cluster.set_extra_objects(&objects(&cluster, ""));
-    cluster.apply().await.unwrap();
+    let cluster = bound_to_waypoint().await;
     let server = cluster.in_pod("server").unwrap();
     tokio::spawn(serve_cut_off(server.listen(APP_PORT).await.unwrap()));
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
